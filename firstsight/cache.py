@@ -1,0 +1,56 @@
+"""Build-once directories shared by runs (offline tokenizer, trained tiny teachers).
+
+A directory is built in a temporary sibling and renamed into place in one step, under a file
+lock, so concurrent sweep jobs build it once and a killed build never leaves a half-written one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+COMPLETE_MARKER = "firstsight_complete.json"
+# Directories built with the default settings ship with the package, under the same names, so
+# the default run needs neither the offline tokenizer training nor the tiny teacher's pre-training.
+SHIPPED = Path(__file__).parent / "assets"
+
+
+def content_key(*parts: Any) -> str:
+    """A short stable hash of everything that determines a cached artefact."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def cached_dir(path: Path, build: Callable[[Path], Any]) -> Path:
+    """Return the shipped directory of `path`'s name if there is one, else `path`, building it
+    first with `build(tmp_dir)` if it is not complete yet."""
+    from filelock import FileLock
+
+    path = Path(path)
+    if (SHIPPED / path.name / COMPLETE_MARKER).is_file():
+        return SHIPPED / path.name
+    if (path / COMPLETE_MARKER).is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if (path / COMPLETE_MARKER).is_file():  # another job built it while we waited
+            return path
+        tmp = Path(tempfile.mkdtemp(prefix=path.name + ".tmp-", dir=path.parent))
+        try:
+            info = build(tmp)
+            (tmp / COMPLETE_MARKER).write_text(json.dumps(info or {}, indent=2, default=str))
+            if path.exists():  # an incomplete leftover of a killed build
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def read_info(path: Path) -> dict:
+    return json.loads((Path(path) / COMPLETE_MARKER).read_text())

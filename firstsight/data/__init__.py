@@ -1,0 +1,1 @@
+"""Data: egocentric QA samples and their batching."""

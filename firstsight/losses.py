@@ -1,0 +1,309 @@
+"""Knowledge-distillation losses for distilling a Qwen2-VL teacher into a smaller student.
+
+Notation (used in every docstring below): over the vocabulary shared by both models,
+
+    p = softmax(teacher_logits / T)      (teacher)
+    q = softmax(student_logits / T)      (student)
+
+Only *answer tokens* carry a loss: positions whose label is not ``IGNORE_INDEX`` (-100).
+As usual for causal LMs, ``logits[:, :-1]`` predict ``labels[:, 1:]``, so ``labels[:, 0]``
+and the logits of the last position never enter the loss.
+
+Every loss here returns
+
+    loss = alpha * T**2 * kd + (1 - alpha) * ce
+
+where ``kd`` is the mean over answer tokens of the per-token divergence between p and q
+(the subclass picks which one) and ``ce`` is the student's ordinary cross-entropy at
+temperature 1 on the same tokens, averaged the same way. The T**2 factor (Hinton et al.,
+2015) keeps the size of the kd gradients roughly independent of T.
+
+Memory: with Qwen2-VL's vocabulary (V = 151936), fp32 log-probabilities of every token of a
+batch would dwarf the model activations. We therefore gather the answer-token rows only,
+and run the per-token work in chunks of ``chunk_size`` rows, each under activation
+checkpointing, so that at most one chunk's fp32 temporaries (a few ``chunk_size x V``
+tensors) are alive at any time, in the forward and in the backward pass alike. What remains
+is in the logits' own dtype: the gathered student rows [N, V] and, in backward, their
+gradient (about three [N, V] tensors at its peak, before it is scattered back into the
+[B, L, V] gradient of the logits). The teacher's rows are gathered chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+__all__ = [
+    "IGNORE_INDEX",
+    "KDLossOutput",
+    "KDLoss",
+    "ForwardKL",
+    "ReverseKL",
+    "JSD",
+    "count_answer_tokens",
+]
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class KDLossOutput:
+    """What :class:`KDLoss` returns.
+
+    ``kd_loss`` and ``ce_loss`` are normalised exactly like ``loss`` (divided by
+    ``num_answer_tokens`` when given), so summing them over the micro-batches of an
+    accumulated batch gives that batch's averages. They are detached: they are for logging.
+    """
+
+    loss: Tensor  # alpha * T**2 * kd_loss + (1 - alpha) * ce_loss, differentiable
+    kd_loss: Tensor  # the divergence term, before alpha and T**2 (detached)
+    ce_loss: Tensor  # the student's cross-entropy at T = 1 (detached)
+    num_tokens: int  # answer tokens in this (micro-)batch
+
+
+def count_answer_tokens(labels: Tensor) -> int:
+    """Number of positions that carry a loss: ``(labels[:, 1:] != IGNORE_INDEX).sum()``.
+
+    ``labels[:, 0]`` is excluded because no logit predicts it (the shift by one). Sum this
+    over the micro-batches of an accumulated batch and pass the total to
+    :meth:`KDLoss.forward` as ``num_answer_tokens``.
+    """
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be [batch, seq_len], got shape {tuple(labels.shape)}")
+    return int((labels[:, 1:] != IGNORE_INDEX).sum().item())
+
+
+def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """Row-wise KL(a||b) = sum_v a_v (log a_v - log b_v), from log-probabilities [N, V] -> [N].
+
+    Expects finite logits (as language models produce): a -inf logit would give 0 * inf = nan.
+    """
+    return (log_a.exp() * (log_a - log_b)).sum(dim=-1)
+
+
+def _check_fraction(name: str, value: float) -> None:
+    # `not (0 <= x <= 1)` rather than `x < 0 or x > 1` so that NaN is rejected too.
+    if not (0.0 <= value <= 1.0):
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+
+
+class KDLoss(torch.nn.Module):
+    """Base class: alpha/T mixing, shift, masking, vocabulary cut, chunking, normalisation.
+
+    ``loss = alpha * T**2 * mean_tokens(divergence(log p, log q)) + (1 - alpha) * mean_tokens(CE)``
+
+    Subclasses define only :meth:`divergence`, the per-token divergence.
+
+    Args:
+        temperature: T > 0, applied to teacher and student logits for the kd term only.
+        alpha: weight of the kd term, in [0, 1]; ``1 - alpha`` weights the cross-entropy.
+        chunk_size: answer-token rows processed at once (>= 1). The fp32 temporaries of the
+            loss are a few ``chunk_size x V`` tensors (V = student vocabulary).
+    """
+
+    def __init__(self, temperature: float = 1.0, alpha: float = 0.5, chunk_size: int = 1024):
+        super().__init__()
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        _check_fraction("alpha", alpha)
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+        self.temperature = float(temperature)
+        self.alpha = float(alpha)
+        self.chunk_size = chunk_size
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, alpha={self.alpha}, chunk_size={self.chunk_size}"
+
+    def divergence(self, teacher_logprobs: Tensor, student_logprobs: Tensor) -> Tensor:
+        """Per-token divergence [N] from log p and log q at temperature T, both [N, V]."""
+        raise NotImplementedError(f"{type(self).__name__} must implement divergence()")
+
+    def forward(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        labels: Tensor,
+        num_answer_tokens: int | None = None,
+    ) -> KDLossOutput:
+        """Compute the loss of one (micro-)batch.
+
+        Args:
+            student_logits: [B, L, Vs], any float dtype (bf16/fp16 under mixed precision).
+            teacher_logits: [B, L, Vt] with Vt >= Vs; rows beyond Vs (the teacher's padding
+                rows) are dropped. It is a fixed target: no gradient flows into it.
+            labels: [B, L] token ids, ``IGNORE_INDEX`` where no loss is wanted.
+            num_answer_tokens: the number of answer tokens of the whole accumulated batch
+                (see :func:`count_answer_tokens`). Sums over this micro-batch are divided by
+                it, so summing the micro-batch losses gives the average over the accumulated
+                batch. ``None``: divide by this micro-batch's own count.
+
+        The arithmetic runs in float32, or float64 when an input is float64. A micro-batch
+        without answer tokens returns zeros that are still connected to the graph, so that
+        ``backward()`` works on every rank/micro-batch alike.
+        """
+        positions, targets = self._answer_positions(student_logits, teacher_logits, labels)
+        num_tokens = targets.numel()
+        if num_answer_tokens is None:
+            denominator = num_tokens
+        else:
+            denominator = int(num_answer_tokens)
+            if denominator < num_tokens:
+                raise ValueError(
+                    f"num_answer_tokens={denominator} is smaller than this micro-batch's "
+                    f"{num_tokens} answer tokens; pass the count of the whole accumulated batch"
+                )
+
+        # float32 at least, whatever comes in; float64 stays float64.
+        dtype = torch.promote_types(
+            torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32
+        )
+        # The student's answer rows are gathered once, in their input dtype: gathering per
+        # chunk would scatter each chunk's gradient into its own full-size zero tensor.
+        student_rows = student_logits[positions]
+        # The teacher is a fixed target. Its rows are gathered per chunk instead (it needs no
+        # backward), so no second [N, V] copy is held for the whole backward pass. Same
+        # tokenizer, so its rows beyond the student's vocabulary are padding (Qwen2-VL-7B:
+        # 152064 rows, 2B: 151936): drop them before the softmax.
+        teacher_logits = teacher_logits.detach()[..., : student_logits.shape[-1]]
+
+        if num_tokens == 0:
+            # The empty sum is an exact 0 that still has a grad_fn (when the student requires
+            # grad), so a micro-batch without answers does not break backward().
+            zero = student_rows.to(dtype).sum()
+            return KDLossOutput(loss=zero, kd_loss=zero.detach(), ce_loss=zero.detach(), num_tokens=0)
+
+        # Recompute each chunk in backward instead of storing its fp32 temporaries; only
+        # worth it (and only needed) when a graph is being recorded.
+        recompute = torch.is_grad_enabled() and student_rows.requires_grad
+        kd_sum = ce_sum = None
+        for s, b, l, y in zip(
+            student_rows.split(self.chunk_size),
+            *(index.split(self.chunk_size) for index in positions),
+            targets.split(self.chunk_size),
+        ):
+            args = (s, teacher_logits, (b, l), y, dtype)
+            if recompute:
+                # No randomness inside, so there is no RNG state to preserve.
+                kd, ce = checkpoint(self._chunk_sums, *args, use_reentrant=False, preserve_rng_state=False)
+            else:
+                kd, ce = self._chunk_sums(*args)
+            kd_sum = kd if kd_sum is None else kd_sum + kd
+            ce_sum = ce if ce_sum is None else ce_sum + ce
+
+        kd_loss = kd_sum / denominator
+        ce_loss = ce_sum / denominator
+        loss = self.alpha * self.temperature**2 * kd_loss + (1.0 - self.alpha) * ce_loss
+        return KDLossOutput(loss=loss, kd_loss=kd_loss.detach(), ce_loss=ce_loss.detach(), num_tokens=num_tokens)
+
+    @staticmethod
+    def _answer_positions(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor):
+        """Check the inputs; return the (batch, position) indices of the logits that predict an
+        answer token (logits[:, :-1] predict labels[:, 1:]) and those tokens' ids [N]."""
+        if student_logits.dim() != 3 or teacher_logits.dim() != 3 or labels.dim() != 2:
+            raise ValueError(
+                "expected student_logits [B, L, Vs], teacher_logits [B, L, Vt] and labels [B, L], got "
+                f"{tuple(student_logits.shape)}, {tuple(teacher_logits.shape)} and {tuple(labels.shape)}"
+            )
+        if student_logits.shape[:2] != labels.shape or teacher_logits.shape[:2] != labels.shape:
+            raise ValueError(
+                "batch and sequence sizes differ: student_logits "
+                f"{tuple(student_logits.shape)}, teacher_logits {tuple(teacher_logits.shape)}, "
+                f"labels {tuple(labels.shape)}"
+            )
+        student_vocab, teacher_vocab = student_logits.shape[-1], teacher_logits.shape[-1]
+        if teacher_vocab < student_vocab:
+            raise ValueError(
+                f"teacher vocabulary ({teacher_vocab}) is smaller than the student's "
+                f"({student_vocab}); the teacher must cover the student's vocabulary"
+            )
+        shifted = labels[:, 1:]
+        positions = (shifted != IGNORE_INDEX).nonzero(as_tuple=True)
+        targets = shifted[positions]
+        if targets.numel() and ((targets < 0) | (targets >= student_vocab)).any():
+            raise ValueError(
+                f"labels must be {IGNORE_INDEX} or token ids in [0, {student_vocab}), got values in "
+                f"[{int(targets.min())}, {int(targets.max())}]"
+            )
+        return positions, targets
+
+    def _chunk_sums(self, student_rows: Tensor, teacher_logits: Tensor, positions, targets: Tensor, dtype):
+        """Sums over one chunk of answer tokens of the divergence at T and of the CE at T = 1."""
+        # Nested calls so the upcast copies and the scaled logits die as soon as used.
+        student_logprobs = F.log_softmax(self._scaled(student_rows.to(dtype)), dim=-1)
+        teacher_logprobs = F.log_softmax(self._scaled(teacher_logits[positions].to(dtype)), dim=-1)
+        kd = self.divergence(teacher_logprobs, student_logprobs).sum()
+        if self.temperature == 1.0:
+            ce = F.nll_loss(student_logprobs, targets, reduction="sum")
+        else:
+            ce = F.cross_entropy(student_rows.to(dtype), targets, reduction="sum")
+        return kd, ce
+
+    def _scaled(self, logits: Tensor) -> Tensor:
+        return logits if self.temperature == 1.0 else logits / self.temperature
+
+
+class ForwardKL(KDLoss):
+    """Forward KL, mean-seeking: ``KL(p||q) = sum_v p_v (log p_v - log q_v)``."""
+
+    def divergence(self, teacher_logprobs: Tensor, student_logprobs: Tensor) -> Tensor:
+        return _kl(teacher_logprobs, student_logprobs)
+
+
+class ReverseKL(KDLoss):
+    """Reverse KL, mode-seeking: ``KL(q||p) = sum_v q_v (log q_v - log p_v)``."""
+
+    def divergence(self, teacher_logprobs: Tensor, student_logprobs: Tensor) -> Tensor:
+        return _kl(student_logprobs, teacher_logprobs)
+
+
+class JSD(KDLoss):
+    """Generalized Jensen-Shannon divergence (Agarwal et al., 2024, "On-Policy Distillation
+    of Language Models", GKD):
+
+        JSD_beta(p||q) = beta * KL(p||m) + (1 - beta) * KL(q||m),   m = beta * p + (1 - beta) * q
+
+    beta = 0.5 is the usual (symmetric) JSD. The divergence itself vanishes at both ends
+    (at beta = 0, m = q: the first term has weight 0 and the second is KL(q||q) = 0; beta = 1
+    likewise), but it interpolates between the two KLs once normalised:
+
+        JSD_beta / beta       -> KL(p||q)  (forward KL)  as beta -> 0,
+        JSD_beta / (1 - beta) -> KL(q||p)  (reverse KL)  as beta -> 1,
+
+    since JSD_beta = beta * KL(p||q) - beta**2 / 2 * chi2(p||q) + O(beta**3) with
+    chi2(p||q) = sum_v (p_v - q_v)**2 / q_v, and JSD_beta(p||q) = JSD_{1-beta}(q||p).
+    So at beta = 0 or 1 this loss's kd term is exactly 0 (finite, zero gradient): use
+    ForwardKL / ReverseKL for the endpoints' KLs, not JSD(beta=0/1).
+    """
+
+    def __init__(
+        self, temperature: float = 1.0, alpha: float = 0.5, beta: float = 0.5, chunk_size: int = 1024
+    ):
+        super().__init__(temperature=temperature, alpha=alpha, chunk_size=chunk_size)
+        _check_fraction("beta", beta)
+        self.beta = float(beta)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, beta={self.beta}"
+
+    def divergence(self, teacher_logprobs: Tensor, student_logprobs: Tensor) -> Tensor:
+        beta = self.beta
+        # log m by logaddexp of the weighted log-probabilities: exact and stable in log
+        # space. At the ends m is one of the two distributions exactly; taking it directly
+        # avoids log(0) = -inf in the arithmetic.
+        if beta == 0.0:
+            mixture_logprobs = student_logprobs
+        elif beta == 1.0:
+            mixture_logprobs = teacher_logprobs
+        else:
+            mixture_logprobs = torch.logaddexp(
+                teacher_logprobs + math.log(beta), student_logprobs + math.log1p(-beta)
+            )
+        return beta * _kl(teacher_logprobs, mixture_logprobs) + (1.0 - beta) * _kl(
+            student_logprobs, mixture_logprobs
+        )

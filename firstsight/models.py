@@ -1,0 +1,236 @@
+"""Build or load the teacher and the student, with precision applied.
+
+Every side resolves to one of three origins: the embedded tiny builder, a hub id, or a local
+directory; `weights: random` builds the same architecture at full size with random weights.
+The frozen teacher takes `precision.dtype` and `precision.quantization` (bitsandbytes INT8/NF4,
+FP8); the trainable student keeps float32 master weights and trains under autocast to
+`precision.dtype` (mixed precision), so fp16/bf16 never update weights in low precision.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from omegaconf import DictConfig
+
+from firstsight.errors import FirstSightError
+
+log = logging.getLogger(__name__)
+
+# Kept unquantized: the vision tower (MBQ: vision is more sensitive) and the output head.
+QUANTIZATION_SKIP_MODULES = ["model.visual", "lm_head"]
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    role: str  # teacher | student
+    origin: str  # what it was built from (tiny, a hub id, a directory, a cache path)
+    params_b: float  # parameters, billions
+    weights_gb: float  # parameters + buffers as loaded (transformers' memory footprint)
+    load_time_s: float
+    vocab_rows: int  # output rows of the LM head
+
+
+def torch_dtype(name: Any) -> Any:
+    import torch
+
+    return getattr(torch, name.value if hasattr(name, "value") else str(name))
+
+
+def _value(x: Any) -> str:
+    return x.value if hasattr(x, "value") else str(x)
+
+
+def is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def load_processor(cfg: DictConfig) -> Any:
+    """The student's processor (teacher and student share the tokenizer); the embedded offline
+    one for tiny models and for random-weight architectures whose processor is not at hand."""
+    from firstsight.tiny import tiny_processor
+
+    student = cfg.model.student
+    if student.source == "tiny":
+        return tiny_processor(cfg.cache_dir)
+    if _value(student.weights) == "random" and not os.path.isdir(student.source):
+        from firstsight.validate import _in_hub_cache
+
+        if is_offline() and not _in_hub_cache(student.source, student.revision):
+            log.info("no processor of %s at hand offline: using the embedded tokenizer", student.source)
+            return tiny_processor(cfg.cache_dir)
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(
+            student.source,
+            revision=student.revision,
+            local_files_only=is_offline(),
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    except (OSError, ValueError) as err:
+        raise FirstSightError(f"could not load the processor of model.student.source={student.source!r}: {err}") from err
+
+
+def check_same_tokenizer(cfg: DictConfig, processor: Any) -> None:
+    """Teacher and student must share one tokenizer (padding rows aside) for KD to be defined."""
+    teacher = cfg.model.teacher
+    if teacher.source in ("tiny", cfg.model.student.source) or _value(teacher.weights) == "random":
+        return  # the same processor serves both
+    from transformers import AutoTokenizer
+
+    teacher_tok = AutoTokenizer.from_pretrained(
+        teacher.source, revision=teacher.revision, local_files_only=is_offline(),
+        trust_remote_code=cfg.model.trust_remote_code,
+    )
+    if teacher_tok.get_vocab() != processor.tokenizer.get_vocab():
+        raise FirstSightError(
+            f"teacher {teacher.source!r} and student {cfg.model.student.source!r} use different tokenizers "
+            f"({len(teacher_tok)} vs {len(processor.tokenizer)} tokens): token-level KD needs one shared vocabulary."
+        )
+
+
+def quantization_config(precision: DictConfig) -> Optional[Any]:
+    kind = _value(precision.quantization)
+    compute_dtype = torch_dtype(precision.dtype)
+    if kind == "none":
+        return None
+    if kind == "int8":
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=QUANTIZATION_SKIP_MODULES)
+    if kind == "nf4":
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_use_double_quant=True,
+            llm_int8_skip_modules=QUANTIZATION_SKIP_MODULES,
+        )
+    if kind == "fp8":
+        from transformers import FineGrainedFP8Config
+
+        return FineGrainedFP8Config(modules_to_not_convert=QUANTIZATION_SKIP_MODULES)
+    raise FirstSightError(f"precision.quantization={kind!r} is not supported; choose none, int8, nf4 or fp8")
+
+
+def _random_config(cfg: DictConfig, role: str, processor: Any) -> Any:
+    """The architecture of a side, for random weights; special-token ids follow `processor`."""
+    side = cfg.model[role]
+    if side.source == "tiny":
+        from firstsight.tiny import tiny_model_config
+
+        return tiny_model_config(side.tiny, processor.tokenizer)
+    from firstsight.architectures import KNOWN_ARCHITECTURES, known_config
+
+    if side.source in KNOWN_ARCHITECTURES:
+        config = known_config(side.source)
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(side.source, revision=side.revision, local_files_only=is_offline())
+    tokenizer = processor.tokenizer
+    for attr, token in [("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
+                        ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")]:
+        setattr(config, attr, tokenizer.convert_tokens_to_ids(token))
+    return config
+
+
+def _from_pretrained(path: str, revision: Optional[str], dtype: Any, quant: Optional[Any], device: str,
+                     attn: str, trust_remote_code: bool) -> Any:
+    from transformers import Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration.from_pretrained(
+        path,
+        revision=revision,
+        dtype=dtype,
+        quantization_config=quant,
+        device_map={"": device},
+        attn_implementation=attn,
+        local_files_only=is_offline() or os.path.isdir(path),
+        trust_remote_code=trust_remote_code,
+    )
+
+
+def _build_random(config: Any, dtype: Any, quant: Optional[Any], device: str, attn: str) -> Any:
+    from transformers import Qwen2VLForConditionalGeneration
+
+    if quant is None:
+        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn)
+        return model.to(device)
+    # Quantizers act while loading a checkpoint: write the random weights once, load them quantized.
+    with tempfile.TemporaryDirectory(prefix="firstsight-random-") as tmp:
+        Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype).save_pretrained(tmp)
+        return _from_pretrained(tmp, None, dtype, quant, device, attn, False)
+
+
+def load_model(cfg: DictConfig, role: str, processor: Any, device: str, frozen: bool) -> LoadedModel:
+    """Teacher (frozen: precision dtype + quantization) or student (trainable: fp32 master weights)."""
+    import torch
+
+    side = cfg.model[role]
+    dtype = torch_dtype(cfg.precision.dtype) if frozen else torch.float32
+    quant = quantization_config(cfg.precision) if frozen else None
+    attn = cfg.hardware.attn_implementation
+    start = time.perf_counter()
+    if _value(side.weights) == "random":
+        torch.manual_seed(cfg.seed + (1 if role == "student" else 2))  # each side's init repeatable
+        model = _build_random(_random_config(cfg, role, processor), dtype, quant, device, attn)
+        origin = f"{side.source} (random weights)"
+    elif side.source == "tiny":
+        from firstsight.pretrain import tiny_teacher_dir
+
+        path = tiny_teacher_dir(cfg, role, processor)
+        model = _from_pretrained(str(path), None, dtype, quant, device, attn, False)
+        origin = str(path)
+    else:
+        try:
+            model = _from_pretrained(side.source, side.revision, dtype, quant, device, attn, cfg.model.trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise FirstSightError(f"could not load model.{role}.source={side.source!r}: {err}") from err
+        origin = side.source
+    load_time = time.perf_counter() - start
+    if frozen:
+        model.eval()
+        model.requires_grad_(False)
+    else:
+        model.train()
+        if cfg.hardware.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+    return LoadedModel(
+        model=model,
+        role=role,
+        origin=origin,
+        params_b=model.num_parameters() / 1e9,
+        weights_gb=model.get_memory_footprint() / 1e9,
+        load_time_s=load_time,
+        vocab_rows=model.get_output_embeddings().weight.shape[0],
+    )
+
+
+def save_model_atomically(model: Any, processor: Any, out_dir: str) -> None:
+    """save_pretrained into a temporary sibling, then one rename: never a half-written checkpoint."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        if os.path.exists(out_dir):
+            old = out_dir + ".old"
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

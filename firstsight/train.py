@@ -1,0 +1,137 @@
+"""The optimisation loop shared by distillation and tiny-teacher pre-training.
+
+One optimizer step = `grad_accum_steps` micro-batches; each micro-batch's loss is normalised by
+the answer-token count of the whole accumulated batch, so their sum is the average over all
+answer tokens of the step. Mixed precision: autocast to the run's dtype (GradScaler for fp16).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List
+
+from firstsight.losses import IGNORE_INDEX, count_answer_tokens
+from firstsight.perf import StepTimer
+
+
+@dataclass
+class LoopSettings:
+    max_steps: int
+    lr: float
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    grad_accum_steps: int = 1
+    progress_bar: bool = True
+    description: str = "training"
+
+
+def to_device(batch: Dict[str, Any], device: str) -> Dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+
+
+def autocast(device_type: str, dtype: Any) -> Any:
+    import torch
+
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def model_inputs(batch: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def _lr_lambda(warmup_steps: int, max_steps: int) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to 10 % of the peak."""
+    import math
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def optimize(
+    model: Any,
+    batches: Iterator[Dict[str, Any]],
+    micro_step: Callable[[Dict[str, Any], int], Dict[str, Any]],
+    settings: LoopSettings,
+    device: str,
+    dtype: Any,
+    on_step: Callable[[int, Dict[str, float], float, int, int], None],
+) -> None:
+    """Run `settings.max_steps` optimizer steps.
+
+    `micro_step(batch, answer_tokens_in_step)` returns {"loss": differentiable tensor, other: tensors};
+    `on_step(step, metrics, seconds, samples, tokens)` receives the step's summed metrics.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings.warmup_steps, settings.max_steps))
+    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)  # fp16 gradients underflow unscaled
+    timer = StepTimer(device)
+    bar = tqdm(total=settings.max_steps, desc=settings.description, disable=not settings.progress_bar,
+               dynamic_ncols=True, leave=True)
+    try:
+        for step in range(1, settings.max_steps + 1):
+            with timer:
+                micro: List[Dict[str, Any]] = [to_device(next(batches), device) for _ in range(settings.grad_accum_steps)]
+                answer_tokens = sum(count_answer_tokens(b["labels"]) for b in micro)
+                sums: Dict[str, Any] = {}
+                for batch in micro:
+                    with autocast(device, dtype):
+                        out = micro_step(batch, answer_tokens)
+                    scaler.scale(out["loss"]).backward()
+                    for key, value in out.items():
+                        sums[key] = sums.get(key, 0.0) + value.detach()
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    params, settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf")
+                )
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                lr = scheduler.get_last_lr()[0]
+                scheduler.step()
+                metrics = {key: float(value) for key, value in sums.items()}  # one host sync per step
+            metrics["grad_norm"] = float(grad_norm)
+            metrics["lr"] = lr
+            samples = sum(int(b["labels"].shape[0]) for b in micro)
+            tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+            on_step(step, metrics, timer.seconds, samples, tokens)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
+
+
+def answer_accuracy(model: Any, batches: Iterator[Dict[str, Any]], device: str, dtype: Any) -> float:
+    """Exact-match accuracy under teacher forcing: a sample counts only if the argmax at every
+    answer position (answer tokens and the closing <|im_end|>) is the reference token, which is
+    exactly when greedy decoding would produce the reference answer and stop."""
+    import torch
+
+    correct = total = 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in batches:
+            batch = to_device(batch, device)
+            with autocast(device, dtype):
+                logits = model(**model_inputs(batch)).logits
+            predicted = logits[:, :-1].argmax(-1)
+            labels = batch["labels"][:, 1:]
+            mask = labels != IGNORE_INDEX
+            right = ((predicted == labels) | ~mask).all(dim=1)
+            correct += int(right.sum())
+            total += int(labels.shape[0])
+    model.train(was_training)
+    return correct / max(total, 1)

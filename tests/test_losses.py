@@ -1,0 +1,489 @@
+"""Tests of firstsight.losses against independent float64 references written out here."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from firstsight.losses import JSD, IGNORE_INDEX, ForwardKL, KDLoss, ReverseKL, count_answer_tokens
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These tensors are tiny: with several OpenMP threads on a busy 2-core machine each op
+    # can wait ~10 ms for a descheduled worker, which made gradcheck take seconds.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+
+def make_batch(
+    batch=3, length=7, vocab=11, teacher_vocab=None, seed=0, dtype=torch.float64, answer_frac=0.6, scale=3.0
+):
+    """Random logits (scaled so the distributions are far from uniform) and labels in which
+    roughly 1 - answer_frac of the positions are -100, with at least one answer token."""
+    g = torch.Generator().manual_seed(seed)
+    teacher_vocab = vocab if teacher_vocab is None else teacher_vocab
+    student = (scale * torch.randn(batch, length, vocab, generator=g)).to(dtype)
+    teacher = (scale * torch.randn(batch, length, teacher_vocab, generator=g)).to(dtype)
+    labels = torch.randint(0, vocab, (batch, length), generator=g)
+    labels[torch.rand(batch, length, generator=g) > answer_frac] = -100
+    labels[0, -1] = 1  # at least one answer token
+    return student, teacher, labels
+
+
+def reference(kind, student, teacher, labels, temperature, alpha, beta=0.5):
+    """(loss, kd, ce) by the plain formulas, in float64, token by token."""
+    vocab = student.shape[-1]
+    s, t = student.double(), teacher.double()[..., :vocab]
+    kd_terms, ce_terms = [], []
+    for b in range(labels.shape[0]):
+        for i in range(labels.shape[1] - 1):
+            y = int(labels[b, i + 1])  # logits at i predict the label at i + 1
+            if y == -100:
+                continue
+            p = torch.softmax(t[b, i] / temperature, dim=-1)
+            q = torch.softmax(s[b, i] / temperature, dim=-1)
+            if kind == "forward_kl":
+                d = (p * (p.log() - q.log())).sum()
+            elif kind == "reverse_kl":
+                d = (q * (q.log() - p.log())).sum()
+            else:
+                m = beta * p + (1 - beta) * q
+                d = beta * (p * (p / m).log()).sum() + (1 - beta) * (q * (q / m).log()).sum()
+            kd_terms.append(d)
+            ce_terms.append(-torch.softmax(s[b, i], dim=-1)[y].log())
+    kd = torch.stack(kd_terms).mean()
+    ce = torch.stack(ce_terms).mean()
+    return alpha * temperature**2 * kd + (1 - alpha) * ce, kd, ce
+
+
+def make_loss(kind, **kwargs):
+    beta = kwargs.pop("beta", 0.5)
+    if kind == "forward_kl":
+        return ForwardKL(**kwargs)
+    if kind == "reverse_kl":
+        return ReverseKL(**kwargs)
+    return JSD(beta=beta, **kwargs)
+
+
+KINDS = ["forward_kl", "reverse_kl", "jsd"]
+
+
+def value_and_grad(loss_fn, student, teacher, labels, **kwargs):
+    student = student.detach().clone().requires_grad_()
+    out = loss_fn(student, teacher, labels, **kwargs)
+    out.loss.backward()
+    return out, student.grad
+
+
+# ----------------------------------------------------------------------------- values
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(
+    "temperature, alpha, beta", [(1.0, 0.5, 0.5), (2.0, 0.3, 0.1), (0.5, 1.0, 0.9), (3.0, 0.0, 0.5), (1.7, 0.8, 0.3)]
+)
+def test_matches_float64_reference(kind, temperature, alpha, beta):
+    student, teacher, labels = make_batch(seed=int(10 * temperature + 100 * alpha))
+    loss_fn = make_loss(kind, temperature=temperature, alpha=alpha, beta=beta, chunk_size=4)
+    out, grad = value_and_grad(loss_fn, student, teacher, labels)
+
+    ref_student = student.clone().requires_grad_()
+    ref_loss, ref_kd, ref_ce = reference(kind, ref_student, teacher, labels, temperature, alpha, beta)
+    ref_loss.backward()
+
+    torch.testing.assert_close(out.loss, ref_loss.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.kd_loss, ref_kd.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.ce_loss, ref_ce.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, ref_student.grad, rtol=1e-9, atol=1e-12)
+    assert out.num_tokens == int((labels[:, 1:] != -100).sum())
+    assert out.loss.dtype == torch.float64
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("temperature", [0.5, 2.0, 4.0])
+def test_temperature_squared_and_alpha_mixing(kind, temperature):
+    student, teacher, labels = make_batch(seed=3)
+    kd_only = make_loss(kind, temperature=temperature, alpha=1.0)(student, teacher, labels)
+    ce_only = make_loss(kind, temperature=temperature, alpha=0.0)(student, teacher, labels)
+    mixed = make_loss(kind, temperature=temperature, alpha=0.25)(student, teacher, labels)
+
+    torch.testing.assert_close(kd_only.loss, temperature**2 * kd_only.kd_loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(ce_only.loss, ce_only.ce_loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(mixed.loss, 0.25 * kd_only.loss + 0.75 * ce_only.loss, rtol=1e-12, atol=0)
+    # The CE term is at T = 1 whatever the kd temperature.
+    torch.testing.assert_close(ce_only.ce_loss, make_loss(kind, temperature=1.0)(student, teacher, labels).ce_loss)
+    assert kd_only.kd_loss > 0 and ce_only.ce_loss > 0
+
+
+def test_divergences_are_the_kls_themselves():
+    # KL(p||q) for ForwardKL and KL(q||p) for ReverseKL: swapping the two models swaps them.
+    student, teacher, labels = make_batch(seed=4)
+    forward = ForwardKL(temperature=1.5, alpha=1.0)(student, teacher, labels).kd_loss
+    reverse_swapped = ReverseKL(temperature=1.5, alpha=1.0)(teacher, student, labels).kd_loss
+    torch.testing.assert_close(forward, reverse_swapped, rtol=1e-12, atol=0)
+    assert not torch.allclose(forward, ReverseKL(temperature=1.5, alpha=1.0)(student, teacher, labels).kd_loss)
+
+
+def test_base_class_has_no_divergence():
+    student, teacher, labels = make_batch()
+    with pytest.raises(NotImplementedError):
+        KDLoss()(student, teacher, labels)
+
+
+# ----------------------------------------------------------------------------- masking
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_non_answer_positions_do_not_matter(kind):
+    student, teacher, labels = make_batch(batch=3, length=8, seed=5)
+    loss_fn = make_loss(kind, temperature=2.0, alpha=0.5, chunk_size=3)
+    out, grad = value_and_grad(loss_fn, student, teacher, labels)
+
+    # Logits predict the next label; the last position predicts nothing.
+    predicts_nothing = torch.ones(labels.shape, dtype=torch.bool)
+    predicts_nothing[:, :-1] = labels[:, 1:] == -100
+    assert predicts_nothing.any() and (~predicts_nothing).any()
+    g = torch.Generator().manual_seed(99)
+    student2, teacher2 = student.clone(), teacher.clone()
+    student2[predicts_nothing] = 100 * torch.randn(student2[predicts_nothing].shape, generator=g, dtype=torch.float64)
+    teacher2[predicts_nothing] = 100 * torch.randn(teacher2[predicts_nothing].shape, generator=g, dtype=torch.float64)
+    # labels[:, 0] is never a target (nothing predicts it): any value, -100 or a token id.
+    for first in (-100, 0, 7):
+        labels2 = labels.clone()
+        labels2[:, 0] = first
+        out2, grad2 = value_and_grad(loss_fn, student2, teacher2, labels2)
+        assert out2.loss.item() == pytest.approx(out.loss.item(), rel=1e-13)
+        assert out2.num_tokens == out.num_tokens
+        torch.testing.assert_close(grad2, grad, rtol=1e-12, atol=0)
+    assert (grad[predicts_nothing] == 0).all()
+    assert (grad[~predicts_nothing] != 0).any(dim=-1).all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kd_term_ignores_answer_token_ids(kind):
+    # The token ids enter only the CE term: with alpha = 1 they do not matter (only which
+    # positions are answers does).
+    student, teacher, labels = make_batch(seed=6)
+    loss_fn = make_loss(kind, temperature=1.3, alpha=1.0)
+    relabelled = labels.clone()
+    answer = relabelled != -100
+    relabelled[answer] = (relabelled[answer] + 5) % student.shape[-1]
+    torch.testing.assert_close(loss_fn(student, teacher, relabelled).loss, loss_fn(student, teacher, labels).loss)
+    assert not torch.allclose(
+        make_loss(kind, alpha=0.0)(student, teacher, relabelled).loss, make_loss(kind, alpha=0.0)(student, teacher, labels).loss
+    )
+
+
+def test_count_answer_tokens():
+    labels = torch.tensor([[5, -100, 3, 4], [-100, 2, -100, -100], [1, -100, -100, -100]])
+    assert count_answer_tokens(labels) == 3  # labels[:, 0] never counts
+    assert isinstance(count_answer_tokens(labels), int)
+    assert count_answer_tokens(torch.full((2, 3), -100)) == 0
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+@pytest.mark.parametrize(
+    "loss_fn",
+    [
+        ForwardKL(temperature=2.0, alpha=0.7, chunk_size=3),
+        ReverseKL(temperature=0.7, alpha=0.4, chunk_size=3),
+        JSD(temperature=1.5, alpha=0.6, beta=0.3, chunk_size=3),
+        JSD(temperature=1.0, alpha=0.6, beta=0.0, chunk_size=3),
+        JSD(temperature=1.0, alpha=0.6, beta=1.0, chunk_size=3),
+    ],
+    ids=repr,
+)
+def test_gradcheck(loss_fn):
+    student, teacher, labels = make_batch(batch=2, length=5, vocab=6, seed=7)
+    assert count_answer_tokens(labels) > 3  # several chunks, each checkpointed
+    student.requires_grad_()
+    assert torch.autograd.gradcheck(lambda s: loss_fn(s, teacher, labels).loss, (student,))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_chunked_equals_unchunked(kind):
+    student, teacher, labels = make_batch(batch=2, length=8, vocab=9, seed=8)
+    labels[:, 1:] = -100
+    answer = torch.tensor([1, 2, 3, 5, 6])
+    labels[:, answer] = torch.randint(0, 9, (2, len(answer)))
+    assert count_answer_tokens(labels) == 10
+    chunked, chunked_grad = value_and_grad(make_loss(kind, temperature=2.0, chunk_size=3), student, teacher, labels)
+    whole, whole_grad = value_and_grad(make_loss(kind, temperature=2.0, chunk_size=1000), student, teacher, labels)
+    torch.testing.assert_close(chunked.loss, whole.loss, rtol=1e-13, atol=0)
+    torch.testing.assert_close(chunked_grad, whole_grad, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_no_grad_gives_same_value(kind):
+    student, teacher, labels = make_batch(seed=9)
+    loss_fn = make_loss(kind, temperature=2.0, chunk_size=2)
+    with torch.no_grad():
+        value = loss_fn(student, teacher, labels).loss
+    torch.testing.assert_close(value, loss_fn(student.requires_grad_(), teacher, labels).loss.detach())
+
+
+def test_no_gradient_into_the_teacher():
+    student, teacher, labels = make_batch(seed=10)
+    student.requires_grad_()
+    teacher.requires_grad_()
+    ForwardKL(chunk_size=2)(student, teacher, labels).loss.backward()
+    assert student.grad is not None and teacher.grad is None
+
+
+# ----------------------------------------------------------------------------- JSD
+
+
+def _jsd_kd(beta, student, teacher, labels, temperature=1.0):
+    return JSD(temperature=temperature, alpha=1.0, beta=beta)(student, teacher, labels).kd_loss
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+def test_jsd_is_zero_at_both_ends(beta):
+    # beta = 0: m = q, so 0 * KL(p||m) + KL(q||q) = 0; beta = 1: KL(p||p) + 0 * KL(q||p) = 0.
+    student, teacher, labels = make_batch(seed=11)
+    out, grad = value_and_grad(JSD(temperature=2.0, alpha=1.0, beta=beta), student, teacher, labels)
+    assert out.kd_loss.item() == 0.0 and out.loss.item() == 0.0
+    assert torch.isfinite(grad).all() and (grad == 0).all()
+    # With CE mixed in, the loss is exactly the CE part and the gradients are finite.
+    out, grad = value_and_grad(JSD(temperature=2.0, alpha=0.5, beta=beta), student, teacher, labels)
+    assert out.loss.item() == pytest.approx(0.5 * out.ce_loss.item(), rel=1e-14)
+    assert torch.isfinite(grad).all() and (grad != 0).any()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_jsd_near_the_ends_is_forward_or_reverse_kl(temperature):
+    # With m = q + b (p - q), expanding log(m / q) = log(1 + b (p - q) / q) in b gives
+    #   JSD_b(p||q) = b KL(p||q) - b^2/2 chi2(p||q) + O(b^3),  chi2(p||q) = sum (p - q)^2 / q,
+    # valid while b * max(p / q) << 1; and JSD_b(p||q) = JSD_{1-b}(q||p). Hence
+    #   JSD_b / b       = KL(p||q) - b/2 chi2(p||q) + O(b^2)   -> forward KL as b -> 0,
+    #   JSD_b / (1 - b) = KL(q||p) - (1-b)/2 chi2(q||p) + ...  -> reverse KL as b -> 1.
+    # Both the limit and the first correction are checked (logits of scale 1 keep p/q
+    # moderate, so b = 1e-4 is inside the range of the expansion).
+    student, teacher, labels = make_batch(seed=12, scale=1.0)
+    kwargs = dict(temperature=temperature, alpha=1.0)
+    forward = ForwardKL(**kwargs)(student, teacher, labels).kd_loss.item()
+    reverse = ReverseKL(**kwargs)(student, teacher, labels).kd_loss.item()
+
+    rows = labels[:, 1:] != -100
+    p = torch.softmax(teacher[:, :-1][rows] / temperature, dim=-1)
+    q = torch.softmax(student[:, :-1][rows] / temperature, dim=-1)
+    chi2_pq = ((p - q) ** 2 / q).sum(-1).mean().item()
+    chi2_qp = ((q - p) ** 2 / p).sum(-1).mean().item()
+    assert 1e-4 * max((p / q).max(), (q / p).max()) < 0.05
+
+    b = 1e-4
+    near_zero = _jsd_kd(b, student, teacher, labels, temperature).item()
+    near_one = _jsd_kd(1 - b, student, teacher, labels, temperature).item()
+    assert near_zero / b == pytest.approx(forward, rel=b * chi2_pq / forward)
+    assert near_one / b == pytest.approx(reverse, rel=b * chi2_qp / reverse)
+    assert (near_zero / b - forward) / b == pytest.approx(-chi2_pq / 2, rel=1e-2)
+    assert (near_one / b - reverse) / b == pytest.approx(-chi2_qp / 2, rel=1e-2)
+    # ...and the unnormalised divergence goes continuously to the value 0 of the ends.
+    assert 0 < _jsd_kd(1e-9, student, teacher, labels, temperature).item() < 2e-9 * forward
+
+
+def test_jsd_swap_symmetry():
+    student, teacher, labels = make_batch(seed=13)
+    torch.testing.assert_close(
+        _jsd_kd(0.2, student, teacher, labels, 1.5), _jsd_kd(0.8, teacher, student, labels, 1.5), rtol=1e-12, atol=0
+    )
+
+
+# ----------------------------------------------------------------------------- vocabulary
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_teacher_padding_rows_are_cut(kind):
+    student, teacher, labels = make_batch(vocab=13, teacher_vocab=13 + 5, seed=14)
+    teacher[..., 13:] = 50.0  # would dominate the teacher's softmax if it were not cut
+    loss_fn = make_loss(kind, temperature=2.0)
+    padded, padded_grad = value_and_grad(loss_fn, student, teacher, labels)
+    cut, cut_grad = value_and_grad(loss_fn, student, teacher[..., :13].contiguous(), labels)
+    torch.testing.assert_close(padded.loss, cut.loss, rtol=0, atol=0)
+    torch.testing.assert_close(padded_grad, cut_grad, rtol=0, atol=0)
+
+
+def test_smaller_teacher_vocabulary_is_an_error():
+    student, _, labels = make_batch(vocab=13, seed=15)
+    teacher = torch.randn(*labels.shape, 12, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"(?s)12.*13"):
+        ForwardKL()(student, teacher, labels)
+
+
+def test_bad_shapes_and_labels_are_errors():
+    student, teacher, labels = make_batch(vocab=13, seed=16)
+    with pytest.raises(ValueError):
+        ForwardKL()(student, teacher, labels[:, :-1])
+    with pytest.raises(ValueError):
+        ForwardKL()(student[0], teacher[0], labels[0])
+    bad = labels.clone()
+    bad[0, -1] = 13  # out of the student's vocabulary
+    with pytest.raises(ValueError, match="13"):
+        ForwardKL()(student, teacher, bad)
+    bad[0, -1] = -1  # only -100 is ignored
+    with pytest.raises(ValueError, match="-1"):
+        ForwardKL()(student, teacher, bad)
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_micro_batches_normalised_by_the_total_sum_to_the_whole_batch(kind):
+    student, teacher, labels = make_batch(batch=4, length=6, seed=17)
+    labels[2] = -100  # micro-batches with different counts
+    labels[2, 3] = 4
+    loss_fn = make_loss(kind, temperature=2.0, alpha=0.3, chunk_size=2)
+    whole, whole_grad = value_and_grad(loss_fn, student, teacher, labels)
+
+    total = count_answer_tokens(labels)
+    parts = [slice(0, 2), slice(2, 4)]
+    outs, grads = zip(
+        *(value_and_grad(loss_fn, student[m], teacher[m], labels[m], num_answer_tokens=total) for m in parts)
+    )
+    assert sum(o.num_tokens for o in outs) == total and outs[0].num_tokens != outs[1].num_tokens
+    torch.testing.assert_close(sum(o.loss for o in outs), whole.loss, rtol=1e-13, atol=0)
+    torch.testing.assert_close(sum(o.kd_loss for o in outs), whole.kd_loss, rtol=1e-13, atol=0)
+    torch.testing.assert_close(sum(o.ce_loss for o in outs), whole.ce_loss, rtol=1e-13, atol=0)
+    torch.testing.assert_close(torch.cat(grads), whole_grad, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("num_answer_tokens", [None, 5])
+def test_micro_batch_without_answer_tokens(num_answer_tokens):
+    student, teacher, labels = make_batch(seed=18)
+    labels[:, 1:] = -100
+    labels[:, 0] = 3  # not a target: nothing predicts it
+    out, grad = value_and_grad(ForwardKL(), student, teacher, labels, num_answer_tokens=num_answer_tokens)
+    assert out.num_tokens == 0
+    assert out.loss.item() == 0 and out.kd_loss.item() == 0 and out.ce_loss.item() == 0
+    assert isinstance(out.kd_loss, torch.Tensor) and isinstance(out.ce_loss, torch.Tensor)
+    assert (grad == 0).all()  # backward() ran: the zero is connected to the graph
+
+
+def test_num_answer_tokens_below_local_count_is_an_error():
+    student, teacher, labels = make_batch(seed=19)
+    with pytest.raises(ValueError, match="num_answer_tokens"):
+        ForwardKL()(student, teacher, labels, num_answer_tokens=count_answer_tokens(labels) - 1)
+
+
+# ----------------------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("low", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_are_computed_in_float32(kind, low):
+    student, teacher, labels = make_batch(batch=2, length=12, vocab=2000, seed=20, dtype=torch.float32)
+    loss_fn = make_loss(kind, temperature=2.0, alpha=0.5, chunk_size=5)
+    s_low, t_low = student.to(low), teacher.to(low)
+
+    out_low, grad_low = value_and_grad(loss_fn, s_low, t_low, labels)
+    assert out_low.loss.dtype == torch.float32 and grad_low.dtype == low
+    # Same (rounded) values in float32: the arithmetic is float32 in both cases, so the results
+    # agree to float32 precision (bf16 arithmetic would be off by ~1e-2 relative).
+    out_same, grad_same = value_and_grad(loss_fn, s_low.float(), t_low.float(), labels)
+    torch.testing.assert_close(out_low.loss, out_same.loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_low, grad_same.to(low))
+    # And close to the result on the unrounded float32 logits.
+    out_full = loss_fn(student, teacher, labels)
+    torch.testing.assert_close(out_low.loss, out_full.loss, rtol=2e-2, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------- arguments
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, bad",
+    [
+        (ForwardKL, dict(temperature=0.0), "temperature"),
+        (ForwardKL, dict(temperature=-1.0), "temperature"),
+        (ReverseKL, dict(temperature=math.nan), "temperature"),
+        (ReverseKL, dict(temperature=math.inf), "temperature"),
+        (ForwardKL, dict(alpha=-0.1), "alpha"),
+        (ForwardKL, dict(alpha=1.5), "alpha"),
+        (JSD, dict(alpha=math.nan), "alpha"),
+        (JSD, dict(beta=-0.01), "beta"),
+        (JSD, dict(beta=1.01), "beta"),
+        (JSD, dict(beta=math.nan), "beta"),
+        (ForwardKL, dict(chunk_size=0), "chunk_size"),
+        (JSD, dict(chunk_size=-4), "chunk_size"),
+        (ReverseKL, dict(chunk_size=2.5), "chunk_size"),
+    ],
+)
+def test_bad_constructor_arguments(cls, kwargs, bad):
+    with pytest.raises(ValueError, match=bad) as info:
+        cls(**kwargs)
+    message = str(info.value)
+    assert repr(kwargs[bad]) in message  # names the bad value...
+    assert any(r in message for r in ("> 0", "[0, 1]", ">= 1"))  # ...and the valid range
+
+
+def test_good_constructor_arguments():
+    loss_fn = JSD(temperature=0.1, alpha=0.0, beta=1.0, chunk_size=1)
+    assert (loss_fn.temperature, loss_fn.alpha, loss_fn.beta, loss_fn.chunk_size) == (0.1, 0.0, 1.0, 1)
+    assert ForwardKL(alpha=1.0).alpha == 1.0
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _peak_cpu_bytes(fn) -> int:
+    """Peak of the CPU bytes allocated by torch while fn runs, above the level at its start,
+    from the allocation/free events recorded by torch.profiler(profile_memory=True)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    try:
+        events = prof.profiler.kineto_results.events()
+        deltas = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+    except AttributeError as error:  # the raw event list is not a public API
+        pytest.skip(f"cannot read torch.profiler's memory events in this torch version: {error}")
+    running = peak = 0
+    for _, nbytes in deltas:
+        running += nbytes
+        peak = max(peak, running)
+    return peak
+
+
+def test_chunking_bounds_peak_memory():
+    vocab, tokens, chunk = 151936, 128, 16  # Qwen2-VL's vocabulary
+    rows_fp32 = tokens * vocab * 4  # one fp32 [N, V] tensor: what the chunks avoid
+
+    # The measurement must see a known allocation, or it proves nothing.
+    calibration = _peak_cpu_bytes(lambda: torch.empty(tokens, vocab))
+    if not 0.99 * rows_fp32 <= calibration <= 1.01 * rows_fp32:
+        pytest.skip(f"torch.profiler reported {calibration} bytes for a {rows_fp32}-byte tensor")
+
+    g = torch.Generator().manual_seed(21)
+    length = tokens // 2 + 1
+    student = torch.randn(2, length, vocab, generator=g).to(torch.bfloat16).requires_grad_()
+    teacher = torch.randn(2, length, vocab + 128, generator=g).to(torch.bfloat16)
+    labels = torch.randint(0, vocab, (2, length), generator=g)
+    assert count_answer_tokens(labels) == tokens
+
+    def forward_backward(chunk_size):
+        def run():
+            student.grad = None
+            ForwardKL(temperature=2.0, alpha=0.5, chunk_size=chunk_size)(student, teacher, labels).loss.backward()
+
+        return _peak_cpu_bytes(run)
+
+    chunked, whole = forward_backward(chunk), forward_backward(tokens)
+    # Chunked: what does not depend on chunk_size is the gathered bf16 student rows, their
+    # gradient and its scatter into the logits' shape (about 3 x N x V x 2 bytes); plus a
+    # few fp32 chunk x V temporaries.
+    bound = 3 * tokens * vocab * 2 + 8 * chunk * vocab * 4
+    assert chunked <= bound, (chunked, bound)
+    # Unchunked, several fp32 [N, V] temporaries are alive at once.
+    assert whole >= 4 * rows_fp32, (whole, rows_fp32)
+    assert chunked * 2.5 <= whole, (chunked, whole)
