@@ -57,6 +57,7 @@ class TinyArchConfig:
     pretrain_steps: int = 0  # >0: train on the synthetic train split on first use, cached (teacher)
     pretrain_lr: float = 3e-3  # learning rate of that pre-training
     pretrain_batch_size: int = 16  # batch size of that pre-training
+    pretrain_seed: int = 0  # seeds that pre-training (init and data), apart from the run's seed
 
 
 @dataclass

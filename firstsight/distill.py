@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 from pathlib import Path
 from typing import Any, Dict
@@ -78,7 +79,7 @@ def distill(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
         "model/weights_gb": student.weights_gb,
         "model/teacher_params_b": teacher.params_b,
         "model/teacher_weights_gb": teacher.weights_gb,
-        "infer/load_time_s": student.load_time_s,
+        "model/load_time_s": student.load_time_s,
         "model/teacher_load_time_s": teacher.load_time_s,
     }
     tags = {"firstsight.teacher": teacher.origin, "firstsight.student": student.origin}
@@ -99,7 +100,9 @@ def distill(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
 
     def kd_step(batch: Dict[str, Any], answer_tokens: int) -> Dict[str, Any]:
         inputs = model_inputs(batch)
-        with torch.no_grad():
+        # The frozen teacher already holds its weights in the precision's dtype (or quantized):
+        # autocast is for the trainable student, and bitsandbytes' CPU kernels give NaN under it.
+        with torch.no_grad(), torch.autocast(device, enabled=False):
             teacher_logits = teacher_model(**inputs).logits
         student_logits = student_model(**inputs).logits
         out = loss_fn(student_logits, teacher_logits, batch["labels"], num_answer_tokens=answer_tokens)
@@ -109,6 +112,13 @@ def distill(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     last: Dict[str, float] = {}
 
     def on_step(step: int, metrics: Dict[str, float], seconds: float, samples: int, tokens: int) -> None:
+        if not math.isfinite(metrics["loss"]):
+            tracker.log_metrics({f"train/{k}": v for k, v in metrics.items() if math.isfinite(v)}, step=step)
+            raise FirstSightError(
+                f"the loss is {metrics['loss']} at step {step} (kd {metrics['kd_loss']}, ce {metrics['ce_loss']}); "
+                f"stopping before anything is saved. Try precision=fp32 or bf16, a lower train.lr={cfg.train.lr}, "
+                f"or a smaller distill_loss.temperature={cfg.distill_loss.temperature}."
+            )
         throughput.add_step(seconds, samples, tokens)
         named = {f"train/{k}": v for k, v in metrics.items()}
         named["perf/step_time_s"] = seconds
@@ -138,7 +148,8 @@ def distill(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     if cfg.train.eval_at_end:
         validation = SyntheticEgoQA("validation", size=cfg.data.validation_size, **data)
         eval_batches = lambda: in_order(validation, collator, cfg.hardware.batch_size)  # noqa: E731
-        teacher_acc = answer_accuracy(teacher_model, eval_batches(), device, dtype)
+        # the teacher runs in its own dtype, without autocast, as in training
+        teacher_acc = answer_accuracy(teacher_model, eval_batches(), device, torch.float32)
         student_acc = answer_accuracy(student_model, eval_batches(), device, dtype)
         summary.update({
             "eval/teacher_accuracy": teacher_acc,

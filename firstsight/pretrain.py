@@ -3,7 +3,8 @@
 KD needs a teacher that knows something. The tiny teacher is trained with plain cross-entropy on
 the answer tokens of the synthetic train split, checked on the validation split, and saved (as a
 stock save_pretrained directory) under `cache_dir/tiny-teacher-<hash>`; the hash covers its
-sizes, its training settings, the data settings and the seed, so any change trains a new one.
+sizes, its training settings (with its own seed: runs of any seed share one teacher) and the data
+settings, so any change trains a new one.
 Later runs load it like any local checkpoint (so INT8/NF4 loading takes the real code path).
 The teacher of the default settings ships in firstsight/assets (trained by this module on an
 H200 in 4 minutes: 2500 steps), so the default run does not pay the pre-training; any other
@@ -25,14 +26,15 @@ RECIPE = "tiny-teacher-v1"
 
 
 def _data_settings(cfg: DictConfig) -> Dict[str, Any]:
+    """The data settings that shape the teacher's weights (not the validation split's size)."""
     return {k: OmegaConf.to_container(cfg.data, resolve=True)[k]
-            for k in ("train_size", "validation_size", "image_size", "num_frames", "kinds")}
+            for k in ("train_size", "image_size", "num_frames", "kinds")}
 
 
 def tiny_teacher_dir(cfg: DictConfig, role: str, processor: Any) -> Path:
     side = cfg.model[role]
     arch = OmegaConf.to_container(side.tiny, resolve=True)
-    key = content_key(RECIPE, arch, _data_settings(cfg), cfg.seed, len(processor.tokenizer))
+    key = content_key(RECIPE, arch, _data_settings(cfg), len(processor.tokenizer))
     path = Path(cfg.cache_dir) / f"tiny-teacher-{key}"
     return cached_dir(path, lambda out: _pretrain(cfg, role, processor, out))
 
@@ -56,11 +58,12 @@ def _pretrain(cfg: DictConfig, role: str, processor: Any, out_dir: Path) -> Dict
     tiny = cfg.model[role].tiny
     log.info("training the tiny %s on first use (%d steps); it is cached in %s", role, tiny.pretrain_steps, out_dir.parent)
     device = _device_type(cfg)
-    torch.manual_seed(cfg.seed)
+    seed = tiny.pretrain_seed
+    torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration._from_config(tiny_model_config(tiny, processor.tokenizer), dtype=torch.float32)
     model.to(device)
     collator = QACollator(processor)
-    data = dict(image_size=cfg.data.image_size, num_frames=cfg.data.num_frames, kinds=list(cfg.data.kinds), seed=cfg.seed)
+    data = dict(image_size=cfg.data.image_size, num_frames=cfg.data.num_frames, kinds=list(cfg.data.kinds), seed=seed)
     train = SyntheticEgoQA("train", size=cfg.data.train_size, **data)
     validation = SyntheticEgoQA("validation", size=cfg.data.validation_size, **data)
 
@@ -74,7 +77,7 @@ def _pretrain(cfg: DictConfig, role: str, processor: Any, out_dir: Path) -> Dict
     losses = []
     optimize(
         model,
-        batches(train, collator, tiny.pretrain_batch_size, seed=cfg.seed, workers=cfg.hardware.dataloader_workers),
+        batches(train, collator, tiny.pretrain_batch_size, seed=seed, workers=cfg.hardware.dataloader_workers),
         cross_entropy,
         LoopSettings(max_steps=tiny.pretrain_steps, lr=tiny.pretrain_lr, warmup_steps=tiny.pretrain_steps // 10,
                      progress_bar=cfg.train.progress_bar, description=f"pre-training tiny {role} (first use, cached)"),
@@ -87,6 +90,7 @@ def _pretrain(cfg: DictConfig, role: str, processor: Any, out_dir: Path) -> Dict
         "recipe": RECIPE,
         "validation_accuracy": accuracy,
         "chance_accuracy": validation.chance_accuracy(),
+        "validation_size": len(validation),
         "final_train_loss": sum(losses[-10:]) / len(losses[-10:]),
         "steps": tiny.pretrain_steps,
         "trained_on": device_name(device),

@@ -1,0 +1,65 @@
+"""Shared fixtures: offline, a per-session cache, helpers to compose configs and to run run.py."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may reach a hub, in this process or its children
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("firstsight-cache")
+    os.environ["FIRSTSIGHT_CACHE_DIR"] = str(path)
+    return path
+
+
+def compose(overrides: List[str] = ()):
+    """The composed config as `python run.py <overrides>` would see it (no Hydra job context)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from firstsight.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.fixture
+def run_cli(cache_dir: Path, tmp_path: Path):
+    """Run `python run.py <args>` with `tmp_path` as the working directory (so MLflow's default
+    store, sqlite:///mlflow.db, and Hydra's outputs/ and multirun/ land there)."""
+
+    def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+        env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
+        return subprocess.run(
+            [sys.executable, str(ROOT / "run.py"), *args],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
+        )
+
+    return run
+
+
+def default_store_runs(workdir: Path):
+    """All runs of the 'firstsight' experiment in MLflow's default store under `workdir`."""
+    import mlflow
+
+    uri = f"sqlite:///{workdir / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.search_runs(experiment_names=["firstsight"], output_format="list")
+    finally:
+        mlflow.set_tracking_uri(None)

@@ -1,0 +1,126 @@
+"""`python run.py` as users call it: the default job, the two sweeps, --help, --cfg job, and bad
+input. Each leaves its MLflow runs in the default store of its working directory, read back
+through the MLflow API."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import default_store_runs
+
+EXPECTED_METRICS = {
+    "train/loss", "train/kd_loss", "train/ce_loss", "perf/throughput_samples_per_s",
+    "perf/throughput_tokens_per_s", "perf/peak_rss_gb", "perf/step_time_s", "model/params_b",
+    "model/weights_gb", "eval/teacher_accuracy", "eval/student_accuracy", "eval/accuracy_drop",
+}
+
+
+def _jobs_and_parents(workdir):
+    runs = default_store_runs(workdir)
+    parents = [r for r in runs if r.data.tags.get("firstsight.role") == "sweep"]
+    jobs = [r for r in runs if r.data.tags.get("firstsight.role") != "sweep"]
+    return jobs, parents
+
+
+def _check_job_run(run, max_steps):
+    assert run.info.status == "FINISHED"
+    assert EXPECTED_METRICS <= set(run.data.metrics), EXPECTED_METRICS - set(run.data.metrics)
+    assert "perf/peak_vram_gb" not in run.data.metrics  # CPU: RSS, never a made-up VRAM figure
+    params = run.data.params
+    for key in ("model.name", "precision.dtype", "precision.quantization", "distill_loss.temperature",
+                "distill_loss.alpha", "hardware.batch_size", "train.max_steps", "seed", "model.teacher.tiny.hidden_size"):
+        assert key in params, key
+    assert int(params["train.max_steps"]) == max_steps
+    tags = run.data.tags
+    assert tags["firstsight.task"] == "distill"
+    assert tags["firstsight.device_name"].startswith("cpu")
+    assert tags["version.torch"] and tags["version.transformers"]
+
+
+def test_default_run_end_to_end(run_cli, tmp_path):
+    result = run_cli()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "distilling" in result.stderr  # the progress bar
+    jobs, parents = _jobs_and_parents(tmp_path)
+    assert len(jobs) == 1 and not parents
+    run = jobs[0]
+    _check_job_run(run, max_steps=40)
+    assert run.data.params["precision.name"] == "fp32"
+    assert run.data.tags["firstsight.sweep_id"] == "none"
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert [m.step for m in history] == list(range(1, 41))  # one value per optimizer step
+    losses = [m.value for m in history]
+    assert sum(losses[-5:]) < sum(losses[:5])  # the student learns
+    config_text = (tmp_path / "mlruns").rglob("config.yaml")
+    assert any("precision:" in p.read_text() for p in config_text)  # the resolved config artifact
+    assert list(tmp_path.glob("outputs/*/*/checkpoints/student/model.safetensors"))
+
+
+def _check_sweep(tmp_path, expected_points):
+    jobs, parents = _jobs_and_parents(tmp_path)
+    assert len(parents) == 1
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert len(jobs) == len(expected_points)
+    assert {r.data.tags["mlflow.parentRunId"] for r in jobs} == {parent.info.run_id}
+    assert {r.data.tags["firstsight.sweep_id"] for r in jobs} == {parent.data.tags["firstsight.sweep_id"]}
+    return jobs
+
+
+def test_sweep_over_fp16_and_int8(run_cli, tmp_path):
+    result = run_cli("-m", "precision=fp16,int8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = _check_sweep(tmp_path, ["fp16", "int8"])
+    assert sorted(r.data.params["precision.name"] for r in jobs) == ["fp16", "int8"]
+    for run in jobs:
+        _check_job_run(run, max_steps=40)
+    by_name = {r.data.params["precision.name"]: r for r in jobs}
+    assert by_name["int8"].data.params["precision.quantization"] == "int8"
+    assert by_name["int8"].data.metrics["model/teacher_weights_gb"] < by_name["fp16"].data.metrics["model/teacher_weights_gb"]
+    assert len(list(tmp_path.glob("multirun/*/*/[01]/.hydra/config.yaml"))) == 2
+
+
+def test_sweep_over_precision_and_temperature(run_cli, tmp_path):
+    result = run_cli("-m", "precision=fp32,bf16", "distill_loss.temperature=1,4", "train.max_steps=10")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = _check_sweep(tmp_path, range(4))
+    points = sorted((r.data.params["precision.name"], float(r.data.params["distill_loss.temperature"])) for r in jobs)
+    assert points == [("bf16", 1.0), ("bf16", 4.0), ("fp32", 1.0), ("fp32", 4.0)]
+    for run in jobs:
+        _check_job_run(run, max_steps=10)
+
+
+def test_overrides_from_the_command_line(run_cli, tmp_path):
+    result = run_cli("distill_loss.alpha=0.5", "hardware.batch_size=8", "train.max_steps=20", "--cfg", "job")
+    assert result.returncode == 0, result.stderr
+    assert "alpha: 0.5" in result.stdout and "batch_size: 8" in result.stdout and "max_steps: 20" in result.stdout
+
+
+def test_help_lists_groups_and_choices(run_cli):
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for line in ("model: qwen2vl_7b_2b, tiny", "distill_loss: forward_kl, jsd, reverse_kl", "hardware: cpu, gpu",
+                 "precision: bf16, fp16, fp32, fp8, int8, nf4"):
+        assert line in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, named, valid",
+    [
+        (["precision=fp64"], "precision/fp64", "fp32"),
+        (["hardware.batch_size=eight"], "eight", "Integer"),
+        (["hardware.batch_size=-4"], "hardware.batch_size=-4", ">= 1"),
+        (["precision=fp8"], "precision.quantization=fp8", "precision=int8 or nf4"),
+    ],
+    ids=["unknown-choice", "wrong-type", "negative-batch", "backend-cannot-run-here"],
+)
+def test_bad_input_exits_nonzero_before_anything_is_built(run_cli, tmp_path, args, named, valid):
+    result = run_cli(*args)
+    assert result.returncode != 0
+    assert named in result.stderr and valid in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # no MLflow run was created
+    assert not list(tmp_path.glob("outputs/*/*/checkpoints"))

@@ -1,0 +1,118 @@
+"""Every combination of the config groups composes; types and choices are enforced by Hydra;
+ranges, combinations and backends by firstsight.validate, before anything is built."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import CONF_DIR, compose
+from firstsight.errors import ConfigError
+from firstsight.validate import validate
+
+GROUPS = ["model", "precision", "distill_loss", "hardware", "data", "task"]
+CHOICES = {g: sorted(p.stem for p in (CONF_DIR / g).glob("*.yaml")) for g in GROUPS}
+
+
+def test_the_groups_users_asked_for_have_their_choices():
+    assert {"tiny", "qwen2vl_7b_2b"} <= set(CHOICES["model"])
+    assert {"fp32", "bf16", "fp16", "int8", "nf4"} <= set(CHOICES["precision"])
+    assert {"forward_kl", "reverse_kl", "jsd"} <= set(CHOICES["distill_loss"])
+    assert {"cpu", "gpu"} <= set(CHOICES["hardware"])
+
+
+COMBINATIONS = list(itertools.product(*(CHOICES[g] for g in GROUPS)))
+
+
+@pytest.mark.parametrize("combo", COMBINATIONS, ids=lambda c: ",".join(c))
+def test_every_combination_composes(combo):
+    cfg = compose([f"{g}={c}" for g, c in zip(GROUPS, combo)])
+    for group, choice in zip(GROUPS, combo):
+        assert cfg[group].name == choice
+    # every value resolves and has its schema's type
+    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    assert container["precision"]["dtype"] in ("float32", "bfloat16", "float16")
+    assert isinstance(container["hardware"]["batch_size"], int)
+    assert container["distill_loss"]["_target_"].startswith("firstsight.losses.")
+
+
+def test_default_choices():
+    cfg = compose()
+    assert [cfg[g].name for g in GROUPS] == ["tiny", "fp32", "forward_kl", "cpu", "synthetic", "distill"]
+    validate(cfg)  # the default is valid on this machine
+
+
+def test_jsd_has_beta_and_kl_does_not():
+    assert compose(["distill_loss=jsd"]).distill_loss.beta == 0.5
+    assert "beta" not in compose(["distill_loss=forward_kl"]).distill_loss
+
+
+def test_overrides_reach_the_config():
+    cfg = compose(["distill_loss.alpha=0.5", "hardware.batch_size=8", "train.max_steps=20", "distill_loss.temperature=4"])
+    assert (cfg.distill_loss.alpha, cfg.hardware.batch_size, cfg.train.max_steps) == (0.5, 8, 20)
+    assert cfg.distill_loss.temperature == 4.0
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("hardware.batch_size=abc", "could not be converted to Integer"),
+        ("precision.dtype=float8", "expected one of [float32, bfloat16, float16]"),
+        ("train.bogus=1", "Key 'bogus' not in 'TrainConfig'"),
+    ],
+)
+def test_wrong_types_and_keys_fail_at_composition(override, fragment):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as err:
+        compose([override])
+    assert fragment in str(err.value.__cause__) or fragment in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["hardware.batch_size=-1"], "hardware.batch_size=-1"),
+        (["hardware.grad_accum_steps=0"], "hardware.grad_accum_steps=0"),
+        (["distill_loss.temperature=0"], "distill_loss.temperature=0.0"),
+        (["distill_loss.alpha=1.5"], "distill_loss.alpha=1.5"),
+        (["distill_loss=jsd", "distill_loss.beta=-0.1"], "distill_loss.beta=-0.1"),
+        (["train.lr=0"], "train.lr=0.0"),
+        (["train.max_steps=3", "train.throughput_warmup_steps=3"], "train.throughput_warmup_steps=3"),
+        (["data.kinds=[colour_at,weather]"], "data.kinds='weather'"),
+        (["precision=fp8"], "precision.quantization=fp8"),
+        (["hardware=gpu"], "no CUDA GPU is visible"),
+        (["hardware.num_gpus=2"], "hardware.num_gpus=2"),
+        (["model.student.source=/does/not/exist"], "no such directory"),
+        (["model=qwen2vl_7b_2b"], "hub is offline"),
+        (["model.teacher.tiny.num_heads=3"], "model.teacher.tiny.num_heads=3"),
+    ],
+)
+def test_invalid_values_are_refused_with_the_value_and_what_is_valid(overrides, fragment):
+    cfg = compose(overrides)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    message = str(err.value)
+    assert fragment in message
+    assert any(word in message for word in ("must", "choose", "Choose", "use", "Give", "needs"))
+
+
+def test_random_weights_of_a_known_architecture_need_no_download():
+    cfg = compose(["model=qwen2vl_7b_2b", "model.teacher.weights=random", "model.student.weights=random"])
+    validate(cfg)
+
+
+def test_known_architectures_match_the_published_sizes():
+    """Parameter counts of the embedded configs, computed on the meta device (no memory)."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from firstsight.architectures import known_config
+
+    for source, billions in [("Qwen/Qwen2-VL-2B-Instruct", 2.21), ("Qwen/Qwen2-VL-7B-Instruct", 8.29)]:
+        with torch.device("meta"):
+            model = Qwen2VLForConditionalGeneration(known_config(source))
+        assert model.num_parameters() / 1e9 == pytest.approx(billions, abs=0.01)

@@ -1,0 +1,94 @@
+"""A representative set of jobs runs a few steps in-process; a CPU run is repeatable; the shipped
+tiny teacher really beats chance on the validation split."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from conftest import compose
+from firstsight.tasks import run_task
+
+
+def _run(tmp_path, overrides):
+    cfg = compose([
+        "train.max_steps=3", "train.throughput_warmup_steps=1", "train.progress_bar=false",
+        "train.save_checkpoint=false", "data.validation_size=16",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides,
+    ])
+    return run_task(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["distill_loss=forward_kl", "precision=fp32"],
+        ["distill_loss=reverse_kl", "precision=bf16", "hardware.grad_accum_steps=2", "hardware.batch_size=2"],
+        ["distill_loss=jsd", "precision=nf4"],
+        ["distill_loss=forward_kl", "precision=int8", "distill_loss.alpha=1.0", "distill_loss.temperature=4"],
+    ],
+    ids=["forward_kl-fp32", "reverse_kl-bf16-accum2", "jsd-nf4", "forward_kl-int8-alpha1"],
+)
+def test_representative_jobs_run(cache_dir, tmp_path, overrides):
+    result = _run(tmp_path, overrides)
+    for name in ("train/loss", "train/kd_loss", "train/ce_loss", "perf/throughput_samples_per_s",
+                 "perf/throughput_tokens_per_s", "perf/peak_rss_gb", "eval/teacher_accuracy"):
+        assert math.isfinite(result[name]), name
+    assert result["train/kd_loss"] > 0
+    assert result["perf/peak_rss_gb"] > 0.1  # a real process footprint, in GB
+    assert "perf/peak_vram_gb" not in result  # no VRAM on a CPU
+    # the total is the documented mix of its terms (last step; T and alpha from the config)
+    cfg = compose(overrides)
+    t, alpha = cfg.distill_loss.temperature, cfg.distill_loss.alpha
+    expected = alpha * t * t * result["train/kd_loss"] + (1 - alpha) * result["train/ce_loss"]
+    assert result["train/loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_quantized_teacher_is_smaller(cache_dir, tmp_path):
+    fp32 = _run(tmp_path, ["precision=fp32", "train.eval_at_end=false"])
+    int8 = _run(tmp_path, ["precision=int8", "train.eval_at_end=false"])
+    assert int8["model/teacher_weights_gb"] < 0.6 * fp32["model/teacher_weights_gb"]
+
+
+def test_a_cpu_run_is_repeatable(cache_dir, tmp_path):
+    first = _run(tmp_path, ["seed=3", "train.eval_at_end=false"])
+    second = _run(tmp_path, ["seed=3", "train.eval_at_end=false"])
+    other = _run(tmp_path, ["seed=4", "train.eval_at_end=false"])
+    assert first["train/loss"] == second["train/loss"]
+    assert first["train/kd_loss"] == second["train/kd_loss"]
+    assert first["train/loss"] != other["train/loss"]
+
+
+def test_a_teacher_for_other_settings_is_trained_on_first_use_and_cached(cache_dir, tmp_path):
+    overrides = ["model.teacher.tiny.pretrain_steps=2", "model.teacher.tiny.pretrain_batch_size=4",
+                 "data.train_size=16", "train.eval_at_end=false"]
+    _run(tmp_path, overrides)
+    built = sorted(cache_dir.glob("tiny-teacher-*/firstsight_complete.json"))
+    assert len(built) == 1
+    mtime = built[0].stat().st_mtime
+    _run(tmp_path, overrides)  # second time: loaded from the cache, not rebuilt
+    assert built[0].stat().st_mtime == mtime
+    assert not list(cache_dir.glob("tiny-teacher-*.tmp-*"))  # no half-written leftovers
+
+
+def test_shipped_tiny_teacher_beats_chance_clearly(cache_dir):
+    """Measured here, not read from the file: teacher-forced exact match on the validation split."""
+    import torch
+
+    from firstsight.data.batching import QACollator, in_order
+    from firstsight.data.synthetic import SyntheticEgoQA
+    from firstsight.models import load_model, load_processor
+    from firstsight.pretrain import teacher_info
+
+    cfg = compose()
+    processor = load_processor(cfg)
+    teacher = load_model(cfg, "teacher", processor, "cpu", frozen=True)
+    assert "assets" in teacher.origin  # the shipped one, not a freshly trained one
+    from firstsight.train import answer_accuracy
+
+    validation = SyntheticEgoQA("validation", size=cfg.data.validation_size, seed=cfg.seed)
+    accuracy = answer_accuracy(teacher.model, in_order(validation, QACollator(processor), 32), "cpu", torch.float32)
+    chance = validation.chance_accuracy()
+    assert accuracy > chance + 0.15, (accuracy, chance)
+    assert accuracy == pytest.approx(teacher_info(teacher.origin)["validation_accuracy"], abs=0.02)
