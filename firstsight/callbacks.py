@@ -8,6 +8,7 @@ lazily: Hydra instantiates callbacks even for `--help`.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from pathlib import Path
@@ -49,13 +50,14 @@ class MLflowSweepCallback(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / PARENT_RUN_FILE).write_text(self.parent_run_id)
         os.environ[PARENT_RUN_ENV] = self.parent_run_id
+        # Hydra skips on_multirun_end when a job ends the sweep (e.g. exit 2 on a bad value):
+        # close the parent as FAILED then, rather than leave it RUNNING forever.
+        atexit.register(self._close_if_open, "FAILED")
         log.info("MLflow sweep run %s (experiment %s)", self.parent_run_id, config.tracking.experiment_name)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.client is None or self.parent_run_id is None:
             return
-        from firstsight.tracking import PARENT_RUN_ENV
-
         run = self.client.get_run(self.parent_run_id)
         children = self.client.search_runs(
             [run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}'"
@@ -63,5 +65,13 @@ class MLflowSweepCallback(Callback):
         failed = [c for c in children if c.info.status != "FINISHED"]
         self.client.set_tag(self.parent_run_id, "firstsight.jobs", str(len(children)))
         self.client.set_tag(self.parent_run_id, "firstsight.failed_jobs", str(len(failed)))
-        self.client.set_terminated(self.parent_run_id, "FAILED" if failed or not children else "FINISHED")
+        self._close_if_open("FAILED" if failed or not children else "FINISHED")
+
+    def _close_if_open(self, status: str) -> None:
+        from firstsight.tracking import PARENT_RUN_ENV
+
+        if self.client is None or self.parent_run_id is None:
+            return
+        self.client.set_terminated(self.parent_run_id, status)
+        self.parent_run_id = None
         os.environ.pop(PARENT_RUN_ENV, None)

@@ -24,12 +24,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(cfg: DictConfig) -> str:
-    from firstsight.validate import _device_type
-
-    return _device_type(cfg)
-
-
 def job_output_dir() -> Path:
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -56,8 +50,9 @@ def distill(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     from firstsight.perf import PeakMemory, ThroughputMeter
     from firstsight.tracking import device_name
     from firstsight.train import LoopSettings, answer_accuracy, model_inputs, optimize
+    from firstsight.validate import device_type
 
-    device = resolve_device(cfg)
+    device = device_type(cfg)
     if cfg.hardware.num_threads:
         torch.set_num_threads(cfg.hardware.num_threads)
     seed_everything(cfg.seed)

@@ -46,7 +46,7 @@ def teacher_info(path: Path) -> Dict[str, Any]:
 def _pretrain(cfg: DictConfig, role: str, processor: Any, out_dir: Path) -> Dict[str, Any]:
     import torch
 
-    from firstsight.validate import _device_type
+    from firstsight.validate import device_type
 
     from firstsight.data.batching import QACollator, batches, in_order
     from firstsight.data.synthetic import SyntheticEgoQA
@@ -57,7 +57,7 @@ def _pretrain(cfg: DictConfig, role: str, processor: Any, out_dir: Path) -> Dict
 
     tiny = cfg.model[role].tiny
     log.info("training the tiny %s on first use (%d steps); it is cached in %s", role, tiny.pretrain_steps, out_dir.parent)
-    device = _device_type(cfg)
+    device = device_type(cfg)
     seed = tiny.pretrain_seed
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration._from_config(tiny_model_config(tiny, processor.tokenizer), dtype=torch.float32)

@@ -113,7 +113,7 @@ def _validate_data(cfg: DictConfig) -> None:
         _check(kind in QUESTION_KINDS, "data.kinds", kind, f"choose from {list(QUESTION_KINDS)}")
 
 
-def _device_type(cfg: DictConfig) -> str:
+def device_type(cfg: DictConfig) -> str:
     """The device the job will run on; 'auto' resolves to cuda only when a GPU is visible."""
     device = cfg.hardware.device.value if hasattr(cfg.hardware.device, "value") else str(cfg.hardware.device)
     if device != "auto":
@@ -131,7 +131,7 @@ def _validate_hardware(cfg: DictConfig) -> None:
         hw.attn_implementation,
         f"choose one of {list(ATTN_IMPLEMENTATIONS)}",
     )
-    device = _device_type(cfg)
+    device = device_type(cfg)
     if device == "cpu":
         _check(hw.num_gpus == 0, "hardware.num_gpus", hw.num_gpus, "a CPU job uses 0 GPUs (set hardware=gpu for CUDA)")
         _check(
@@ -167,7 +167,7 @@ def _validate_precision(cfg: DictConfig) -> None:
     quantization = _enum_value(cfg.precision.quantization)
     if quantization == "none":
         return
-    device = _device_type(cfg)
+    device = device_type(cfg)
     valid = "choose precision=fp32, bf16 or fp16 (no quantization)"
     if quantization in ("int8", "nf4"):
         if importlib.util.find_spec("bitsandbytes") is None:
