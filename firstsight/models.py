@@ -164,9 +164,11 @@ def _from_pretrained(path: str, revision: Optional[str], dtype: Any, quant: Opti
 def _build_random(config: Any, dtype: Any, quant: Optional[Any], device: str, attn: str) -> Any:
     from transformers import Qwen2VLForConditionalGeneration
 
+    import torch
+
     if quant is None:
-        model = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn)
-        return model.to(device)
+        with torch.device(device):  # initialise on the target device: minutes faster for 8B on a GPU
+            return Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn)
     # Quantizers act while loading a checkpoint: write the random weights once, load them quantized.
     with tempfile.TemporaryDirectory(prefix="firstsight-random-") as tmp:
         Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype).save_pretrained(tmp)
