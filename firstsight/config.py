@@ -32,7 +32,6 @@ class Quantization(Enum):
     none = "none"
     int8 = "int8"  # bitsandbytes LLM.int8
     nf4 = "nf4"  # bitsandbytes 4-bit NormalFloat
-    fp8 = "fp8"  # transformers' fine-grained FP8; needs a CUDA GPU with compute capability >= 8.9
 
 
 class Device(Enum):

@@ -2,8 +2,8 @@
 
 Every side resolves to one of three origins: the embedded tiny builder, a hub id, or a local
 directory; `weights: random` builds the same architecture at full size with random weights.
-The frozen teacher takes `precision.dtype` and `precision.quantization` (bitsandbytes INT8/NF4,
-FP8); the trainable student keeps float32 master weights and trains under autocast to
+The frozen teacher takes `precision.dtype` and `precision.quantization` (bitsandbytes INT8/NF4);
+the trainable student keeps float32 master weights and trains under autocast to
 `precision.dtype` (mixed precision), so fp16/bf16 never update weights in low precision.
 """
 
@@ -116,11 +116,7 @@ def quantization_config(precision: DictConfig) -> Optional[Any]:
             bnb_4bit_use_double_quant=True,
             llm_int8_skip_modules=QUANTIZATION_SKIP_MODULES,
         )
-    if kind == "fp8":
-        from transformers import FineGrainedFP8Config
-
-        return FineGrainedFP8Config(modules_to_not_convert=QUANTIZATION_SKIP_MODULES)
-    raise FirstSightError(f"precision.quantization={kind!r} is not supported; choose none, int8, nf4 or fp8")
+    raise FirstSightError(f"precision.quantization={kind!r} is not supported; choose none, int8 or nf4")
 
 
 def _random_config(cfg: DictConfig, role: str, processor: Any) -> Any:

@@ -16,9 +16,9 @@ from omegaconf import DictConfig
 from firstsight.errors import ConfigError
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
-# Quantization backends and the devices they run on (bitsandbytes 0.50 has a CPU backend).
-BITSANDBYTES_DEVICES = ("cpu", "cuda")
-FP8_MIN_CAPABILITY = (8, 9)
+# Quantization backends: the package that runs them and the devices it runs on
+# (bitsandbytes 0.50 has a CPU backend besides CUDA).
+QUANTIZATION_BACKENDS = {"int8": ("bitsandbytes", ("cpu", "cuda")), "nf4": ("bitsandbytes", ("cpu", "cuda"))}
 
 
 def _origin(key: str) -> str:
@@ -167,33 +167,27 @@ def _validate_precision(cfg: DictConfig) -> None:
     quantization = _enum_value(cfg.precision.quantization)
     if quantization == "none":
         return
-    device = device_type(cfg)
+    package, devices = QUANTIZATION_BACKENDS[quantization]
     valid = "choose precision=fp32, bf16 or fp16 (no quantization)"
-    if quantization in ("int8", "nf4"):
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise ConfigError(
-                f"precision.quantization={quantization}{_origin('precision.quantization')} needs the "
-                f"bitsandbytes package, which is not installed; install it or {valid}."
-            )
-        _check(
-            device in BITSANDBYTES_DEVICES,
-            "precision.quantization",
-            quantization,
-            f"bitsandbytes runs on {list(BITSANDBYTES_DEVICES)}, not on {device}; {valid}",
+    if not _installed(package):
+        raise ConfigError(
+            f"precision.quantization={quantization}{_origin('precision.quantization')} needs the {package} "
+            f"package, which cannot be imported on this machine; install it or {valid}."
         )
-    elif quantization == "fp8":
-        capability = None
-        if device == "cuda":
-            import torch
+    device = device_type(cfg)
+    _check(
+        device in devices,
+        "precision.quantization",
+        quantization,
+        f"{package} runs on {list(devices)}, not on {device}; {valid}",
+    )
 
-            capability = torch.cuda.get_device_capability()
-        if capability is None or tuple(capability) < FP8_MIN_CAPABILITY:
-            where = f"a GPU of compute capability {capability}" if capability else f"device {device}"
-            raise ConfigError(
-                f"precision.quantization=fp8{_origin('precision.quantization')} needs a CUDA GPU of compute "
-                f"capability >= {FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]} (Hopper/Ada); this job runs "
-                f"on {where}. Choose precision=int8 or nf4 (bitsandbytes, CPU or CUDA), or fp32/bf16/fp16."
-            )
+
+def _installed(package: str) -> bool:
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # a module set to None in sys.modules: import blocked
+        return False
 
 
 def _enum_value(value: Any) -> str:

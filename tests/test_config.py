@@ -83,7 +83,6 @@ def test_wrong_types_and_keys_fail_at_composition(override, fragment):
         (["train.lr=0"], "train.lr=0.0"),
         (["train.max_steps=3", "train.throughput_warmup_steps=3"], "train.throughput_warmup_steps=3"),
         (["data.kinds=[colour_at,weather]"], "data.kinds='weather'"),
-        (["precision=fp8"], "precision.quantization=fp8"),
         (["hardware=gpu"], "no CUDA GPU is visible"),
         (["hardware.num_gpus=2"], "hardware.num_gpus=2"),
         (["model.student.source=/does/not/exist"], "no such directory"),
@@ -98,6 +97,17 @@ def test_invalid_values_are_refused_with_the_value_and_what_is_valid(overrides, 
     message = str(err.value)
     assert fragment in message
     assert any(word in message for word in ("must", "choose", "Choose", "use", "Give", "needs"))
+
+
+def test_a_quantization_whose_backend_is_missing_is_refused(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as on a machine without it
+    for choice in ("int8", "nf4"):
+        with pytest.raises(ConfigError) as err:
+            validate(compose([f"precision={choice}"]))
+        assert f"precision.quantization={choice}" in str(err.value)
+        assert "bitsandbytes" in str(err.value) and "precision=fp32, bf16 or fp16" in str(err.value)
 
 
 def test_random_weights_of_a_known_architecture_need_no_download():
