@@ -44,8 +44,8 @@ def build_loss(cfg: DictConfig) -> Any:
 def distill(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     import torch
 
+    from firstsight.data import synthetic_split
     from firstsight.data.batching import QACollator, batches, in_order
-    from firstsight.data.synthetic import SyntheticEgoQA
     from firstsight.models import check_same_tokenizer, load_model, load_processor, save_model_atomically, torch_dtype
     from firstsight.perf import PeakMemory, ThroughputMeter
     from firstsight.tracking import device_name
@@ -89,8 +89,7 @@ def distill(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     loss_fn = build_loss(cfg)
     dtype = torch_dtype(cfg.precision.dtype)
     collator = QACollator(processor)
-    data = dict(image_size=cfg.data.image_size, num_frames=cfg.data.num_frames, kinds=list(cfg.data.kinds), seed=cfg.seed)
-    train_set = SyntheticEgoQA("train", size=cfg.data.train_size, **data)
+    train_set = synthetic_split(cfg.data, "train", cfg.seed)
     teacher_model, student_model = teacher.model, student.model
 
     def kd_step(batch: Dict[str, Any], answer_tokens: int) -> Dict[str, Any]:
@@ -141,7 +140,7 @@ def distill(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
         tracker.set_tags({"firstsight.peak_memory_scope": peak.scope})
 
     if cfg.train.eval_at_end:
-        validation = SyntheticEgoQA("validation", size=cfg.data.validation_size, **data)
+        validation = synthetic_split(cfg.data, "validation", cfg.seed)
         eval_batches = lambda: in_order(validation, collator, cfg.hardware.batch_size)  # noqa: E731
         # the teacher runs in its own dtype, without autocast, as in training
         teacher_acc = answer_accuracy(teacher_model, eval_batches(), device, torch.float32)

@@ -48,8 +48,8 @@ def _pretrain(cfg: DictConfig, role: str, processor: Any, out_dir: Path) -> Dict
 
     from firstsight.validate import device_type
 
+    from firstsight.data import synthetic_split
     from firstsight.data.batching import QACollator, batches, in_order
-    from firstsight.data.synthetic import SyntheticEgoQA
     from firstsight.tiny import tiny_model_config
     from firstsight.tracking import device_name
     from firstsight.train import LoopSettings, answer_accuracy, model_inputs, optimize
@@ -63,9 +63,8 @@ def _pretrain(cfg: DictConfig, role: str, processor: Any, out_dir: Path) -> Dict
     model = Qwen2VLForConditionalGeneration._from_config(tiny_model_config(tiny, processor.tokenizer), dtype=torch.float32)
     model.to(device)
     collator = QACollator(processor)
-    data = dict(image_size=cfg.data.image_size, num_frames=cfg.data.num_frames, kinds=list(cfg.data.kinds), seed=seed)
-    train = SyntheticEgoQA("train", size=cfg.data.train_size, **data)
-    validation = SyntheticEgoQA("validation", size=cfg.data.validation_size, **data)
+    train = synthetic_split(cfg.data, "train", seed)
+    validation = synthetic_split(cfg.data, "validation", seed)
 
     def cross_entropy(batch: Dict[str, Any], answer_tokens: int) -> Dict[str, Any]:
         logits = model(**model_inputs(batch)).logits[:, :-1].float()
