@@ -26,6 +26,13 @@ class MLflowSweepCallback(Callback):
         self.parent_run_id: Optional[str] = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # The values every point shares are checked before the sweep starts (swept values are
+        # checked by each job): a typo costs seconds and leaves no parent run behind.
+        from firstsight.tasks import TASKS, exit_on_user_error
+        from firstsight.validate import validate
+
+        with exit_on_user_error():
+            validate(config, tasks=TASKS)
         if not config.tracking.enabled:
             return
         from mlflow.tracking import MlflowClient

@@ -5,10 +5,11 @@ New tasks (profile, evaluate, export, report) register here under their `task.na
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Iterator
 
 from omegaconf import DictConfig
 
@@ -32,21 +33,22 @@ def run_task(cfg: DictConfig) -> Dict[str, float]:
     """Run one job; user errors end it with a one-line message and exit status 2."""
     from firstsight.validate import validate
 
-    try:
+    with exit_on_user_error():
         validate(cfg, tasks=TASKS)
-    except FirstSightError as err:
-        _exit_with(err)
     from firstsight.tracking import job_tracker
 
+    with exit_on_user_error(), job_tracker(cfg) as tracker:
+        return TASKS[cfg.task.name](cfg, tracker)
+
+
+@contextlib.contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """A FirstSightError becomes `error: <message>` on stderr and exit status 2 (the traceback
+    only with HYDRA_FULL_ERROR=1); anything else propagates as a bug."""
     try:
-        with job_tracker(cfg) as tracker:
-            return TASKS[cfg.task.name](cfg, tracker)
+        yield
     except FirstSightError as err:
-        _exit_with(err)
-
-
-def _exit_with(err: FirstSightError) -> None:
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
-        raise err
-    print(f"error: {err}", file=sys.stderr)
-    raise SystemExit(2)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -129,3 +129,18 @@ def test_bad_input_exits_nonzero_before_anything_is_built(run_cli, tmp_path, mon
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "mlflow.db").exists()  # no MLflow run was created
     assert not list(tmp_path.glob("outputs/*/*/checkpoints"))
+
+
+def test_a_sweep_with_a_bad_shared_value_stops_before_it_starts(run_cli, tmp_path):
+    result = run_cli("-m", "precision=fp16,int8", "distill_loss.temperature=-1")
+    assert result.returncode == 2
+    assert "distill_loss.temperature=-1.0" in result.stderr and "must be > 0" in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # no parent run, no job run
+
+
+def test_a_sweep_whose_job_fails_closes_its_parent_run_as_failed(run_cli, tmp_path):
+    result = run_cli("-m", "hardware.batch_size=-1,2")
+    assert result.returncode == 2 and "hardware.batch_size=-1" in result.stderr
+    jobs, parents = _jobs_and_parents(tmp_path)
+    assert not jobs  # the bad point was refused before its run was created
+    assert [p.info.status for p in parents] == ["FAILED"]
