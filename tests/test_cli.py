@@ -57,6 +57,43 @@ def test_default_run_end_to_end(run_cli, tmp_path):
     config_text = (tmp_path / "mlruns").rglob("config.yaml")
     assert any("precision:" in p.read_text() for p in config_text)  # the resolved config artifact
     assert list(tmp_path.glob("outputs/*/*/checkpoints/student/model.safetensors"))
+    assert _mlflow_ui_lists(tmp_path) == [run.info.run_id]
+
+
+def _mlflow_ui_lists(workdir):
+    """Start `mlflow ui` with no flags in `workdir` (as README says) and ask it for the runs."""
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "ui", "--port", str(port)],
+        cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/search",
+                    data=json.dumps({"experiment_ids": ["1"]}).encode(),
+                    headers={"Content-Type": "application/json"},
+                )
+                with urllib.request.urlopen(request, timeout=5) as response:
+                    return [r["info"]["run_id"] for r in json.load(response).get("runs", [])]
+            except OSError:
+                if time.time() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(1)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def _check_sweep(tmp_path, expected_points):
