@@ -139,7 +139,22 @@ class TrainConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = MISSING  # distill (profile, evaluate, export, report: later tasks)
+    name: str = MISSING  # distill | profile (evaluate, export, report: later tasks)
+
+
+class ProfileTarget(Enum):
+    student = "student"
+    teacher = "teacher"
+
+
+@dataclass
+class ProfileTaskConfig(TaskConfig):
+    target: ProfileTarget = ProfileTarget.student  # the model under test (sweep task.target for both)
+    new_tokens: int = 32  # tokens generated per query, fixed (no early stop) so runs compare
+    warmup_queries: int = 3  # untimed single queries first (allocation, caches)
+    latency_queries: int = 20  # timed single queries: latency p50 / p90
+    throughput_batch_size: int = 8  # queries per batch for the throughput measurement
+    throughput_batches: int = 3  # timed batches (after one untimed batch)
 
 
 @dataclass
@@ -157,7 +172,7 @@ class Config:
     distill_loss: Any = MISSING  # DistillLossConfig or a subclass (each choice names its schema)
     hardware: HardwareConfig = MISSING
     data: DataConfig = MISSING
-    task: TaskConfig = MISSING
+    task: Any = MISSING  # TaskConfig or a subclass (each choice names its schema)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     seed: int = 0  # seeds torch, numpy, python and the synthetic data
@@ -179,5 +194,6 @@ def register_configs() -> None:
         "hardware": HardwareConfig,
         "data": DataConfig,
         "task": TaskConfig,
+        "task_profile": ProfileTaskConfig,
     }.items():
         cs.store(group="schema", name=name, node=node)

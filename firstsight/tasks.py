@@ -1,6 +1,6 @@
 """Task dispatch: validate the composed config, open the job's MLflow run, run the task.
 
-New tasks (profile, evaluate, export, report) register here under their `task.name`.
+New tasks (evaluate, export, report) register here under their `task.name`.
 """
 
 from __future__ import annotations
@@ -24,8 +24,15 @@ def _distill(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     return distill(cfg, tracker)
 
 
+def _profile(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
+    from firstsight.profile import profile
+
+    return profile(cfg, tracker)
+
+
 TASKS: Dict[str, Callable[[DictConfig, Any], Dict[str, float]]] = {
     "distill": _distill,
+    "profile": _profile,
 }
 
 

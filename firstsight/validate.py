@@ -61,6 +61,10 @@ def validate(cfg: DictConfig, tasks: Optional[Mapping[str, Callable]] = None) ->
     if tasks is not None:
         _check(cfg.task.name in tasks, "task.name", cfg.task.name, f"choose one of {sorted(tasks)}")
     _validate_numbers(cfg)
+    if cfg.task.name == "profile":
+        for key, minimum in [("task.new_tokens", 1), ("task.warmup_queries", 0), ("task.latency_queries", 1),
+                             ("task.throughput_batch_size", 1), ("task.throughput_batches", 1)]:
+            _at_least(cfg, key, minimum)
     _validate_data(cfg)
     _validate_hardware(cfg)
     _validate_precision(cfg)
@@ -198,6 +202,7 @@ def _validate_model_side(cfg: DictConfig, role: str) -> None:
     side = cfg.model[role]
     key = f"model.{role}.source"
     source = side.source
+    _check(bool(source.strip()), key, source, "give 'tiny', a hub id or a local model directory")
     if source == "tiny":
         _check(side.tiny is not None, f"model.{role}.tiny", None, "a tiny model needs its sizes (see conf/model/tiny.yaml)")
         _validate_tiny(cfg, role)

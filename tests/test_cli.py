@@ -181,3 +181,19 @@ def test_a_sweep_whose_job_fails_closes_its_parent_run_as_failed(run_cli, tmp_pa
     jobs, parents = _jobs_and_parents(tmp_path)
     assert not jobs  # the bad point was refused before its run was created
     assert [p.info.status for p in parents] == ["FAILED"]
+
+
+def test_profile_sweep_over_precisions(run_cli, tmp_path):
+    """The study's quantization comparison on the CPU default: one run per precision."""
+    result = run_cli("-m", "task=profile", "precision=fp32,bf16,int8,nf4", "task.latency_queries=3",
+                     "task.warmup_queries=1", "task.throughput_batches=1", "task.new_tokens=8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = _check_sweep(tmp_path, range(4))
+    weights = {}
+    for run in jobs:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["firstsight.task"] == "profile"
+        assert {"infer/load_time_s", "infer/latency_p50_s", "infer/latency_p90_s", "infer/throughput_qps",
+                "model/weights_gb", "perf/peak_rss_gb"} <= set(run.data.metrics)
+        weights[run.data.params["precision.name"]] = run.data.metrics["model/weights_gb"]
+    assert weights["nf4"] < weights["int8"] < weights["bf16"] < weights["fp32"]

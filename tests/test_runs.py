@@ -92,3 +92,26 @@ def test_shipped_tiny_teacher_beats_chance_clearly(cache_dir):
     chance = validation.chance_accuracy()
     assert accuracy > chance + 0.15, (accuracy, chance)
     assert accuracy == pytest.approx(teacher_info(teacher.origin)["validation_accuracy"], abs=0.02)
+
+
+@pytest.mark.parametrize("target", ["student", "teacher"])
+def test_profile_measures_the_model_under_test(cache_dir, tmp_path, target):
+    result = _run(tmp_path, ["task=profile", f"task.target={target}", "task.new_tokens=4", "task.warmup_queries=1",
+                             "task.latency_queries=3", "task.throughput_batch_size=2", "task.throughput_batches=2"])
+    assert 0 < result["infer/latency_p50_s"] <= result["infer/latency_p90_s"]
+    assert result["infer/throughput_tokens_per_s"] == pytest.approx(4 * result["infer/throughput_qps"])
+    assert result["infer/load_time_s"] > 0 and result["perf/peak_rss_gb"] > 0.1
+    size = {"student": 0.0003228, "teacher": 0.001319}[target]  # tiny params, billions
+    assert result["model/params_b"] == pytest.approx(size, rel=0.01)
+
+
+def test_a_distilled_checkpoint_loads_as_a_local_model(cache_dir, tmp_path, monkeypatch):
+    """What distill writes is a stock save_pretrained directory: profile it by path."""
+    monkeypatch.chdir(tmp_path)  # outside Hydra the job's output directory is the working directory
+    _run(tmp_path, ["train.save_checkpoint=true", "train.eval_at_end=false"])
+    checkpoint = tmp_path / "checkpoints" / "student"
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "tokenizer.json").is_file()
+    assert not list((tmp_path / "checkpoints").glob("*.tmp-*"))
+    result = _run(tmp_path, ["task=profile", f"model.student.source={checkpoint}", "model.student.weights=pretrained",
+                             "task.new_tokens=2", "task.latency_queries=2", "task.throughput_batches=1"])
+    assert result["model/params_b"] == pytest.approx(0.0003228, rel=0.01)

@@ -50,6 +50,21 @@ class QACollator:
         return labels
 
 
+class PromptCollator:
+    """Batches questions (no answer) ending in the assistant header, left-padded for generation."""
+
+    def __init__(self, processor: Any):
+        self.processor = processor
+
+    def __call__(self, samples: Sequence[Any]) -> Dict[str, Any]:
+        texts = [
+            self.processor.apply_chat_template(messages_for(s, with_answer=False), tokenize=False, add_generation_prompt=True)
+            for s in samples
+        ]
+        images = [image for s in samples for image in s.images]
+        return dict(self.processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt"))
+
+
 def batches(dataset: Any, collator: QACollator, batch_size: int, seed: int, workers: int = 0) -> Iterator[Dict[str, Any]]:
     """Endless batches, reshuffled every epoch from `seed` (repeatable)."""
     import torch

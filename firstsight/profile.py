@@ -1,0 +1,102 @@
+"""The profile task: what one model costs at inference.
+
+Load time, weights memory and parameters as loaded; single-query latency (p50/p90 over
+`task.latency_queries` timed queries after `task.warmup_queries` untimed ones); batched throughput
+(queries and generated tokens per second over `task.throughput_batches` timed batches after one
+untimed batch); peak memory. Every query generates exactly `task.new_tokens` tokens greedily (the
+end token is suppressed until then), so runs of different precisions compare.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List
+
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+def profile(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
+    import numpy as np
+    import torch
+    from tqdm.auto import tqdm
+
+    from firstsight.data import synthetic_split
+    from firstsight.data.batching import PromptCollator
+    from firstsight.distill import seed_everything
+    from firstsight.models import load_model, load_processor
+    from firstsight.perf import PeakMemory, StepTimer
+    from firstsight.tracking import device_name
+    from firstsight.train import to_device
+    from firstsight.validate import device_type
+
+    task = cfg.task
+    target = task.target.value if hasattr(task.target, "value") else str(task.target)
+    device = device_type(cfg)
+    if cfg.hardware.num_threads:
+        torch.set_num_threads(cfg.hardware.num_threads)
+    seed_everything(cfg.seed)
+    tracker.set_tags({"firstsight.device": device, "firstsight.device_name": device_name(device),
+                      "firstsight.profile_target": target})
+    peak = PeakMemory(device)
+    peak.reset()
+
+    processor = load_processor(cfg)
+    loaded = load_model(cfg, target, processor, device, frozen=True)
+    tracker.set_tags({f"firstsight.{target}": loaded.origin})
+    model = loaded.model
+    queries = synthetic_split(cfg.data, "validation", cfg.seed)
+    collate = PromptCollator(processor)
+    generate_kwargs = dict(
+        max_new_tokens=task.new_tokens, min_new_tokens=task.new_tokens, do_sample=False,
+        pad_token_id=processor.tokenizer.pad_token_id,
+    )
+    next_index = iter(range(10**9))
+
+    def take(n: int) -> Dict[str, Any]:
+        return to_device(collate([queries[next(next_index) % len(queries)] for _ in range(n)]), device)
+
+    timer = StepTimer(device)
+
+    def timed_generation(batch: Dict[str, Any]) -> float:
+        with timer, torch.no_grad():
+            out = model.generate(**batch, **generate_kwargs)
+        generated = out.shape[1] - batch["input_ids"].shape[1]
+        if generated != task.new_tokens:  # the comparison is void if lengths differ
+            raise RuntimeError(f"generated {generated} tokens, expected {task.new_tokens}")
+        return timer.seconds
+
+    total = task.warmup_queries + task.latency_queries + task.throughput_batches + 1
+    bar = tqdm(total=total, desc=f"profiling {target} ({cfg.precision.name})", disable=not cfg.train.progress_bar)
+    latencies: List[float] = []
+    for i in range(task.warmup_queries + task.latency_queries):
+        seconds = timed_generation(take(1))
+        if i >= task.warmup_queries:
+            latencies.append(seconds)
+        bar.update(1)
+    timed_generation(take(task.throughput_batch_size))  # untimed: allocations at this batch size
+    bar.update(1)
+    batch_seconds = []
+    for _ in range(task.throughput_batches):
+        batch_seconds.append(timed_generation(take(task.throughput_batch_size)))
+        bar.update(1)
+    bar.close()
+
+    queries_per_s = task.throughput_batch_size * task.throughput_batches / sum(batch_seconds)
+    metrics = {
+        "infer/load_time_s": loaded.load_time_s,
+        "infer/latency_p50_s": float(np.percentile(latencies, 50)),
+        "infer/latency_p90_s": float(np.percentile(latencies, 90)),
+        "infer/throughput_qps": queries_per_s,
+        "infer/throughput_tokens_per_s": queries_per_s * task.new_tokens,
+        "model/params_b": loaded.params_b,
+        "model/weights_gb": loaded.weights_gb,
+        peak.metric_name: peak.peak_gb(),
+    }
+    if peak.scope != "job":
+        tracker.set_tags({"firstsight.peak_memory_scope": peak.scope})
+    tracker.log_metrics(metrics)
+    tracker.flush()
+    log.info("done: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+    return metrics
