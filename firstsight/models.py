@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 from omegaconf import DictConfig
 
@@ -157,46 +157,54 @@ def _from_pretrained(path: str, revision: Optional[str], dtype: Any, quant: Opti
     )
 
 
-def _build_random(config: Any, dtype: Any, quant: Optional[Any], device: str, attn: str) -> Any:
-    from transformers import Qwen2VLForConditionalGeneration
+def _timed(load: Any) -> Tuple[Any, float]:
+    start = time.perf_counter()
+    model = load()
+    return model, time.perf_counter() - start
 
+
+def _load_random(config: Any, dtype: Any, quant: Optional[Any], device: str, attn: str) -> Tuple[Any, float]:
+    """A random-weight model and the seconds its loading took (initialisation, or for quantized
+    models the quantizing load of a temporary checkpoint, whose writing is not counted)."""
     import torch
+    from transformers import Qwen2VLForConditionalGeneration
 
     if quant is None:
         with torch.device(device):  # initialise on the target device: minutes faster for 8B on a GPU
-            return Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn)
+            return _timed(lambda: Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn))
     # Quantizers act while loading a checkpoint: write the random weights once, load them quantized.
+    # They are made on the CPU so the unquantized copy never counts in the GPU's peak memory.
     with tempfile.TemporaryDirectory(prefix="firstsight-random-") as tmp:
         Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype).save_pretrained(tmp)
-        return _from_pretrained(tmp, None, dtype, quant, device, attn, False)
+        return _timed(lambda: _from_pretrained(tmp, None, dtype, quant, device, attn, False))
 
 
 def load_model(cfg: DictConfig, role: str, processor: Any, device: str, frozen: bool) -> LoadedModel:
-    """Teacher (frozen: precision dtype + quantization) or student (trainable: fp32 master weights)."""
+    """Teacher (frozen: precision dtype + quantization) or student (trainable: fp32 master weights).
+    `load_time_s` counts loading only, not a tiny teacher's first-use training."""
     import torch
 
     side = cfg.model[role]
     dtype = torch_dtype(cfg.precision.dtype) if frozen else torch.float32
     quant = quantization_config(cfg.precision) if frozen else None
     attn = cfg.hardware.attn_implementation
-    start = time.perf_counter()
     if _value(side.weights) == "random":
         torch.manual_seed(cfg.seed + (1 if role == "student" else 2))  # each side's init repeatable
-        model = _build_random(_random_config(cfg, role, processor), dtype, quant, device, attn)
+        model, load_time = _load_random(_random_config(cfg, role, processor), dtype, quant, device, attn)
         origin = f"{side.source} (random weights)"
     elif side.source == "tiny":
         from firstsight.pretrain import tiny_teacher_dir
 
-        path = tiny_teacher_dir(cfg, role, processor)
-        model = _from_pretrained(str(path), None, dtype, quant, device, attn, False)
+        path = tiny_teacher_dir(cfg, role, processor)  # trained on first use, then cached
+        model, load_time = _timed(lambda: _from_pretrained(str(path), None, dtype, quant, device, attn, False))
         origin = str(path)
     else:
         try:
-            model = _from_pretrained(side.source, side.revision, dtype, quant, device, attn, cfg.model.trust_remote_code)
+            model, load_time = _timed(lambda: _from_pretrained(
+                side.source, side.revision, dtype, quant, device, attn, cfg.model.trust_remote_code))
         except (OSError, ValueError) as err:
             raise FirstSightError(f"could not load model.{role}.source={side.source!r}: {err}") from err
         origin = side.source
-    load_time = time.perf_counter() - start
     if frozen:
         model.eval()
         model.requires_grad_(False)

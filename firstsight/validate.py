@@ -68,8 +68,15 @@ def validate(cfg: DictConfig, tasks: Optional[Mapping[str, Callable]] = None) ->
     _validate_data(cfg)
     _validate_hardware(cfg)
     _validate_precision(cfg)
-    for role in ("teacher", "student"):
+    for role in _roles_used(cfg):
         _validate_model_side(cfg, role)
+
+
+def _roles_used(cfg: DictConfig) -> List[str]:
+    """The model sides a task loads (profile: only its target)."""
+    if cfg.task.name == "profile":
+        return [_enum_value(cfg.task.target)]
+    return ["teacher", "student"]
 
 
 def _validate_numbers(cfg: DictConfig) -> None:
