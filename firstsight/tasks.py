@@ -6,7 +6,6 @@ New tasks (evaluate, export, report) register here under their `task.name`.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 from typing import Any, Callable, Dict, Iterator
@@ -14,8 +13,6 @@ from typing import Any, Callable, Dict, Iterator
 from omegaconf import DictConfig
 
 from firstsight.errors import FirstSightError
-
-log = logging.getLogger(__name__)
 
 
 def _distill(cfg: DictConfig, tracker: Any) -> Dict[str, float]:

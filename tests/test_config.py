@@ -4,7 +4,6 @@ ranges, combinations and backends by firstsight.validate, before anything is bui
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from firstsight.losses import JSD, IGNORE_INDEX, ForwardKL, KDLoss, ReverseKL, count_answer_tokens
+from firstsight.losses import JSD, ForwardKL, KDLoss, ReverseKL, count_answer_tokens
 
 # ----------------------------------------------------------------------------- helpers
 
