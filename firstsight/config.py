@@ -139,7 +139,7 @@ class TrainConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = MISSING  # distill | profile (evaluate, export, report: later tasks)
+    name: str = MISSING  # distill | profile | evaluate (export, report: later tasks)
 
 
 class ProfileTarget(Enum):
@@ -155,6 +155,13 @@ class ProfileTaskConfig(TaskConfig):
     latency_queries: int = 20  # timed single queries: latency p50 / p90
     throughput_batch_size: int = 8  # queries per batch for the throughput measurement
     throughput_batches: int = 3  # timed batches (after one untimed batch)
+
+
+@dataclass
+class EvaluateTaskConfig(TaskConfig):
+    split: str = "validation"  # the synthetic split to answer: validation | train
+    max_new_tokens: int = 8  # greedy answer length cap (answers are a word, a number or a letter)
+    batch_size: int = 16  # questions per generation batch
 
 
 @dataclass
@@ -195,5 +202,6 @@ def register_configs() -> None:
         "data": DataConfig,
         "task": TaskConfig,
         "task_profile": ProfileTaskConfig,
+        "task_evaluate": EvaluateTaskConfig,
     }.items():
         cs.store(group="schema", name=name, node=node)

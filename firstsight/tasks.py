@@ -1,6 +1,6 @@
 """Task dispatch: validate the composed config, open the job's MLflow run, run the task.
 
-New tasks (evaluate, export, report) register here under their `task.name`.
+New tasks (export, report) register here under their `task.name`.
 """
 
 from __future__ import annotations
@@ -27,9 +27,16 @@ def _profile(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     return profile(cfg, tracker)
 
 
+def _evaluate(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
+    from firstsight.evaluate import evaluate
+
+    return evaluate(cfg, tracker)
+
+
 TASKS: Dict[str, Callable[[DictConfig, Any], Dict[str, float]]] = {
     "distill": _distill,
     "profile": _profile,
+    "evaluate": _evaluate,
 }
 
 

@@ -65,6 +65,12 @@ def validate(cfg: DictConfig, tasks: Optional[Mapping[str, Callable]] = None) ->
         for key, minimum in [("task.new_tokens", 1), ("task.warmup_queries", 0), ("task.latency_queries", 1),
                              ("task.throughput_batch_size", 1), ("task.throughput_batches", 1)]:
             _at_least(cfg, key, minimum)
+    if cfg.task.name == "evaluate":
+        from firstsight.data.synthetic import SPLITS
+
+        _check(cfg.task.split in SPLITS, "task.split", cfg.task.split, f"choose one of {list(SPLITS)}")
+        _at_least(cfg, "task.max_new_tokens", 1)
+        _at_least(cfg, "task.batch_size", 1)
     _validate_data(cfg)
     _validate_hardware(cfg)
     _validate_precision(cfg)

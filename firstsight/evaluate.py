@@ -1,0 +1,96 @@
+"""The evaluate task: accuracy of teacher and student by greedy generation, and the drop.
+
+Short answers count when the generated text, stripped, equals the reference (case-insensitive).
+Multiple-choice answers count when a letter A-D is parsed strictly from the start of the text
+("B", "B.", "(B)", "B) right") and equals the reference; anything else ("Both", "", "maybe C") is
+wrong — never a random guess.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig
+
+_CHOICE = re.compile(r"^\(?([A-D])(?:[.):]|\s|$)")
+
+
+def parse_choice(text: str) -> Optional[str]:
+    """The option letter a generated answer starts with, or None when there is none."""
+    match = _CHOICE.match(text.strip())
+    return match.group(1) if match else None
+
+
+def is_multiple_choice(sample: Any) -> bool:
+    return sample.answer in ("A", "B", "C", "D") and "\nA. " in sample.question
+
+
+def is_correct(sample: Any, generated: str) -> bool:
+    if is_multiple_choice(sample):
+        return parse_choice(generated) == sample.answer
+    return generated.strip().lower() == sample.answer.lower()
+
+
+def generated_answers(model: Any, processor: Any, samples: List[Any], device: str,
+                      batch_size: int, max_new_tokens: int, progress: bool = False, desc: str = "") -> List[str]:
+    """Greedy answers (special tokens dropped) to each sample's question."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from firstsight.data.batching import PromptCollator
+    from firstsight.train import to_device
+
+    collate = PromptCollator(processor)
+    answers: List[str] = []
+    for start in tqdm(range(0, len(samples), batch_size), desc=desc, disable=not progress):
+        batch = to_device(collate(samples[start:start + batch_size]), device)
+        with torch.no_grad():
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=processor.tokenizer.pad_token_id)
+        new_tokens = out[:, batch["input_ids"].shape[1]:]
+        answers.extend(processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return answers
+
+
+def accuracy_by_kind(samples: List[Any], answers: List[str]) -> Dict[str, float]:
+    """Overall accuracy under "all" and per question kind."""
+    right: Dict[str, List[bool]] = {"all": []}
+    for sample, answer in zip(samples, answers):
+        ok = is_correct(sample, answer)
+        right["all"].append(ok)
+        right.setdefault(sample.kind, []).append(ok)
+    return {kind: sum(values) / len(values) for kind, values in right.items()}
+
+
+def evaluate(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
+    import torch
+
+    from firstsight.data import synthetic_split
+    from firstsight.distill import seed_everything
+    from firstsight.models import load_model, load_processor
+    from firstsight.tracking import device_name
+    from firstsight.validate import device_type
+
+    device = device_type(cfg)
+    if cfg.hardware.num_threads:
+        torch.set_num_threads(cfg.hardware.num_threads)
+    seed_everything(cfg.seed)
+    tracker.set_tags({"firstsight.device": device, "firstsight.device_name": device_name(device)})
+    processor = load_processor(cfg)
+    dataset = synthetic_split(cfg.data, cfg.task.split, cfg.seed)
+    samples = [dataset[i] for i in range(len(dataset))]
+    metrics: Dict[str, float] = {"eval/chance_accuracy": dataset.chance_accuracy()}
+    for role in ("teacher", "student"):
+        loaded = load_model(cfg, role, processor, device, frozen=True)
+        tracker.set_tags({f"firstsight.{role}": loaded.origin})
+        answers = generated_answers(loaded.model, processor, samples, device, cfg.task.batch_size,
+                                    cfg.task.max_new_tokens, cfg.train.progress_bar, f"evaluating {role}")
+        for kind, value in accuracy_by_kind(samples, answers).items():
+            metrics[f"eval/{role}_accuracy" if kind == "all" else f"eval/{role}_accuracy/{kind}"] = value
+        del loaded
+    metrics["eval/accuracy"] = metrics["eval/student_accuracy"]
+    metrics["eval/accuracy_drop"] = metrics["eval/teacher_accuracy"] - metrics["eval/student_accuracy"]
+    tracker.log_metrics(metrics)
+    tracker.flush()
+    return metrics
