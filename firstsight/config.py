@@ -99,6 +99,11 @@ class JSDLossConfig(DistillLossConfig):
 
 
 @dataclass
+class SkewLossConfig(DistillLossConfig):
+    skew: float = 0.1  # λ: how much of the first distribution is mixed into the second (DistiLLM)
+
+
+@dataclass
 class HardwareConfig:
     name: str = MISSING
     device: Device = Device.cpu  # where the models run
@@ -198,6 +203,7 @@ def register_configs() -> None:
         "precision": PrecisionConfig,
         "distill_loss": DistillLossConfig,
         "distill_loss_jsd": JSDLossConfig,
+        "distill_loss_skew": SkewLossConfig,
         "hardware": HardwareConfig,
         "data": DataConfig,
         "task": TaskConfig,

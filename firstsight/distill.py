@@ -96,9 +96,12 @@ def distill(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
         inputs = model_inputs(batch)
         # The frozen teacher already holds its weights in the precision's dtype (or quantized):
         # autocast is for the trainable student, and bitsandbytes' CPU kernels give NaN under it.
-        with torch.no_grad(), torch.autocast(device, enabled=False):
-            teacher_logits = teacher_model(**inputs).logits
         student_logits = student_model(**inputs).logits
+        if loss_fn.uses_teacher:
+            with torch.no_grad(), torch.autocast(device, enabled=False):
+                teacher_logits = teacher_model(**inputs).logits
+        else:  # the control (distill_loss=none): plain fine-tuning needs no teacher pass
+            teacher_logits = student_logits.detach()
         out = loss_fn(student_logits, teacher_logits, batch["labels"], num_answer_tokens=answer_tokens)
         return {"loss": out.loss, "kd_loss": out.kd_loss, "ce_loss": out.ce_loss}
 

@@ -45,6 +45,9 @@ __all__ = [
     "ForwardKL",
     "ReverseKL",
     "JSD",
+    "SkewForwardKL",
+    "SkewReverseKL",
+    "NoKD",
     "count_answer_tokens",
 ]
 
@@ -86,6 +89,16 @@ def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:
     return (log_a.exp() * (log_a - log_b)).sum(dim=-1)
 
 
+def _mixture(log_a: Tensor, log_b: Tensor, weight_a: float) -> Tensor:
+    """log(w·a + (1−w)·b) from log-probabilities, by logaddexp: exact and stable in log space.
+    At the ends the mixture is one of the two exactly; taking it directly avoids log(0) = -inf."""
+    if weight_a == 0.0:
+        return log_b
+    if weight_a == 1.0:
+        return log_a
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
 def _check_fraction(name: str, value: float) -> None:
     # `not (0 <= x <= 1)` rather than `x < 0 or x > 1` so that NaN is rejected too.
     if not (0.0 <= value <= 1.0):
@@ -105,6 +118,8 @@ class KDLoss(torch.nn.Module):
         chunk_size: answer-token rows processed at once (>= 1). The fp32 temporaries of the
             loss are a few ``chunk_size x V`` tensors (V = student vocabulary).
     """
+
+    uses_teacher = True  # False: the divergence ignores the teacher, whose forward can be skipped
 
     def __init__(self, temperature: float = 1.0, alpha: float = 0.5, chunk_size: int = 1024):
         super().__init__()
@@ -293,17 +308,45 @@ class JSD(KDLoss):
 
     def divergence(self, teacher_logprobs: Tensor, student_logprobs: Tensor) -> Tensor:
         beta = self.beta
-        # log m by logaddexp of the weighted log-probabilities: exact and stable in log
-        # space. At the ends m is one of the two distributions exactly; taking it directly
-        # avoids log(0) = -inf in the arithmetic.
-        if beta == 0.0:
-            mixture_logprobs = student_logprobs
-        elif beta == 1.0:
-            mixture_logprobs = teacher_logprobs
-        else:
-            mixture_logprobs = torch.logaddexp(
-                teacher_logprobs + math.log(beta), student_logprobs + math.log1p(-beta)
-            )
+        mixture_logprobs = _mixture(teacher_logprobs, student_logprobs, beta)
         return beta * _kl(teacher_logprobs, mixture_logprobs) + (1.0 - beta) * _kl(
             student_logprobs, mixture_logprobs
         )
+
+
+class _Skewed(KDLoss):
+    """Base of the skew KLs: `skew` (λ in [0, 1]) mixes the first distribution into the second."""
+
+    def __init__(self, temperature: float = 1.0, alpha: float = 0.5, skew: float = 0.1, chunk_size: int = 1024):
+        super().__init__(temperature=temperature, alpha=alpha, chunk_size=chunk_size)
+        _check_fraction("skew", skew)
+        self.skew = float(skew)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, skew={self.skew}"
+
+
+class SkewForwardKL(_Skewed):
+    """Skew forward KL (Ko et al., 2024, DistiLLM): ``KL(p || λ·p + (1−λ)·q)``.
+
+    λ = 0 is the forward KL; a small λ keeps the divergence bounded where q has almost no mass."""
+
+    def divergence(self, teacher_logprobs: Tensor, student_logprobs: Tensor) -> Tensor:
+        return _kl(teacher_logprobs, _mixture(teacher_logprobs, student_logprobs, self.skew))
+
+
+class SkewReverseKL(_Skewed):
+    """Skew reverse KL (DistiLLM): ``KL(q || λ·q + (1−λ)·p)``; λ = 0 is the reverse KL."""
+
+    def divergence(self, teacher_logprobs: Tensor, student_logprobs: Tensor) -> Tensor:
+        return _kl(student_logprobs, _mixture(student_logprobs, teacher_logprobs, self.skew))
+
+
+class NoKD(KDLoss):
+    """No distillation, the control: the kd term is 0, so with alpha = 0 the loss is plain CE on
+    the answer tokens. The teacher is not consulted (``uses_teacher``)."""
+
+    uses_teacher = False
+
+    def divergence(self, teacher_logprobs: Tensor, student_logprobs: Tensor) -> Tensor:
+        return student_logprobs.new_zeros(student_logprobs.shape[0])

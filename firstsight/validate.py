@@ -114,6 +114,11 @@ def _validate_numbers(cfg: DictConfig) -> None:
     _check(0 <= loss.alpha <= 1, "distill_loss.alpha", loss.alpha, "it must lie in [0, 1]")
     if "beta" in loss:
         _check(0 <= loss.beta <= 1, "distill_loss.beta", loss.beta, "it must lie in [0, 1]")
+    if "skew" in loss:
+        _check(0 <= loss.skew <= 1, "distill_loss.skew", loss.skew, "it must lie in [0, 1]")
+    if loss.name == "none":
+        _check(loss.alpha == 0, "distill_loss.alpha", loss.alpha,
+               "distill_loss=none trains on cross-entropy alone, so alpha must be 0")
 
 
 def _validate_data(cfg: DictConfig) -> None:

@@ -19,7 +19,7 @@ CHOICES = {g: sorted(p.stem for p in (CONF_DIR / g).glob("*.yaml")) for g in GRO
 def test_the_groups_users_asked_for_have_their_choices():
     assert {"tiny", "qwen2vl_7b_2b"} <= set(CHOICES["model"])
     assert {"fp32", "bf16", "fp16", "int8", "nf4"} <= set(CHOICES["precision"])
-    assert {"forward_kl", "reverse_kl", "jsd"} <= set(CHOICES["distill_loss"])
+    assert {"forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "none"} <= set(CHOICES["distill_loss"])
     assert {"cpu", "gpu"} <= set(CHOICES["hardware"])
 
 

@@ -27,8 +27,9 @@ def _run(tmp_path, overrides):
         ["distill_loss=reverse_kl", "precision=bf16", "hardware.grad_accum_steps=2", "hardware.batch_size=2"],
         ["distill_loss=jsd", "precision=nf4"],
         ["distill_loss=forward_kl", "precision=int8", "distill_loss.alpha=1.0", "distill_loss.temperature=4"],
+        ["distill_loss=skew_reverse_kl"],
     ],
-    ids=["forward_kl-fp32", "reverse_kl-bf16-accum2", "jsd-nf4", "forward_kl-int8-alpha1"],
+    ids=["forward_kl-fp32", "reverse_kl-bf16-accum2", "jsd-nf4", "forward_kl-int8-alpha1", "skew_reverse_kl"],
 )
 def test_representative_jobs_run(cache_dir, tmp_path, overrides):
     result = _run(tmp_path, overrides)
@@ -115,3 +116,17 @@ def test_a_distilled_checkpoint_loads_as_a_local_model(cache_dir, tmp_path, monk
     result = _run(tmp_path, ["task=profile", f"model.student.source={checkpoint}", "model.student.weights=pretrained",
                              "task.new_tokens=2", "task.latency_queries=2", "task.throughput_batches=1"])
     assert result["model/params_b"] == pytest.approx(0.0003228, rel=0.01)
+
+
+def test_the_no_kd_control_trains_on_cross_entropy_alone(cache_dir, tmp_path):
+    result = _run(tmp_path, ["distill_loss=none"])
+    assert result["train/kd_loss"] == 0.0
+    assert result["train/loss"] == pytest.approx(result["train/ce_loss"], rel=1e-6)
+
+
+def test_no_kd_with_a_kd_weight_is_refused():
+    from firstsight.errors import ConfigError
+    from firstsight.validate import validate
+
+    with pytest.raises(ConfigError, match="alpha must be 0"):
+        validate(compose(["distill_loss=none", "distill_loss.alpha=0.5"]))
