@@ -4,33 +4,15 @@ from __future__ import annotations
 
 import logging
 import math
-import random
 from pathlib import Path
 from typing import Any, Dict
 
 from omegaconf import DictConfig, OmegaConf
 
 from firstsight.errors import FirstSightError
+from firstsight.job import job_output_dir, prepare_job
 
 log = logging.getLogger(__name__)
-
-
-def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def job_output_dir() -> Path:
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        return Path(HydraConfig.get().runtime.output_dir)
-    except Exception:  # composed outside @hydra.main (tests using the compose API)
-        return Path.cwd()
 
 
 def build_loss(cfg: DictConfig) -> Any:
@@ -48,15 +30,9 @@ def distill(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     from firstsight.data.batching import QACollator, batches, in_order
     from firstsight.models import check_same_tokenizer, load_model, load_processor, save_model_atomically, torch_dtype
     from firstsight.perf import PeakMemory, ThroughputMeter
-    from firstsight.tracking import device_name
     from firstsight.train import LoopSettings, answer_accuracy, model_inputs, optimize
-    from firstsight.validate import device_type
 
-    device = device_type(cfg)
-    if cfg.hardware.num_threads:
-        torch.set_num_threads(cfg.hardware.num_threads)
-    seed_everything(cfg.seed)
-    tracker.set_tags({"firstsight.device": device, "firstsight.device_name": device_name(device)})
+    device = prepare_job(cfg, tracker)
     peak = PeakMemory(device)
     peak.reset()
 

@@ -64,19 +64,11 @@ def accuracy_by_kind(samples: List[Any], answers: List[str]) -> Dict[str, float]
 
 
 def evaluate(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
-    import torch
-
     from firstsight.data import synthetic_split
-    from firstsight.distill import seed_everything
     from firstsight.models import load_model, load_processor
-    from firstsight.tracking import device_name
-    from firstsight.validate import device_type
+    from firstsight.job import prepare_job
 
-    device = device_type(cfg)
-    if cfg.hardware.num_threads:
-        torch.set_num_threads(cfg.hardware.num_threads)
-    seed_everything(cfg.seed)
-    tracker.set_tags({"firstsight.device": device, "firstsight.device_name": device_name(device)})
+    device = prepare_job(cfg, tracker)
     processor = load_processor(cfg)
     dataset = synthetic_split(cfg.data, cfg.task.split, cfg.seed)
     samples = [dataset[i] for i in range(len(dataset))]

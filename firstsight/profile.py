@@ -24,21 +24,15 @@ def profile(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
 
     from firstsight.data import synthetic_split
     from firstsight.data.batching import PromptCollator
-    from firstsight.distill import seed_everything
     from firstsight.models import load_model, load_processor
     from firstsight.perf import PeakMemory, StepTimer
-    from firstsight.tracking import device_name
     from firstsight.train import to_device
-    from firstsight.validate import device_type
+    from firstsight.job import prepare_job
 
     task = cfg.task
     target = task.target.value if hasattr(task.target, "value") else str(task.target)
-    device = device_type(cfg)
-    if cfg.hardware.num_threads:
-        torch.set_num_threads(cfg.hardware.num_threads)
-    seed_everything(cfg.seed)
-    tracker.set_tags({"firstsight.device": device, "firstsight.device_name": device_name(device),
-                      "firstsight.profile_target": target})
+    device = prepare_job(cfg, tracker)
+    tracker.set_tags({"firstsight.profile_target": target})
     peak = PeakMemory(device)
     peak.reset()
 
