@@ -81,7 +81,8 @@ class ModelConfig:
 class PrecisionConfig:
     name: str = MISSING
     dtype: DType = DType.float32  # unquantized weights of frozen models, and autocast for the trainable one
-    quantization: Quantization = Quantization.none  # frozen weights: the teacher during distillation
+    quantization: Quantization = Quantization.none  # frozen weights: the teacher; the student's base under LoRA
+    teacher_quantization: Optional[Quantization] = None  # the teacher's own, when it differs (None: `quantization`)
 
 
 @dataclass
@@ -91,6 +92,13 @@ class DistillLossConfig:
     temperature: float = 1.0  # T: softens both distributions; the kd term is scaled by T²
     alpha: float = 0.5  # weight of the kd term; (1 - alpha) weighs the cross-entropy on answers
     chunk_size: int = 1024  # answer tokens per chunk of the full-vocabulary loss computation
+    # Hidden-state term (firstsight.losses.HiddenDistillation), added to the loss as
+    # hidden_weight * hidden; not passed to the KD loss class (distill.build_loss drops these keys).
+    hidden_weight: float = 0.0  # weight of the hidden-state term; 0 = off (no hidden states requested)
+    hidden_loss: str = "mse"  # mse: ||W h_s - h_t||² / d_t | cosine: 1 - cos(W h_s, h_t), per answer token
+    hidden_layers: List[int] = field(
+        default_factory=lambda: [-1]
+    )  # student hidden-state indices (0: embeddings, -1: last), each paired with the teacher's at the same relative depth
 
 
 @dataclass
@@ -117,6 +125,20 @@ class HardwareConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on the student (peft). With a quantized precision the student's frozen base
+    is quantized too and only the adapters train (QLoRA)."""
+
+    enabled: bool = False  # train adapters instead of every student weight
+    rank: int = 16  # r: rank of each adapter's update
+    alpha: float = 32.0  # scaling numerator: the update is scaled by alpha / rank
+    dropout: float = 0.05  # dropout on the adapters' input
+    target_modules: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )  # module name suffixes that get adapters (default: every linear layer of the text decoder)
+
+
+@dataclass
 class DataConfig:
     name: str = MISSING
     train_size: int = 512  # samples in the train split
@@ -126,6 +148,25 @@ class DataConfig:
     kinds: List[str] = field(
         default_factory=lambda: ["colour_at", "shape_of", "count", "held", "moved"]
     )  # question kinds to generate
+
+
+@dataclass
+class FileDataConfig(DataConfig):
+    """QA samples read from JSONL/JSON files (firstsight/data/files.py) instead of generated.
+
+    The fields inherited from DataConfig keep their synthetic meaning: they only shape the tiny
+    teacher's pre-training on synthetic data (firstsight/pretrain.py), not the samples read here.
+    """
+
+    format: str = MISSING  # conversations (LLaVA / Qwen messages) | egoschema (multiple choice)
+    train_file: Optional[str] = None  # .jsonl or .json; relative to the directory run.py was started in
+    validation_file: Optional[str] = None  # the validation split (evaluate, profile, eval at the end of distill)
+    image_root: Optional[str] = None  # base of relative media paths; None: the directory of each data file
+    max_pixels: int = 448 * 448  # frames larger than this are downscaled (qwen-vl-utils smart_resize, 28 px grid)
+    min_pixels: int = 56 * 56  # frames smaller than this are upscaled
+    fps: float = 2.0  # frames sampled per second of a video file
+    max_frames: int = 8  # at most this many frames per video (a file or a frame list), evenly spaced
+    on_bad_sample: str = "error"  # error: stop at the first bad record | skip: skip it, count and log it
 
 
 @dataclass
@@ -144,7 +185,7 @@ class TrainConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = MISSING  # distill | profile | evaluate (export, report: later tasks)
+    name: str = MISSING  # distill | profile | evaluate | export | report
 
 
 class ProfileTarget(Enum):
@@ -170,11 +211,45 @@ class EvaluateTaskConfig(TaskConfig):
 
 
 @dataclass
+class ExportTaskConfig(TaskConfig):
+    checkpoint: Optional[str] = None  # a student directory a distill run wrote (…/checkpoints/student)
+    output_dir: Optional[str] = None  # where the export goes; None: <the job's output dir>/export
+    merge_lora: bool = True  # fold LoRA adapters into the weights (else the adapter is written beside the base)
+    dtype: Optional[DType] = None  # cast the exported weights; None: as the checkpoint holds them
+    push_to_hub: Optional[str] = None  # a hub repo id to upload to, when a token is configured (HF_TOKEN)
+    private: bool = True  # a newly created hub repo is private
+
+
+@dataclass
+class ReportTaskConfig(TaskConfig):
+    experiment: Optional[str] = None  # MLflow experiment to report on; None: tracking.experiment_name
+    sweep: Optional[str] = None  # one sweep only: its parent run id, its multirun dir, or "latest"
+    include_failed: bool = False  # rows for FAILED/KILLED runs too (marked so)
+    output_dir: Optional[str] = None  # where report.md/.html and the plots go; None: <the job's output dir>/report
+    max_runs: int = 1000  # rows at most: the most recent job runs selected (older ones are left out, and said so)
+    accuracy_drop_target: float = 0.01  # the study's target: student within 1 point of the teacher
+    throughput_gain_target: float = 2.0  # the study's target: >= 2x training throughput vs its baseline
+    vram_saving_target: float = 0.5  # the study's target: <= 0.5x the baseline's peak memory
+
+
+@dataclass
 class TrackingConfig:
     enabled: bool = True  # one MLflow run per job
     experiment_name: str = "firstsight"  # MLflow experiment
     tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)
     run_name: Optional[str] = None  # None: derived from the overrides of the job
+
+
+@dataclass
+class TeacherCacheConfig:
+    """Teacher-logit cache (firstsight/teacher_cache.py): the teacher's top-k log-probabilities on
+    the train split, computed once per teacher/data/precision/temperature/k and reused by every
+    student run that shares them, so a sweep over student settings runs the teacher once."""
+
+    enabled: bool = False  # distill from the cache (built on first use) instead of a teacher pass per step
+    top_k: int = 64  # teacher log-probabilities kept per answer token; the rest is one explicit tail bucket
+    dir: Optional[str] = None  # where caches are kept; None: <cache_dir>/teacher-logits
+    shard_size: int = 1024  # train samples per safetensors shard
 
 
 @dataclass
@@ -186,7 +261,9 @@ class Config:
     data: DataConfig = MISSING
     task: Any = MISSING  # TaskConfig or a subclass (each choice names its schema)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
     seed: int = 0  # seeds torch, numpy, python and the synthetic data
     cache_dir: str = MISSING  # trained tiny teachers and offline tokenizers are cached here
 
@@ -206,8 +283,11 @@ def register_configs() -> None:
         "distill_loss_skew": SkewLossConfig,
         "hardware": HardwareConfig,
         "data": DataConfig,
+        "data_file": FileDataConfig,
         "task": TaskConfig,
         "task_profile": ProfileTaskConfig,
         "task_evaluate": EvaluateTaskConfig,
+        "task_export": ExportTaskConfig,
+        "task_report": ReportTaskConfig,
     }.items():
         cs.store(group="schema", name=name, node=node)

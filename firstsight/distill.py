@@ -20,15 +20,48 @@ def build_loss(cfg: DictConfig) -> Any:
 
     loss_cfg = OmegaConf.to_container(cfg.distill_loss, resolve=True)
     loss_cfg.pop("name")
+    for key in HIDDEN_KEYS:  # the hidden-state term is built apart (build_hidden_loss)
+        loss_cfg.pop(key, None)
     return instantiate(loss_cfg)
+
+
+HIDDEN_KEYS = ("hidden_weight", "hidden_loss", "hidden_layers")
+
+
+def build_hidden_loss(cfg: DictConfig, student_model: Any, teacher_model: Any, device: str) -> Any:
+    """The hidden-state term (firstsight.losses.HiddenDistillation) when distill_loss.hidden_weight > 0,
+    else None. Its projections train with the student (optimize(extra_parameters=...)) but are not
+    part of it: they are not saved in the student checkpoint, which stays a stock Qwen2-VL."""
+    loss = cfg.distill_loss
+    if not loss.hidden_weight > 0:
+        return None
+    if teacher_model is None:  # validate refuses these combinations; this is a safety net
+        raise FirstSightError(
+            f"distill_loss.hidden_weight={loss.hidden_weight} needs the teacher's hidden states, but this run "
+            "does not run the teacher (distill_loss=none or teacher_cache.enabled=true)"
+        )
+    from firstsight.losses import HiddenDistillation
+
+    student_text, teacher_text = student_model.config.get_text_config(), teacher_model.config.get_text_config()
+    try:
+        hidden = HiddenDistillation(
+            student_width=int(student_text.hidden_size), teacher_width=int(teacher_text.hidden_size),
+            student_layers=int(student_text.num_hidden_layers), teacher_layers=int(teacher_text.num_hidden_layers),
+            layers=[int(i) for i in loss.hidden_layers], kind=str(loss.hidden_loss),
+        )
+    except ValueError as error:
+        raise FirstSightError(f"distill_loss.hidden_layers={list(loss.hidden_layers)}: {error}") from error
+    log.info("hidden-state distillation: %s, weight %s, (student, teacher) layer pairs %s",
+             loss.hidden_loss, loss.hidden_weight, hidden.pairs)
+    return hidden.to(device)  # float32 master weights, like the student's
 
 
 def distill(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     import torch
 
-    from firstsight.data import synthetic_split
+    from firstsight.data import load_split
     from firstsight.data.batching import QACollator, batches, in_order
-    from firstsight.models import check_same_tokenizer, load_model, load_processor, save_model_atomically, torch_dtype
+    from firstsight.models import check_same_tokenizer, load_model, load_processor, torch_dtype
     from firstsight.perf import PeakMemory, ThroughputMeter
     from firstsight.train import LoopSettings, answer_accuracy, model_inputs, optimize
 
@@ -38,15 +71,28 @@ def distill(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
 
     processor = load_processor(cfg)
     check_same_tokenizer(cfg, processor)
-    teacher = load_model(cfg, "teacher", processor, device, frozen=True)
+    from firstsight.teacher_cache import cache_wanted, open_cache
+
+    use_cache = cache_wanted(cfg)  # teacher_cache.enabled: the teacher's top-k targets, computed once
+    if not use_cache:
+        teacher = load_model(cfg, "teacher", processor, device, frozen=True)
     student = load_model(cfg, "student", processor, device, frozen=False)
+    teacher_cache = None
+    if use_cache:  # a hit never loads the teacher; a miss loads it to build the cache, then frees it
+        teacher_cache = open_cache(cfg, tracker, processor, student, device)
+        teacher = teacher_cache.teacher  # as the manifest describes it (model=None)
+        if teacher_cache.status == "built":
+            peak.reset()  # perf/peak_* measure the training, not the teacher pass that built the cache
     if teacher.vocab_rows < student.vocab_rows:
         raise FirstSightError(
             f"the teacher has {teacher.vocab_rows} output rows, fewer than the student's {student.vocab_rows}: "
             "the teacher's distribution cannot cover the student's vocabulary"
         )
+    from firstsight.lora import trainable_parameters
+
     model_metrics = {
         "model/params_b": student.params_b,
+        "model/trainable_params_b": trainable_parameters(student.model) / 1e9,
         "model/weights_gb": student.weights_gb,
         "model/teacher_params_b": teacher.params_b,
         "model/teacher_weights_gb": teacher.weights_gb,
@@ -64,22 +110,38 @@ def distill(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
 
     loss_fn = build_loss(cfg)
     dtype = torch_dtype(cfg.precision.dtype)
-    collator = QACollator(processor)
-    train_set = synthetic_split(cfg.data, "train", cfg.seed)
+    collator = QACollator(processor, with_index=teacher_cache is not None)
+    train_set = load_split(cfg.data, "train", cfg.seed)
+    if getattr(train_set, "skipped", 0):  # bad records left out under data.on_bad_sample=skip
+        tracker.log_metrics({"data/skipped_samples": train_set.skipped})
     teacher_model, student_model = teacher.model, student.model
+    # distill_loss.hidden_weight > 0: + hidden_weight * hidden-state term, through trained projections
+    teacher_runs = teacher_cache is None and loss_fn.uses_teacher
+    hidden_loss = build_hidden_loss(cfg, student_model, teacher_model if teacher_runs else None, device)
+    hidden_kwargs = {"output_hidden_states": True} if hidden_loss is not None else {}
 
     def kd_step(batch: Dict[str, Any], answer_tokens: int) -> Dict[str, Any]:
         inputs = model_inputs(batch)
         # The frozen teacher already holds its weights in the precision's dtype (or quantized):
         # autocast is for the trainable student, and bitsandbytes' CPU kernels give NaN under it.
-        student_logits = student_model(**inputs).logits
-        if loss_fn.uses_teacher:
+        student_out = student_model(**inputs, **hidden_kwargs)
+        student_logits = student_out.logits
+        if teacher_cache is not None:  # the cached top-k targets stand in for the teacher's logits
+            teacher_logits = teacher_cache.targets(batch)
+        elif loss_fn.uses_teacher:
             with torch.no_grad(), torch.autocast(device, enabled=False):
-                teacher_logits = teacher_model(**inputs).logits
+                teacher_out = teacher_model(**inputs, **hidden_kwargs)
+                teacher_logits = teacher_out.logits
         else:  # the control (distill_loss=none): plain fine-tuning needs no teacher pass
             teacher_logits = student_logits.detach()
         out = loss_fn(student_logits, teacher_logits, batch["labels"], num_answer_tokens=answer_tokens)
-        return {"loss": out.loss, "kd_loss": out.kd_loss, "ce_loss": out.ce_loss}
+        metrics = {"loss": out.loss, "kd_loss": out.kd_loss, "ce_loss": out.ce_loss}
+        if hidden_loss is not None:
+            hidden = hidden_loss(student_out.hidden_states, teacher_out.hidden_states, batch["labels"],
+                                 num_answer_tokens=answer_tokens)
+            metrics["loss"] = out.loss + cfg.distill_loss.hidden_weight * hidden
+            metrics["hidden_loss"] = hidden.detach()
+        return metrics
 
     throughput = ThroughputMeter(cfg.train.throughput_warmup_steps)
     last: Dict[str, float] = {}
@@ -113,16 +175,21 @@ def distill(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
         device=device,
         dtype=dtype,
         on_step=on_step,
+        # the hidden-state projections train too, but are not saved with the student (see build_hidden_loss)
+        extra_parameters=hidden_loss.parameters() if hidden_loss is not None else (),
     )
     summary = {**throughput.summary(), peak.metric_name: peak.peak_gb()}
     if peak.scope != "job":
         tracker.set_tags({"firstsight.peak_memory_scope": peak.scope})
 
     if cfg.train.eval_at_end:
-        validation = synthetic_split(cfg.data, "validation", cfg.seed)
+        validation = load_split(cfg.data, "validation", cfg.seed)
         eval_batches = lambda: in_order(validation, collator, cfg.hardware.batch_size)  # noqa: E731
         # the teacher runs in its own dtype, without autocast, as in training
-        teacher_acc = answer_accuracy(teacher_model, eval_batches(), device, torch.float32)
+        if teacher_cache is not None:  # recorded when the cache was built (else the teacher is loaded now)
+            teacher_acc = teacher_cache.teacher_accuracy(validation)
+        else:
+            teacher_acc = answer_accuracy(teacher_model, eval_batches(), device, torch.float32)
         student_acc = answer_accuracy(student_model, eval_batches(), device, dtype)
         summary.update({
             "eval/teacher_accuracy": teacher_acc,
@@ -133,10 +200,47 @@ def distill(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     tracker.log_metrics(summary, step=cfg.train.max_steps)
     tracker.flush()
 
-    if cfg.train.save_checkpoint:
-        checkpoint = job_output_dir() / "checkpoints" / "student"
-        save_model_atomically(student_model, processor, str(checkpoint))
-        tracker.set_tags({"firstsight.checkpoint": str(checkpoint)})
     result = {**model_metrics, **last, **summary}
+    if cfg.train.save_checkpoint:
+        save_student(cfg, tracker, student_model, processor, result)
     log.info("done: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.items())))
     return result
+
+
+RUN_RECORD = "firstsight_run.json"  # beside a saved student: what made it (read by the export task)
+
+
+def run_record(cfg: DictConfig, tracker: Any, metrics: Dict[str, float]) -> str:
+    """JSON of the run that made a checkpoint: its MLflow run, resolved config and final metrics."""
+    import datetime
+    import json
+
+    from firstsight.tracking import absolute_tracking_uri, package_versions, resolve_tracking_uri
+
+    return json.dumps({
+        "mlflow_run_id": tracker.run_id,
+        "mlflow_tracking_uri": absolute_tracking_uri(resolve_tracking_uri(cfg)) if cfg.tracking.enabled else None,
+        "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": package_versions(),
+        "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+        "metrics": {k: float(v) for k, v in sorted(metrics.items())},
+    }, indent=2)
+
+
+def save_student(cfg: DictConfig, tracker: Any, student_model: Any, processor: Any, metrics: Dict[str, float]) -> None:
+    """checkpoints/student: the trained student as a plain transformers model (LoRA merged);
+    with LoRA also checkpoints/student_adapter: the adapters alone (peft format)."""
+    from firstsight.models import save_model_atomically
+
+    checkpoints = job_output_dir() / "checkpoints"
+    extra = {RUN_RECORD: run_record(cfg, tracker, metrics)}
+    tags = {}
+    if cfg.lora.enabled:
+        from firstsight.lora import merged_model
+
+        save_model_atomically(student_model, processor, str(checkpoints / "student_adapter"), extra)
+        tags["firstsight.adapter_checkpoint"] = str(checkpoints / "student_adapter")
+        student_model = merged_model(student_model)
+    save_model_atomically(student_model, processor, str(checkpoints / "student"), extra)
+    tags["firstsight.checkpoint"] = str(checkpoints / "student")
+    tracker.set_tags(tags)

@@ -1,7 +1,7 @@
 """The evaluate task: accuracy of teacher and student by greedy generation, and the drop.
 
 Short answers count when the generated text, stripped, equals the reference (case-insensitive).
-Multiple-choice answers count when a letter A-D is parsed strictly from the start of the text
+Multiple-choice answers count when an option letter (A, B, ...) is parsed strictly from the start of the text
 ("B", "B.", "(B)", "B) right") and equals the reference; anything else ("Both", "", "maybe C") is
 wrong — never a random guess.
 """
@@ -9,26 +9,33 @@ wrong — never a random guess.
 from __future__ import annotations
 
 import re
+import string
 from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig
 
-_CHOICE = re.compile(r"^\(?([A-D])(?:[.):]|\s|$)")
+_CHOICE = re.compile(r"^\(?([A-Z])(?:[.):]|\s|$)")
 
 
-def parse_choice(text: str) -> Optional[str]:
-    """The option letter a generated answer starts with, or None when there is none."""
+def parse_choice(text: str, letters: str = string.ascii_uppercase) -> Optional[str]:
+    """The option letter a generated answer starts with, or None when there is none or it is not
+    one of the question's `letters`."""
     match = _CHOICE.match(text.strip())
-    return match.group(1) if match else None
+    return match.group(1) if match and match.group(1) in letters else None
+
+
+def option_letters(question: str) -> str:
+    """The letters of the options a question lists ("\nA. ...", "\nB. ...")."""
+    return "".join(letter for letter in string.ascii_uppercase if f"\n{letter}. " in question)
 
 
 def is_multiple_choice(sample: Any) -> bool:
-    return sample.answer in ("A", "B", "C", "D") and "\nA. " in sample.question
+    return len(sample.answer) == 1 and sample.answer in option_letters(sample.question)
 
 
 def is_correct(sample: Any, generated: str) -> bool:
     if is_multiple_choice(sample):
-        return parse_choice(generated) == sample.answer
+        return parse_choice(generated, option_letters(sample.question)) == sample.answer
     return generated.strip().lower() == sample.answer.lower()
 
 
@@ -64,13 +71,15 @@ def accuracy_by_kind(samples: List[Any], answers: List[str]) -> Dict[str, float]
 
 
 def evaluate(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
-    from firstsight.data import synthetic_split
+    from firstsight.data import load_split
     from firstsight.models import load_model, load_processor
     from firstsight.job import prepare_job
 
     device = prepare_job(cfg, tracker)
     processor = load_processor(cfg)
-    dataset = synthetic_split(cfg.data, cfg.task.split, cfg.seed)
+    dataset = load_split(cfg.data, cfg.task.split, cfg.seed)
+    if getattr(dataset, "skipped", 0):  # bad records left out under data.on_bad_sample=skip
+        tracker.log_metrics({"data/skipped_samples": dataset.skipped})
     samples = [dataset[i] for i in range(len(dataset))]
     metrics: Dict[str, float] = {"eval/chance_accuracy": dataset.chance_accuracy()}
     for role in ("teacher", "student"):

@@ -49,6 +49,10 @@ __all__ = [
     "SkewReverseKL",
     "NoKD",
     "count_answer_tokens",
+    "HIDDEN_LOSS_KINDS",
+    "HiddenStateLoss",
+    "HiddenDistillation",
+    "hidden_layer_pairs",
 ]
 
 IGNORE_INDEX = -100
@@ -151,7 +155,9 @@ class KDLoss(torch.nn.Module):
         Args:
             student_logits: [B, L, Vs], any float dtype (bf16/fp16 under mixed precision).
             teacher_logits: [B, L, Vt] with Vt >= Vs; rows beyond Vs (the teacher's padding
-                rows) are dropped. It is a fixed target: no gradient flows into it.
+                rows) are dropped. It is a fixed target: no gradient flows into it. Or the
+                teacher's top-k targets from a teacher-logit cache (``SparseTargets``): the
+                same divergence on k+1 buckets (firstsight/sparse_kd.py).
             labels: [B, L] token ids, ``IGNORE_INDEX`` where no loss is wanted.
             num_answer_tokens: the number of answer tokens of the whole accumulated batch
                 (see :func:`count_answer_tokens`). Sums over this micro-batch are divided by
@@ -162,6 +168,10 @@ class KDLoss(torch.nn.Module):
         without answer tokens returns zeros that are still connected to the graph, so that
         ``backward()`` works on every rank/micro-batch alike.
         """
+        if not isinstance(teacher_logits, Tensor):  # SparseTargets of the teacher-logit cache
+            from firstsight.sparse_kd import sparse_kd_loss
+
+            return sparse_kd_loss(self, student_logits, teacher_logits, labels, num_answer_tokens)
         positions, targets = self._answer_positions(student_logits, teacher_logits, labels)
         num_tokens = targets.numel()
         if num_answer_tokens is None:
@@ -350,3 +360,148 @@ class NoKD(KDLoss):
 
     def divergence(self, teacher_logprobs: Tensor, student_logprobs: Tensor) -> Tensor:
         return student_logprobs.new_zeros(student_logprobs.shape[0])
+
+
+# ----------------------------------------------------------------------------- hidden states
+
+HIDDEN_LOSS_KINDS = ("mse", "cosine")
+
+
+class HiddenStateLoss(torch.nn.Module):
+    """Hidden-state distillation of one (student layer, teacher layer) pair through a learned
+    projection ``W`` [d_t x d_s] (no bias) from the student's width to the teacher's (FitNets,
+    Romero et al., 2015; TinyBERT, Jiao et al., 2020). With ``h_s`` [d_s] and ``h_t`` [d_t] the two
+    models' hidden states at one position:
+
+        mse:     ||W h_s - h_t||² / d_t      (the squared error averaged over the teacher's d_t features)
+        cosine:  1 - cos(W h_s, h_t)
+
+    summed over the answer positions and divided by ``num_answer_tokens`` exactly as
+    :class:`KDLoss` divides its terms: the positions are those whose logits enter the kd loss,
+    ``hidden[:, t]`` where ``labels[:, t + 1] != IGNORE_INDEX`` (the state at t predicts label t+1).
+    So it is the mean over the answer tokens of the (accumulated) batch.
+
+    The arithmetic runs in float32 (float64 when an input is float64), outside autocast. The
+    teacher's states are a fixed target: no gradient flows into them. ``W`` is trained with the
+    student but is not part of it (the saved student stays a stock model).
+    """
+
+    def __init__(self, student_width: int, teacher_width: int, kind: str = "mse"):
+        super().__init__()
+        if kind not in HIDDEN_LOSS_KINDS:
+            raise ValueError(f"kind must be one of {list(HIDDEN_LOSS_KINDS)}, got {kind!r}")
+        for name, width in (("student_width", student_width), ("teacher_width", teacher_width)):
+            if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {width!r}")
+        self.kind = kind
+        self.projection = torch.nn.Linear(student_width, teacher_width, bias=False)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}"
+
+    def forward(
+        self,
+        student_hidden: Tensor,
+        teacher_hidden: Tensor,
+        labels: Tensor,
+        num_answer_tokens: int | None = None,
+    ) -> Tensor:
+        """The loss of one (micro-)batch, a differentiable scalar.
+
+        Args:
+            student_hidden: [B, L, d_s], any float dtype.
+            teacher_hidden: [B, L, d_t], any float dtype; detached.
+            labels: [B, L], ``IGNORE_INDEX`` where no loss is wanted.
+            num_answer_tokens: answer tokens of the whole accumulated batch (see
+                :func:`count_answer_tokens`); ``None``: this micro-batch's own count.
+
+        A micro-batch without answer tokens gives a 0 still connected to the graph.
+        """
+        d_s, d_t = self.projection.in_features, self.projection.out_features
+        if student_hidden.dim() != 3 or teacher_hidden.dim() != 3 or labels.dim() != 2:
+            raise ValueError(
+                "expected student_hidden [B, L, d_s], teacher_hidden [B, L, d_t] and labels [B, L], got "
+                f"{tuple(student_hidden.shape)}, {tuple(teacher_hidden.shape)} and {tuple(labels.shape)}"
+            )
+        if (student_hidden.shape[:2] != labels.shape or teacher_hidden.shape[:2] != labels.shape
+                or student_hidden.shape[-1] != d_s or teacher_hidden.shape[-1] != d_t):
+            raise ValueError(
+                f"shapes do not fit a projection from width {d_s} to {d_t}: student_hidden "
+                f"{tuple(student_hidden.shape)}, teacher_hidden {tuple(teacher_hidden.shape)}, labels {tuple(labels.shape)}"
+            )
+        # The same positions as KDLoss: hidden[:, t] for each answer label[:, t + 1].
+        positions = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+        num_tokens = positions[0].numel()
+        denominator = num_tokens if num_answer_tokens is None else int(num_answer_tokens)
+        if denominator < num_tokens:
+            raise ValueError(
+                f"num_answer_tokens={denominator} is smaller than this micro-batch's "
+                f"{num_tokens} answer tokens; pass the count of the whole accumulated batch"
+            )
+        dtype = torch.promote_types(
+            torch.promote_types(student_hidden.dtype, teacher_hidden.dtype), torch.float32
+        )
+        weight = self.projection.weight
+        with torch.autocast(student_hidden.device.type, enabled=False):
+            projected = F.linear(student_hidden[positions].to(dtype), weight.to(dtype))  # [N, d_t]
+            target = teacher_hidden.detach()[positions].to(dtype)
+            if self.kind == "mse":
+                total = (projected - target).pow(2).sum() / d_t
+            else:
+                total = (1.0 - F.cosine_similarity(projected, target, dim=-1, eps=1e-8)).sum()
+        # An empty sum is an exact 0 with a grad_fn: a micro-batch without answers still backprops.
+        return total if num_tokens == 0 else total / denominator
+
+
+def hidden_layer_pairs(layers, student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
+    """Map student hidden-state indices to the teacher's, proportionally to depth.
+
+    Indices are into transformers' ``outputs.hidden_states`` (``num_layers + 1`` entries:
+    0 = the embeddings, i = the output of decoder layer i, the last = the final-norm output the
+    LM head reads); negative ones count from the end as in Python (-1 = the last). Student index
+    i in [0, L_s] pairs with teacher index ``floor(i * L_t / L_s + 1/2)``, so the embeddings pair
+    with the embeddings and the last with the last.
+    """
+    pairs = []
+    for index in layers:
+        if isinstance(index, bool) or not isinstance(index, int) or not -(student_layers + 1) <= index <= student_layers:
+            raise ValueError(
+                f"hidden layer {index!r} is out of range: the student has {student_layers} layers, so give "
+                f"indices in [{-(student_layers + 1)}, {student_layers}] (0: embeddings, -1: the last)"
+            )
+        i = index % (student_layers + 1)
+        pairs.append((i, math.floor(i * teacher_layers / student_layers + 0.5)))
+    if not pairs:
+        raise ValueError("name at least one hidden layer, e.g. [-1] (the last)")
+    return pairs
+
+
+class HiddenDistillation(torch.nn.Module):
+    """The hidden-state term over several layer pairs: the mean over the pairs of
+    :class:`HiddenStateLoss` (one projection per pair), so its size does not grow with the number
+    of pairs. ``layers`` are student indices, mapped by :func:`hidden_layer_pairs`."""
+
+    def __init__(
+        self,
+        student_width: int,
+        teacher_width: int,
+        student_layers: int,
+        teacher_layers: int,
+        layers=(-1,),
+        kind: str = "mse",
+    ):
+        super().__init__()
+        self.pairs = hidden_layer_pairs(list(layers), student_layers, teacher_layers)
+        self.losses = torch.nn.ModuleList(HiddenStateLoss(student_width, teacher_width, kind) for _ in self.pairs)
+
+    def extra_repr(self) -> str:
+        return f"pairs={self.pairs}"
+
+    def forward(self, student_hidden_states, teacher_hidden_states, labels: Tensor,
+                num_answer_tokens: int | None = None) -> Tensor:
+        """``*_hidden_states``: the models' ``outputs.hidden_states`` tuples of [B, L, d]."""
+        terms = [
+            loss(student_hidden_states[s], teacher_hidden_states[t], labels, num_answer_tokens)
+            for loss, (s, t) in zip(self.losses, self.pairs)
+        ]
+        return torch.stack(terms).mean() if len(terms) > 1 else terms[0]

@@ -9,13 +9,14 @@ the trainable student keeps float32 master weights and trains under autocast to
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 from omegaconf import DictConfig
 
@@ -23,6 +24,8 @@ from firstsight.errors import FirstSightError
 
 log = logging.getLogger(__name__)
 
+# Qwen2-VL's own processor: 4 to 1280 visual tokens of 28x28 pixels per image.
+REAL_PIXEL_RANGE = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}
 # Kept unquantized: the vision tower (MBQ: vision is more sensitive) and the output head.
 QUANTIZATION_SKIP_MODULES = ["model.visual", "lm_head"]
 
@@ -64,8 +67,12 @@ def load_processor(cfg: DictConfig) -> Any:
         from firstsight.validate import _in_hub_cache
 
         if is_offline() and not _in_hub_cache(student.source, student.revision):
-            log.info("no processor of %s at hand offline: using the embedded tokenizer", student.source)
-            return tiny_processor(cfg.cache_dir)
+            log.info("no processor of %s at hand offline: using the embedded tokenizer with Qwen2-VL's "
+                     "pixel range", student.source)
+            processor = tiny_processor(cfg.cache_dir)
+            # the stand-in must cut frames into as many visual tokens as the real processor would
+            processor.image_processor.size = dict(REAL_PIXEL_RANGE)
+            return processor
     from transformers import AutoProcessor
 
     try:
@@ -97,8 +104,16 @@ def check_same_tokenizer(cfg: DictConfig, processor: Any) -> None:
         )
 
 
-def quantization_config(precision: DictConfig) -> Optional[Any]:
-    kind = _value(precision.quantization)
+def quantization_of(cfg: DictConfig, role: str) -> str:
+    """The quantization of a side's frozen weights: the teacher may have its own."""
+    teacher_own = cfg.precision.get("teacher_quantization")
+    if role == "teacher" and teacher_own is not None:
+        return _value(teacher_own)
+    return _value(cfg.precision.quantization)
+
+
+def quantization_config(precision: DictConfig, kind: Optional[str] = None) -> Optional[Any]:
+    kind = kind or _value(precision.quantization)
     compute_dtype = torch_dtype(precision.dtype)
     if kind == "none":
         return None
@@ -173,20 +188,30 @@ def _load_random(config: Any, dtype: Any, quant: Optional[Any], device: str, att
         with torch.device(device):  # initialise on the target device: minutes faster for 8B on a GPU
             return _timed(lambda: Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn))
     # Quantizers act while loading a checkpoint: write the random weights once, load them quantized.
-    # They are made on the CPU so the unquantized copy never counts in the GPU's peak memory.
+    # They are made on the target device (minutes faster than CPU init at 8B), written, and freed;
+    # the GPU's peak counter is then reset so that this scaffolding never counts as the model's cost.
     with tempfile.TemporaryDirectory(prefix="firstsight-random-") as tmp:
-        Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype).save_pretrained(tmp)
+        with torch.device(device):
+            unquantized = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
+        unquantized.save_pretrained(tmp)
+        del unquantized
+        if device == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         return _timed(lambda: _from_pretrained(tmp, None, dtype, quant, device, attn, False))
 
 
 def load_model(cfg: DictConfig, role: str, processor: Any, device: str, frozen: bool) -> LoadedModel:
-    """Teacher (frozen: precision dtype + quantization) or student (trainable: fp32 master weights).
+    """Teacher (frozen: precision dtype + quantization) or student (trainable: fp32 master weights;
+    with `lora.enabled` a frozen base in the precision's dtype/quantization plus fp32 adapters).
     `load_time_s` counts loading only, not a tiny teacher's first-use training."""
     import torch
 
     side = cfg.model[role]
-    dtype = torch_dtype(cfg.precision.dtype) if frozen else torch.float32
-    quant = quantization_config(cfg.precision) if frozen else None
+    lora = not frozen and cfg.lora.enabled
+    frozen_weights = frozen or lora
+    dtype = torch_dtype(cfg.precision.dtype) if frozen_weights else torch.float32
+    quant = quantization_config(cfg.precision, quantization_of(cfg, role)) if frozen_weights else None
     attn = cfg.hardware.attn_implementation
     if _value(side.weights) == "random":
         torch.manual_seed(cfg.seed + (1 if role == "student" else 2))  # each side's init repeatable
@@ -209,30 +234,39 @@ def load_model(cfg: DictConfig, role: str, processor: Any, device: str, frozen: 
         model.eval()
         model.requires_grad_(False)
     else:
-        model.train()
         if cfg.hardware.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if lora:
+            from firstsight.lora import apply_lora
+
+            model = apply_lora(model, cfg, quantized=quant is not None)
+        model.train()
     return LoadedModel(
         model=model,
         role=role,
         origin=origin,
-        params_b=model.num_parameters() / 1e9,
+        params_b=model.num_parameters() / 1e9,  # with LoRA: base + adapters
         weights_gb=model.get_memory_footprint() / 1e9,
         load_time_s=load_time,
         vocab_rows=model.get_output_embeddings().weight.shape[0],
     )
 
 
-def save_model_atomically(model: Any, processor: Any, out_dir: str) -> None:
-    """save_pretrained into a temporary sibling, then one rename: never a half-written checkpoint."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
+@contextlib.contextmanager
+def staged_dir(out_dir: str) -> Iterator[str]:
+    """A temporary sibling of `out_dir` to write into; on success it replaces `out_dir` by renames,
+    so readers see the old directory or the complete new one, never a half-written one."""
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is shared like any output
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
+        yield tmp
         if os.path.exists(out_dir):
-            old = out_dir + ".old"
+            old = tmp + ".old"
             os.replace(out_dir, old)
             os.replace(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
@@ -240,3 +274,14 @@ def save_model_atomically(model: Any, processor: Any, out_dir: str) -> None:
             os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def save_model_atomically(model: Any, processor: Any, out_dir: str, extra_files: Optional[Dict[str, str]] = None) -> None:
+    """save_pretrained (safetensors) of model and processor, plus `extra_files` (name → text: run
+    record, model card), into a staged directory that replaces `out_dir` whole."""
+    with staged_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)

@@ -22,7 +22,7 @@ def profile(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     import torch
     from tqdm.auto import tqdm
 
-    from firstsight.data import synthetic_split
+    from firstsight.data import load_split
     from firstsight.data.batching import PromptCollator
     from firstsight.models import load_model, load_processor
     from firstsight.perf import PeakMemory, StepTimer
@@ -40,7 +40,7 @@ def profile(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     loaded = load_model(cfg, target, processor, device, frozen=True)
     tracker.set_tags({f"firstsight.{target}": loaded.origin})
     model = loaded.model
-    queries = synthetic_split(cfg.data, "validation", cfg.seed)
+    queries = load_split(cfg.data, "validation", cfg.seed)
     collate = PromptCollator(processor)
     generate_kwargs = dict(
         max_new_tokens=task.new_tokens, min_new_tokens=task.new_tokens, do_sample=False,

@@ -1,6 +1,6 @@
 """Task dispatch: validate the composed config, open the job's MLflow run, run the task.
 
-New tasks (export, report) register here under their `task.name`.
+Each task registers here under its `task.name`.
 """
 
 from __future__ import annotations
@@ -33,10 +33,24 @@ def _evaluate(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     return evaluate(cfg, tracker)
 
 
+def _report(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
+    from firstsight.report import report
+
+    return report(cfg, tracker)
+
+
+def _export(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
+    from firstsight.export import export
+
+    return export(cfg, tracker)
+
+
 TASKS: Dict[str, Callable[[DictConfig, Any], Dict[str, float]]] = {
     "distill": _distill,
     "profile": _profile,
     "evaluate": _evaluate,
+    "export": _export,
+    "report": _report,
 }
 
 
@@ -49,7 +63,27 @@ def run_task(cfg: DictConfig) -> Dict[str, float]:
     from firstsight.tracking import job_tracker
 
     with exit_on_user_error(), job_tracker(cfg) as tracker:
-        return TASKS[cfg.task.name](cfg, tracker)
+        metrics = TASKS[cfg.task.name](cfg, tracker)
+    write_job_metrics(metrics)
+    return metrics
+
+
+def write_job_metrics(metrics: Dict[str, float]) -> None:
+    """The job's final metrics as metrics.json in its Hydra output directory (beside .hydra/), so
+    scripts read results without MLflow. Outside a Hydra job (compose API) nothing is written."""
+    import json
+
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        out_dir = HydraConfig.get().runtime.output_dir
+    except Exception:
+        return
+    path = os.path.join(out_dir, "metrics.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({k: float(v) for k, v in sorted(metrics.items())}, f, indent=2)
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager

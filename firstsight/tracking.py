@@ -72,6 +72,18 @@ def resolve_tracking_uri(cfg: DictConfig) -> Optional[str]:
     return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
+def absolute_tracking_uri(uri: Optional[str]) -> str:
+    """The store a run went to, valid from any working directory (MLflow's default and relative
+    sqlite paths are resolved against the current one)."""
+    import mlflow
+
+    uri = uri or mlflow.get_tracking_uri()
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + os.path.abspath(uri[len(prefix):])
+    return uri
+
+
 def get_or_create_experiment(client: Any, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
@@ -107,6 +119,10 @@ class JobTracker:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
+    def log_artifacts(self, local_dir: str, artifact_path: Optional[str] = None) -> None:
+        """Every file under `local_dir`, as artifacts of this run (under `artifact_path`)."""
+        self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
     def flush(self) -> None:
         while self._metrics:
             chunk, self._metrics = self._metrics[:_MAX_METRICS_PER_BATCH], self._metrics[_MAX_METRICS_PER_BATCH:]
@@ -121,6 +137,7 @@ class NullTracker:
     def log_metrics(self, metrics: Dict[str, float], step: int = 0) -> None: ...
     def set_tags(self, tags: Dict[str, Any]) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
+    def log_artifacts(self, local_dir: str, artifact_path: Optional[str] = None) -> None: ...
     def flush(self) -> None: ...
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterable, Iterator, List
 
 from firstsight.losses import IGNORE_INDEX, count_answer_tokens
 from firstsight.perf import StepTimer
@@ -40,7 +40,8 @@ def autocast(device_type: str, dtype: Any) -> Any:
 
 
 def model_inputs(batch: Dict[str, Any]) -> Dict[str, Any]:
-    return {k: v for k, v in batch.items() if k != "labels"}
+    # labels: for the loss; sample_index: the dataset index of each row (teacher-logit cache lookups)
+    return {k: v for k, v in batch.items() if k not in ("labels", "sample_index")}
 
 
 def _lr_lambda(warmup_steps: int, max_steps: int) -> Callable[[int], float]:
@@ -64,16 +65,20 @@ def optimize(
     device: str,
     dtype: Any,
     on_step: Callable[[int, Dict[str, float], float, int, int], None],
+    extra_parameters: Iterable[Any] = (),
 ) -> None:
     """Run `settings.max_steps` optimizer steps.
 
     `micro_step(batch, answer_tokens_in_step)` returns {"loss": differentiable tensor, other: tensors};
     `on_step(step, metrics, seconds, samples, tokens)` receives the step's summed metrics.
+    `extra_parameters`: trained alongside `model`'s (same optimizer, schedule and clipping) but not
+    part of it, e.g. the hidden-state distillation projections.
     """
     import torch
     from tqdm.auto import tqdm
 
     params = [p for p in model.parameters() if p.requires_grad]
+    params += [p for p in extra_parameters if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings.warmup_steps, settings.max_steps))
     scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)  # fp16 gradients underflow unscaled

@@ -61,6 +61,7 @@ def validate(cfg: DictConfig, tasks: Optional[Mapping[str, Callable]] = None) ->
     if tasks is not None:
         _check(cfg.task.name in tasks, "task.name", cfg.task.name, f"choose one of {sorted(tasks)}")
     _validate_numbers(cfg)
+    _validate_hidden_loss(cfg)
     if cfg.task.name == "profile":
         for key, minimum in [("task.new_tokens", 1), ("task.warmup_queries", 0), ("task.latency_queries", 1),
                              ("task.throughput_batch_size", 1), ("task.throughput_batches", 1)]:
@@ -71,6 +72,12 @@ def validate(cfg: DictConfig, tasks: Optional[Mapping[str, Callable]] = None) ->
         _check(cfg.task.split in SPLITS, "task.split", cfg.task.split, f"choose one of {list(SPLITS)}")
         _at_least(cfg, "task.max_new_tokens", 1)
         _at_least(cfg, "task.batch_size", 1)
+    if cfg.task.name == "export":
+        _validate_export(cfg)
+    if cfg.task.name == "report":
+        _validate_report(cfg)
+    _validate_lora(cfg)
+    _validate_teacher_cache(cfg)
     _validate_data(cfg)
     _validate_hardware(cfg)
     _validate_precision(cfg)
@@ -78,10 +85,26 @@ def validate(cfg: DictConfig, tasks: Optional[Mapping[str, Callable]] = None) ->
         _validate_model_side(cfg, role)
 
 
+def _validate_report(cfg: DictConfig) -> None:
+    task = cfg.task
+    _at_least(cfg, "task.max_runs", 1)
+    for key in ("task.experiment", "task.sweep", "task.output_dir"):
+        value = _get(cfg, key)
+        _check(value is None or bool(str(value).strip()), key, value, "leave it unset (null) or give a non-empty value")
+    _check(0 <= task.accuracy_drop_target <= 1, "task.accuracy_drop_target", task.accuracy_drop_target,
+           "accuracies are fractions: it must lie in [0, 1] (0.01 = 1 point)")
+    _check(task.throughput_gain_target > 0, "task.throughput_gain_target", task.throughput_gain_target,
+           "it is a ratio to the baseline's throughput and must be > 0 (2.0 = twice as fast)")
+    _check(0 < task.vram_saving_target <= 1, "task.vram_saving_target", task.vram_saving_target,
+           "it is the largest allowed ratio to the baseline's peak VRAM and must lie in (0, 1] (0.5 = half)")
+
+
 def _roles_used(cfg: DictConfig) -> List[str]:
-    """The model sides a task loads (profile: only its target)."""
+    """The model sides a task loads (profile: only its target; export and report: none)."""
     if cfg.task.name == "profile":
         return [_enum_value(cfg.task.target)]
+    if cfg.task.name in ("export", "report"):
+        return []
     return ["teacher", "student"]
 
 
@@ -121,6 +144,40 @@ def _validate_numbers(cfg: DictConfig) -> None:
                "distill_loss=none trains on cross-entropy alone, so alpha must be 0")
 
 
+def _validate_hidden_loss(cfg: DictConfig) -> None:
+    """distill_loss.hidden_*: the optional hidden-state term (firstsight.losses.HiddenDistillation)."""
+    import math
+
+    from firstsight.losses import HIDDEN_LOSS_KINDS
+
+    loss = cfg.distill_loss
+    weight = loss.hidden_weight
+    _check(weight >= 0 and math.isfinite(weight), "distill_loss.hidden_weight", weight,
+           "it must be a finite number >= 0 (0 turns the hidden-state term off)")
+    _check(loss.hidden_loss in HIDDEN_LOSS_KINDS, "distill_loss.hidden_loss", loss.hidden_loss,
+           f"choose one of {list(HIDDEN_LOSS_KINDS)}")
+    layers = list(loss.hidden_layers)
+    _check(len(layers) > 0, "distill_loss.hidden_layers", layers,
+           "name at least one student hidden-state index, e.g. [-1] (the last)")
+    student = cfg.model.student
+    if student.source == "tiny" and student.tiny is not None:  # other models: checked once loaded
+        depth = student.tiny.num_layers
+        for index in layers:
+            _check(-(depth + 1) <= index <= depth, "distill_loss.hidden_layers", layers,
+                   f"the student has {depth} layers: indices lie in [{-(depth + 1)}, {depth}] "
+                   "(0: the embeddings, -1: the last)")
+    if weight == 0 or cfg.task.name != "distill":
+        return
+    _check(loss.name != "none", "distill_loss.hidden_weight", weight,
+           "distill_loss=none does not run the teacher, whose hidden states the term needs; set it to 0, "
+           "or keep plain cross-entropy plus the hidden term with distill_loss=forward_kl distill_loss.alpha=0")
+    cache = cfg.get("teacher_cache")
+    if cache is not None and cache.enabled:
+        _check(False, "distill_loss.hidden_weight", weight,
+               "the teacher-logit cache (teacher_cache.enabled=true) does not run the teacher, whose hidden "
+               "states the term needs; set it to 0 or teacher_cache.enabled=false")
+
+
 def _validate_data(cfg: DictConfig) -> None:
     from firstsight.data.synthetic import QUESTION_KINDS
 
@@ -133,6 +190,47 @@ def _validate_data(cfg: DictConfig) -> None:
     _check(len(kinds) > 0, "data.kinds", kinds, f"name at least one of {list(QUESTION_KINDS)}")
     for kind in kinds:
         _check(kind in QUESTION_KINDS, "data.kinds", kind, f"choose from {list(QUESTION_KINDS)}")
+    if "format" in data:  # read from files (the synthetic settings above only shape the tiny teacher's pre-training)
+        _validate_data_files(cfg)
+
+
+def _data_splits_read(cfg: DictConfig) -> List[str]:
+    """The splits a task reads: distill its train split (and validation when it evaluates at the end),
+    evaluate its task.split, profile the validation split; export and report none."""
+    name = cfg.task.name
+    if name == "distill":
+        return ["train", "validation"] if cfg.train.eval_at_end else ["train"]
+    if name == "evaluate":
+        return [cfg.task.split]
+    if name == "profile":
+        return ["validation"]
+    return []
+
+
+def _validate_data_files(cfg: DictConfig) -> None:
+    from firstsight.data.files import BAD_SAMPLE_POLICIES, FORMATS, resolve_path
+
+    data = cfg.data
+    _check(data.format in FORMATS, "data.format", data.format, f"choose one of {list(FORMATS)}")
+    _check(data.on_bad_sample in BAD_SAMPLE_POLICIES, "data.on_bad_sample", data.on_bad_sample,
+           f"choose one of {list(BAD_SAMPLE_POLICIES)} (stop at the first bad record, or skip and count bad records)")
+    _at_least(cfg, "data.max_pixels", 28 * 28)  # one 28 px grid cell
+    _at_least(cfg, "data.min_pixels", 1)
+    _check(data.max_pixels >= data.min_pixels, "data.max_pixels", data.max_pixels,
+           f"it must be >= data.min_pixels={data.min_pixels}")
+    _check(data.fps > 0, "data.fps", data.fps, "frames sampled per second of a video must be > 0")
+    _at_least(cfg, "data.max_frames", 1)
+    if data.image_root is not None:
+        root = resolve_path(data.image_root)
+        _check(root.is_dir(), "data.image_root", data.image_root, f"no such directory: {root}")
+    for split in _data_splits_read(cfg):
+        key = f"data.{split}_file"
+        value = _get(cfg, key)
+        _check(bool(value), key, value,
+               f"task={cfg.task.name} reads the {split} split, so give its .jsonl or .json file")
+        path = resolve_path(value)
+        _check(path.is_file(), key, value,
+               f"the file is missing: no such file {path} (relative paths are from the directory run.py was started in)")
 
 
 def device_type(cfg: DictConfig) -> str:
@@ -186,20 +284,24 @@ def _validate_hardware(cfg: DictConfig) -> None:
 
 
 def _validate_precision(cfg: DictConfig) -> None:
-    quantization = _enum_value(cfg.precision.quantization)
-    if quantization == "none":
-        return
+    for key in ("precision.quantization", "precision.teacher_quantization"):
+        quantization = _enum_value(_get(cfg, key))
+        if quantization not in ("none", "None"):
+            _validate_quantization_backend(cfg, key, quantization)
+
+
+def _validate_quantization_backend(cfg: DictConfig, key: str, quantization: str) -> None:
     package, devices = QUANTIZATION_BACKENDS[quantization]
     valid = "choose precision=fp32, bf16 or fp16 (no quantization)"
     if not _installed(package):
         raise ConfigError(
-            f"precision.quantization={quantization}{_origin('precision.quantization')} needs the {package} "
+            f"{key}={quantization}{_origin(key)} needs the {package} "
             f"package, which cannot be imported on this machine; install it or {valid}."
         )
     device = device_type(cfg)
     _check(
         device in devices,
-        "precision.quantization",
+        key,
         quantization,
         f"{package} runs on {list(devices)}, not on {device}; {valid}",
     )
@@ -214,6 +316,39 @@ def _installed(package: str) -> bool:
 
 def _enum_value(value: Any) -> str:
     return value.value if hasattr(value, "value") else str(value)
+
+
+def _validate_export(cfg: DictConfig) -> None:
+    key = "task.checkpoint"
+    checkpoint = cfg.task.checkpoint
+    example = "e.g. task.checkpoint=outputs/<date>/<time>/checkpoints/student (a directory a distill run wrote)"
+    _check(bool(checkpoint), key, checkpoint, f"give the student directory to export, {example}")
+    path = Path(os.path.expanduser(checkpoint))
+    _check(path.is_dir(), key, checkpoint, f"no such directory; {example}")
+    _check((path / "config.json").is_file() or (path / "adapter_config.json").is_file(), key, checkpoint,
+           f"it holds neither config.json (a model) nor adapter_config.json (a LoRA adapter), so it is not a "
+           f"checkpoint; {example}")
+
+
+def _validate_lora(cfg: DictConfig) -> None:
+    lora = cfg.lora
+    _at_least(cfg, "lora.rank", 1)
+    _check(lora.alpha > 0, "lora.alpha", lora.alpha, "it must be > 0")
+    _check(0 <= lora.dropout < 1, "lora.dropout", lora.dropout, "it must lie in [0, 1)")
+    _check(len(lora.target_modules) > 0, "lora.target_modules", list(lora.target_modules),
+           "name at least one linear layer, e.g. [q_proj,v_proj]")
+
+
+def _validate_teacher_cache(cfg: DictConfig) -> None:
+    """teacher_cache.*; that top_k fits the student's vocabulary is checked once the student is
+    loaded, and with distill_loss=none (no teacher) the cache is ignored, with a message."""
+    if cfg.get("teacher_cache") is None:
+        return
+    _at_least(cfg, "teacher_cache.top_k", 1)
+    _at_least(cfg, "teacher_cache.shard_size", 1)
+    directory = cfg.teacher_cache.dir
+    _check(directory is None or bool(str(directory).strip()), "teacher_cache.dir", directory,
+           "leave it unset (null: <cache_dir>/teacher-logits) or give a directory")
 
 
 def _validate_model_side(cfg: DictConfig, role: str) -> None:
@@ -236,6 +371,11 @@ def _validate_model_side(cfg: DictConfig, role: str) -> None:
         path = Path(os.path.expanduser(source))
         if not path.is_dir():
             raise ConfigError(f"{key}={source!r}{_origin(key)}: no such directory. Give an existing local model directory, a hub id, or 'tiny'.")
+        if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+            raise ConfigError(
+                f"{key}={source!r}{_origin(key)} is a LoRA adapter, not a model: give the merged student the "
+                f"same run wrote beside it ({path.parent / 'student'}), or export it merged with task=export."
+            )
         if not (path / "config.json").is_file():
             raise ConfigError(f"{key}={source!r}{_origin(key)}: {path} has no config.json, so it is not a model directory (a save_pretrained output is expected).")
         return
@@ -263,7 +403,10 @@ def _validate_tiny(cfg: DictConfig, role: str) -> None:
     _check(tiny.num_heads % tiny.num_kv_heads == 0, f"{prefix}.num_kv_heads", tiny.num_kv_heads, f"it must divide num_heads={tiny.num_heads}")
     _check(tiny.vision_embed_dim % tiny.vision_heads == 0, f"{prefix}.vision_heads", tiny.vision_heads, f"it must divide vision_embed_dim={tiny.vision_embed_dim}")
     _check((tiny.vision_embed_dim // tiny.vision_heads) % 4 == 0, f"{prefix}.vision_heads", tiny.vision_heads, "the vision head size must be a multiple of 4 (2-D rotary)")
-    if _enum_value(cfg.precision.quantization) in ("int8", "nf4") and role == "teacher":
+    from firstsight.models import quantization_of
+
+    trained_in_full = role == "student" and cfg.task.name == "distill" and not cfg.lora.enabled
+    if not trained_in_full and quantization_of(cfg, role) in ("int8", "nf4"):
         for name in ("hidden_size", "intermediate_size", "vision_embed_dim"):
             value = tiny[name]
             _check(value % 64 == 0, f"{prefix}.{name}", value, "bitsandbytes kernels need widths that are multiples of 64")

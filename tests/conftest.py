@@ -24,8 +24,9 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def compose(overrides: List[str] = ()):
-    """The composed config as `python run.py <overrides>` would see it (no Hydra job context)."""
+def compose(overrides: List[str] = (), return_hydra_config: bool = False):
+    """The composed config as `python run.py <overrides>` would see it (no Hydra job context);
+    with `return_hydra_config` the `hydra` node too."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -35,7 +36,7 @@ def compose(overrides: List[str] = ()):
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+        return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 @pytest.fixture

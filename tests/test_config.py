@@ -23,11 +23,32 @@ def test_the_groups_users_asked_for_have_their_choices():
     assert {"cpu", "gpu"} <= set(CHOICES["hardware"])
 
 
-COMBINATIONS = list(itertools.product(*(CHOICES[g] for g in GROUPS)))
+def all_pairs(choices):
+    """Combinations (one choice per group) in which every pair of choices of two different groups
+    occurs at least once: a greedy covering array, a few dozen instead of the full product."""
+    uncovered = {((i, a), (j, b)) for i, j in itertools.combinations(range(len(choices)), 2)
+                 for a in choices[i] for b in choices[j]}
+    picked = []
+    while uncovered:
+        best = max(itertools.product(*choices), key=lambda combo: sum(
+            ((i, combo[i]), (j, combo[j])) in uncovered for i, j in itertools.combinations(range(len(combo)), 2)))
+        picked.append(best)
+        uncovered -= {((i, best[i]), (j, best[j])) for i, j in itertools.combinations(range(len(best)), 2)}
+    return picked
+
+
+COMBINATIONS = all_pairs([CHOICES[g] for g in GROUPS])
+
+
+def test_the_combinations_cover_every_pair_of_choices():
+    full = list(itertools.product(*(CHOICES[g] for g in GROUPS)))
+    assert len(COMBINATIONS) < len(full) / 10
+    for i, j in itertools.combinations(range(len(GROUPS)), 2):
+        assert {(c[i], c[j]) for c in COMBINATIONS} == set(itertools.product(CHOICES[GROUPS[i]], CHOICES[GROUPS[j]]))
 
 
 @pytest.mark.parametrize("combo", COMBINATIONS, ids=lambda c: ",".join(c))
-def test_every_combination_composes(combo):
+def test_every_pair_of_choices_composes(combo):
     cfg = compose([f"{g}={c}" for g, c in zip(GROUPS, combo)])
     for group, choice in zip(GROUPS, combo):
         assert cfg[group].name == choice
@@ -125,3 +146,12 @@ def test_known_architectures_match_the_published_sizes():
         with torch.device("meta"):
             model = Qwen2VLForConditionalGeneration(known_config(source))
         assert model.num_parameters() / 1e9 == pytest.approx(billions, abs=0.01)
+
+
+def test_the_kd_vs_ce_preset_sweeps_every_loss_over_three_seeds():
+    cfg = compose(["experiment=kd_vs_ce"])
+    params = compose(["experiment=kd_vs_ce"], return_hydra_config=True).hydra.sweeper.params
+    assert set(params.distill_loss.split(",")) == set(CHOICES["distill_loss"])  # the control and every KD loss
+    assert params.seed.split(",") == ["0", "1", "2"]
+    assert cfg.train.max_steps >= 100 and cfg.model.name == "tiny"
+    validate(cfg)

@@ -6,17 +6,26 @@ import pytest
 
 from conftest import compose
 from firstsight.data.synthetic import QASample
-from firstsight.evaluate import is_correct, parse_choice
+from firstsight.evaluate import is_correct, is_multiple_choice, option_letters, parse_choice
 from firstsight.tasks import run_task
 
 
 @pytest.mark.parametrize(
     "text, letter",
     [("B", "B"), (" B.", "B"), ("(C)", "C"), ("D) away from you", "D"), ("A: left", "A"), ("A right", "A"),
-     ("Both", None), ("", None), ("maybe C", None), ("E", None), ("b", None), ("AB", None)],
+     ("Both", None), ("", None), ("maybe C", None), ("E", "E"), ("b", None), ("AB", None)],
 )
 def test_choice_letters_are_parsed_strictly(text, letter):
     assert parse_choice(text) == letter
+
+
+def test_only_the_letters_a_question_offers_count():
+    question = "Which way did it move?\nA. left\nB. right\nC. up\nD. down"
+    assert option_letters(question) == "ABCD"
+    assert parse_choice("E", option_letters(question)) is None  # no option E: unparseable, not a guess
+    assert is_correct(_sample(question, "D"), "D.") and not is_correct(_sample(question, "D"), "E")
+    five = question + "\nE. stayed"
+    assert is_multiple_choice(_sample(five, "E")) and is_correct(_sample(five, "E"), "(E)")
 
 
 def _sample(question: str, answer: str) -> QASample:

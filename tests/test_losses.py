@@ -472,13 +472,21 @@ def test_chunking_bounds_peak_memory():
     assert count_answer_tokens(labels) == tokens
 
     def forward_backward(chunk_size):
+        values = []
+
         def run():
             student.grad = None
-            ForwardKL(temperature=2.0, alpha=0.5, chunk_size=chunk_size)(student, teacher, labels).loss.backward()
+            loss = ForwardKL(temperature=2.0, alpha=0.5, chunk_size=chunk_size)(student, teacher, labels).loss
+            loss.backward()
+            values.append(loss.detach())
 
-        return _peak_cpu_bytes(run)
+        peak = _peak_cpu_bytes(run)
+        return peak, values[0], student.grad
 
-    chunked, whole = forward_backward(chunk), forward_backward(tokens)
+    (chunked, chunked_loss, chunked_grad), (whole, whole_loss, whole_grad) = forward_backward(chunk), forward_backward(tokens)
+    # The same loss and gradient either way (only the summation order of the loss differs).
+    torch.testing.assert_close(chunked_loss, whole_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(chunked_grad, whole_grad, rtol=0, atol=0)
     # Chunked: what does not depend on chunk_size is the gathered bf16 student rows, their
     # gradient and its scatter into the logits' shape (about 3 x N x V x 2 bytes); plus a
     # few fp32 chunk x V temporaries.
@@ -487,3 +495,54 @@ def test_chunking_bounds_peak_memory():
     # Unchunked, several fp32 [N, V] temporaries are alive at once.
     assert whole >= 4 * rows_fp32, (whole, rows_fp32)
     assert chunked * 2.5 <= whole, (chunked, whole)
+
+
+def test_chunked_peak_memory_at_thousands_of_tokens():
+    # The Qwen2-VL vocabulary at 2048 answer tokens, where one fp32 [N, V] tensor is 1.24 GB and
+    # the unchunked loss, which holds at least four of them at once (measured at 128 tokens in
+    # test_chunking_bounds_peak_memory; all its temporaries are [N, V], so this scales with N),
+    # would peak above 5 GB. Only the chunked loss is run here: one forward+backward at this size
+    # takes ~30 s on two busy CPU cores. T = 1 spares the separate T = 1 cross-entropy pass;
+    # the memory layout is the same.
+    vocab, tokens, chunk = 151936, 2048, 64
+    rows_fp32 = tokens * vocab * 4
+    rows_bf16 = tokens * vocab * 2
+
+    calibration = _peak_cpu_bytes(lambda: torch.empty(4 * chunk, vocab))
+    if not 0.99 * 4 * chunk * vocab * 4 <= calibration <= 1.01 * 4 * chunk * vocab * 4:
+        pytest.skip(f"torch.profiler reported {calibration} bytes for a {4 * chunk * vocab * 4}-byte tensor")
+
+    g = torch.Generator().manual_seed(22)
+    length = tokens // 2 + 1
+    # Values do not matter for memory: a repeated random block fills the student's bf16 logits
+    # (622 MB) quickly, and the teacher is one random row broadcast to [B, L, V + 128] (a view:
+    # its rows are gathered per chunk, as from a real tensor).
+    block = torch.randn(64, vocab, generator=g).to(torch.bfloat16)
+    student = block.repeat(2 * length // 64 + 1, 1)[: 2 * length].reshape(2, length, vocab).requires_grad_()
+    teacher = torch.randn(vocab + 128, generator=g).to(torch.bfloat16).expand(2, length, vocab + 128)
+    labels = torch.randint(0, vocab, (2, length), generator=g)
+    assert count_answer_tokens(labels) == tokens
+
+    losses = []
+
+    def run():
+        out = ForwardKL(temperature=1.0, alpha=0.5, chunk_size=chunk)(student, teacher, labels)
+        out.loss.backward()
+        losses.append(out.loss.detach())
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # big tensors: worth a second thread (the autouse fixture sets one)
+    try:
+        peak = _peak_cpu_bytes(run)
+    finally:
+        torch.set_num_threads(threads)
+
+    assert torch.isfinite(losses[0]) and student.grad is not None and torch.isfinite(student.grad[0, 0]).all()
+    # What remains does not depend on chunk_size: the gathered bf16 student rows, their gradient
+    # and its scatter into the logits' shape (at most 3 x N x V x 2 bytes), plus a few fp32
+    # chunk x V temporaries (a chunk is 39 MB here).
+    bound = 3 * rows_bf16 + 8 * chunk * vocab * 4
+    assert peak <= bound, (peak, bound)
+    # ...which is about one fp32 [N, V] tensor, not the unchunked path's four or more.
+    assert peak <= 1.5 * rows_fp32, (peak, rows_fp32)
+    assert peak * 2.5 <= 4 * rows_fp32, (peak, rows_fp32)

@@ -19,10 +19,13 @@ def messages_for(sample: Any, with_answer: bool = True) -> List[Dict[str, Any]]:
 
 class QACollator:
     """Batches samples with the processor; labels keep only the answer tokens and the closing
-    <|im_end|> (what greedy decoding must produce), everything else is IGNORE_INDEX."""
+    <|im_end|> (what greedy decoding must produce), everything else is IGNORE_INDEX.
+    `with_index`: each batch also carries `sample_index`, the dataset index of each row (the
+    teacher-logit cache looks the teacher's targets up by it; model_inputs() drops it)."""
 
-    def __init__(self, processor: Any):
+    def __init__(self, processor: Any, with_index: bool = False):
         self.processor = processor
+        self.with_index = with_index
         tokenizer = processor.tokenizer
         self.im_start_id = tokenizer.convert_tokens_to_ids("<|im_start|>")
         self.im_end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -35,6 +38,8 @@ class QACollator:
         images = [image for s in samples for image in s.images]
         batch = self.processor(text=texts, images=images, padding=True, padding_side="right", return_tensors="pt")
         batch["labels"] = self._answer_labels(batch["input_ids"], samples)
+        if self.with_index:
+            batch["sample_index"] = batch["input_ids"].new_tensor([s.index for s in samples])
         return dict(batch)
 
     def _answer_labels(self, input_ids: Any, samples: Sequence[Any]) -> Any:

@@ -1,0 +1,858 @@
+"""The report task: read runs back from MLflow and write a comparison report.
+
+`python run.py task=report [task.sweep=latest|<multirun dir>|<parent run id>]` reads the job runs
+of an experiment (or of one sweep), and writes under `task.output_dir` (default: <the job's output
+dir>/report), each file atomically:
+
+- report.md and report.html: the comparison table (one row per run: the swept values and the
+  metrics of DESIGN.md's contract), the study's target checks, and the plots;
+- runs.csv: the same table with values at full precision;
+- throughput_vs_memory.png, accuracy_vs_memory.png, loss_curves.png (a plot is left out, and
+  the report says why, when no run has its data);
+
+and logs them as artifacts (under `report/`) of the report job's own MLflow run.
+
+Reading (`read_runs`, the only part that talks to MLflow) is kept apart from the pure functions
+that select runs, build the table, pick baselines and judge the targets, so those are tested on
+synthetic `RunRecord`s. mlflow, matplotlib and markdown-it are imported inside functions.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import logging
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from omegaconf import DictConfig
+
+from firstsight.errors import FirstSightError
+
+log = logging.getLogger(__name__)
+
+# Metric columns of the table, in order: (MLflow metric, column header, meaning). A column appears
+# when at least one selected run has the metric; a run without it gets an empty cell.
+METRIC_COLUMNS: Tuple[Tuple[str, str, str], ...] = (
+    ("perf/throughput_tokens_per_s", "train tokens/s", "training throughput, tokens per second (steady state, warm-up excluded)"),
+    ("perf/throughput_samples_per_s", "train samples/s", "training throughput, samples per second (steady state)"),
+    ("perf/peak_vram_gb", "peak VRAM GB", "peak GPU memory allocated (torch.cuda.max_memory_allocated), GB"),
+    ("perf/peak_rss_gb", "peak RSS GB (CPU)", "peak resident memory of the process on a CPU run, GB (not VRAM)"),
+    ("infer/latency_p50_s", "latency p50 s", "single-query generation latency, median, seconds (profile)"),
+    ("infer/throughput_qps", "infer queries/s", "batched generation throughput, queries per second (profile)"),
+    ("model/weights_gb", "weights GB", "size of the (student / profiled) model's weights as loaded, GB"),
+    ("train/kd_loss", "KD loss (last)", "the KD term at the last optimizer step (before alpha and T²)"),
+    ("eval/teacher_accuracy", "teacher acc", "teacher accuracy on the validation split"),
+    ("eval/student_accuracy", "student acc", "student accuracy on the validation split"),
+    ("eval/accuracy_drop", "acc drop", "teacher accuracy − student accuracy (0.01 = 1 point)"),
+)
+TRAIN_THROUGHPUT = "perf/throughput_tokens_per_s"
+PEAK_VRAM = "perf/peak_vram_gb"
+PEAK_RSS = "perf/peak_rss_gb"
+ACCURACY_DROP = "eval/accuracy_drop"
+# Params that say how a run was compressed: a run and its baseline may differ in these only.
+COMPRESSION_PREFIXES = ("precision.", "lora.")
+# Params that never make runs incomparable, nor a column (names and bookkeeping).
+IGNORED_PREFIXES = ("tracking.",)
+FINISHED = "FINISHED"
+FAILED_STATUSES = ("FAILED", "KILLED")
+MAX_LOSS_CURVES = 40
+PLOT_FILES = ("throughput_vs_memory.png", "accuracy_vs_memory.png", "loss_curves.png")
+BASELINE_RULE = (
+    "The baseline of a run is the full-precision run of the same task: `precision.dtype=float32`, "
+    "no quantization (`precision.quantization=none`, no `precision.teacher_quantization`) and no LoRA, "
+    "that has the same value as the run for every other param that differs among the runs here "
+    "(only `precision.*` and `lora.*`, the compression choices, may differ). If several runs qualify, "
+    "the most recent one is the baseline. A run with no such baseline is *not measurable*; no figure "
+    "is estimated for it. Baseline runs themselves are not checked."
+)
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclass
+class RunRecord:
+    """What the report needs of one MLflow run (built from MLflow, or by hand in tests)."""
+
+    run_id: str
+    name: str = ""
+    status: str = FINISHED
+    start_time: int = 0  # ms since the epoch
+    params: Dict[str, str] = field(default_factory=dict)
+    metrics: Dict[str, float] = field(default_factory=dict)
+    tags: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def task(self) -> str:
+        return self.tags.get("firstsight.task") or self.params.get("task.name", "")
+
+    @property
+    def short_id(self) -> str:
+        return self.run_id[:8]
+
+    @property
+    def sweep_id(self) -> str:
+        return self.tags.get("firstsight.sweep_id", "none")
+
+    @property
+    def parent_id(self) -> Optional[str]:
+        return self.tags.get("mlflow.parentRunId")
+
+
+@dataclass
+class Selection:
+    """The runs chosen for the report, and what was left out and why."""
+
+    experiment: str
+    store: str
+    runs: List[RunRecord]
+    scope: str  # "all job runs of the experiment" or "sweep <dir> (parent run <id>)"
+    sweep_parent: Optional[RunRecord] = None
+    left_out: Dict[str, int] = field(default_factory=dict)  # reason -> count
+
+
+def is_sweep_parent(record: RunRecord, parent_ids: Iterable[str] = ()) -> bool:
+    tags = record.tags
+    return (
+        tags.get("firstsight.role") == "sweep"
+        or "firstsight.jobs" in tags
+        or record.run_id in set(parent_ids)
+    )
+
+
+def is_report_run(record: RunRecord) -> bool:
+    return record.task == "report" or record.params.get("task.name") == "report"
+
+
+def select_runs(records: Sequence[RunRecord], experiment: str, store: str, sweep: Optional[str] = None,
+                include_failed: bool = False, max_runs: int = 1000, cwd: Optional[str] = None,
+                own_run_id: Optional[str] = None) -> Selection:
+    """The job runs to report on: sweep parents, report runs and runs FirstSight did not create are
+    never rows; FAILED/KILLED only with `include_failed`; runs still going never. Raises
+    FirstSightError when nothing is left, naming the experiment (and sweep) and what exists.
+    `own_run_id`: the report job's own run, which is neither a row nor counted."""
+    cwd = cwd or os.getcwd()
+    records = [r for r in records if r.run_id != own_run_id]
+    parent_ids = {r.parent_id for r in records if r.parent_id}
+    parents = [r for r in records if is_sweep_parent(r, parent_ids)]
+    left_out: Dict[str, int] = {}
+
+    def leave_out(reason: str, count: int = 1) -> None:
+        if count:
+            left_out[reason] = left_out.get(reason, 0) + count
+
+    leave_out("sweep parent runs", len(parents))
+    parent_set = {p.run_id for p in parents}
+    candidates = []
+    for record in records:
+        if record.run_id in parent_set:
+            continue
+        if "firstsight.task" not in record.tags:
+            leave_out("runs without a firstsight.task tag (not FirstSight jobs)")
+        elif is_report_run(record):
+            leave_out("report runs")
+        else:
+            candidates.append(record)
+
+    scope = "all job runs of the experiment"
+    parent: Optional[RunRecord] = None
+    if sweep:
+        parent, members = _resolve_sweep(sweep, parents, candidates, records, experiment, cwd)
+        leave_out("job runs of other sweeps or of no sweep", len(candidates) - len(members))
+        candidates = members
+        sweep_dir = parent.sweep_id if parent is not None else members[0].sweep_id if members else sweep
+        scope = f"sweep {sweep_dir}" + (f" (parent run {parent.run_id})" if parent is not None else "")
+
+    selected = []
+    for record in candidates:
+        if record.status == FINISHED or (include_failed and record.status in FAILED_STATUSES):
+            selected.append(record)
+        elif record.status in FAILED_STATUSES:
+            leave_out("FAILED/KILLED runs (task.include_failed=true shows them)")
+        else:
+            leave_out(f"{record.status} runs (not over yet)")
+    selected.sort(key=lambda r: (r.start_time, int(r.tags.get("firstsight.job_num", 0) or 0), r.run_id))
+    if len(selected) > max_runs:
+        leave_out(f"older runs beyond task.max_runs={max_runs}", len(selected) - max_runs)
+        selected = selected[-max_runs:]
+    if not selected:
+        what = f"sweep {sweep!r} of experiment {experiment!r}" if sweep else f"experiment {experiment!r}"
+        why = "; ".join(f"{n} {reason}" for reason, n in left_out.items()) or "it holds no runs"
+        raise FirstSightError(
+            f"no job runs to report in {what} ({store}): {why}. Run some jobs first "
+            f"(python run.py -m precision=fp32,bf16), choose another with task.experiment=<name>"
+            + (", task.sweep=latest or leave task.sweep unset" if sweep else "") + "."
+        )
+    return Selection(experiment=experiment, store=store, runs=selected, scope=scope, sweep_parent=parent,
+                     left_out=left_out)
+
+
+def _resolve_sweep(sweep: str, parents: List[RunRecord], jobs: List[RunRecord], records: Sequence[RunRecord],
+                   experiment: str, cwd: str) -> Tuple[Optional[RunRecord], List[RunRecord]]:
+    """`sweep` as "latest", a parent run id (or a unique prefix of one), or a multirun directory."""
+    parent: Optional[RunRecord] = None
+    if sweep == "latest":
+        own = [p for p in parents if p.task != "report"]
+        if not own:
+            raise FirstSightError(
+                f"task.sweep=latest: experiment {experiment!r} holds no sweep (no parent run of a "
+                f"`python run.py -m ...`); leave task.sweep unset to report on all its runs."
+            )
+        parent = max(own, key=lambda p: (p.start_time, p.run_id))
+    else:
+        by_id = [p for p in parents if p.run_id == sweep or (len(sweep) >= 6 and p.run_id.startswith(sweep))]
+        if len(by_id) == 1:
+            parent = by_id[0]
+        else:
+            wanted = _path_forms(sweep, cwd)
+            in_dir = {r.run_id for r in records if _sweep_dirs(r, cwd) & wanted}
+            if not in_dir:
+                raise FirstSightError(
+                    f"task.sweep={sweep!r}: no sweep of experiment {experiment!r} has that parent run id or "
+                    f"multirun directory. Its sweeps: {_describe_sweeps(parents, jobs, cwd)}. Give one of "
+                    f"those directories or parent run ids, or task.sweep=latest."
+                )
+            parent_ids = {p.run_id for p in parents if p.run_id in in_dir}
+            parent_ids |= {r.parent_id for r in records if r.run_id in in_dir and r.parent_id}
+            found = [p for p in parents if p.run_id in parent_ids]
+            parent = found[0] if len(found) == 1 else None
+            members = [r for r in jobs if r.run_id in in_dir or (r.parent_id and r.parent_id in parent_ids)]
+            return parent, members
+    dirs = _sweep_dirs(parent, cwd)
+    members = [r for r in jobs if r.parent_id == parent.run_id or (r.sweep_id != "none" and _sweep_dirs(r, cwd) & dirs)]
+    return parent, members
+
+
+def _path_forms(path: str, cwd: str) -> set:
+    expanded = os.path.expanduser(path)
+    absolute = os.path.normpath(os.path.join(cwd, expanded))
+    return {os.path.normpath(expanded), absolute, os.path.realpath(absolute)}
+
+
+def _sweep_dirs(record: RunRecord, cwd: str) -> set:
+    """Ways to name the sweep directory of a run: its firstsight.sweep_id tag as written, resolved
+    against the current directory, and resolved through the job's own (absolute) output directory,
+    which is <launch dir>/<sweep dir>/<job subdir>."""
+    sweep_id = record.sweep_id
+    if not sweep_id or sweep_id == "none":
+        return set()
+    forms = _path_forms(sweep_id, cwd)
+    output_dir = record.tags.get("firstsight.output_dir", "")
+    if output_dir and os.path.isabs(output_dir) and not os.path.isabs(sweep_id):
+        marker = os.sep + os.path.normpath(sweep_id) + os.sep
+        found = os.path.normpath(output_dir).rfind(marker)
+        if found >= 0:
+            launched = os.path.normpath(output_dir)[: found + len(marker) - 1]
+            forms |= {launched, os.path.realpath(launched)}
+    return forms
+
+
+def _describe_sweeps(parents: List[RunRecord], jobs: List[RunRecord], cwd: str) -> str:
+    if not parents:
+        return "none"
+    lines = []
+    for p in sorted(parents, key=lambda p: -p.start_time)[:10]:
+        count = sum(1 for j in jobs if j.parent_id == p.run_id)
+        lines.append(f"{p.sweep_id} (parent run {p.run_id}, {count} job runs, task {p.task or '?'})")
+    more = f", and {len(parents) - 10} more" if len(parents) > 10 else ""
+    return "; ".join(lines) + more
+
+
+# ----------------------------------------------------------------------------- table
+
+
+@dataclass
+class Column:
+    key: str  # a param name, a metric name, or "run" / "status" / "task"
+    header: str
+    kind: str  # "run" | "status" | "param" | "metric"
+
+
+@dataclass
+class Table:
+    columns: List[Column]
+    rows: List[List[Any]]  # raw values: str for params, float (or None) for metrics
+    runs: List[RunRecord]
+
+    def column(self, key: str) -> List[Any]:
+        index = [c.key for c in self.columns].index(key)
+        return [row[index] for row in self.rows]
+
+
+def _ignored(key: str) -> bool:
+    return key.startswith(IGNORED_PREFIXES)
+
+
+def swept_keys(runs: Sequence[RunRecord]) -> List[str]:
+    """Params whose value differs among `runs` (a param a run lacks counts as a value of its own),
+    task.name excepted (the task has its own column)."""
+    keys = sorted({k for r in runs for k in r.params})
+    return [k for k in keys if k != "task.name" and not _ignored(k)
+            and len({r.params.get(k) for r in runs}) > 1]
+
+
+def build_table(runs: Sequence[RunRecord]) -> Table:
+    """One row per run: run id, (status when any run did not finish), task, the swept values, then
+    each metric of METRIC_COLUMNS that some run has."""
+    columns = [Column("run", "run", "run")]
+    if any(r.status != FINISHED for r in runs):
+        columns.append(Column("status", "status", "status"))
+    columns.append(Column("task", "task", "param"))
+    columns += [Column(k, k, "param") for k in swept_keys(runs)]
+    columns += [Column(m, header, "metric") for m, header, _ in METRIC_COLUMNS if any(m in r.metrics for r in runs)]
+    rows = []
+    for run in runs:
+        row: List[Any] = []
+        for column in columns:
+            if column.kind == "run":
+                row.append(run.short_id)
+            elif column.kind == "status":
+                row.append(run.status)
+            elif column.key == "task":
+                row.append(run.task)
+            elif column.kind == "param":
+                row.append(run.params.get(column.key))
+            else:
+                row.append(run.metrics.get(column.key))
+        rows.append(row)
+    return Table(columns=columns, rows=rows, runs=list(runs))
+
+
+SEED_KEY = "seed"
+
+
+def over_seeds(table: Table) -> Optional[Tuple[List[str], List[List[str]]]]:
+    """When `seed` is among the swept values: one row per setting (task + the other swept values)
+    with each metric's mean ± sample standard deviation over that setting's seeds, and n.
+    None when the runs do not differ by seed."""
+    keys = [c.key for c in table.columns]
+    if SEED_KEY not in keys:
+        return None
+    setting_columns = [c for c in table.columns if c.kind == "param" and c.key != SEED_KEY]
+    metric_columns = [c for c in table.columns if c.kind == "metric"]
+    groups: Dict[Tuple[Any, ...], List[List[Any]]] = {}
+    for row in table.rows:
+        setting = tuple(row[keys.index(c.key)] for c in setting_columns)
+        groups.setdefault(setting, []).append(row)
+    headers = [c.header for c in setting_columns] + ["seeds"] + [c.header for c in metric_columns]
+    rows = []
+    for setting, members in groups.items():
+        cells = [fmt(v) for v in setting] + [str(len(members))]
+        for column in metric_columns:
+            values = [row[keys.index(column.key)] for row in members if row[keys.index(column.key)] is not None]
+            if not values:
+                cells.append("")
+                continue
+            mean = sum(values) / len(values)
+            if len(values) > 1:
+                std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+                cells.append(f"{fmt(mean)} ± {fmt(std)}")
+            else:
+                cells.append(f"{fmt(mean)} (n=1)")
+        rows.append(cells)
+    return headers, rows
+
+
+def fmt(value: Any) -> str:
+    """A cell as the report shows it: empty when absent, 4 significant digits, whole numbers from 1000."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if abs(value) >= 1000:
+            return f"{value:.0f}"
+        return f"{value:.4g}"
+    return str(value)
+
+
+def run_label(run: RunRecord, swept: Sequence[str]) -> str:
+    """A short name for plots: the run's swept values (precision first), else its id."""
+    keys = sorted(swept, key=lambda k: (not k.startswith("precision.name"), k))
+    parts = [f"{k.rsplit('.', 1)[-1]}={run.params.get(k, '')}" if k != "precision.name" else run.params.get(k, "")
+             for k in keys if not (k.startswith("precision.") and k != "precision.name")]
+    return " ".join(p for p in parts if p) or run.short_id
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+@dataclass
+class CheckRow:
+    run: RunRecord
+    value: float
+    target: float
+    passed: bool
+    baseline: Optional[RunRecord] = None
+    baseline_value: Optional[float] = None
+    ratio: Optional[float] = None
+
+
+@dataclass
+class Check:
+    title: str
+    metric: str
+    target_text: str
+    rows: List[CheckRow] = field(default_factory=list)
+    not_measurable: List[str] = field(default_factory=list)  # why, per run or for the whole check
+    note: str = ""
+
+    @property
+    def passed(self) -> int:
+        return sum(r.passed for r in self.rows)
+
+    @property
+    def failed(self) -> int:
+        return sum(not r.passed for r in self.rows)
+
+
+def is_baseline(run: RunRecord) -> bool:
+    """Full precision, nothing quantized, no LoRA (the uncompressed reference)."""
+    p = run.params
+    return (
+        p.get("precision.dtype") == "float32"
+        and p.get("precision.quantization", "none") == "none"
+        and p.get("precision.teacher_quantization", "None") in ("None", "none")
+        and p.get("lora.enabled", "False") != "True"
+    )
+
+
+def find_baseline(run: RunRecord, runs: Sequence[RunRecord], swept: Sequence[str]) -> Optional[RunRecord]:
+    """See BASELINE_RULE."""
+    if is_baseline(run):
+        return None
+    keys = [k for k in swept if not k.startswith(COMPRESSION_PREFIXES)]
+    found = [b for b in runs if b is not run and b.task == run.task and is_baseline(b)
+             and all(b.params.get(k) == run.params.get(k) for k in keys)]
+    return max(found, key=lambda b: (b.start_time, b.run_id)) if found else None
+
+
+def target_checks(runs: Sequence[RunRecord], accuracy_drop_target: float, throughput_gain_target: float,
+                  vram_saving_target: float) -> List[Check]:
+    swept = swept_keys(runs)
+    return [
+        _accuracy_check(runs, accuracy_drop_target),
+        _ratio_check(runs, swept, "Training throughput gain", TRAIN_THROUGHPUT, ("distill",),
+                     f"≥ {throughput_gain_target:g}× the baseline's {TRAIN_THROUGHPUT}", throughput_gain_target,
+                     lambda ratio: ratio >= throughput_gain_target),
+        _memory_check(runs, swept, vram_saving_target),
+    ]
+
+
+def _accuracy_check(runs: Sequence[RunRecord], target: float) -> Check:
+    check = Check("Accuracy drop", ACCURACY_DROP,
+                  f"teacher − student accuracy ≤ {target:g} (= {100 * target:g} percentage "
+                  f"point{'' if 100 * target == 1 else 's'})")
+    for run in runs:
+        if run.task in ("distill", "evaluate") and ACCURACY_DROP in run.metrics:
+            drop = run.metrics[ACCURACY_DROP]
+            check.rows.append(CheckRow(run, drop, target, passed=drop <= target))
+    if not check.rows:
+        check.not_measurable.append(f"no distill or evaluate run here has {ACCURACY_DROP} "
+                                    "(distill with train.eval_at_end=true, or task=evaluate, logs it)")
+    return check
+
+
+def _memory_check(runs: Sequence[RunRecord], swept: Sequence[str], target: float) -> Check:
+    text = f"≤ {target:g}× the baseline's {PEAK_VRAM}"
+    if any(PEAK_VRAM in r.metrics for r in runs):
+        return _ratio_check(runs, swept, "VRAM saving", PEAK_VRAM, ("distill", "profile"), text, target,
+                            lambda ratio: ratio <= target)
+    check = Check("VRAM saving", PEAK_VRAM, text)
+    check.not_measurable.append(
+        f"no run here has {PEAK_VRAM}: they ran on the CPU, where peak resident memory ({PEAK_RSS}) is "
+        "measured instead; RSS is not VRAM, so the VRAM target is not judged (RSS is in the table)"
+    )
+    return check
+
+
+def _ratio_check(runs: Sequence[RunRecord], swept: Sequence[str], title: str, metric: str, tasks: Tuple[str, ...],
+                 target_text: str, target: float, ok: Callable[[float], bool]) -> Check:
+    check = Check(title, metric, target_text)
+    relevant = [r for r in runs if r.task in tasks and metric in r.metrics]
+    if not relevant:
+        check.not_measurable.append(f"no {' or '.join(tasks)} run here has {metric}")
+        return check
+    compressed = [r for r in relevant if not is_baseline(r)]
+    if not compressed:
+        check.not_measurable.append("every run with this metric is a baseline (full-precision) run: "
+                                    "nothing compressed to compare")
+        return check
+    if not any(is_baseline(r) for r in relevant):
+        check.not_measurable.append(f"no full-precision baseline run with {metric} here (add precision=fp32 "
+                                    "to the sweep)")
+        return check
+    for run in compressed:
+        base = find_baseline(run, relevant, swept)
+        if base is None:
+            check.not_measurable.append(f"run {run.short_id}: no full-precision run with the same other swept values")
+            continue
+        base_value, value = base.metrics[metric], run.metrics[metric]
+        if base_value <= 0:
+            check.not_measurable.append(f"run {run.short_id}: its baseline {base.short_id} has {metric}={base_value}")
+            continue
+        ratio = value / base_value
+        check.rows.append(CheckRow(run, value, target, passed=ok(ratio), baseline=base,
+                                   baseline_value=base_value, ratio=ratio))
+    return check
+
+
+# ----------------------------------------------------------------------------- plots
+
+
+@dataclass
+class Plot:
+    file: str
+    title: str
+    skipped: Optional[str] = None  # why it was left out
+
+
+def memory_metric(runs: Sequence[RunRecord]) -> Optional[str]:
+    """The peak-memory metric the plots use: VRAM when any run has it, else RSS (labelled so)."""
+    if any(PEAK_VRAM in r.metrics for r in runs):
+        return PEAK_VRAM
+    if any(PEAK_RSS in r.metrics for r in runs):
+        return PEAK_RSS
+    return None
+
+
+def _axis_label(metric: str) -> str:
+    for name, header, _ in METRIC_COLUMNS:
+        if name == metric:
+            return f"{header}  ({metric})"
+    return metric
+
+
+def make_plots(runs: Sequence[RunRecord], out_dir: Path, histories: Dict[str, List[Tuple[int, float]]]) -> List[Plot]:
+    """Write the PNGs that have data; `histories`: run id -> train/loss (step, value) history."""
+    swept = swept_keys(runs)
+    memory = memory_metric(runs)
+    plots = []
+    scatter_specs = [
+        ("throughput_vs_memory.png", "Training throughput vs peak memory, by precision", TRAIN_THROUGHPUT),
+        ("accuracy_vs_memory.png", "Student accuracy vs peak memory, by precision", "eval/student_accuracy"),
+    ]
+    for file, title, y_metric in scatter_specs:
+        points = [r for r in runs if memory and memory in r.metrics and y_metric in r.metrics]
+        if not points:
+            needs = f"{memory or f'{PEAK_VRAM} or {PEAK_RSS}'} and {y_metric}"
+            plots.append(Plot(file, title, skipped=f"no run here has both {needs}"))
+            continue
+        _scatter(out_dir / file, title, points, memory, y_metric, swept)
+        plots.append(Plot(file, title))
+    curves = {r.run_id: histories[r.run_id] for r in runs if histories.get(r.run_id)}
+    if not curves:
+        plots.append(Plot("loss_curves.png", "Training loss curves", skipped="no run here has a train/loss history"))
+    else:
+        _loss_curves(out_dir / "loss_curves.png", [r for r in runs if r.run_id in curves], curves, swept)
+        plots.append(Plot("loss_curves.png", "Training loss curves (train/loss per optimizer step)"))
+    for plot in plots:
+        if plot.skipped:  # no stale picture from an earlier report in the same directory
+            (out_dir / plot.file).unlink(missing_ok=True)
+    return plots
+
+
+def _figure():
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    figure = Figure(figsize=(7, 4.5), dpi=100)
+    return figure, figure.add_subplot()
+
+
+def _scatter(path: Path, title: str, points: Sequence[RunRecord], x_metric: str, y_metric: str,
+             swept: Sequence[str]) -> None:
+    figure, ax = _figure()
+    precisions = sorted({r.params.get("precision.name", "?") for r in points})
+    colours = {p: f"C{i % 10}" for i, p in enumerate(precisions)}
+    for precision in precisions:
+        group = [r for r in points if r.params.get("precision.name", "?") == precision]
+        ax.scatter([r.metrics[x_metric] for r in group], [r.metrics[y_metric] for r in group],
+                   color=colours[precision], label=precision, s=50)
+        for r in group:
+            ax.annotate(run_label(r, swept), (r.metrics[x_metric], r.metrics[y_metric]),
+                        textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel(_axis_label(x_metric))
+    ax.set_ylabel(_axis_label(y_metric))
+    ax.set_title(title, fontsize=10)
+    ax.legend(title="precision.name", fontsize=8)
+    ax.grid(alpha=0.3)
+    _save(figure, path)
+
+
+def _loss_curves(path: Path, runs: Sequence[RunRecord], curves: Dict[str, List[Tuple[int, float]]],
+                 swept: Sequence[str]) -> None:
+    figure, ax = _figure()
+    for run in runs:
+        steps, values = zip(*curves[run.run_id])
+        ax.plot(steps, values, label=f"{run_label(run, swept)} ({run.short_id})", linewidth=1.2)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train/loss")
+    ax.set_title("Training loss", fontsize=10)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    _save(figure, path)
+
+
+def _save(figure: Any, path: Path) -> None:
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    write_atomically(path, buffer.getvalue())
+
+
+def write_atomically(path: Path, data: Any) -> None:
+    """Write `data` (str or bytes) to a temporary file beside `path`, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(raw)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------- rendering
+
+
+# Inline Markdown syntax (a table cell is parsed inline only): escaped with a backslash. An
+# underscore inside a word (forward_kl) is no emphasis and stays as it is, for readable Markdown.
+_MD_SPECIAL = re.compile(r"[\\`*\[\]<>|&~]|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z])")
+
+
+def md_escape(value: Any) -> str:
+    """Text safe in a Markdown table cell or line: inline syntax backslash-escaped, newlines flattened."""
+    text = fmt(value).replace("\r", " ").replace("\n", " ")
+    return _MD_SPECIAL.sub(lambda m: "\\" + m.group(0), text)
+
+
+def md_unescape(text: str) -> str:
+    """The inverse of md_escape (for reading a report's table back)."""
+    return re.sub(r"\\(.)", r"\1", text)
+
+
+def _md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> List[str]:
+    lines = ["| " + " | ".join(md_escape(h) for h in headers) + " |",
+             "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(md_escape(v) for v in row) + " |" for row in rows]
+    return lines
+
+
+def render_markdown(selection: Selection, table: Table, checks: List[Check], plots: List[Plot],
+                    generated: str) -> str:
+    lines = [f"# FirstSight report: experiment {md_escape(selection.experiment)}", ""]
+    lines += [
+        f"- MLflow store: {md_escape(selection.store)}",
+        f"- Runs: {md_escape(selection.scope)}; {len(table.rows)} rows",
+    ]
+    if selection.left_out:
+        lines.append("- Left out: " + md_escape("; ".join(f"{n} {why}" for why, n in selection.left_out.items())))
+    lines += [f"- Generated: {md_escape(generated)}", ""]
+
+    lines += ["## Comparison", ""]
+    lines += _md_table([c.header for c in table.columns], table.rows)
+    swept = [c.key for c in table.columns if c.kind == "param" and c.key != "task"]
+    lines += ["", "Swept values: " + (", ".join(f"`{k}`" for k in swept) if swept else
+                                      "none (the runs share every param)") +
+              " (the params that differ among these runs). An empty cell: the run did not log that metric."]
+    metric_columns = [c for c in table.columns if c.kind == "metric"]
+    if metric_columns:
+        meaning = {m: text for m, _, text in METRIC_COLUMNS}
+        lines += ["", "| column | MLflow metric | meaning |", "|---|---|---|"]
+        lines += [f"| {md_escape(c.header)} | `{c.key}` | {md_escape(meaning[c.key])} |" for c in metric_columns]
+    seeds = over_seeds(table)
+    if seeds:
+        headers, rows = seeds
+        lines += ["", "## Over seeds (mean ± std)", "",
+                  "The runs above grouped by every swept value but `seed`: mean ± sample standard deviation "
+                  "over the group's seeds.", ""]
+        lines += _md_table(headers, rows)
+    process_scoped = [r.short_id for r in table.runs if r.tags.get("firstsight.peak_memory_scope") == "process"]
+    if process_scoped:
+        lines += ["", "Peak memory of runs " + ", ".join(process_scoped) + " covers their whole process "
+                  "(earlier jobs of the same process included), not that job alone."]
+
+    lines += ["", "## Target checks", "", BASELINE_RULE, ""]
+    for check in checks:
+        lines += [f"### {check.title}: {md_escape(check.target_text)}", ""]
+        if check.rows:
+            swept_all = swept_keys(table.runs)
+            if check.rows[0].baseline is None:
+                headers = ["run", "task", "label", "teacher acc", "student acc", "drop", "target", "result"]
+                rows = [[r.run.short_id, r.run.task, run_label(r.run, swept_all),
+                         fmt(r.run.metrics.get("eval/teacher_accuracy")), fmt(r.run.metrics.get("eval/student_accuracy")),
+                         fmt(r.value), f"≤ {r.target:g}", _verdict(r.passed)] for r in check.rows]
+            else:
+                headers = ["run", "label", "value", "baseline run", "baseline value", "ratio", "target", "result"]
+                sign = "≥" if check.metric == TRAIN_THROUGHPUT else "≤"
+                rows = [[r.run.short_id, run_label(r.run, swept_all), fmt(r.value), r.baseline.short_id,
+                         fmt(r.baseline_value), f"{r.ratio:.3f}×", f"{sign} {r.target:g}×", _verdict(r.passed)]
+                        for r in check.rows]
+            lines += _md_table(headers, rows) + [""]
+        for why in check.not_measurable:
+            lines += [f"- Not measurable: {md_escape(why)}"]
+        if check.not_measurable:
+            lines.append("")
+    passed = sum(c.passed for c in checks)
+    failed = sum(c.failed for c in checks)
+    lines += [f"In all: {passed} PASS, {failed} FAIL, "
+              f"{sum(1 for c in checks if not c.rows)} of {len(checks)} checks not measurable at all.", ""]
+
+    lines += ["## Plots", ""]
+    for plot in plots:
+        lines += [f"### {md_escape(plot.title)}", ""]
+        if plot.skipped:
+            lines += [f"Not drawn: {md_escape(plot.skipped)}.", ""]
+        else:
+            lines += [f"![{md_escape(plot.title)}]({plot.file})", ""]
+    return "\n".join(lines)
+
+
+def _verdict(passed: bool) -> str:
+    return "PASS" if passed else "FAIL"
+
+
+_HTML_TEMPLATE = """<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>{{ title }}</title>
+<style>
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 80em; padding: 0 1em; color: #222; }
+table { border-collapse: collapse; margin: 0.5em 0; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f3f3f3; }
+tr:nth-child(even) td { background: #fafafa; }
+img { max-width: 100%; }
+code { background: #f3f3f3; padding: 0 0.2em; }
+</style>
+</head>
+<body>
+{{ body }}
+</body>
+</html>
+"""
+
+
+def render_html(markdown_text: str, title: str) -> str:
+    """report.md as a standalone page: CommonMark + tables, raw HTML in the text escaped."""
+    from jinja2 import Environment
+    from markdown_it import MarkdownIt
+    from markupsafe import Markup
+
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown_text)
+    template = Environment(autoescape=True).from_string(_HTML_TEMPLATE)
+    return template.render(title=title, body=Markup(body))
+
+
+def table_csv(table: Table) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["run_id"] + [c.key for c in table.columns[1:]])
+    for run, row in zip(table.runs, table.rows):
+        writer.writerow([run.run_id] + ["" if v is None else repr(v) if isinstance(v, float) else v for v in row[1:]])
+    return out.getvalue()
+
+
+# ----------------------------------------------------------------------------- MLflow
+
+
+def read_runs(cfg: DictConfig, own_run_id: Optional[str] = None) -> Tuple[Any, Selection]:
+    """The client and the selected runs of `task.experiment` (default: tracking.experiment_name)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from firstsight.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(cfg)
+    client = MlflowClient(tracking_uri=uri)
+    store = uri or mlflow.get_tracking_uri()
+    name = cfg.task.experiment or cfg.tracking.experiment_name
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        names = sorted(e.name for e in _all_pages(lambda token: client.search_experiments(page_token=token)))
+        raise FirstSightError(
+            f"task.experiment={name!r}: no MLflow experiment of that name in {store}. "
+            f"Experiments there: {', '.join(repr(n) for n in names) or 'none'}."
+        )
+    runs = _all_pages(lambda token: client.search_runs(
+        [experiment.experiment_id], max_results=1000, order_by=["attributes.start_time DESC"], page_token=token))
+    records = [RunRecord(run_id=r.info.run_id, name=r.info.run_name or "", status=r.info.status,
+                         start_time=r.info.start_time or 0, params=dict(r.data.params),
+                         metrics=dict(r.data.metrics), tags=dict(r.data.tags)) for r in runs]
+    selection = select_runs(records, experiment=name, store=store, sweep=cfg.task.sweep,
+                            include_failed=cfg.task.include_failed, max_runs=cfg.task.max_runs,
+                            own_run_id=own_run_id)
+    return client, selection
+
+
+def _all_pages(fetch: Callable[[Optional[str]], Any]) -> List[Any]:
+    items: List[Any] = []
+    token: Optional[str] = None
+    while True:
+        page = fetch(token)
+        items.extend(page)
+        token = page.token
+        if not token:
+            return items
+
+
+def loss_histories(client: Any, runs: Sequence[RunRecord]) -> Dict[str, List[Tuple[int, float]]]:
+    """train/loss per optimizer step of the first MAX_LOSS_CURVES runs that logged it."""
+    histories = {}
+    for run in [r for r in runs if "train/loss" in r.metrics][:MAX_LOSS_CURVES]:
+        history = client.get_metric_history(run.run_id, "train/loss")
+        histories[run.run_id] = sorted((m.step, m.value) for m in history)
+    return histories
+
+
+def report(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
+    from firstsight.job import job_output_dir
+
+    task = cfg.task
+    client, selection = read_runs(cfg, own_run_id=getattr(tracker, "run_id", None))
+    out_dir = Path(task.output_dir) if task.output_dir else job_output_dir() / "report"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = selection.runs
+    table = build_table(runs)
+    checks = target_checks(runs, task.accuracy_drop_target, task.throughput_gain_target, task.vram_saving_target)
+    histories = loss_histories(client, runs)
+    plots = make_plots(runs, out_dir, histories)
+    if sum(1 for r in runs if "train/loss" in r.metrics) > MAX_LOSS_CURVES:
+        for plot in plots:
+            if plot.file == "loss_curves.png" and not plot.skipped:
+                plot.title += f" — the first {MAX_LOSS_CURVES} runs only"
+    generated = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+    markdown_text = render_markdown(selection, table, checks, plots, generated)
+    write_atomically(out_dir / "report.md", markdown_text)
+    write_atomically(out_dir / "report.html",
+                     render_html(markdown_text, f"FirstSight report: {selection.experiment}"))
+    write_atomically(out_dir / "runs.csv", table_csv(table))
+    tracker.set_tags({
+        "firstsight.report_experiment": selection.experiment,
+        "firstsight.report_scope": selection.scope,
+        "firstsight.report_dir": str(out_dir.resolve()),
+    })
+    tracker.log_artifacts(str(out_dir), "report")
+    metrics = {
+        "report/runs": float(len(runs)),
+        "report/checks_passed": float(sum(c.passed for c in checks)),
+        "report/checks_failed": float(sum(c.failed for c in checks)),
+        "report/plots": float(sum(1 for p in plots if not p.skipped)),
+    }
+    tracker.log_metrics(metrics)
+    tracker.flush()
+    log.info("report of %d runs (%s) written to %s", len(runs), selection.scope, out_dir)
+    return metrics

@@ -1,0 +1,161 @@
+"""The kd loss against sparse (top-k) teacher targets, as a teacher-logit cache stores them.
+
+A cache (firstsight/teacher_cache.py) keeps, per answer token, the teacher's k most probable
+token ids and their log-probabilities at temperature T over the student's vocabulary rows (the
+teacher's padding rows cut away first, as KDLoss does), plus the log of the tail mass
+explicitly:
+
+    p_tail = 1 - sum_{j in top-k} p_j       stored as  log p_tail = logsumexp_{v not in top-k} log p_v
+
+so the k+1 buckets {p_j (j in top-k), p_tail} are the teacher's distribution coarsened to a
+partition of the vocabulary, and they sum to one exactly (no renormalisation of the top-k).
+
+The student's distribution q = softmax(student_logits / T) is coarsened to the same partition:
+
+    q_j (j in top-k),   q_tail = 1 - sum_{j in top-k} q_j = sum_{v not in top-k} q_v,
+
+with log q_tail computed as a logsumexp of the student's log-probabilities over the ids outside
+the top-k (no cancellation: exact and stable however small the tail), and the subclass's own
+divergence (forward/reverse KL, JSD, skew KLs, NoKD) is applied to the two (k+1)-bucket
+distributions, row by row:
+
+    kd = mean over answer tokens of D(p_buckets, q_buckets)
+
+By the data-processing inequality this is a lower bound of the full-vocabulary divergence for
+each of these f-divergences; it equals it when k = V (every id is its own bucket and the tail
+bucket is empty, so it is dropped) and tests/test_teacher_cache.py checks that, value and
+gradient. The CE term is exactly KDLoss's (the student's logits and the labels only), and the
+total is the same alpha * T**2 * kd + (1 - alpha) * ce. The student's rows are processed in
+chunks of ``chunk_size`` under activation checkpointing, as in KDLoss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["SparseTargets", "topk_targets", "sparse_kd_loss"]
+
+
+@dataclass
+class SparseTargets:
+    """The teacher's top-k targets of the answer tokens of one (micro-)batch, in the order of
+    ``(labels[:, 1:] != -100).nonzero()`` (row by row, position by position): N rows."""
+
+    token_ids: Tensor  # [N, k] integer ids into the student's vocabulary (distinct per row)
+    logprobs: Tensor  # [N, k] log p of those ids at temperature T
+    tail_logprob: Tensor  # [N] log(1 - sum of those p); -inf when k = V (no tail)
+    labels: Optional[Tensor] = None  # [N] the answer token of each row, checked against the batch's
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.token_ids.shape[0])
+
+    @property
+    def top_k(self) -> int:
+        return int(self.token_ids.shape[1])
+
+    def to(self, device: Any) -> "SparseTargets":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return SparseTargets(move(self.token_ids), move(self.logprobs), move(self.tail_logprob), move(self.labels))
+
+
+def topk_targets(teacher_rows: Tensor, vocab: int, top_k: int, temperature: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(ids [N, k], log p [N, k], log p_tail [N]) of teacher logit rows [N, Vt >= vocab]: the rows
+    beyond ``vocab`` (padding) are dropped, then p = softmax(rows / T), in float32 (float64 stays
+    float64). The ids come sorted by decreasing probability."""
+    if teacher_rows.dim() != 2 or teacher_rows.shape[-1] < vocab:
+        raise ValueError(f"teacher rows must be [N, >= {vocab}], got {tuple(teacher_rows.shape)}")
+    if not 1 <= top_k <= vocab:
+        raise ValueError(f"top_k must lie in [1, {vocab}] (the student's vocabulary), got {top_k}")
+    dtype = torch.promote_types(teacher_rows.dtype, torch.float32)
+    logits = teacher_rows[:, :vocab].to(dtype)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logprobs = F.log_softmax(logits, dim=-1)
+    top, ids = logprobs.topk(top_k, dim=-1)
+    if top_k == vocab:
+        tail = logprobs.new_full(top.shape[:1], float("-inf"))
+    else:
+        tail = torch.logsumexp(logprobs.scatter(-1, ids, float("-inf")), dim=-1)
+    return ids, top, tail
+
+
+def sparse_kd_loss(
+    loss_fn: Any,
+    student_logits: Tensor,
+    targets: SparseTargets,
+    labels: Tensor,
+    num_answer_tokens: Optional[int] = None,
+) -> Any:
+    """What ``loss_fn(student_logits, teacher_logits, labels, num_answer_tokens)`` computes, with
+    the teacher given as top-k targets (see the module docstring); returns a KDLossOutput."""
+    from firstsight.losses import KDLoss, KDLossOutput
+
+    positions, answers = KDLoss._answer_positions(student_logits, student_logits, labels)
+    num_tokens = answers.numel()
+    if targets.num_rows != num_tokens:
+        raise ValueError(
+            f"the sparse teacher targets have {targets.num_rows} rows but the batch has {num_tokens} answer tokens"
+        )
+    if targets.labels is not None and num_tokens and not torch.equal(targets.labels.to(answers), answers):
+        raise ValueError("the sparse teacher targets were computed for other answer tokens than this batch's")
+    if num_answer_tokens is None:
+        denominator = num_tokens
+    else:
+        denominator = int(num_answer_tokens)
+        if denominator < num_tokens:
+            raise ValueError(
+                f"num_answer_tokens={denominator} is smaller than this micro-batch's "
+                f"{num_tokens} answer tokens; pass the count of the whole accumulated batch"
+            )
+    vocab = student_logits.shape[-1]
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, targets.logprobs.dtype), torch.float32)
+    student_rows = student_logits[positions]
+    if num_tokens == 0:
+        zero = student_rows.to(dtype).sum()
+        return KDLossOutput(loss=zero, kd_loss=zero.detach(), ce_loss=zero.detach(), num_tokens=0)
+    ids = targets.token_ids.to(student_logits.device).long()
+    if ids.shape[1] > vocab or int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ValueError(f"sparse target ids must be at most {vocab} ids in [0, {vocab}) (the student's vocabulary)")
+    with_tail = ids.shape[1] < vocab  # k = V: the top-k is the whole vocabulary, the tail bucket is empty
+    teacher_logprobs = targets.logprobs.detach().to(student_logits.device)
+    teacher_tail = targets.tail_logprob.detach().to(student_logits.device)
+
+    def chunk_sums(s: Tensor, i: Tensor, t: Tensor, t_tail: Tensor, y: Tensor):
+        student_logprobs = F.log_softmax(loss_fn._scaled(s.to(dtype)), dim=-1)
+        student_buckets = student_logprobs.gather(-1, i)
+        teacher_buckets = t.to(dtype)
+        if with_tail:
+            # log sum_{v not in top-k} q_v: the masked entries get exactly zero gradient
+            student_tail = torch.logsumexp(student_logprobs.scatter(-1, i, float("-inf")), dim=-1, keepdim=True)
+            student_buckets = torch.cat([student_buckets, student_tail], dim=-1)
+            teacher_buckets = torch.cat([teacher_buckets, t_tail.to(dtype).unsqueeze(-1)], dim=-1)
+        kd = loss_fn.divergence(teacher_buckets, student_buckets).sum()
+        # the CE term exactly as KDLoss._chunk_sums computes it
+        if loss_fn.temperature == 1.0:
+            ce = F.nll_loss(student_logprobs, y, reduction="sum")
+        else:
+            ce = F.cross_entropy(s.to(dtype), y, reduction="sum")
+        return kd, ce
+
+    recompute = torch.is_grad_enabled() and student_rows.requires_grad
+    size = loss_fn.chunk_size
+    kd_sum = ce_sum = None
+    for args in zip(student_rows.split(size), ids.split(size), teacher_logprobs.split(size),
+                    teacher_tail.split(size), answers.split(size)):
+        if recompute:
+            kd, ce = checkpoint(chunk_sums, *args, use_reentrant=False, preserve_rng_state=False)
+        else:
+            kd, ce = chunk_sums(*args)
+        kd_sum = kd if kd_sum is None else kd_sum + kd
+        ce_sum = ce if ce_sum is None else ce_sum + ce
+    kd_loss = kd_sum / denominator
+    ce_loss = ce_sum / denominator
+    loss = loss_fn.alpha * loss_fn.temperature**2 * kd_loss + (1.0 - loss_fn.alpha) * ce_loss
+    return KDLossOutput(loss=loss, kd_loss=kd_loss.detach(), ce_loss=ce_loss.detach(), num_tokens=num_tokens)

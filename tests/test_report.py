@@ -1,0 +1,378 @@
+"""The report task: a real sweep read back through MLflow by `python run.py task=report`, and the
+pure selection / table / baseline / target logic on synthetic run records."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, compose
+from firstsight.errors import FirstSightError
+from firstsight.report import (
+    RunRecord, Selection, build_table, find_baseline, fmt, make_plots, md_escape, md_unescape, over_seeds,
+    render_html, render_markdown, select_runs, swept_keys, target_checks,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PLOTS = ("throughput_vs_memory.png", "accuracy_vs_memory.png", "loss_curves.png")
+SWEEP = ("-m", "precision=fp32,bf16", "train.max_steps=3", "train.throughput_warmup_steps=1", "hardware.batch_size=2",
+         "train.eval_at_end=true", "data.validation_size=16", "train.save_checkpoint=false",
+         "train.progress_bar=false")
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def sweep_dir(cache_dir, tmp_path_factory):
+    """A working directory holding one real 2-job sweep (fp32, bf16) in its default MLflow store."""
+    workdir = tmp_path_factory.mktemp("report-sweep")
+    result = _cli(workdir, cache_dir, *SWEEP)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def _cli(workdir, cache_dir, *args):
+    env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=workdir, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def _client(workdir):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+
+
+def _runs(workdir):
+    client = _client(workdir)
+    experiment = client.get_experiment_by_name("firstsight")
+    return client.search_runs([experiment.experiment_id], max_results=1000)
+
+
+def _jobs(workdir):
+    return [r for r in _runs(workdir) if r.data.tags.get("firstsight.task") == "distill"
+            and r.data.tags.get("firstsight.role") != "sweep" and r.info.status == "FINISHED"
+            and r.data.tags.get("firstsight.sweep_id", "none") != "none"]
+
+
+def _latest_report_run(workdir):
+    reports = [r for r in _runs(workdir) if r.data.tags.get("firstsight.task") == "report"]
+    return max(reports, key=lambda r: r.info.start_time)
+
+
+def _md_section_table(markdown, heading):
+    """The first table after `heading`: (headers, rows) with cells unescaped."""
+    lines = markdown.split(heading, 1)[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = []
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        table.append([md_unescape(c.strip()) for c in re.split(r"(?<!\\)\|", line)[1:-1]])
+    return table[0], table[2:]
+
+
+def _add_fake_runs(workdir):
+    """Beside the sweep: a FAILED distill job of no sweep, and a run FirstSight did not create."""
+    client = _client(workdir)
+    experiment_id = client.get_experiment_by_name("firstsight").experiment_id
+    failed = client.create_run(experiment_id, run_name="failed", tags={"firstsight.task": "distill",
+                                                                        "firstsight.sweep_id": "none"})
+    client.log_param(failed.info.run_id, "precision.name", "fp16")
+    client.set_terminated(failed.info.run_id, "FAILED")
+    other = client.create_run(experiment_id, run_name="someone else's")
+    client.set_terminated(other.info.run_id, "FINISHED")
+    return failed.info.run_id
+
+
+def test_report_over_a_real_sweep(sweep_dir, cache_dir):
+    failed_id = _add_fake_runs(sweep_dir)
+    result = _cli(sweep_dir, cache_dir, "task=report")
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = _jobs(sweep_dir)
+    assert len(jobs) == 2
+    report_run = _latest_report_run(sweep_dir)
+    assert report_run.info.status == "FINISHED"
+    assert report_run.data.metrics["report/runs"] == 2
+    out = Path(report_run.data.tags["firstsight.report_dir"])
+    assert out.name == "report" and out.parent.parent.parent == sweep_dir / "outputs"  # <job output dir>/report
+    markdown = (out / "report.md").read_text()
+
+    # one row per job; swept values and numbers are those MLflow holds for the run
+    headers, rows = _md_section_table(markdown, "## Comparison")
+    assert len(rows) == 2
+    assert "precision.name" in headers and "task" in headers
+    assert "peak RSS GB (CPU)" in headers and not any("VRAM" in h for h in headers)  # CPU: RSS, never VRAM
+    by_id = {r.info.run_id[:8]: r for r in jobs}
+    assert {row[0] for row in rows} == set(by_id)
+    assert failed_id[:8] not in markdown  # FAILED runs only with task.include_failed=true
+    columns = {"train tokens/s": "perf/throughput_tokens_per_s", "peak RSS GB (CPU)": "perf/peak_rss_gb",
+               "KD loss (last)": "train/kd_loss", "student acc": "eval/student_accuracy",
+               "acc drop": "eval/accuracy_drop", "weights GB": "model/weights_gb"}
+    for row in rows:
+        run = by_id[row[0]]
+        cells = dict(zip(headers, row))
+        assert cells["task"] == "distill"
+        assert cells["precision.name"] == run.data.params["precision.name"]
+        for header, metric in columns.items():
+            assert cells[header] == fmt(run.data.metrics[metric]), (header, cells[header])
+    with open(out / "runs.csv", newline="") as f:
+        records = list(csv.DictReader(f))
+    for record in records:  # full precision
+        run = next(r for r in jobs if r.info.run_id == record["run_id"])
+        for metric in columns.values():
+            assert float(record[metric]) == run.data.metrics[metric]
+
+    # target checks: bf16 against the fp32 baseline, measured; VRAM not measurable on a CPU
+    by_precision = {r.data.params["precision.name"]: r for r in jobs}
+    ratio = (by_precision["bf16"].data.metrics["perf/throughput_tokens_per_s"]
+             / by_precision["fp32"].data.metrics["perf/throughput_tokens_per_s"])
+    headers, rows = _md_section_table(markdown, "### Training throughput gain")
+    assert len(rows) == 1
+    cells = dict(zip(headers, rows[0]))
+    assert cells["run"] == by_precision["bf16"].info.run_id[:8]
+    assert cells["baseline run"] == by_precision["fp32"].info.run_id[:8]
+    assert cells["ratio"] == f"{ratio:.3f}×" and cells["result"] == ("PASS" if ratio >= 2 else "FAIL")
+    vram = markdown.split("### VRAM saving", 1)[1].split("###", 1)[0]
+    assert "Not measurable" in vram and "perf/peak_rss_gb" in vram
+    headers, rows = _md_section_table(markdown, "### Accuracy drop")
+    assert len(rows) == 2 and {dict(zip(headers, r))["result"] for r in rows} <= {"PASS", "FAIL"}
+
+    # plots: real PNGs, referenced from both documents; everything logged on the report's own run
+    for name in PLOTS:
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC
+        assert f"]({name})" in markdown
+    html = (out / "report.html").read_text()
+    assert "<table>" in html and f'<img src="{PLOTS[0]}"' in html
+    artifacts = {Path(a.path).name for a in _client(sweep_dir).list_artifacts(report_run.info.run_id, "report")}
+    assert {"report.md", "report.html", "runs.csv", *PLOTS} <= artifacts
+    assert not list(out.glob(".*tmp*"))  # atomic writes leave nothing behind
+
+
+def test_report_on_the_latest_sweep_leaves_earlier_reports_out(sweep_dir, cache_dir):
+    result = _cli(sweep_dir, cache_dir, "task=report", "task.sweep=latest", "task.include_failed=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report_run = _latest_report_run(sweep_dir)
+    markdown = (Path(report_run.data.tags["firstsight.report_dir"]) / "report.md").read_text()
+    parent = next(r for r in _runs(sweep_dir) if r.data.tags.get("firstsight.role") == "sweep")
+    assert f"parent run {parent.info.run_id}" in markdown
+    headers, rows = _md_section_table(markdown, "## Comparison")
+    assert sorted(dict(zip(headers, r))["precision.name"] for r in rows) == ["bf16", "fp32"]
+    assert "status" not in headers  # the FAILED run is of no sweep: not in this one
+    assert report_run.data.metrics["report/runs"] == 2
+
+
+def test_selecting_a_sweep_by_directory_or_parent_run(sweep_dir):
+    """Read back in-process (another working directory): the sweep's dir, relative or absolute, or its parent id."""
+    from firstsight.report import read_runs
+
+    parent = next(r for r in _runs(sweep_dir) if r.data.tags.get("firstsight.role") == "sweep")
+    relative = parent.data.tags["firstsight.sweep_id"]
+    job_ids = {r.info.run_id for r in _jobs(sweep_dir)}
+    for sweep in (relative, str(sweep_dir / relative), str(sweep_dir / relative) + "/", parent.info.run_id,
+                  parent.info.run_id[:8]):
+        cfg = compose(["task=report", f"task.sweep={sweep}", f"tracking.tracking_uri=sqlite:///{sweep_dir / 'mlflow.db'}"])
+        _, selection = read_runs(cfg)
+        assert {r.run_id for r in selection.runs} == job_ids, sweep
+    cfg = compose(["task=report", "task.sweep=multirun/1999-01-01/00-00-00",
+                   f"tracking.tracking_uri=sqlite:///{sweep_dir / 'mlflow.db'}"])
+    with pytest.raises(FirstSightError, match=re.escape(relative)):  # names the sweeps there
+        read_runs(cfg)
+
+
+def test_report_over_a_missing_experiment_exits_2(sweep_dir, cache_dir):
+    result = _cli(sweep_dir, cache_dir, "task=report", "task.experiment=nope")
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "'nope'" in result.stderr and "'firstsight'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_report_over_an_empty_experiment_exits_2(run_cli, tmp_path):
+    result = run_cli("task=report")
+    assert result.returncode == 2
+    assert "no job runs to report in experiment 'firstsight'" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("override, named", [
+    ("task.max_runs=0", "task.max_runs=0"),
+    ("task.accuracy_drop_target=5", "task.accuracy_drop_target=5.0"),
+    ("task.vram_saving_target=0", "task.vram_saving_target=0.0"),
+    ("task.throughput_gain_target=-1", "task.throughput_gain_target=-1.0"),
+])
+def test_bad_report_settings_are_refused(override, named):
+    from firstsight.errors import ConfigError
+    from firstsight.validate import validate
+
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        validate(compose(["task=report", override]))
+
+
+# ----------------------------------------------------------------------------- pure logic
+
+
+def _run(run_id, task="distill", precision="fp32", status="FINISHED", start=0, metrics=None, params=None, tags=None):
+    dtype, quantization = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"),
+                           "nf4": ("bfloat16", "nf4")}[precision]
+    return RunRecord(
+        run_id=run_id, status=status, start_time=start,
+        params={"task.name": task, "precision.name": precision, "precision.dtype": dtype,
+                "precision.quantization": quantization, "precision.teacher_quantization": "None",
+                "lora.enabled": str(precision == "nf4"), "seed": "0", "tracking.run_name": run_id,
+                **(params or {})},
+        metrics=dict(metrics or {}),
+        tags={"firstsight.task": task, "firstsight.sweep_id": "none", **(tags or {})},
+    )
+
+
+def test_swept_keys_are_the_params_that_differ():
+    a = _run("a" * 32, params={"distill_loss.temperature": "1.0"})
+    b = _run("b" * 32, precision="bf16", params={"distill_loss.temperature": "1.0"})
+    c = _run("c" * 32, task="profile", params={"task.target": "student"})
+    assert swept_keys([a, b]) == ["precision.dtype", "precision.name"]  # run names (tracking.*) never count
+    keys = swept_keys([a, b, c])
+    assert "task.target" in keys and "distill_loss.temperature" in keys  # absent in some runs: differs
+    assert "task.name" not in keys and "seed" not in keys
+
+
+def test_table_columns_rows_and_empty_cells():
+    a = _run("a" * 32, metrics={"perf/peak_rss_gb": 1.5, "train/kd_loss": 0.25}, start=1)
+    b = _run("b" * 32, precision="bf16", metrics={"perf/peak_vram_gb": 3.0}, status="FAILED", start=2)
+    table = build_table([a, b])
+    keys = [c.key for c in table.columns]
+    assert keys == ["run", "status", "task", "precision.dtype", "precision.name",
+                    "perf/peak_vram_gb", "perf/peak_rss_gb", "train/kd_loss"]
+    headers = {c.key: c.header for c in table.columns}
+    assert "VRAM" in headers["perf/peak_vram_gb"] and "RSS" in headers["perf/peak_rss_gb"]
+    assert table.column("perf/peak_rss_gb") == [1.5, None]
+    assert table.column("status") == ["FINISHED", "FAILED"]
+    assert [fmt(v) for v in table.column("perf/peak_vram_gb")] == ["", "3"]
+    assert "status" not in [c.key for c in build_table([a]).columns]
+
+
+def _tree(*pairs):
+    """Records of a sweep: (run id, precision, temperature, throughput, vram)."""
+    return [_run(rid, precision=p, start=i, params={"distill_loss.temperature": t},
+                 metrics={"perf/throughput_tokens_per_s": tput, "perf/peak_vram_gb": vram})
+            for i, (rid, p, t, tput, vram) in enumerate(pairs)]
+
+
+def test_the_baseline_is_the_fp32_run_with_the_same_other_swept_values():
+    runs = _tree(("f1", "fp32", "1", 100.0, 10.0), ("f4", "fp32", "4", 120.0, 10.0),
+                 ("b1", "bf16", "1", 250.0, 6.0), ("b4", "bf16", "4", 200.0, 4.0), ("n4", "nf4", "4", 90.0, 3.0))
+    swept = swept_keys(runs)
+    by_id = {r.run_id: r for r in runs}
+    assert find_baseline(by_id["b1"], runs, swept).run_id == "f1"
+    assert find_baseline(by_id["b4"], runs, swept).run_id == "f4"
+    assert find_baseline(by_id["n4"], runs, swept).run_id == "f4"  # precision and LoRA may differ
+    assert find_baseline(by_id["f4"], runs, swept) is None  # a baseline is not checked
+    accuracy, throughput, vram = target_checks(runs, 0.01, 2.0, 0.5)
+    assert [(r.run.run_id, r.baseline.run_id, r.ratio, r.passed) for r in throughput.rows] == [
+        ("b1", "f1", 2.5, True), ("b4", "f4", 200 / 120, False), ("n4", "f4", 90 / 120, False)]
+    assert [(r.run.run_id, r.ratio, r.passed) for r in vram.rows] == [
+        ("b1", 0.6, False), ("b4", 0.4, True), ("n4", 0.3, True)]
+    assert accuracy.not_measurable and not accuracy.rows
+
+
+def test_targets_without_a_baseline_or_vram_are_not_measurable():
+    no_fp32 = _tree(("b1", "bf16", "1", 250.0, 6.0), ("n1", "nf4", "1", 90.0, 3.0))
+    _, throughput, vram = target_checks(no_fp32, 0.01, 2.0, 0.5)
+    assert not throughput.rows and "no full-precision baseline" in throughput.not_measurable[0]
+    unmatched = _tree(("f1", "fp32", "1", 100.0, 10.0), ("b4", "bf16", "4", 250.0, 6.0))
+    _, throughput, _ = target_checks(unmatched, 0.01, 2.0, 0.5)
+    assert not throughput.rows and "b4" in throughput.not_measurable[0]
+    cpu = [_run("f", metrics={"perf/peak_rss_gb": 2.0}), _run("b", precision="bf16", metrics={"perf/peak_rss_gb": 1.0})]
+    _, _, vram = target_checks(cpu, 0.01, 2.0, 0.5)
+    assert not vram.rows and "RSS is not VRAM" in vram.not_measurable[0]
+
+
+def test_accuracy_drop_target():
+    runs = [_run("a", metrics={"eval/accuracy_drop": 0.005}), _run("b", task="evaluate", metrics={"eval/accuracy_drop": 0.02}),
+            _run("c", task="profile", metrics={"eval/accuracy_drop": 0.5})]
+    accuracy = target_checks(runs, 0.01, 2.0, 0.5)[0]
+    assert [(r.run.run_id, r.passed) for r in accuracy.rows] == [("a", True), ("b", False)]
+
+
+def _parent(run_id, sweep_dir, start):
+    return RunRecord(run_id=run_id, start_time=start, tags={"firstsight.role": "sweep", "firstsight.task": "distill",
+                                                            "firstsight.sweep_id": sweep_dir})
+
+
+def _child(run_id, parent, sweep_dir, start, status="FINISHED", job_num=0):
+    return _run(run_id, start=start, status=status, tags={
+        "mlflow.parentRunId": parent, "firstsight.sweep_id": sweep_dir, "firstsight.job_num": str(job_num),
+        "firstsight.output_dir": f"/launch/{sweep_dir}/{job_num}"})
+
+
+def test_selection_rules():
+    old, new = "multirun/d/old", "multirun/d/new"
+    records = [
+        _parent("p-old", old, 1), _child("c-old", "p-old", old, 2),
+        _parent("p-new", new, 10), _child("c-new-1", "p-new", new, 12, job_num=1),
+        _child("c-new-0", "p-new", new, 11, job_num=0), _child("c-new-x", "p-new", new, 13, status="FAILED", job_num=2),
+        _run("single", start=20), _run("running", start=21, status="RUNNING"),
+        _run("report", task="report", start=30), RunRecord("untagged", start_time=40),
+    ]
+    kw = dict(experiment="exp", store="sqlite:///x.db", cwd="/elsewhere")
+    everything = select_runs(records, **kw)
+    assert [r.run_id for r in everything.runs] == ["c-old", "c-new-0", "c-new-1", "single"]
+    assert everything.left_out["sweep parent runs"] == 2 and everything.left_out["report runs"] == 1
+    assert select_runs(records, include_failed=True, **kw).runs[-2].run_id == "c-new-x"
+    assert [r.run_id for r in select_runs(records, max_runs=2, **kw).runs] == ["c-new-1", "single"]
+    latest = select_runs(records, sweep="latest", **kw)
+    assert latest.sweep_parent.run_id == "p-new" and [r.run_id for r in latest.runs] == ["c-new-0", "c-new-1"]
+    for sweep in ("p-old", old, "./" + old, "/launch/" + old, "/launch/" + old + "/"):
+        assert [r.run_id for r in select_runs(records, sweep=sweep, **kw).runs] == ["c-old"], sweep
+    with pytest.raises(FirstSightError, match="multirun/d/new.*p-new"):
+        select_runs(records, sweep="multirun/d/nope", **kw)
+    with pytest.raises(FirstSightError, match="no job runs to report in experiment 'exp'"):
+        select_runs(records[-2:], **kw)
+    with pytest.raises(FirstSightError, match="holds no sweep"):
+        select_runs([_run("single")], sweep="latest", **kw)
+
+
+def test_values_are_escaped_in_markdown_and_html(tmp_path):
+    evil = "<script>alert(1)</script>|x"
+    runs = [_run("a" * 32, params={"model.name": evil}), _run("b" * 32, precision="bf16", params={"model.name": "tiny"})]
+    table = build_table(runs)
+    assert md_unescape(md_escape(evil)) == evil
+    selection = Selection(experiment="e<b>", store="s", runs=runs, scope="all")
+    plots = make_plots(runs, tmp_path, {})
+    assert all(p.skipped for p in plots) and not list(tmp_path.iterdir())  # no data: no picture, said so
+    markdown = render_markdown(selection, table, target_checks(runs, 0.01, 2, 0.5), plots, "now")
+    assert markdown.count("Not drawn:") == 3
+    html = render_html(markdown, "t")
+    assert "<script>" not in html and "&lt;script&gt;" in html and "e&lt;b&gt;" in html
+    _, rows = _md_section_table(markdown, "## Comparison")
+    assert evil in rows[0]  # one cell, the pipe kept inside it
+
+
+def test_plots_are_drawn_from_the_data(tmp_path):
+    runs = [_run("a" * 32, metrics={"perf/peak_rss_gb": 1.0, "perf/throughput_tokens_per_s": 10.0,
+                                    "eval/student_accuracy": 0.5, "train/loss": 1.0}),
+            _run("b" * 32, precision="bf16", metrics={"perf/peak_rss_gb": 0.8, "perf/throughput_tokens_per_s": 12.0})]
+    plots = make_plots(runs, tmp_path, {"a" * 32: [(1, 2.0), (2, 1.0)]})
+    assert not any(p.skipped for p in plots)
+    for name in PLOTS:
+        assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_runs_that_differ_by_seed_are_summarised_as_mean_and_std():
+    accuracies = {("none", "0"): 0.10, ("none", "1"): 0.20, ("none", "2"): 0.30,
+                  ("forward_kl", "0"): 0.40, ("forward_kl", "1"): 0.40}
+    runs = [_run(f"{loss}{seed}" * 8, start=i, params={"distill_loss.name": loss, "seed": seed},
+                 metrics={"eval/student_accuracy": acc})
+            for i, ((loss, seed), acc) in enumerate(accuracies.items())]
+    headers, rows = over_seeds(build_table(runs))
+    assert headers[:3] == ["task", "distill_loss.name", "seeds"]
+    by_loss = {row[1]: row for row in rows}
+    assert by_loss["none"][2] == "3" and by_loss["none"][3] == "0.2 ± 0.1"  # sample std of .1,.2,.3
+    assert by_loss["forward_kl"][2] == "2" and by_loss["forward_kl"][3] == "0.4 ± 0"
+    assert over_seeds(build_table(runs[:1] + runs[3:4])) is None  # seed not swept: no summary
