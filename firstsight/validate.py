@@ -56,8 +56,10 @@ def _get(cfg: DictConfig, key: str) -> Any:
     return node
 
 
-def validate(cfg: DictConfig, tasks: Optional[Mapping[str, Callable]] = None) -> None:
-    """Raise ConfigError for the first problem found in `cfg`."""
+def validate(cfg: DictConfig, tasks: Optional[Mapping[str, Callable]] = None, local_device: bool = True) -> None:
+    """Raise ConfigError for the first problem found in `cfg`. `local_device=False`: the job runs
+    elsewhere (a SLURM sweep checked on the submitting machine), so this machine's GPUs are not
+    looked at; the job checks them again where it runs."""
     if tasks is not None:
         _check(cfg.task.name in tasks, "task.name", cfg.task.name, f"choose one of {sorted(tasks)}")
     _validate_numbers(cfg)
@@ -79,7 +81,7 @@ def validate(cfg: DictConfig, tasks: Optional[Mapping[str, Callable]] = None) ->
     _validate_lora(cfg)
     _validate_teacher_cache(cfg)
     _validate_data(cfg)
-    _validate_hardware(cfg)
+    _validate_hardware(cfg, local_device)
     _validate_precision(cfg)
     for role in _roles_used(cfg):
         _validate_model_side(cfg, role)
@@ -243,7 +245,7 @@ def device_type(cfg: DictConfig) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _validate_hardware(cfg: DictConfig) -> None:
+def _validate_hardware(cfg: DictConfig, local_device: bool = True) -> None:
     hw = cfg.hardware
     _check(
         hw.attn_implementation in ATTN_IMPLEMENTATIONS,
@@ -260,6 +262,11 @@ def _validate_hardware(cfg: DictConfig) -> None:
             hw.attn_implementation,
             "flash_attention_2 needs a CUDA GPU; use sdpa or eager on the CPU",
         )
+        return
+    if not local_device:
+        _check(hw.num_gpus >= 1, "hardware.num_gpus", hw.num_gpus, "a CUDA job uses at least 1 GPU")
+        _check(hw.num_gpus == 1, "hardware.num_gpus", hw.num_gpus,
+               "data-parallel training over several GPUs is not implemented yet; use 1 (hardware=slurm)")
         return
     import torch
 

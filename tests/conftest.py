@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
+from typing import Dict, Iterator, List, Optional
 
 import pytest
 
@@ -44,8 +44,8 @@ def run_cli(cache_dir: Path, tmp_path: Path):
     """Run `python run.py <args>` with `tmp_path` as the working directory (so MLflow's default
     store, sqlite:///mlflow.db, and Hydra's outputs/ and multirun/ land there)."""
 
-    def run(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-        env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
+    def run(*args: str, timeout: int = 600, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+        env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1", **(env or {}))
         return subprocess.run(
             [sys.executable, str(ROOT / "run.py"), *args],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
@@ -64,3 +64,46 @@ def default_store_runs(workdir: Path):
         return mlflow.search_runs(experiment_names=["firstsight"], output_format="list")
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`python -m firstsight.server` on a free port with its own store; yields the URI it printed.
+    Shared by the tests that log through a server (each uses its own experiment)."""
+    import signal
+    import time
+
+    store = tmp_path_factory.mktemp("mlflow-server")
+    log_path = store / "server.log"
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "firstsight.server", "--port", str(free_port()),
+             "--store", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "mlartifacts")],
+            cwd=store, stdout=subprocess.PIPE, stderr=log, text=True,
+        )
+    try:
+        uri, deadline = None, time.time() + 120
+        while uri is None:
+            line = server.stdout.readline()
+            if line.startswith("export MLFLOW_TRACKING_URI="):
+                uri = line.split("=", 1)[1].strip()
+            elif not line:  # its stdout closed: it is exiting
+                if server.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"firstsight.server did not start: {log_path.read_text()[-3000:]}")
+                time.sleep(0.1)
+        yield uri
+    finally:
+        server.send_signal(signal.SIGTERM)  # it stops the mlflow server it started
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
