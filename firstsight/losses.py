@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +57,34 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100
+
+
+def sum_over_chunks(chunk_sums, chunks, recompute: bool):
+    """(Σ kd, Σ ce) of `chunk_sums(*args)` over `chunks`; with `recompute` each chunk runs under
+    activation checkpointing, so only one chunk's fp32 temporaries exist at a time in backward."""
+    kd_sum = ce_sum = None
+    for args in chunks:
+        if recompute:  # no randomness inside, so there is no RNG state to preserve
+            kd, ce = checkpoint(chunk_sums, *args, use_reentrant=False, preserve_rng_state=False)
+        else:
+            kd, ce = chunk_sums(*args)
+        kd_sum = kd if kd_sum is None else kd_sum + kd
+        ce_sum = ce if ce_sum is None else ce_sum + ce
+    return kd_sum, ce_sum
+
+
+def answer_token_denominator(num_tokens: int, num_answer_tokens: Optional[int]) -> int:
+    """What a micro-batch's sums are divided by: the answer-token count of the whole accumulated
+    batch (so micro-batch losses add up to the batch mean), or this micro-batch's own count."""
+    if num_answer_tokens is None:
+        return num_tokens
+    denominator = int(num_answer_tokens)
+    if denominator < num_tokens:
+        raise ValueError(
+            f"num_answer_tokens={denominator} is smaller than this micro-batch's "
+            f"{num_tokens} answer tokens; pass the count of the whole accumulated batch"
+        )
+    return denominator
 
 
 @dataclass
@@ -174,15 +203,7 @@ class KDLoss(torch.nn.Module):
             return sparse_kd_loss(self, student_logits, teacher_logits, labels, num_answer_tokens)
         positions, targets = self._answer_positions(student_logits, teacher_logits, labels)
         num_tokens = targets.numel()
-        if num_answer_tokens is None:
-            denominator = num_tokens
-        else:
-            denominator = int(num_answer_tokens)
-            if denominator < num_tokens:
-                raise ValueError(
-                    f"num_answer_tokens={denominator} is smaller than this micro-batch's "
-                    f"{num_tokens} answer tokens; pass the count of the whole accumulated batch"
-                )
+        denominator = answer_token_denominator(num_tokens, num_answer_tokens)
 
         # float32 at least, whatever comes in; float64 stays float64.
         dtype = torch.promote_types(
@@ -206,21 +227,19 @@ class KDLoss(torch.nn.Module):
         # Recompute each chunk in backward instead of storing its fp32 temporaries; only
         # worth it (and only needed) when a graph is being recorded.
         recompute = torch.is_grad_enabled() and student_rows.requires_grad
-        kd_sum = ce_sum = None
-        for s, b, l, y in zip(
-            student_rows.split(self.chunk_size),
-            *(index.split(self.chunk_size) for index in positions),
-            targets.split(self.chunk_size),
-        ):
-            args = (s, teacher_logits, (b, l), y, dtype)
-            if recompute:
-                # No randomness inside, so there is no RNG state to preserve.
-                kd, ce = checkpoint(self._chunk_sums, *args, use_reentrant=False, preserve_rng_state=False)
-            else:
-                kd, ce = self._chunk_sums(*args)
-            kd_sum = kd if kd_sum is None else kd_sum + kd
-            ce_sum = ce if ce_sum is None else ce_sum + ce
+        chunks = (
+            (s, teacher_logits, (b, l), y, dtype)
+            for s, b, l, y in zip(
+                student_rows.split(self.chunk_size),
+                *(index.split(self.chunk_size) for index in positions),
+                targets.split(self.chunk_size),
+            )
+        )
+        kd_sum, ce_sum = sum_over_chunks(self._chunk_sums, chunks, recompute)
+        return self.output(kd_sum, ce_sum, denominator, num_tokens)
 
+    def output(self, kd_sum: Tensor, ce_sum: Tensor, denominator: int, num_tokens: int) -> "KDLossOutput":
+        """alpha · T² · kd + (1 − alpha) · CE from the sums over answer tokens."""
         kd_loss = kd_sum / denominator
         ce_loss = ce_sum / denominator
         loss = self.alpha * self.temperature**2 * kd_loss + (1.0 - self.alpha) * ce_loss
@@ -263,11 +282,14 @@ class KDLoss(torch.nn.Module):
         student_logprobs = F.log_softmax(self._scaled(student_rows.to(dtype)), dim=-1)
         teacher_logprobs = F.log_softmax(self._scaled(teacher_logits[positions].to(dtype)), dim=-1)
         kd = self.divergence(teacher_logprobs, student_logprobs).sum()
+        return kd, self.ce_sum(student_logprobs, student_rows, targets, dtype)
+
+    def ce_sum(self, student_logprobs: Tensor, student_rows: Tensor, targets: Tensor, dtype) -> Tensor:
+        """Σ of the ordinary cross-entropy (T = 1) over the chunk's answer tokens; at T = 1 the
+        log-probabilities at T already are the ones it needs."""
         if self.temperature == 1.0:
-            ce = F.nll_loss(student_logprobs, targets, reduction="sum")
-        else:
-            ce = F.cross_entropy(student_rows.to(dtype), targets, reduction="sum")
-        return kd, ce
+            return F.nll_loss(student_logprobs, targets, reduction="sum")
+        return F.cross_entropy(student_rows.to(dtype), targets, reduction="sum")
 
     def _scaled(self, logits: Tensor) -> Tensor:
         return logits if self.temperature == 1.0 else logits / self.temperature
@@ -432,12 +454,7 @@ class HiddenStateLoss(torch.nn.Module):
         # The same positions as KDLoss: hidden[:, t] for each answer label[:, t + 1].
         positions = (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
         num_tokens = positions[0].numel()
-        denominator = num_tokens if num_answer_tokens is None else int(num_answer_tokens)
-        if denominator < num_tokens:
-            raise ValueError(
-                f"num_answer_tokens={denominator} is smaller than this micro-batch's "
-                f"{num_tokens} answer tokens; pass the count of the whole accumulated batch"
-            )
+        denominator = answer_token_denominator(num_tokens, num_answer_tokens)
         dtype = torch.promote_types(
             torch.promote_types(student_hidden.dtype, teacher_hidden.dtype), torch.float32
         )

@@ -37,7 +37,6 @@ from typing import Any, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 __all__ = ["SparseTargets", "topk_targets", "sparse_kd_loss"]
 
@@ -95,7 +94,7 @@ def sparse_kd_loss(
 ) -> Any:
     """What ``loss_fn(student_logits, teacher_logits, labels, num_answer_tokens)`` computes, with
     the teacher given as top-k targets (see the module docstring); returns a KDLossOutput."""
-    from firstsight.losses import KDLoss, KDLossOutput
+    from firstsight.losses import KDLoss, KDLossOutput, answer_token_denominator, sum_over_chunks
 
     positions, answers = KDLoss._answer_positions(student_logits, student_logits, labels)
     num_tokens = answers.numel()
@@ -105,15 +104,7 @@ def sparse_kd_loss(
         )
     if targets.labels is not None and num_tokens and not torch.equal(targets.labels.to(answers), answers):
         raise ValueError("the sparse teacher targets were computed for other answer tokens than this batch's")
-    if num_answer_tokens is None:
-        denominator = num_tokens
-    else:
-        denominator = int(num_answer_tokens)
-        if denominator < num_tokens:
-            raise ValueError(
-                f"num_answer_tokens={denominator} is smaller than this micro-batch's "
-                f"{num_tokens} answer tokens; pass the count of the whole accumulated batch"
-            )
+    denominator = answer_token_denominator(num_tokens, num_answer_tokens)
     vocab = student_logits.shape[-1]
     dtype = torch.promote_types(torch.promote_types(student_logits.dtype, targets.logprobs.dtype), torch.float32)
     student_rows = student_logits[positions]
@@ -137,25 +128,11 @@ def sparse_kd_loss(
             student_buckets = torch.cat([student_buckets, student_tail], dim=-1)
             teacher_buckets = torch.cat([teacher_buckets, t_tail.to(dtype).unsqueeze(-1)], dim=-1)
         kd = loss_fn.divergence(teacher_buckets, student_buckets).sum()
-        # the CE term exactly as KDLoss._chunk_sums computes it
-        if loss_fn.temperature == 1.0:
-            ce = F.nll_loss(student_logprobs, y, reduction="sum")
-        else:
-            ce = F.cross_entropy(s.to(dtype), y, reduction="sum")
-        return kd, ce
+        return kd, loss_fn.ce_sum(student_logprobs, s, y, dtype)  # the CE term exactly as with full logits
 
     recompute = torch.is_grad_enabled() and student_rows.requires_grad
     size = loss_fn.chunk_size
-    kd_sum = ce_sum = None
-    for args in zip(student_rows.split(size), ids.split(size), teacher_logprobs.split(size),
-                    teacher_tail.split(size), answers.split(size)):
-        if recompute:
-            kd, ce = checkpoint(chunk_sums, *args, use_reentrant=False, preserve_rng_state=False)
-        else:
-            kd, ce = chunk_sums(*args)
-        kd_sum = kd if kd_sum is None else kd_sum + kd
-        ce_sum = ce if ce_sum is None else ce_sum + ce
-    kd_loss = kd_sum / denominator
-    ce_loss = ce_sum / denominator
-    loss = loss_fn.alpha * loss_fn.temperature**2 * kd_loss + (1.0 - loss_fn.alpha) * ce_loss
-    return KDLossOutput(loss=loss, kd_loss=kd_loss.detach(), ce_loss=ce_loss.detach(), num_tokens=num_tokens)
+    chunks = zip(student_rows.split(size), ids.split(size), teacher_logprobs.split(size),
+                 teacher_tail.split(size), answers.split(size))
+    kd_sum, ce_sum = sum_over_chunks(chunk_sums, chunks, recompute)
+    return loss_fn.output(kd_sum, ce_sum, denominator, num_tokens)

@@ -107,3 +107,15 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test: with tiny tensors on a busy 2-core machine, each op can
+    wait ~10 ms for a descheduled OpenMP worker, which made gradcheck take seconds."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -17,13 +17,8 @@ from firstsight.validate import validate
 KINDS = ["mse", "cosine"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny tensors: extra OpenMP threads only wait for each other on a busy 2-core machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny tensors: extra OpenMP threads only wait for each other on a busy 2-core machine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_batch(batch=3, length=7, d_s=5, d_t=6, seed=0, dtype=torch.float64, answer_frac=0.6):

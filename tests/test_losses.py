@@ -12,14 +12,8 @@ from firstsight.losses import JSD, ForwardKL, KDLoss, ReverseKL, count_answer_to
 # ----------------------------------------------------------------------------- helpers
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These tensors are tiny: with several OpenMP threads on a busy 2-core machine each op
-    # can wait ~10 ms for a descheduled worker, which made gradcheck take seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny tensors: extra OpenMP threads only wait for each other on a busy 2-core machine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 

@@ -17,12 +17,8 @@ from firstsight.losses import JSD, ForwardKL, NoKD, ReverseKL, SkewForwardKL, Sk
 from firstsight.sparse_kd import SparseTargets, topk_targets
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# tiny tensors: extra OpenMP threads only wait for each other on a busy 2-core machine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ----------------------------------------------------------------------------- the sparse loss
