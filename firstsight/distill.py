@@ -240,7 +240,9 @@ def save_student(cfg: DictConfig, tracker: Any, student_model: Any, processor: A
 
         save_model_atomically(student_model, processor, str(checkpoints / "student_adapter"), extra)
         tags["firstsight.adapter_checkpoint"] = str(checkpoints / "student_adapter")
-        student_model = merged_model(student_model)
+        from firstsight.models import torch_dtype
+
+        student_model = merged_model(student_model, torch_dtype(cfg.precision.dtype))  # the base's dtype
     save_model_atomically(student_model, processor, str(checkpoints / "student"), extra)
     tags["firstsight.checkpoint"] = str(checkpoints / "student")
     tracker.set_tags(tags)

@@ -63,10 +63,11 @@ def is_adapter_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, ADAPTER_CONFIG)) and not os.path.isfile(os.path.join(path, "config.json"))
 
 
-def merged_model(peft_model: Any) -> Any:
+def merged_model(peft_model: Any, dtype: Any = None) -> Any:
     """The adapters folded into the base weights, as a plain transformers model in float weights
-    (a quantized base is merged by peft, then dequantized, so stock transformers loads it)."""
+    (a quantized base is merged by peft, then dequantized, so stock transformers loads it), cast to
+    `dtype` when given (QLoRA leaves norms, embeddings and the vision tower in fp32 for training)."""
     merged = peft_model.merge_and_unload()
     if getattr(merged, "is_quantized", False) or getattr(merged, "quantization_method", None):
         merged = merged.dequantize()
-    return merged
+    return merged.to(dtype) if dtype is not None else merged
