@@ -132,12 +132,10 @@ def markdown(points: List[Dict[str, Any]], ratios: List[Dict[str, Any]], meta: D
 def write_results(points: List[Dict[str, Any]], meta: Dict[str, Any], reference: str, json_path: Path) -> str:
     ratios = comparisons(points, reference)
     table = markdown(points, ratios, meta)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    for path, text in ((json_path, json.dumps({**meta, "points": points, "ratios": ratios}, indent=2)),
-                       (json_path.with_suffix(".md"), table)):
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    from firstsight.cache import write_atomically
+
+    write_atomically(json_path, json.dumps({**meta, "points": points, "ratios": ratios}, indent=2))
+    write_atomically(json_path.with_suffix(".md"), table)
     return table
 
 

@@ -54,3 +54,17 @@ def cached_dir(path: Path, build: Callable[[Path], Any]) -> Path:
 
 def read_info(path: Path) -> dict:
     return json.loads((Path(path) / COMPLETE_MARKER).read_text())
+
+
+def write_atomically(path: Path, data: Any) -> None:
+    """Write `data` (str or bytes) to a temporary file beside `path`, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(raw)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

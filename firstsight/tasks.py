@@ -79,11 +79,11 @@ def write_job_metrics(metrics: Dict[str, float]) -> None:
         out_dir = HydraConfig.get().runtime.output_dir
     except Exception:
         return
-    path = os.path.join(out_dir, "metrics.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({k: float(v) for k, v in sorted(metrics.items())}, f, indent=2)
-    os.replace(tmp, path)
+    from pathlib import Path
+
+    from firstsight.cache import write_atomically
+
+    write_atomically(Path(out_dir) / "metrics.json", json.dumps({k: float(v) for k, v in sorted(metrics.items())}, indent=2))
 
 
 @contextlib.contextmanager

@@ -329,11 +329,10 @@ class _Context:
         batches = in_order(validation, QACollator(self.processor), self.cfg.hardware.batch_size)
         accuracy = answer_accuracy(teacher_model, batches, self.device, torch.float32)
         record = self.accuracy_record(validation)
-        record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_name(f"{record.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"recipe": ACCURACY_RECIPE, "accuracy": accuracy, "cache_key": self.key,
-                                   "validation_size": len(validation)}, indent=2))
-        os.replace(tmp, record)
+        from firstsight.cache import write_atomically
+
+        write_atomically(record, json.dumps({"recipe": ACCURACY_RECIPE, "accuracy": accuracy, "cache_key": self.key,
+                                             "validation_size": len(validation)}, indent=2))
         return accuracy
 
 
