@@ -181,6 +181,10 @@ class TrainConfig:
     eval_at_end: bool = True  # teacher-forced exact-match accuracy of teacher and student on validation
     save_checkpoint: bool = True  # write the trained student (safetensors) under the run directory
     progress_bar: bool = True  # tqdm bar on stderr
+    # Preemption safety (firstsight/resume.py): resumable checkpoints under checkpoints/resume/.
+    checkpoint_every_n_steps: int = 0  # a resumable checkpoint every N optimizer steps; 0: only on SIGUSR2/SIGTERM
+    keep_checkpoints: int = 2  # resumable checkpoints kept (the newest); older ones are deleted
+    resume: str = "auto"  # auto: continue from this job's own latest checkpoint if any | never | a run dir or checkpoint path
 
 
 @dataclass

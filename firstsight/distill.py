@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -56,11 +56,12 @@ def build_hidden_loss(cfg: DictConfig, student_model: Any, teacher_model: Any, d
     return hidden.to(device)  # float32 master weights, like the student's
 
 
-def distill(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
+def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None) -> Dict[str, float]:
+    """`resume_point` (firstsight.resume.ResumePoint): continue that checkpoint's training."""
     import torch
 
     from firstsight.data import load_split
-    from firstsight.data.batching import QACollator, batches, in_order
+    from firstsight.data.batching import QACollator, ShuffledBatches, in_order
     from firstsight.models import check_same_tokenizer, load_model, load_processor, torch_dtype
     from firstsight.perf import PeakMemory, ThroughputMeter
     from firstsight.train import LoopSettings, answer_accuracy, model_inputs, optimize
@@ -162,9 +163,20 @@ def distill(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
         if step % cfg.train.log_every_n_steps == 0:
             tracker.flush()
 
+    from firstsight.resume import Checkpointer, named_trained_tensors
+
+    checkpointer = Checkpointer(
+        cfg, job_output_dir(), named_trained_tensors(student_model, {"hidden_projection": hidden_loss} if hidden_loss else None),
+        run_id=tracker.run_id, resume=resume_point, before_save=tracker.flush,
+    )
+    if resume_point is not None:  # the metrics of the checkpoint's step, in case no step is left to run
+        last.update({f"train/{k}": v for k, v in resume_point.state["metrics"].items()})
+        tracker.set_tags({"firstsight.resumed_from": str(resume_point.path),
+                          "firstsight.resumed_at_step": str(resume_point.step)})
     optimize(
         student_model,
-        batches(train_set, collator, cfg.hardware.batch_size, seed=cfg.seed, workers=cfg.hardware.dataloader_workers),
+        ShuffledBatches(train_set, collator, cfg.hardware.batch_size, seed=cfg.seed, workers=cfg.hardware.dataloader_workers,
+                        position=resume_point.data_position if resume_point else None),
         kd_step,
         LoopSettings(
             max_steps=cfg.train.max_steps, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
@@ -177,6 +189,7 @@ def distill(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
         on_step=on_step,
         # the hidden-state projections train too, but are not saved with the student (see build_hidden_loss)
         extra_parameters=hidden_loss.parameters() if hidden_loss is not None else (),
+        checkpointer=checkpointer,
     )
     summary = {**throughput.summary(), peak.metric_name: peak.peak_gb()}
     if peak.scope != "job":
@@ -203,6 +216,7 @@ def distill(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     result = {**model_metrics, **last, **summary}
     if cfg.train.save_checkpoint:
         save_student(cfg, tracker, student_model, processor, result)
+    checkpointer.discard()  # done: a rerun in this directory starts afresh instead of resuming
     log.info("done: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.items())))
     return result
 

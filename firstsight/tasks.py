@@ -6,6 +6,7 @@ Each task registers here under its `task.name`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from typing import Any, Callable, Dict, Iterator
@@ -15,10 +16,10 @@ from omegaconf import DictConfig
 from firstsight.errors import FirstSightError
 
 
-def _distill(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
+def _distill(cfg: DictConfig, tracker: Any, resume_point: Any = None) -> Dict[str, float]:
     from firstsight.distill import distill
 
-    return distill(cfg, tracker)
+    return distill(cfg, tracker, resume_point)
 
 
 def _profile(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
@@ -60,10 +61,25 @@ def run_task(cfg: DictConfig) -> Dict[str, float]:
 
     with exit_on_user_error():
         validate(cfg, tasks=TASKS)
+    task: Callable[..., Dict[str, float]] = TASKS[cfg.task.name]
+    resume_point = None
+    if cfg.task.name == "distill":  # a requeued/restarted job continues its checkpoint and MLflow run
+        from firstsight.job import job_output_dir
+        from firstsight.resume import locate
+
+        with exit_on_user_error():
+            resume_point = locate(cfg, job_output_dir())
+        if resume_point is not None:
+            task = functools.partial(task, resume_point=resume_point)
+    from firstsight.resume import STOP, Preempted
     from firstsight.tracking import job_tracker
 
-    with exit_on_user_error(), job_tracker(cfg) as tracker:
-        metrics = TASKS[cfg.task.name](cfg, tracker)
+    try:
+        with STOP.installed(), exit_on_user_error(), job_tracker(cfg, run_id=resume_point.run_id if resume_point else None) as tracker:
+            metrics = task(cfg, tracker)
+    except Preempted as stop:  # the run is marked KILLED; a checkpoint was written if training had begun
+        print(f"{stop}; run the same command again (or let SLURM requeue it) to resume", file=sys.stderr)
+        raise SystemExit(stop.exit_code) from None
     write_job_metrics(metrics)
     return metrics
 

@@ -28,6 +28,11 @@ _MAX_METRICS_PER_BATCH = 1000
 def flatten_config(cfg: DictConfig) -> Dict[str, str]:
     """`{"precision.dtype": "bfloat16", ...}` for the composed config (hydra's own node excluded)."""
     container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    return flatten_container({k: v for k, v in container.items() if k != "hydra"})
+
+
+def flatten_container(container: Dict[str, Any]) -> Dict[str, str]:
+    """Nested dicts → `{"a.b": "value"}` with every leaf as a string (empty dicts are leaves)."""
     flat: Dict[str, str] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -37,7 +42,7 @@ def flatten_config(cfg: DictConfig) -> Dict[str, str]:
         else:
             flat[prefix[:-1]] = str(node)
 
-    walk({k: v for k, v in container.items() if k != "hydra"}, "")
+    walk(container, "")
     return flat
 
 
@@ -174,16 +179,39 @@ def _run_name(cfg: DictConfig, overrides: List[str]) -> str:
     return ",".join(overrides) if overrides else f"{cfg.task.name}-default"
 
 
+def _reopened_run(client: Any, run_id: Optional[str]) -> Optional[Any]:
+    """The run a resumed job continues, set RUNNING again; None if it is not in this store."""
+    if not run_id:
+        return None
+    try:
+        run = client.get_run(run_id)
+    except Exception:  # another store, or the run was deleted: the job gets a new run
+        import logging
+
+        logging.getLogger(__name__).warning("MLflow run %s of the checkpoint is not in this store: starting a new run", run_id)
+        return None
+    client.update_run(run_id, status="RUNNING")
+    return run
+
+
 @contextlib.contextmanager
-def job_tracker(cfg: DictConfig) -> Iterator[Any]:
-    """Open the job's run; FINISHED on success, FAILED (with the reason as a tag) on an exception,
-    KILLED on Ctrl-C. Buffered metrics are flushed either way."""
+def job_tracker(cfg: DictConfig, run_id: Optional[str] = None) -> Iterator[Any]:
+    """Open the job's run (or reopen `run_id`, the run a resumed checkpoint belongs to); FINISHED
+    on success, FAILED (with the reason as a tag) on an exception, KILLED on Ctrl-C or a stop
+    signal (firstsight.resume.Preempted). Buffered metrics are flushed either way."""
     if not cfg.tracking.enabled:
         yield NullTracker()
         return
     from mlflow.tracking import MlflowClient
 
+    from firstsight.resume import Preempted
+
     client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
+    reopened = _reopened_run(client, run_id)
+    if reopened is not None:
+        tracker = JobTracker(client, reopened.info.run_id)
+        yield from _tracked(client, tracker, cfg, Preempted, existing_params=reopened.data.params)
+        return
     experiment_id = get_or_create_experiment(client, cfg.tracking.experiment_name)
     job = _hydra_job_info()
     tags = {
@@ -199,13 +227,17 @@ def job_tracker(cfg: DictConfig) -> Iterator[Any]:
     if parent:
         tags["mlflow.parentRunId"] = parent
     run = client.create_run(experiment_id, run_name=_run_name(cfg, job.get("overrides", [])), tags=tags)
-    tracker = JobTracker(client, run.info.run_id)
+    yield from _tracked(client, JobTracker(client, run.info.run_id), cfg, Preempted)
+
+
+def _tracked(client: Any, tracker: JobTracker, cfg: DictConfig, preempted: type,
+             existing_params: Optional[Dict[str, str]] = None) -> Iterator[JobTracker]:
     status = "FAILED"
     try:
-        _log_config(client, tracker, cfg)
+        _log_config(client, tracker, cfg, existing_params)
         yield tracker
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, preempted):
         status = "KILLED"
         raise
     except BaseException as err:
@@ -219,10 +251,13 @@ def job_tracker(cfg: DictConfig) -> Iterator[Any]:
             client.set_terminated(tracker.run_id, status)
 
 
-def _log_config(client: Any, tracker: JobTracker, cfg: DictConfig) -> None:
+def _log_config(client: Any, tracker: JobTracker, cfg: DictConfig, existing: Optional[Dict[str, str]] = None) -> None:
+    """Params = the flattened config, and config.yaml. A reopened run (`existing`: its params)
+    gets only the params it lacks: MLflow refuses to change a logged value, and the settings a
+    resumed run may change (train.resume, hardware.dataloader_workers, ...) keep their first value."""
     from mlflow.entities import Param
 
-    params = [Param(k, v[:6000]) for k, v in sorted(flatten_config(cfg).items())]
+    params = [Param(k, v[:6000]) for k, v in sorted(flatten_config(cfg).items()) if k not in (existing or {})]
     for start in range(0, len(params), _MAX_PARAMS_PER_BATCH):
         client.log_batch(tracker.run_id, params=params[start:start + _MAX_PARAMS_PER_BATCH])
     tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
 from firstsight.losses import IGNORE_INDEX, count_answer_tokens
 from firstsight.perf import StepTimer
@@ -66,6 +66,7 @@ def optimize(
     dtype: Any,
     on_step: Callable[[int, Dict[str, float], float, int, int], None],
     extra_parameters: Iterable[Any] = (),
+    checkpointer: Optional[Any] = None,
 ) -> None:
     """Run `settings.max_steps` optimizer steps.
 
@@ -73,6 +74,9 @@ def optimize(
     `on_step(step, metrics, seconds, samples, tokens)` receives the step's summed metrics.
     `extra_parameters`: trained alongside `model`'s (same optimizer, schedule and clipping) but not
     part of it, e.g. the hidden-state distillation projections.
+    `checkpointer` (firstsight.resume.Checkpointer): restores a resume point before the first step,
+    writes resumable checkpoints after steps (with `batches.position()`); a stop signal during the
+    loop (firstsight.resume.STOP) is acted on after the step's checkpoint.
     """
     import torch
     from tqdm.auto import tqdm
@@ -83,37 +87,46 @@ def optimize(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings.warmup_steps, settings.max_steps))
     scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)  # fp16 gradients underflow unscaled
     timer = StepTimer(device)
-    bar = tqdm(total=settings.max_steps, desc=settings.description, disable=not settings.progress_bar,
-               dynamic_ncols=True, leave=True)
+    first = checkpointer.restore(optimizer, scheduler, scaler) + 1 if checkpointer is not None else 1
+    bar = tqdm(total=settings.max_steps, initial=first - 1, desc=settings.description,
+               disable=not settings.progress_bar, dynamic_ncols=True, leave=True)
+    from firstsight.resume import STOP
+
     try:
-        for step in range(1, settings.max_steps + 1):
-            with timer:
-                micro: List[Dict[str, Any]] = [to_device(next(batches), device) for _ in range(settings.grad_accum_steps)]
-                answer_tokens = sum(count_answer_tokens(b["labels"]) for b in micro)
-                sums: Dict[str, Any] = {}
-                for batch in micro:
-                    with autocast(device, dtype):
-                        out = micro_step(batch, answer_tokens)
-                    scaler.scale(out["loss"]).backward()
-                    for key, value in out.items():
-                        sums[key] = sums.get(key, 0.0) + value.detach()
-                scaler.unscale_(optimizer)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    params, settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf")
-                )
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                lr = scheduler.get_last_lr()[0]
-                scheduler.step()
-                metrics = {key: float(value) for key, value in sums.items()}  # one host sync per step
-            metrics["grad_norm"] = float(grad_norm)
-            metrics["lr"] = lr
-            samples = sum(int(b["labels"].shape[0]) for b in micro)
-            tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-            on_step(step, metrics, timer.seconds, samples, tokens)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
-            bar.update(1)
+        with STOP.deferred():
+            for step in range(first, settings.max_steps + 1):
+                with timer:
+                    micro: List[Dict[str, Any]] = [
+                        to_device(next(batches), device) for _ in range(settings.grad_accum_steps)
+                    ]
+                    answer_tokens = sum(count_answer_tokens(b["labels"]) for b in micro)
+                    sums: Dict[str, Any] = {}
+                    for batch in micro:
+                        with autocast(device, dtype):
+                            out = micro_step(batch, answer_tokens)
+                        scaler.scale(out["loss"]).backward()
+                        for key, value in out.items():
+                            sums[key] = sums.get(key, 0.0) + value.detach()
+                    scaler.unscale_(optimizer)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(
+                        params, settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf")
+                    )
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    lr = scheduler.get_last_lr()[0]
+                    scheduler.step()
+                    metrics = {key: float(value) for key, value in sums.items()}  # one host sync per step
+                metrics["grad_norm"] = float(grad_norm)
+                metrics["lr"] = lr
+                samples = sum(int(b["labels"].shape[0]) for b in micro)
+                tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+                on_step(step, metrics, timer.seconds, samples, tokens)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+                bar.update(1)
+                if checkpointer is not None and checkpointer.due(step, settings.max_steps):
+                    saved = checkpointer.save(step, optimizer, scheduler, scaler, batches.position(), metrics)
+                    STOP.pass_on(step, saved)  # a stop signal that asked for it: requeue or end the job
     finally:
         bar.close()
 

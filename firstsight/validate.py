@@ -123,6 +123,8 @@ def _validate_numbers(cfg: DictConfig) -> None:
         ("train.log_every_n_steps", 1),
         ("train.throughput_warmup_steps", 0),
         ("distill_loss.chunk_size", 1),
+        ("train.checkpoint_every_n_steps", 0),
+        ("train.keep_checkpoints", 1),
     ]:
         _at_least(cfg, key, minimum)
     _check(cfg.train.lr > 0, "train.lr", cfg.train.lr, "the learning rate must be > 0")
@@ -132,6 +134,9 @@ def _validate_numbers(cfg: DictConfig) -> None:
         cfg.train.throughput_warmup_steps,
         f"it must be < train.max_steps={cfg.train.max_steps}, or no step is left to measure throughput on",
     )
+    resume = str(cfg.train.resume)
+    _check(resume in ("auto", "never") or bool(resume.strip()), "train.resume", resume,
+           "auto, never, or the path of a run directory or checkpoint to continue from")
     threads = cfg.hardware.num_threads
     _check(threads is None or threads >= 1, "hardware.num_threads", threads, "null or >= 1")
     loss = cfg.distill_loss

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 IGNORE_INDEX = -100  # = firstsight.losses.IGNORE_INDEX (not imported: that module imports torch)
 
@@ -70,24 +70,70 @@ class PromptCollator:
         return dict(self.processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt"))
 
 
-def batches(dataset: Any, collator: QACollator, batch_size: int, seed: int, workers: int = 0) -> Iterator[Dict[str, Any]]:
-    """Endless batches, reshuffled every epoch from `seed` (repeatable)."""
-    import torch
-    from torch.utils.data import DataLoader
+class ShuffledBatches:
+    """Endless batches, reshuffled every epoch from `seed` (repeatable), whose position can be saved
+    and restored: epoch e's order is a permutation drawn from its own generator seeded by (seed, e),
+    so a resumed run skips the batches already taken by index, without loading or collating them."""
 
-    generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=True,
-        drop_last=len(dataset) >= batch_size,
-        collate_fn=collator,
-        generator=generator,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-    )
-    while True:
-        yield from loader
+    def __init__(self, dataset: Any, collator: Any, batch_size: int, seed: int, workers: int = 0,
+                 position: Optional[Dict[str, int]] = None):
+        from torch.utils.data import DataLoader
+
+        self.epoch = int(position["epoch"]) if position else 0
+        self.batches_into_epoch = int(position["batches_into_epoch"]) if position else 0
+        self._sampler = _EpochBatchSampler(len(dataset), batch_size, seed, self.epoch, self.batches_into_epoch)
+        self._loader = DataLoader(
+            dataset, batch_sampler=self._sampler, collate_fn=collator, num_workers=workers,
+            persistent_workers=workers > 0,
+        )
+        self._iterator = self._batches()
+
+    def position(self) -> Dict[str, int]:
+        """Where the next batch comes from: {"epoch", "batches_into_epoch"} (batches handed out, not
+        merely prefetched by workers)."""
+        return {"epoch": self.epoch, "batches_into_epoch": self.batches_into_epoch}
+
+    def __iter__(self) -> "ShuffledBatches":
+        return self
+
+    def __next__(self) -> Dict[str, Any]:
+        return next(self._iterator)
+
+    def _batches(self) -> Iterator[Dict[str, Any]]:
+        while True:
+            for batch in self._loader:
+                self.batches_into_epoch += 1
+                yield batch
+            self.epoch += 1
+            self.batches_into_epoch = 0
+
+
+class _EpochBatchSampler:
+    """Index batches of one epoch per iteration: epoch e is torch.randperm under a generator seeded
+    by (seed, e); the first epoch iterated skips `skip` batches (a resumed position)."""
+
+    def __init__(self, size: int, batch_size: int, seed: int, epoch: int, skip: int):
+        self.size, self.batch_size, self.seed = size, batch_size, seed
+        self.drop_last = size >= batch_size  # a dataset smaller than a batch still yields one
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self) -> int:
+        return self.size // self.batch_size if self.drop_last else -(-self.size // self.batch_size)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        import torch
+
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63))
+        order = torch.randperm(self.size, generator=generator).tolist()
+        skip, self.skip = self.skip, 0
+        self.epoch += 1
+        for index in range(skip, len(self)):
+            yield order[index * self.batch_size:(index + 1) * self.batch_size]
+
+
+def batches(dataset: Any, collator: Any, batch_size: int, seed: int, workers: int = 0) -> ShuffledBatches:
+    """Endless batches, reshuffled every epoch from `seed` (repeatable)."""
+    return ShuffledBatches(dataset, collator, batch_size, seed, workers)
 
 
 def in_order(dataset: Any, collator: QACollator, batch_size: int) -> Iterator[Dict[str, Any]]:
