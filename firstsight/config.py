@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
+
+from firstsight.parts import PARTS  # the part names (standard library and omegaconf only, like this module)
 
 
 class Weights(Enum):
@@ -78,11 +80,23 @@ class ModelConfig:
 
 
 @dataclass
+class PartPrecisionConfig:
+    """One part's precision (firstsight/parts.py); null follows the model-wide setting."""
+
+    dtype: Optional[DType] = None  # None: precision.dtype
+    quantization: Optional[Quantization] = None  # None: precision.quantization (the teacher's own when set)
+
+
+@dataclass
 class PrecisionConfig:
     name: str = MISSING
     dtype: DType = DType.float32  # unquantized weights of frozen models, and autocast for the trainable one
     quantization: Quantization = Quantization.none  # frozen weights: the teacher; the student's base under LoRA
     teacher_quantization: Optional[Quantization] = None  # the teacher's own, when it differs (None: `quantization`)
+    # Per part of the model: vision (model.visual without its merger), merger (model.visual.merger),
+    # language (model.language_model and lm_head; lm_head and embeddings are never quantized).
+    # Known parts are typed (PartPrecisionConfig); another name composes and is refused by validate.
+    parts: Dict[str, Any] = field(default_factory=lambda: {part: PartPrecisionConfig() for part in PARTS})
 
 
 @dataclass
@@ -122,6 +136,7 @@ class HardwareConfig:
     num_gpus: int = 0  # GPUs this job uses (0 on CPU)
     num_threads: Optional[int] = None  # torch intra-op threads on CPU; None = torch's default
     dataloader_workers: int = 0  # background processes rendering/processing samples
+    memory_budget_gb: Optional[float] = None  # profile: cap (CUDA) and judge (edge/fits) the job's memory; None = no budget
 
 
 @dataclass

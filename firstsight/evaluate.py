@@ -4,6 +4,10 @@ Short answers count when the generated text, stripped, equals the reference (cas
 Multiple-choice answers count when an option letter (A, B, ...) is parsed strictly from the start of the text
 ("B", "B.", "(B)", "B) right") and equals the reference; anything else ("Both", "", "maybe C") is
 wrong — never a random guess.
+
+Also logged per model: its weights as loaded (`model/weights_gb`, `model/teacher_weights_gb`), split by
+part (`.../vision`, `.../merger`, `.../language`), and its resolved per-part precision as tags
+(`firstsight.precision.<part>.*` for the student, `firstsight.teacher_precision.<part>.*`).
 """
 
 from __future__ import annotations
@@ -74,6 +78,7 @@ def evaluate(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     from firstsight.data import load_split
     from firstsight.models import load_model, load_processor
     from firstsight.job import prepare_job
+    from firstsight.parts import precision_tags
 
     device = prepare_job(cfg, tracker)
     processor = load_processor(cfg)
@@ -84,7 +89,12 @@ def evaluate(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     metrics: Dict[str, float] = {"eval/chance_accuracy": dataset.chance_accuracy()}
     for role in ("teacher", "student"):
         loaded = load_model(cfg, role, processor, device, frozen=True)
-        tracker.set_tags({f"firstsight.{role}": loaded.origin})
+        # the student under the plain names (model/weights_gb, firstsight.precision.*), as profile logs them
+        weights = "model/weights_gb" if role == "student" else "model/teacher_weights_gb"
+        tracker.set_tags({f"firstsight.{role}": loaded.origin, **precision_tags(
+            loaded.parts, "firstsight.precision" if role == "student" else "firstsight.teacher_precision")})
+        metrics[weights] = loaded.weights_gb
+        metrics.update({f"{weights}/{part}": gb for part, gb in loaded.part_weights_gb.items()})
         answers = generated_answers(loaded.model, processor, samples, device, cfg.task.batch_size,
                                     cfg.task.max_new_tokens, cfg.train.progress_bar, f"evaluating {role}")
         for kind, value in accuracy_by_kind(samples, answers).items():

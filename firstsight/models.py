@@ -2,7 +2,8 @@
 
 Every side resolves to one of three origins: the embedded tiny builder, a hub id, or a local
 directory; `weights: random` builds the same architecture at full size with random weights.
-The frozen teacher takes `precision.dtype` and `precision.quantization` (bitsandbytes INT8/NF4);
+The frozen teacher takes `precision.dtype` and `precision.quantization` (bitsandbytes INT8/NF4),
+part by part where `precision.parts` says so (firstsight.parts: vision tower, merger, language model);
 the trainable student keeps float32 master weights and trains under autocast to
 `precision.dtype` (mixed precision), so fp16/bf16 never update weights in low precision.
 """
@@ -15,19 +16,20 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 from omegaconf import DictConfig
 
 from firstsight.errors import FirstSightError
+from firstsight.parts import (
+    PartPrecision, apply_part_dtypes, part_weights_gb, quantization_kind, resolve_parts, skip_modules,
+)
 
 log = logging.getLogger(__name__)
 
 # Qwen2-VL's own processor: 4 to 1280 visual tokens of 28x28 pixels per image.
 REAL_PIXEL_RANGE = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}
-# Kept unquantized: the vision tower (MBQ: vision is more sensitive) and the output head.
-QUANTIZATION_SKIP_MODULES = ["model.visual", "lm_head"]
 
 
 @dataclass
@@ -39,6 +41,8 @@ class LoadedModel:
     weights_gb: float  # parameters + buffers as loaded (transformers' memory footprint)
     load_time_s: float
     vocab_rows: int  # output rows of the LM head
+    parts: Dict[str, PartPrecision] = field(default_factory=dict)  # resolved precision per part
+    part_weights_gb: Dict[str, float] = field(default_factory=dict)  # weights_gb split by part, measured
 
 
 def torch_dtype(name: Any) -> Any:
@@ -104,34 +108,27 @@ def check_same_tokenizer(cfg: DictConfig, processor: Any) -> None:
         )
 
 
-def quantization_of(cfg: DictConfig, role: str) -> str:
-    """The quantization of a side's frozen weights: the teacher may have its own."""
-    teacher_own = cfg.precision.get("teacher_quantization")
-    if role == "teacher" and teacher_own is not None:
-        return _value(teacher_own)
-    return _value(cfg.precision.quantization)
-
-
-def quantization_config(precision: DictConfig, kind: Optional[str] = None) -> Optional[Any]:
-    kind = kind or _value(precision.quantization)
-    compute_dtype = torch_dtype(precision.dtype)
-    if kind == "none":
+def quantization_config(parts: Dict[str, PartPrecision]) -> Optional[Any]:
+    """One BitsAndBytesConfig for the model's quantized parts (None when no part is quantized); the
+    unquantized parts and the output head are its `llm_int8_skip_modules`."""
+    kind = quantization_kind(parts)
+    if kind is None:
         return None
+    from transformers import BitsAndBytesConfig
+
+    skip = skip_modules(parts)
     if kind == "int8":
-        from transformers import BitsAndBytesConfig
-
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=QUANTIZATION_SKIP_MODULES)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     if kind == "nf4":
-        from transformers import BitsAndBytesConfig
-
+        quantized = [p for p in ("language", "merger", "vision") if parts[p].quantized]
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_compute_dtype=torch_dtype(parts[quantized[0]].dtype),  # per part after loading
             bnb_4bit_use_double_quant=True,
-            llm_int8_skip_modules=QUANTIZATION_SKIP_MODULES,
+            llm_int8_skip_modules=skip,
         )
-    raise FirstSightError(f"precision.quantization={kind!r} is not supported; choose none, int8 or nf4")
+    raise FirstSightError(f"quantization {kind!r} is not supported; choose none, int8 or nf4")
 
 
 def _random_config(cfg: DictConfig, role: str, processor: Any) -> Any:
@@ -189,14 +186,19 @@ def _load_random(config: Any, dtype: Any, quant: Optional[Any], device: str, att
             return _timed(lambda: Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn))
     # Quantizers act while loading a checkpoint: write the random weights once, load them quantized.
     # They are made on the target device (minutes faster than CPU init at 8B), written, and freed;
-    # the GPU's peak counter is then reset so that this scaffolding never counts as the model's cost.
+    # the GPU's peak counter is then reset so that this scaffolding never counts as the model's cost,
+    # nor against a memory budget (hardware.memory_budget_gb: the cap is lifted meanwhile).
+    from firstsight.edge import uncapped
+
     with tempfile.TemporaryDirectory(prefix="firstsight-random-") as tmp:
-        with torch.device(device):
-            unquantized = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
-        unquantized.save_pretrained(tmp)
-        del unquantized
+        with uncapped(device):
+            with torch.device(device):
+                unquantized = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
+            unquantized.save_pretrained(tmp)
+            del unquantized
+            if device == "cuda":
+                torch.cuda.empty_cache()
         if device == "cuda":
-            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
         return _timed(lambda: _from_pretrained(tmp, None, dtype, quant, device, attn, False))
 
@@ -210,8 +212,10 @@ def load_model(cfg: DictConfig, role: str, processor: Any, device: str, frozen: 
     side = cfg.model[role]
     lora = not frozen and cfg.lora.enabled
     frozen_weights = frozen or lora
-    dtype = torch_dtype(cfg.precision.dtype) if frozen_weights else torch.float32
-    quant = quantization_config(cfg.precision, quantization_of(cfg, role)) if frozen_weights else None
+    parts = resolve_parts(cfg, role, frozen_weights)  # all float32, unquantized when the weights train
+    loaded_dtype = _value(cfg.precision.dtype) if frozen_weights else "float32"
+    dtype = torch_dtype(loaded_dtype)
+    quant = quantization_config(parts)
     attn = cfg.hardware.attn_implementation
     if _value(side.weights) == "random":
         torch.manual_seed(cfg.seed + (1 if role == "student" else 2))  # each side's init repeatable
@@ -230,6 +234,9 @@ def load_model(cfg: DictConfig, role: str, processor: Any, device: str, frozen: 
         except (OSError, ValueError) as err:
             raise FirstSightError(f"could not load model.{role}.source={side.source!r}: {err}") from err
         origin = side.source
+    start = time.perf_counter()
+    apply_part_dtypes(model, parts, loaded_dtype)  # parts whose dtype differs from the loaded one
+    load_time += time.perf_counter() - start
     if frozen:
         model.eval()
         model.requires_grad_(False)
@@ -249,6 +256,8 @@ def load_model(cfg: DictConfig, role: str, processor: Any, device: str, frozen: 
         weights_gb=model.get_memory_footprint() / 1e9,
         load_time_s=load_time,
         vocab_rows=model.get_output_embeddings().weight.shape[0],
+        parts=parts,
+        part_weights_gb=part_weights_gb(model),
     )
 
 

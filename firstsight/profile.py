@@ -5,6 +5,11 @@ Load time, weights memory and parameters as loaded; single-query latency (p50/p9
 (queries and generated tokens per second over `task.throughput_batches` timed batches after one
 untimed batch); peak memory. Every query generates exactly `task.new_tokens` tokens greedily (the
 end token is suppressed until then), so runs of different precisions compare.
+
+Per part (firstsight/parts.py): the resolved precision as tags `firstsight.precision.<part>.dtype`
+/ `.quantization`, and the weights as loaded as `model/weights_gb/<part>` (vision, merger, language).
+Under `hardware.memory_budget_gb` the whole profile (loading included) runs within the budget and
+the run records whether it fits (firstsight/edge.py): edge/fits, edge/peak_gb, edge/headroom_gb.
 """
 
 from __future__ import annotations
@@ -18,27 +23,71 @@ log = logging.getLogger(__name__)
 
 
 def profile(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
+    from firstsight.edge import apply_memory_budget, budget_of, describe, run_within_budget
+    from firstsight.job import prepare_job
+    from firstsight.models import load_processor
+    from firstsight.perf import PeakMemory
+
+    task = cfg.task
+    target = task.target.value if hasattr(task.target, "value") else str(task.target)
+    device = prepare_job(cfg, tracker)
+    tracker.set_tags({"firstsight.profile_target": target})
+    budget = budget_of(cfg)
+    if budget is not None:  # capped before anything is loaded
+        basis, cap_tags = apply_memory_budget(budget, device)
+        tracker.set_tags(cap_tags)
+    peak = PeakMemory(device)
+    peak.reset()
+
+    processor = load_processor(cfg)
+    metrics: Dict[str, float] = {}
+    stage = ["loading"]
+    if budget is None:
+        _measure(cfg, tracker, processor, device, target, metrics, stage)
+    else:
+        done, edge = run_within_budget(lambda: _measure(cfg, tracker, processor, device, target, metrics, stage),
+                                       budget, basis, peak.peak_gb, lambda: stage[0])
+        tracker.set_tags(edge.tags)
+        metrics.update(edge.metrics)
+        log.info(describe(edge))
+        if done is None:  # out of memory: what was measured before it, and the verdict
+            tracker.log_metrics(metrics)
+            tracker.flush()
+            return metrics
+    metrics[peak.metric_name] = peak.peak_gb()
+    if peak.scope != "job":
+        tracker.set_tags({"firstsight.peak_memory_scope": peak.scope})
+    tracker.log_metrics(metrics)
+    tracker.flush()
+    log.info("done: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+    return metrics
+
+
+def _measure(cfg: DictConfig, tracker: Any, processor: Any, device: str, target: str, metrics: Dict[str, float],
+             stage: List[str]) -> bool:
+    """Load the model under test and time it, adding to `metrics` as figures come (so that an
+    out-of-memory part-way keeps what was measured); `stage[0]` says what is running."""
     import numpy as np
     import torch
     from tqdm.auto import tqdm
 
     from firstsight.data import load_split
     from firstsight.data.batching import PromptCollator
-    from firstsight.models import load_model, load_processor
-    from firstsight.perf import PeakMemory, StepTimer
+    from firstsight.models import load_model
+    from firstsight.parts import precision_tags
+    from firstsight.perf import StepTimer
     from firstsight.train import to_device
-    from firstsight.job import prepare_job
 
     task = cfg.task
-    target = task.target.value if hasattr(task.target, "value") else str(task.target)
-    device = prepare_job(cfg, tracker)
-    tracker.set_tags({"firstsight.profile_target": target})
-    peak = PeakMemory(device)
-    peak.reset()
-
-    processor = load_processor(cfg)
     loaded = load_model(cfg, target, processor, device, frozen=True)
-    tracker.set_tags({f"firstsight.{target}": loaded.origin})
+    stage[0] = "profiling"
+    tracker.set_tags({f"firstsight.{target}": loaded.origin, **precision_tags(loaded.parts)})
+    metrics.update({
+        "infer/load_time_s": loaded.load_time_s,
+        "model/params_b": loaded.params_b,
+        "model/weights_gb": loaded.weights_gb,
+        **{f"model/weights_gb/{part}": gb for part, gb in loaded.part_weights_gb.items()},
+    })
     model = loaded.model
     queries = load_split(cfg.data, "validation", cfg.seed)
     collate = PromptCollator(processor)
@@ -69,6 +118,8 @@ def profile(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
         if i >= task.warmup_queries:
             latencies.append(seconds)
         bar.update(1)
+    metrics["infer/latency_p50_s"] = float(np.percentile(latencies, 50))
+    metrics["infer/latency_p90_s"] = float(np.percentile(latencies, 90))
     timed_generation(take(task.throughput_batch_size))  # untimed: allocations at this batch size
     bar.update(1)
     batch_seconds = []
@@ -78,19 +129,6 @@ def profile(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     bar.close()
 
     queries_per_s = task.throughput_batch_size * task.throughput_batches / sum(batch_seconds)
-    metrics = {
-        "infer/load_time_s": loaded.load_time_s,
-        "infer/latency_p50_s": float(np.percentile(latencies, 50)),
-        "infer/latency_p90_s": float(np.percentile(latencies, 90)),
-        "infer/throughput_qps": queries_per_s,
-        "infer/throughput_tokens_per_s": queries_per_s * task.new_tokens,
-        "model/params_b": loaded.params_b,
-        "model/weights_gb": loaded.weights_gb,
-        peak.metric_name: peak.peak_gb(),
-    }
-    if peak.scope != "job":
-        tracker.set_tags({"firstsight.peak_memory_scope": peak.scope})
-    tracker.log_metrics(metrics)
-    tracker.flush()
-    log.info("done: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
-    return metrics
+    metrics["infer/throughput_qps"] = queries_per_s
+    metrics["infer/throughput_tokens_per_s"] = queries_per_s * task.new_tokens
+    return True

@@ -5,10 +5,12 @@ of an experiment (or of one sweep), and writes under `task.output_dir` (default:
 dir>/report), each file atomically:
 
 - report.md and report.html: the comparison table (one row per run: the swept values and the
-  metrics of DESIGN.md's contract), the study's target checks, and the plots;
+  metrics of DESIGN.md's contract), the study's target checks, when runs carry edge/* metrics
+  (profile under hardware.memory_budget_gb) the edge view (which configurations fit each budget,
+  their accuracy and latency, the Pareto front), and the plots;
 - runs.csv: the same table with values at full precision;
 - throughput_vs_memory.png, accuracy_vs_memory.png, loss_curves.png (a plot is left out, and
-  the report says why, when no run has its data);
+  the report says why, when no run has its data), and edge_memory_vs_latency.png with the edge view;
 
 and logs them as artifacts (under `report/`) of the report job's own MLflow run.
 
@@ -67,7 +69,8 @@ MAX_LOSS_CURVES = 40
 PLOT_FILES = ("throughput_vs_memory.png", "accuracy_vs_memory.png", "loss_curves.png")
 BASELINE_RULE = (
     "The baseline of a run is the full-precision run of the same task: `precision.dtype=float32`, "
-    "no quantization (`precision.quantization=none`, no `precision.teacher_quantization`) and no LoRA, "
+    "no quantization (`precision.quantization=none`, no `precision.teacher_quantization`, no part of "
+    "`precision.parts` set to another dtype or quantized) and no LoRA, "
     "that has the same value as the run for every other param that differs among the runs here "
     "(only `precision.*` and `lora.*`, the compression choices, may differ). If several runs qualify, "
     "the most recent one is the baseline. A run with no such baseline is *not measurable*; no figure "
@@ -417,11 +420,14 @@ class Check:
 def is_baseline(run: RunRecord) -> bool:
     """Full precision, nothing quantized, no LoRA (the uncompressed reference)."""
     p = run.params
+    parts_full = all(value in ("None", "none", "float32") for key, value in p.items()
+                     if key.startswith("precision.parts."))  # no part set to another dtype or quantized
     return (
         p.get("precision.dtype") == "float32"
         and p.get("precision.quantization", "none") == "none"
         and p.get("precision.teacher_quantization", "None") in ("None", "none")
         and p.get("lora.enabled", "False") != "True"
+        and parts_full
     )
 
 
@@ -611,6 +617,191 @@ def _save(figure: Any, path: Path) -> None:
     write_atomically(path, buffer.getvalue())
 
 
+# ----------------------------------------------------------------------------- edge view
+
+
+EDGE_FITS = "edge/fits"
+EDGE_PEAK = "edge/peak_gb"
+EDGE_BUDGET = "edge/budget_gb"
+EDGE_HEADROOM = "edge/headroom_gb"
+LATENCY_P50 = "infer/latency_p50_s"
+ACCURACY_METRICS = ("eval/student_accuracy", "eval/accuracy")  # the (student's) accuracy, first found
+BUDGET_PARAMS = ("hardware.memory_budget_gb", "hardware.name")  # the budget, not the configuration
+EDGE_PLOT = "edge_memory_vs_latency.png"
+EDGE_OBJECTIVES = (("accuracy", True), ("peak memory", False), ("latency p50", False))  # (name, maximize)
+EDGE_RULE = (
+    "Each profile run under `hardware.memory_budget_gb` records whether it fits (`edge/fits`): its measured "
+    "peak memory (`edge/peak_gb`: `torch.cuda.max_memory_allocated` under a CUDA cap at the budget, basis "
+    "`cuda_allocator`; or the process's peak resident set on a CPU, basis `cpu_rss`, which includes the "
+    "interpreter) is within the budget and it did not run out of memory. Accuracy is the run's own "
+    "`eval/student_accuracy` if it has one, else that of the most recent evaluate run here with the same "
+    "`precision.*` values (one of the same `model.name` first), named in *accuracy from*. Among the "
+    "configurations that fit one budget, one is on the **Pareto front** when no other is at least as good "
+    "on accuracy (higher), peak memory and latency p50 (lower) and better on one; objectives that some "
+    "fitting configuration lacks are left out of that budget's front (said below)."
+)
+
+
+@dataclass
+class EdgeRow:
+    run: RunRecord
+    config: str  # the configuration: the swept values but the budget
+    budget: Optional[float]
+    fits: bool
+    basis: str  # cuda_allocator | cpu_rss
+    peak: Optional[float]
+    headroom: Optional[float]
+    latency: Optional[float]
+    accuracy: Optional[float]
+    accuracy_from: str  # "this run", "evaluate run <id>", or ""
+    note: str  # why it does not fit
+    on_front: bool = False
+
+
+@dataclass
+class EdgeView:
+    rows: List[EdgeRow]  # by budget; fitting first, by peak memory
+    objectives: Dict[Optional[float], List[str]]  # budget -> the objectives its front was computed on
+
+
+def pareto_front(points: Sequence[Sequence[float]], maximize: Sequence[bool]) -> List[bool]:
+    """For each point, whether no other point is at least as good on every objective and better
+    on one (`maximize[i]`: higher is better on objective i, else lower is)."""
+    signed = [[v if up else -v for v, up in zip(point, maximize)] for point in points]
+
+    def dominates(b: Sequence[float], a: Sequence[float]) -> bool:
+        return all(x >= y for x, y in zip(b, a)) and any(x > y for x, y in zip(b, a))
+
+    return [not any(dominates(other, point) for j, other in enumerate(signed) if j != i)
+            for i, point in enumerate(signed)]
+
+
+def _precision_params(run: RunRecord) -> Dict[str, str]:
+    return {k: v for k, v in run.params.items() if k.startswith("precision.")}
+
+
+def edge_accuracy(run: RunRecord, runs: Sequence[RunRecord]) -> Tuple[Optional[float], str]:
+    """The accuracy of a profiled configuration and where it comes from (see EDGE_RULE)."""
+    for metric in ACCURACY_METRICS:
+        if metric in run.metrics:
+            return run.metrics[metric], "this run"
+    precision = _precision_params(run)
+    found = [r for r in runs if r is not run and r.task == "evaluate" and _precision_params(r) == precision
+             and any(m in r.metrics for m in ACCURACY_METRICS)]
+    if not found:
+        return None, ""
+    model = run.params.get("model.name")
+    best = max(found, key=lambda r: (r.params.get("model.name") == model, r.start_time, r.run_id))
+    value = next(best.metrics[m] for m in ACCURACY_METRICS if m in best.metrics)
+    return value, f"evaluate run {best.short_id} (model {best.params.get('model.name', '?')})"
+
+
+def _budget(run: RunRecord) -> Optional[float]:
+    if EDGE_BUDGET in run.metrics:
+        return run.metrics[EDGE_BUDGET]
+    try:
+        return float(run.params["hardware.memory_budget_gb"])
+    except (KeyError, ValueError):
+        return None
+
+
+def edge_view(runs: Sequence[RunRecord]) -> Optional[EdgeView]:
+    """Which configurations fit each budget, their accuracy and latency, and the Pareto front of
+    those that fit; None when no run carries edge/* metrics."""
+    edge_runs = [r for r in runs if EDGE_FITS in r.metrics]
+    if not edge_runs:
+        return None
+    swept = [k for k in swept_keys(edge_runs) if k not in BUDGET_PARAMS]
+    rows = []
+    for run in edge_runs:
+        accuracy, source = edge_accuracy(run, runs)
+        fits = run.metrics[EDGE_FITS] >= 0.5
+        stage = run.tags.get("firstsight.edge.oom_stage")
+        note = "" if fits else (f"out of memory while {stage}" if stage else "peak over the budget")
+        rows.append(EdgeRow(run=run, config=run_label(run, swept), budget=_budget(run), fits=fits,
+                            basis=run.tags.get("firstsight.edge.basis", ""), peak=run.metrics.get(EDGE_PEAK),
+                            headroom=run.metrics.get(EDGE_HEADROOM), latency=run.metrics.get(LATENCY_P50),
+                            accuracy=accuracy, accuracy_from=source, note=note))
+    rows.sort(key=lambda r: (r.budget is None, r.budget or 0.0, not r.fits, r.peak is None, r.peak or 0.0, r.config,
+                             r.run.start_time))
+    objectives: Dict[Optional[float], List[str]] = {}
+    for budget in dict.fromkeys(r.budget for r in rows):
+        fitting = [r for r in rows if r.budget == budget and r.fits]
+        values = {"accuracy": lambda r: r.accuracy, "peak memory": lambda r: r.peak, "latency p50": lambda r: r.latency}
+        used = [(name, up) for name, up in EDGE_OBJECTIVES
+                if fitting and all(values[name](r) is not None for r in fitting)]
+        objectives[budget] = [name for name, _ in used]
+        if not used:
+            continue
+        front = pareto_front([[values[name](r) for name, _ in used] for r in fitting], [up for _, up in used])
+        for row, on in zip(fitting, front):
+            row.on_front = on
+    return EdgeView(rows=rows, objectives=objectives)
+
+
+def edge_plot(view: EdgeView, out_dir: Path) -> Plot:
+    """Peak memory vs latency p50 of every profiled configuration, by budget (dashed line: the
+    budget): filled markers fit, crosses do not, a ring marks the Pareto front."""
+    title = "Edge: peak memory vs latency p50 per budget (filled: fits, x: does not fit, ring: Pareto front)"
+    points = [r for r in view.rows if r.peak is not None and r.latency is not None]
+    if not points:
+        (out_dir / EDGE_PLOT).unlink(missing_ok=True)
+        return Plot(EDGE_PLOT, title, skipped=f"no profile run with {EDGE_FITS} has both {EDGE_PEAK} and {LATENCY_P50}")
+    figure, ax = _figure()
+    budgets = list(dict.fromkeys(r.budget for r in view.rows))
+    colours = {b: f"C{i % 10}" for i, b in enumerate(budgets)}
+    for budget in budgets:
+        colour = colours[budget]
+        label = f"budget {budget:g} GB" if budget is not None else "no budget"
+        group = [r for r in points if r.budget == budget]
+        fit = [r for r in group if r.fits]
+        miss = [r for r in group if not r.fits]
+        if fit:
+            ax.scatter([r.peak for r in fit], [r.latency for r in fit], color=colour, s=45, label=f"{label}: fits")
+        if miss:
+            ax.scatter([r.peak for r in miss], [r.latency for r in miss], color=colour, marker="x", s=45,
+                       label=f"{label}: does not fit")
+        front = [r for r in fit if r.on_front]
+        if front:
+            ax.scatter([r.peak for r in front], [r.latency for r in front], s=160, facecolors="none",
+                       edgecolors="black", linewidths=1.4)
+        if budget is not None:
+            ax.axvline(budget, color=colour, linestyle="--", linewidth=1, alpha=0.7)
+        for r in group:
+            ax.annotate(r.config, (r.peak, r.latency), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel(f"peak memory GB  ({EDGE_PEAK})")
+    ax.set_ylabel(_axis_label(LATENCY_P50))
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    _save(figure, out_dir / EDGE_PLOT)
+    return Plot(EDGE_PLOT, title)
+
+
+def _edge_markdown(view: EdgeView) -> List[str]:
+    lines = ["## Edge deployment: fits the budget?", "", EDGE_RULE, ""]
+    for budget, used in view.objectives.items():
+        group = [r for r in view.rows if r.budget == budget]
+        fitting = [r for r in group if r.fits]
+        name = f"{budget:g} GB" if budget is not None else "no budget"
+        line = f"- {name}: {len(fitting)} of {len(group)} fit"
+        if fitting:
+            line += " (" + ", ".join(r.config for r in fitting) + ")"
+            front = [r.config for r in fitting if r.on_front]
+            if used:
+                line += f"; Pareto front on {', '.join(used)}: {', '.join(front)}"
+            else:
+                line += "; no Pareto front: no objective is measured for every fitting configuration"
+        lines.append("- " + md_escape(line[2:]))
+    headers = ["budget GB", "configuration", "fits", "peak GB", "basis", "headroom GB", "latency p50 s",
+               "accuracy", "accuracy from", "Pareto front", "note", "run"]
+    rows = [[fmt(r.budget), r.config, "yes" if r.fits else "no", fmt(r.peak), r.basis, fmt(r.headroom),
+             fmt(r.latency), fmt(r.accuracy), r.accuracy_from, "front" if r.on_front else "", r.note, r.run.short_id]
+            for r in view.rows]
+    lines += [""] + _md_table(headers, rows) + [""]
+    return lines
+
+
 # ----------------------------------------------------------------------------- rendering
 
 
@@ -638,7 +829,7 @@ def _md_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> List[str
 
 
 def render_markdown(selection: Selection, table: Table, checks: List[Check], plots: List[Plot],
-                    generated: str) -> str:
+                    generated: str, edge: Optional[EdgeView] = None) -> str:
     lines = [f"# FirstSight report: experiment {md_escape(selection.experiment)}", ""]
     lines += [
         f"- MLflow store: {md_escape(selection.store)}",
@@ -696,6 +887,8 @@ def render_markdown(selection: Selection, table: Table, checks: List[Check], plo
     failed = sum(c.failed for c in checks)
     lines += [f"In all: {passed} PASS, {failed} FAIL, "
               f"{sum(1 for c in checks if not c.rows)} of {len(checks)} checks not measurable at all.", ""]
+    if edge is not None:
+        lines += _edge_markdown(edge)
 
     lines += ["## Plots", ""]
     for plot in plots:
@@ -817,12 +1010,15 @@ def report(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     checks = target_checks(runs, task.accuracy_drop_target, task.throughput_gain_target, task.vram_saving_target)
     histories = loss_histories(client, runs)
     plots = make_plots(runs, out_dir, histories)
+    edge = edge_view(runs)
+    if edge is not None:
+        plots.append(edge_plot(edge, out_dir))
     if sum(1 for r in runs if "train/loss" in r.metrics) > MAX_LOSS_CURVES:
         for plot in plots:
             if plot.file == "loss_curves.png" and not plot.skipped:
                 plot.title += f" — the first {MAX_LOSS_CURVES} runs only"
     generated = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
-    markdown_text = render_markdown(selection, table, checks, plots, generated)
+    markdown_text = render_markdown(selection, table, checks, plots, generated, edge)
     write_atomically(out_dir / "report.md", markdown_text)
     write_atomically(out_dir / "report.html",
                      render_html(markdown_text, f"FirstSight report: {selection.experiment}"))

@@ -37,11 +37,11 @@ the teacher's identity (tiny: its cache directory's name and the sha256 of its c
 a local directory: its path, config.json's sha256 and each weight file's name, size and mtime;
 a hub id: id, revision and the resolved commit of the local snapshot; random weights: source,
 architecture, seed and the device they were initialised on), the precision's dtype and the
-teacher's quantization, the train split's definition (synthetic: seed, size, image size, frames,
-kinds and the generator's source hash; files: path, sha256, media settings and the size and mtime
-of every media file), the processor (tokenizer vocabulary, chat template, image processor settings),
-the student's vocabulary rows, T, k and the format version. The cache lives in ``topk-<key>``: a
-change in any input is simply another directory.
+teacher's quantization (and each part's: firstsight/parts.py), the train split's definition
+(synthetic: seed, size, image size, frames, kinds and the generator's source hash; files: path,
+sha256, media settings and the size and mtime of every media file), the processor (tokenizer
+vocabulary, chat template, image processor settings), the student's vocabulary rows, T, k and the
+format version. The cache lives in ``topk-<key>``: a change in any input is simply another directory.
 
 **Stale or corrupt caches are never used silently.** Opening a cache checks the manifest (its
 sha256 against the one the completion marker recorded at build time, format, version, its key
@@ -225,13 +225,15 @@ def processor_identity(processor: Any) -> str:
 
 
 def key_inputs(cfg: DictConfig, processor: Any, student_vocab_rows: int, train_set: Any, device: str) -> Dict[str, Any]:
-    from firstsight.models import quantization_of
+    from firstsight.parts import quantization_of, resolve_parts
 
+    parts = {part: [p.dtype, p.quantization] for part, p in resolve_parts(cfg, "teacher").items()}
     return {
         "format": FORMAT,
         "version": VERSION,
         "teacher": teacher_identity(cfg, processor, device),
-        "precision": {"dtype": _value(cfg.precision.dtype), "teacher_quantization": quantization_of(cfg, "teacher")},
+        "precision": {"dtype": _value(cfg.precision.dtype), "teacher_quantization": quantization_of(cfg, "teacher"),
+                      "parts": parts},
         "data": data_identity(cfg, train_set, "train"),
         "processor": processor_identity(processor),
         "student_vocab_rows": int(student_vocab_rows),

@@ -7,6 +7,7 @@ Each message names the bad value, where it came from and what is valid.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable, List, Mapping, Optional
@@ -258,6 +259,13 @@ def _validate_hardware(cfg: DictConfig, local_device: bool = True) -> None:
         hw.attn_implementation,
         f"choose one of {list(ATTN_IMPLEMENTATIONS)}",
     )
+    budget = hw.get("memory_budget_gb")
+    if budget is not None:
+        _check(math.isfinite(budget) and budget > 0, "hardware.memory_budget_gb", budget,
+               "it must be a positive number of GB (e.g. 4.0), or null for no budget")
+        _check(cfg.task.name == "profile", "hardware.memory_budget_gb", budget,
+               f"a memory budget is judged by task=profile (edge/fits); task={cfg.task.name} runs uncapped: "
+               "set hardware.memory_budget_gb=null (e.g. hardware=gpu or cpu instead of an edge_* preset)")
     device = device_type(cfg)
     if device == "cpu":
         _check(hw.num_gpus == 0, "hardware.num_gpus", hw.num_gpus, "a CPU job uses 0 GPUs (set hardware=gpu for CUDA)")
@@ -293,6 +301,10 @@ def _validate_hardware(cfg: DictConfig, local_device: bool = True) -> None:
         hw.num_gpus,
         "data-parallel training over several GPUs is not implemented yet; use 1",
     )
+    if budget is not None:
+        total_gb = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1e9
+        _check(budget <= total_gb, "hardware.memory_budget_gb", budget,
+               f"this GPU has {total_gb:.1f} GB: a budget can be at most that (or null: no budget)")
 
 
 def _validate_precision(cfg: DictConfig) -> None:
@@ -300,11 +312,60 @@ def _validate_precision(cfg: DictConfig) -> None:
         quantization = _enum_value(_get(cfg, key))
         if quantization not in ("none", "None"):
             _validate_quantization_backend(cfg, key, quantization)
+    _validate_precision_parts(cfg)
 
 
-def _validate_quantization_backend(cfg: DictConfig, key: str, quantization: str) -> None:
+def _validate_precision_parts(cfg: DictConfig) -> None:
+    """precision.parts.*: known part names, a backend for each part quantization, one bitsandbytes
+    kind per model, and no quantized part on a student that distill trains in full."""
+    from firstsight.parts import PART_DESCRIPTIONS, PARTS, explicit_quantizations, part_settings, resolve_parts
+
+    parts_text = ", ".join(f"{p} ({PART_DESCRIPTIONS[p]})" for p in PARTS)
+    for name, own in part_settings(cfg).items():
+        if name not in PARTS:
+            set_keys = [f"precision.parts.{name}.{k}" for k in ("dtype", "quantization")
+                        if own is not None and own.get(k) is not None] or [f"precision.parts.{name}"]
+            raise ConfigError(
+                f"precision.parts.{name}{_origin(set_keys[0])} names no part of the model: choose among "
+                f"{parts_text} (the modules of Qwen2VLForConditionalGeneration)."
+            )
+        for field_name in own or {}:
+            if field_name not in ("dtype", "quantization"):
+                key = f"precision.parts.{name}.{field_name}"
+                raise ConfigError(f"{key}{_origin(key)} is not a setting of a part: a part has dtype and quantization.")
+    explicit = [(key, q) for key, q in explicit_quantizations(cfg) if q != "none"]
+    for key, quantization in explicit:
+        _validate_quantization_backend(cfg, key, quantization,
+                                       valid=f"set {key}=none, or null to follow precision.quantization")
+    if explicit and cfg.task.name == "distill" and not cfg.lora.enabled:
+        key, quantization = explicit[0]
+        part = key.split(".")[2]
+        raise ConfigError(
+            f"{key}={quantization}{_origin(key)} is invalid: it would quantize the student's {part} part, which "
+            f"task=distill trains in full, and quantized weights must train through LoRA adapters: set "
+            f"lora.enabled=true (QLoRA), or set it to null (the model-wide precision.quantization, which "
+            f"quantizes frozen weights only: the teacher; precision.teacher_quantization for the teacher alone)."
+        )
+    explicit_parts = [key.split(".")[2] for key, _ in explicit]
+    for role in _roles_used(cfg):
+        trained_in_full = role == "student" and cfg.task.name == "distill" and not cfg.lora.enabled
+        resolved = resolve_parts(cfg, role, frozen_weights=not trained_in_full)
+        kinds = {p: r.quantization for p, r in resolved.items() if r.quantized}
+        if len(set(kinds.values())) > 1:  # name a part set explicitly, against the kind of the others
+            part = next((p for p in reversed(explicit_parts) if p in kinds), list(kinds)[-1])
+            other = next(q for p, q in kinds.items() if q != kinds[part])
+            key = f"precision.parts.{part}.quantization"
+            mix = ", ".join(f"{p}={q}" for p, q in kinds.items())
+            raise ConfigError(
+                f"{key}={kinds[part]}{_origin(key)} is invalid: the {role}'s quantized parts would be {mix}, "
+                f"but one model is quantized by one bitsandbytes config, so they must share one kind: "
+                f"choose {other} or none for {part}."
+            )
+
+
+def _validate_quantization_backend(cfg: DictConfig, key: str, quantization: str,
+                                   valid: str = "choose precision=fp32, bf16 or fp16 (no quantization)") -> None:
     package, devices = QUANTIZATION_BACKENDS[quantization]
-    valid = "choose precision=fp32, bf16 or fp16 (no quantization)"
     if not _installed(package):
         raise ConfigError(
             f"{key}={quantization}{_origin(key)} needs the {package} "
@@ -415,10 +476,10 @@ def _validate_tiny(cfg: DictConfig, role: str) -> None:
     _check(tiny.num_heads % tiny.num_kv_heads == 0, f"{prefix}.num_kv_heads", tiny.num_kv_heads, f"it must divide num_heads={tiny.num_heads}")
     _check(tiny.vision_embed_dim % tiny.vision_heads == 0, f"{prefix}.vision_heads", tiny.vision_heads, f"it must divide vision_embed_dim={tiny.vision_embed_dim}")
     _check((tiny.vision_embed_dim // tiny.vision_heads) % 4 == 0, f"{prefix}.vision_heads", tiny.vision_heads, "the vision head size must be a multiple of 4 (2-D rotary)")
-    from firstsight.models import quantization_of
+    from firstsight.parts import resolve_parts
 
     trained_in_full = role == "student" and cfg.task.name == "distill" and not cfg.lora.enabled
-    if not trained_in_full and quantization_of(cfg, role) in ("int8", "nf4"):
+    if any(p.quantized for p in resolve_parts(cfg, role, frozen_weights=not trained_in_full).values()):
         for name in ("hidden_size", "intermediate_size", "vision_embed_dim"):
             value = tiny[name]
             _check(value % 64 == 0, f"{prefix}.{name}", value, "bitsandbytes kernels need widths that are multiples of 64")

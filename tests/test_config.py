@@ -18,9 +18,9 @@ CHOICES = {g: sorted(p.stem for p in (CONF_DIR / g).glob("*.yaml")) for g in GRO
 
 def test_the_groups_users_asked_for_have_their_choices():
     assert {"tiny", "qwen2vl_7b_2b"} <= set(CHOICES["model"])
-    assert {"fp32", "bf16", "fp16", "int8", "nf4"} <= set(CHOICES["precision"])
+    assert {"fp32", "bf16", "fp16", "int8", "nf4", "int8_lm", "nf4_lm"} <= set(CHOICES["precision"])
     assert {"forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "none"} <= set(CHOICES["distill_loss"])
-    assert {"cpu", "gpu"} <= set(CHOICES["hardware"])
+    assert {"cpu", "gpu", "edge_4gb", "edge_8gb", "edge_16gb"} <= set(CHOICES["hardware"])
 
 
 def all_pairs(choices):
@@ -108,6 +108,8 @@ def test_wrong_types_and_keys_fail_at_composition(override, fragment):
         (["model.student.source=/does/not/exist"], "no such directory"),
         (["model=qwen2vl_7b_2b"], "hub is offline"),
         (["model.teacher.tiny.num_heads=3"], "model.teacher.tiny.num_heads=3"),
+        (["task=profile", "hardware.memory_budget_gb=0"], "hardware.memory_budget_gb=0.0"),
+        (["precision.parts.language.quantization=nf4"], "precision.parts.language.quantization=nf4"),
     ],
 )
 def test_invalid_values_are_refused_with_the_value_and_what_is_valid(overrides, fragment):
