@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -56,8 +56,10 @@ def build_hidden_loss(cfg: DictConfig, student_model: Any, teacher_model: Any, d
     return hidden.to(device)  # float32 master weights, like the student's
 
 
-def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None) -> Dict[str, float]:
-    """`resume_point` (firstsight.resume.ResumePoint): continue that checkpoint's training."""
+def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, world: Optional[Any] = None) -> Dict[str, float]:
+    """`resume_point` (firstsight.resume.ResumePoint): continue that checkpoint's training.
+    `world` (firstsight.distributed.Distributed): this process's place in a data-parallel job;
+    only its rank 0 gets a real tracker, writes checkpoints and saves the student."""
     import torch
 
     from firstsight.data import load_split
@@ -116,6 +118,10 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None) -
     if getattr(train_set, "skipped", 0):  # bad records left out under data.on_bad_sample=skip
         tracker.log_metrics({"data/skipped_samples": train_set.skipped})
     teacher_model, student_model = teacher.model, student.model
+    from firstsight.distributed import SINGLE
+
+    world = world or SINGLE
+    student_forward = world.wrap(student_model, device)  # DDP over the job's processes (else itself)
     # distill_loss.hidden_weight > 0: + hidden_weight * hidden-state term, through trained projections
     teacher_runs = teacher_cache is None and loss_fn.uses_teacher
     hidden_loss = build_hidden_loss(cfg, student_model, teacher_model if teacher_runs else None, device)
@@ -125,7 +131,7 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None) -
         inputs = model_inputs(batch)
         # The frozen teacher already holds its weights in the precision's dtype (or quantized):
         # autocast is for the trainable student, and bitsandbytes' CPU kernels give NaN under it.
-        student_out = student_model(**inputs, **hidden_kwargs)
+        student_out = student_forward(**inputs, **hidden_kwargs)
         student_logits = student_out.logits
         if teacher_cache is not None:  # the cached top-k targets stand in for the teacher's logits
             teacher_logits = teacher_cache.targets(batch)
@@ -146,6 +152,7 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None) -
 
     throughput = ThroughputMeter(cfg.train.throughput_warmup_steps)
     last: Dict[str, float] = {}
+    history: List[Dict[str, float]] = []  # train_history.json: per-step figures without MLflow
 
     def on_step(step: int, metrics: Dict[str, float], seconds: float, samples: int, tokens: int) -> None:
         if not math.isfinite(metrics["loss"]):
@@ -160,6 +167,7 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None) -
         named["perf/step_time_s"] = seconds
         tracker.log_metrics(named, step=step)
         last.update(named)
+        history.append({"step": step, **named})
         if step % cfg.train.log_every_n_steps == 0:
             tracker.flush()
 
@@ -167,16 +175,17 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None) -
 
     checkpointer = Checkpointer(
         cfg, job_output_dir(), named_trained_tensors(student_model, {"hidden_projection": hidden_loss} if hidden_loss else None),
-        run_id=tracker.run_id, resume=resume_point, before_save=tracker.flush,
+        run_id=tracker.run_id, resume=resume_point, before_save=tracker.flush, writer=world.is_main,
     )
     if resume_point is not None:  # the metrics of the checkpoint's step, in case no step is left to run
         last.update({f"train/{k}": v for k, v in resume_point.state["metrics"].items()})
         tracker.set_tags({"firstsight.resumed_from": str(resume_point.path),
                           "firstsight.resumed_at_step": str(resume_point.step)})
     optimize(
-        student_model,
+        student_forward,
         ShuffledBatches(train_set, collator, cfg.hardware.batch_size, seed=cfg.seed, workers=cfg.hardware.dataloader_workers,
-                        position=resume_point.data_position if resume_point else None),
+                        position=resume_point.data_position if resume_point else None,
+                        rank=world.rank, world_size=world.world_size),
         kd_step,
         LoopSettings(
             max_steps=cfg.train.max_steps, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
@@ -190,8 +199,17 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None) -
         # the hidden-state projections train too, but are not saved with the student (see build_hidden_loss)
         extra_parameters=hidden_loss.parameters() if hidden_loss is not None else (),
         checkpointer=checkpointer,
+        world=world,
     )
+    if world.is_main:  # the steps this process ran (a resumed job: those after its checkpoint)
+        import json
+
+        from firstsight.cache import write_atomically
+
+        write_atomically(job_output_dir() / "train_history.json", json.dumps(history, indent=1))
     summary = {**throughput.summary(), peak.metric_name: peak.peak_gb()}
+    if world.active:  # throughput is the job's (all GPUs); memory is per process: the largest, and the sum
+        summary.update(per_process_figures(world, summary, peak.metric_name))
     if peak.scope != "job":
         tracker.set_tags({"firstsight.peak_memory_scope": peak.scope})
 
@@ -215,10 +233,24 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None) -
 
     result = {**model_metrics, **last, **summary}
     if cfg.train.save_checkpoint:
-        save_student(cfg, tracker, student_model, processor, result)
+        if world.is_main:
+            save_student(cfg, tracker, student_model, processor, result)
     checkpointer.discard()  # done: a rerun in this directory starts afresh instead of resuming
     log.info("done: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.items())))
     return result
+
+
+def per_process_figures(world: Any, summary: Dict[str, float], peak_name: str) -> Dict[str, float]:
+    """A data-parallel job's memory and per-GPU throughput: `peak_name` becomes the largest peak of
+    any process (what each GPU must hold), `<peak_name>_all_processes` their sum, and the job's
+    throughputs (already summed over processes) also divided per process."""
+    figures = {f"{k}_per_process": v / world.world_size for k, v in summary.items()
+               if k.startswith("perf/throughput_")}
+    peak = summary[peak_name]
+    figures[peak_name] = world.all_reduce([peak], op="max")[0]
+    figures[f"{peak_name}_all_processes"] = world.all_reduce([peak])[0]
+    figures["perf/processes"] = float(world.world_size)
+    return figures
 
 
 RUN_RECORD = "firstsight_run.json"  # beside a saved student: what made it (read by the export task)

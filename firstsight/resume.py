@@ -175,14 +175,20 @@ def locate(cfg: DictConfig, output_dir: Path) -> Optional[ResumePoint]:
     path = _resume_source(cfg, output_dir)
     if path is None:
         return None
-    state = json.loads((path / STATE).read_text())
-    differences = config_differences(state["config"], OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    point = read_point(path)
+    differences = config_differences(point.state["config"], OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     if differences:
         shown = "; ".join(differences[:8]) + ("; ..." if len(differences) > 8 else "")
         raise FirstSightError(
             f"cannot resume from {path}: the run it belongs to was configured differently ({shown}). "
             "Resume with the same settings, or start a new run with train.resume=never"
         )
+    return point
+
+
+def read_point(path: Path) -> ResumePoint:
+    """The checkpoint at `path` (already verified) as a ResumePoint."""
+    state = json.loads((path / STATE).read_text())
     return ResumePoint(path=path, step=int(state["step"]), state=state)
 
 
@@ -281,11 +287,14 @@ class StopSignals:
             return
         self._pass_on(signum, None, None)
 
-    def pass_on(self, step: int, checkpoint: Optional[Path]) -> None:
-        """After the checkpoint that a requested stop asked for."""
+    def pass_on(self, step: int, checkpoint: Optional[Path], end_job: bool = False) -> None:
+        """After the checkpoint that a requested stop asked for. `end_job`: stop even if the
+        previous handler returns (a data-parallel job: its processes must stop together)."""
         signum, self.requested = self.requested, None
         if signum is not None:
             self._pass_on(signum, step, checkpoint)
+            if end_job:
+                raise Preempted(signum, step, checkpoint)
 
     def _pass_on(self, signum: int, step: Optional[int], checkpoint: Optional[Path]) -> None:
         previous = self._previous.get(signum, signal.SIG_DFL)

@@ -9,6 +9,7 @@ import contextlib
 import functools
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterator
 
 from omegaconf import DictConfig
@@ -16,10 +17,10 @@ from omegaconf import DictConfig
 from firstsight.errors import FirstSightError
 
 
-def _distill(cfg: DictConfig, tracker: Any, resume_point: Any = None) -> Dict[str, float]:
+def _distill(cfg: DictConfig, tracker: Any, resume_point: Any = None, world: Any = None) -> Dict[str, float]:
     from firstsight.distill import distill
 
-    return distill(cfg, tracker, resume_point)
+    return distill(cfg, tracker, resume_point, world)
 
 
 def _profile(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
@@ -61,27 +62,41 @@ def run_task(cfg: DictConfig) -> Dict[str, float]:
 
     with exit_on_user_error():
         validate(cfg, tasks=TASKS)
+    from firstsight.distributed import setup
+
+    world = setup(cfg)  # several processes (torchrun / SLURM tasks): join their group; else SINGLE
+    try:
+        metrics = _run_in_process(cfg, world)
+    finally:
+        world.close()
+    if world.is_main:
+        write_job_metrics(metrics)
+    return metrics
+
+
+def _run_in_process(cfg: DictConfig, world: Any) -> Dict[str, float]:
     task: Callable[..., Dict[str, float]] = TASKS[cfg.task.name]
     resume_point = None
     if cfg.task.name == "distill":  # a requeued/restarted job continues its checkpoint and MLflow run
         from firstsight.job import job_output_dir
-        from firstsight.resume import locate
+        from firstsight.resume import locate, read_point
 
         with exit_on_user_error():
-            resume_point = locate(cfg, job_output_dir())
-        if resume_point is not None:
-            task = functools.partial(task, resume_point=resume_point)
+            resume_point = locate(cfg, job_output_dir()) if world.is_main else None
+        if world.active:  # rank 0 found (and verified) it; the others read the same one
+            path = world.broadcast(str(resume_point.path) if resume_point else None)
+            resume_point = read_point(Path(path)) if path and not world.is_main else resume_point
+        task = functools.partial(task, resume_point=resume_point, world=world)
     from firstsight.resume import STOP, Preempted
     from firstsight.tracking import job_tracker
 
+    run_id = resume_point.run_id if resume_point else None
     try:
-        with STOP.installed(), exit_on_user_error(), job_tracker(cfg, run_id=resume_point.run_id if resume_point else None) as tracker:
-            metrics = task(cfg, tracker)
+        with STOP.installed(), exit_on_user_error(), job_tracker(cfg, run_id=run_id, enabled=world.is_main) as tracker:
+            return task(cfg, tracker)
     except Preempted as stop:  # the run is marked KILLED; a checkpoint was written if training had begun
         print(f"{stop}; run the same command again (or let SLURM requeue it) to resume", file=sys.stderr)
         raise SystemExit(stop.exit_code) from None
-    write_job_metrics(metrics)
-    return metrics
 
 
 def write_job_metrics(metrics: Dict[str, float]) -> None:

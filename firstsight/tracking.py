@@ -195,11 +195,12 @@ def _reopened_run(client: Any, run_id: Optional[str]) -> Optional[Any]:
 
 
 @contextlib.contextmanager
-def job_tracker(cfg: DictConfig, run_id: Optional[str] = None) -> Iterator[Any]:
+def job_tracker(cfg: DictConfig, run_id: Optional[str] = None, enabled: bool = True) -> Iterator[Any]:
     """Open the job's run (or reopen `run_id`, the run a resumed checkpoint belongs to); FINISHED
     on success, FAILED (with the reason as a tag) on an exception, KILLED on Ctrl-C or a stop
-    signal (firstsight.resume.Preempted). Buffered metrics are flushed either way."""
-    if not cfg.tracking.enabled:
+    signal (firstsight.resume.Preempted). Buffered metrics are flushed either way.
+    `enabled=False`: a NullTracker (the processes of a data-parallel job other than rank 0)."""
+    if not (cfg.tracking.enabled and enabled):
         yield NullTracker()
         return
     from mlflow.tracking import MlflowClient

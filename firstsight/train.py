@@ -8,6 +8,7 @@ answer tokens of the step. Mixed precision: autocast to the run's dtype (GradSca
 from __future__ import annotations
 
 import contextlib
+import signal
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
@@ -67,6 +68,7 @@ def optimize(
     on_step: Callable[[int, Dict[str, float], float, int, int], None],
     extra_parameters: Iterable[Any] = (),
     checkpointer: Optional[Any] = None,
+    world: Optional[Any] = None,
 ) -> None:
     """Run `settings.max_steps` optimizer steps.
 
@@ -77,20 +79,28 @@ def optimize(
     `checkpointer` (firstsight.resume.Checkpointer): restores a resume point before the first step,
     writes resumable checkpoints after steps (with `batches.position()`); a stop signal during the
     loop (firstsight.resume.STOP) is acted on after the step's checkpoint.
+    `world` (firstsight.distributed.Distributed): data-parallel over its processes; `model` is then
+    the DDP-wrapped one. Each process normalises by the global batch's answer tokens and scales its
+    loss by world_size before backward, so DDP's gradient average is the global batch's gradient;
+    on_step gets metrics, samples and tokens summed over the processes (one all-reduce per step).
     """
     import torch
     from tqdm.auto import tqdm
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    params += [p for p in extra_parameters if p.requires_grad]
+    from firstsight.distributed import SINGLE
+    from firstsight.resume import STOP
+
+    world = world or SINGLE
+    extra = [p for p in extra_parameters if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad] + extra
+    no_sync = getattr(model, "no_sync", contextlib.nullcontext)  # DDP: all-reduce on the last micro-batch only
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings.warmup_steps, settings.max_steps))
     scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)  # fp16 gradients underflow unscaled
     timer = StepTimer(device)
     first = checkpointer.restore(optimizer, scheduler, scaler) + 1 if checkpointer is not None else 1
     bar = tqdm(total=settings.max_steps, initial=first - 1, desc=settings.description,
-               disable=not settings.progress_bar, dynamic_ncols=True, leave=True)
-    from firstsight.resume import STOP
+               disable=not settings.progress_bar or not world.is_main, dynamic_ncols=True, leave=True)
 
     try:
         with STOP.deferred():
@@ -99,14 +109,16 @@ def optimize(
                     micro: List[Dict[str, Any]] = [
                         to_device(next(batches), device) for _ in range(settings.grad_accum_steps)
                     ]
-                    answer_tokens = sum(count_answer_tokens(b["labels"]) for b in micro)
+                    answer_tokens = int(world.all_reduce([sum(count_answer_tokens(b["labels"]) for b in micro)])[0])
                     sums: Dict[str, Any] = {}
-                    for batch in micro:
-                        with autocast(device, dtype):
-                            out = micro_step(batch, answer_tokens)
-                        scaler.scale(out["loss"]).backward()
+                    for index, batch in enumerate(micro):
+                        with no_sync() if index < len(micro) - 1 else contextlib.nullcontext():
+                            with autocast(device, dtype):
+                                out = micro_step(batch, answer_tokens)
+                            scaler.scale(out["loss"] * world.world_size).backward()
                         for key, value in out.items():
                             sums[key] = sums.get(key, 0.0) + value.detach()
+                    world.average_gradients(extra)
                     scaler.unscale_(optimizer)
                     grad_norm = torch.nn.utils.clip_grad_norm_(
                         params, settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf")
@@ -121,12 +133,20 @@ def optimize(
                 metrics["lr"] = lr
                 samples = sum(int(b["labels"].shape[0]) for b in micro)
                 tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+                if world.active:  # the global batch's figures, and one stop decision for all processes
+                    keys = sorted(k for k in metrics if k not in ("grad_norm", "lr"))
+                    *values, samples, tokens, stops = world.all_reduce(
+                        [metrics[k] for k in keys] + [samples, tokens, float(STOP.requested is not None)])
+                    metrics.update(zip(keys, values))
+                    samples, tokens = int(samples), int(tokens)
+                    if stops and STOP.requested is None:
+                        STOP.requested = signal.SIGTERM  # another process was told to stop
                 on_step(step, metrics, timer.seconds, samples, tokens)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
                 bar.update(1)
                 if checkpointer is not None and checkpointer.due(step, settings.max_steps):
                     saved = checkpointer.save(step, optimizer, scheduler, scaler, batches.position(), metrics)
-                    STOP.pass_on(step, saved)  # a stop signal that asked for it: requeue or end the job
+                    STOP.pass_on(step, saved, end_job=world.active)  # a stop signal: requeue or end the job
     finally:
         bar.close()
 

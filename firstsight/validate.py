@@ -267,8 +267,14 @@ def _validate_hardware(cfg: DictConfig, local_device: bool = True) -> None:
                f"a memory budget is judged by task=profile (edge/fits); task={cfg.task.name} runs uncapped: "
                "set hardware.memory_budget_gb=null (e.g. hardware=gpu or cpu instead of an edge_* preset)")
     device = device_type(cfg)
+    if local_device:  # the processes that run this job (torchrun / SLURM tasks) against hardware.num_gpus
+        from firstsight.distributed import check_layout, launched_world
+
+        problem = check_layout(cfg, launched_world())
+        _check(problem is None, "hardware.num_gpus", hw.num_gpus, str(problem))
     if device == "cpu":
-        _check(hw.num_gpus == 0, "hardware.num_gpus", hw.num_gpus, "a CPU job uses 0 GPUs (set hardware=gpu for CUDA)")
+        _check(hw.num_gpus == 0, "hardware.num_gpus", hw.num_gpus,
+               "a CPU job uses 0 GPUs (set hardware=gpu for CUDA; on the CPU, torchrun's processes share the cores)")
         _check(
             hw.attn_implementation != "flash_attention_2",
             "hardware.attn_implementation",
@@ -278,8 +284,8 @@ def _validate_hardware(cfg: DictConfig, local_device: bool = True) -> None:
         return
     if not local_device:
         _check(hw.num_gpus >= 1, "hardware.num_gpus", hw.num_gpus, "a CUDA job uses at least 1 GPU")
-        _check(hw.num_gpus == 1, "hardware.num_gpus", hw.num_gpus,
-               "data-parallel training over several GPUs is not implemented yet; use 1 (hardware=slurm)")
+        _check(hw.num_gpus == 1 or cfg.task.name == "distill", "hardware.num_gpus", hw.num_gpus,
+               f"only task=distill trains on several GPUs (data-parallel); task={cfg.task.name} uses 1")
         return
     import torch
 
@@ -294,12 +300,6 @@ def _validate_hardware(cfg: DictConfig, local_device: bool = True) -> None:
         "hardware.num_gpus",
         hw.num_gpus,
         f"this machine shows {visible} GPU(s); a CUDA job uses 1..{visible}",
-    )
-    _check(
-        hw.num_gpus == 1,
-        "hardware.num_gpus",
-        hw.num_gpus,
-        "data-parallel training over several GPUs is not implemented yet; use 1",
     )
     if budget is not None:
         total_gb = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1e9

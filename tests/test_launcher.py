@@ -54,8 +54,9 @@ def test_gpu_jobs_are_checked_for_gpus_where_they_run_not_on_the_submitting_mach
     validate(cfg, local_device=False)  # this machine has no GPU; the SLURM node will
     with pytest.raises(ConfigError, match="no CUDA GPU is visible"):
         validate(cfg)  # what the job itself checks on its node
-    with pytest.raises(ConfigError, match="several GPUs is not implemented"):
-        validate(compose(["hardware=slurm_h100x4"]), local_device=False)
+    validate(compose(["hardware=slurm_h100x4"]), local_device=False)  # 4 tasks of one data-parallel distill
+    with pytest.raises(ConfigError, match="only task=distill trains on several GPUs"):
+        validate(compose(["hardware=slurm_h100x4", "task=profile"]), local_device=False)
 
 
 class FakeJob:

@@ -73,15 +73,19 @@ class PromptCollator:
 class ShuffledBatches:
     """Endless batches, reshuffled every epoch from `seed` (repeatable), whose position can be saved
     and restored: epoch e's order is a permutation drawn from its own generator seeded by (seed, e),
-    so a resumed run skips the batches already taken by index, without loading or collating them."""
+    so a resumed run skips the batches already taken by index, without loading or collating them.
+    Data-parallel (`world_size` processes): each step's global batch is world_size × batch_size
+    consecutive samples of that order and process `rank` takes its rank-th slice, so N processes
+    see what one process with N times the batch size sees."""
 
     def __init__(self, dataset: Any, collator: Any, batch_size: int, seed: int, workers: int = 0,
-                 position: Optional[Dict[str, int]] = None):
+                 position: Optional[Dict[str, int]] = None, rank: int = 0, world_size: int = 1):
         from torch.utils.data import DataLoader
 
         self.epoch = int(position["epoch"]) if position else 0
         self.batches_into_epoch = int(position["batches_into_epoch"]) if position else 0
-        self._sampler = _EpochBatchSampler(len(dataset), batch_size, seed, self.epoch, self.batches_into_epoch)
+        self._sampler = _EpochBatchSampler(len(dataset), batch_size, seed, self.epoch, self.batches_into_epoch,
+                                           rank, world_size)
         self._loader = DataLoader(
             dataset, batch_sampler=self._sampler, collate_fn=collator, num_workers=workers,
             persistent_workers=workers > 0,
@@ -110,15 +114,17 @@ class ShuffledBatches:
 
 class _EpochBatchSampler:
     """Index batches of one epoch per iteration: epoch e is torch.randperm under a generator seeded
-    by (seed, e); the first epoch iterated skips `skip` batches (a resumed position)."""
+    by (seed, e), cut into global batches of world_size × batch_size, of which this process takes
+    slice `rank`; the first epoch iterated skips `skip` batches (a resumed position)."""
 
-    def __init__(self, size: int, batch_size: int, seed: int, epoch: int, skip: int):
+    def __init__(self, size: int, batch_size: int, seed: int, epoch: int, skip: int, rank: int = 0, world_size: int = 1):
         self.size, self.batch_size, self.seed = size, batch_size, seed
-        self.drop_last = size >= batch_size  # a dataset smaller than a batch still yields one
+        self.rank, self.global_batch = rank, batch_size * world_size
+        self.drop_last = size >= self.global_batch  # a dataset smaller than a batch still yields one
         self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
-        return self.size // self.batch_size if self.drop_last else -(-self.size // self.batch_size)
+        return self.size // self.global_batch if self.drop_last else 1
 
     def __iter__(self) -> Iterator[List[int]]:
         import torch
@@ -128,7 +134,8 @@ class _EpochBatchSampler:
         skip, self.skip = self.skip, 0
         self.epoch += 1
         for index in range(skip, len(self)):
-            yield order[index * self.batch_size:(index + 1) * self.batch_size]
+            start = index * self.global_batch + self.rank * self.batch_size
+            yield order[start:start + self.batch_size]
 
 
 def batches(dataset: Any, collator: Any, batch_size: int, seed: int, workers: int = 0) -> ShuffledBatches:

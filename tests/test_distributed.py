@@ -1,0 +1,71 @@
+"""Data-parallel distillation (firstsight/distributed.py) on the CPU: two torchrun processes (gloo)
+against one process with twice the batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, compose, default_store_runs
+
+ARGS = ["train.max_steps=6", "train.progress_bar=false", "hardware.num_threads=1", "train.eval_at_end=false",
+        "train.throughput_warmup_steps=1"]
+
+
+def test_two_processes_follow_the_one_process_loss_curve(run_cli, cache_dir, tmp_path):
+    single = run_cli(*ARGS, "hardware.batch_size=8", f"hydra.run.dir={tmp_path / 'single'}")
+    assert single.returncode == 0, single.stderr[-3000:]
+    env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
+    parallel = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "run.py"),
+         *ARGS, "hardware.batch_size=4", f"hydra.run.dir={tmp_path / 'parallel'}"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert parallel.returncode == 0, (parallel.stdout + parallel.stderr)[-3000:]
+
+    one = json.loads((tmp_path / "single" / "train_history.json").read_text())
+    two = json.loads((tmp_path / "parallel" / "train_history.json").read_text())
+    assert [h["step"] for h in two] == list(range(1, 7))
+    for a, b in zip(one, two):  # the same samples per step; only float summation order differs
+        assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
+        assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4)
+
+    metrics = json.loads((tmp_path / "parallel" / "metrics.json").read_text())
+    assert metrics["perf/processes"] == 2
+    assert metrics["perf/throughput_tokens_per_s_per_process"] == pytest.approx(metrics["perf/throughput_tokens_per_s"] / 2)
+    assert metrics["perf/peak_rss_gb_all_processes"] > metrics["perf/peak_rss_gb"] > 0
+
+    runs = [r for r in default_store_runs(tmp_path) if r.data.params.get("hardware.batch_size") == "4"]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # rank 0 alone logs
+    assert runs[0].data.metrics["perf/processes"] == 2
+    assert (tmp_path / "parallel" / "checkpoints" / "student" / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("env, overrides, message", [
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, ["task=profile"], "only task=distill trains data-parallel"),
+    ({}, ["hardware.device=auto", "hardware.num_gpus=2"], "needs one process per GPU"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, ["hardware.device=auto", "hardware.num_gpus=1"],
+     "set hardware.num_gpus=2"),
+])
+def test_process_layouts_that_do_not_fit_the_config_are_explained(monkeypatch, env, overrides, message):
+    from firstsight.distributed import check_layout, launched_world
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    problem = check_layout(compose(overrides), launched_world())
+    assert problem is not None and message in problem
+
+
+def test_a_single_process_is_not_distributed(monkeypatch):
+    from firstsight.distributed import check_layout, launched_world
+
+    for key in ("RANK", "WORLD_SIZE", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    assert launched_world() is None
+    assert check_layout(compose([]), None) is None
