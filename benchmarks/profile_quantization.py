@@ -15,18 +15,16 @@ visual tokens each; one frame, two for `moved` questions), exactly `--new-tokens
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from _common import (
+    RESULTS, cuda_device, earlier_points, last_line, merged, profile_overrides, profile_settings, ratio, read_results,
+    results_path, run_job, run_meta, write_pair,
+)
+
 COLUMNS = [  # (metric, header, format)
     ("model/params_b", "params (B)", "{:.3f}"),
     ("model/weights_gb", "weights (GB)", "{:.2f}"),
@@ -39,38 +37,21 @@ COLUMNS = [  # (metric, header, format)
 
 
 def run_point(target: str, precision: str, args: argparse.Namespace, workdir: Path) -> Dict[str, Any]:
-    out_dir = workdir / f"{target}-{precision}"
-    command = [
-        sys.executable, str(ROOT / "run.py"), "task=profile", f"model={args.model}",
+    overrides = [
+        "task=profile", f"model={args.model}",
         *([f"model.{side}.weights={args.weights}" for side in ("teacher", "student")] if args.weights else []),
         f"hardware={args.hardware}",
-        f"precision={precision}", f"task.target={target}", f"data.image_size={args.image_size}",
-        f"task.new_tokens={args.new_tokens}", f"task.warmup_queries={args.warmup_queries}",
-        f"task.latency_queries={args.latency_queries}", f"task.throughput_batch_size={args.batch_size}",
-        f"task.throughput_batches={args.batches}", "tracking.enabled=false", "train.progress_bar=false",
-        f"hydra.run.dir={out_dir}", *args.overrides,
+        f"precision={precision}", f"task.target={target}", *profile_overrides(args), *args.overrides,
     ]
-    start = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+    job = run_job(overrides, workdir / f"{target}-{precision}", args.timeout)
     point: Dict[str, Any] = {
-        "target": target, "precision": precision, "wall_s": time.perf_counter() - start,
-        "command": " ".join(command[1:]),
-        "settings": {"warmup_queries": args.warmup_queries, "latency_queries": args.latency_queries,
-                     "batch_size": args.batch_size, "batches": args.batches, "new_tokens": args.new_tokens,
-                     "image_size": args.image_size},
+        "target": target, "precision": precision, "wall_s": job.pop("wall_s"), "command": job.pop("command"),
+        "settings": profile_settings(args),
+        **job,
     }
-    metrics_file = out_dir / "metrics.json"
-    if proc.returncode == 0 and metrics_file.is_file():
-        point["metrics"] = json.loads(metrics_file.read_text())
-    else:
-        point["error"] = (proc.stderr or proc.stdout)[-2000:]
     print(f"{target:8s} {precision:5s} {'ok' if 'metrics' in point else 'FAILED'} in {point['wall_s']:.0f} s",
           flush=True)
     return point
-
-
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-    return a / b if a is not None and b else None
 
 
 def comparisons(points: List[Dict[str, Any]], reference: str) -> List[Dict[str, Any]]:
@@ -87,13 +68,13 @@ def comparisons(points: List[Dict[str, Any]], reference: str) -> List[Dict[str, 
         rows.append({
             "target": p["target"],
             "precision": p["precision"],
-            f"latency_vs_{reference}": _ratio(m.get("infer/latency_p50_s"), ref.get("infer/latency_p50_s")),
-            f"weights_vs_{reference}": _ratio(m.get("model/weights_gb"), ref.get("model/weights_gb")),
+            f"latency_vs_{reference}": ratio(m.get("infer/latency_p50_s"), ref.get("infer/latency_p50_s")),
+            f"weights_vs_{reference}": ratio(m.get("model/weights_gb"), ref.get("model/weights_gb")),
             "student_speedup_over_teacher": (
-                _ratio(teacher.get("infer/latency_p50_s"), m.get("infer/latency_p50_s")) if p["target"] == "student" else None
+                ratio(teacher.get("infer/latency_p50_s"), m.get("infer/latency_p50_s")) if p["target"] == "student" else None
             ),
             "student_throughput_gain_over_teacher": (
-                _ratio(m.get("infer/throughput_qps"), teacher.get("infer/throughput_qps")) if p["target"] == "student" else None
+                ratio(m.get("infer/throughput_qps"), teacher.get("infer/throughput_qps")) if p["target"] == "student" else None
             ),
         })
     return rows
@@ -125,17 +106,14 @@ def markdown(points: List[Dict[str, Any]], ratios: List[Dict[str, Any]], meta: D
         lines.append(f"| {r['target']} | {r['precision']} | " + " | ".join("" if c is None else f"{c:.2f}x" for c in cells) + " |")
     failed = [p for p in points if "error" in p]
     for p in failed:
-        lines += ["", f"{p['target']} {p['precision']} failed: `{p['error'].strip().splitlines()[-1] if p['error'].strip() else '?'}`"]
+        lines += ["", f"{p['target']} {p['precision']} failed: `{last_line(p['error'])}`"]
     return "\n".join(lines) + "\n"
 
 
 def write_results(points: List[Dict[str, Any]], meta: Dict[str, Any], reference: str, json_path: Path) -> str:
     ratios = comparisons(points, reference)
     table = markdown(points, ratios, meta)
-    from firstsight.cache import write_atomically
-
-    write_atomically(json_path, json.dumps({**meta, "points": points, "ratios": ratios}, indent=2))
-    write_atomically(json_path.with_suffix(".md"), table)
+    write_pair(json_path, {**meta, "points": points, "ratios": ratios}, table)
     return table
 
 
@@ -162,39 +140,23 @@ def main() -> int:
     parser.add_argument("--render", metavar="JSON", help="only rewrite the Markdown table of an existing results file")
     args = parser.parse_args()
     if args.render:
-        data = json.loads(Path(args.render).read_text())
-        points = data.pop("points")
+        data, points = read_results(args.render)
         data.pop("ratios", None)
         print(write_results(points, data, data["reference"], Path(args.render)))
         return 0
 
-    import torch
-
-    sys.path.insert(0, str(ROOT))
-    from firstsight.tracking import package_versions
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    slug = device.replace(" ", "_").replace("/", "_")
-    json_path = Path(args.results_dir) / f"{args.name}_{slug}.json"
-    meta = {
-        "device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": package_versions(), "python": sys.version.split()[0], "reference": args.reference,
-        "image_size": args.image_size, "new_tokens": args.new_tokens, "batch_size": args.batch_size,
-        "host_cpus": os.cpu_count(),
-    }
-    earlier: List[Dict[str, Any]] = []
-    if args.append and json_path.is_file():  # points measured by an earlier call on the same device kind
-        previous = json.loads(json_path.read_text())
-        earlier = previous["points"]
-        meta["earlier_call_dates"] = sorted(set(previous.get("earlier_call_dates", []) + [previous["date"]]))
+    device = cuda_device()
+    json_path = results_path(args.results_dir, args.name, device)
+    meta = run_meta(device, reference=args.reference, image_size=args.image_size, new_tokens=args.new_tokens,
+                    batch_size=args.batch_size)
+    earlier = earlier_points(json_path, meta, args.append)  # points measured by an earlier call on the same device kind
     points: List[Dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fs-bench-") as tmp:
         for target in args.targets:
             for precision in args.precisions:
                 points.append(run_point(target, precision, args, Path(tmp)))
-                fresh = {(p["target"], p["precision"]) for p in points}
-                merged = [p for p in earlier if (p["target"], p["precision"]) not in fresh] + points
-                table = write_results(merged, meta, args.reference, json_path)  # after every point: a kill keeps the rest
+                all_points = merged(earlier, points, lambda p: (p["target"], p["precision"]))
+                table = write_results(all_points, meta, args.reference, json_path)  # after every point: a kill keeps the rest
     print(table)
     print(f"wrote {json_path} and {json_path.with_suffix('.md')}")
     return 0 if all("metrics" in p for p in points) else 1

@@ -97,7 +97,7 @@ def launched_world() -> Optional[Distributed]:
     env = os.environ
     if "WORLD_SIZE" in env and "RANK" in env:
         world = Distributed(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
-    elif int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env and "SUBMITIT_FOLDER" in env:
+    elif int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in env and env.get("SUBMITIT_EXECUTOR") == "slurm":
         world = Distributed(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
     else:
         return None

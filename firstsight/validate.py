@@ -30,7 +30,7 @@ def _origin(key: str) -> str:
         hydra_cfg = HydraConfig.get()
     except Exception:  # composed with the compose API or by hand: no Hydra context
         return ""
-    for override in hydra_cfg.overrides.task:
+    for override in reversed(hydra_cfg.overrides.task):  # the last one given is the one Hydra applied
         if override.lstrip("+~").split("=", 1)[0] == key:
             return f" (command-line override '{override}')"
     group = key.split(".", 1)[0]
