@@ -77,7 +77,7 @@ def render(results: Dict[str, Any]) -> str:
         f"{meta['date']}; {meta['command']}; model={meta['model']} weights={meta['weights']} precision={meta['precision']}, "
         f"{meta['steps']} steps ({meta['warmup_steps']} warm-up steps excluded from throughput), {meta['image_size']}px frames; "
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
-        f"| | 1 GPU | {gpus} GPUs (DDP) |", "| --- | --- | --- |",
+        f"| | 1 GPU | {gpus} GPUs ({meta.get('data_parallel', 'ddp').upper()}) |", "| --- | --- | --- |",
         *[f"| {name} | {one} | {many} |" for name, one, many in rows], "",
         f"Speed-up {fmt(c['speedup'], '{:.2f}')}x, scaling efficiency {fmt(c['scaling_efficiency'], '{:.1%}')} "
         f"(N-GPU tokens/s over {gpus} x 1-GPU tokens/s). Loss curves over {c['steps_compared']} steps: largest relative "
@@ -96,6 +96,7 @@ def main() -> None:
     parser.add_argument("--weights", default="random", help="random (full size, no download) or '' for the model's own")
     parser.add_argument("--hardware", default="gpu")
     parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--data-parallel", default="ddp", choices=["ddp", "fsdp"], help="hardware.data_parallel of the N-GPU job")
     parser.add_argument("--batch-size", type=int, default=2, help="samples per GPU per micro-batch")
     parser.add_argument("--image-size", type=int, default=448)
     parser.add_argument("--steps", type=int, default=30)
@@ -112,17 +113,18 @@ def main() -> None:
     single = run_job([*base, f"hardware.grad_accum_steps={args.gpus}"], workdir / "single", args.timeout)
     single["history"] = history(workdir / "single")
     gpus = [] if args.hardware == "cpu" else [f"hardware.num_gpus={args.gpus}"]  # CPU: processes, no GPUs (a smoke test)
-    parallel = run_job([*base, *gpus], workdir / "parallel", args.timeout,
+    parallel = run_job([*base, *gpus, f"hardware.data_parallel={args.data_parallel}"], workdir / "parallel", args.timeout,
                        launcher=["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}"])
     parallel["history"] = history(workdir / "parallel")
     results = {
         "meta": run_meta(device, gpus=args.gpus, model=args.model, weights=args.weights, precision=args.precision,
                          batch_size=args.batch_size, image_size=args.image_size, steps=args.steps,
-                         warmup_steps=args.warmup_steps),
+                         warmup_steps=args.warmup_steps, data_parallel=args.data_parallel),
         "single": single, "parallel": parallel, "comparison": compare(single, parallel, args.gpus),
     }
     table = render(results)
-    write_pair(results_path(args.results_dir, "data_parallel", device), results, table)
+    name = "data_parallel" if args.data_parallel == "ddp" else f"data_parallel_{args.data_parallel}"
+    write_pair(results_path(args.results_dir, name, device), results, table)
     print(table)
     sys.exit(0 if "error" not in single and "error" not in parallel else 1)
 

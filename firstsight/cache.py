@@ -52,6 +52,15 @@ def cached_dir(path: Path, build: Callable[[Path], Any]) -> Path:
     return path
 
 
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_info(path: Path) -> dict:
     return json.loads((Path(path) / COMPLETE_MARKER).read_text())
 

@@ -134,6 +134,7 @@ class HardwareConfig:
     gradient_checkpointing: bool = False  # trade compute for activation memory (student)
     attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2
     num_gpus: int = 0  # GPUs this job uses (0 on CPU)
+    data_parallel: str = "ddp"  # several processes: ddp (a full student per GPU) | fsdp (student weights, gradients and AdamW state sharded)
     num_threads: Optional[int] = None  # torch intra-op threads on CPU; None = torch's default
     dataloader_workers: int = 0  # background processes rendering/processing samples
     memory_budget_gb: Optional[float] = None  # profile: cap (CUDA) and judge (edge/fits) the job's memory; None = no budget

@@ -2,17 +2,83 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from firstsight.errors import FirstSightError
+from firstsight.errors import FirstSightError, OutOfMemory, RunFailed
 from firstsight.job import job_output_dir, prepare_job
 
 log = logging.getLogger(__name__)
+
+# What the distill job is doing now, for the message of an out-of-memory error (out_of_memory_reported)
+STAGE = {"now": "while loading the models"}
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """PyTorch's out-of-memory error (CUDA), a RuntimeError saying so, the CPU allocator's failure, or Python's."""
+    from firstsight.edge import is_out_of_memory as torch_out_of_memory
+
+    if isinstance(err, MemoryError) or torch_out_of_memory(err):
+        return True
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err).lower()  # DefaultCPUAllocator
+
+
+@contextlib.contextmanager
+def out_of_memory_reported(cfg: DictConfig) -> Iterator[None]:
+    """An out-of-memory error inside becomes OutOfMemory (a one-line `error:`, exit status 2, the
+    run FAILED with it in firstsight.error): where (STAGE), the batch settings, the memory figures
+    and what to change."""
+    STAGE["now"] = "while loading the models"
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - only out-of-memory errors are turned into OutOfMemory
+        if not is_out_of_memory(err):
+            raise
+        raise OutOfMemory(out_of_memory_message(cfg, STAGE["now"], err)) from err
+
+
+def out_of_memory_message(cfg: DictConfig, stage: str, err: BaseException) -> str:
+    import os
+
+    from firstsight.perf import GB, _vm_hwm_bytes
+    from firstsight.validate import device_type
+
+    hw = cfg.hardware
+    device = device_type(cfg)
+    if device == "cuda":
+        import torch
+
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        memory = (f"peak allocated {torch.cuda.max_memory_allocated() / GB:.2f} GB of the GPU's {total / GB:.2f} GB "
+                  f"(reserved now {torch.cuda.memory_reserved() / GB:.2f} GB)")
+    else:
+        try:
+            total_text = f" of the machine's {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GB:.2f} GB"
+        except (ValueError, OSError):
+            total_text = ""
+        memory = f"peak RSS {_vm_hwm_bytes() / GB:.2f} GB{total_text}"
+    tips = []
+    if hw.batch_size > 1:
+        tips.append(f"a smaller batch with more accumulation, the same effective batch: hardware.batch_size="
+                    f"{hw.batch_size // 2} hardware.grad_accum_steps={hw.grad_accum_steps * 2}")
+    if not hw.gradient_checkpointing:
+        tips.append("hardware.gradient_checkpointing=true (the student's activations recomputed)")
+    if not cfg.lora.enabled:
+        tips.append("lora.enabled=true (LoRA: adapters train, not the whole student; with precision=nf4: QLoRA)")
+    teacher_quantization = cfg.precision.teacher_quantization or cfg.precision.quantization
+    if str(getattr(teacher_quantization, "value", teacher_quantization)) in ("none", "None"):
+        tips.append("precision.teacher_quantization=nf4 or int8 (a quantized teacher)")
+    if not tips:
+        tips.append("a smaller model or a device with more memory")
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    return (f"out of memory {stage} on {device} with hardware.batch_size={hw.batch_size} and "
+            f"hardware.grad_accum_steps={hw.grad_accum_steps}: {memory}. Try {'; or '.join(tips)}. "
+            f"({type(err).__name__}: {first})")
 
 
 def build_loss(cfg: DictConfig) -> Any:
@@ -121,7 +187,9 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
     from firstsight.distributed import SINGLE
 
     world = world or SINGLE
-    student_forward = world.wrap(student_model, device)  # DDP over the job's processes (else itself)
+    fsdp = world.active and cfg.hardware.data_parallel == "fsdp"
+    # several processes: DDP (or FSDP2, sharding in place) over them; else the student itself
+    student_forward = world.wrap(student_model, device, cfg.hardware.data_parallel)
     # distill_loss.hidden_weight > 0: + hidden_weight * hidden-state term, through trained projections
     teacher_runs = teacher_cache is None and loss_fn.uses_teacher
     hidden_loss = build_hidden_loss(cfg, student_model, teacher_model if teacher_runs else None, device)
@@ -157,7 +225,7 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
     def on_step(step: int, metrics: Dict[str, float], seconds: float, samples: int, tokens: int) -> None:
         if not math.isfinite(metrics["loss"]):
             tracker.log_metrics({f"train/{k}": v for k, v in metrics.items() if math.isfinite(v)}, step=step)
-            raise FirstSightError(
+            raise RunFailed(  # a sweep's other points still run (firstsight.tasks.exit_on_user_error)
                 f"the loss is {metrics['loss']} at step {step} (kd {metrics['kd_loss']}, ce {metrics['ce_loss']}); "
                 f"stopping before anything is saved. Try precision=fp32 or bf16, a lower train.lr={cfg.train.lr}, "
                 f"or a smaller distill_loss.temperature={cfg.distill_loss.temperature}."
@@ -170,17 +238,20 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
         history.append({"step": step, **named})
         if step % cfg.train.log_every_n_steps == 0:
             tracker.flush()
+        STAGE["now"] = f"at training step {step + 1} of {cfg.train.max_steps}"
 
     from firstsight.resume import Checkpointer, named_trained_tensors
 
     checkpointer = Checkpointer(
         cfg, job_output_dir(), named_trained_tensors(student_model, {"hidden_projection": hidden_loss} if hidden_loss else None),
         run_id=tracker.run_id, resume=resume_point, before_save=tracker.flush, writer=world.is_main,
+        sharded_model=student_forward if fsdp else None,
     )
     if resume_point is not None:  # the metrics of the checkpoint's step, in case no step is left to run
         last.update({f"train/{k}": v for k, v in resume_point.state["metrics"].items()})
         tracker.set_tags({"firstsight.resumed_from": str(resume_point.path),
                           "firstsight.resumed_at_step": str(resume_point.step)})
+    STAGE["now"] = f"at training step {(resume_point.step if resume_point else 0) + 1} of {cfg.train.max_steps}"
     optimize(
         student_forward,
         ShuffledBatches(train_set, collator, cfg.hardware.batch_size, seed=cfg.seed, workers=cfg.hardware.dataloader_workers,
@@ -202,17 +273,16 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
         world=world,
     )
     if world.is_main:  # the steps this process ran (a resumed job: those after its checkpoint)
-        import json
+        from firstsight.tasks import write_job_file
 
-        from firstsight.cache import write_atomically
-
-        write_atomically(job_output_dir() / "train_history.json", json.dumps(history, indent=1))
+        write_job_file("train_history.json", history)
     summary = {**throughput.summary(), peak.metric_name: peak.peak_gb()}
     if world.active:  # throughput is the job's (all GPUs); memory is per process: the largest, and the sum
         summary.update(per_process_figures(world, summary, peak.metric_name))
     if peak.scope != "job":
         tracker.set_tags({"firstsight.peak_memory_scope": peak.scope})
 
+    STAGE["now"] = "at the end of training (evaluating, saving)"
     if cfg.train.eval_at_end:
         validation = load_split(cfg.data, "validation", cfg.seed)
         eval_batches = lambda: in_order(validation, collator, cfg.hardware.batch_size)  # noqa: E731
@@ -233,8 +303,11 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
 
     result = {**model_metrics, **last, **summary}
     if cfg.train.save_checkpoint:
+        from firstsight.distributed import gathered_copy
+
+        whole = gathered_copy(student_model, world.is_main) if fsdp else student_model  # fsdp: all take part
         if world.is_main:
-            save_student(cfg, tracker, student_model, processor, result)
+            save_student(cfg, tracker, whole, processor, result)
     checkpointer.discard()  # done: a rerun in this directory starts afresh instead of resuming
     log.info("done: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.items())))
     return result

@@ -60,10 +60,15 @@ class Distributed:
 
             dist.barrier()
 
-    def wrap(self, model: Any, device: str) -> Any:
-        """The student in DistributedDataParallel (gradients averaged over processes)."""
+    def wrap(self, model: Any, device: str, strategy: str = "ddp") -> Any:
+        """The student, data-parallel: `ddp` = DistributedDataParallel (a full copy per process,
+        gradients averaged); `fsdp` = FSDP2 fully_shard (weights, gradients and optimizer state
+        sharded over the processes, gathered layer by layer for compute: a student that does not
+        fit one GPU with its AdamW state). Both average gradients over the processes."""
         if not self.active:
             return model
+        if strategy == "fsdp":
+            return shard(model, device, self.world_size)
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [self.local_rank] if device == "cuda" else None
@@ -89,6 +94,47 @@ class Distributed:
 
 
 SINGLE = Distributed()
+
+
+def shard(model: Any, device: str, world_size: int) -> Any:
+    """FSDP2: every block transformers would not split across devices (`_no_split_modules`: the
+    decoder layers and vision blocks) becomes one shard unit, then the rest (embeddings, head)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device, (world_size,))
+    unit_names = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in unit_names:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def is_sharded(tensors: Any) -> bool:
+    """Whether these parameters are FSDP2 shards (DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(t, DTensor) for t in tensors)
+
+
+def gathered_copy(model: Any, is_main: bool) -> Any:
+    """An unsharded copy of an FSDP-sharded model on the CPU, built from the gathered state dict (a
+    collective: every process calls it; only rank 0 gets the copy, the others None). Saved with
+    save_pretrained it gives the same files as a model that was never sharded."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main:
+        return None
+    # fully_shard swaps the class for a subclass (FSDP<Name>); the copy is of the model's own class
+    cls = next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
+    with torch.device("meta"):
+        copy = cls._from_config(model.config)
+    copy.load_state_dict(state, strict=True, assign=True)
+    copy.tie_weights()
+    return copy
 
 
 def launched_world() -> Optional[Distributed]:

@@ -97,10 +97,14 @@ def check_same_tokenizer(cfg: DictConfig, processor: Any) -> None:
         return  # the same processor serves both
     from transformers import AutoTokenizer
 
-    teacher_tok = AutoTokenizer.from_pretrained(
-        teacher.source, revision=teacher.revision, local_files_only=is_offline(),
-        trust_remote_code=cfg.model.trust_remote_code,
-    )
+    try:
+        teacher_tok = AutoTokenizer.from_pretrained(
+            teacher.source, revision=teacher.revision, local_files_only=is_offline(),
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    except (OSError, ValueError) as err:
+        raise FirstSightError(f"could not load the tokenizer of model.teacher.source={teacher.source!r} to compare it "
+                              f"with the student's: {err}") from err
     if teacher_tok.get_vocab() != processor.tokenizer.get_vocab():
         raise FirstSightError(
             f"teacher {teacher.source!r} and student {cfg.model.student.source!r} use different tokenizers "
@@ -157,7 +161,7 @@ def _from_pretrained(path: str, revision: Optional[str], dtype: Any, quant: Opti
                      attn: str, trust_remote_code: bool) -> Any:
     from transformers import Qwen2VLForConditionalGeneration
 
-    return Qwen2VLForConditionalGeneration.from_pretrained(
+    model, info = Qwen2VLForConditionalGeneration.from_pretrained(
         path,
         revision=revision,
         dtype=dtype,
@@ -166,7 +170,31 @@ def _from_pretrained(path: str, revision: Optional[str], dtype: Any, quant: Opti
         attn_implementation=attn,
         local_files_only=is_offline() or os.path.isdir(path),
         trust_remote_code=trust_remote_code,
+        use_safetensors=True,  # weights only as safetensors: never unpickle a .bin
+        ignore_mismatched_sizes=True, output_loading_info=True,  # checked right below, with a clear message
     )
+    problem = _weights_mismatch(model, info)
+    if problem:
+        raise FirstSightError(
+            f"the weights in {path} do not match its config.json: {problem}. The checkpoint is damaged or "
+            "incomplete, or config.json was edited or belongs to another model; save the model again."
+        )
+    return model
+
+
+def _weights_mismatch(model: Any, info: Dict[str, Any]) -> Optional[str]:
+    """What transformers would otherwise initialise at random: tensors of another shape than the
+    config's, or tensors missing from the checkpoint (a tied output head aside); None if none."""
+    mismatched = list(info.get("mismatched_keys") or [])
+    tied = {"lm_head.weight"} if getattr(model.config.get_text_config(), "tie_word_embeddings", False) else set()
+    missing = sorted(set(info.get("missing_keys") or []) - tied)
+    parts = []
+    if mismatched:
+        shown = ", ".join(f"{k} is {tuple(saved)} in the file, {tuple(wanted)} by the config" for k, saved, wanted in mismatched[:3])
+        parts.append(f"{len(mismatched)} tensor(s) of another shape ({shown}{', ...' if len(mismatched) > 3 else ''})")
+    if missing:
+        parts.append(f"{len(missing)} tensor(s) missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})")
+    return "; ".join(parts) or None
 
 
 def _timed(load: Any) -> Tuple[Any, float]:
@@ -262,27 +290,77 @@ def load_model(cfg: DictConfig, role: str, processor: Any, device: str, frozen: 
 
 
 @contextlib.contextmanager
-def staged_dir(out_dir: str) -> Iterator[str]:
+def staged_dir(out_dir: str, kept: Optional[str] = None) -> Iterator[str]:
     """A temporary sibling of `out_dir` to write into; on success it replaces `out_dir` by renames,
-    so readers see the old directory or the complete new one, never a half-written one."""
+    so readers see the old directory or the complete new one, never a half-written one.
+    A write that fails (a full disk, a quota, a read-only file system) becomes a FirstSightError
+    naming the directory and the free space left; the partial write is removed and the previous
+    `out_dir` stays as it was (`kept`: what the caller keeps instead, said in the message)."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is shared like any output
+    existed = os.path.exists(out_dir)
+    tmp = None
     try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is shared like any output
         yield tmp
         if os.path.exists(out_dir):
             old = tmp + ".old"
             os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
+            try:
+                os.replace(tmp, out_dir)
+            except OSError:
+                os.replace(old, out_dir)  # the previous version goes back in place
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out_dir)
+    except Exception as err:  # noqa: BLE001 - write failures are reported, anything else re-raised
+        free = _free_bytes(parent)
+        if not _is_write_failure(err, free):
+            raise
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise FirstSightError(_write_failure(out_dir, err, free, kept or (
+            f"{out_dir} keeps its previous contents" if existed else f"nothing was left at {out_dir}"))) from err
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+_LOW_FREE_BYTES = 64 << 20  # less free space than this after a failed write: the disk is (nearly) full
+_WRITE_FAILURE_TEXT = ("no space left", "disk quota", "storagefull", "ioerror", "file write failed",
+                       "pytorchstreamwriter failed", "read-only file system")
+
+
+def _free_bytes(path: str) -> Optional[int]:
+    try:
+        return shutil.disk_usage(path if os.path.isdir(path) else os.path.dirname(path) or ".").free
+    except OSError:
+        return None
+
+
+def _is_write_failure(err: BaseException, free: Optional[int]) -> bool:
+    """OSError (ENOSPC, EDQUOT, EROFS...), or a writer's own error (torch.save's RuntimeError,
+    safetensors' SafetensorError) that says so or that came with the disk (nearly) full."""
+    if isinstance(err, OSError):
+        return True
+    text = str(err).lower()
+    return any(fragment in text for fragment in _WRITE_FAILURE_TEXT) or (free is not None and free < _LOW_FREE_BYTES)
+
+
+def _write_failure(out_dir: str, err: BaseException, free: Optional[int], kept: str) -> str:
+    import errno
+
+    full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "no space left" in str(err).lower()
+    reason = "the disk is full" if full else f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+    space = f"{free / 1e9:.2f} GB free" if free is not None else "free space unknown"
+    return (f"could not write {out_dir}: {reason} ({space} on the file system of {os.path.dirname(out_dir)}). "
+            f"The partial write was removed and {kept}. Free some space, or write elsewhere "
+            f"(hydra.run.dir=<a directory on another disk>), then run again.")
 
 
 def save_model_atomically(model: Any, processor: Any, out_dir: str, extra_files: Optional[Dict[str, str]] = None) -> None:

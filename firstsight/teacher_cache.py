@@ -82,6 +82,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from firstsight.cache import cached_dir, content_key
+from firstsight.cache import sha256_file
 from firstsight.errors import FirstSightError
 
 log = logging.getLogger(__name__)
@@ -129,12 +130,6 @@ def cache_root(cfg: DictConfig) -> Path:
 # ----------------------------------------------------------------------------- the key
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _weight_files(path: Path) -> List[Path]:
@@ -154,14 +149,14 @@ def teacher_identity(cfg: DictConfig, processor: Any, device: str) -> Dict[str, 
         from firstsight.pretrain import tiny_teacher_dir
 
         path = tiny_teacher_dir(cfg, "teacher", processor)  # trained on first use (a miss needs it anyway)
-        files = {f.name: _sha256_file(f) for f in [path / "config.json", *_weight_files(path)] if f.is_file()}
+        files = {f.name: sha256_file(f) for f in [path / "config.json", *_weight_files(path)] if f.is_file()}
         return {"source": "tiny", "weights": "pretrained", "dir": path.name, "sha256": files}
     path = Path(os.path.expanduser(side.source))
     if path.is_dir():  # a local directory: hashing many GB each run would be slow, so sizes and mtimes
         config = path / "config.json"
         return {
             "source": str(path.resolve()), "weights": "pretrained",
-            "config_sha256": _sha256_file(config) if config.is_file() else None,
+            "config_sha256": sha256_file(config) if config.is_file() else None,
             "files": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in _weight_files(path)},
         }
     return {"source": side.source, "weights": "pretrained", "revision": side.revision,
@@ -199,7 +194,7 @@ def data_identity(cfg: DictConfig, dataset: Any, split: str) -> Dict[str, Any]:
                 stats.append([name, None, None])
         return {
             "kind": "files", "split": split, "format": data.format, "file": str(dataset.path),
-            "sha256": _sha256_file(Path(dataset.path)), "num_samples": len(dataset),
+            "sha256": sha256_file(Path(dataset.path)), "num_samples": len(dataset),
             "image_root": str(dataset.image_root), "max_pixels": data.max_pixels, "min_pixels": data.min_pixels,
             "fps": data.fps, "max_frames": data.max_frames, "on_bad_sample": data.on_bad_sample,
             "media": content_key(stats),
@@ -209,7 +204,7 @@ def data_identity(cfg: DictConfig, dataset: Any, split: str) -> Dict[str, Any]:
     return {
         "kind": "synthetic", "split": split, "seed": cfg.seed, "size": len(dataset),
         "image_size": data.image_size, "num_frames": data.num_frames, "kinds": list(data.kinds),
-        "generator": _sha256_file(Path(synthetic.__file__))[:16],
+        "generator": sha256_file(Path(synthetic.__file__))[:16],
     }
 
 
@@ -289,7 +284,7 @@ class _ShardWriter:
         save_file(tensors, str(path), metadata={"format": FORMAT, "key": self.key, "first_sample": str(self.first)})
         rows = int(tensors["labels"].shape[0])
         self.shards.append({"file": name, "first_sample": self.first, "num_samples": len(self.samples),
-                            "num_rows": rows, "bytes": path.stat().st_size, "sha256": _sha256_file(path)})
+                            "num_rows": rows, "bytes": path.stat().st_size, "sha256": sha256_file(path)})
         self.first += len(self.samples)
         self.rows += rows
         self.samples = []
@@ -430,7 +425,7 @@ def _build(ctx: _Context, out_dir: Path, report: Dict[str, Any]) -> Dict[str, An
     log.info("teacher-logit cache built in %.1f s: %d samples, %d answer tokens, %d shard(s)",
              seconds, expected, writer.rows, len(writer.shards))
     # the completion marker (firstsight.cache) records the manifest's hash: an edited manifest is refused
-    return {"key": ctx.key, "manifest": MANIFEST, "manifest_sha256": _sha256_file(out_dir / MANIFEST)}
+    return {"key": ctx.key, "manifest": MANIFEST, "manifest_sha256": sha256_file(out_dir / MANIFEST)}
 
 
 def _free(device: str) -> None:

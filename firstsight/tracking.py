@@ -4,25 +4,49 @@ The store is `tracking.tracking_uri`, else $MLFLOW_TRACKING_URI, else MLflow's d
 (sqlite:///mlflow.db in the working directory, which `mlflow ui` opens with no flags).
 Jobs of a sweep hang under the sweep's parent run (created by firstsight.callbacks).
 Metrics are buffered and written with `log_batch`: one call per flush, not one per value.
+
+A store that does not answer (SQLite "database is locked", a server that is down or times out) is
+retried with exponential back-off (STORE_RETRY_DELAYS_S; an HTTP store only by MLflow itself, which
+already retries connection errors and 429/5xx answers: MLFLOW_HTTP_REQUEST_MAX_RETRIES), then the job
+fails with TrackingStoreError naming the store. Metrics that could not be logged are never dropped:
+they go to `unflushed_metrics.jsonl` in the job's output directory, and the error says so.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
+import logging
 import os
 import platform
 import time
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
+
+from firstsight.errors import FirstSightError
+
+log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "FIRSTSIGHT_MLFLOW_PARENT_RUN_ID"
 PARENT_RUN_FILE = "mlflow_parent_run_id"
 VERSIONED_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "mlflow", "hydra-core")
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_METRICS_PER_BATCH = 1000
+# Waits (s) between attempts of a store call that failed transiently: 5 attempts over ~15 s of
+# back-off (each SQLite attempt may itself wait up to 20 s for a lock: MLflow's busy_timeout).
+STORE_RETRY_DELAYS_S: Sequence[float] = (1.0, 2.0, 4.0, 8.0)
+UNFLUSHED_METRICS_FILE = "unflushed_metrics.jsonl"
+# What a store that is busy or unreachable says (SQLite, SQLAlchemy, requests/urllib3 via MLflow)
+_TRANSIENT_TEXT = (
+    "database is locked", "database table is locked", "temporarily unavailable", "connection refused",
+    "connection reset", "connection aborted", "max retries exceeded", "timed out", "timeout",
+    "failed to establish a new connection", "name or service not known", "unable to open database",
+    "server closed the connection", "too many requests", "bad gateway", "service unavailable",
+)
 
 
 def flatten_config(cfg: DictConfig) -> Dict[str, str]:
@@ -102,12 +126,92 @@ def get_or_create_experiment(client: Any, name: str) -> str:
         return experiment.experiment_id
 
 
-class JobTracker:
-    """The MLflow run of one job."""
+class TrackingStoreError(FirstSightError):
+    """The MLflow tracking store did not answer, after the retries."""
 
-    def __init__(self, client: Any, run_id: str):
+
+def is_transient_store_error(err: BaseException) -> bool:
+    """A store that is busy or unreachable (worth retrying), not a request it refused."""
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    if getattr(err, "error_code", None) == "TEMPORARILY_UNAVAILABLE":  # MLflow's SQL store: OperationalError
+        return True
+    if type(err).__name__ == "OperationalError":  # SQLAlchemy / sqlite3, raised before MLflow wraps it
+        return True
+    text = str(err).lower()
+    return any(fragment in text for fragment in _TRANSIENT_TEXT)
+
+
+def _is_http(uri: str) -> bool:
+    return uri.split(":", 1)[0].lower() in ("http", "https", "databricks")
+
+
+class StoreClient:
+    """An MlflowClient (or any client) whose calls are retried with exponential back-off
+    (STORE_RETRY_DELAYS_S) while the store fails transiently, then raise TrackingStoreError naming
+    the store. HTTP stores are tried once here: MLflow already retries their requests. Once a call
+    has failed for good the store counts as down, and later calls (closing the run) try once."""
+
+    def __init__(self, client: Any, uri: str):
+        self.client = client
+        self.uri = uri
+        self.down = False
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return self.call(name, attr, *args, **kwargs)
+
+        return call
+
+    def call(self, name: str, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        delays = () if self.down or _is_http(self.uri) else tuple(STORE_RETRY_DELAYS_S)
+        start = time.monotonic()
+        for attempt in range(len(delays) + 1):
+            try:
+                return function(*args, **kwargs)
+            except Exception as err:  # noqa: BLE001 - classified right below
+                if not is_transient_store_error(err):
+                    raise
+                if attempt == len(delays):
+                    self.down = True
+                    raise TrackingStoreError(self._unavailable(name, attempt + 1, time.monotonic() - start, err)) from err
+                log.warning("MLflow store %s: %s failed (%s); attempt %d of %d in %.0f s", self.uri, name,
+                            _first_line(err), attempt + 2, len(delays) + 1, delays[attempt])
+                time.sleep(delays[attempt])
+        raise AssertionError("unreachable")
+
+    def _unavailable(self, name: str, attempts: int, seconds: float, err: BaseException) -> str:
+        if _is_http(self.uri):
+            hint = ("is the server running and reachable from here (python -m firstsight.server)? MLflow already "
+                    "retried the request (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT)")
+        elif self.uri.startswith("sqlite:"):
+            hint = ("another process holds the SQLite file locked, or it cannot be opened: jobs that run at once "
+                    "should log through a server (python -m firstsight.server; README: SLURM)")
+        else:
+            hint = "check that the store is reachable"
+        tried = f"{attempts} attempts over {seconds:.0f} s" if attempts > 1 else "1 attempt"
+        return (f"the MLflow tracking store {self.uri} is unavailable: {name} failed ({tried}): {_first_line(err)}; "
+                f"{hint}. Or set tracking.tracking_uri to another store, or tracking.enabled=false")
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
+
+
+class JobTracker:
+    """The MLflow run of one job. `output_dir`: where metrics the store would not take are
+    written (unflushed_metrics.jsonl; default: the job's output directory)."""
+
+    def __init__(self, client: Any, run_id: str, output_dir: Optional[Path] = None):
         self.client = client
         self.run_id = run_id
+        self.output_dir = output_dir
         self._metrics: List[Any] = []
 
     def log_metrics(self, metrics: Dict[str, float], step: int = 0) -> None:
@@ -129,9 +233,38 @@ class JobTracker:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
     def flush(self) -> None:
+        """Log the buffered metrics. If the store does not take them, they are written to
+        unflushed_metrics.jsonl (never dropped) and the error says where."""
         while self._metrics:
-            chunk, self._metrics = self._metrics[:_MAX_METRICS_PER_BATCH], self._metrics[_MAX_METRICS_PER_BATCH:]
-            self.client.log_batch(self.run_id, metrics=chunk)
+            chunk = self._metrics[:_MAX_METRICS_PER_BATCH]
+            try:
+                self.client.log_batch(self.run_id, metrics=chunk)
+            except Exception as err:
+                saved = self._save_unflushed()
+                if isinstance(err, TrackingStoreError):
+                    raise TrackingStoreError(f"{err}. {saved}") from err
+                log.error("logging metrics failed: %s", saved)
+                raise
+            del self._metrics[:len(chunk)]
+
+    def _save_unflushed(self) -> str:
+        """Append the buffered metrics to unflushed_metrics.jsonl, empty the buffer, say where they are."""
+        from firstsight.job import job_output_dir
+
+        path = Path(self.output_dir if self.output_dir is not None else job_output_dir()) / UNFLUSHED_METRICS_FILE
+        lines = [json.dumps({"run_id": self.run_id, "key": m.key, "value": m.value, "timestamp": m.timestamp,
+                             "step": m.step}) for m in self._metrics]
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a", encoding="utf-8") as f:
+                f.write("\n".join(lines) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            return f"Writing the {len(lines)} metric value(s) not logged to {path} failed too ({err}): they are lost"
+        self._metrics = []
+        return (f"The {len(lines)} metric value(s) not logged are in {path} (one JSON object per line: "
+                "run_id, key, value, timestamp, step)")
 
 
 class NullTracker:
@@ -185,6 +318,8 @@ def _reopened_run(client: Any, run_id: Optional[str]) -> Optional[Any]:
         return None
     try:
         run = client.get_run(run_id)
+    except TrackingStoreError:  # the store did not answer: not a missing run
+        raise
     except Exception:  # another store, or the run was deleted: the job gets a new run
         import logging
 
@@ -207,7 +342,8 @@ def job_tracker(cfg: DictConfig, run_id: Optional[str] = None, enabled: bool = T
 
     from firstsight.resume import Preempted
 
-    client = MlflowClient(tracking_uri=resolve_tracking_uri(cfg))
+    uri = resolve_tracking_uri(cfg)
+    client = StoreClient(MlflowClient(tracking_uri=uri), absolute_tracking_uri(uri))  # retried; names the store
     reopened = _reopened_run(client, run_id)
     if reopened is not None:
         tracker = JobTracker(client, reopened.info.run_id)
@@ -246,10 +382,27 @@ def _tracked(client: Any, tracker: JobTracker, cfg: DictConfig, preempted: type,
             tracker.set_tags({"firstsight.error": f"{type(err).__name__}: {err}"[:4000]})
         raise
     finally:
-        try:
-            tracker.flush()
-        finally:
-            client.set_terminated(tracker.run_id, status)
+        _close(client, tracker, status)
+
+
+def _close(client: Any, tracker: JobTracker, status: str) -> None:
+    """Flush and set the run's status. If the store fails here, the job's own error (status not
+    FINISHED: an exception is on its way) is the one reported, and the store's is logged; after a
+    successful job the store's error is raised (its metrics are in unflushed_metrics.jsonl)."""
+    failure: Optional[BaseException] = None
+    try:
+        tracker.flush()
+    except Exception as err:  # noqa: BLE001 - re-raised or logged below
+        failure = err
+    try:
+        client.set_terminated(tracker.run_id, status if failure is None else "FAILED")
+    except Exception as err:  # noqa: BLE001
+        failure = failure or err
+    if failure is None:
+        return
+    if status == "FINISHED":
+        raise failure
+    log.error("MLflow run %s could not be closed: %s", tracker.run_id, failure)
 
 
 def _log_config(client: Any, tracker: JobTracker, cfg: DictConfig, existing: Optional[Dict[str, str]] = None) -> None:

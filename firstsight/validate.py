@@ -81,7 +81,7 @@ def validate(cfg: DictConfig, tasks: Optional[Mapping[str, Callable]] = None, lo
         _validate_report(cfg)
     _validate_lora(cfg)
     _validate_teacher_cache(cfg)
-    _validate_data(cfg)
+    _validate_data(cfg, read_files=local_device)
     _validate_hardware(cfg, local_device)
     _validate_precision(cfg)
     for role in _roles_used(cfg):
@@ -186,7 +186,7 @@ def _validate_hidden_loss(cfg: DictConfig) -> None:
                "states the term needs; set it to 0 or teacher_cache.enabled=false")
 
 
-def _validate_data(cfg: DictConfig) -> None:
+def _validate_data(cfg: DictConfig, read_files: bool = True) -> None:
     from firstsight.data.synthetic import QUESTION_KINDS
 
     data = cfg.data
@@ -199,7 +199,7 @@ def _validate_data(cfg: DictConfig) -> None:
     for kind in kinds:
         _check(kind in QUESTION_KINDS, "data.kinds", kind, f"choose from {list(QUESTION_KINDS)}")
     if "format" in data:  # read from files (the synthetic settings above only shape the tiny teacher's pre-training)
-        _validate_data_files(cfg)
+        _validate_data_files(cfg, read_files)
 
 
 def _data_splits_read(cfg: DictConfig) -> List[str]:
@@ -215,7 +215,10 @@ def _data_splits_read(cfg: DictConfig) -> List[str]:
     return []
 
 
-def _validate_data_files(cfg: DictConfig) -> None:
+def _validate_data_files(cfg: DictConfig, read_files: bool = True) -> None:
+    """The file settings, and (`read_files`) the records of each split the task reads: a bad record
+    stops the job here, before any model is loaded or run created (firstsight.data.files.file_split
+    keeps what it read for the task)."""
     from firstsight.data.files import BAD_SAMPLE_POLICIES, FORMATS, resolve_path
 
     data = cfg.data
@@ -239,6 +242,11 @@ def _validate_data_files(cfg: DictConfig) -> None:
         path = resolve_path(value)
         _check(path.is_file(), key, value,
                f"the file is missing: no such file {path} (relative paths are from the directory run.py was started in)")
+    if read_files:  # on the machine the job runs on (a SLURM sweep's submitting machine only checks the paths)
+        from firstsight.data import load_split
+
+        for split in _data_splits_read(cfg):
+            load_split(data, split, cfg.seed)
 
 
 def device_type(cfg: DictConfig) -> str:
@@ -272,6 +280,13 @@ def _validate_hardware(cfg: DictConfig, local_device: bool = True) -> None:
 
         problem = check_layout(cfg, launched_world())
         _check(problem is None, "hardware.num_gpus", hw.num_gpus, str(problem))
+    _check(hw.data_parallel in ("ddp", "fsdp"), "hardware.data_parallel", hw.data_parallel,
+           "choose ddp (a whole student per GPU) or fsdp (the student sharded over the GPUs)")
+    if hw.data_parallel == "fsdp":
+        _check(not cfg.lora.enabled, "hardware.data_parallel", hw.data_parallel,
+               "fsdp shards a fully trained student; with lora.enabled=true use ddp (the adapters are small)")
+        _check(not cfg.distill_loss.hidden_weight > 0, "hardware.data_parallel", hw.data_parallel,
+               "fsdp does not train the hidden-state projections; use ddp with distill_loss.hidden_weight > 0")
     if device == "cpu":
         _check(hw.num_gpus == 0, "hardware.num_gpus", hw.num_gpus,
                "a CPU job uses 0 GPUs (set hardware=gpu for CUDA; on the CPU, torchrun's processes share the cores)")
@@ -442,6 +457,9 @@ def _validate_model_side(cfg: DictConfig, role: str) -> None:
         return
     if _looks_like_path(source):
         path = Path(os.path.expanduser(source))
+        if path.is_file():
+            raise ConfigError(f"{key}={source!r}{_origin(key)} is a file, not a model directory. Give the directory "
+                              "save_pretrained wrote (with config.json and model.safetensors), a hub id, or 'tiny'.")
         if not path.is_dir():
             raise ConfigError(f"{key}={source!r}{_origin(key)}: no such directory. Give an existing local model directory, a hub id, or 'tiny'.")
         if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
@@ -451,6 +469,9 @@ def _validate_model_side(cfg: DictConfig, role: str) -> None:
             )
         if not (path / "config.json").is_file():
             raise ConfigError(f"{key}={source!r}{_origin(key)}: {path} has no config.json, so it is not a model directory (a save_pretrained output is expected).")
+        problem = _model_dir_problem(path, role, weights_needed=_enum_value(side.weights) != "random")
+        if problem:
+            raise ConfigError(f"{key}={source!r}{_origin(key)}: {problem}.")
         return
     from firstsight.architectures import KNOWN_ARCHITECTURES
 
@@ -483,6 +504,40 @@ def _validate_tiny(cfg: DictConfig, role: str) -> None:
         for name in ("hidden_size", "intermediate_size", "vision_embed_dim"):
             value = tiny[name]
             _check(value % 64 == 0, f"{prefix}.{name}", value, "bitsandbytes kernels need widths that are multiples of 64")
+
+
+def _model_dir_problem(path: Path, role: str, weights_needed: bool) -> Optional[str]:
+    """Why a local model directory cannot be loaded (unreadable config.json, no or missing
+    safetensors weights), or None. Only safetensors are loaded: .bin files are pickles."""
+    import json
+
+    try:
+        json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return (f"{path / 'config.json'} cannot be read as JSON ({err}): the directory is damaged or was cut short; "
+                "save the model again (save_pretrained)")
+    if not weights_needed:
+        return None
+    random = f", or set model.{role}.weights=random for its architecture alone"
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as err:
+            return f"{index} cannot be read ({err}): the checkpoint is damaged; save the model again"
+        missing = [name for name in shards if not (path / name).is_file()]
+        if missing:
+            return (f"the checkpoint is incomplete: {len(missing)} of the {len(shards)} weight files that "
+                    f"model.safetensors.index.json lists are missing ({', '.join(missing[:3])}); copy them again{random}")
+        return None
+    if (path / "model.safetensors").is_file():
+        return None
+    pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+    if pickled:
+        return (f"{path} holds {', '.join(pickled[:3])} but no model.safetensors: FirstSight loads weights only as "
+                f"safetensors, never pickle files; convert them (save_pretrained(..., safe_serialization=True)){random}")
+    return (f"{path} has config.json but no weights (model.safetensors or model.safetensors.index.json): "
+            f"an incomplete checkpoint; save or copy it again{random}")
 
 
 def _looks_like_path(source: str) -> bool:

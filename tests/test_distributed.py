@@ -16,20 +16,34 @@ ARGS = ["train.max_steps=6", "train.progress_bar=false", "hardware.num_threads=1
         "train.throughput_warmup_steps=1"]
 
 
-def test_two_processes_follow_the_one_process_loss_curve(run_cli, cache_dir, tmp_path):
-    single = run_cli(*ARGS, "hardware.batch_size=8", f"hydra.run.dir={tmp_path / 'single'}")
-    assert single.returncode == 0, single.stderr[-3000:]
+@pytest.fixture(scope="module")
+def one_process(cache_dir, tmp_path_factory):
+    """The reference: one process with the global batch (8)."""
+    workdir = tmp_path_factory.mktemp("one-process")
+    env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), *ARGS, "hardware.batch_size=8",
+                             f"hydra.run.dir={workdir / 'single'}"], cwd=workdir, env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir / "single"
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_follow_the_one_process_loss_curve(one_process, cache_dir, tmp_path, strategy):
+    """DDP: a whole student per process; FSDP: the student sharded over the two (checkpoints and
+    the saved student gathered whole)."""
     env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
     parallel = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "run.py"),
-         *ARGS, "hardware.batch_size=4", f"hydra.run.dir={tmp_path / 'parallel'}"],
+         *ARGS, "hardware.batch_size=4", f"hardware.data_parallel={strategy}", "train.checkpoint_every_n_steps=3",
+         f"hydra.run.dir={tmp_path / 'parallel'}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert parallel.returncode == 0, (parallel.stdout + parallel.stderr)[-3000:]
 
-    one = json.loads((tmp_path / "single" / "train_history.json").read_text())
     two = json.loads((tmp_path / "parallel" / "train_history.json").read_text())
     assert [h["step"] for h in two] == list(range(1, 7))
+    one = json.loads((one_process / "train_history.json").read_text())
     for a, b in zip(one, two):  # the same samples per step; only float summation order differs
         assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-5)
         assert b["train/grad_norm"] == pytest.approx(a["train/grad_norm"], rel=1e-4)
@@ -42,7 +56,16 @@ def test_two_processes_follow_the_one_process_loss_curve(run_cli, cache_dir, tmp
     runs = [r for r in default_store_runs(tmp_path) if r.data.params.get("hardware.batch_size") == "4"]
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # rank 0 alone logs
     assert runs[0].data.metrics["perf/processes"] == 2
-    assert (tmp_path / "parallel" / "checkpoints" / "student" / "model.safetensors").is_file()
+    assert "checkpoint written" in parallel.stdout + parallel.stderr  # step 3, gathered whole under fsdp
+    from safetensors.torch import load_file
+
+    import torch
+
+    saved = load_file(str(tmp_path / "parallel" / "checkpoints" / "student" / "model.safetensors"))
+    reference = load_file(str(one_process / "checkpoints" / "student" / "model.safetensors"))
+    assert saved.keys() == reference.keys()
+    for name, tensor in reference.items():  # whole tensors (not one process's shard), the same weights
+        torch.testing.assert_close(saved[name], tensor, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("env, overrides, message", [

@@ -184,3 +184,47 @@ def test_a_request_the_cluster_cannot_meet_fails_at_submission(run_cli, tmp_path
     assert result.returncode == 1
     assert "error: slurm refused the sweep's jobs: sbatch: error:" in result.stderr, result.stderr[-3000:]
     assert "gpus_per_node" in result.stderr  # what to check
+
+
+def test_a_preempted_job_is_requeued_and_resumes_into_its_run(cache_dir, tmp_path, mlflow_server):
+    """SIGUSR2 (SLURM's warning before a time limit or preemption) while a job trains: the step
+    ends with a checkpoint, submitit's handler requeues the job, and the requeued job resumes from
+    that checkpoint in the same output directory, into the same MLflow run."""
+    env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1",
+               MLFLOW_TRACKING_URI=mlflow_server)
+    sweep = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), "-m", "hardware=slurm_local", "train.max_steps=300",
+         "train.checkpoint_every_n_steps=20", *SMALL, "tracking.experiment_name=slurm-requeue"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.time() + 240
+        while not list(tmp_path.glob("multirun/*/*/0/checkpoints/resume/step-0000020/manifest.json")):
+            assert sweep.poll() is None and time.time() < deadline, "the job never wrote its step-20 checkpoint"
+            time.sleep(0.2)
+        job_id = _array_job_id(_sweep_dir(tmp_path))  # one point: submitit submits a plain job, not an array
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+        while "PENDING" not in subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
+                                              text=True).stdout:  # requeued (SLURM holds it ~2 min)
+            assert sweep.poll() is None and time.time() < deadline, "the job was not requeued"
+            time.sleep(0.2)
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+        stdout, stderr = sweep.communicate(timeout=300)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            if list(tmp_path.glob("multirun/*/*/.submitit")):
+                subprocess.run(["scancel", _array_job_id(_sweep_dir(tmp_path))])
+    assert sweep.returncode == 0, stderr[-4000:]
+    logs = "".join(p.read_text() for p in _sweep_dir(tmp_path).glob(".submitit/*/*_log.*"))
+    assert "Caught signal SIGUSR2" in logs and "resumed from" in logs
+
+    [run] = [r for r in _runs(mlflow_server, "slurm-requeue") if r.data.tags.get("firstsight.role") != "sweep"]
+    assert run.info.status == "FINISHED"
+    resumed_at = int(run.data.tags["firstsight.resumed_at_step"])
+    assert 20 <= resumed_at < 300
+    from mlflow.tracking import MlflowClient
+
+    steps = {m.step for m in MlflowClient(mlflow_server).get_metric_history(run.info.run_id, "train/loss")}
+    assert steps == set(range(1, 301))
+    assert not (_sweep_dir(tmp_path) / "0" / "checkpoints" / "resume").exists()

@@ -106,7 +106,9 @@ def resolve_path(path: Union[str, Path]) -> Path:
 
 
 def file_split(data_cfg: Any, split: str) -> "FileQA":
-    """The `split` ("train" | "validation") that a file-based `data` config names."""
+    """The `split` ("train" | "validation") that a file-based `data` config names. A file read
+    before in this process, unchanged since, is not read again (validation reads the splits before
+    the job creates its run; the task then gets the same datasets)."""
     key = "train_file" if split == "train" else "validation_file"
     raw = data_cfg[key]
     if not raw:
@@ -114,14 +116,27 @@ def file_split(data_cfg: Any, split: str) -> "FileQA":
             f"data.{key} is not set, but this job reads the {split} split: give a .jsonl or .json file "
             f"(data={data_cfg.name}; e.g. data.{key}=tests/fixtures/{_FIXTURES[data_cfg.format]})"
         )
-    return FileQA(
-        resolve_path(raw),
-        data_cfg.format,
-        split=split,
-        image_root=resolve_path(data_cfg.image_root) if data_cfg.image_root else None,
-        media=MediaSettings(data_cfg.max_pixels, data_cfg.min_pixels, data_cfg.fps, data_cfg.max_frames),
-        on_bad_sample=data_cfg.on_bad_sample,
-    )
+    path = resolve_path(raw)
+    image_root = resolve_path(data_cfg.image_root) if data_cfg.image_root else None
+    media = MediaSettings(data_cfg.max_pixels, data_cfg.min_pixels, data_cfg.fps, data_cfg.max_frames)
+    try:
+        stat = path.stat()
+        cache_key: Any = (str(path), stat.st_mtime_ns, stat.st_size, data_cfg.format, split, str(image_root), media,
+                          data_cfg.on_bad_sample)
+    except OSError:  # FileQA says what is wrong with it
+        cache_key = None
+    if cache_key is not None and cache_key in _READ:
+        return _READ[cache_key]
+    dataset = FileQA(path, data_cfg.format, split=split, image_root=image_root, media=media,
+                     on_bad_sample=data_cfg.on_bad_sample)
+    if cache_key is not None:
+        while len(_READ) >= 4:
+            _READ.pop(next(iter(_READ)))
+        _READ[cache_key] = dataset
+    return dataset
+
+
+_READ: Dict[Any, "FileQA"] = {}  # datasets read in this process (file_split), by file, its state and settings
 
 
 _FIXTURES = {"conversations": "conversations.jsonl", "egoschema": "egoschema.jsonl"}
@@ -493,7 +508,9 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        raise FirstSightError(f"{path}: not UTF-8 text ({err})") from None
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise FirstSightError(f"{path}:{line}: not UTF-8 text ({err}); data files must be UTF-8: convert it "
+                              f"(e.g. iconv -f latin1 -t utf-8)") from None
     except OSError as err:
         raise FirstSightError(f"cannot read data file {path}: {err}") from None
 
@@ -603,8 +620,12 @@ class FileQA:
             except _Bad as bad:
                 self._bad(f"{where}: {bad}")
         if not records:
-            detail = f"; {self.skipped_summary()}" if self.problems else ""
-            raise FirstSightError(f"{self.path}: no valid {self.format} samples{detail}")
+            if not self.problems:
+                raise FirstSightError(
+                    f"{self.path}: no records (the file is empty): give at least one {self.format} record, one JSON "
+                    f"object per line (JSONL) or a JSON list of them; examples: tests/fixtures/{_FIXTURES[self.format]}"
+                )
+            raise FirstSightError(f"{self.path}: no valid {self.format} samples; {self.skipped_summary()}")
         return records
 
     def _bad(self, problem: str) -> None:

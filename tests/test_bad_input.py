@@ -1,0 +1,286 @@
+"""Issue 8's matrix of bad input: each case ends the job with exit status 2 and a message that names
+the bad value and what is valid, and writes nothing (no MLflow run, no checkpoint). The cases run
+the job in this process (firstsight.tasks.run_task on the composed config: validation, then the
+MLflow run), which is what run.py does after composing; one case goes through run.py.
+
+Rows of the matrix covered by other files (not repeated here):
+
+Config
+  unknown group choice ........ test_cli.py::test_bad_input_exits_nonzero_before_anything_is_built[unknown-choice]
+  unknown key ................. test_config.py::test_wrong_types_and_keys_fail_at_composition[train.bogus=1]
+                                (a Hydra composition error: Hydra's message and exit status 1, as for a wrong type)
+  wrong type .................. test_cli.py::test_bad_input_exits_nonzero_before_anything_is_built[wrong-type],
+                                test_config.py::test_wrong_types_and_keys_fail_at_composition
+  batch size, temperature, alpha, learning rate, grad_accum_steps, beta
+                                test_config.py::test_invalid_values_are_refused_with_the_value_and_what_is_valid,
+                                test_cli.py::test_bad_input_exits_nonzero_before_anything_is_built[negative-batch]
+  LoRA rank, target modules ... test_lora_export.py::test_bad_export_and_lora_input_exits_2
+  top-k (teacher cache) ....... test_teacher_cache.py::test_validation
+  hidden-state term ........... test_hidden_loss.py (distill_loss.hidden_* settings)
+  a quantized trainable student without LoRA
+                                test_config.py::test_invalid_values_are_refused...[precision.parts.language.quantization=nf4],
+                                test_edge.py::test_quantizing_a_part_of_a_student_trained_in_full_is_refused
+  the no-KD control with a KD weight .. test_runs.py::test_no_kd_with_a_kd_weight_is_refused
+  multi-GPU on CPU ............ test_config.py::test_invalid_values_are_refused...[hardware.num_gpus=2], [hardware=gpu]
+  a memory budget ............. test_edge.py::test_bad_budgets_are_refused (bad values; a budget outside task=profile).
+                                A budget smaller than the model's weights is not refused: it is what
+                                task=profile measures, the verdict "does not fit"
+                                (test_edge.py::test_an_out_of_memory_under_a_cuda_cap_is_the_result_does_not_fit)
+  a missing model path ........ test_config.py::test_invalid_values_are_refused...[model.student.source=/does/not/exist]
+  a hub id while offline ...... test_config.py::test_invalid_values_are_refused...[model=qwen2vl_7b_2b]
+  a quantization backend missing  test_cli.py::test_bad_input_exits_nonzero_before_anything_is_built[backend-cannot-run-here]
+Data
+  missing / unreadable / corrupt image or video, malformed JSON line, missing fields, answer index
+  out of range, special tokens ... test_jsonl_data.py::test_bad_records_are_named_by_file_and_line_then_stop_or_are_skipped
+  nothing valid in a file ..... test_jsonl_data.py::test_a_file_with_nothing_valid_is_an_error_even_when_skipping
+  a missing data file (with where it was set) .. test_jsonl_data.py::test_run_py_names_a_missing_data_file_and_where_it_was_set
+  bad data settings ........... test_jsonl_data.py::test_invalid_file_data_settings_are_refused
+  a sample longer than the maximum length: no maximum length exists (nothing truncates or refuses one)
+Models
+  different tokenizers ........ test_vocab_alignment.py::test_a_teacher_whose_tokenizer_differs_is_refused (when loaded)
+  a half-written or corrupt resumable checkpoint .. test_resume.py::test_broken_checkpoints_are_skipped;
+                                a resume with other settings: test_resume.py::test_resume_with_other_settings_is_refused
+  a directory that is not a model or is an adapter .. test_lora_export.py::test_bad_export_and_lora_input_exits_2,
+                                test_lora_export.py::test_evaluating_an_adapter_directory_points_at_the_merged_student
+Faults (OOM, NaN, tracking store, full disk): test_faults.py. Security defaults: test_security.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import compose, default_store_runs
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+GOOD_RECORD = json.loads((FIXTURES / "egoschema.jsonl").read_text().splitlines()[0])
+
+
+def _refused(tmp_path, monkeypatch, capsys, overrides):
+    """Run the job in this process in `tmp_path`; it must exit with status 2 before writing
+    anything. Returns its `error: ...` message."""
+    from firstsight.tasks import run_task
+
+    monkeypatch.chdir(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    cfg = compose([f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "hardware.num_threads=1",
+                   "train.max_steps=1", "train.throughput_warmup_steps=0", *overrides])  # short if not refused
+    with pytest.raises(SystemExit) as stop:
+        run_task(cfg)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    [message] = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no mlflow.db, no checkpoints, no metrics
+    return message
+
+
+# ----------------------------------------------------------------------------- config
+
+CONFIG_CASES = {
+    # out-of-range numbers not covered elsewhere
+    "lora-alpha": (["lora.enabled=true", "lora.alpha=0"], ["lora.alpha=0.0", "must be > 0"]),
+    "lora-dropout": (["lora.dropout=1"], ["lora.dropout=1.0", "[0, 1)"]),
+    "max-steps": (["train.max_steps=0"], ["train.max_steps=0", ">= 1"]),
+    "warmup-steps": (["train.warmup_steps=-1"], ["train.warmup_steps=-1", ">= 0"]),
+    "threads": (["hardware.num_threads=0"], ["hardware.num_threads=0", "null or >= 1"]),
+    "skew": (["distill_loss=skew_forward_kl", "distill_loss.skew=1.5"], ["distill_loss.skew=1.5", "[0, 1]"]),
+    "resume-empty": (["train.resume=''"], ["train.resume=''", "auto, never, or the path"]),
+    # unknown choices of a string setting
+    "attention": (["hardware.attn_implementation=xformers"],
+                  ["hardware.attn_implementation='xformers'", "['eager', 'sdpa', 'flash_attention_2']"]),
+    # contradictory combinations
+    "flash-attention-on-cpu": (["hardware.attn_implementation=flash_attention_2"],
+                               ["hardware.attn_implementation='flash_attention_2'", "use sdpa or eager on the CPU"]),
+    # an empty dataset (the synthetic data)
+    "empty-synthetic-data": (["data.train_size=0"], ["data.train_size=0", ">= 1"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_CASES))
+def test_bad_config_values(tmp_path, monkeypatch, capsys, case):
+    overrides, fragments = CONFIG_CASES[case]
+    message = _refused(tmp_path, monkeypatch, capsys, overrides)
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+# ----------------------------------------------------------------------------- model directories
+
+
+def _model_dir(tmp_path, files):
+    path = tmp_path / "model"
+    path.mkdir()
+    for name, content in files.items():
+        (path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return path
+
+
+MODEL_DIR_CASES = {
+    "a-file": (lambda t: (t / "model.safetensors", (t / "model.safetensors").write_bytes(b"x"))[0],
+               ["is a file, not a model directory", "config.json and model.safetensors"]),
+    "config-not-json": (lambda t: _model_dir(t, {"config.json": "{oops", "model.safetensors": b"x"}),
+                        ["config.json cannot be read as JSON", "save the model again"]),
+    "no-weights": (lambda t: _model_dir(t, {"config.json": "{}"}),
+                   ["has config.json but no weights (model.safetensors or model.safetensors.index.json)",
+                    "an incomplete checkpoint", "or set model.student.weights=random"]),
+    "pickled-weights": (lambda t: _model_dir(t, {"config.json": "{}", "pytorch_model.bin": b"x"}),
+                        ["holds pytorch_model.bin but no model.safetensors", "never pickle files", "convert them"]),
+    "missing-shard": (lambda t: _model_dir(t, {
+        "config.json": "{}", "model-00001-of-00002.safetensors": b"x",
+        "model.safetensors.index.json": json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
+                                                                   "b": "model-00002-of-00002.safetensors"}})}),
+        ["incomplete: 1 of the 2 weight files", "model-00002-of-00002.safetensors", "copy them again"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_DIR_CASES))
+def test_model_directories_that_cannot_be_loaded(tmp_path, monkeypatch, capsys, case):
+    make, fragments = MODEL_DIR_CASES[case]
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    path = make(tmp_path)
+    message = _refused(workdir, monkeypatch, capsys,
+                       ["task=evaluate", f"model.student.source={path}", "model.student.weights=pretrained"])
+    assert f"model.student.source='{path}'" in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+# ----------------------------------------------------------------------------- data files
+
+
+def _record(**changes):
+    record = dict(GOOD_RECORD, frames=[str(FIXTURES / f) for f in GOOD_RECORD["frames"]])
+    record.update(changes)
+    return json.dumps(record)
+
+
+DATA_CASES = {
+    "answer-out-of-range": ((_record() + "\n" + _record(answer=7) + "\n").encode(),
+                            [":2: answer index 7 is out of range for 5 options (0..4)", "data.on_bad_sample=skip"]),
+    "missing-image": ((_record(frames=["nowhere/frame.png"]) + "\n").encode(),
+                      [":1: image file not found", "nowhere/frame.png", "data.on_bad_sample=skip"]),
+    "empty-file": (b"\n\n", ["no records (the file is empty)", "one JSON object per line", "tests/fixtures/egoschema.jsonl"]),
+    "not-utf8": ((_record() + "\n").encode() + b'{"question": "caf\xe9"}\n',
+                 [":2: not UTF-8 text", "data files must be UTF-8"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DATA_CASES))
+def test_bad_data_is_refused_before_the_run_is_created(tmp_path, monkeypatch, capsys, case):
+    content, fragments = DATA_CASES[case]
+    data = tmp_path / "data"
+    data.mkdir()
+    train = data / "train.jsonl"
+    train.write_bytes(content)
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    message = _refused(workdir, monkeypatch, capsys, ["data=egoschema", f"data.train_file={train}",
+                                                      f"data.validation_file={FIXTURES / 'egoschema.jsonl'}"])
+    assert str(train) in message
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+def test_run_py_refuses_a_bad_record_before_anything_is_written(run_cli, tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text(_record() + "\n" + _record(answer=-2) + "\n")
+    result = run_cli("data=egoschema", f"data.train_file={train}", f"data.validation_file={FIXTURES / 'egoschema.jsonl'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"error: {train}:2: answer index -2 is out of range for 5 options (0..4)" in result.stderr
+    assert "data.on_bad_sample=skip" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # refused before the MLflow run was created
+    assert not list(tmp_path.glob("outputs/*/*/checkpoints"))
+
+
+# ----------------------------------------------------------------------------- weights and checkpoints
+
+
+@pytest.fixture(scope="module")
+def saved_student(tmp_path_factory, cache_dir):
+    """A tiny student as save_pretrained writes it, and its processor."""
+    from firstsight.models import load_model, load_processor
+
+    cfg = compose(["hardware.num_threads=1"])
+    processor = load_processor(cfg)
+    path = tmp_path_factory.mktemp("student") / "student"
+    load_model(cfg, "student", processor, "cpu", frozen=False).model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def _copy(saved_student, tmp_path):
+    import shutil
+
+    path = tmp_path / "student"
+    shutil.copytree(saved_student, path)
+    return path
+
+
+def _wider_config(path):
+    config = json.loads((path / "config.json").read_text())
+    config["text_config"]["intermediate_size"] *= 2
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def _drop_a_tensor(path):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path / "model.safetensors"))
+    dropped = sorted(k for k in tensors if k.endswith("mlp.up_proj.weight"))[0]
+    del tensors[dropped]
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return dropped
+
+
+def test_safetensors_that_do_not_match_the_config_are_refused_when_loaded(tmp_path, monkeypatch, capsys, saved_student):
+    """Only loading shows it (the shapes come from building the model): the job's run is created
+    and marked FAILED with the reason; transformers alone would initialise those tensors at random."""
+    from firstsight.tasks import run_task
+
+    wider = _copy(saved_student, tmp_path / "wider")
+    _wider_config(wider)
+    missing = _copy(saved_student, tmp_path / "missing")
+    dropped = _drop_a_tensor(missing)
+    monkeypatch.chdir(tmp_path)
+    for path, fragments in [
+        (wider, ["6 tensor(s) of another shape", "mlp.", "in the file, (", "by the config"]),
+        (missing, ["1 tensor(s) missing", dropped]),
+    ]:
+        cfg = compose(["task=evaluate", f"model.student.source={path}", "model.student.weights=pretrained",
+                       f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "hardware.num_threads=1"])
+        with pytest.raises(SystemExit) as stop:
+            run_task(cfg)
+        assert stop.value.code == 2
+        message = capsys.readouterr().err
+        assert f"the weights in {path} do not match its config.json" in message and "save the model again" in message
+        for fragment in fragments:
+            assert fragment in message, message
+    runs = default_store_runs(tmp_path)
+    assert [r.info.status for r in runs] == ["FAILED", "FAILED"]
+    assert all("do not match its config.json" in r.data.tags["firstsight.error"] for r in runs)
+
+
+def test_a_resumable_checkpoint_of_another_model_is_refused(tmp_path):
+    import torch
+
+    from firstsight.errors import FirstSightError
+    from firstsight.resume import Checkpointer, named_trained_tensors, read_point
+
+    def parts(model):
+        optimizer = torch.optim.AdamW(model.parameters())
+        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), torch.amp.GradScaler("cpu", enabled=False)
+
+    cfg = compose([])
+    saved = Checkpointer(cfg, tmp_path, named_trained_tensors(torch.nn.Linear(3, 2)), run_id="r").save(
+        4, *parts(torch.nn.Linear(3, 2)), {"epoch": 0, "batches_into_epoch": 4}, {"loss": 1.0})
+    for other, fragment in [(torch.nn.Linear(4, 2), "weight has shape (2, 3), this run's has (2, 4)"),
+                            (torch.nn.Linear(3, 2, bias=False), "does not hold this run's trained tensors (missing: [], "
+                                                                "unexpected: ['bias'])")]:
+        checkpointer = Checkpointer(cfg, tmp_path, named_trained_tensors(other), run_id="r", resume=read_point(saved))
+        with pytest.raises(FirstSightError) as err:
+            checkpointer.restore(*parts(other))
+        assert str(saved) in str(err.value) and fragment in str(err.value)

@@ -1,0 +1,403 @@
+"""Faults during a job (issue 8): out of memory, a non-finite loss, a tracking store that does not
+answer, a full disk while writing a checkpoint. Each is reported in one clear message, its MLflow
+run is marked FAILED with the reason, and nothing already saved is lost."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import compose, default_store_runs
+from firstsight.errors import FirstSightError
+
+# A short in-process distillation (no Hydra context: its output directory is the working directory)
+SHORT = ["train.max_steps=5", "train.throughput_warmup_steps=1", "train.eval_at_end=false", "train.progress_bar=false",
+         "hardware.num_threads=1", "hardware.batch_size=2", "train.log_every_n_steps=1"]
+
+
+def _distill_in_process(tmp_path, monkeypatch, overrides, student_forward):
+    """Run task=distill through firstsight.tasks.run_task (validation, MLflow run, exit status) with
+    `student_forward(original, call_number, *args, **kwargs)` in place of the student's forward.
+    Returns the SystemExit (None if the job ended normally)."""
+    import firstsight.models as models
+    from firstsight.tasks import run_task
+
+    real_load = models.load_model
+
+    def load_model(cfg, role, processor, device, frozen):
+        loaded = real_load(cfg, role, processor, device, frozen)
+        if role == "student":
+            original, calls = loaded.model.forward, []
+
+            def forward(*args, **kwargs):
+                calls.append(1)
+                return student_forward(original, len(calls), *args, **kwargs)
+
+            loaded.model.forward = forward  # nn.Module.__call__ looks forward up on the instance
+        return loaded
+
+    monkeypatch.setattr(models, "load_model", load_model)
+    monkeypatch.chdir(tmp_path)
+    cfg = compose([*SHORT, *overrides])
+    try:
+        run_task(cfg)
+    except SystemExit as stop:
+        return stop
+    return None
+
+
+def _only_run(tmp_path):
+    [run] = default_store_runs(tmp_path)
+    return run
+
+
+# ----------------------------------------------------------------------------- out of memory
+
+
+def test_out_of_memory_in_training_is_one_line_with_batch_memory_and_what_to_change(tmp_path, monkeypatch, capsys, cache_dir):
+    import torch
+
+    def forward(original, call, *args, **kwargs):
+        if call == 3:  # one micro-batch per step: the third step
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
+        return original(*args, **kwargs)
+
+    stop = _distill_in_process(tmp_path, monkeypatch, [], forward)
+    assert stop is not None and stop.code == 2
+    err = capsys.readouterr().err
+    [line] = [x for x in err.splitlines() if x.startswith("error: ")]
+    assert "out of memory at training step 3 of 5 on cpu" in line
+    assert "hardware.batch_size=2 and hardware.grad_accum_steps=1" in line
+    assert "peak RSS" in line and "GB of the machine's" in line
+    assert "hardware.batch_size=1 hardware.grad_accum_steps=2" in line  # the same effective batch
+    for tip in ("hardware.gradient_checkpointing=true", "lora.enabled=true", "precision.teacher_quantization=nf4"):
+        assert tip in line
+    assert "Traceback" not in err
+    run = _only_run(tmp_path)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["firstsight.error"].startswith("OutOfMemory: out of memory at training step 3 of 5")
+    assert [m.step for m in _history(tmp_path, run, "train/loss")] == [1, 2]  # the steps before it are logged
+    assert not (tmp_path / "checkpoints" / "student").exists()
+
+
+def _history(tmp_path, run, key):
+    import mlflow
+
+    return mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(run.info.run_id, key)
+
+
+def test_what_counts_as_out_of_memory():
+    import torch
+
+    from firstsight.distill import is_out_of_memory
+
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory"))
+    assert is_out_of_memory(MemoryError())
+    assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+def test_out_of_memory_message_on_a_gpu_names_allocated_and_total(monkeypatch):
+    import torch
+
+    from firstsight.distill import out_of_memory_message
+
+    class Properties:
+        total_memory = 80e9
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 79.5e9)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 80e9)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: Properties())
+    cfg = compose(["hardware.device=cuda", "hardware.batch_size=1", "hardware.grad_accum_steps=8",
+                   "hardware.gradient_checkpointing=true", "lora.enabled=true", "precision=nf4"])
+    message = out_of_memory_message(cfg, "at training step 7 of 40", torch.OutOfMemoryError("CUDA out of memory."))
+    assert message.startswith("out of memory at training step 7 of 40 on cuda with hardware.batch_size=1 and "
+                              "hardware.grad_accum_steps=8: peak allocated 79.50 GB of the GPU's 80.00 GB")
+    assert "a smaller model or a device with more memory" in message  # every other remedy is already on
+
+
+OOM_ON_BATCH_2 = """
+import torch
+from transformers.models.qwen2_vl import modeling_qwen2_vl as m
+original = m.Qwen2VLForConditionalGeneration.forward
+def forward(self, *args, **kwargs):
+    if kwargs["input_ids"].shape[0] == 2:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    return original(self, *args, **kwargs)
+m.Qwen2VLForConditionalGeneration.forward = forward
+"""
+
+
+def test_a_sweep_point_that_runs_out_of_memory_fails_alone(run_cli, tmp_path, monkeypatch):
+    """Hydra's basic launcher runs the points in this process and would stop the sweep at the
+    first one that exits: the point that runs out of memory is marked failed, the next one runs."""
+    patch = tmp_path / "patch"
+    patch.mkdir()
+    (patch / "sitecustomize.py").write_text(OOM_ON_BATCH_2)  # this sweep's batch of 2 does not fit
+    monkeypatch.setenv("PYTHONPATH", str(patch))
+    result = run_cli("-m", "hardware.batch_size=2,1", "train.max_steps=2", "train.throughput_warmup_steps=1",
+                     "train.eval_at_end=false", "train.save_checkpoint=false", "train.progress_bar=false",
+                     "hardware.num_threads=1")
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "error: out of memory at training step 1 of 2 on cpu with hardware.batch_size=2" in result.stderr
+    assert "Traceback" not in result.stderr
+    runs = default_store_runs(tmp_path)
+    jobs = {r.data.params["hardware.batch_size"]: r for r in runs if r.data.tags.get("firstsight.role") != "sweep"}
+    assert jobs["2"].info.status == "FAILED" and "OutOfMemory" in jobs["2"].data.tags["firstsight.error"]
+    assert jobs["1"].info.status == "FINISHED"  # ran after the failed point
+    [parent] = [r for r in runs if r.data.tags.get("firstsight.role") == "sweep"]
+    assert parent.info.status == "FAILED"
+
+
+# ----------------------------------------------------------------------------- non-finite loss
+
+
+def test_a_non_finite_loss_stops_at_its_step_and_saves_nothing_broken(tmp_path, monkeypatch, capsys, cache_dir):
+    from firstsight.resume import checkpoint_root, step_dirs
+
+    def forward(original, call, *args, **kwargs):
+        out = original(*args, **kwargs)
+        if call == 3:
+            out.logits = out.logits * float("nan")
+        return out
+
+    stop = _distill_in_process(tmp_path, monkeypatch, ["train.checkpoint_every_n_steps=1", "train.keep_checkpoints=1"], forward)
+    assert stop is not None and stop.code == 2
+    err = capsys.readouterr().err
+    assert "error: the loss is nan at step 3" in err and "precision=fp32 or bf16" in err
+    run = _only_run(tmp_path)
+    assert run.info.status == "FAILED" and "the loss is nan at step 3" in run.data.tags["firstsight.error"]
+    assert [p.name for p in step_dirs(checkpoint_root(tmp_path))] == ["step-0000002"]  # the last good one
+    assert not (tmp_path / "checkpoints" / "student").exists()
+
+
+# ----------------------------------------------------------------------------- tracking store
+
+
+class _Store:
+    """A tracking client whose log_batch fails `failures` times (forever: None) with `error`."""
+
+    def __init__(self, failures=None, error=None):
+        from mlflow.exceptions import MlflowException
+
+        self.failures = failures
+        self.error = error or MlflowException("(sqlite3.OperationalError) database is locked",
+                                              error_code="TEMPORARILY_UNAVAILABLE")
+        self.calls = 0
+        self.logged = []
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=()):
+        self.calls += 1
+        if self.failures is None or self.calls <= self.failures:
+            raise self.error
+        self.logged.extend(metrics)
+
+
+@pytest.fixture
+def sleeps(monkeypatch):
+    """The back-off waits, recorded instead of slept."""
+    import firstsight.tracking as tracking
+
+    waited = []
+    monkeypatch.setattr(tracking.time, "sleep", waited.append)
+    return waited
+
+
+def _tracker(store, uri, tmp_path, values=3):
+    from firstsight.tracking import JobTracker, StoreClient
+
+    tracker = JobTracker(StoreClient(store, uri), "run-1", output_dir=tmp_path)
+    for step in range(1, values + 1):
+        tracker.log_metrics({"train/loss": 1.0 / step}, step=step)
+    return tracker
+
+
+def test_a_busy_store_is_retried_with_exponential_backoff(tmp_path, sleeps):
+    store = _Store(failures=3)
+    tracker = _tracker(store, "sqlite:///runs.db", tmp_path)
+    tracker.flush()
+    assert store.calls == 4 and sleeps == [1.0, 2.0, 4.0]
+    assert [m.step for m in store.logged] == [1, 2, 3]  # logged once, all of them
+    assert not (tmp_path / "unflushed_metrics.jsonl").exists()
+
+
+def test_a_store_that_stays_down_fails_clearly_and_keeps_the_metrics(tmp_path, sleeps):
+    from firstsight.tracking import TrackingStoreError
+
+    store = _Store()
+    tracker = _tracker(store, "sqlite:////shared/mlflow.db", tmp_path, values=1500)  # two log_batch chunks
+    with pytest.raises(TrackingStoreError) as err:
+        tracker.flush()
+    message = str(err.value)
+    assert "the MLflow tracking store sqlite:////shared/mlflow.db is unavailable: log_batch failed" in message
+    assert "5 attempts" in message and "database is locked" in message and "python -m firstsight.server" in message
+    assert sleeps == [1.0, 2.0, 4.0, 8.0]
+    saved = tmp_path / "unflushed_metrics.jsonl"
+    assert f"The 1500 metric value(s) not logged are in {saved}" in message
+    lines = [json.loads(line) for line in saved.read_text().splitlines()]
+    assert [line["step"] for line in lines] == list(range(1, 1501))
+    assert lines[0] == {"run_id": "run-1", "key": "train/loss", "value": 1.0, "timestamp": lines[0]["timestamp"], "step": 1}
+    tracker.flush()  # nothing left to lose: the buffer went to the file
+    sleeps.clear()
+    with pytest.raises(TrackingStoreError):  # the store is known to be down: later calls try once
+        tracker.set_tags({"a": "b"})
+    assert sleeps == []
+
+
+def test_a_refused_request_is_not_retried_but_its_metrics_are_kept(tmp_path, sleeps):
+    from mlflow.exceptions import MlflowException
+
+    store = _Store(error=MlflowException("Invalid value for metric 'x'", error_code="INVALID_PARAMETER_VALUE"))
+    tracker = _tracker(store, "sqlite:///runs.db", tmp_path)
+    with pytest.raises(MlflowException, match="Invalid value"):
+        tracker.flush()
+    assert store.calls == 1 and sleeps == []
+    assert len((tmp_path / "unflushed_metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_an_http_store_is_retried_by_mlflow_not_again_here(tmp_path, sleeps):
+    from mlflow.exceptions import MlflowException
+
+    from firstsight.tracking import TrackingStoreError
+
+    store = _Store(error=MlflowException(
+        "API request to http://127.0.0.1:5999/api/2.0/mlflow/runs/log-batch failed with exception "
+        "HTTPConnectionPool(host='127.0.0.1', port=5999): Max retries exceeded with url (Connection refused)"))
+    tracker = _tracker(store, "http://127.0.0.1:5999", tmp_path)
+    with pytest.raises(TrackingStoreError) as err:
+        tracker.flush()
+    assert store.calls == 1 and sleeps == []
+    assert "store http://127.0.0.1:5999 is unavailable" in str(err.value)
+    assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" in str(err.value) and "unflushed_metrics.jsonl" in str(err.value)
+
+
+def _failing_metric_batches(monkeypatch):
+    """The real store takes params, tags and status, but not metrics (as if locked at that moment)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    real = MlflowClient.log_batch
+
+    def log_batch(self, run_id, metrics=(), params=(), tags=(), **kwargs):
+        if metrics:
+            raise MlflowException("(sqlite3.OperationalError) database is locked", error_code="TEMPORARILY_UNAVAILABLE")
+        return real(self, run_id, metrics=metrics, params=params, tags=tags, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", log_batch)
+
+
+def test_a_job_whose_metrics_cannot_be_logged_fails_and_leaves_them_in_a_file(tmp_path, monkeypatch, sleeps):
+    from firstsight.tracking import TrackingStoreError, job_tracker
+
+    monkeypatch.chdir(tmp_path)
+    _failing_metric_batches(monkeypatch)
+    cfg = compose([f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
+    with pytest.raises(TrackingStoreError, match="unflushed_metrics.jsonl"):
+        with job_tracker(cfg) as tracker:
+            tracker.log_metrics({"eval/student_accuracy": 0.5}, step=40)
+    run = _only_run(tmp_path)
+    assert run.info.status == "FAILED"  # closed, not left RUNNING
+    [line] = (tmp_path / "unflushed_metrics.jsonl").read_text().splitlines()
+    assert json.loads(line)["run_id"] == run.info.run_id and json.loads(line)["value"] == 0.5
+
+    # a job that fails for its own reason reports that reason, not the store's
+    (tmp_path / "unflushed_metrics.jsonl").unlink()
+    with pytest.raises(ValueError, match="its own error"):
+        with job_tracker(cfg) as tracker:
+            tracker.log_metrics({"train/loss": 1.0}, step=1)
+            raise ValueError("its own error")
+    assert (tmp_path / "unflushed_metrics.jsonl").is_file()
+
+
+# ----------------------------------------------------------------------------- disk full
+
+
+def _model_and_optimizer():
+    import torch
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    return model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False)
+
+
+def _full_disk(path, *args, **kwargs):
+    Path(path).write_bytes(b"\x00" * 100)  # part of the file made it to the disk
+    raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+
+def _torch_save_on_full_disk(obj, path, *args, **kwargs):
+    Path(path).write_bytes(b"PK\x03\x04")
+    raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: "
+                       "file write failed")
+
+
+@pytest.mark.parametrize("writer", ["safetensors", "torch.save"])
+def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, writer):
+    import safetensors.torch
+    import torch
+
+    from firstsight.resume import Checkpointer, latest_valid, named_trained_tensors, read_point
+
+    model, optimizer, scheduler, scaler = _model_and_optimizer()
+    checkpointer = Checkpointer(compose(["train.keep_checkpoints=1"]), tmp_path, named_trained_tensors(model), run_id="r")
+    good = checkpointer.save(5, optimizer, scheduler, scaler, {"epoch": 0, "batches_into_epoch": 5}, {"loss": 1.0})
+    if writer == "safetensors":
+        monkeypatch.setattr(safetensors.torch, "save_file", lambda tensors, path, *a, **k: _full_disk(path))
+    else:
+        monkeypatch.setattr(torch, "save", _torch_save_on_full_disk)
+    with pytest.raises(FirstSightError) as err:
+        checkpointer.save(10, optimizer, scheduler, scaler, {"epoch": 0, "batches_into_epoch": 10}, {"loss": 0.5})
+    message = str(err.value)
+    assert f"could not write {checkpointer.root / 'step-0000010'}" in message
+    assert "GB free on the file system of" in message
+    assert f"the previous checkpoint {good} is kept" in message
+    if writer == "safetensors":
+        assert "the disk is full" in message
+    assert latest_valid(checkpointer.root) == good
+    assert sorted(p.name for p in checkpointer.root.iterdir()) == ["step-0000005"]  # no *.tmp-* left behind
+    monkeypatch.undo()
+    fresh, optimizer2, scheduler2, scaler2 = _model_and_optimizer()
+    restored = Checkpointer(compose(["train.keep_checkpoints=1"]), tmp_path, named_trained_tensors(fresh), run_id="r",
+                            resume=read_point(good)).restore(optimizer2, scheduler2, scaler2)
+    assert restored == 5 and torch.equal(fresh.weight, model.weight)  # still loadable
+
+
+class _Saves:
+    def __init__(self, fail):
+        self.fail = fail
+
+    def save_pretrained(self, directory, **kwargs):
+        (Path(directory) / "model.safetensors").write_bytes(b"new" * 10)
+        if self.fail:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_while_saving_the_student_keeps_the_previous_student(tmp_path):
+    from firstsight.models import save_model_atomically
+
+    out = tmp_path / "checkpoints" / "student"
+    save_model_atomically(_Saves(False), _Saves(False), str(out), {"firstsight_run.json": "{}"})
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(FirstSightError) as err:
+        save_model_atomically(_Saves(True), _Saves(False), str(out), {"firstsight_run.json": "{\"new\": 1}"})
+    assert f"could not write {out}: the disk is full" in str(err.value)
+    assert f"{out} keeps its previous contents" in str(err.value)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in out.parent.iterdir()] == ["student"]
+
+
+def test_an_error_that_is_not_about_the_disk_is_not_disguised(tmp_path):
+    from firstsight.models import staged_dir
+
+    with pytest.raises(KeyError):
+        with staged_dir(str(tmp_path / "out")):
+            raise KeyError("a bug")
+    assert list(tmp_path.iterdir()) == []
