@@ -130,7 +130,7 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
 
     from firstsight.data import load_split
     from firstsight.data.batching import QACollator, ShuffledBatches, in_order
-    from firstsight.models import check_same_tokenizer, load_model, load_processor, torch_dtype
+    from firstsight.models import load_model, load_processor, torch_dtype
     from firstsight.perf import PeakMemory, ThroughputMeter
     from firstsight.train import LoopSettings, answer_accuracy, model_inputs, optimize
 
@@ -139,7 +139,6 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
     peak.reset()
 
     processor = load_processor(cfg)
-    check_same_tokenizer(cfg, processor)
     from firstsight.teacher_cache import cache_wanted, open_cache
 
     use_cache = cache_wanted(cfg)  # teacher_cache.enabled: the teacher's top-k targets, computed once

@@ -90,11 +90,19 @@ def load_processor(cfg: DictConfig) -> Any:
         raise FirstSightError(f"could not load the processor of model.student.source={student.source!r}: {err}") from err
 
 
-def check_same_tokenizer(cfg: DictConfig, processor: Any) -> None:
-    """Teacher and student must share one tokenizer (padding rows aside) for KD to be defined."""
+def shares_the_processor(cfg: DictConfig) -> bool:
+    """Teacher and student use one processor by construction (tiny, the same source, or a
+    random-weight teacher built over the student's processor): nothing to compare."""
     teacher = cfg.model.teacher
-    if teacher.source in ("tiny", cfg.model.student.source) or _value(teacher.weights) == "random":
-        return  # the same processor serves both
+    return teacher.source in ("tiny", cfg.model.student.source) or _value(teacher.weights) == "random"
+
+
+def check_same_tokenizer(cfg: DictConfig, processor: Any) -> None:
+    """Teacher and student must share one tokenizer (padding rows aside) for KD to be defined.
+    Checked by firstsight.validate before a distill job creates its run."""
+    teacher = cfg.model.teacher
+    if shares_the_processor(cfg):
+        return
     from transformers import AutoTokenizer
 
     try:

@@ -86,6 +86,11 @@ def validate(cfg: DictConfig, tasks: Optional[Mapping[str, Callable]] = None, lo
     _validate_precision(cfg)
     for role in _roles_used(cfg):
         _validate_model_side(cfg, role)
+    if local_device and cfg.task.name == "distill" and "teacher" in _roles_used(cfg):
+        from firstsight.models import check_same_tokenizer, load_processor, shares_the_processor
+
+        if not shares_the_processor(cfg):  # two tokenizers to compare: loaded (no model) before any run exists
+            check_same_tokenizer(cfg, load_processor(cfg))
 
 
 def _validate_report(cfg: DictConfig) -> None:

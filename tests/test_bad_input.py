@@ -37,7 +37,7 @@ Data
   bad data settings ........... test_jsonl_data.py::test_invalid_file_data_settings_are_refused
   a sample longer than the maximum length: no maximum length exists (nothing truncates or refuses one)
 Models
-  different tokenizers ........ test_vocab_alignment.py::test_a_teacher_whose_tokenizer_differs_is_refused (when loaded)
+  different tokenizers ........ test_vocab_alignment.py::test_a_distill_job_with_another_tokenizer_stops_before_its_run (before any run)
   a half-written or corrupt resumable checkpoint .. test_resume.py::test_broken_checkpoints_are_skipped;
                                 a resume with other settings: test_resume.py::test_resume_with_other_settings_is_refused
   a directory that is not a model or is an adapter .. test_lora_export.py::test_bad_export_and_lora_input_exits_2,

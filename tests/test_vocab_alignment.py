@@ -36,6 +36,26 @@ def test_a_teacher_whose_tokenizer_differs_is_refused(tmp_path, cache_dir):
     assert str(path) in str(err.value) and "shared vocabulary" in str(err.value)
 
 
+def test_a_distill_job_with_another_tokenizer_stops_before_its_run(run_cli, tmp_path, cache_dir):
+    """From the command line: exit 2 naming the teacher, before any model is loaded or any MLflow
+    run exists (the teacher directory is the shipped tiny teacher with one extra token)."""
+    import shutil
+
+    from firstsight.cache import SHIPPED
+
+    (shipped,) = SHIPPED.glob("tiny-teacher-*")
+    teacher = tmp_path / "teacher"
+    shutil.copytree(shipped, teacher)
+    processor_dir, _ = _teacher_dir(tmp_path / "tok", cache_dir, extra_tokens=["<|teacher_only|>"])
+    for file in processor_dir.iterdir():
+        shutil.copy(file, teacher / file.name)
+    result = run_cli(f"model.teacher.source={teacher}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "use different tokenizers" in result.stderr and str(teacher) in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # refused before any run was created
+
+
 def test_the_real_pair_differs_only_in_padding_rows():
     from firstsight.architectures import known_config
 
