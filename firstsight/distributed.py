@@ -54,12 +54,6 @@ class Distributed:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
-    def barrier(self) -> None:
-        if self.active:
-            import torch.distributed as dist
-
-            dist.barrier()
-
     def wrap(self, model: Any, device: str, strategy: str = "ddp") -> Any:
         """The student, data-parallel: `ddp` = DistributedDataParallel (a full copy per process,
         gradients averaged); `fsdp` = FSDP2 fully_shard (weights, gradients and optimizer state
@@ -109,13 +103,6 @@ def shard(model: Any, device: str, world_size: int) -> Any:
             fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
-
-
-def is_sharded(tensors: Any) -> bool:
-    """Whether these parameters are FSDP2 shards (DTensors)."""
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(t, DTensor) for t in tensors)
 
 
 def gathered_copy(model: Any, is_main: bool) -> Any:
