@@ -3,9 +3,11 @@
 import hydra
 from omegaconf import DictConfig
 
+from firstsight import composition
 from firstsight.config import register_configs
 
 register_configs()
+composition.install()  # an unknown key in an override: one line and exit status 2, not Hydra's report
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")

@@ -47,6 +47,24 @@ def run_job(overrides: Sequence[str], out_dir: Path, timeout: float, launcher: S
     return point
 
 
+def distill_overrides(args: Any, batch_size: int, *extra: str) -> List[str]:
+    """The distill task from the scripts' shared flags (--model, --weights, --hardware, --precision,
+    --image-size, --steps, --warmup-steps, trailing overrides), no evaluation, no saving, no MLflow."""
+    weights = [f"model.{side}.weights={args.weights}" for side in ("teacher", "student")] if args.weights else []
+    return [
+        "task=distill", f"model={args.model}", *weights, f"hardware={args.hardware}", f"precision={args.precision}",
+        f"hardware.batch_size={batch_size}", f"data.image_size={args.image_size}",
+        f"train.max_steps={args.steps}", f"train.throughput_warmup_steps={args.warmup_steps}",
+        "train.eval_at_end=false", "train.save_checkpoint=false", "tracking.enabled=false", *extra, *args.overrides,
+    ]
+
+
+def train_history(out_dir: Path) -> List[Dict[str, float]]:
+    """The per-step figures a distill job wrote (train_history.json), or [] when it wrote none."""
+    path = out_dir / "train_history.json"
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
 def profile_overrides(args: Any) -> List[str]:
     """The profile task's measurement settings from the scripts' shared flags (--image-size,
     --new-tokens, --warmup-queries, --latency-queries, --batch-size, --batches), no MLflow, no bar."""

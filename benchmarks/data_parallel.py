@@ -15,28 +15,12 @@ Writes benchmarks/results/data_parallel_<device>.json and .md (device, versions,
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
-from _common import RESULTS, cuda_device, results_path, run_job, run_meta, write_pair  # noqa: E402
-
-
-def distill_overrides(args: argparse.Namespace) -> List[str]:
-    weights = [f"model.{side}.weights={args.weights}" for side in ("teacher", "student")] if args.weights else []
-    return [
-        "task=distill", f"model={args.model}", *weights, f"hardware={args.hardware}", f"precision={args.precision}",
-        f"hardware.batch_size={args.batch_size}", f"data.image_size={args.image_size}",
-        f"train.max_steps={args.steps}", f"train.throughput_warmup_steps={args.warmup_steps}",
-        "train.eval_at_end=false", "train.save_checkpoint=false", "tracking.enabled=false",
-        "train.progress_bar=false", *args.overrides,
-    ]
-
-
-def history(out_dir: Path) -> List[Dict[str, float]]:
-    path = out_dir / "train_history.json"
-    return json.loads(path.read_text()) if path.is_file() else []
+from _common import (RESULTS, cuda_device, distill_overrides, results_path, run_job, run_meta,  # noqa: E402
+                     train_history, write_pair)
 
 
 def compare(single: Dict[str, Any], parallel: Dict[str, Any], gpus: int) -> Dict[str, Any]:
@@ -109,13 +93,13 @@ def main() -> None:
 
     device = cuda_device()
     workdir = Path(args.workdir)
-    base = distill_overrides(args)
+    base = distill_overrides(args, args.batch_size, "train.progress_bar=false")
     single = run_job([*base, f"hardware.grad_accum_steps={args.gpus}"], workdir / "single", args.timeout)
-    single["history"] = history(workdir / "single")
+    single["history"] = train_history(workdir / "single")
     gpus = [] if args.hardware == "cpu" else [f"hardware.num_gpus={args.gpus}"]  # CPU: processes, no GPUs (a smoke test)
     parallel = run_job([*base, *gpus, f"hardware.data_parallel={args.data_parallel}"], workdir / "parallel", args.timeout,
                        launcher=["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}"])
-    parallel["history"] = history(workdir / "parallel")
+    parallel["history"] = train_history(workdir / "parallel")
     results = {
         "meta": run_meta(device, gpus=args.gpus, model=args.model, weights=args.weights, precision=args.precision,
                          batch_size=args.batch_size, image_size=args.image_size, steps=args.steps,

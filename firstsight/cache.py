@@ -66,14 +66,29 @@ def read_info(path: Path) -> dict:
 
 
 def write_atomically(path: Path, data: Any) -> None:
-    """Write `data` (str or bytes) to a temporary file beside `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `data` (str or bytes) to a temporary file beside `path`, then rename it over `path`.
+    A write the disk refuses (full, over quota, read-only: firstsight.models' write-failure test)
+    raises a FirstSightError naming the directory and its free space; `path` keeps its previous
+    contents and no temporary file is left behind."""
+    path = Path(path)
     raw = data.encode("utf-8") if isinstance(data, str) else data
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    existed = path.exists()
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
         with os.fdopen(handle, "wb") as f:
             f.write(raw)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, Exception):
+            from firstsight.errors import FirstSightError
+            from firstsight.models import _free_bytes, _is_write_failure, _write_failure
+
+            free = _free_bytes(str(path.parent))
+            if _is_write_failure(err, free):
+                kept = f"{path} keeps its previous contents" if existed else f"nothing was left at {path}"
+                raise FirstSightError(_write_failure(str(path), err, free, kept)) from err
         raise

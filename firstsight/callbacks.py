@@ -7,6 +7,11 @@ launcher (firstsight.launcher) reports failed points, the sweep ends before `on_
 the parent is then closed at exit, tagged with the failed points, and the runs of jobs that were
 killed (they could not close their own) are marked KILLED with the reason. mlflow is imported
 lazily: Hydra instantiates callbacks even for `--help`.
+
+The parent's store calls go through firstsight.tracking.StoreClient, as a job's do: a store that is
+busy or down is retried with back-off; if it stays down when the sweep starts, the sweep stops
+(`error: the MLflow tracking store <uri> is unavailable ...`, exit status 2) before any job runs;
+if it is down when the sweep ends, the parent is left as it is and the error is logged.
 """
 
 from __future__ import annotations
@@ -44,9 +49,11 @@ class MLflowSweepCallback(Callback):
         # The values every point shares are checked before the sweep starts (swept values are
         # checked by each job): a typo costs seconds and leaves no parent run behind. Jobs that
         # run on SLURM nodes check the GPUs there, not on this machine.
+        from firstsight.composition import check_first_point
         from firstsight.tasks import TASKS, exit_on_user_error
         from firstsight.validate import validate
 
+        check_first_point(config)  # an unknown swept key: one line and exit 2 (firstsight.composition), no sweep
         on_slurm = launches_on_slurm(config)
         with exit_on_user_error():
             validate(config, tasks=TASKS, local_device=not on_slurm)
@@ -55,7 +62,8 @@ class MLflowSweepCallback(Callback):
         from mlflow.tracking import MlflowClient
 
         from firstsight.tracking import (
-            PARENT_RUN_ENV, PARENT_RUN_FILE, absolute_tracking_uri, get_or_create_experiment, resolve_tracking_uri,
+            PARENT_RUN_ENV, PARENT_RUN_FILE, StoreClient, absolute_tracking_uri, get_or_create_experiment,
+            resolve_tracking_uri,
         )
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
@@ -65,19 +73,21 @@ class MLflowSweepCallback(Callback):
             log.warning("SLURM jobs will all write the SQLite file %s: many at once collide ('database is "
                         "locked'). Log through a tracking server instead: python -m firstsight.server, then "
                         "export MLFLOW_TRACKING_URI=http://<host>:<port> (README: SLURM).", absolute_tracking_uri(uri))
-        self.client = MlflowClient(tracking_uri=uri)
-        experiment_id = get_or_create_experiment(self.client, config.tracking.experiment_name)
+        client = StoreClient(MlflowClient(tracking_uri=uri), absolute_tracking_uri(uri))  # retried; names the store
         overrides = " ".join(config.hydra.overrides.task)
-        run = self.client.create_run(
-            experiment_id,
-            run_name=f"sweep {sweep_dir.parent.name}/{sweep_dir.name}: {overrides}",
-            tags={
-                "firstsight.sweep_id": str(sweep_dir),
-                "firstsight.sweep_overrides": overrides,
-                "firstsight.task": str(config.task.name),
-                "firstsight.role": "sweep",
-            },
-        )
+        with exit_on_user_error():  # a store that stays down: one line, exit status 2, no job started
+            experiment_id = get_or_create_experiment(client, config.tracking.experiment_name)
+            run = client.create_run(
+                experiment_id,
+                run_name=f"sweep {sweep_dir.parent.name}/{sweep_dir.name}: {overrides}",
+                tags={
+                    "firstsight.sweep_id": str(sweep_dir),
+                    "firstsight.sweep_overrides": overrides,
+                    "firstsight.task": str(config.task.name),
+                    "firstsight.role": "sweep",
+                },
+            )
+        self.client = client
         self.parent_run_id = run.info.run_id
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / PARENT_RUN_FILE).write_text(self.parent_run_id)
@@ -104,9 +114,26 @@ class MLflowSweepCallback(Callback):
 
     def _finish(self, ended_early: bool) -> None:
         """Close the parent run: FAILED when the sweep ended early, a child failed or a point
-        failed without a run; tag it with the counts and the failed points."""
+        failed without a run; tag it with the counts and the failed points. A store that stays
+        down (after StoreClient's retries) leaves the parent RUNNING, with the error logged."""
+        from firstsight.tracking import PARENT_RUN_ENV, TrackingStoreError
+
         if self.client is None or self.parent_run_id is None:
             return
+        parent = self.parent_run_id
+        try:
+            self._close_parent(ended_early)
+        except TrackingStoreError as err:
+            earlier = err.__context__
+            while earlier is not None:  # report the first failure, not the last try to close the run
+                err = earlier if isinstance(earlier, TrackingStoreError) else err
+                earlier = earlier.__context__
+            log.error("the sweep's MLflow run %s could not be closed (it stays RUNNING; its jobs' runs are "
+                      "closed by the jobs themselves): %s", parent, err)
+            self.parent_run_id = None
+            os.environ.pop(PARENT_RUN_ENV, None)
+
+    def _close_parent(self, ended_early: bool) -> None:
         client, parent = self.client, self.parent_run_id
         try:
             run = client.get_run(parent)

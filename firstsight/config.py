@@ -34,12 +34,20 @@ class Quantization(Enum):
     none = "none"
     int8 = "int8"  # bitsandbytes LLM.int8
     nf4 = "nf4"  # bitsandbytes 4-bit NormalFloat
+    int8_weight_only = "int8_weight_only"  # torchao: int8 weights (per-row scales), matmuls in the compute dtype
+    fp8 = "fp8"  # torchao: float8 e4m3 weights and dynamically scaled activations, per-row (Hopper/Ada GPUs)
 
 
 class Device(Enum):
     cpu = "cpu"
     cuda = "cuda"
     auto = "auto"  # cuda when available, else cpu
+
+
+class Generation(Enum):
+    static = "static"  # firstsight.generation: static KV cache, decode step replayed as a CUDA graph on CUDA
+    static_compile = "static_compile"  # the same, the captured step torch.compile'd first (CUDA; compiles per shape)
+    hf = "hf"  # transformers' model.generate with its dynamic cache (the naive baseline)
 
 
 @dataclass
@@ -93,6 +101,10 @@ class PrecisionConfig:
     dtype: DType = DType.float32  # unquantized weights of frozen models, and autocast for the trainable one
     quantization: Quantization = Quantization.none  # frozen weights: the teacher; the student's base under LoRA
     teacher_quantization: Optional[Quantization] = None  # the teacher's own, when it differs (None: `quantization`)
+    # The trained student's weights, and so their gradients and AdamW states (not under LoRA):
+    # float32 = fp32 master weights with autocast to `dtype` | bfloat16 = pure bf16 training
+    # (half the optimizer memory; updates are rounded to bf16, as torchtune's recipes do)
+    trainable_dtype: DType = DType.float32
     # Per part of the model: vision (model.visual without its merger), merger (model.visual.merger),
     # language (model.language_model and lm_head; lm_head and embeddings are never quantized).
     # Known parts are typed (PartPrecisionConfig); another name composes and is refused by validate.
@@ -132,12 +144,14 @@ class HardwareConfig:
     batch_size: int = 4  # samples per micro-batch
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     gradient_checkpointing: bool = False  # trade compute for activation memory (student)
+    compile: bool = False  # distill: torch.compile each decoder layer / vision block of both models (firstsight.models.compile_blocks)
     attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2
     num_gpus: int = 0  # GPUs this job uses (0 on CPU)
     data_parallel: str = "ddp"  # several processes: ddp (a full student per GPU) | fsdp (student weights, gradients and AdamW state sharded)
     num_threads: Optional[int] = None  # torch intra-op threads on CPU; None = torch's default
     dataloader_workers: int = 0  # background processes rendering/processing samples
     memory_budget_gb: Optional[float] = None  # profile: cap (CUDA) and judge (edge/fits) the job's memory; None = no budget
+    generation: Generation = Generation.static  # greedy decoding of profile/evaluate: static | static_compile | hf (model.generate)
 
 
 @dataclass
@@ -164,6 +178,9 @@ class DataConfig:
     kinds: List[str] = field(
         default_factory=lambda: ["colour_at", "shape_of", "count", "held", "moved"]
     )  # question kinds to generate
+    # Tokens of one whole sample as the student's processor batches it (prompt with its visual
+    # tokens, and answer); longer samples are bad samples (data.on_bad_sample). None: no limit.
+    max_length: Optional[int] = None
 
 
 @dataclass
@@ -201,6 +218,9 @@ class TrainConfig:
     checkpoint_every_n_steps: int = 0  # a resumable checkpoint every N optimizer steps; 0: only on SIGUSR2/SIGTERM
     keep_checkpoints: int = 2  # resumable checkpoints kept (the newest); older ones are deleted
     resume: str = "auto"  # auto: continue from this job's own latest checkpoint if any | never | a run dir or checkpoint path
+    # Speed (issue 6; benchmarks/kd_step.py measures each against the naive way):
+    logits: str = "answer_positions"  # answer_positions: lm_head only where a loss is taken | all_positions: every token (naive)
+    fused_optimizer: bool = True  # CUDA: AdamW's fused kernel (one launch for all tensors); same update as the loop
 
 
 @dataclass

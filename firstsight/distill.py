@@ -130,6 +130,7 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
 
     from firstsight.data import load_split
     from firstsight.data.batching import QACollator, ShuffledBatches, in_order
+    from firstsight.losses import answer_logit_slice
     from firstsight.models import load_model, load_processor, torch_dtype
     from firstsight.perf import PeakMemory, ThroughputMeter
     from firstsight.train import LoopSettings, answer_accuracy, model_inputs, optimize
@@ -193,9 +194,20 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
     teacher_runs = teacher_cache is None and loss_fn.uses_teacher
     hidden_loss = build_hidden_loss(cfg, student_model, teacher_model if teacher_runs else None, device)
     hidden_kwargs = {"output_hidden_states": True} if hidden_loss is not None else {}
+    if cfg.hardware.compile:
+        from firstsight.models import compile_blocks
+
+        blocks = compile_blocks(student_model) + (compile_blocks(teacher_model) if teacher_runs else 0)
+        log.info("hardware.compile: %d blocks compiled with torch.compile on first use", blocks)
+
+    answer_positions_only = cfg.train.logits == "answer_positions"
 
     def kd_step(batch: Dict[str, Any], answer_tokens: int) -> Dict[str, Any]:
         inputs = model_inputs(batch)
+        labels = batch["labels"]
+        if answer_positions_only:  # both output heads run only where the loss needs logits
+            keep, labels = answer_logit_slice(labels)
+            inputs["logits_to_keep"] = keep
         # The frozen teacher already holds its weights in the precision's dtype (or quantized):
         # autocast is for the trainable student, and bitsandbytes' CPU kernels give NaN under it.
         student_out = student_forward(**inputs, **hidden_kwargs)
@@ -208,7 +220,7 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
                 teacher_logits = teacher_out.logits
         else:  # the control (distill_loss=none): plain fine-tuning needs no teacher pass
             teacher_logits = student_logits.detach()
-        out = loss_fn(student_logits, teacher_logits, batch["labels"], num_answer_tokens=answer_tokens)
+        out = loss_fn(student_logits, teacher_logits, labels, num_answer_tokens=answer_tokens)
         metrics = {"loss": out.loss, "kd_loss": out.kd_loss, "ce_loss": out.ce_loss}
         if hidden_loss is not None:
             hidden = hidden_loss(student_out.hidden_states, teacher_out.hidden_states, batch["labels"],
@@ -251,7 +263,7 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
         tracker.set_tags({"firstsight.resumed_from": str(resume_point.path),
                           "firstsight.resumed_at_step": str(resume_point.step)})
     STAGE["now"] = f"at training step {(resume_point.step if resume_point else 0) + 1} of {cfg.train.max_steps}"
-    optimize(
+    loop = optimize(
         student_forward,
         ShuffledBatches(train_set, collator, cfg.hardware.batch_size, seed=cfg.seed, workers=cfg.hardware.dataloader_workers,
                         position=resume_point.data_position if resume_point else None,
@@ -261,6 +273,7 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
             max_steps=cfg.train.max_steps, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
             warmup_steps=cfg.train.warmup_steps, max_grad_norm=cfg.train.max_grad_norm,
             grad_accum_steps=cfg.hardware.grad_accum_steps, progress_bar=cfg.train.progress_bar,
+            fused_optimizer=cfg.train.fused_optimizer,
             description=f"distilling ({cfg.distill_loss.name}, {cfg.precision.name})",
         ),
         device=device,
@@ -276,6 +289,8 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
 
         write_job_file("train_history.json", history)
     summary = {**throughput.summary(), peak.metric_name: peak.peak_gb()}
+    if loop["step_seconds"] > 0:  # metric logging, MLflow flushes and the progress bar, against the steps
+        summary["perf/harness_time_fraction"] = loop["harness_seconds"] / loop["step_seconds"]
     if world.active:  # throughput is the job's (all GPUs); memory is per process: the largest, and the sum
         summary.update(per_process_figures(world, summary, peak.metric_name))
     if peak.scope != "job":

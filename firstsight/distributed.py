@@ -96,11 +96,11 @@ def shard(model: Any, device: str, world_size: int) -> Any:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    from firstsight.models import repeated_blocks
+
     mesh = init_device_mesh(device, (world_size,))
-    unit_names = set(getattr(model, "_no_split_modules", None) or [])
-    for module in model.modules():
-        if type(module).__name__ in unit_names:
-            fully_shard(module, mesh=mesh)
+    for module in repeated_blocks(model):
+        fully_shard(module, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
 

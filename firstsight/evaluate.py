@@ -5,6 +5,11 @@ Multiple-choice answers count when an option letter (A, B, ...) is parsed strict
 ("B", "B.", "(B)", "B) right") and equals the reference; anything else ("Both", "", "maybe C") is
 wrong — never a random guess.
 
+Decoding is `hardware.generation` (firstsight/generation.py: `static`, the default, or `hf` =
+transformers' `model.generate`; the same greedy tokens), recorded as the tags
+`firstsight.generation` (student) and `firstsight.teacher_generation` (static_cuda_graph |
+static_eager | hf_generate).
+
 Also logged per model: its weights as loaded (`model/weights_gb`, `model/teacher_weights_gb`), split by
 part (`.../vision`, `.../merger`, `.../language`), and its resolved per-part precision as tags
 (`firstsight.precision.<part>.*` for the student, `firstsight.teacher_precision.<part>.*`).
@@ -44,22 +49,22 @@ def is_correct(sample: Any, generated: str) -> bool:
 
 
 def generated_answers(model: Any, processor: Any, samples: List[Any], device: str,
-                      batch_size: int, max_new_tokens: int, progress: bool = False, desc: str = "") -> List[str]:
-    """Greedy answers (special tokens dropped) to each sample's question."""
-    import torch
+                      batch_size: int, max_new_tokens: int, progress: bool = False, desc: str = "",
+                      method: Any = "static") -> List[str]:
+    """Greedy answers (special tokens dropped) to each sample's question, decoded by `method`
+    (hardware.generation: static | hf, firstsight/generation.py; both give the same tokens)."""
     from tqdm.auto import tqdm
 
     from firstsight.data.batching import PromptCollator
+    from firstsight.generation import decoder_for
     from firstsight.train import to_device
 
     collate = PromptCollator(processor)
+    decoder = decoder_for(model, method)
     answers: List[str] = []
     for start in tqdm(range(0, len(samples), batch_size), desc=desc, disable=not progress):
         batch = to_device(collate(samples[start:start + batch_size]), device)
-        with torch.no_grad():
-            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=processor.tokenizer.pad_token_id)
-        new_tokens = out[:, batch["input_ids"].shape[1]:]
+        new_tokens = decoder.generate(batch, max_new_tokens, pad_token_id=processor.tokenizer.pad_token_id).tokens
         answers.extend(processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return answers
 
@@ -76,6 +81,7 @@ def accuracy_by_kind(samples: List[Any], answers: List[str]) -> Dict[str, float]
 
 def evaluate(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     from firstsight.data import load_split
+    from firstsight.generation import decoder_for, generation_tags
     from firstsight.models import load_model, load_processor
     from firstsight.job import prepare_job
     from firstsight.parts import precision_tags
@@ -96,7 +102,13 @@ def evaluate(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
         metrics[weights] = loaded.weights_gb
         metrics.update({f"{weights}/{part}": gb for part, gb in loaded.part_weights_gb.items()})
         answers = generated_answers(loaded.model, processor, samples, device, cfg.task.batch_size,
-                                    cfg.task.max_new_tokens, cfg.train.progress_bar, f"evaluating {role}")
+                                    cfg.task.max_new_tokens, cfg.train.progress_bar, f"evaluating {role}",
+                                    cfg.hardware.generation)
+        # the method each model was decoded by: firstsight.generation(.*) for the student, as profile
+        # tags it, firstsight.teacher_generation(.*) for the teacher
+        tags = generation_tags(decoder_for(loaded.model, cfg.hardware.generation))
+        tracker.set_tags(tags if role == "student" else
+                         {k.replace("firstsight.generation", "firstsight.teacher_generation", 1): v for k, v in tags.items()})
         for kind, value in accuracy_by_kind(samples, answers).items():
             metrics[f"eval/{role}_accuracy" if kind == "all" else f"eval/{role}_accuracy/{kind}"] = value
         del loaded

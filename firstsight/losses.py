@@ -50,6 +50,7 @@ __all__ = [
     "SkewReverseKL",
     "NoKD",
     "count_answer_tokens",
+    "answer_logit_slice",
     "HIDDEN_LOSS_KINDS",
     "HiddenStateLoss",
     "HiddenDistillation",
@@ -112,6 +113,25 @@ def count_answer_tokens(labels: Tensor) -> int:
     if labels.dim() != 2:
         raise ValueError(f"labels must be [batch, seq_len], got shape {tuple(labels.shape)}")
     return int((labels[:, 1:] != IGNORE_INDEX).sum().item())
+
+
+def answer_logit_slice(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Where logits are needed, for ``logits_to_keep``: ``(keep [U+1], kept_labels [B, U+1])``.
+
+    ``keep`` holds the sorted positions p whose logits predict an answer token in some row
+    (``labels[b, p + 1] != IGNORE_INDEX``), then one more position (p_last + 1, whose logits
+    predict nothing), and ``kept_labels[:, j + 1] = labels[:, keep[j] + 1]``, with
+    ``kept_labels[:, 0] = IGNORE_INDEX``. So ``loss(logits[:, keep], ..., kept_labels)`` with the
+    usual shift is the loss of the full logits, term for term and in the same order, while the
+    output head runs on U + 1 positions instead of L (the [B, L, V] logits are never made).
+    """
+    if labels.dim() != 2:
+        raise ValueError(f"labels must be [batch, seq_len], got shape {tuple(labels.shape)}")
+    positions = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+    last = positions[-1:] + 1 if positions.numel() else positions.new_full((1,), labels.shape[1] - 1)
+    keep = torch.cat([positions, last])
+    kept_labels = torch.cat([labels.new_full((labels.shape[0], 1), IGNORE_INDEX), labels[:, positions + 1]], dim=1)
+    return keep, kept_labels
 
 
 def _kl(log_a: Tensor, log_b: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from firstsight.errors import FirstSightError
 from firstsight.parts import (
-    PartPrecision, apply_part_dtypes, part_weights_gb, quantization_kind, resolve_parts, skip_modules,
+    TORCHAO_KINDS, PartPrecision, apply_part_dtypes, part_bytes, part_weights_gb, quantization_kind, resolve_parts, skip_modules,
 )
 
 log = logging.getLogger(__name__)
@@ -121,10 +121,11 @@ def check_same_tokenizer(cfg: DictConfig, processor: Any) -> None:
 
 
 def quantization_config(parts: Dict[str, PartPrecision]) -> Optional[Any]:
-    """One BitsAndBytesConfig for the model's quantized parts (None when no part is quantized); the
-    unquantized parts and the output head are its `llm_int8_skip_modules`."""
+    """One BitsAndBytesConfig for the model's quantized parts (None when no part is quantized, or
+    when torchao quantizes them after loading: quantize_after_loading); the unquantized parts and
+    the output head are its `llm_int8_skip_modules`."""
     kind = quantization_kind(parts)
-    if kind is None:
+    if kind is None or kind in TORCHAO_KINDS:
         return None
     from transformers import BitsAndBytesConfig
 
@@ -141,6 +142,50 @@ def quantization_config(parts: Dict[str, PartPrecision]) -> Optional[Any]:
             llm_int8_skip_modules=skip,
         )
     raise FirstSightError(f"quantization {kind!r} is not supported; choose none, int8 or nf4")
+
+
+def quantize_after_loading(model: Any, parts: Dict[str, PartPrecision]) -> None:
+    """torchao kinds (parts.TORCHAO_KINDS): the quantized parts' Linear layers get torchao weights in
+    place (the output head never): int8_weight_only = int8 weights with per-row scales; fp8 = float8
+    e4m3 weights and dynamically quantized activations with per-row scales (torch._scaled_mm)."""
+    kind = quantization_kind(parts)
+    if kind not in TORCHAO_KINDS:
+        return
+    import torch
+    from torchao.quantization import (Float8DynamicActivationFloat8WeightConfig, Int8WeightOnlyConfig, PerRow,
+                                      quantize_)
+
+    from firstsight.parts import part_of
+
+    config = Int8WeightOnlyConfig() if kind == "int8_weight_only" else Float8DynamicActivationFloat8WeightConfig(
+        granularity=PerRow())
+
+    def quantized_linear(module: Any, name: str) -> bool:
+        part = part_of(name)
+        return isinstance(module, torch.nn.Linear) and part is not None and parts[part].quantized and name != "lm_head"
+
+    quantize_(model, config, filter_fn=quantized_linear)
+
+
+def repeated_blocks(model: Any) -> Iterator[Any]:
+    """The blocks transformers would not split across devices (`_no_split_modules`): the decoder
+    layers and the vision blocks, each repeated tens of times with one structure."""
+    from firstsight.parts import base_model
+
+    names = set(getattr(base_model(model), "_no_split_modules", None) or [])
+    return (module for module in model.modules() if type(module).__name__ in names)
+
+
+def compile_blocks(model: Any) -> int:
+    """hardware.compile: torch.compile each repeated block in place (regional compilation). The
+    blocks of one kind share their compiled code, so it compiles in seconds, on the first step,
+    with dynamic shapes (batches differ in length); between the blocks it runs eagerly. Inductor
+    fuses each block's elementwise work (RMSNorm, rotary embeddings, SwiGLU, casts), cutting the
+    kernel launches that leave the GPU idle in eager mode. Returns how many blocks were compiled."""
+    blocks = list(repeated_blocks(model))
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
 
 
 def _random_config(cfg: DictConfig, role: str, processor: Any) -> Any:
@@ -240,7 +285,8 @@ def _load_random(config: Any, dtype: Any, quant: Optional[Any], device: str, att
 
 
 def load_model(cfg: DictConfig, role: str, processor: Any, device: str, frozen: bool) -> LoadedModel:
-    """Teacher (frozen: precision dtype + quantization) or student (trainable: fp32 master weights;
+    """Teacher (frozen: precision dtype + quantization) or student (trainable: precision.trainable_dtype,
+    fp32 master weights by default;
     with `lora.enabled` a frozen base in the precision's dtype/quantization plus fp32 adapters).
     `load_time_s` counts loading only, not a tiny teacher's first-use training."""
     import torch
@@ -249,7 +295,7 @@ def load_model(cfg: DictConfig, role: str, processor: Any, device: str, frozen: 
     lora = not frozen and cfg.lora.enabled
     frozen_weights = frozen or lora
     parts = resolve_parts(cfg, role, frozen_weights)  # all float32, unquantized when the weights train
-    loaded_dtype = _value(cfg.precision.dtype) if frozen_weights else "float32"
+    loaded_dtype = _value(cfg.precision.dtype if frozen_weights else cfg.precision.trainable_dtype)
     dtype = torch_dtype(loaded_dtype)
     quant = quantization_config(parts)
     attn = cfg.hardware.attn_implementation
@@ -272,6 +318,7 @@ def load_model(cfg: DictConfig, role: str, processor: Any, device: str, frozen: 
         origin = side.source
     start = time.perf_counter()
     apply_part_dtypes(model, parts, loaded_dtype)  # parts whose dtype differs from the loaded one
+    quantize_after_loading(model, parts)  # torchao kinds; bitsandbytes ones were quantized while loading
     load_time += time.perf_counter() - start
     if frozen:
         model.eval()
@@ -289,7 +336,7 @@ def load_model(cfg: DictConfig, role: str, processor: Any, device: str, frozen: 
         role=role,
         origin=origin,
         params_b=model.num_parameters() / 1e9,  # with LoRA: base + adapters
-        weights_gb=model.get_memory_footprint() / 1e9,
+        weights_gb=sum(part_bytes(model).values()) / 1e9,  # get_memory_footprint's count, torchao weights as stored
         load_time_s=load_time,
         vocab_rows=model.get_output_embeddings().weight.shape[0],
         parts=parts,

@@ -55,7 +55,9 @@ PART_DESCRIPTIONS = {
     "merger": "model.visual.merger",
     "language": "model.language_model and lm_head",
 }
-QUANTIZED_KINDS = ("int8", "nf4")
+QUANTIZED_KINDS = ("int8", "nf4", "int8_weight_only", "fp8")
+# Quantized by torchao after loading (quantize_ on the parts' Linear layers), not by bitsandbytes while loading
+TORCHAO_KINDS = ("int8_weight_only", "fp8")
 GB = 1e9
 
 
@@ -94,9 +96,10 @@ def part_settings(cfg: DictConfig) -> Dict[str, Any]:
 
 def resolve_parts(cfg: DictConfig, role: str, frozen_weights: bool = True) -> Dict[str, PartPrecision]:
     """Each part's dtype and quantization for `role`. A side whose weights train (the student of
-    distill without LoRA) keeps float32 master weights, unquantized, whatever the precision says."""
+    distill without LoRA) is held in precision.trainable_dtype (float32 master weights by default),
+    unquantized, whatever the rest of the precision says."""
     if not frozen_weights:
-        return {part: PartPrecision("float32", "none") for part in PARTS}
+        return {part: PartPrecision(_value(cfg.precision.trainable_dtype), "none") for part in PARTS}
     dtype = _value(cfg.precision.dtype)
     quantization = quantization_of(cfg, role)
     settings = part_settings(cfg)
@@ -191,8 +194,18 @@ def part_bytes(model: Any) -> Dict[str, int]:
         if id(tensor) in seen:
             continue
         seen.add(id(tensor))
-        totals[part_of(name) or "other"] += tensor.nelement() * tensor.element_size()
+        totals[part_of(name) or "other"] += stored_bytes(tensor)
     return totals
+
+
+def stored_bytes(tensor: Any) -> int:
+    """The bytes a tensor holds. A tensor subclass that wraps others (torchao's quantized weights:
+    int8/float8 data + scales) reports its logical dtype's size, so its inner tensors are counted."""
+    flatten = getattr(tensor, "__tensor_flatten__", None)
+    if flatten is not None:
+        names, _ = flatten()
+        return sum(stored_bytes(getattr(tensor, name)) for name in names if getattr(tensor, name) is not None)
+    return tensor.nelement() * tensor.element_size()
 
 
 def part_weights_gb(model: Any) -> Dict[str, float]:

@@ -52,6 +52,7 @@ def _pretrain(cfg: DictConfig, role: str, processor: Any, out_dir: Path) -> Dict
     from firstsight.data.batching import QACollator, batches, in_order
     from firstsight.tiny import tiny_model_config
     from firstsight.tracking import device_name
+    from firstsight.losses import answer_logit_slice
     from firstsight.train import LoopSettings, answer_accuracy, model_inputs, optimize
     from transformers import Qwen2VLForConditionalGeneration
 
@@ -67,9 +68,10 @@ def _pretrain(cfg: DictConfig, role: str, processor: Any, out_dir: Path) -> Dict
     validation = synthetic_split(cfg.data, "validation", seed)
 
     def cross_entropy(batch: Dict[str, Any], answer_tokens: int) -> Dict[str, Any]:
-        logits = model(**model_inputs(batch)).logits[:, :-1].float()
+        keep, labels = answer_logit_slice(batch["labels"])  # the output head only where an answer is predicted
+        logits = model(**model_inputs(batch), logits_to_keep=keep).logits[:, :-1].float()
         loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1), reduction="sum"
+            logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), reduction="sum"
         ) / answer_tokens
         return {"loss": loss}
 

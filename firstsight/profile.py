@@ -4,7 +4,11 @@ Load time, weights memory and parameters as loaded; single-query latency (p50/p9
 `task.latency_queries` timed queries after `task.warmup_queries` untimed ones); batched throughput
 (queries and generated tokens per second over `task.throughput_batches` timed batches after one
 untimed batch); peak memory. Every query generates exactly `task.new_tokens` tokens greedily (the
-end token is suppressed until then), so runs of different precisions compare.
+end token is suppressed until then), so runs of different precisions compare. Decoding is
+`hardware.generation` (firstsight/generation.py): `static` (default; a static KV cache, the decode
+step replayed as a CUDA graph on CUDA, captured before the timed queries for the longest prompt
+they hold) or `hf` (transformers' `model.generate`, the naive baseline); the method used is the
+tag `firstsight.generation` (static_cuda_graph | static_eager | hf_generate).
 
 Per part (firstsight/parts.py): the resolved precision as tags `firstsight.precision.<part>.dtype`
 / `.quantization`, and the weights as loaded as `model/weights_gb/<part>` (vision, merger, language).
@@ -74,6 +78,7 @@ def _measure(cfg: DictConfig, tracker: Any, processor: Any, device: str, target:
 
     from firstsight.data import load_split
     from firstsight.data.batching import PromptCollator
+    from firstsight.generation import decoder_for, generation_tags
     from firstsight.models import load_model
     from firstsight.parts import precision_tags
     from firstsight.perf import StepTimer
@@ -92,26 +97,27 @@ def _measure(cfg: DictConfig, tracker: Any, processor: Any, device: str, target:
     model = loaded.model
     queries = load_split(cfg.data, "validation", cfg.seed)
     collate = PromptCollator(processor)
-    generate_kwargs = dict(
-        max_new_tokens=task.new_tokens, min_new_tokens=task.new_tokens, do_sample=False,
-        pad_token_id=processor.tokenizer.pad_token_id,
-    )
+    decoder = decoder_for(model, cfg.hardware.generation)  # firstsight/generation.py: static (default) | hf
+    pad = processor.tokenizer.pad_token_id
+    single = task.warmup_queries + task.latency_queries
+    batched = task.throughput_batches + 1
     next_index = iter(range(10**9))
 
     def take(n: int) -> Dict[str, Any]:
         return to_device(collate([queries[next(next_index) % len(queries)] for _ in range(n)]), device)
 
+    _prepare_decoder(decoder, queries, collate, single, batched, task.throughput_batch_size, task.new_tokens)
     timer = StepTimer(device)
 
     def timed_generation(batch: Dict[str, Any]) -> float:
         with timer, torch.no_grad():
-            out = model.generate(**batch, **generate_kwargs)
-        generated = out.shape[1] - batch["input_ids"].shape[1]
+            out = decoder.generate(batch, task.new_tokens, task.new_tokens, pad_token_id=pad).tokens
+        generated = out.shape[1]
         if generated != task.new_tokens:  # the comparison is void if lengths differ
             raise RuntimeError(f"generated {generated} tokens, expected {task.new_tokens}")
         return timer.seconds
 
-    total = task.warmup_queries + task.latency_queries + task.throughput_batches + 1
+    total = single + batched
     bar = tqdm(total=total, desc=f"profiling {target} ({cfg.precision.name})", disable=not cfg.train.progress_bar)
     latencies: List[float] = []
     for i in range(task.warmup_queries + task.latency_queries):
@@ -132,4 +138,21 @@ def _measure(cfg: DictConfig, tracker: Any, processor: Any, device: str, target:
     queries_per_s = task.throughput_batch_size * task.throughput_batches / sum(batch_seconds)
     metrics["infer/throughput_qps"] = queries_per_s
     metrics["infer/throughput_tokens_per_s"] = queries_per_s * task.new_tokens
+    tracker.set_tags(generation_tags(decoder))
     return True
+
+
+def _prepare_decoder(decoder: Any, queries: Any, collate: Any, single: int, batched: int, batch_size: int,
+                     new_tokens: int) -> None:
+    """Before anything is timed: the static decoder's caches (and on CUDA its captured decode
+    steps) for the longest prompt of the single queries and of the batches this profile will
+    time, so that no timed query pays a capture. The prompts' lengths come from collating the
+    same queries `take` will (one at a time, then dropped)."""
+    from firstsight.generation import HF_GENERATE
+
+    if decoder.tag == HF_GENERATE:
+        return
+    lengths = [collate([queries[i % len(queries)]])["input_ids"].shape[1]
+               for i in range(single + batched * batch_size)]
+    decoder.reserve(1, max(lengths[:single]), new_tokens)
+    decoder.reserve(batch_size, max(lengths[single:]), new_tokens)  # left padding: a batch is as long as its longest

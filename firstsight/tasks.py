@@ -72,7 +72,8 @@ def run_task(cfg: DictConfig) -> Dict[str, float]:
     finally:
         world.close()
     if world.is_main:
-        write_job_metrics(metrics)
+        with exit_on_user_error():  # a full disk: one line and exit status 2
+            write_job_metrics(metrics)
     return metrics
 
 

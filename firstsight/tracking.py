@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "FIRSTSIGHT_MLFLOW_PARENT_RUN_ID"
 PARENT_RUN_FILE = "mlflow_parent_run_id"
-VERSIONED_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "mlflow", "hydra-core")
+VERSIONED_PACKAGES = ("torch", "transformers", "peft", "bitsandbytes", "torchao", "accelerate", "mlflow", "hydra-core")
 _MAX_PARAMS_PER_BATCH = 100
 _MAX_METRICS_PER_BATCH = 1000
 # Waits (s) between attempts of a store call that failed transiently: 5 attempts over ~15 s of
@@ -158,6 +158,8 @@ class StoreClient:
         self.down = False
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "client":  # unpickling (submitit ships the sweep's callbacks): no client yet
+            raise AttributeError(name)
         attr = getattr(self.client, name)
         if not callable(attr):
             return attr

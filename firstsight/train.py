@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
 
-from firstsight.losses import IGNORE_INDEX, count_answer_tokens
+from firstsight.losses import IGNORE_INDEX, answer_logit_slice, count_answer_tokens
 from firstsight.perf import StepTimer
 
 
@@ -25,6 +26,7 @@ class LoopSettings:
     max_grad_norm: float = 1.0
     grad_accum_steps: int = 1
     progress_bar: bool = True
+    fused_optimizer: bool = False  # CUDA: torch's fused AdamW kernel (not for FSDP's sharded DTensor parameters)
     description: str = "training"
 
 
@@ -69,7 +71,7 @@ def optimize(
     extra_parameters: Iterable[Any] = (),
     checkpointer: Optional[Any] = None,
     world: Optional[Any] = None,
-) -> None:
+) -> Dict[str, float]:
     """Run `settings.max_steps` optimizer steps.
 
     `micro_step(batch, answer_tokens_in_step)` returns {"loss": differentiable tensor, other: tensors};
@@ -83,6 +85,9 @@ def optimize(
     the DDP-wrapped one. Each process normalises by the global batch's answer tokens and scales its
     loss by world_size before backward, so DDP's gradient average is the global batch's gradient;
     on_step gets metrics, samples and tokens summed over the processes (one all-reduce per step).
+
+    Returns {"step_seconds": the steps' summed time, "harness_seconds": the time spent after the
+    steps in on_step (metric logging, MLflow flushes) and the progress bar}: the harness overhead.
     """
     import torch
     from tqdm.auto import tqdm
@@ -94,7 +99,9 @@ def optimize(
     extra = [p for p in extra_parameters if p.requires_grad]
     params = [p for p in model.parameters() if p.requires_grad] + extra
     no_sync = getattr(model, "no_sync", contextlib.nullcontext)  # DDP: all-reduce on the last micro-batch only
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    fused = settings.fused_optimizer and device == "cuda" and not any(type(p).__name__ == "DTensor" for p in params)
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay,
+                                  **({"fused": True} if fused else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings.warmup_steps, settings.max_steps))
     scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)  # fp16 gradients underflow unscaled
     timer = StepTimer(device)
@@ -102,6 +109,7 @@ def optimize(
     bar = tqdm(total=settings.max_steps, initial=first - 1, desc=settings.description,
                disable=not settings.progress_bar or not world.is_main, dynamic_ncols=True, leave=True)
 
+    step_seconds = harness_seconds = 0.0
     try:
         with STOP.deferred():
             for step in range(first, settings.max_steps + 1):
@@ -141,14 +149,18 @@ def optimize(
                     samples, tokens = int(samples), int(tokens)
                     if stops and STOP.requested is None:
                         STOP.requested = signal.SIGTERM  # another process was told to stop
+                harness_start = time.perf_counter()
                 on_step(step, metrics, timer.seconds, samples, tokens)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
                 bar.update(1)
+                harness_seconds += time.perf_counter() - harness_start
+                step_seconds += timer.seconds
                 if checkpointer is not None and checkpointer.due(step, settings.max_steps):
                     saved = checkpointer.save(step, optimizer, scheduler, scaler, batches.position(), metrics)
                     STOP.pass_on(step, saved, end_job=world.active)  # a stop signal: requeue or end the job
     finally:
         bar.close()
+    return {"step_seconds": step_seconds, "harness_seconds": harness_seconds}
 
 
 def answer_accuracy(model: Any, batches: Iterator[Dict[str, Any]], device: str, dtype: Any) -> float:
@@ -163,10 +175,11 @@ def answer_accuracy(model: Any, batches: Iterator[Dict[str, Any]], device: str, 
     with torch.no_grad():
         for batch in batches:
             batch = to_device(batch, device)
+            keep, labels = answer_logit_slice(batch["labels"])  # logits only where an answer token is predicted
             with autocast(device, dtype):
-                logits = model(**model_inputs(batch)).logits
+                logits = model(**model_inputs(batch), logits_to_keep=keep).logits
             predicted = logits[:, :-1].argmax(-1)
-            labels = batch["labels"][:, 1:]
+            labels = labels[:, 1:]
             mask = labels != IGNORE_INDEX
             right = ((predicted == labels) | ~mask).all(dim=1)
             correct += int(right.sum())

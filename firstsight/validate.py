@@ -18,8 +18,10 @@ from firstsight.errors import ConfigError
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 # Quantization backends: the package that runs them and the devices it runs on
-# (bitsandbytes 0.50 has a CPU backend besides CUDA).
-QUANTIZATION_BACKENDS = {"int8": ("bitsandbytes", ("cpu", "cuda")), "nf4": ("bitsandbytes", ("cpu", "cuda"))}
+# (bitsandbytes 0.50 has a CPU backend besides CUDA; torchao's float8 needs a GPU with float8 matmuls).
+QUANTIZATION_BACKENDS = {"int8": ("bitsandbytes", ("cpu", "cuda")), "nf4": ("bitsandbytes", ("cpu", "cuda")),
+                         "int8_weight_only": ("torchao", ("cpu", "cuda")), "fp8": ("torchao", ("cuda",))}
+FP8_MIN_CAPABILITY = (8, 9)  # Ada / Hopper: torch._scaled_mm
 
 
 def _origin(key: str) -> str:
@@ -81,16 +83,20 @@ def validate(cfg: DictConfig, tasks: Optional[Mapping[str, Callable]] = None, lo
         _validate_report(cfg)
     _validate_lora(cfg)
     _validate_teacher_cache(cfg)
-    _validate_data(cfg, read_files=local_device)
+    _validate_data(cfg)
     _validate_hardware(cfg, local_device)
     _validate_precision(cfg)
     for role in _roles_used(cfg):
         _validate_model_side(cfg, role)
+    processor = None
     if local_device and cfg.task.name == "distill" and "teacher" in _roles_used(cfg):
         from firstsight.models import check_same_tokenizer, load_processor, shares_the_processor
 
         if not shares_the_processor(cfg):  # two tokenizers to compare: loaded (no model) before any run exists
-            check_same_tokenizer(cfg, load_processor(cfg))
+            processor = load_processor(cfg)
+            check_same_tokenizer(cfg, processor)
+    if local_device:  # on the machine the job runs on (a SLURM sweep's submitting machine only checks the paths)
+        _read_data(cfg, processor)
 
 
 def _validate_report(cfg: DictConfig) -> None:
@@ -140,6 +146,8 @@ def _validate_numbers(cfg: DictConfig) -> None:
         cfg.train.throughput_warmup_steps,
         f"it must be < train.max_steps={cfg.train.max_steps}, or no step is left to measure throughput on",
     )
+    _check(cfg.train.logits in ("answer_positions", "all_positions"), "train.logits", cfg.train.logits,
+           "choose answer_positions (the output head only where a loss is taken) or all_positions (every token)")
     resume = str(cfg.train.resume)
     _check(resume in ("auto", "never") or bool(resume.strip()), "train.resume", resume,
            "auto, never, or the path of a run directory or checkpoint to continue from")
@@ -191,7 +199,7 @@ def _validate_hidden_loss(cfg: DictConfig) -> None:
                "states the term needs; set it to 0 or teacher_cache.enabled=false")
 
 
-def _validate_data(cfg: DictConfig, read_files: bool = True) -> None:
+def _validate_data(cfg: DictConfig) -> None:
     from firstsight.data.synthetic import QUESTION_KINDS
 
     data = cfg.data
@@ -203,8 +211,11 @@ def _validate_data(cfg: DictConfig, read_files: bool = True) -> None:
     _check(len(kinds) > 0, "data.kinds", kinds, f"name at least one of {list(QUESTION_KINDS)}")
     for kind in kinds:
         _check(kind in QUESTION_KINDS, "data.kinds", kind, f"choose from {list(QUESTION_KINDS)}")
+    max_length = data.get("max_length")
+    _check(max_length is None or max_length >= 1, "data.max_length", max_length,
+           "null (no limit) or >= 1 tokens per sample (prompt with its visual tokens, and answer)")
     if "format" in data:  # read from files (the synthetic settings above only shape the tiny teacher's pre-training)
-        _validate_data_files(cfg, read_files)
+        _validate_data_files(cfg)
 
 
 def _data_splits_read(cfg: DictConfig) -> List[str]:
@@ -220,10 +231,8 @@ def _data_splits_read(cfg: DictConfig) -> List[str]:
     return []
 
 
-def _validate_data_files(cfg: DictConfig, read_files: bool = True) -> None:
-    """The file settings, and (`read_files`) the records of each split the task reads: a bad record
-    stops the job here, before any model is loaded or run created (firstsight.data.files.file_split
-    keeps what it read for the task)."""
+def _validate_data_files(cfg: DictConfig) -> None:
+    """The file settings and the files of each split the task reads (their records: _read_data)."""
     from firstsight.data.files import BAD_SAMPLE_POLICIES, FORMATS, resolve_path
 
     data = cfg.data
@@ -247,11 +256,51 @@ def _validate_data_files(cfg: DictConfig, read_files: bool = True) -> None:
         path = resolve_path(value)
         _check(path.is_file(), key, value,
                f"the file is missing: no such file {path} (relative paths are from the directory run.py was started in)")
-    if read_files:  # on the machine the job runs on (a SLURM sweep's submitting machine only checks the paths)
-        from firstsight.data import load_split
 
-        for split in _data_splits_read(cfg):
-            load_split(data, split, cfg.seed)
+
+def _read_data(cfg: DictConfig, processor: Any = None) -> None:
+    """The records of each split the task reads (file data): a bad record stops the job here, before
+    any model is loaded or run created (firstsight.data.files.file_split keeps what it read for the
+    task). With data.max_length set, every sample is measured with the student's processor (loaded
+    here, no model); a synthetic sample cannot be skipped, so a longer one is an error."""
+    from firstsight.data import load_split
+
+    data = cfg.data
+    max_length = data.get("max_length")
+    if "format" not in data and max_length is None:
+        return  # synthetic samples without a limit: nothing to check
+    if max_length is not None and processor is None:
+        from firstsight.models import load_processor
+
+        processor = load_processor(cfg)
+    for split in _data_splits_read(cfg):
+        dataset = load_split(data, split, cfg.seed, processor=processor)
+        if "format" not in data:
+            _check_synthetic_lengths(cfg, dataset, split, processor)
+
+
+def _check_synthetic_lengths(cfg: DictConfig, dataset: Any, split: str, processor: Any) -> None:
+    from firstsight.data.batching import sample_length
+
+    max_length = cfg.data.max_length
+    longest, first = 0, None
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        length, visual = sample_length(processor, sample.question, sample.answer, [im.size for im in sample.images])
+        longest = max(longest, length)
+        if first is None and length > max_length:
+            first = (index, sample, length, visual)
+    if first is None:
+        return
+    index, sample, length, visual = first
+    side = cfg.data.image_size
+    raise ConfigError(
+        f"data.max_length={max_length}{_origin('data.max_length')} is too small for the synthetic data: {split} "
+        f"sample {index} (a {sample.kind} question, {len(sample.images)} frame(s) of {side}x{side} px) is {length} "
+        f"tokens long ({visual} visual tokens, {length - visual} of text), and generated samples cannot be skipped. "
+        f"The longest {split} sample is {longest} tokens: set data.max_length >= {longest} or null (no limit), or "
+        "lower data.image_size or data.num_frames."
+    )
 
 
 def device_type(cfg: DictConfig) -> str:
@@ -333,6 +382,10 @@ def _validate_precision(cfg: DictConfig) -> None:
         if quantization not in ("none", "None"):
             _validate_quantization_backend(cfg, key, quantization)
     _validate_precision_parts(cfg)
+    trainable = _enum_value(cfg.precision.trainable_dtype)
+    _check(trainable in ("float32", "bfloat16"), "precision.trainable_dtype", trainable,
+           "choose float32 (master weights under autocast) or bfloat16 (pure bf16 training); float16 "
+           "weights cannot be trained with the gradient scaler fp16 needs")
 
 
 def _validate_precision_parts(cfg: DictConfig) -> None:
@@ -398,6 +451,26 @@ def _validate_quantization_backend(cfg: DictConfig, key: str, quantization: str,
         quantization,
         f"{package} runs on {list(devices)}, not on {device}; {valid}",
     )
+    if quantization == "fp8" and _cuda_here(cfg):
+        import torch
+
+        capability = torch.cuda.get_device_capability()
+        _check(capability >= FP8_MIN_CAPABILITY, key, quantization,
+               f"float8 matmuls need a GPU of compute capability >= 8.9 (Ada, Hopper); this "
+               f"{torch.cuda.get_device_name()} is {capability[0]}.{capability[1]}; choose int8_weight_only, or {valid}")
+    if quantization in ("int8_weight_only", "fp8") and cfg.task.name == "distill" and cfg.lora.enabled \
+            and not key.endswith("teacher_quantization"):
+        raise ConfigError(f"{key}={quantization}{_origin(key)} is invalid under LoRA: torchao-quantized weights "
+                          "carry no LoRA adapters here; choose int8 or nf4 (bitsandbytes, QLoRA) for the student's base.")
+
+
+def _cuda_here(cfg: DictConfig) -> bool:
+    """The job runs on this machine's GPU (not a SLURM node), and torch sees one."""
+    if device_type(cfg) != "cuda":
+        return False
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _installed(package: str) -> bool:
@@ -534,15 +607,75 @@ def _model_dir_problem(path: Path, role: str, weights_needed: bool) -> Optional[
         if missing:
             return (f"the checkpoint is incomplete: {len(missing)} of the {len(shards)} weight files that "
                     f"model.safetensors.index.json lists are missing ({', '.join(missing[:3])}); copy them again{random}")
-        return None
+        return _weights_problem(path, shards, random)
     if (path / "model.safetensors").is_file():
-        return None
+        return _weights_problem(path, ["model.safetensors"], random)
     pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
     if pickled:
         return (f"{path} holds {', '.join(pickled[:3])} but no model.safetensors: FirstSight loads weights only as "
                 f"safetensors, never pickle files; convert them (save_pretrained(..., safe_serialization=True)){random}")
     return (f"{path} has config.json but no weights (model.safetensors or model.safetensors.index.json): "
             f"an incomplete checkpoint; save or copy it again{random}")
+
+
+def _weights_problem(path: Path, files: List[str], random: str) -> Optional[str]:
+    """Tensors of the safetensors `files` in `path` whose names or shapes do not fit its config.json,
+    or None. Read from the files' headers (no tensor data) and compared with the model built from
+    config.json on the meta device, under transformers' own renaming of checkpoint keys; judged as
+    loading judges it (firstsight.models._weights_mismatch: other shapes, missing tensors; extra
+    ones are ignored). Only Qwen2-VL checkpoints that are not pre-quantized are judged here; loading
+    checks the others."""
+    import json
+
+    config_json = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    if not isinstance(config_json, dict) or config_json.get("model_type") != "qwen2_vl" \
+            or "quantization_config" in config_json:
+        return None
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, Qwen2VLForConditionalGeneration
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    from firstsight.models import _weights_mismatch
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        with torch.device("meta"):  # shapes only: no memory, ~0.3 s at 7B
+            model = Qwen2VLForConditionalGeneration._from_config(config)
+        mapping = get_model_conversion_mapping(model)
+    except Exception:  # noqa: BLE001 - a config.json transformers cannot build: loading says why
+        return None
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    renamings = [m for m in mapping if isinstance(m, WeightRenaming)]
+    converters = [m for m in mapping if isinstance(m, WeightConverter)]
+    found, mismatched, holding = set(), [], {}
+    for name in files:
+        try:
+            with safe_open(str(path / name), framework="pt") as weights:
+                stored = {key: tuple(weights.get_slice(key).get_shape()) for key in weights.keys()}
+        except Exception as err:  # noqa: BLE001 - safetensors' own error: a header that cannot be read
+            return (f"{path / name} cannot be read as safetensors ({err}): the file is damaged or was cut short; "
+                    f"save or copy the model again{random}")
+        for key, shape in stored.items():
+            target, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, expected)
+            if target not in expected and key in expected:  # as transformers loads it
+                target, converted = key, None
+            if target not in expected:
+                continue  # a tensor the model does not have: ignored when loading too
+            found.add(target)
+            if converted is None and shape != expected[target]:  # a converter's tensors change shape
+                mismatched.append((target, shape, expected[target]))
+                holding.setdefault(name, target)
+    mismatched.sort()
+    problem = _weights_mismatch(model, {"mismatched_keys": mismatched, "missing_keys": sorted(set(expected) - found)})
+    if problem is None:
+        return None
+    named = list(holding or files)
+    shown = ", ".join(named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3 else "")
+    return (f"the weights in {path} ({shown}) do not match its config.json: {problem}. The checkpoint "
+            f"is damaged or incomplete, or config.json was edited or belongs to another model; save the model "
+            f"again{random}")
 
 
 def _looks_like_path(source: str) -> bool:

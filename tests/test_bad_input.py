@@ -7,8 +7,8 @@ Rows of the matrix covered by other files (not repeated here):
 
 Config
   unknown group choice ........ test_cli.py::test_bad_input_exits_nonzero_before_anything_is_built[unknown-choice]
-  unknown key ................. test_config.py::test_wrong_types_and_keys_fail_at_composition[train.bogus=1]
-                                (a Hydra composition error: Hydra's message and exit status 1, as for a wrong type)
+  unknown key ................. here: test_an_unknown_key_names_the_valid_keys_and_exits_2 (run.py, -m, --cfg),
+                                test_config.py::test_wrong_types_and_keys_fail_at_composition[train.bogus=1] (compose API)
   wrong type .................. test_cli.py::test_bad_input_exits_nonzero_before_anything_is_built[wrong-type],
                                 test_config.py::test_wrong_types_and_keys_fail_at_composition
   batch size, temperature, alpha, learning rate, grad_accum_steps, beta
@@ -35,11 +35,14 @@ Data
   nothing valid in a file ..... test_jsonl_data.py::test_a_file_with_nothing_valid_is_an_error_even_when_skipping
   a missing data file (with where it was set) .. test_jsonl_data.py::test_run_py_names_a_missing_data_file_and_where_it_was_set
   bad data settings ........... test_jsonl_data.py::test_invalid_file_data_settings_are_refused
-  a sample longer than the maximum length: no maximum length exists (nothing truncates or refuses one)
+  a sample longer than the maximum length (data.max_length) .. here: test_a_sample_longer_than_max_length_*,
+                                test_a_max_length_below_the_synthetic_samples_is_refused
 Models
   different tokenizers ........ test_vocab_alignment.py::test_a_distill_job_with_another_tokenizer_stops_before_its_run (before any run)
   a half-written or corrupt resumable checkpoint .. test_resume.py::test_broken_checkpoints_are_skipped;
                                 a resume with other settings: test_resume.py::test_resume_with_other_settings_is_refused
+  safetensors that do not match config.json .. here: test_safetensors_that_do_not_match_the_config_are_refused_*
+                                (before the run, from the headers; and again when loaded)
   a directory that is not a model or is an adapter .. test_lora_export.py::test_bad_export_and_lora_input_exits_2,
                                 test_lora_export.py::test_evaluating_an_adapter_directory_points_at_the_merged_student
 Faults (OOM, NaN, tracking store, full disk): test_faults.py. Security defaults: test_security.py.
@@ -53,6 +56,7 @@ from pathlib import Path
 import pytest
 
 from conftest import compose, default_store_runs
+from firstsight.config import Config, DistillLossConfig, HardwareConfig
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 GOOD_RECORD = json.loads((FIXTURES / "egoschema.jsonl").read_text().splitlines()[0])
@@ -96,6 +100,7 @@ CONFIG_CASES = {
                                ["hardware.attn_implementation='flash_attention_2'", "use sdpa or eager on the CPU"]),
     # an empty dataset (the synthetic data)
     "empty-synthetic-data": (["data.train_size=0"], ["data.train_size=0", ">= 1"]),
+    "max-length": (["data.max_length=0"], ["data.max_length=0", "null (no limit) or >= 1 tokens"]),
 }
 
 
@@ -105,6 +110,69 @@ def test_bad_config_values(tmp_path, monkeypatch, capsys, case):
     message = _refused(tmp_path, monkeypatch, capsys, overrides)
     for fragment in fragments:
         assert fragment in message, message
+
+
+# ----------------------------------------------------------------------------- unknown keys (run.py)
+
+def _keys(schema):
+    import dataclasses
+
+    return ", ".join(f.name for f in dataclasses.fields(schema))
+
+
+HARDWARE_KEYS = f"Valid keys of hardware: {_keys(HardwareConfig)}."  # the schema's fields, in order
+
+UNKNOWN_KEY_CASES = {
+    "in-a-section": (["hardware.batchsize=4"], [
+        "error: hardware.batchsize (command-line override 'hardware.batchsize=4') is not a key of hardware "
+        "(hardware=cpu); did you mean hardware.batch_size?", HARDWARE_KEYS]),
+    "at-the-top": (["batchsize=4"], [
+        "error: batchsize (command-line override 'batchsize=4') is not a key of the config (top level); did you "
+        f"mean hardware.batch_size? Valid keys of the top level: {_keys(Config)}."]),
+    "a-misspelt-section": (["hardwar.batch_size=4"], [
+        "error: hardwar (command-line override 'hardwar.batch_size=4') is not a key of the config (top level); "
+        "did you mean hardware?"]),
+    "of-another-choice": (["distill_loss.beta=0.3"], [
+        "error: distill_loss.beta (command-line override 'distill_loss.beta=0.3') is not a key of distill_loss "
+        f"(distill_loss=forward_kl). It is a key of distill_loss=jsd: choose that too. Valid keys of distill_loss: "
+        f"{_keys(DistillLossConfig)}."]),
+    "nested": (["model.teacher.tiny.hidden=3"], [
+        "error: model.teacher.tiny.hidden (command-line override 'model.teacher.tiny.hidden=3') is not a key of "
+        "model.teacher.tiny (model=tiny); did you mean model.teacher.tiny.hidden_size?"]),
+    "swept": (["-m", "seed=1,2", "hardware.batchsize=4,8"], [
+        "error: hardware.batchsize (command-line override 'hardware.batchsize=4,8') is not a key of hardware "
+        "(hardware=cpu); did you mean hardware.batch_size?", HARDWARE_KEYS]),
+    "in-a-sweep": (["-m", "seed=1,2", "hardware.batchsize=4"], [
+        "error: hardware.batchsize (command-line override 'hardware.batchsize=4') is not a key of hardware"]),
+    "cfg-job": (["--cfg", "job", "hardware.batchsize=4"], [
+        "error: hardware.batchsize (command-line override 'hardware.batchsize=4') is not a key of hardware"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(UNKNOWN_KEY_CASES))
+def test_an_unknown_key_names_the_valid_keys_and_exits_2(run_cli, tmp_path, case):
+    """Hydra finds an unknown key while composing; run.py (firstsight.composition) turns its report
+    into one line: the key, the override it came from, the valid keys of that node and the closest
+    one; exit status 2; nothing written (no outputs/ or multirun/ directory, no MLflow store)."""
+    args, fragments = UNKNOWN_KEY_CASES[case]
+    result = run_cli(*args, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    [line] = result.stderr.strip().splitlines()
+    for fragment in fragments:
+        assert fragment in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hydra_full_error_still_gives_the_traceback_of_an_unknown_key(run_cli, tmp_path):
+    result = run_cli("hardware.batchsize=4", env={"HYDRA_FULL_ERROR": "1"}, timeout=120)
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "ConfigCompositionException: Could not override 'hardware.batchsize'" \
+        in result.stderr and "error: " not in result.stderr
+
+
+def test_other_composition_errors_keep_hydras_report(run_cli, tmp_path):
+    result = run_cli("hardware.batch_size=abc", timeout=120)
+    assert result.returncode == 1 and "could not be converted to Integer" in result.stderr
 
 
 # ----------------------------------------------------------------------------- model directories
@@ -196,6 +264,87 @@ def test_run_py_refuses_a_bad_record_before_anything_is_written(run_cli, tmp_pat
     assert not list(tmp_path.glob("outputs/*/*/checkpoints"))
 
 
+# ----------------------------------------------------------------------------- sample length
+
+
+def _long_and_short_records(tmp_path):
+    """A data file of two records, the second with a longer question; and each one's length as
+    QACollator batches it alone (what data.max_length counts)."""
+    from firstsight.data.batching import QACollator
+    from firstsight.data.files import FileQA
+    from firstsight.models import load_processor
+
+    path = tmp_path / "data" / "records.jsonl"
+    path.parent.mkdir()
+    path.write_text(_record() + "\n" + _record(question=GOOD_RECORD["question"] + " Look closely." * 12) + "\n")
+    dataset = FileQA(path, "egoschema")
+    collate = QACollator(load_processor(compose()))
+    return path, [len(collate([dataset[i]])["input_ids"][0]) for i in range(len(dataset))]
+
+
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    """Loading a model fails the test: what validation refuses must stop before any model."""
+    import firstsight.models as models
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(models, "load_model", load_model)
+
+
+def test_a_sample_longer_than_max_length_is_refused_before_the_run(tmp_path, monkeypatch, capsys, cache_dir,
+                                                                  no_model_loads):
+    path, (short, long) = _long_and_short_records(tmp_path)
+    assert long > short
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    message = _refused(workdir, monkeypatch, capsys, ["data=egoschema", f"data.train_file={path}",
+                                                      "train.eval_at_end=false", f"data.max_length={short}"])
+    assert f"error: {path}:2: the sample is {long} tokens long (" in message  # the first record is at the limit
+    for fragment in [f"more than data.max_length={short}: raise data.max_length", "data.max_pixels=200704 per frame",
+                     "data.max_frames=8", "data.on_bad_sample=skip to leave bad records out"]:
+        assert fragment in message, message
+
+
+def test_a_sample_longer_than_max_length_is_skipped_and_counted(tmp_path, monkeypatch, caplog, cache_dir):
+    """data.on_bad_sample=skip: the long record is left out of the split the task reads, and counted
+    in data/skipped_samples with the other bad records."""
+    from firstsight.tasks import run_task
+
+    path, (short, long) = _long_and_short_records(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    cfg = compose(["task=evaluate", "data=egoschema", f"data.validation_file={path}", f"data.max_length={short}",
+                   "data.on_bad_sample=skip", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                   "hardware.num_threads=1", "task.max_new_tokens=2"])
+    run_task(cfg)
+    assert f"skipping a bad sample: {path}:2: the sample is {long} tokens long" in caplog.text
+    [run] = default_store_runs(tmp_path)
+    assert run.info.status == "FINISHED" and run.data.metrics["data/skipped_samples"] == 1
+    assert run.data.metrics["eval/chance_accuracy"] == pytest.approx(1 / 5)  # the one record kept
+
+
+def test_a_max_length_below_the_synthetic_samples_is_refused(tmp_path, monkeypatch, capsys, cache_dir, no_model_loads):
+    """Generated samples cannot be skipped: the limit itself is refused, with the first sample over
+    it, its length and the longest length, all as QACollator counts them."""
+    import re
+
+    from firstsight.data import synthetic_split
+    from firstsight.data.batching import QACollator
+    from firstsight.models import load_processor
+
+    message = _refused(tmp_path, monkeypatch, capsys, ["data.max_length=60", "data.train_size=40"])
+    assert "error: data.max_length=60 is too small for the synthetic data" in message  # run.py adds where it was set
+    index, length, longest = map(int, re.search(
+        r"train sample (\d+) \(a \w+ question, \d frame\(s\) of 112x112 px\) is (\d+) tokens long .* "
+        r"The longest train sample is (\d+) tokens: set data.max_length >= \3 or null", message).groups())
+    assert "generated samples cannot be skipped" in message and "lower data.image_size or data.num_frames" in message
+    train, collate = synthetic_split(compose().data, "train", 0), QACollator(load_processor(compose()))
+    lengths = [len(collate([train[i]])["input_ids"][0]) for i in range(40)]
+    assert (lengths[index], max(lengths)) == (length, longest)
+    assert all(n <= 60 for n in lengths[:index]) and length > 60
+
+
 # ----------------------------------------------------------------------------- weights and checkpoints
 
 
@@ -236,11 +385,113 @@ def _drop_a_tensor(path):
     return dropped
 
 
+def _loaded_name(key):
+    """The model's name of a tensor save_pretrained stored as the hub's Qwen2-VL files name it
+    (model.layers.*, visual.*), which transformers renames when it loads it."""
+    if key.startswith("visual."):
+        return "model." + key
+    return key.replace("model.", "model.language_model.", 1) if key.startswith("model.") else key
+
+
+def _model_layout(path):
+    """The checkpoint's tensors renamed to the model's own names (model.language_model.*, model.visual.*)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path / "model.safetensors"))
+    assert any(k.startswith("visual.") for k in tensors)  # save_pretrained writes the hub's names
+    save_file({_loaded_name(k): v for k, v in tensors.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _sharded(saved_student, path):
+    """The student saved as several safetensors shards with an index, one shard's tensor widened."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path.mkdir(parents=True)
+    for name in ("config.json", "generation_config.json"):
+        if (saved_student / name).is_file():
+            shutil.copy(saved_student / name, path / name)
+    tensors = load_file(str(saved_student / "model.safetensors"))
+    language = sorted(k for k in tensors if k.startswith("model.layers."))
+    shards = {"model-00001-of-00002.safetensors": sorted(set(tensors) - set(language)),
+              "model-00002-of-00002.safetensors": language}
+    widened = next(k for k in shards["model-00002-of-00002.safetensors"] if k.endswith("mlp.up_proj.weight"))
+    tensors[widened] = tensors[widened].repeat(2, 1)
+    for shard, keys in shards.items():
+        save_file({k: tensors[k].contiguous() for k in keys}, str(path / shard), metadata={"format": "pt"})
+    (path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}))
+    return _loaded_name(widened), tuple(tensors[widened].shape)
+
+
+def _damaged_header(path):
+    raw = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(raw[:8] + b"{not json" + raw[17:])
+
+
+@pytest.mark.parametrize("case", ["wider-config", "missing-tensor", "sharded", "damaged-header"])
+def test_safetensors_that_do_not_match_the_config_are_refused_before_the_run(tmp_path, monkeypatch, capsys,
+                                                                             saved_student, no_model_loads, case):
+    """Validation reads the safetensors headers (no tensor data) and compares names and shapes with
+    the model config.json describes, built on the meta device: refused before any model is loaded or
+    run created, in the words loading uses (firstsight.models._weights_mismatch)."""
+    path = tmp_path / "student"
+    if case == "sharded":
+        widened, shape = _sharded(saved_student, path)
+        fragments = [f"the weights in {path} (model-00002-of-00002.safetensors) do not match its config.json: "
+                     f"1 tensor(s) of another shape ({widened} is {shape} in the file, ({shape[0] // 2}, {shape[1]}) "
+                     "by the config)"]
+    else:
+        _copy(saved_student, tmp_path)
+        if case == "wider-config":
+            _wider_config(path)
+            fragments = [f"the weights in {path} (model.safetensors) do not match its config.json: 6 tensor(s) of "
+                         "another shape (model.language_model.layers.0.mlp.down_proj.weight is (64, 128) in the "
+                         "file, (64, 256) by the config, ", ", ...)"]
+        elif case == "missing-tensor":
+            dropped = _drop_a_tensor(path)
+            fragments = [f"the weights in {path} (model.safetensors) do not match its config.json: 1 tensor(s) "
+                         f"missing ({_loaded_name(dropped)})"]
+        else:
+            _damaged_header(path)
+            fragments = [f"{path / 'model.safetensors'} cannot be read as safetensors (", "save or copy the model again"]
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    message = _refused(workdir, monkeypatch, capsys,
+                       ["task=evaluate", f"model.student.source={path}", "model.student.weights=pretrained"])
+    assert message.startswith(f"error: model.student.source='{path}': "), message
+    for fragment in fragments + ["or set model.student.weights=random for its architecture alone"]:
+        assert fragment in message, message
+    if case != "damaged-header":
+        assert "The checkpoint is damaged or incomplete, or config.json was edited or belongs to another model" in message
+
+
+def test_checkpoints_whose_tensors_transformers_renames_are_not_refused(tmp_path, saved_student):
+    """save_pretrained writes the hub's Qwen2-VL names (model.layers.*, visual.*), which transformers
+    renames on loading (model.language_model.layers.*, model.visual.*); a file may also hold the
+    model's own names. The header check applies transformers' renaming: a good checkpoint passes in
+    either layout (and loads)."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from firstsight.validate import _model_dir_problem
+
+    assert _model_dir_problem(saved_student, "student", weights_needed=True) is None
+    path = _copy(saved_student, tmp_path)
+    _model_layout(path)
+    assert _model_dir_problem(path, "student", weights_needed=True) is None
+    _, info = Qwen2VLForConditionalGeneration.from_pretrained(str(path), output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+
+
 def test_safetensors_that_do_not_match_the_config_are_refused_when_loaded(tmp_path, monkeypatch, capsys, saved_student):
-    """Only loading shows it (the shapes come from building the model): the job's run is created
-    and marked FAILED with the reason; transformers alone would initialise those tensors at random."""
+    """Loading checks again (a hub checkpoint, or a directory changed after validation): the job's
+    run is created and marked FAILED with the reason; transformers alone would initialise those
+    tensors at random."""
+    import firstsight.validate as validate
     from firstsight.tasks import run_task
 
+    monkeypatch.setattr(validate, "_weights_problem", lambda *args: None)  # as if validation had not seen it
     wider = _copy(saved_student, tmp_path / "wider")
     _wider_config(wider)
     missing = _copy(saved_student, tmp_path / "missing")

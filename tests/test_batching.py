@@ -25,3 +25,37 @@ def test_labels_cover_exactly_the_answer_and_end_token(cache_dir):
         assert int((batch["input_ids"][row] == image_id).sum()) > 0
     assert batch["image_grid_thw"].shape[0] == sum(len(s.images) for s in samples)
     assert batch["labels"].shape == batch["input_ids"].shape
+
+
+def test_sample_length_is_what_the_collator_makes_of_the_sample_alone(cache_dir):
+    """data.max_length counts tokens without decoding pixels (firstsight.data.batching.sample_length,
+    from the frames' stored sizes): the same count as QACollator's input_ids of the sample alone,
+    for images, frame lists and a video file, at two pixel ranges, and for the synthetic data."""
+    from pathlib import Path
+
+    from firstsight.data.batching import sample_length
+    from firstsight.data.files import FileQA, MediaSettings, _fitted_size, _load_media
+    from firstsight.models import load_processor
+
+    processor = load_processor(compose())
+    collate = QACollator(processor)
+    fixtures = Path(__file__).resolve().parent / "fixtures"
+    checked = 0
+    for name, data_format in [("conversations.jsonl", "conversations"), ("messages.json", "conversations"),
+                              ("egoschema.jsonl", "egoschema")]:
+        for media in (MediaSettings(), MediaSettings(max_pixels=128 * 128, min_pixels=56 * 56, max_frames=3)):
+            dataset = FileQA(fixtures / name, data_format, media=media)
+            for index, record in enumerate(dataset._records):
+                sizes = [size for item in record.media for size in (
+                    [f.size for f in _load_media(item, media)] if item.kind == "video"
+                    else [_fitted_size(s, media) for s in item.sizes])]
+                sample = dataset[index]
+                assert sizes == [image.size for image in sample.images]  # the fitted sizes, from the headers
+                expected = len(collate([sample])["input_ids"][0])
+                assert sample_length(processor, sample.question, sample.answer, sizes)[0] == expected
+                checked += 1
+    synthetic = SyntheticEgoQA("train", size=10, seed=3)
+    for sample in (synthetic[i] for i in range(len(synthetic))):
+        length = sample_length(processor, sample.question, sample.answer, [im.size for im in sample.images])[0]
+        assert length == len(collate([sample])["input_ids"][0])
+    assert checked == 22

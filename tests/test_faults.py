@@ -314,6 +314,91 @@ def test_a_job_whose_metrics_cannot_be_logged_fails_and_leaves_them_in_a_file(tm
     assert (tmp_path / "unflushed_metrics.jsonl").is_file()
 
 
+def _sweep_start(tmp_path, monkeypatch, failures):
+    """MLflowSweepCallback.on_multirun_start on a SQLite store whose create_run fails `failures`
+    times (None: always) as a locked database does. Returns the callback and the sweep directory."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from firstsight.callbacks import MLflowSweepCallback
+    from firstsight.tracking import PARENT_RUN_ENV
+
+    real, calls = MlflowClient.create_run, []
+
+    def create_run(self, *args, **kwargs):
+        calls.append(1)
+        if failures is None or len(calls) <= failures:
+            raise MlflowException("(sqlite3.OperationalError) database is locked", error_code="TEMPORARILY_UNAVAILABLE")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "create_run", create_run)
+    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    sweep_dir = tmp_path / "multirun" / "sweep"
+    config = compose([f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"hydra.sweep.dir={sweep_dir}"],
+                     return_hydra_config=True)
+    callback = MLflowSweepCallback()
+    callback.on_multirun_start(config)
+    return callback, config, sweep_dir
+
+
+def test_the_sweep_parent_run_is_retried_while_the_store_is_busy(tmp_path, monkeypatch, sleeps):
+    from firstsight.tracking import PARENT_RUN_ENV, PARENT_RUN_FILE
+
+    callback, config, sweep_dir = _sweep_start(tmp_path, monkeypatch, failures=2)
+    assert sleeps == [1.0, 2.0]  # firstsight.tracking.StoreClient's back-off, as for a job's run
+    parent = callback.parent_run_id
+    assert (sweep_dir / PARENT_RUN_FILE).read_text() == parent
+    import os
+
+    assert os.environ[PARENT_RUN_ENV] == parent
+    callback.on_multirun_end(config)  # no child ran: closed FAILED
+    [run] = default_store_runs(tmp_path)
+    assert (run.info.run_id, run.info.status, run.data.tags["firstsight.role"]) == (parent, "FAILED", "sweep")
+    assert PARENT_RUN_ENV not in os.environ
+
+
+def test_a_sweep_whose_store_stays_down_stops_before_it_starts(tmp_path, monkeypatch, capsys, sleeps):
+    from firstsight.tracking import PARENT_RUN_ENV
+
+    with pytest.raises(SystemExit) as stop:
+        _sweep_start(tmp_path, monkeypatch, failures=None)
+    assert stop.value.code == 2
+    [message] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert (f"error: the MLflow tracking store sqlite:///{tmp_path / 'mlflow.db'} is unavailable: create_run failed "
+            "(5 attempts over") in message
+    assert "database is locked" in message and "python -m firstsight.server" in message
+    assert "tracking.enabled=false" in message
+    assert sleeps == [1.0, 2.0, 4.0, 8.0]
+    assert not (tmp_path / "multirun").exists()  # no sweep directory, no parent run id left for jobs
+    import os
+
+    assert PARENT_RUN_ENV not in os.environ
+    assert default_store_runs(tmp_path) == []
+
+
+def test_a_store_down_when_the_sweep_ends_is_logged_not_raised(tmp_path, monkeypatch, caplog, sleeps):
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    callback, config, _ = _sweep_start(tmp_path, monkeypatch, failures=0)
+    parent = callback.parent_run_id
+
+    def down(self, *args, **kwargs):
+        raise MlflowException("(sqlite3.OperationalError) unable to open database file", error_code="TEMPORARILY_UNAVAILABLE")
+
+    monkeypatch.setattr(MlflowClient, "get_run", down)
+    monkeypatch.setattr(MlflowClient, "set_terminated", down)
+    callback.on_multirun_end(config)
+    assert f"the sweep's MLflow run {parent} could not be closed" in caplog.text
+    assert f"the MLflow tracking store sqlite:///{tmp_path / 'mlflow.db'} is unavailable: get_run failed" in caplog.text
+    assert sleeps == [1.0, 2.0, 4.0, 8.0]  # retried once, then the store counts as down: closing tries once
+    assert callback.parent_run_id is None  # the exit hook does not try again
+    monkeypatch.undo()
+    [run] = default_store_runs(tmp_path)
+    assert run.info.status == "RUNNING"
+
+
 # ----------------------------------------------------------------------------- disk full
 
 
@@ -394,6 +479,77 @@ def test_a_full_disk_while_saving_the_student_keeps_the_previous_student(tmp_pat
     assert [p.name for p in out.parent.iterdir()] == ["student"]
 
 
+def _disk_refuses_writes(monkeypatch, error_number):
+    """firstsight.cache's writes get part of the data to the disk, then fail with `error_number`."""
+    import os
+
+    import firstsight.cache as cache
+
+    real_fdopen = os.fdopen
+
+    class Refusing:
+        def __init__(self, handle, mode):
+            self.file = real_fdopen(handle, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            self.file.write(data[:3])
+            self.file.flush()
+            raise OSError(error_number, os.strerror(error_number))
+
+    monkeypatch.setattr(cache.os, "fdopen", Refusing)
+
+
+@pytest.mark.parametrize("error_number", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
+def test_a_full_disk_while_writing_a_small_file_keeps_the_previous_one(tmp_path, monkeypatch, error_number):
+    """firstsight.cache.write_atomically (metrics.json, reports, the teacher cache's records)."""
+    from firstsight.cache import write_atomically
+
+    path = tmp_path / "out" / "metrics.json"
+    write_atomically(path, '{"old": 1}')
+    _disk_refuses_writes(monkeypatch, error_number)
+    with pytest.raises(FirstSightError) as err:
+        write_atomically(path, '{"new": 2}')
+    message = str(err.value)
+    assert f"could not write {path}: the disk is full (" in message
+    assert f"GB free on the file system of {path.parent})" in message
+    assert f"{path} keeps its previous contents" in message and "Free some space" in message
+    assert isinstance(err.value.__cause__, OSError) and err.value.__cause__.errno == error_number
+    assert path.read_text() == '{"old": 1}'
+    assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]  # no temporary file left
+
+    fresh = tmp_path / "out" / "report.md"
+    with pytest.raises(FirstSightError, match=f"nothing was left at {fresh}"):
+        write_atomically(fresh, "# report")
+    assert [p.name for p in path.parent.iterdir()] == ["metrics.json"]
+
+
+def test_a_full_disk_while_writing_the_jobs_metrics_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    """metrics.json is written after the job's run is closed (firstsight.tasks.run_task): a full disk
+    there is `error: ...` and exit status 2 too, not a traceback."""
+    from types import SimpleNamespace
+
+    import firstsight.tasks as tasks
+    from hydra.core.hydra_config import HydraConfig
+
+    out = tmp_path / "outputs" / "job"
+    out.mkdir(parents=True)
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: SimpleNamespace(runtime=SimpleNamespace(output_dir=str(out)))))
+    monkeypatch.setattr(tasks, "_run_in_process", lambda cfg, world: {"train/loss": 1.0})  # the job itself: done
+    _disk_refuses_writes(monkeypatch, errno.ENOSPC)
+    with pytest.raises(SystemExit) as stop:
+        tasks.run_task(compose(["hardware.num_threads=1"]))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: could not write {out / 'metrics.json'}: the disk is full" in err and "Traceback" not in err
+    assert list(out.iterdir()) == []
+
+
 def test_an_error_that_is_not_about_the_disk_is_not_disguised(tmp_path):
     from firstsight.models import staged_dir
 
@@ -401,3 +557,19 @@ def test_an_error_that_is_not_about_the_disk_is_not_disguised(tmp_path):
         with staged_dir(str(tmp_path / "out")):
             raise KeyError("a bug")
     assert list(tmp_path.iterdir()) == []
+
+
+class _PingClient:  # module level: picklable
+    def ping(self):
+        return "pong"
+
+
+def test_a_store_client_survives_pickling():
+    """submitit pickles a sweep's callbacks, whose parent-run client is a StoreClient: unpickling
+    must not recurse through __getattr__ before its client exists."""
+    import pickle
+
+    from firstsight.tracking import StoreClient
+
+    copy = pickle.loads(pickle.dumps(StoreClient(_PingClient(), "sqlite:///x.db")))
+    assert copy.ping() == "pong" and copy.uri == "sqlite:///x.db" and copy.down is False

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 IGNORE_INDEX = -100  # = firstsight.losses.IGNORE_INDEX (not imported: that module imports torch)
 
@@ -15,6 +15,22 @@ def messages_for(sample: Any, with_answer: bool = True) -> List[Dict[str, Any]]:
     if with_answer:
         messages.append({"role": "assistant", "content": sample.answer})
     return messages
+
+
+def sample_length(processor: Any, question: str, answer: str, frame_sizes: Sequence[Tuple[int, int]]) -> Tuple[int, int]:
+    """(tokens, of which visual) of one sample as QACollator batches it alone (no padding): the
+    chat-formatted question and answer, each frame's <|image_pad|> expanded to the visual tokens
+    the image processor cuts a (width, height) frame into. Cheap: the tokenizer and the image
+    processor's grid arithmetic, no pixels."""
+    from types import SimpleNamespace
+
+    sample = SimpleNamespace(images=tuple(frame_sizes), question=question, answer=answer)
+    text = processor.apply_chat_template(messages_for(sample), tokenize=False)
+    text_tokens = len(processor.tokenizer(text)["input_ids"])  # one <|image_pad|> per frame
+    image_processor = processor.image_processor
+    merge = getattr(image_processor, "merge_size", 2) ** 2
+    visual = sum(image_processor.get_number_of_image_patches(height, width) // merge for width, height in frame_sizes)
+    return text_tokens - len(frame_sizes) + visual, visual
 
 
 class QACollator:

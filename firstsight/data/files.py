@@ -35,7 +35,9 @@ when torchcodec or decord is installed. Every frame of a sample becomes one imag
 QASample, as the synthetic two-frame questions are.
 
 Bad data is found when the file is loaded, before any training: a malformed line, a missing key,
-a missing or unreadable image, an answer index out of range. Each problem reads
+a missing or unreadable image, an answer index out of range, a sample longer than ``max_length``
+tokens (counted with the student's processor from the frames' sizes; a video file is decoded for
+it). Each problem reads
 ``<file>:<line>: <what is wrong>``; with ``on_bad_sample="error"`` the first one raises a
 FirstSightError, with ``"skip"`` the record is left out, counted in ``skipped``, listed in
 ``problems`` and logged once. Images are checked with PIL's ``verify`` and video files by decoding
@@ -105,10 +107,12 @@ def resolve_path(path: Union[str, Path]) -> Path:
     return Path(to_absolute_path(str(Path(str(path)).expanduser())))
 
 
-def file_split(data_cfg: Any, split: str) -> "FileQA":
+def file_split(data_cfg: Any, split: str, processor: Any = None) -> "FileQA":
     """The `split` ("train" | "validation") that a file-based `data` config names. A file read
     before in this process, unchanged since, is not read again (validation reads the splits before
-    the job creates its run; the task then gets the same datasets)."""
+    the job creates its run; the task then gets the same datasets). With `data.max_length` set,
+    samples are measured with `processor` (default: the student's, from the config `data_cfg`
+    belongs to)."""
     key = "train_file" if split == "train" else "validation_file"
     raw = data_cfg[key]
     if not raw:
@@ -119,21 +123,46 @@ def file_split(data_cfg: Any, split: str) -> "FileQA":
     path = resolve_path(raw)
     image_root = resolve_path(data_cfg.image_root) if data_cfg.image_root else None
     media = MediaSettings(data_cfg.max_pixels, data_cfg.min_pixels, data_cfg.fps, data_cfg.max_frames)
+    max_length = data_cfg.get("max_length")
+    measured_by = _student_of(data_cfg) if max_length is not None else None  # lengths depend on its processor
     try:
         stat = path.stat()
         cache_key: Any = (str(path), stat.st_mtime_ns, stat.st_size, data_cfg.format, split, str(image_root), media,
-                          data_cfg.on_bad_sample)
+                          data_cfg.on_bad_sample, max_length, measured_by)
     except OSError:  # FileQA says what is wrong with it
         cache_key = None
     if cache_key is not None and cache_key in _READ:
         return _READ[cache_key]
+    if max_length is not None and processor is None:
+        processor = _student_processor(data_cfg)
     dataset = FileQA(path, data_cfg.format, split=split, image_root=image_root, media=media,
-                     on_bad_sample=data_cfg.on_bad_sample)
+                     on_bad_sample=data_cfg.on_bad_sample, max_length=max_length, processor=processor)
     if cache_key is not None:
         while len(_READ) >= 4:
             _READ.pop(next(iter(_READ)))
         _READ[cache_key] = dataset
     return dataset
+
+
+def _student_of(data_cfg: Any) -> Any:
+    """(source, revision) of the student in the composed config this `data` node is part of."""
+    try:
+        student = data_cfg._get_root().model.student
+        return (str(student.source), student.revision)
+    except Exception:  # noqa: BLE001 - a data config on its own
+        return None
+
+
+def _student_processor(data_cfg: Any) -> Any:
+    """The processor that measures samples against data.max_length: the student's, from the
+    composed config this `data` node is part of."""
+    root = data_cfg._get_root() if hasattr(data_cfg, "_get_root") else None
+    if root is None or root.get("model") is None:
+        raise FirstSightError(f"data.max_length={data_cfg.max_length} needs the student's processor to count "
+                              "a sample's tokens: read the split through the whole composed config")
+    from firstsight.models import load_processor
+
+    return load_processor(root)
 
 
 _READ: Dict[Any, "FileQA"] = {}  # datasets read in this process (file_split), by file, its state and settings
@@ -157,6 +186,7 @@ class MediaSettings:
 class _Media:
     kind: str  # "image" | "frames" | "video" (a video file)
     paths: Tuple[Path, ...]  # the image, the frames kept, or the video file
+    sizes: Tuple[Tuple[int, int], ...] = ()  # (width, height) of each image as stored (not for a video file)
 
 
 def _evenly(items: Sequence[Any], count: int) -> List[Any]:
@@ -177,12 +207,23 @@ def _fit(image: Image.Image, media: MediaSettings) -> Image.Image:
     )
 
 
+def _fitted_size(size: Tuple[int, int], media: MediaSettings) -> Tuple[int, int]:
+    """The (width, height) `_fit` gives a frame of `size`, computed without its pixels."""
+    from qwen_vl_utils import smart_resize
+
+    width, height = size
+    height, width = smart_resize(height, width, factor=PATCH_SIZE * 2, min_pixels=media.min_pixels,
+                                 max_pixels=media.max_pixels)
+    return width, height
+
+
 def _open_image(path: Path) -> Image.Image:
     with Image.open(path) as image:
         return ImageOps.exif_transpose(image)  # a loaded copy: the file is closed on return
 
 
-def _check_image(path: Path) -> None:
+def _check_image(path: Path) -> Tuple[int, int]:
+    """The image's (width, height) as stored, once PIL has verified the file."""
     if not path.is_file():
         raise _Bad(f"image file not found: {path}")
     try:
@@ -193,6 +234,7 @@ def _check_image(path: Path) -> None:
         raise _Bad(f"cannot read image {path}: {err}") from None
     if min(size) < 1 or max(size) / min(size) > MAX_ASPECT_RATIO:
         raise _Bad(f"image {path} is {size[0]}x{size[1]}: the longer side may be at most {MAX_ASPECT_RATIO}x the shorter")
+    return size
 
 
 def _installed(module: str) -> bool:
@@ -329,8 +371,7 @@ class _Parser:
 
     def image(self, value: Any, what: str = "image") -> _Media:
         path = self.path(value, what)
-        _check_image(path)
-        return _Media("image", (path,))
+        return _Media("image", (path,), (_check_image(path),))
 
     def video(self, value: Any, what: str = "video") -> _Media:
         """A video file, or a list of frame images (of which at most max_frames are kept)."""
@@ -338,9 +379,7 @@ class _Parser:
             if not value:
                 raise _Bad(f"{what} is an empty list of frames")
             frames = _evenly([self.path(v, f"{what}[{i}]") for i, v in enumerate(value)], self.media.max_frames)
-            for frame in frames:
-                _check_image(frame)
-            return _Media("frames", tuple(frames))
+            return _Media("frames", tuple(frames), tuple(_check_image(frame) for frame in frames))
         path = self.path(value, what)
         _check_video(path)
         return _Media("video", (path,))
@@ -587,6 +626,8 @@ class FileQA:
         image_root: Optional[Union[str, Path]] = None,
         media: MediaSettings = MediaSettings(),
         on_bad_sample: str = "error",
+        max_length: Optional[int] = None,
+        processor: Any = None,
     ) -> None:
         if format not in FORMATS:
             raise FirstSightError(f"unknown data format {format!r}; valid choices: {', '.join(FORMATS)}")
@@ -598,6 +639,10 @@ class FileQA:
         self.image_root = Path(image_root) if image_root is not None else self.path.parent
         self.media = media
         self.on_bad_sample = on_bad_sample
+        if max_length is not None and processor is None:
+            raise FirstSightError(f"data.max_length={max_length} needs the student's processor to count a sample's tokens")
+        self.max_length = max_length
+        self.processor = processor
         self.problems: List[str] = []
         self._records = self._load()
         self.skipped = len(self.problems)
@@ -616,7 +661,10 @@ class FileQA:
                     raise value
                 if not isinstance(value, dict):
                     raise _Bad(f"expected a JSON object (one record), got {type(value).__name__}")
-                records.append(parse(value, where))
+                record = parse(value, where)
+                if self.max_length is not None:
+                    self._check_length(record)
+                records.append(record)
             except _Bad as bad:
                 self._bad(f"{where}: {bad}")
         if not records:
@@ -627,6 +675,30 @@ class FileQA:
                 )
             raise FirstSightError(f"{self.path}: no valid {self.format} samples; {self.skipped_summary()}")
         return records
+
+    def _check_length(self, record: _Record) -> None:
+        """A record longer than max_length tokens (prompt with its visual tokens, and answer) is bad."""
+        from firstsight.data.batching import sample_length
+
+        sizes: List[Tuple[int, int]] = []
+        for item in record.media:
+            if item.kind == "video":  # a file's frame count and size are known once decoded
+                try:
+                    sizes.extend(frame.size for frame in _load_media(item, self.media))
+                except FirstSightError:
+                    raise
+                except Exception as err:
+                    raise _Bad(f"cannot read video {item.paths[0]}: {err}") from None
+            else:
+                sizes.extend(_fitted_size(size, self.media) for size in item.sizes)
+        length, visual = sample_length(self.processor, record.question, record.answer, sizes)
+        if length > self.max_length:
+            raise _Bad(
+                f"the sample is {length} tokens long ({visual} visual tokens for {len(sizes)} frame(s), "
+                f"{length - visual} of text), more than data.max_length={self.max_length}: raise data.max_length, "
+                f"or give fewer visual tokens (data.max_pixels={self.media.max_pixels} per frame, "
+                f"data.max_frames={self.media.max_frames})"
+            )
 
     def _bad(self, problem: str) -> None:
         if self.on_bad_sample == "error":

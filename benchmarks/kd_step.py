@@ -1,0 +1,165 @@
+"""The distillation step: the naive way against the suite's own, same GPU, same inputs, one call.
+
+One `python run.py task=distill` process per point (so each point's peak memory is its own), all
+on the same samples in the same order (same seed), the real-size teacher/student pair with random
+weights by default:
+
+  naive      the straightforward step: the output heads on every token (train.logits=all_positions,
+             full-vocabulary fp32 KL on the answer rows of those [B, L, V] logits), torch's default
+             (foreach) AdamW, pure bf16 training (precision.trainable_dtype=bfloat16), as issue 6's
+             baseline describes it
+  optimized  the suite's defaults: output heads only where a loss is taken (train.logits=
+             answer_positions), fused AdamW; pure bf16 as naive
+  + more points that trade (gradient checkpointing: memory for time; a larger batch: the memory
+             saved spent on throughput; fp32 master weights: the suite's default precision)
+
+Same loss: the optimized point's per-step loss must follow the naive one (bf16 noise only; on the
+CPU the two are bit-identical, tests/test_kd_speed.py). The table gives tokens/s, peak VRAM and
+the ratios to naive, and the harness overhead (perf/harness_time_fraction: metric logging and the
+progress bar against the steps' time).
+
+    python benchmarks/kd_step.py                    # GPU, real size (~5 min on an H100)
+    python benchmarks/kd_step.py --smoke            # CPU, the tiny pair: the plumbing (~1 min)
+
+Writes benchmarks/results/kd_step_<device>.json and .md (device, versions, date, command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+from _common import (RESULTS, cuda_device, distill_overrides, results_path, run_job, run_meta,  # noqa: E402
+                     train_history, write_pair)
+
+NAIVE = ["precision.trainable_dtype=bfloat16", "train.logits=all_positions", "train.fused_optimizer=false"]
+OPTIMIZED = ["precision.trainable_dtype=bfloat16"]
+
+# name -> (overrides, batch-size multiplier, what it shows)
+POINTS = {
+    "naive": (NAIVE, 1, "the baseline"),
+    "optimized": (OPTIMIZED, 1, "the suite's defaults, pure bf16 as naive"),
+    "optimized + compile": (OPTIMIZED + ["hardware.compile=true"], 1,
+                            "each decoder layer / vision block compiled (steps before throughput_warmup_steps excluded)"),
+    "optimized + grad checkpointing": (OPTIMIZED + ["hardware.gradient_checkpointing=true"], 1,
+                                       "activations recomputed: memory for time"),
+    "optimized, 2x batch": (OPTIMIZED, 2, "a larger batch in the memory saved"),
+    "optimized + grad checkpointing, 4x batch": (OPTIMIZED + ["hardware.gradient_checkpointing=true"], 4,
+                                                 "the memory checkpointing saves spent on a larger batch"),
+    "optimized, fp32 master weights": (["precision.trainable_dtype=float32"], 1, "the suite's default precision"),
+}
+
+
+def measure(args: argparse.Namespace, names: List[str]) -> List[Dict[str, Any]]:
+    points = []
+    for name in names:
+        overrides, multiplier, note = POINTS[name]
+        batch = args.batch_size * multiplier
+        out_dir = Path(args.workdir) / name.replace(" ", "_").replace(",", "").replace("+", "plus")
+        print(f"--- {name}: batch {batch}", flush=True)
+        point = run_job([*distill_overrides(args, batch, f"seed={args.seed}", "train.progress_bar=true"), *overrides],
+                        out_dir, args.timeout)
+        point.update(name=name, batch_size=batch, note=note, overrides=overrides, history=train_history(out_dir))
+        if "error" in point:
+            print(point["error"][-1500:], flush=True)
+        points.append(point)
+    return points
+
+
+def compare(points: List[Dict[str, Any]]) -> None:
+    """Each point's ratios to naive, and its loss against naive's at the same batch, step by step."""
+    naive = next((p for p in points if p["name"] == "naive" and "metrics" in p), None)
+    if naive is None:
+        return
+    n = naive["metrics"]
+    losses = {h["step"]: h["train/loss"] for h in naive["history"]}
+    for p in points:
+        m = p.get("metrics")
+        if not m:
+            continue
+        p["tokens_per_s_vs_naive"] = m["perf/throughput_tokens_per_s"] / n["perf/throughput_tokens_per_s"]
+        p["peak_vram_vs_naive"] = m.get("perf/peak_vram_gb", m.get("perf/peak_rss_gb")) / n.get(
+            "perf/peak_vram_gb", n.get("perf/peak_rss_gb"))
+        if p["batch_size"] == naive["batch_size"]:
+            diffs = [abs(h["train/loss"] - losses[h["step"]]) / abs(losses[h["step"]])
+                     for h in p["history"] if h["step"] in losses]
+            p["max_relative_loss_difference_vs_naive"] = max(diffs) if diffs else None
+            first = p["history"][0]["train/loss"] if p["history"] else None
+            p["step1_loss"], p["naive_step1_loss"] = first, losses.get(1)
+
+
+def render(results: Dict[str, Any]) -> str:
+    meta = results["meta"]
+    fmt = lambda v, f="{:.3g}": "n/a" if v is None else f.format(v)  # noqa: E731
+    memory = "peak VRAM (GB)" if meta["device"] != "cpu" else "peak RSS (GB)"
+    lines = [
+        f"# KD step: naive vs optimized — {meta['device']}", "",
+        f"{meta['date']}; {meta['command']}; model={meta['model']} weights={meta['weights']} precision={meta['precision']}, "
+        f"{meta['steps']} steps ({meta['warmup_steps']} warm-up steps excluded), {meta['image_size']}px frames; "
+        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
+        f"| point | batch | tokens/s | x naive | step (s) | {memory} | x naive | harness overhead | max loss diff vs naive |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for p in results["points"]:
+        m = p.get("metrics")
+        if not m:
+            last = p.get("error", "?").strip().splitlines()[-1:] or ["?"]
+            lines.append(f"| {p['name']} | {p['batch_size']} | failed: `{last[0][:120]}` | | | | | | |")
+            continue
+        peak = m.get("perf/peak_vram_gb", m.get("perf/peak_rss_gb"))
+        lines.append(
+            f"| {p['name']} | {p['batch_size']} | {m['perf/throughput_tokens_per_s']:.0f} | "
+            f"{fmt(p.get('tokens_per_s_vs_naive'), '{:.2f}x')} | {fmt(m.get('perf/step_time_s'), '{:.3f}')} | "
+            f"{fmt(peak, '{:.2f}')} | {fmt(p.get('peak_vram_vs_naive'), '{:.2f}x')} | "
+            f"{fmt(m.get('perf/harness_time_fraction'), '{:.2%}')} | "
+            f"{fmt(p.get('max_relative_loss_difference_vs_naive'), '{:.1e}')} |")
+    tokens = next((p["metrics"] for p in results["points"] if p.get("metrics")), None)
+    if tokens:
+        lines += ["", f"Tokens per sample (text + visual, padding excluded): "
+                      f"{tokens['perf/throughput_tokens_per_s'] / tokens['perf/throughput_samples_per_s']:.0f}."]
+    lines += ["", "Points: " + "; ".join(f"**{p['name']}**: {p['note']} (`{' '.join(p['overrides'])}`)"
+                                         for p in results["points"])]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen2vl_7b_2b")
+    parser.add_argument("--weights", default="random", help="random (full size, no download) or '' for the model's own")
+    parser.add_argument("--hardware", default="gpu")
+    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--image-size", type=int, default=448)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup-steps", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--points", nargs="+", default=list(POINTS), choices=list(POINTS))
+    parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--smoke", action="store_true", help="CPU, the tiny pair, 6 steps: the plumbing only")
+    parser.add_argument("--results-dir", default=str(RESULTS))
+    parser.add_argument("--workdir", default="/tmp/firstsight-kd-step")
+    parser.add_argument("overrides", nargs="*", help="more run.py overrides for every point")
+    args = parser.parse_args()
+    if args.smoke:
+        args.model, args.weights, args.hardware, args.precision = "tiny", "", "cpu", "fp32"
+        args.steps, args.warmup_steps, args.image_size = 6, 2, 112  # the tiny teacher's own data (no pre-training)
+        args.points = [p for p in args.points if p not in ("optimized, fp32 master weights",)]
+
+    device = cuda_device()
+    results = {
+        "meta": run_meta(device, model=args.model, weights=args.weights, precision=args.precision,
+                         batch_size=args.batch_size, image_size=args.image_size, steps=args.steps,
+                         warmup_steps=args.warmup_steps, seed=args.seed),
+        "points": measure(args, args.points),
+    }
+    compare(results["points"])
+    table = render(results)
+    write_pair(results_path(args.results_dir, "kd_step" + ("_smoke" if args.smoke else ""), device), results, table)
+    print(table)
+    sys.exit(0 if all("metrics" in p for p in results["points"]) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,365 @@
+"""Greedy decoding (firstsight/generation.py): the static path gives model.generate's tokens exactly,
+on the tiny pair the suite builds offline (the shipped pre-trained teacher and the random student),
+in fp32 and bf16, at batch 1 and on left-padded batches, with the end token suppressed or allowed;
+its captures are kept and reused; a failed capture or an unsupported generation setting falls back;
+profile and evaluate run under hardware.generation=static and =hf and agree."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from conftest import compose
+
+MOVED = 5  # validation index of a two-frame question: the longest prompt of the first few
+PAD_ROWS = [0, MOVED, 1, 3, 16]  # prompt lengths 35, 73, 55, 38, 32 tokens: four rows left-padded
+
+
+@pytest.fixture(scope="module")
+def tiny(cache_dir):
+    """The processor, the validation questions and a loader of the tiny teacher / student."""
+    from firstsight.data import load_split
+    from firstsight.data.batching import PromptCollator
+    from firstsight.models import load_model, load_processor
+
+    cfg = compose()
+    processor = load_processor(cfg)
+    samples = load_split(cfg.data, "validation", cfg.seed)
+    collate = PromptCollator(processor)
+
+    def model(role, dtype="float32"):
+        import torch
+
+        loaded = load_model(cfg, role, processor, "cpu", frozen=True).model
+        return loaded.to(getattr(torch, dtype))
+
+    class Tiny:
+        pad = processor.tokenizer.pad_token_id
+        end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+        @staticmethod
+        def batch(indices):
+            return collate([samples[i] for i in indices])
+
+    Tiny.model = staticmethod(model)
+    Tiny.processor = processor
+    return Tiny
+
+
+def _generate(model, batch, max_new, min_new=0, **kwargs):
+    """What the suite used to call: model.generate's new tokens."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=max_new, min_new_tokens=min_new or None, do_sample=False, **kwargs)
+    return out[:, batch["input_ids"].shape[1]:]
+
+
+def _static(model, batch, max_new, min_new=0, **kwargs):
+    from firstsight.generation import GreedyDecoder
+
+    return GreedyDecoder(model, "static").generate(batch, max_new, min_new, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("role", ["teacher", "student"])
+@pytest.mark.parametrize("rows", [[3], PAD_ROWS], ids=["batch1", "left_padded"])
+def test_static_decoding_gives_generates_tokens_with_the_end_token_suppressed(tiny, role, dtype, rows):
+    model = tiny.model(role, dtype)
+    batch = tiny.batch(rows)
+    if len(rows) > 1:  # really left-padded, rows of different lengths
+        lengths = batch["attention_mask"].sum(1).tolist()
+        assert len(set(lengths)) == len(rows) and batch["attention_mask"][:, 0].sum() == 1
+    expected = _generate(model, batch, 12, 12, pad_token_id=tiny.pad)
+    got = _static(model, batch, 12, 12, pad_token_id=tiny.pad)
+    assert got.method == "static_eager"  # the CPU: the static loop, no CUDA graph
+    assert got.tokens.shape == expected.shape == (len(rows), 12)
+    assert got.tokens.tolist() == expected.tolist()
+    assert (got.tokens != tiny.end).all()  # suppressed until min_new_tokens
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_natural_stop_ends_where_generate_ends(tiny, dtype):
+    """The trained teacher answers and closes with <|im_end|>; generate stops when every row has,
+    and so does the static path (same length, same tokens)."""
+    model = tiny.model("teacher", dtype)
+    batch = tiny.batch(range(8))
+    expected = _generate(model, batch, 10, pad_token_id=tiny.pad)
+    got = _static(model, batch, 10, pad_token_id=tiny.pad)
+    assert expected.shape[1] < 10 and (expected[:, -1] == tiny.end).all()  # it did stop early
+    assert got.tokens.tolist() == expected.tolist()
+    # end tokens allowed only from the third token on: longer answers, same stop
+    expected = _generate(model, batch, 10, 3, pad_token_id=tiny.pad)
+    got = _static(model, batch, 10, 3, pad_token_id=tiny.pad)
+    assert expected.shape[1] == 4 and got.tokens.tolist() == expected.tolist()
+
+
+def test_rows_that_end_early_are_padded_as_generate_pads_them(tiny):
+    """Rows finishing at different steps: after its end token a row holds the pad token until the
+    longest row ends (the random student, with an end token picked from its own output)."""
+    model = tiny.model("student")
+    batch = tiny.batch(PAD_ROWS)
+    free = _static(model, batch, 8, 8, pad_token_id=tiny.pad).tokens
+    end = int(free[0, 3])  # row 0 ends at its 4th token; some other row runs on
+    expected = _generate(model, batch, 8, pad_token_id=tiny.pad, eos_token_id=end)
+    got = _static(model, batch, 8, eos_token_id=end, pad_token_id=tiny.pad)
+    assert got.tokens.tolist() == expected.tolist()
+    rows = got.tokens.tolist()
+    assert rows[0][3] == end and rows[0][4:] == [tiny.pad] * (len(rows[0]) - 4)
+    assert any(end not in row for row in rows)  # another row did not end: generate ran to the limit
+    assert got.tokens.shape[1] == 8
+
+
+def test_a_text_only_batch_uses_text_positions_as_generate_does(tiny):
+    """No image or video: the three M-RoPE rows are the text positions (rope deltas 0)."""
+    from firstsight.data.batching import messages_for
+    from firstsight.data.synthetic import QASample
+
+    questions = ["What colour is the ball?", "How many objects are on the table in front of you?"]
+    texts = [tiny.processor.apply_chat_template(
+        messages_for(QASample(images=(), question=q, answer="", kind="t", num_choices=0, index=0), with_answer=False),
+        tokenize=False, add_generation_prompt=True) for q in questions]
+    batch = dict(tiny.processor(text=texts, padding=True, padding_side="left", return_tensors="pt"))
+    assert "pixel_values" not in batch and not bool(batch["attention_mask"].all())
+    model = tiny.model("teacher")
+    expected = _generate(model, batch, 6, 6, pad_token_id=tiny.pad)
+    assert _static(model, batch, 6, 6, pad_token_id=tiny.pad).tokens.tolist() == expected.tolist()
+
+
+def test_every_steps_logits_match_generates(tiny):
+    """Not only the argmax: the raw logits of each step agree with generate's (output_logits)."""
+    import torch
+
+    from firstsight.generation import GreedyDecoder
+
+    model = tiny.model("teacher")
+    batch = tiny.batch(PAD_ROWS)
+    hf = GreedyDecoder(model, "hf").generate(batch, 6, 6, pad_token_id=tiny.pad, record_logits=True)
+    static = GreedyDecoder(model, "static").generate(batch, 6, 6, pad_token_id=tiny.pad, record_logits=True)
+    assert hf.method == "hf_generate" and static.method == "static_eager"
+    assert static.logits.shape == hf.logits.shape == (6, len(PAD_ROWS), model.config.text_config.vocab_size)
+    torch.testing.assert_close(static.logits, hf.logits, rtol=1e-4, atol=1e-4)
+    assert static.tokens.tolist() == hf.tokens.tolist()
+
+
+def test_the_generation_configs_repetition_penalty_is_applied_as_generate_applies_it(tiny):
+    model = tiny.model("teacher")
+    batch = tiny.batch(range(6))
+    plain = _static(model, batch, 12, 12, pad_token_id=tiny.pad).tokens
+    model.generation_config.repetition_penalty = 1.3  # as Qwen2-VL-Instruct's own config sets 1.05
+    expected = _generate(model, batch, 12, 12, pad_token_id=tiny.pad)
+    got = _static(model, batch, 12, 12, pad_token_id=tiny.pad)
+    assert got.method == "static_eager" and got.tokens.tolist() == expected.tolist()
+    assert got.tokens.tolist() != plain.tolist()  # the penalty changed the answer: the case is exercised
+
+
+def test_a_setting_the_static_path_lacks_goes_through_generate(tiny, caplog):
+    from firstsight.generation import GreedyDecoder
+
+    model = tiny.model("teacher")
+    model.generation_config.no_repeat_ngram_size = 2
+    batch = tiny.batch(range(3))
+    decoder = GreedyDecoder(model, "static")
+    with caplog.at_level(logging.INFO, logger="firstsight.generation"):
+        got = decoder.generate(batch, 8, 8, pad_token_id=tiny.pad)
+        decoder.generate(batch, 8, 8, pad_token_id=tiny.pad)
+    assert got.method == decoder.tag == "hf_generate"
+    assert got.tokens.tolist() == _generate(model, batch, 8, 8, pad_token_id=tiny.pad).tolist()
+    assert caplog.text.count("no_repeat_ngram_size=2") == 1  # said once
+
+
+def test_a_failed_capture_falls_back_to_the_static_loop_run_eagerly(tiny, caplog, monkeypatch):
+    """CUDA graphs forced on (as on a GPU) with a capture that fails, as one would with a kernel that
+    synchronises: one warning, then the same static loop without graphs, same tokens."""
+    import firstsight.generation as generation
+    from firstsight.generation import GreedyDecoder, generation_tags
+
+    def capture_refused(step):
+        step()  # the warm-up runs
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(generation, "_record_graph", capture_refused)
+    model = tiny.model("student")
+    batch = tiny.batch([0, 1])
+    decoder = GreedyDecoder(model, "static", cuda_graphs=True)
+    assert decoder.tag == "static_cuda_graph"  # what it will try
+    with caplog.at_level(logging.WARNING, logger="firstsight.generation"):
+        first = decoder.generate(batch, 6, 6, pad_token_id=tiny.pad)
+        second = decoder.generate(tiny.batch([MOVED, 2]), 6, 6, pad_token_id=tiny.pad)  # a new shape: no new attempt
+    assert first.method == second.method == decoder.tag == "static_eager"
+    assert caplog.text.count("CUDA graph capture of the decode step failed") == 1
+    assert "operation not permitted when stream is capturing" in caplog.text
+    assert first.tokens.tolist() == _generate(model, batch, 6, 6, pad_token_id=tiny.pad).tolist()
+    tags = generation_tags(decoder)
+    assert tags["firstsight.generation"] == "static_eager" and "capturing" in tags["firstsight.generation.fallback"]
+
+
+class _ReplayedStep:
+    """Stands in for a CUDA graph on the CPU: replay() runs the captured step eagerly (a real replay
+    runs its recorded kernels on the same buffers). `broken`: replay does nothing, as a graph that
+    captured stale pointers would compute something else."""
+
+    captures = 0
+
+    def __init__(self, step, broken=False):
+        self.step, self.broken = step, broken
+        type(self).captures += 1
+
+    def replay(self):
+        if not self.broken:
+            self.step()
+
+
+def _fake_capture(monkeypatch, broken=False):
+    import firstsight.generation as generation
+
+    def record(step):
+        for _ in range(generation.WARMUP_STEPS):
+            step()
+        return _ReplayedStep(step, broken)
+
+    _ReplayedStep.captures = 0
+    monkeypatch.setattr(generation, "_record_graph", record)
+
+
+def test_the_captured_step_replayed_per_token_gives_generates_tokens(tiny, monkeypatch, caplog):
+    """The graph path's logic on the CPU: capture after warm-up (from a rewound state), the check
+    against the eager step, one replay per token reading and writing only the entry's buffers, one
+    capture per shape reused across calls."""
+    from firstsight.generation import GreedyDecoder, generation_tags
+
+    _fake_capture(monkeypatch)
+    model = tiny.model("teacher")
+    decoder = GreedyDecoder(model, "static", cuda_graphs=True)
+    batch = tiny.batch(PAD_ROWS)
+    with caplog.at_level(logging.INFO, logger="firstsight.generation"):
+        fixed = decoder.generate(batch, 10, 10, pad_token_id=tiny.pad)
+        natural = decoder.generate(batch, 10, 0, pad_token_id=tiny.pad)
+        again = decoder.generate(tiny.batch([16, 0, 1, 3, 2]), 10, 10, pad_token_id=tiny.pad)
+    assert fixed.method == natural.method == again.method == decoder.tag == "static_cuda_graph"
+    assert fixed.tokens.tolist() == _generate(model, batch, 10, 10, pad_token_id=tiny.pad).tolist()
+    assert natural.tokens.tolist() == _generate(model, batch, 10, pad_token_id=tiny.pad).tolist()
+    assert again.tokens.tolist() == _generate(model, tiny.batch([16, 0, 1, 3, 2]), 10, 10, pad_token_id=tiny.pad).tolist()
+    assert _ReplayedStep.captures == 1 and len(decoder.capture_seconds) == 1  # one shape, one capture
+    assert "captured the decode step as a CUDA graph (batch 5, cache 128 tokens)" in caplog.text
+    tags = generation_tags(decoder)
+    assert tags["firstsight.generation"] == "static_cuda_graph" and float(tags["firstsight.generation.capture_s"]) > 0
+
+
+def test_a_graph_that_disagrees_with_the_eager_step_is_not_used(tiny, monkeypatch, caplog):
+    from firstsight.generation import GreedyDecoder
+
+    _fake_capture(monkeypatch, broken=True)
+    model = tiny.model("student")
+    decoder = GreedyDecoder(model, "static", cuda_graphs=True)
+    batch = tiny.batch([0, 1])
+    with caplog.at_level(logging.WARNING, logger="firstsight.generation"):
+        got = decoder.generate(batch, 6, 6, pad_token_id=tiny.pad)
+    assert got.method == "static_eager" and "disagrees with the step run eagerly" in caplog.text
+    assert got.tokens.tolist() == _generate(model, batch, 6, 6, pad_token_id=tiny.pad).tolist()
+
+
+def test_static_compile_captures_the_compiled_step_or_else_the_plain_one(tiny, monkeypatch, caplog):
+    import firstsight.generation as generation
+    from firstsight.generation import GreedyDecoder, generation_tags
+
+    _fake_capture(monkeypatch)
+    compiled_calls = []
+
+    def compiled(model):  # stands in for torch.compile(model): counts the calls the captured step makes
+        def forward(**kwargs):
+            compiled_calls.append(1)
+            return model(**kwargs)
+        return forward
+
+    monkeypatch.setattr(generation, "_compiled_forward", compiled)
+    model = tiny.model("teacher")
+    batch = tiny.batch(PAD_ROWS)
+    expected = _generate(model, batch, 8, 8, pad_token_id=tiny.pad).tolist()
+    decoder = GreedyDecoder(model, "static_compile", cuda_graphs=True)
+    got = decoder.generate(batch, 8, 8, pad_token_id=tiny.pad)
+    assert got.method == "static_compiled_cuda_graph" and got.tokens.tolist() == expected
+    # warm-up, the check (one replay, one eager step), then 7 replays: every step ran the compiled forward
+    assert len(compiled_calls) == generation.WARMUP_STEPS + 2 + 7
+
+    def compile_fails(model):
+        raise RuntimeError("inductor: no C++ compiler")
+
+    monkeypatch.setattr(generation, "_compiled_forward", compile_fails)
+    decoder = GreedyDecoder(model, "static_compile", cuda_graphs=True)
+    with caplog.at_level(logging.WARNING, logger="firstsight.generation"):
+        got = decoder.generate(batch, 8, 8, pad_token_id=tiny.pad)
+    assert got.method == "static_cuda_graph" and got.tokens.tolist() == expected
+    assert "capturing the torch.compile'd decode step failed (RuntimeError: inductor" in caplog.text
+    assert generation_tags(decoder)["firstsight.generation.fallback"].startswith("torch.compile: RuntimeError")
+
+
+def test_static_caches_are_kept_per_batch_size_and_reused(tiny):
+    from firstsight.generation import CACHE_ROUNDING, decoder_for
+
+    model = tiny.model("student")
+    decoder = decoder_for(model)
+    assert decoder_for(model) is decoder and decoder_for(model, "hf") is not decoder
+    decoder.reserve(2, 40, 8)  # before any call, as profile does: later calls fit in it
+    (entry,) = decoder._entries.values()
+    assert entry.cache_len == CACHE_ROUNDING  # 48 rounded up
+    decoder.generate(tiny.batch([0, 3]), 8, 8, pad_token_id=tiny.pad)  # 38 + 8 tokens
+    decoder.generate(tiny.batch([16, 0]), 8, 8, pad_token_id=tiny.pad)
+    assert list(decoder._entries.values()) == [entry]  # the same cache, reset and refilled
+    decoder.generate(tiny.batch([MOVED, 0]), 8, 8, pad_token_id=tiny.pad)  # 73 + 8: a longer one replaces it
+    (longer,) = decoder._entries.values()
+    assert longer is not entry and longer.cache_len == 2 * CACHE_ROUNDING
+    again = decoder.generate(tiny.batch([0, 3]), 8, 8, pad_token_id=tiny.pad)  # a shorter prompt fits in it
+    assert list(decoder._entries.values()) == [longer]
+    assert again.tokens.tolist() == _generate(model, tiny.batch([0, 3]), 8, 8, pad_token_id=tiny.pad).tolist()
+    decoder.generate(tiny.batch([0]), 8, 8, pad_token_id=tiny.pad)  # another batch size: its own cache
+    assert len(decoder._entries) == 2
+
+
+def test_the_method_is_a_config_choice_and_an_unknown_one_is_refused(tiny):
+    from hydra.errors import ConfigCompositionException
+
+    from firstsight.generation import decoder_for
+
+    assert compose().hardware.generation.value == "static"  # the default
+    method = compose(["hardware.generation=static_compile"]).hardware.generation
+    model = tiny.model("student")
+    assert decoder_for(model, method).tag == "static_eager"  # compiling is for captured steps: not on the CPU
+    with pytest.raises(ConfigCompositionException, match="generation"):
+        compose(["hardware.generation=beam"])
+
+
+def _task(tmp_path, overrides):
+    from mlflow.tracking import MlflowClient
+
+    from firstsight.tasks import run_task
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    metrics = run_task(compose([*overrides, "train.progress_bar=false", f"tracking.tracking_uri={uri}"]))
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("firstsight")
+    run = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
+    return metrics, run.data.tags
+
+
+def test_evaluate_gives_the_same_accuracies_under_both_methods(cache_dir, tmp_path):
+    results = {}
+    for method in ("static", "hf"):
+        metrics, tags = _task(tmp_path / method, ["task=evaluate", "data.validation_size=24",
+                                                  f"hardware.generation={method}"])
+        expected = {"static": "static_eager", "hf": "hf_generate"}[method]
+        assert tags["firstsight.generation"] == tags["firstsight.teacher_generation"] == expected
+        results[method] = {k: v for k, v in metrics.items() if k.startswith("eval/")}
+    assert results["static"] == results["hf"]  # every accuracy, per kind too
+    assert results["static"]["eval/teacher_accuracy"] > results["static"]["eval/chance_accuracy"] + 0.1
+
+
+@pytest.mark.parametrize("method, tag", [("static", "static_eager"), ("hf", "hf_generate")])
+def test_profile_runs_under_each_method(cache_dir, tmp_path, method, tag):
+    metrics, tags = _task(tmp_path, ["task=profile", f"hardware.generation={method}", "task.new_tokens=4",
+                                     "task.warmup_queries=1", "task.latency_queries=3", "task.throughput_batch_size=3",
+                                     "task.throughput_batches=2"])
+    assert tags["firstsight.generation"] == tag
+    assert 0 < metrics["infer/latency_p50_s"] <= metrics["infer/latency_p90_s"]
+    assert metrics["infer/throughput_tokens_per_s"] == pytest.approx(4 * metrics["infer/throughput_qps"])

@@ -1,0 +1,122 @@
+"""The distillation step's speed options compute what the naive step computes (issue 6).
+
+- train.logits=answer_positions: the output heads run only where a loss is taken
+  (losses.answer_logit_slice + the models' logits_to_keep); the loss, its gradient and a whole
+  job's loss curve equal those of the full [B, L, V] logits (train.logits=all_positions).
+- precision.trainable_dtype=bfloat16: pure bf16 training (student weights, gradients and AdamW
+  states in bf16); float16 is refused before anything loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from firstsight.losses import IGNORE_INDEX, JSD, ForwardKL, ReverseKL, answer_logit_slice
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def ragged_batch(seed: int = 0, batch: int = 3, length: int = 12, vocab: int = 17, teacher_vocab: int = 19):
+    """Logits and labels whose answer spans differ per row (as right-padded batches of different
+    prompt lengths have them), one row without any answer token."""
+    g = torch.Generator().manual_seed(seed)
+    student = 3 * torch.randn(batch, length, vocab, generator=g, dtype=torch.float64)
+    teacher = 3 * torch.randn(batch, length, teacher_vocab, generator=g, dtype=torch.float64)
+    labels = torch.full((batch, length), IGNORE_INDEX)
+    labels[0, 5:9] = torch.randint(0, vocab, (4,), generator=g)
+    labels[1, 2:4] = torch.randint(0, vocab, (2,), generator=g)
+    labels[1, 10] = 3
+    return student, teacher, labels  # row 2: no answer
+
+
+def test_the_slice_keeps_exactly_the_predicting_positions():
+    _, _, labels = ragged_batch()
+    keep, kept = answer_logit_slice(labels)
+    # label positions 2,3,5,6,7,8,10 are predicted from positions 1,2,4,5,6,7,9; then one spare (10)
+    assert keep.tolist() == [1, 2, 4, 5, 6, 7, 9, 10]
+    assert kept.shape == (3, 8)
+    assert (kept[:, 0] == IGNORE_INDEX).all()
+    for j, position in enumerate(keep[:-1].tolist()):
+        assert torch.equal(kept[:, j + 1], labels[:, position + 1])
+    # the answer tokens, in the same (row, position) order as the full labels give them
+    assert torch.equal(kept[:, 1:][kept[:, 1:] != IGNORE_INDEX], labels[:, 1:][labels[:, 1:] != IGNORE_INDEX])
+
+
+def test_no_answer_token_keeps_one_position():
+    labels = torch.full((2, 6), IGNORE_INDEX)
+    keep, kept = answer_logit_slice(labels)
+    assert keep.tolist() == [5] and kept.shape == (2, 1) and (kept == IGNORE_INDEX).all()
+
+
+@pytest.mark.parametrize("loss_fn", [ForwardKL(temperature=2.0, alpha=0.3), ReverseKL(alpha=0.7), JSD(beta=0.2, alpha=1.0)],
+                         ids=["forward_kl", "reverse_kl", "jsd"])
+def test_loss_and_gradient_on_kept_positions_equal_the_full_ones(loss_fn):
+    student, teacher, labels = ragged_batch()
+    full_logits = student.clone().requires_grad_()
+    full = loss_fn(full_logits, teacher, labels)
+    full.loss.backward()
+
+    keep, kept = answer_logit_slice(labels)
+    sliced_logits = student.clone().requires_grad_()
+    sliced = loss_fn(sliced_logits[:, keep], teacher[:, keep], kept, num_answer_tokens=full.num_tokens)
+    sliced.loss.backward()
+
+    assert sliced.num_tokens == full.num_tokens == 7
+    for name in ("loss", "kd_loss", "ce_loss"):
+        assert torch.allclose(getattr(sliced, name), getattr(full, name), rtol=0, atol=1e-12), name
+    assert torch.allclose(sliced_logits.grad, full_logits.grad, rtol=0, atol=1e-12)
+    assert full_logits.grad.abs().sum() > 0  # the comparison is not between two zero gradients
+
+
+def _run(cache_dir, workdir, *overrides: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), "train.max_steps=4", "train.eval_at_end=false",
+                           "train.save_checkpoint=false", "tracking.enabled=false", "train.progress_bar=false",
+                           "train.throughput_warmup_steps=1", *overrides, f"hydra.run.dir={workdir}"],
+                          cwd=workdir.parent, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_a_job_on_answer_positions_follows_the_full_logits_loss_curve(cache_dir, tmp_path):
+    curves = {}
+    for logits in ("all_positions", "answer_positions"):
+        result = _run(cache_dir, tmp_path / logits, f"train.logits={logits}", "hardware.batch_size=4")
+        assert result.returncode == 0, result.stderr[-3000:]
+        curves[logits] = json.loads((tmp_path / logits / "train_history.json").read_text())
+    assert len(curves["answer_positions"]) == 4
+    for full, sliced in zip(curves["all_positions"], curves["answer_positions"]):
+        assert sliced["train/loss"] == pytest.approx(full["train/loss"], rel=1e-6)
+        assert sliced["train/kd_loss"] == pytest.approx(full["train/kd_loss"], rel=1e-6)
+        assert sliced["train/grad_norm"] == pytest.approx(full["train/grad_norm"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_pure_bf16_training_holds_the_student_in_bf16(cache_dir, tmp_path):
+    result = _run(cache_dir, tmp_path / "bf16", "precision=bf16", "precision.trainable_dtype=bfloat16",
+                  "train.save_checkpoint=true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    history = json.loads((tmp_path / "bf16" / "train_history.json").read_text())
+    assert all(h["train/loss"] == h["train/loss"] and h["train/loss"] > 0 for h in history)  # finite, not NaN
+    assert history[-1]["train/loss"] < history[0]["train/loss"]
+    from safetensors import safe_open
+
+    saved = tmp_path / "bf16" / "checkpoints" / "student" / "model.safetensors"
+    with safe_open(str(saved), "pt") as f:
+        dtypes = {f.get_slice(name).get_dtype() for name in f.keys()}
+    assert dtypes == {"BF16"}
+
+
+def test_float16_trainable_weights_are_refused(run_cli, tmp_path):
+    result = run_cli("precision=fp16", "precision.trainable_dtype=float16")
+    assert result.returncode == 2
+    assert "precision.trainable_dtype='float16'" in result.stderr and "bfloat16" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # refused before the MLflow run was created
+    assert not list(tmp_path.glob("outputs/*/*/checkpoints"))

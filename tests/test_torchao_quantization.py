@@ -1,0 +1,75 @@
+"""torchao quantization (precision=int8_weight_only, fp8): what is stored, what it computes, what is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import compose
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _teacher(cache_dir, precision: str):
+    from firstsight.models import load_model, load_processor
+
+    cfg = compose(["task=profile", "task.target=teacher", f"precision={precision}"])
+    processor = load_processor(cfg)
+    return load_model(cfg, "teacher", processor, "cpu", frozen=True), processor
+
+
+def test_int8_weight_only_holds_int8_weights_and_is_counted_as_stored(cache_dir):
+    bf16, processor = _teacher(cache_dir, "bf16")
+    int8, _ = _teacher(cache_dir, "int8_weight_only")
+    model = int8.model
+    quantized = {name: m for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and type(m.weight).__name__ != "Parameter"}
+    plain = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - set(quantized)
+    assert plain == {"lm_head"}  # every other Linear layer of every part is quantized
+    assert {n.split(".")[1] for n in quantized} == {"visual", "language_model"}
+    assert any(".merger." in n for n in quantized)
+    saved = 0
+    for module in quantized.values():
+        weight = module.weight
+        assert weight.qdata.dtype == torch.int8 and weight.qdata.shape == weight.shape
+        inner = [getattr(weight, name) for name in ("qdata", "scale", "zero_point") if getattr(weight, name, None) is not None]
+        saved += weight.numel() * 2 - sum(t.numel() * t.element_size() for t in inner)  # int8 data, scales, zero points
+    # model/weights_gb is what is stored: bf16 minus what int8 data and scales save, not the logical bf16 size
+    assert int8.weights_gb * 1e9 == pytest.approx(bf16.weights_gb * 1e9 - saved, abs=1)
+    assert sum(int8.part_weights_gb.values()) == pytest.approx(int8.weights_gb)
+    for part in ("vision", "merger", "language"):
+        assert int8.part_weights_gb[part] < bf16.part_weights_gb[part]
+
+
+def test_int8_weight_only_logits_follow_bf16(cache_dir):
+    from firstsight.data import load_split
+    from firstsight.data.batching import QACollator
+    from firstsight.train import model_inputs
+
+    bf16, processor = _teacher(cache_dir, "bf16")
+    int8, _ = _teacher(cache_dir, "int8_weight_only")
+    cfg = compose(["task=profile"])
+    samples = load_split(cfg.data, "validation", cfg.seed)
+    batch = QACollator(processor)([samples[i] for i in range(4)])
+    with torch.no_grad():
+        reference = bf16.model(**model_inputs(batch)).logits.float()
+        quantized = int8.model(**model_inputs(batch)).logits.float()
+    assert not torch.equal(reference, quantized)  # the weights really changed
+    error = (quantized - reference).norm() / reference.norm()
+    assert error < 0.05, f"relative logit error {error:.3f}"
+    agree = (quantized.argmax(-1) == reference.argmax(-1)).float().mean()
+    assert agree > 0.95
+
+
+def test_fp8_is_refused_on_the_cpu(run_cli, tmp_path):
+    result = run_cli("task=profile", "precision=fp8", "hardware=cpu")
+    assert result.returncode == 2
+    assert "precision.quantization='fp8'" in result.stderr and "['cuda']" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "mlflow.db").exists()
+
+
+def test_torchao_weights_are_refused_under_lora(run_cli, tmp_path):
+    result = run_cli("precision=int8_weight_only", "lora.enabled=true")
+    assert result.returncode == 2
+    assert "int8_weight_only" in result.stderr and "nf4" in result.stderr and "LoRA" in result.stderr
+    assert not (tmp_path / "mlflow.db").exists()
