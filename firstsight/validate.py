@@ -65,6 +65,7 @@ def validate(cfg: DictConfig, tasks: Optional[Mapping[str, Callable]] = None, lo
     looked at; the job checks them again where it runs."""
     if tasks is not None:
         _check(cfg.task.name in tasks, "task.name", cfg.task.name, f"choose one of {sorted(tasks)}")
+    _validate_known_keys(cfg)
     _validate_numbers(cfg)
     _validate_hidden_loss(cfg)
     if cfg.task.name == "profile":
@@ -120,6 +121,34 @@ def _roles_used(cfg: DictConfig) -> List[str]:
     if cfg.task.name in ("export", "report"):
         return []
     return ["teacher", "student"]
+
+
+def _validate_known_keys(node: Any, path: str = "") -> None:
+    """Every key of a typed section is one its schema has. Hydra refuses an unknown key given as
+    `key=value`, but `+key=value` appends it; under a typed section (a dataclass of
+    firstsight.config) nothing would read it, so a typo there would be silently ignored. Dict-typed
+    nodes (precision.parts) are checked where they are used."""
+    import dataclasses
+    import difflib
+
+    from omegaconf import DictConfig, OmegaConf
+
+    schema = OmegaConf.get_type(node)
+    fields = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
+    for key in node.keys():
+        key = str(key)
+        full = f"{path}.{key}" if path else key
+        if fields is not None and key not in fields and not (not path and key == "hydra"):
+            guess = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+            where = path or "the config (top level)"
+            raise ConfigError(
+                f"{full}{_origin(full)} is not a key of {where}"
+                + (f"; did you mean {path + '.' if path else ''}{guess[0]}?" if guess else ".")
+                + f" Valid keys of {path or 'the top level'}: {', '.join(fields)}."
+            )
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not (not path and key == "hydra"):
+            _validate_known_keys(child, full)
 
 
 def _validate_numbers(cfg: DictConfig) -> None:

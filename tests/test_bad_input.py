@@ -8,6 +8,7 @@ Rows of the matrix covered by other files (not repeated here):
 Config
   unknown group choice ........ test_cli.py::test_bad_input_exits_nonzero_before_anything_is_built[unknown-choice]
   unknown key ................. here: test_an_unknown_key_names_the_valid_keys_and_exits_2 (run.py, -m, --cfg),
+                                test_a_key_appended_with_plus_that_nothing_reads_is_refused (+key=value),
                                 test_config.py::test_wrong_types_and_keys_fail_at_composition[train.bogus=1] (compose API)
   wrong type .................. test_cli.py::test_bad_input_exits_nonzero_before_anything_is_built[wrong-type],
                                 test_config.py::test_wrong_types_and_keys_fail_at_composition
@@ -161,6 +162,21 @@ def test_an_unknown_key_names_the_valid_keys_and_exits_2(run_cli, tmp_path, case
     for fragment in fragments:
         assert fragment in line, line
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("+hardware.batchsize=4", "error: hardware.batchsize (command-line override '+hardware.batchsize=4') is not a key "
+                              f"of hardware; did you mean hardware.batch_size? {HARDWARE_KEYS}"),
+    ("+foo=1", f"error: foo (command-line override '+foo=1') is not a key of the config (top level). "
+               f"Valid keys of the top level: {_keys(Config)}."),
+])
+def test_a_key_appended_with_plus_that_nothing_reads_is_refused(run_cli, tmp_path, override, fragment):
+    """`+key=value` makes Hydra append the key; validation refuses one its section's schema lacks,
+    before any model or run (else a typo would be silently ignored)."""
+    result = run_cli(override, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert fragment in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not list(tmp_path.glob("outputs/*/*/checkpoints"))
 
 
 def test_hydra_full_error_still_gives_the_traceback_of_an_unknown_key(run_cli, tmp_path):
