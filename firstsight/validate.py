@@ -147,8 +147,8 @@ def _validate_known_keys(node: Any, path: str = "") -> None:
                 + f" Valid keys of {path or 'the top level'}: {', '.join(fields)}."
             )
         child = node._get_node(key)
-        if isinstance(child, DictConfig) and not (not path and key == "hydra"):
-            _validate_known_keys(child, full)
+        if fields is not None and isinstance(child, DictConfig) and not (not path and key == "hydra"):
+            _validate_known_keys(child, full)  # not below a dict-typed node: precision.parts has its own checks
 
 
 def _validate_numbers(cfg: DictConfig) -> None:
