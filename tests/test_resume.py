@@ -253,3 +253,16 @@ def test_default_action_outside_training_ends_the_job_at_once():
         assert stop.value.exit_code == 128 + signal.SIGTERM and stop.value.step is None
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_speed_settings_may_change_across_a_resume():
+    """train.logits, train.fused_optimizer, hardware.compile and hardware.generation change how fast
+    a step runs, not what it computes: a checkpoint written with other values (or before they
+    existed) resumes; the learning rate still may not change."""
+    from firstsight.resume import config_differences
+
+    old = _config(["train.logits=all_positions", "train.fused_optimizer=false", "hardware.compile=true"])
+    for key in ("logits", "fused_optimizer"):
+        del old["train"][key]  # as a checkpoint of the version before these keys
+    assert config_differences(old, _config(["hardware.generation=hf"])) == []
+    assert config_differences(old, _config(["train.lr=0.5"])) == ["train.lr: 0.001 -> 0.5"]
