@@ -99,22 +99,6 @@ def decoder_for(model: Any, method: Any = "static", check_every: int = 8, cuda_g
     return per_model[key]
 
 
-def release(model: Any) -> None:
-    """Drop the model's decoders (their static caches and CUDA graphs) now."""
-    for decoder in _DECODERS.pop(model, {}).values():
-        decoder.close()
-
-
-def greedy_generate(model: Any, batch: Dict[str, Any], max_new_tokens: int, min_new_tokens: int = 0,
-                    eos_token_id: Any = None, pad_token_id: Optional[int] = None, method: Any = "static") -> Any:
-    """Greedy new tokens [batch, n] for a PromptCollator batch (on the model's device), as
-    `model.generate(**batch, max_new_tokens=..., min_new_tokens=..., do_sample=False,
-    pad_token_id=...)[:, prompt_length:]` returns them. eos_token_id: an id or a list (default:
-    the model's generation config); pad_token_id: default the generation config's, else the
-    first end token."""
-    return decoder_for(model, method).generate(batch, max_new_tokens, min_new_tokens, eos_token_id, pad_token_id).tokens
-
-
 def generation_tags(decoder: "GreedyDecoder") -> Dict[str, str]:
     """What a run records of its decoding: `firstsight.generation` (the method used), the seconds
     its CUDA-graph captures took, and why graphs were not used when a capture failed."""
@@ -188,14 +172,14 @@ class GreedyDecoder:
         except StopIteration:
             return torch.device("cpu")
 
-    def close(self) -> None:
-        self._entries.clear()
-
     # ------------------------------------------------------------------ generation
 
     def generate(self, batch: Dict[str, Any], max_new_tokens: int, min_new_tokens: int = 0, eos_token_id: Any = None,
                  pad_token_id: Optional[int] = None, record_logits: bool = False) -> Generated:
-        """New tokens [B, n] as model.generate returns them after the prompt (see greedy_generate);
+        """New tokens [B, n] as `model.generate(**batch, max_new_tokens=..., min_new_tokens=...,
+        do_sample=False, pad_token_id=...)[:, prompt_length:]` returns them (eos_token_id: an id or a
+        list, default the generation config's; pad_token_id: default the generation config's, else
+        the first end token);
         with `record_logits`, also the raw logits of every step [n, B, vocab] (float32) — for tests
         and benchmarks (a separate capture)."""
         import torch

@@ -129,9 +129,10 @@ def _validate_known_keys(node: Any, path: str = "") -> None:
     firstsight.config) nothing would read it, so a typo there would be silently ignored. Dict-typed
     nodes (precision.parts) are checked where they are used."""
     import dataclasses
-    import difflib
 
     from omegaconf import DictConfig, OmegaConf
+
+    from firstsight.composition import _closest  # the closest valid key, as for Hydra's unknown keys
 
     schema = OmegaConf.get_type(node)
     fields = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
@@ -139,11 +140,11 @@ def _validate_known_keys(node: Any, path: str = "") -> None:
         key = str(key)
         full = f"{path}.{key}" if path else key
         if fields is not None and key not in fields and not (not path and key == "hydra"):
-            guess = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+            guess = _closest(full, path, fields, node)
             where = path or "the config (top level)"
             raise ConfigError(
                 f"{full}{_origin(full)} is not a key of {where}"
-                + (f"; did you mean {path + '.' if path else ''}{guess[0]}?" if guess else ".")
+                + (f"; did you mean {guess}?" if guess else ".")
                 + f" Valid keys of {path or 'the top level'}: {', '.join(fields)}."
             )
         child = node._get_node(key)
