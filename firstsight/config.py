@@ -221,6 +221,7 @@ class TrainConfig:
     # Speed (issue 6; benchmarks/kd_step.py measures each against the naive way):
     logits: str = "answer_positions"  # answer_positions: lm_head only where a loss is taken | all_positions: every token (naive)
     fused_optimizer: bool = True  # CUDA: AdamW's fused kernel (one launch for all tensors); same update as the loop
+    host_positions: bool = True  # M-RoPE positions computed once per batch on the host, given to both models (positions.py)
 
 
 @dataclass

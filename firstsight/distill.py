@@ -201,9 +201,18 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
         log.info("hardware.compile: %d blocks compiled with torch.compile on first use", blocks)
 
     answer_positions_only = cfg.train.logits == "answer_positions"
+    from firstsight.positions import mrope_positions, same_rope
+
+    # the M-RoPE positions, computed once per batch on the host (firstsight/positions.py) and given
+    # to both models, instead of each model computing them on the device with dozens of syncs
+    share_positions = cfg.train.host_positions and (not teacher_runs or same_rope(student_model, teacher_model))
 
     def kd_step(batch: Dict[str, Any], answer_tokens: int) -> Dict[str, Any]:
         inputs = model_inputs(batch)
+        if share_positions:
+            positions = mrope_positions(student_model, batch)
+            if positions is not None:
+                inputs["position_ids"] = positions
         labels = batch["labels"]
         if answer_positions_only:  # both output heads run only where the loss needs logits
             keep, labels = answer_logit_slice(labels)

@@ -8,11 +8,12 @@ generate's output), for Qwen2-VL (`Qwen2VLForConditionalGeneration`, batches of
 `firstsight.data.batching.PromptCollator`: left-padded input_ids, attention_mask, pixel_values,
 image_grid_thw, mm_token_type_ids, maybe video fields):
 
-1. Prefill once, eagerly, with the full multimodal inputs into a transformers `StaticCache`
+1. Prefill once, eagerly (on CUDA its vision encoder replayed from a CUDA graph per frame grid:
+   firstsight/vision_graph.py), with the full multimodal inputs into a transformers `StaticCache`
    (`max_cache_len` = prompt length + new tokens, rounded up to a multiple of CACHE_ROUNDING), the
    logits of the last position only (`logits_to_keep=1`). The 3-D M-RoPE positions are computed as
    generate computes them: a text row (attention-mask cumsum) over the three rows of
-   `get_rope_index`, shape [4, batch, prompt].
+   `get_rope_index` (run on the host: firstsight/positions.py), shape [4, batch, prompt].
 2. Every later token is one decode step of fixed shapes that reads and writes only preallocated
    device buffers: input ids [B, 1], positions [4, B, 1] (the prompt's last + 1, + 1 per step, as
    generate does), a [B, max_cache_len] padding mask set once per call (the cache's own device-side
@@ -103,10 +104,14 @@ def generation_tags(decoder: "GreedyDecoder") -> Dict[str, str]:
     """What a run records of its decoding: `firstsight.generation` (the method used), the seconds
     its CUDA-graph captures took, and why graphs were not used when a capture failed."""
     tags = {"firstsight.generation": decoder.tag}
-    if decoder.capture_seconds:
-        tags["firstsight.generation.capture_s"] = f"{sum(decoder.capture_seconds):.3f}"
+    captures = decoder.capture_seconds + decoder.vision_graphs.capture_seconds
+    if captures:
+        tags["firstsight.generation.capture_s"] = f"{sum(captures):.3f}"
+    if decoder.vision_graphs.capture_seconds:
+        tags["firstsight.generation.vision_graphs"] = str(len(decoder.vision_graphs.capture_seconds))
     fallback = "; ".join(f"{what}: {why}" for what, why in (("torch.compile", decoder.compile_off),
-                                                              ("CUDA graphs", decoder.graphs_off)) if why)
+                                                              ("CUDA graphs", decoder.graphs_off),
+                                                              ("vision CUDA graph", decoder.vision_graphs.off)) if why)
     if fallback:
         tags["firstsight.generation.fallback"] = fallback
     return tags
@@ -141,6 +146,9 @@ class GreedyDecoder:
         self._entries: Dict[Tuple, _StaticEntry] = {}
         self.graphs_off: Optional[str] = None  # why CUDA graphs are not used (after a failed capture)
         self._said: set = set()  # reasons for model.generate already logged
+        from firstsight.vision_graph import VisionGraphs
+
+        self.vision_graphs = VisionGraphs()  # the prefill's vision encoder as CUDA graphs (where graphs are used)
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.2x renamed it
 
@@ -248,7 +256,11 @@ class GreedyDecoder:
         if max_new <= 0:
             return Generated(input_ids.new_zeros((size, 0)), self.tag)
         entry = self._entry(model, size, prompt + max_new, eos, max_new if record_logits else 0, device)
-        first_logits = entry.prefill(model, batch, self._cache_kw, prompt_positions(model, batch))
+        from firstsight.positions import prompt_positions
+
+        positions = prompt_positions(model, batch)
+        with self._vision_serving(model, batch, device):
+            first_logits = entry.prefill(model, batch, self._cache_kw, positions)
         entry.start(batch, min_new, pad)
         entry.select(first_logits)  # token 0, eagerly, by the same code the step runs
         done = 1
@@ -272,6 +284,15 @@ class GreedyDecoder:
         return Generated(tokens.clone(), method, logits)
 
     # ------------------------------------------------------------------ static entries and graphs
+
+    def _vision_serving(self, model: Any, batch: Dict[str, Any], device: Any) -> Any:
+        """Where decode steps are captured, the prefill's vision encoder is replayed from a CUDA graph
+        too (firstsight/vision_graph.py); elsewhere nothing changes."""
+        import contextlib
+
+        if not self._graphs_wanted(device):
+            return contextlib.nullcontext()
+        return self.vision_graphs.serving(model, batch)
 
     def _graphs_wanted(self, device: Any) -> bool:
         if self.graphs_off is not None:
@@ -395,29 +416,6 @@ def _compiled_forward(model: Any) -> Any:
 def _repetition_penalty(model: Any) -> Optional[float]:
     penalty = getattr(model.generation_config, "repetition_penalty", None)
     return None if penalty in (None, 1, 1.0) else float(penalty)
-
-
-def prompt_positions(model: Any, batch: Dict[str, Any]) -> Any:
-    """The prompt's position ids [4, B, L] as generate prepares them for Qwen2-VL: the text
-    positions (attention-mask cumsum, 0 on padding) over the three M-RoPE rows of get_rope_index
-    (the text positions thrice when the batch has no image or video)."""
-    import torch
-
-    input_ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    if mask is None:
-        mask = torch.ones_like(input_ids)
-    text = mask.long().cumsum(-1) - 1
-    text = text.masked_fill(mask == 0, 0)
-    mm_types = batch.get("mm_token_type_ids")
-    if mm_types is not None and (batch.get("image_grid_thw") is not None or batch.get("video_grid_thw") is not None):
-        vision, _ = model.model.get_rope_index(
-            input_ids, mm_token_type_ids=mm_types, image_grid_thw=batch.get("image_grid_thw"),
-            video_grid_thw=batch.get("video_grid_thw"), attention_mask=mask,
-        )
-    else:
-        vision = text.unsqueeze(0).expand(3, -1, -1)
-    return torch.cat([text.unsqueeze(0), vision.to(text.device, text.dtype)], dim=0)
 
 
 class _StaticEntry:

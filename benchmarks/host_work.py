@@ -1,0 +1,220 @@
+"""Two host-side costs removed, each measured on and off in one process, interleaved (A, B, A, B, ...)
+so that both sides see the same machine state:
+
+- vision graph: batch-1 generation by the static paths with the prefill's vision encoder replayed
+  from a CUDA graph (firstsight/vision_graph.py) and run eagerly. Same tokens and logits required.
+- host positions: the distillation step's forward and backward (teacher 7B without gradients,
+  student 2B, KD loss on the answer positions, no optimizer step) with the M-RoPE positions
+  computed once on the host and given to both models (firstsight/positions.py,
+  train.host_positions) and computed by each model on the GPU. Same loss required.
+
+    python benchmarks/host_work.py                     # GPU, real size with random weights (~3 min on an H200)
+    python benchmarks/host_work.py --parts generation  # only the first part
+
+Prints a table and writes benchmarks/results/host_work_<device>.{json,md} (device, versions, date).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, List
+
+from _common import RESULTS, cuda_device, ratio, results_path, run_meta, write_pair
+from generation import compose  # benchmarks/generation.py
+
+DEVICE = {"name": "cuda"}  # --smoke: cpu
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    import torch
+
+    sync = torch.cuda.synchronize if DEVICE["name"] == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def interleaved(ways: Dict[str, Callable[[], Any]], rounds: int) -> Dict[str, List[float]]:
+    times: Dict[str, List[float]] = {name: [] for name in ways}
+    for _ in range(rounds):
+        for name, run in ways.items():
+            times[name].append(timed(run))
+    return times
+
+
+def generation_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[str, Any]:
+    import torch
+
+    from firstsight.data import load_split
+    from firstsight.data.batching import PromptCollator
+    from firstsight.generation import GreedyDecoder
+    from firstsight.models import load_model
+    from firstsight.train import to_device
+
+    model = load_model(cfg, "student", processor, DEVICE["name"], frozen=True).model
+    questions = [s for s in load_split(cfg.data, "validation", cfg.seed) if len(s.images) == 1]
+    batch = to_device(PromptCollator(processor)(questions[:1]), DEVICE["name"])
+    pad, n = processor.tokenizer.pad_token_id, args.new_tokens
+    ways, decoders = {}, {}
+    for method in args.methods:
+        for graph in (True, False):
+            decoder = GreedyDecoder(model, method)
+            if not graph:
+                decoder.vision_graphs.off = "measured without it"
+            name = f"{method}, vision {'graph' if graph else 'eager'}"
+            decoders[name] = decoder
+            for _ in range(2):  # captures (and static_compile's compilation) outside the timings
+                decoder.generate(batch, n, n, pad_token_id=pad)
+            ways[name] = (lambda d=decoder: d.generate(batch, n, n, pad_token_id=pad))
+    times = interleaved(ways, args.rounds)
+    rows = []
+    for method in args.methods:
+        graph, eager = f"{method}, vision graph", f"{method}, vision eager"
+        with torch.no_grad():
+            a = decoders[eager].generate(batch, n, n, pad_token_id=pad, record_logits=True)
+            b = decoders[graph].generate(batch, n, n, pad_token_id=pad, record_logits=True)
+        rows.append({
+            "method": method, "eager_p50_s": statistics.median(times[eager]), "graph_p50_s": statistics.median(times[graph]),
+            "eager_min_s": min(times[eager]), "graph_min_s": min(times[graph]),
+            "speedup": ratio(statistics.median(times[eager]), statistics.median(times[graph])),
+            "vision_graphs_captured": len(decoders[graph].vision_graphs.capture_seconds),
+            "vision_graph_off": decoders[graph].vision_graphs.off,
+            "identical_tokens": bool((a.tokens == b.tokens).all()),
+            "max_abs_logit_diff": float((a.logits - b.logits).abs().max()),
+        })
+    del model, decoders
+    if DEVICE["name"] == "cuda":
+        torch.cuda.empty_cache()
+    return {"prompt_tokens": int(batch["input_ids"].shape[1]), "rows": rows, "times_s": times}
+
+
+def positions_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[str, Any]:
+    import torch
+
+    from firstsight.data import load_split
+    from firstsight.data.batching import QACollator
+    from firstsight.losses import ForwardKL, answer_logit_slice, count_answer_tokens
+    from firstsight.models import load_model
+    from firstsight.positions import mrope_positions
+    from firstsight.train import model_inputs, to_device
+
+    teacher = load_model(cfg, "teacher", processor, DEVICE["name"], frozen=True).model
+    student = load_model(cfg, "student", processor, DEVICE["name"], frozen=False).model.to(teacher.dtype)
+    samples = load_split(cfg.data, "train", cfg.seed)
+    size = args.batch_size
+    collate = QACollator(processor)
+    batches = [to_device(collate([samples[i] for i in range(j * size, (j + 1) * size)]), DEVICE["name"])
+               for j in range(args.batches)]
+    loss_fn = ForwardKL()
+
+    def step(batch: Dict[str, Any], host: bool) -> float:
+        inputs = model_inputs(batch)
+        keep, labels = answer_logit_slice(batch["labels"])
+        inputs["logits_to_keep"] = keep
+        if host:
+            inputs["position_ids"] = mrope_positions(student, batch)
+        student_logits = student(**inputs).logits
+        with torch.no_grad():
+            teacher_logits = teacher(**inputs).logits
+        out = loss_fn(student_logits, teacher_logits, labels, num_answer_tokens=count_answer_tokens(batch["labels"]))
+        out.loss.backward()
+        student.zero_grad(set_to_none=True)
+        return float(out.loss.detach())
+
+    same = all(step(b, True) == step(b, False) for b in batches)  # also the untimed warm-up
+    ways = {"positions on the host": lambda: [step(b, True) for b in batches],
+            "positions on the GPU (each model)": lambda: [step(b, False) for b in batches]}
+    times = interleaved(ways, args.rounds)
+    per_step = {name: [t / len(batches) for t in values] for name, values in times.items()}
+    host, gpu = (statistics.median(per_step[name]) for name in ways)
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
+    return {"batch_size": size, "tokens_per_step": tokens, "identical_loss": same, "host_step_s": host,
+            "gpu_step_s": gpu, "speedup": ratio(gpu, host), "times_s": per_step}
+
+
+def markdown(data: Dict[str, Any]) -> str:
+    v = data["versions"]
+    lines = [f"# Host-side work removed — {data['device']}", "",
+             f"{data['date']}; torch {v.get('torch')}, transformers {v.get('transformers')}; {data['command']}; "
+             f"{data['setup']}, {data['image_size']}x{data['image_size']} frames; "
+             f"each pair measured interleaved in one process, {data['rounds']} rounds.", ""]
+    gen = data.get("generation")
+    if gen:
+        lines += [f"Batch-1 generation (the student, {gen['prompt_tokens']}-token prompt, {data['new_tokens']} new tokens), "
+                  "p50 over the rounds:", "",
+                  "| path | vision encoder eager (s) | vision graph (s) | speed-up | graphs captured | identical tokens | max abs logit diff |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in gen["rows"]:
+            lines.append(f"| `{r['method']}` | {r['eager_p50_s']:.4f} | {r['graph_p50_s']:.4f} | {r['speedup']:.2f}x | "
+                         f"{r['vision_graphs_captured']}{' (off: ' + r['vision_graph_off'] + ')' if r['vision_graph_off'] else ''} | "
+                         f"{'yes' if r['identical_tokens'] else 'NO'} | {r['max_abs_logit_diff']:.3g} |")
+        lines.append("")
+    pos = data.get("positions")
+    if pos:
+        lines += [f"Distillation forward + backward (teacher without gradients, student, batch {pos['batch_size']}, "
+                  f"{pos['tokens_per_step']:.0f} tokens per step, no optimizer step), median per step:", "",
+                  "| M-RoPE positions | step (s) | tokens/s |", "| --- | --- | --- |",
+                  f"| each model on the GPU (train.host_positions=false) | {pos['gpu_step_s']:.4f} | {pos['tokens_per_step'] / pos['gpu_step_s']:.0f} |",
+                  f"| once on the host, shared (default) | {pos['host_step_s']:.4f} | {pos['tokens_per_step'] / pos['host_step_s']:.0f} |",
+                  "", f"Speed-up {pos['speedup']:.2f}x; identical loss: {'yes' if pos['identical_loss'] else 'NO'}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--parts", nargs="+", default=["generation", "positions"], choices=["generation", "positions"])
+    parser.add_argument("--methods", nargs="+", default=["static", "static_compile"], choices=["static", "static_compile"])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=448)
+    parser.add_argument("--batch-size", type=int, default=4, help="distillation batch")
+    parser.add_argument("--batches", type=int, default=4, help="distillation batches per round")
+    parser.add_argument("--results-dir", default=str(RESULTS))
+    parser.add_argument("--smoke", action="store_true", help="CPU, the tiny pair, 2 rounds: the plumbing (temp results)")
+    args = parser.parse_args()
+    import torch
+
+    if args.smoke:
+        import tempfile
+
+        DEVICE["name"], device = "cpu", "cpu"
+        args.rounds, args.batches, args.image_size, args.new_tokens, args.methods = 2, 1, 112, 4, ["static"]
+        args.results_dir = tempfile.mkdtemp(prefix="host-work-smoke-")
+        cfg = compose(["task=distill", "model=tiny", "hardware=cpu", "precision=fp32", f"data.image_size={args.image_size}",
+                       "tracking.enabled=false"])
+    else:
+        device = cuda_device()
+        if device == "cpu":
+            print("no CUDA GPU visible: these are GPU measurements (--smoke: the plumbing on this CPU)", file=sys.stderr)
+            return 2
+        cfg = compose(["task=distill", "model=qwen2vl_7b_2b", "hardware=gpu", "precision=bf16",
+                       f"data.image_size={args.image_size}", "tracking.enabled=false", "model.student.weights=random",
+                       "model.teacher.weights=random"])
+    from firstsight.models import load_processor
+
+    torch.manual_seed(cfg.seed)
+    processor = load_processor(cfg)
+    setup = ("the tiny pair on the CPU, fp32 (the plumbing only)" if args.smoke else
+             "Qwen2-VL-7B teacher and 2B student at full size with random weights, bf16, SDPA")
+    data = run_meta(device, image_size=args.image_size, new_tokens=args.new_tokens, rounds=args.rounds, setup=setup)
+    if "generation" in args.parts:
+        data["generation"] = generation_part(cfg, processor, args)
+    if "positions" in args.parts:
+        data["positions"] = positions_part(cfg, processor, args)
+    table = markdown(data)
+    path = results_path(args.results_dir, "host_work", device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_pair(path, {**data, "points": []}, table)
+    print(table)
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+    same = all(r["identical_tokens"] for r in data.get("generation", {}).get("rows", []))
+    return 0 if same and data.get("positions", {}).get("identical_loss", True) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Qwen2-VL's 3-D M-RoPE position ids, computed on the host once per batch.
+
+Left to itself, every Qwen2-VL forward computes them on the model's device with
+`get_rope_index`: a Python loop over the rows and over each row's runs of text and image tokens,
+reading tensors back (`.tolist()`, `.item()`) dozens of times. On a GPU each read-back is a
+host-device synchronisation that drains the queue of kernels, leaving the GPU idle while the
+host queues the next ones. The same function run on host copies of the four small integer
+tensors it needs costs one copy back per tensor and no synchronisation inside the loop; the
+result goes to the device once, and a distill step hands it to both the teacher and the
+student, which would otherwise each compute it.
+
+The values are those the model computes itself (`get_rope_index` is the model's own method; only
+the device its inputs live on differs), so outputs are unchanged (tests/test_positions.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+
+def _rope_owner(model: Any) -> Any:
+    """The module with `get_rope_index` (Qwen2VLModel), under a peft, DDP or FSDP wrapper or not;
+    None for a model without M-RoPE."""
+    for candidate in (model, getattr(model, "module", None)):  # DDP keeps the model as .module
+        if candidate is None:
+            continue
+        get_base = getattr(candidate, "get_base_model", None)  # peft (LoRA)
+        base = get_base() if callable(get_base) else candidate
+        for owner in (base, getattr(base, "model", None)):
+            if owner is not None and hasattr(owner, "get_rope_index"):
+                return owner
+    return None
+
+
+def same_rope(a: Any, b: Any) -> bool:
+    """Whether two models compute the same M-RoPE positions from the same batch (the spatial and
+    temporal merge settings of their vision configs agree), so one computation serves both."""
+    owners = (_rope_owner(a), _rope_owner(b))
+    if None in owners:
+        return False
+    settings = []
+    for owner in owners:
+        vision = getattr(owner.config, "vision_config", None)
+        settings.append(tuple(getattr(vision, key, None) for key in ("spatial_merge_size", "temporal_patch_size",
+                                                                      "tokens_per_second")))
+    return settings[0] == settings[1] and type(owners[0]) is type(owners[1])
+
+
+def mrope_positions(model: Any, batch: Dict[str, Any]) -> Optional[Any]:
+    """The [3, B, L] M-RoPE positions `model` computes for `batch` when none are given (a forward
+    without a cache), on the batch's device; None when the batch has no image or video (the model
+    then uses plain positions) or the model has no `get_rope_index`."""
+    owner = _rope_owner(model)
+    types = batch.get("mm_token_type_ids")
+    if owner is None or types is None or (batch.get("image_grid_thw") is None and batch.get("video_grid_thw") is None):
+        return None
+    input_ids = batch["input_ids"]
+    host = {key: (value.cpu() if value is not None else None) for key, value in (
+        ("input_ids", input_ids), ("mm_token_type_ids", types), ("attention_mask", batch.get("attention_mask")),
+        ("image_grid_thw", batch.get("image_grid_thw")), ("video_grid_thw", batch.get("video_grid_thw")))}
+    positions, _ = owner.get_rope_index(
+        host["input_ids"], mm_token_type_ids=host["mm_token_type_ids"], image_grid_thw=host["image_grid_thw"],
+        video_grid_thw=host["video_grid_thw"], attention_mask=host["attention_mask"],
+    )
+    return positions.to(input_ids.device, non_blocking=True)
+
+
+def prompt_positions(model: Any, batch: Dict[str, Any]) -> Any:
+    """The prompt's position ids [4, B, L] as generate prepares them for Qwen2-VL: the text
+    positions (attention-mask cumsum, 0 on padding) over the three M-RoPE rows of get_rope_index
+    (the text positions thrice when the batch has no image or video)."""
+    import torch
+
+    input_ids = batch["input_ids"]
+    mask = batch.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(input_ids)
+    text = mask.long().cumsum(-1) - 1
+    text = text.masked_fill(mask == 0, 0)
+    vision = mrope_positions(model, batch)
+    if vision is None:
+        vision = text.unsqueeze(0).expand(3, -1, -1)
+    return torch.cat([text.unsqueeze(0), vision.to(text.device, text.dtype)], dim=0)
