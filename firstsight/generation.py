@@ -216,6 +216,24 @@ class GreedyDecoder:
             self._entry(model, batch_size, prompt_length + max_new_tokens, eos,
                         max_new_tokens if record_logits else 0, self.model_device())
 
+    def reserve_prefill(self, batch: Dict[str, Any]) -> None:
+        """Capture the prefill's vision-encoder graph for this batch's frames (a host batch is moved
+        to the model's device first), so that no later call with the same frame grid pays it.
+        Nothing to do where graphs are not used (CPU, method hf, a batch too large for a graph)."""
+        import torch
+
+        from firstsight.train import to_device
+
+        if not self.prefill_graphs():
+            return
+        with torch.no_grad():
+            self.vision_graphs.prepare(self.model(), to_device(batch, self.model_device()))
+
+    def prefill_graphs(self) -> bool:
+        """Whether prefills may replay graphs (the static method, where decode steps are captured)."""
+        return (self.method != "hf" and not self._static_off(self.model()) and self.vision_graphs.off is None
+                and self._graphs_wanted(self.model_device()))
+
     def _resolve_ids(self, model: Any, eos_token_id: Any, pad_token_id: Optional[int]) -> Tuple[Tuple[int, ...], int]:
         config = model.generation_config
         eos = _as_ids(eos_token_id if eos_token_id is not None else config.eos_token_id)

@@ -43,21 +43,26 @@ class VisionGraphs:
     def serving(self, model: Any, batch: Dict[str, Any]) -> Iterator[None]:
         """Within the block, the model's vision encoder answers this batch's frames from a graph
         (captured on first use) when it can; otherwise the block changes nothing."""
-        visual = getattr(getattr(model, "model", None), "visual", None)
-        key = self._key(model, visual, batch)
-        graph = None
-        if key is not None:
-            graph = self._graphs.get(key)
-            if graph is None:
-                graph = self._capture(visual, key, batch)
+        graph = self.prepare(model, batch)
         if graph is None:
             yield
             return
+        visual = model.model.visual
         visual.forward = graph.forward  # an instance attribute: module __call__ finds it before the class's
         try:
             yield
         finally:
             del visual.forward
+
+    def prepare(self, model: Any, batch: Dict[str, Any]) -> Optional["_VisionGraph"]:
+        """The graph for this batch's frames, captured now if it is not yet (None where no graph is
+        used); the profile task calls it before anything is timed."""
+        visual = getattr(getattr(model, "model", None), "visual", None)
+        key = self._key(model, visual, batch)
+        if key is None:
+            return None
+        graph = self._graphs.get(key)
+        return graph if graph is not None else self._capture(visual, key, batch)
 
     def _key(self, model: Any, visual: Any, batch: Dict[str, Any]) -> Optional[Tuple]:
         pixels, grid = batch.get("pixel_values"), batch.get("image_grid_thw")

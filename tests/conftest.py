@@ -119,3 +119,28 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+class TinyParts:
+    """The default config's tiny pair, built offline: its config, processor, splits and models."""
+
+    def __init__(self):
+        from firstsight.models import load_processor
+
+        self.cfg = compose()
+        self.processor = load_processor(self.cfg)
+
+    def split(self, name: str):
+        from firstsight.data import load_split
+
+        return load_split(self.cfg.data, name, self.cfg.seed)
+
+    def model(self, role: str, frozen: bool = True):
+        from firstsight.models import load_model
+
+        return load_model(self.cfg, role, self.processor, "cpu", frozen=frozen).model
+
+
+@pytest.fixture(scope="session")
+def tiny_parts(cache_dir: Path) -> TinyParts:
+    return TinyParts()

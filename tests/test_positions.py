@@ -9,26 +9,20 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import compose
 from firstsight.positions import mrope_positions, same_rope
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def pair(cache_dir):
-    from firstsight.data import load_split
+def pair(tiny_parts):
     from firstsight.data.batching import QACollator
-    from firstsight.models import load_model, load_processor
 
-    cfg = compose()
-    processor = load_processor(cfg)
-    samples = load_split(cfg.data, "train", cfg.seed)
+    samples = tiny_parts.split("train")
     # rows of different lengths, one of them with two frames (the batch is right-padded)
     rows = sorted(range(40), key=lambda i: len(samples[i].images))[-1:] + [0, 1, 2]
-    batch = QACollator(processor)([samples[i] for i in rows])
-    models = {role: load_model(cfg, role, processor, "cpu", frozen=True).model for role in ("teacher", "student")}
-    return batch, models
+    batch = QACollator(tiny_parts.processor)([samples[i] for i in rows])
+    return batch, {role: tiny_parts.model(role) for role in ("teacher", "student")}
 
 
 def _logits(model, batch, **extra):

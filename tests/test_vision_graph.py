@@ -8,24 +8,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import compose
 from firstsight.vision_graph import VisionGraphs, precomputed
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def student_and_batch(cache_dir):
-    from firstsight.data import load_split
+def student_and_batch(tiny_parts):
     from firstsight.data.batching import PromptCollator
-    from firstsight.models import load_model, load_processor
 
-    cfg = compose()
-    processor = load_processor(cfg)
-    samples = load_split(cfg.data, "validation", cfg.seed)
+    samples = tiny_parts.split("validation")
     two_frames = next(s for s in samples if len(s.images) == 2)
-    batch = PromptCollator(processor)([two_frames, samples[0]])
-    return load_model(cfg, "student", processor, "cpu", frozen=True).model, batch
+    batch = PromptCollator(tiny_parts.processor)([two_frames, samples[0]])
+    return tiny_parts.model("student"), batch
 
 
 def test_precomputed_grid_tensors_give_the_encoders_own_output(student_and_batch):
@@ -51,3 +46,37 @@ def test_off_cuda_nothing_is_captured(student_and_batch):
     with graphs.serving(model, batch):
         assert model.model.visual.forward == forward
     assert graphs.capture_seconds == [] and graphs.off is None
+
+
+def test_the_profile_captures_every_grid_before_timing(tiny_parts):
+    """profile._prepare_decoder hands the decoder every single query and every batch small enough
+    for a graph, as `take` will collate them, so no timed query pays a vision capture."""
+    from firstsight.data.batching import PromptCollator
+    from firstsight.profile import _prepare_decoder
+
+    collate = PromptCollator(tiny_parts.processor)
+    queries = tiny_parts.split("validation")
+
+    class Recorder:
+        tag = "static_cuda_graph"
+        vision_graphs = VisionGraphs(max_patches=0)
+        reserved, prepared = [], []
+
+        def reserve(self, size, length, new_tokens):
+            self.reserved.append(size)
+
+        def prefill_graphs(self):
+            return True
+
+        def reserve_prefill(self, batch):
+            self.prepared.append(batch["input_ids"].shape[0])
+
+    decoder = Recorder()
+    patches_per_frame = collate([queries[0]])["pixel_values"].shape[0]
+    decoder.vision_graphs.max_patches = 2 * patches_per_frame  # batches of 2 single frames fit, of 3 do not
+    _prepare_decoder(decoder, queries, collate, single=4, batched=2, batch_size=2, new_tokens=4)
+    assert decoder.reserved == [1, 2]
+    frames = [len(queries[i].images) for i in range(4, 8)]
+    fitting = sum(1 for b in range(2) if sum(frames[2 * b:2 * b + 2]) <= 2)
+    assert decoder.prepared == [1, 1, 1, 1] + [2] * fitting
+    assert fitting >= 1  # the check is not vacuous
