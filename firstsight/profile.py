@@ -147,22 +147,22 @@ def _prepare_decoder(decoder: Any, queries: Any, collate: Any, single: int, batc
     """Before anything is timed: the static decoder's caches (and on CUDA its captured decode
     steps) for the longest prompt of the single queries and of the batches this profile will
     time, and the prefill's vision-encoder graphs for their frame grids, so that no timed query
-    pays a capture. The prompts come from collating the same queries `take` will."""
+    pays a capture. The prompts come from collating the same queries `take` will (one at a
+    time, then dropped; a batch small enough for a graph is collated whole)."""
     from firstsight.generation import HF_GENERATE
 
     if decoder.tag == HF_GENERATE:
         return
-    prompts = [collate([queries[i % len(queries)]]) for i in range(single + batched * batch_size)]
-    lengths = [prompt["input_ids"].shape[1] for prompt in prompts]
+    graphs = decoder.prefill_graphs()  # the prefill's vision-encoder graphs (CUDA): one per frame grid, made now
+    lengths, patches = [], []
+    for i in range(single + batched * batch_size):
+        prompt = collate([queries[i % len(queries)]])
+        lengths.append(prompt["input_ids"].shape[1])
+        patches.append(prompt["pixel_values"].shape[0] if prompt.get("pixel_values") is not None else 0)
+        if graphs and i < single:
+            decoder.reserve_prefill(prompt)
     decoder.reserve(1, max(lengths[:single]), new_tokens)
     decoder.reserve(batch_size, max(lengths[single:]), new_tokens)  # left padding: a batch is as long as its longest
-    if not decoder.prefill_graphs():
-        return
-    # the prefill's vision-encoder graphs (CUDA, small batches): one per frame grid, captured now
-    for prompt in prompts[:single]:
-        decoder.reserve_prefill(prompt)
-    for start in range(single, len(prompts), batch_size):
-        group = prompts[start:start + batch_size]
-        patches = sum(p["pixel_values"].shape[0] for p in group if p.get("pixel_values") is not None)
-        if patches <= decoder.vision_graphs.max_patches:
+    for start in range(single, len(lengths), batch_size):
+        if graphs and sum(patches[start:start + batch_size]) <= decoder.vision_graphs.max_patches:
             decoder.reserve_prefill(collate([queries[i % len(queries)] for i in range(start, start + batch_size)]))
