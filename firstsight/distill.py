@@ -208,7 +208,9 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
     share_positions = cfg.train.host_positions and (not teacher_runs or same_rope(student_model, teacher_model))
 
     def kd_step(batch: Dict[str, Any], answer_tokens: int) -> Dict[str, Any]:
-        inputs = model_inputs(batch)
+        # use_cache=False: a training forward reads no KV cache, and building one per layer (the
+        # models' config default) is wasted work that torch.compile also guards on, layer by layer
+        inputs = {**model_inputs(batch), "use_cache": False}
         if share_positions:
             positions = mrope_positions(student_model, batch)
             if positions is not None:
