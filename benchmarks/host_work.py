@@ -8,7 +8,7 @@ so that both sides see the same machine state:
   computed once on the host and given to both models (firstsight/positions.py,
   train.host_positions) and computed by each model on the GPU. Same loss required.
 
-    python benchmarks/host_work.py                     # GPU, real size with random weights (~3 min on an H200)
+    python benchmarks/host_work.py                     # GPU, real size with random weights (~70 s on an H200, model builds included)
     python benchmarks/host_work.py --parts generation  # only the first part
 
 Prints a table and writes benchmarks/results/host_work_<device>.{json,md} (device, versions, date).
