@@ -19,27 +19,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from typing import Any, Callable, Dict, List
 
 from _common import RESULTS, cuda_device, ratio, results_path, run_meta, write_pair
-from generation import compose  # benchmarks/generation.py
+from generation import Timer, compose  # benchmarks/generation.py
 
 DEVICE = {"name": "cuda"}  # --smoke: cpu
 
 
-def timed(fn: Callable[[], Any]) -> float:
-    import torch
-
-    sync = torch.cuda.synchronize if DEVICE["name"] == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - start
-
-
 def interleaved(ways: Dict[str, Callable[[], Any]], rounds: int) -> Dict[str, List[float]]:
+    timed = Timer(DEVICE["name"])  # synchronises around each call on CUDA
     times: Dict[str, List[float]] = {name: [] for name in ways}
     for _ in range(rounds):
         for name, run in ways.items():

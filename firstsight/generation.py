@@ -277,7 +277,7 @@ class GreedyDecoder:
         from firstsight.positions import prompt_positions
 
         positions = prompt_positions(model, batch)
-        with self._vision_serving(model, batch, device):
+        with self._vision_serving(model, batch):
             first_logits = entry.prefill(model, batch, self._cache_kw, positions)
         entry.start(batch, min_new, pad)
         entry.select(first_logits)  # token 0, eagerly, by the same code the step runs
@@ -303,14 +303,12 @@ class GreedyDecoder:
 
     # ------------------------------------------------------------------ static entries and graphs
 
-    def _vision_serving(self, model: Any, batch: Dict[str, Any], device: Any) -> Any:
+    def _vision_serving(self, model: Any, batch: Dict[str, Any]) -> Any:
         """Where decode steps are captured, the prefill's vision encoder is replayed from a CUDA graph
         too (firstsight/vision_graph.py); elsewhere nothing changes."""
         import contextlib
 
-        if not self._graphs_wanted(device):
-            return contextlib.nullcontext()
-        return self.vision_graphs.serving(model, batch)
+        return self.vision_graphs.serving(model, batch) if self.prefill_graphs() else contextlib.nullcontext()
 
     def _graphs_wanted(self, device: Any) -> bool:
         if self.graphs_off is not None:

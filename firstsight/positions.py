@@ -12,10 +12,10 @@ student, which would otherwise each compute it.
 The values are those the model computes itself (`get_rope_index` is the model's own method; only
 the device its inputs live on differs), so outputs are unchanged (tests/test_positions.py).
 
-What it buys was measured with benchmarks/host_work.py, on and off interleaved in one process.
-On an H200 the distill step's forward and backward, which are GPU-bound, gained nothing
-consistent: 1.08x in one run, 0.99x in another. On the CPU's tiny pair it gained 1.11x, because
-one computation serves both models.
+What it buys was measured with benchmarks/host_work.py, on and off interleaved in one process,
+and is within noise so far. On an H200 the distill step's forward and backward, which are
+GPU-bound, gave 1.08x in one run and 0.99x in another. On a 2-core CPU, two smoke runs of the tiny
+pair gave 1.11x and 0.96x.
 """
 
 from __future__ import annotations

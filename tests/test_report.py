@@ -178,7 +178,8 @@ def test_selecting_a_sweep_by_directory_or_parent_run(sweep_dir):
     job_ids = {r.info.run_id for r in _jobs(sweep_dir)}
     for sweep in (relative, str(sweep_dir / relative), str(sweep_dir / relative) + "/", parent.info.run_id,
                   parent.info.run_id[:8]):
-        cfg = compose(["task=report", f"task.sweep={sweep}", f"tracking.tracking_uri=sqlite:///{sweep_dir / 'mlflow.db'}"])
+        # quoted: a run id's prefix such as 17966e17 would otherwise be read as the float 1.7966e21
+        cfg = compose(["task=report", f"task.sweep='{sweep}'", f"tracking.tracking_uri=sqlite:///{sweep_dir / 'mlflow.db'}"])
         _, selection = read_runs(cfg)
         assert {r.run_id for r in selection.runs} == job_ids, sweep
     cfg = compose(["task=report", "task.sweep=multirun/1999-01-01/00-00-00",
