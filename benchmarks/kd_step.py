@@ -13,7 +13,10 @@ weights by default:
              answer_positions), fused AdamW, M-RoPE positions computed once per batch on the host
              and shared by both models; pure bf16 as naive
   + more points that trade (gradient checkpointing: memory for time; a larger batch: the memory
-             saved spent on throughput; fp32 master weights: the suite's default precision)
+             saved spent on throughput; fp32 master weights: the suite's default precision), and
+             the teacher cache with every id (teacher_cache.top_k=null: the live loss exactly, the
+             teacher off the GPU during the steps; its one teacher pass before the first step is
+             reported, with after how many passes over the split the faster steps pay it back)
 
 Same loss: the optimized point's per-step loss must follow the naive one (bf16 noise only; on the
 CPU the two are bit-identical, tests/test_kd_speed.py). The table gives tokens/s, peak VRAM and
@@ -31,7 +34,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from _common import (RESULTS, cuda_device, distill_overrides, results_path, run_job, run_meta,  # noqa: E402
                      train_history, write_pair)
@@ -39,6 +42,9 @@ from _common import (RESULTS, cuda_device, distill_overrides, results_path, run_
 NAIVE = ["precision.trainable_dtype=bfloat16", "train.logits=all_positions", "train.fused_optimizer=false",
          "train.host_positions=false"]
 OPTIMIZED = ["precision.trainable_dtype=bfloat16"]
+# the teacher's whole distribution (every id: the live loss exactly) over the train split, computed
+# once by one teacher pass before the first step; the steps then run the student only
+TEACHER_CACHE = ["teacher_cache.enabled=true", "teacher_cache.top_k=null"]
 
 # name -> (overrides, batch-size multiplier, what it shows)
 POINTS = {
@@ -54,6 +60,18 @@ POINTS = {
     "optimized + grad checkpointing, 4x batch": (OPTIMIZED + ["hardware.gradient_checkpointing=true"], 4,
                                                  "the memory checkpointing saves spent on a larger batch"),
     "optimized, fp32 master weights": (["precision.trainable_dtype=float32"], 1, "the suite's default precision"),
+    "optimized + teacher cache": (OPTIMIZED + TEACHER_CACHE, 1,
+                                  "the teacher's full distribution computed once, before the steps (exact); "
+                                  "the teacher is off the GPU during the steps"),
+    "optimized + teacher cache + compile": (OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true"], 1,
+                                            "as above, each decoder layer / vision block compiled (only the "
+                                            "student runs, so no grad-mode recompiles)"),
+    "optimized + teacher cache + compile + grad checkpointing": (
+        OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true", "hardware.gradient_checkpointing=true"], 1,
+        "as above, activations recomputed: memory for time"),
+    "optimized + teacher cache + grad checkpointing": (
+        OPTIMIZED + TEACHER_CACHE + ["hardware.gradient_checkpointing=true"], 1,
+        "as above, activations recomputed: memory for time"),
 }
 
 
@@ -64,13 +82,27 @@ def measure(args: argparse.Namespace, names: List[str]) -> List[Dict[str, Any]]:
         batch = args.batch_size * multiplier
         out_dir = Path(args.workdir) / name.replace(" ", "_").replace(",", "").replace("+", "plus")
         print(f"--- {name}: batch {batch}", flush=True)
-        point = run_job([*distill_overrides(args, batch, f"seed={args.seed}", "train.progress_bar=true"), *overrides],
-                        out_dir, args.timeout)
-        point.update(name=name, batch_size=batch, note=note, overrides=overrides, history=train_history(out_dir))
+        # a train split of exactly the samples the steps take: what a teacher-cache point's one
+        # teacher pass covers (and the same samples in the same order for every point of a batch size).
+        # Not for the tiny pair: its pretrained teacher is keyed on the data settings (a new size
+        # would pre-train another one); its default split is small enough.
+        size = args.steps * batch if args.weights == "random" else None
+        extra = (f"seed={args.seed}", "train.progress_bar=true", *([f"data.train_size={size}"] if size else []))
+        point = run_job([*distill_overrides(args, batch, *extra), *overrides], out_dir, args.timeout)
+        point.update(name=name, batch_size=batch, train_size=job_train_size(out_dir), note=note, overrides=overrides,
+                     history=train_history(out_dir))
         if "error" in point:
             print(point["error"][-1500:], flush=True)
         points.append(point)
     return points
+
+
+def job_train_size(out_dir: Path) -> Optional[int]:
+    """data.train_size as the job composed it (.hydra/config.yaml), None if it wrote no config."""
+    from omegaconf import OmegaConf
+
+    path = out_dir / ".hydra" / "config.yaml"
+    return int(OmegaConf.load(path).data.train_size) if path.is_file() else None
 
 
 def compare(points: List[Dict[str, Any]]) -> None:
@@ -93,6 +125,32 @@ def compare(points: List[Dict[str, Any]]) -> None:
             p["max_relative_loss_difference_vs_naive"] = max(diffs) if diffs else None
             first = p["history"][0]["train/loss"] if p["history"] else None
             p["step1_loss"], p["naive_step1_loss"] = first, losses.get(1)
+    teacher_pass_pays_off(points)
+
+
+def teacher_pass_pays_off(points: List[Dict[str, Any]]) -> None:
+    """A teacher-cache point's one-off teacher pass (teacher_cache/build_time_s less the teacher's
+    load, which a live run pays too), and after how many passes over the split (epochs, or student
+    runs of a sweep sharing the cache) the time its steps save against "optimized" has paid for it."""
+    live = next((p for p in points if p["name"] == "optimized" and "metrics" in p), None)
+    for p in points:
+        m = p.get("metrics") or {}
+        if "teacher_cache/build_time_s" not in m:
+            continue
+        p["teacher_pass_s"] = m["teacher_cache/build_time_s"] - m.get("model/teacher_load_time_s", 0.0)
+        if live and live["batch_size"] == p["batch_size"] and p["train_size"]:
+            saved_per_step = live["metrics"]["perf/step_time_s"] - m["perf/step_time_s"]
+            steps_per_pass = p["train_size"] / p["batch_size"]
+            p["passes_to_pay_off"] = p["teacher_pass_s"] / (saved_per_step * steps_per_pass) if saved_per_step > 0 else None
+
+
+def teacher_pass(point: Dict[str, Any]) -> str:
+    """The one-off teacher pass column: its seconds, or that the cache was there already."""
+    if point.get("teacher_pass_s") is not None:
+        return f"{point['teacher_pass_s']:.1f}"
+    if point["metrics"].get("teacher_cache/hits") == 1:
+        return "none: cache hit (built by an earlier process)"
+    return "n/a"
 
 
 def render(results: Dict[str, Any]) -> str:
@@ -104,14 +162,15 @@ def render(results: Dict[str, Any]) -> str:
         f"{meta['date']}; {meta['command']}; model={meta['model']} weights={meta['weights']} precision={meta['precision']}, "
         f"{meta['steps']} steps ({meta['warmup_steps']} warm-up steps excluded), {meta['image_size']}px frames; "
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
-        f"| point | batch | tokens/s | x naive | step (s) | {memory} | x naive | harness overhead | max loss diff vs naive |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        f"| point | batch | tokens/s | x naive | step (s) | {memory} | x naive | harness overhead | max loss diff vs naive "
+        "| one-off teacher pass (s) | passes to pay it off |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for p in results["points"]:
         m = p.get("metrics")
         if not m:
             last = p.get("error", "?").strip().splitlines()[-1:] or ["?"]
-            lines.append(f"| {p['name']} | {p['batch_size']} | failed: `{last[0][:120]}` | | | | | | |")
+            lines.append(f"| {p['name']} | {p['batch_size']} | failed: `{last[0][:120]}` | | | | | | | | |")
             continue
         peak = m.get("perf/peak_vram_gb", m.get("perf/peak_rss_gb"))
         lines.append(
@@ -119,7 +178,8 @@ def render(results: Dict[str, Any]) -> str:
             f"{fmt(p.get('tokens_per_s_vs_naive'), '{:.2f}x')} | {fmt(m.get('perf/step_time_s'), '{:.3f}')} | "
             f"{fmt(peak, '{:.2f}')} | {fmt(p.get('peak_vram_vs_naive'), '{:.2f}x')} | "
             f"{fmt(m.get('perf/harness_time_fraction'), '{:.2%}')} | "
-            f"{fmt(p.get('max_relative_loss_difference_vs_naive'), '{:.1e}')} |")
+            f"{fmt(p.get('max_relative_loss_difference_vs_naive'), '{:.1e}')} | "
+            f"{teacher_pass(p)} | {fmt(p.get('passes_to_pay_off'), '{:.2f}')} |")
     tokens = next((p["metrics"] for p in results["points"] if p.get("metrics")), None)
     if tokens:
         lines += ["", f"Tokens per sample (text + visual, padding excluded): "

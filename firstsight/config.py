@@ -288,7 +288,9 @@ class TeacherCacheConfig:
     student run that shares them, so a sweep over student settings runs the teacher once."""
 
     enabled: bool = False  # distill from the cache (built on first use) instead of a teacher pass per step
-    top_k: int = 64  # teacher log-probabilities kept per answer token; the rest is one explicit tail bucket
+    # teacher log-probabilities kept per answer token; the rest is one explicit tail bucket.
+    # null: every id (k = the student's vocabulary rows), so the loss is the live one exactly
+    top_k: Optional[int] = 64
     dir: Optional[str] = None  # where caches are kept; None: <cache_dir>/teacher-logits
     shard_size: int = 1024  # train samples per safetensors shard
 

@@ -29,7 +29,8 @@ rows cut away first):
 One safetensors file holds ``shard_size`` consecutive samples (``shard-00000.safetensors``, ...;
 its metadata names the cache key and its first sample). ``manifest.json`` holds the key, every
 input of the key, the sizes and dtypes, and each shard's sample range, row count, byte size and
-sha256. Log-probabilities at T cannot be recovered from top-k values at another temperature (the
+sha256. ``teacher_cache.top_k=null`` keeps every id (k = Vs, tail -inf): the loss is then the
+live teacher's exactly, at ~8 * Vs bytes per answer token. Log-probabilities at T cannot be recovered from top-k values at another temperature (the
 tail's shape is unknown), so T is part of the key: each temperature has its own cache.
 
 **The key** is a hash (firstsight.cache.content_key) of everything that determines the values:
@@ -219,7 +220,8 @@ def processor_identity(processor: Any) -> str:
                        tokenizer.chat_template, tokenizer.all_special_tokens, image_settings)
 
 
-def key_inputs(cfg: DictConfig, processor: Any, student_vocab_rows: int, train_set: Any, device: str) -> Dict[str, Any]:
+def key_inputs(cfg: DictConfig, processor: Any, student_vocab_rows: int, train_set: Any, device: str,
+               top_k: int) -> Dict[str, Any]:
     from firstsight.parts import quantization_of, resolve_parts
 
     parts = {part: [p.dtype, p.quantization] for part, p in resolve_parts(cfg, "teacher").items()}
@@ -233,7 +235,7 @@ def key_inputs(cfg: DictConfig, processor: Any, student_vocab_rows: int, train_s
         "processor": processor_identity(processor),
         "student_vocab_rows": int(student_vocab_rows),
         "temperature": float(cfg.distill_loss.temperature),
-        "top_k": int(cfg.teacher_cache.top_k),
+        "top_k": int(top_k),
     }
 
 
@@ -293,9 +295,10 @@ class _ShardWriter:
 class _Context:
     """What opening, building and evaluating a cache share."""
 
-    def __init__(self, cfg: DictConfig, processor: Any, device: str, train_set: Any, vocab: int):
+    def __init__(self, cfg: DictConfig, processor: Any, device: str, train_set: Any, vocab: int, top_k: int):
         self.cfg, self.processor, self.device, self.train_set, self.vocab = cfg, processor, device, train_set, vocab
-        self.inputs = key_inputs(cfg, processor, vocab, train_set, device)
+        self.top_k = top_k  # teacher_cache.top_k resolved: null is the whole vocabulary
+        self.inputs = key_inputs(cfg, processor, vocab, train_set, device, top_k)
         self.key = content_key(self.inputs)
         self.root = cache_root(cfg)
         self.path = self.root / f"topk-{self.key}"
@@ -349,7 +352,7 @@ def _build(ctx: _Context, out_dir: Path, report: Dict[str, Any]) -> Dict[str, An
     log.info("teacher-logit cache miss: running the teacher once over the %d train samples into %s",
              len(ctx.train_set), ctx.path)
     teacher = ctx.load_teacher()
-    temperature, top_k, chunk = float(cfg.distill_loss.temperature), int(settings.top_k), int(cfg.distill_loss.chunk_size)
+    temperature, top_k, chunk = float(cfg.distill_loss.temperature), ctx.top_k, int(cfg.distill_loss.chunk_size)
     loader = DataLoader(ctx.train_set, batch_size=cfg.hardware.batch_size, shuffle=False,
                         collate_fn=QACollator(ctx.processor, with_index=True), num_workers=cfg.hardware.dataloader_workers)
     writer = _ShardWriter(out_dir, ctx.key, settings.shard_size, top_k)
@@ -622,7 +625,8 @@ def open_cache(cfg: DictConfig, tracker: Any, processor: Any, student: Any, devi
 
     settings = cfg.teacher_cache
     vocab = int(student.vocab_rows)
-    if settings.top_k > vocab:
+    top_k = vocab if settings.top_k is None else int(settings.top_k)  # null: every id, the exact loss
+    if top_k > vocab:
         raise FirstSightError(
             f"teacher_cache.top_k={settings.top_k} exceeds the student's vocabulary ({vocab} rows): "
             f"choose at most {vocab} (top_k={vocab} keeps the full distribution)"
@@ -631,9 +635,9 @@ def open_cache(cfg: DictConfig, tracker: Any, processor: Any, student: Any, devi
     report: Dict[str, Any] = {}
     with _rng_untouched(device):
         train_set = load_split(cfg.data, "train", cfg.seed)
-        ctx = _Context(cfg, processor, device, train_set, vocab)
+        ctx = _Context(cfg, processor, device, train_set, vocab, top_k)
         cached_dir(ctx.path, lambda out: _build(ctx, out, report))
-        manifest, arrays = load_verified(ctx.path, ctx.key, len(train_set), vocab, int(settings.top_k))
+        manifest, arrays = load_verified(ctx.path, ctx.key, len(train_set), vocab, top_k)
     seconds = time.perf_counter() - start
     status = "built" if report else "hit"
     info = manifest["teacher"]

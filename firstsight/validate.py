@@ -540,7 +540,8 @@ def _validate_teacher_cache(cfg: DictConfig) -> None:
     loaded, and with distill_loss=none (no teacher) the cache is ignored, with a message."""
     if cfg.get("teacher_cache") is None:
         return
-    _at_least(cfg, "teacher_cache.top_k", 1)
+    if cfg.teacher_cache.top_k is not None:  # null: every id of the student's vocabulary
+        _at_least(cfg, "teacher_cache.top_k", 1)
     _at_least(cfg, "teacher_cache.shard_size", 1)
     directory = cfg.teacher_cache.dir
     _check(directory is None or bool(str(directory).strip()), "teacher_cache.dir", directory,

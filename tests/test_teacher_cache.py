@@ -168,9 +168,11 @@ def _key(cache_dir, overrides, vocab=448, processor=None):
     cfg = _PROCESSOR["cfg"].copy()
     for override in overrides:
         key, value = override.split("=", 1)
-        OmegaConf.update(cfg, key, value if not value.startswith("[") else value[1:-1].split(","))
+        value = None if value == "null" else value[1:-1].split(",") if value.startswith("[") else value
+        OmegaConf.update(cfg, key, value)
     processor = processor or _processor(cache_dir)
-    return content_key(key_inputs(cfg, processor, vocab, load_split(cfg.data, "train", cfg.seed), "cpu"))
+    top_k = vocab if cfg.teacher_cache.top_k is None else cfg.teacher_cache.top_k
+    return content_key(key_inputs(cfg, processor, vocab, load_split(cfg.data, "train", cfg.seed), "cpu", top_k))
 
 
 def test_the_key_changes_with_each_determining_input_only(cache_dir):
@@ -186,12 +188,15 @@ def test_the_key_changes_with_each_determining_input_only(cache_dir):
         "seed": _key(cache_dir, ["seed=1"]),
         "temperature": _key(cache_dir, ["distill_loss.temperature=3.0"]),
         "top_k": _key(cache_dir, ["teacher_cache.top_k=8"]),
+        "top_k null (every id)": _key(cache_dir, ["teacher_cache.top_k=null"]),
         "student vocabulary": _key(cache_dir, [], vocab=512),
     }
     processor = copy.deepcopy(_processor(cache_dir))
     processor.tokenizer.chat_template = processor.tokenizer.chat_template + " "
     changed["processor"] = _key(cache_dir, [], processor=processor)
     assert len(set(changed.values()) | {base}) == len(changed) + 1, changed
+    # null is the whole vocabulary: the same cache as naming its size
+    assert changed["top_k null (every id)"] == _key(cache_dir, ["teacher_cache.top_k=448"])
     # the shipped pretrained tiny teacher (for the default data settings) against a random one
     default_data = ["data.train_size=512"]
     assert _key(cache_dir, default_data) != _key(cache_dir, [*default_data, "model.teacher.weights=pretrained"])
@@ -333,7 +338,7 @@ def test_a_batch_that_disagrees_with_the_cache_is_refused(built, cache_dir):
     cfg, root, runs = built
     processor = tiny_processor(cache_dir)
     train = load_split(cfg.data, "train", cfg.seed)
-    ctx = _Context(cfg, processor, "cpu", train, 448)
+    ctx = _Context(cfg, processor, "cpu", train, 448, 16)
     manifest, arrays = load_verified(ctx.path, ctx.key, 16, 448, 16)
     cache = TeacherCache(ctx, _Tracker(), manifest, arrays, "hit", None, {})
     batch = QACollator(processor, with_index=True)([train[i] for i in (3, 7)])
@@ -356,7 +361,7 @@ def test_teacher_accuracy_without_a_record_loads_the_teacher_once(built, cache_d
     cfg, root, runs = built
     cfg = cfg.copy()
     cfg.data.validation_size = 5  # a validation split the build did not measure
-    ctx = _Context(cfg, tiny_processor(cache_dir), "cpu", load_split(cfg.data, "train", cfg.seed), 448)
+    ctx = _Context(cfg, tiny_processor(cache_dir), "cpu", load_split(cfg.data, "train", cfg.seed), 448, 16)
     tracker = _Tracker()
     cache = TeacherCache(ctx, tracker, {}, {name: torch.zeros(1) for name in
                                            ("token_ids", "logprobs", "tail_logprob", "labels", "offsets")},
@@ -387,7 +392,7 @@ def _key_composed(cache_dir, overrides):
     from firstsight.teacher_cache import key_inputs
 
     cfg = compose([*BASE, *overrides])
-    return content_key(key_inputs(cfg, _processor(cache_dir), 448, load_split(cfg.data, "train", cfg.seed), "cpu"))
+    return content_key(key_inputs(cfg, _processor(cache_dir), 448, load_split(cfg.data, "train", cfg.seed), "cpu", 64))
 
 
 def test_validation(cache_dir):
@@ -426,3 +431,18 @@ def test_cli_miss_then_hit_in_mlflow(run_cli, tmp_path):
     assert [r.data.metrics["teacher_cache/misses"] for r in runs] == [1, 0]
     assert runs[0].data.tags["firstsight.teacher_cache_path"] == runs[1].data.tags["firstsight.teacher_cache_path"]
     assert runs[1].data.params["teacher_cache.top_k"] == "12"
+
+
+def test_top_k_null_keeps_every_id_and_trains_as_the_live_teacher(cache_dir, tmp_path):
+    """teacher_cache.top_k=null: k = the student's vocabulary, no tail bucket, so the losses of a
+    run from the cache are the live teacher's (fp32 on the CPU: equal to rounding)."""
+    from firstsight.distill import distill
+
+    live = distill(compose([*BASE, "teacher_cache.enabled=false"]), _Tracker())
+    tracker = _Tracker()
+    cached = distill(compose([*BASE, f"teacher_cache.dir={tmp_path}", "teacher_cache.top_k=null"]), tracker)
+    manifest = json.loads((tmp_path / f"topk-{tracker.tags['firstsight.teacher_cache_key']}" / "manifest.json").read_text())
+    assert manifest["top_k"] == manifest["student_vocab_rows"] == 448
+    for name in ("train/loss", "train/kd_loss", "train/ce_loss"):
+        assert cached[name] == pytest.approx(live[name], rel=1e-5, abs=1e-7), name
+    assert cached["train/kd_loss"] > 0
