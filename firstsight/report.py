@@ -198,6 +198,32 @@ def select_runs(records: Sequence[RunRecord], experiment: str, store: str, sweep
                      left_out=left_out)
 
 
+def _number(text: str) -> Optional[float]:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _read_as_number(sweep: str, parents: List[RunRecord]) -> List[RunRecord]:
+    """The parents one of whose id prefixes (6+ characters, digits with at most one 'e') has the
+    value `sweep` has as a number: Hydra turns an unquoted task.sweep=17966e17 into the float
+    1.7966e+21 (and 012345 into 12345) before the task sees it."""
+    value = _number(sweep)
+    if value is None:
+        return []
+    numeric_prefix = re.compile(r"[0-9]+(e[0-9]+)?")
+    found = []
+    for parent in parents:
+        prefixes = (parent.run_id[:n] for n in range(6, len(parent.run_id) + 1))
+        if any(numeric_prefix.fullmatch(p) and float(p) == value for p in prefixes):
+            found.append(parent)
+    if len(found) == 1:
+        log.info("task.sweep=%s: read as parent run %s (Hydra had read the id's prefix as a number)",
+                 sweep, found[0].run_id)
+    return found
+
+
 def _resolve_sweep(sweep: str, parents: List[RunRecord], jobs: List[RunRecord], records: Sequence[RunRecord],
                    experiment: str, cwd: str) -> Tuple[Optional[RunRecord], List[RunRecord]]:
     """`sweep` as "latest", a parent run id (or a unique prefix of one), or a multirun directory."""
@@ -212,6 +238,8 @@ def _resolve_sweep(sweep: str, parents: List[RunRecord], jobs: List[RunRecord], 
         parent = max(own, key=lambda p: (p.start_time, p.run_id))
     else:
         by_id = [p for p in parents if p.run_id == sweep or (len(sweep) >= 6 and p.run_id.startswith(sweep))]
+        if not by_id:
+            by_id = _read_as_number(sweep, parents)
         if len(by_id) == 1:
             parent = by_id[0]
         else:
@@ -222,6 +250,8 @@ def _resolve_sweep(sweep: str, parents: List[RunRecord], jobs: List[RunRecord], 
                     f"task.sweep={sweep!r}: no sweep of experiment {experiment!r} has that parent run id or "
                     f"multirun directory. Its sweeps: {_describe_sweeps(parents, jobs, cwd)}. Give one of "
                     f"those directories or parent run ids, or task.sweep=latest."
+                    + (" (Hydra reads an unquoted id made of digits, maybe with one 'e', as a number: "
+                       "quote it, e.g. task.sweep=\"'<id>'\".)" if _number(sweep) is not None else "")
                 )
             parent_ids = {p.run_id for p in parents if p.run_id in in_dir}
             parent_ids |= {r.parent_id for r in records if r.run_id in in_dir and r.parent_id}

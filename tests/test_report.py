@@ -339,6 +339,22 @@ def test_selection_rules():
         select_runs([_run("single")], sweep="latest", **kw)
 
 
+def test_a_run_id_prefix_hydra_read_as_a_number_still_selects_its_sweep():
+    """Unquoted, task.sweep=17966e17 reaches the task as '1.7966e+21' (and 012345 as '12345'):
+    the parent whose id begins with a literal of that value is meant; none: the error says to quote."""
+    records = [_parent("17966e17aa", "multirun/d/a", 1), _child("c-a", "17966e17aa", "multirun/d/a", 2),
+               _parent("012345bbbb", "multirun/d/b", 3), _child("c-b", "012345bbbb", "multirun/d/b", 4),
+               _parent("99999fcccc", "multirun/d/c", 5), _child("c-c", "99999fcccc", "multirun/d/c", 6)]
+    kw = dict(experiment="exp", store="sqlite:///x.db", cwd="/elsewhere")
+    assert [r.run_id for r in select_runs(records, sweep=str(17966e17), **kw).runs] == ["c-a"]
+    assert [r.run_id for r in select_runs(records, sweep=str(12345), **kw).runs] == ["c-b"]
+    with pytest.raises(FirstSightError, match="quote it"):
+        select_runs(records, sweep=str(1.5e30), **kw)
+    with pytest.raises(FirstSightError) as err:  # not a number: no quoting hint
+        select_runs(records, sweep="zzzzzzzz", **kw)
+    assert "quote it" not in str(err.value)
+
+
 def test_values_are_escaped_in_markdown_and_html(tmp_path):
     evil = "<script>alert(1)</script>|x"
     runs = [_run("a" * 32, params={"model.name": evil}), _run("b" * 32, precision="bf16", params={"model.name": "tiny"})]
