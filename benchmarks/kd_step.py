@@ -66,6 +66,9 @@ POINTS = {
     "optimized + teacher cache + compile": (OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true"], 1,
                                             "as above, each decoder layer / vision block compiled (only the "
                                             "student runs, so no grad-mode recompiles)"),
+    "optimized + teacher cache + compile + 8-bit AdamW": (
+        OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true", "train.optimizer=adamw_8bit"], 1,
+        "as above, AdamW's moments in 8 bits (bitsandbytes): less optimizer memory, an approximate update"),
     "optimized + teacher cache + compile + grad checkpointing": (
         OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true", "hardware.gradient_checkpointing=true"], 1,
         "as above, activations recomputed: memory for time"),

@@ -202,6 +202,9 @@ class FileDataConfig(DataConfig):
     on_bad_sample: str = "error"  # error: stop at the first bad record | skip: skip it, count and log it
 
 
+OPTIMIZERS = ("adamw", "adamw_8bit")  # train.optimizer
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = 40  # optimizer steps
@@ -221,6 +224,9 @@ class TrainConfig:
     # Speed (issue 6; benchmarks/kd_step.py measures each against the naive way):
     logits: str = "answer_positions"  # answer_positions: lm_head only where a loss is taken | all_positions: every token (naive)
     fused_optimizer: bool = True  # CUDA: AdamW's fused kernel (one launch for all tensors); same update as the loop
+    # adamw: torch's | adamw_8bit: bitsandbytes' AdamW8bit, both moments stored in 8 bits (block-wise
+    # quantized): 2 bytes less optimizer state per weight than bf16 moments, an approximate update
+    optimizer: str = "adamw"  # one of OPTIMIZERS
     host_positions: bool = True  # M-RoPE positions computed once per batch on the host, given to both models (positions.py)
 
 

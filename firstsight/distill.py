@@ -284,7 +284,7 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
             max_steps=cfg.train.max_steps, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
             warmup_steps=cfg.train.warmup_steps, max_grad_norm=cfg.train.max_grad_norm,
             grad_accum_steps=cfg.hardware.grad_accum_steps, progress_bar=cfg.train.progress_bar,
-            fused_optimizer=cfg.train.fused_optimizer,
+            fused_optimizer=cfg.train.fused_optimizer, optimizer=cfg.train.optimizer,
             description=f"distilling ({cfg.distill_loss.name}, {cfg.precision.name})",
         ),
         device=device,

@@ -27,6 +27,7 @@ class LoopSettings:
     grad_accum_steps: int = 1
     progress_bar: bool = True
     fused_optimizer: bool = False  # CUDA: torch's fused AdamW kernel (not for FSDP's sharded DTensor parameters)
+    optimizer: str = "adamw"  # adamw (torch) | adamw_8bit (bitsandbytes, 8-bit moments)
     description: str = "training"
 
 
@@ -58,6 +59,21 @@ def _lr_lambda(warmup_steps: int, max_steps: int) -> Callable[[int], float]:
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def _optimizer(params: List[Any], settings: LoopSettings, device: str) -> Any:
+    """AdamW over `params`: torch's (fused on CUDA where asked and possible) or bitsandbytes'
+    AdamW8bit, whose two moments are stored in 8 bits per weight (tensors of at least 4096
+    elements; smaller ones keep 32-bit moments) with the same hyper-parameters."""
+    import torch
+
+    if settings.optimizer == "adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    fused = settings.fused_optimizer and device == "cuda" and not any(type(p).__name__ == "DTensor" for p in params)
+    return torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay,
+                             **({"fused": True} if fused else {}))
 
 
 def optimize(
@@ -99,9 +115,7 @@ def optimize(
     extra = [p for p in extra_parameters if p.requires_grad]
     params = [p for p in model.parameters() if p.requires_grad] + extra
     no_sync = getattr(model, "no_sync", contextlib.nullcontext)  # DDP: all-reduce on the last micro-batch only
-    fused = settings.fused_optimizer and device == "cuda" and not any(type(p).__name__ == "DTensor" for p in params)
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay,
-                                  **({"fused": True} if fused else {}))
+    optimizer = _optimizer(params, settings, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings.warmup_steps, settings.max_steps))
     scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)  # fp16 gradients underflow unscaled
     timer = StepTimer(device)

@@ -176,6 +176,10 @@ def _validate_numbers(cfg: DictConfig) -> None:
         cfg.train.throughput_warmup_steps,
         f"it must be < train.max_steps={cfg.train.max_steps}, or no step is left to measure throughput on",
     )
+    from firstsight.config import OPTIMIZERS
+
+    _check(cfg.train.optimizer in OPTIMIZERS, "train.optimizer", cfg.train.optimizer,
+           f"choose one of {', '.join(OPTIMIZERS)}")
     _check(cfg.train.logits in ("answer_positions", "all_positions"), "train.logits", cfg.train.logits,
            "choose answer_positions (the output head only where a loss is taken) or all_positions (every token)")
     resume = str(cfg.train.resume)
@@ -371,6 +375,8 @@ def _validate_hardware(cfg: DictConfig, local_device: bool = True) -> None:
                "fsdp shards a fully trained student; with lora.enabled=true use ddp (the adapters are small)")
         _check(not cfg.distill_loss.hidden_weight > 0, "hardware.data_parallel", hw.data_parallel,
                "fsdp does not train the hidden-state projections; use ddp with distill_loss.hidden_weight > 0")
+        _check(cfg.train.optimizer == "adamw", "hardware.data_parallel", hw.data_parallel,
+               "fsdp's sharded weights need torch's AdamW (train.optimizer=adamw), or use ddp with adamw_8bit")
     if device == "cpu":
         _check(hw.num_gpus == 0, "hardware.num_gpus", hw.num_gpus,
                "a CPU job uses 0 GPUs (set hardware=gpu for CUDA; on the CPU, torchrun's processes share the cores)")

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -120,3 +121,73 @@ def test_float16_trainable_weights_are_refused(run_cli, tmp_path):
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "mlflow.db").exists()  # refused before the MLflow run was created
     assert not list(tmp_path.glob("outputs/*/*/checkpoints"))
+
+
+def test_adamw_8bit_keeps_8_bit_moments_and_steps_as_adamw_does():
+    """train.optimizer=adamw_8bit: bitsandbytes' AdamW8bit. Its moments are uint8 for tensors of
+    4096+ elements, and its first step is Adam's (lr * g / |g| after bias correction) up to the
+    8-bit quantization of the moments."""
+    from firstsight.train import LoopSettings, _optimizer
+
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(64, 128, generator=g), torch.randn(8, generator=g)]
+    grads = [torch.randn(t.shape, generator=g) for t in start]
+    moved = {}
+    for name in ("adamw", "adamw_8bit"):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        optimizer = _optimizer(params, LoopSettings(max_steps=1, lr=1e-2, weight_decay=0.0, optimizer=name), "cpu")
+        for p, grad in zip(params, grads):
+            p.grad = grad.clone()
+        optimizer.step()
+        moved[name] = [p.detach() - t for p, t in zip(params, start)]
+        if name == "adamw_8bit":
+            assert type(optimizer).__name__ == "AdamW8bit"
+            assert optimizer.state[params[0]]["state1"].dtype == torch.uint8  # 8-bit first moment
+            assert optimizer.state[params[1]]["state1"].dtype == torch.float32  # small tensors: 32-bit
+    for exact, approx in zip(moved["adamw"], moved["adamw_8bit"]):
+        assert exact.abs().max() == pytest.approx(1e-2, rel=1e-3)  # Adam's first step: lr * sign(g)
+        assert (approx - exact).abs().max() < 1e-3  # within 10 % of the step
+
+
+def test_unknown_optimizer_and_fsdp_with_8_bit_moments_are_refused():
+    from conftest import compose
+    from firstsight.errors import ConfigError
+    from firstsight.validate import validate
+
+    with pytest.raises(ConfigError, match="train.optimizer='sgd'.*adamw, adamw_8bit"):
+        validate(compose(["train.optimizer=sgd"]))
+    with pytest.raises(ConfigError, match="train.optimizer=adamw"):
+        validate(compose(["hardware.data_parallel=fsdp", "train.optimizer=adamw_8bit"]))
+
+
+def test_a_distill_job_with_adamw_8bit_starts_as_adamw_and_trains(cache_dir):
+    """Same first loss as torch's AdamW (the forward before any update), then finite losses."""
+    from conftest import compose
+    from firstsight.distill import distill
+
+    class Tracker:
+        run_id = None
+
+        def __init__(self):
+            self.losses = {}
+
+        def log_metrics(self, metrics, step=0):
+            if "train/loss" in metrics:
+                self.losses[step] = metrics["train/loss"]
+
+        def set_tags(self, tags): ...
+        def log_text(self, *args): ...
+        def log_artifacts(self, *args): ...
+        def flush(self): ...
+
+    losses = {}
+    for name in ("adamw", "adamw_8bit"):
+        cfg = compose(["model.teacher.weights=random", "data.train_size=12", "hardware.batch_size=4", "train.max_steps=3",
+                       "train.throughput_warmup_steps=1", "train.progress_bar=false", "train.eval_at_end=false",
+                       "train.save_checkpoint=false", "train.log_every_n_steps=1", f"train.optimizer={name}"])
+        tracker = Tracker()
+        distill(cfg, tracker)
+        losses[name] = [tracker.losses[step] for step in (1, 2, 3)]
+    assert losses["adamw_8bit"][0] == losses["adamw"][0]
+    assert all(math.isfinite(loss) for loss in losses["adamw_8bit"])
+    assert losses["adamw_8bit"][-1] != losses["adamw"][-1]  # another update rule
