@@ -78,7 +78,22 @@ POINTS = {
 }
 
 
+def warm_up_machine(args: argparse.Namespace) -> None:
+    """One short, unrecorded naive job first: the first process on a fresh GPU machine stalls for
+    seconds in some of its steps (seen in every fresh call on the H200), which would fall on the
+    first point and distort its tokens/s."""
+    steps = 3
+    warm = argparse.Namespace(**{**vars(args), "steps": steps, "warmup_steps": 1})
+    print(f"--- warming the machine up: {steps} naive steps, not recorded", flush=True)
+    result = run_job([*distill_overrides(warm, args.batch_size, f"seed={args.seed}"), *NAIVE],
+                     Path(args.workdir) / "warm-up", args.timeout)
+    if "error" in result:
+        print(f"(the warm-up job failed; measuring anyway)\n{result['error'][-800:]}", flush=True)
+
+
 def measure(args: argparse.Namespace, names: List[str]) -> List[Dict[str, Any]]:
+    if args.warm_up_job:
+        warm_up_machine(args)
     points = []
     for name in names:
         overrides, multiplier, note = POINTS[name]
@@ -163,7 +178,8 @@ def render(results: Dict[str, Any]) -> str:
     lines = [
         f"# KD step: naive vs optimized — {meta['device']}", "",
         f"{meta['date']}; {meta['command']}; model={meta['model']} weights={meta['weights']} precision={meta['precision']}, "
-        f"{meta['steps']} steps ({meta['warmup_steps']} warm-up steps excluded), {meta['image_size']}px frames; "
+        f"{meta['steps']} steps ({meta['warmup_steps']} warm-up steps excluded), {meta['image_size']}px frames"
+        + ("; after a short unrecorded naive job that warms the machine up" if meta.get("warm_up_job") else "") + "; "
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
         f"| point | batch | tokens/s | x naive | step (s) | {memory} | x naive | harness overhead | max loss diff vs naive "
         "| one-off teacher pass (s) | passes to pay it off |",
@@ -206,6 +222,8 @@ def main() -> None:
     parser.add_argument("--points", nargs="+", default=list(POINTS), choices=list(POINTS))
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--smoke", action="store_true", help="CPU, the tiny pair, 6 steps: the plumbing only")
+    parser.add_argument("--no-warm-up-job", dest="warm_up_job", action="store_false",
+                        help="skip the short unrecorded naive job run before the points (on by default, not with --smoke)")
     parser.add_argument("--results-dir", default=str(RESULTS))
     parser.add_argument("--workdir", default="/tmp/firstsight-kd-step")
     parser.add_argument("overrides", nargs="*", help="more run.py overrides for every point")
@@ -214,12 +232,13 @@ def main() -> None:
         args.model, args.weights, args.hardware, args.precision = "tiny", "", "cpu", "fp32"
         args.steps, args.warmup_steps, args.image_size = 6, 2, 112  # the tiny teacher's own data (no pre-training)
         args.points = [p for p in args.points if p not in ("optimized, fp32 master weights",)]
+        args.warm_up_job = False
 
     device = cuda_device()
     results = {
         "meta": run_meta(device, model=args.model, weights=args.weights, precision=args.precision,
                          batch_size=args.batch_size, image_size=args.image_size, steps=args.steps,
-                         warmup_steps=args.warmup_steps, seed=args.seed),
+                         warmup_steps=args.warmup_steps, seed=args.seed, warm_up_job=args.warm_up_job),
         "points": measure(args, args.points),
     }
     compare(results["points"])

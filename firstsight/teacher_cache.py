@@ -30,8 +30,9 @@ One safetensors file holds ``shard_size`` consecutive samples (``shard-00000.saf
 its metadata names the cache key and its first sample). ``manifest.json`` holds the key, every
 input of the key, the sizes and dtypes, and each shard's sample range, row count, byte size and
 sha256. ``teacher_cache.top_k=null`` keeps every id (k = Vs, tail -inf): the loss is then the
-live teacher's exactly, at ~8 * Vs bytes per answer token. Log-probabilities at T cannot be recovered from top-k values at another temperature (the
-tail's shape is unknown), so T is part of the key: each temperature has its own cache.
+live teacher's exactly, at ~8 * Vs bytes per answer token. Log-probabilities at T cannot be
+recovered from top-k values at another temperature (the tail's shape is unknown), so T is part of
+the key: each temperature has its own cache.
 
 **The key** is a hash (firstsight.cache.content_key) of everything that determines the values:
 the teacher's identity (tiny: its cache directory's name and the sha256 of its config and weights;
