@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 GB = 1e9
 
@@ -43,6 +43,18 @@ class PeakMemory:
 
             return torch.cuda.max_memory_allocated() / GB
         return _vm_hwm_bytes() / GB
+
+
+def available_host_memory_bytes() -> Optional[int]:
+    """MemAvailable of /proc/meminfo: what the host can still give processes without swapping
+    (None where there is no /proc/meminfo)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _vm_hwm_bytes() -> int:

@@ -337,6 +337,29 @@ class _Context:
         return accuracy
 
 
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+def _check_fits(answer_tokens: int, samples: int, total: int, top_k: int, setting: Any,
+                available: Optional[int]) -> None:
+    """Stop the teacher pass as soon as the whole cache, projected from the samples so far (its
+    R * (8k + 8) bytes), would not fit in the host memory that was available when the pass began:
+    training holds all of it there, and would run out of memory only after the whole pass."""
+    if available is None or samples == 0:
+        return
+    per_token = 8 * top_k + 8
+    projected = answer_tokens / samples * total * per_token
+    if projected > available:
+        setting = "null (every id)" if setting is None else setting
+        raise FirstSightError(
+            f"teacher_cache.top_k={setting}: the cache of the {total} train samples would take "
+            f"~{_size(projected)} of host memory (~{answer_tokens / samples:.1f} answer tokens per "
+            f"sample x {per_token} bytes), more than the {_size(available)} available; choose a smaller "
+            f"teacher_cache.top_k (e.g. 64: {8 * 64 + 8} bytes per answer token) or fewer samples (data.train_size)"
+        )
+
+
 def _build(ctx: _Context, out_dir: Path, report: Dict[str, Any]) -> Dict[str, Any]:
     """The teacher's pass over the train split, in order, into shards under `out_dir`."""
     import torch
@@ -357,6 +380,10 @@ def _build(ctx: _Context, out_dir: Path, report: Dict[str, Any]) -> Dict[str, An
     loader = DataLoader(ctx.train_set, batch_size=cfg.hardware.batch_size, shuffle=False,
                         collate_fn=QACollator(ctx.processor, with_index=True), num_workers=cfg.hardware.dataloader_workers)
     writer = _ShardWriter(out_dir, ctx.key, settings.shard_size, top_k)
+    from firstsight.perf import available_host_memory_bytes
+
+    available = available_host_memory_bytes()  # training holds the whole cache in host memory
+    answer_tokens = 0
     bar = tqdm(total=len(ctx.train_set), desc=f"teacher cache: top-{top_k} of the teacher (first use, cached)",
                disable=not cfg.train.progress_bar, dynamic_ncols=True)
     expected = 0
@@ -381,6 +408,8 @@ def _build(ctx: _Context, out_dir: Path, report: Dict[str, Any]) -> Dict[str, An
                     ids = torch.zeros(0, top_k, dtype=torch.int64)
                     logprobs, tail = torch.zeros(0, top_k), torch.zeros(0)
                 answers = shifted[mask].cpu()
+                answer_tokens += answers.numel()
+                _check_fits(answer_tokens, expected, len(ctx.train_set), top_k, settings.top_k, available)
                 begin = 0
                 for count in mask.sum(1).tolist():
                     end = begin + count

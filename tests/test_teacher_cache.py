@@ -446,3 +446,24 @@ def test_top_k_null_keeps_every_id_and_trains_as_the_live_teacher(cache_dir, tmp
     for name in ("train/loss", "train/kd_loss", "train/ce_loss"):
         assert cached[name] == pytest.approx(live[name], rel=1e-5, abs=1e-7), name
     assert cached["train/kd_loss"] > 0
+
+
+def test_a_cache_too_large_for_host_memory_stops_the_teacher_pass_early(cache_dir, tmp_path, monkeypatch):
+    """Training holds the whole cache in host memory: a pass whose projected cache exceeds what is
+    available stops at its first batch, naming the sizes and the setting to change, and leaves no
+    cache behind."""
+    from firstsight import perf
+    from firstsight.distill import distill
+
+    # the tiny pair's 16 samples of a few answer tokens x (8 * 448 + 8) bytes: ~0.2 MB
+    monkeypatch.setattr(perf, "available_host_memory_bytes", lambda: 10_000)
+    root = tmp_path / "caches"
+    with pytest.raises(FirstSightError, match=r"teacher_cache.top_k=null \(every id\): the cache of the 16 train "
+                                              r"samples would take ~0.\d\d MB of host memory") as err:
+        distill(compose([*BASE, f"teacher_cache.dir={root}", "teacher_cache.top_k=null"]), _Tracker())
+    assert "the 0.01 MB available" in str(err.value) and "data.train_size" in str(err.value)
+    assert not list(root.glob("topk-*/manifest.json")) and not list(root.glob("*.tmp-*"))
+    monkeypatch.setattr(perf, "available_host_memory_bytes", lambda: None)  # unknown: no check
+    tracker = _Tracker()
+    distill(compose([*BASE, f"teacher_cache.dir={root}", "teacher_cache.top_k=8"]), tracker)
+    assert tracker.tags["firstsight.teacher_cache"] == "built"
