@@ -157,3 +157,13 @@ def test_the_kd_vs_ce_preset_sweeps_every_loss_over_three_seeds():
     assert params.seed.split(",") == ["1", "2", "3"]
     assert cfg.train.max_steps >= 100 and cfg.model.name == "tiny"
     validate(cfg)
+
+
+def test_the_lean_kd_preset_sets_the_measured_settings():
+    cfg = compose(["experiment=lean_kd", "model=qwen2vl_7b_2b"])
+    assert cfg.hardware.name == "gpu" and cfg.precision.name == "bf16"
+    assert cfg.precision.trainable_dtype.value == "bfloat16"
+    assert cfg.teacher_cache.enabled and cfg.teacher_cache.top_k is None
+    assert cfg.hardware.compile and cfg.train.optimizer == "adamw_8bit"
+    # the rest stays overridable
+    assert compose(["experiment=lean_kd", "train.optimizer=adamw"]).train.optimizer == "adamw"
