@@ -48,25 +48,27 @@ class PeakMemory:
 def available_host_memory_bytes() -> Optional[int]:
     """MemAvailable of /proc/meminfo: what the host can still give processes without swapping
     (None where there is no /proc/meminfo)."""
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
+
+
+def _vm_hwm_bytes() -> int:
+    peak = _proc_bytes("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _proc_bytes(path: str, key: str) -> Optional[int]:
+    """The `key:` line of a /proc file (its value in kB) in bytes; None if it is not there."""
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
-
-
-def _vm_hwm_bytes() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 @dataclass
@@ -117,3 +119,4 @@ class StepTimer:
     def __exit__(self, *exc) -> None:
         self._sync()
         self.seconds = time.perf_counter() - self.start
+
