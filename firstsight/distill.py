@@ -326,7 +326,8 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
     tracker.log_metrics(summary, step=cfg.train.max_steps)
     tracker.flush()
 
-    cache_metrics = teacher_cache.metrics if teacher_cache is not None else {}  # hit/miss, build time: in metrics.json too
+    # the cache's hit/miss and build time go into metrics.json too
+    cache_metrics = teacher_cache.metrics if teacher_cache is not None else {}
     result = {**model_metrics, **cache_metrics, **last, **summary}
     if cfg.train.save_checkpoint:
         from firstsight.distributed import gathered_copy

@@ -119,4 +119,3 @@ class StepTimer:
     def __exit__(self, *exc) -> None:
         self._sync()
         self.seconds = time.perf_counter() - self.start
-

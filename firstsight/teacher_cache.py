@@ -367,6 +367,7 @@ def _build(ctx: _Context, out_dir: Path, report: Dict[str, Any]) -> Dict[str, An
     from tqdm.auto import tqdm
 
     from firstsight.data.batching import IGNORE_INDEX, QACollator
+    from firstsight.perf import available_host_memory_bytes
     from firstsight.sparse_kd import topk_targets
     from firstsight.tracking import device_name
     from firstsight.train import model_inputs, to_device
@@ -376,12 +377,11 @@ def _build(ctx: _Context, out_dir: Path, report: Dict[str, Any]) -> Dict[str, An
     log.info("teacher-logit cache miss: running the teacher once over the %d train samples into %s",
              len(ctx.train_set), ctx.path)
     teacher = ctx.load_teacher()
-    temperature, top_k, chunk = float(cfg.distill_loss.temperature), ctx.top_k, int(cfg.distill_loss.chunk_size)
+    temperature, top_k = float(cfg.distill_loss.temperature), ctx.top_k
+    chunk = int(cfg.distill_loss.chunk_size)
     loader = DataLoader(ctx.train_set, batch_size=cfg.hardware.batch_size, shuffle=False,
                         collate_fn=QACollator(ctx.processor, with_index=True), num_workers=cfg.hardware.dataloader_workers)
     writer = _ShardWriter(out_dir, ctx.key, settings.shard_size, top_k)
-    from firstsight.perf import available_host_memory_bytes
-
     available = available_host_memory_bytes()  # training holds the whole cache in host memory
     answer_tokens = 0
     bar = tqdm(total=len(ctx.train_set), desc=f"teacher cache: top-{top_k} of the teacher (first use, cached)",

@@ -14,6 +14,7 @@ from typing import Any, Callable, List, Mapping, Optional
 
 from omegaconf import DictConfig
 
+from firstsight.config import OPTIMIZERS
 from firstsight.errors import ConfigError
 
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
@@ -176,8 +177,6 @@ def _validate_numbers(cfg: DictConfig) -> None:
         cfg.train.throughput_warmup_steps,
         f"it must be < train.max_steps={cfg.train.max_steps}, or no step is left to measure throughput on",
     )
-    from firstsight.config import OPTIMIZERS
-
     _check(cfg.train.optimizer in OPTIMIZERS, "train.optimizer", cfg.train.optimizer,
            f"choose one of {', '.join(OPTIMIZERS)}")
     _check(cfg.train.logits in ("answer_positions", "all_positions"), "train.logits", cfg.train.logits,
