@@ -71,6 +71,13 @@ POINTS = {
     "optimized + teacher cache + compile + 8-bit AdamW": (
         OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true", "train.optimizer=adamw_8bit"], 1,
         "as above, AdamW's moments in 8 bits (bitsandbytes): less optimizer memory, an approximate update"),
+    "optimized + teacher cache + compile, memory budget 0.5": (
+        OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true", "hardware.compile_memory_budget=0.5"], 1,
+        "as above, the compiled blocks keep about half their activations and recompute the rest in their "
+        "fused backward"),
+    "optimized + teacher cache + compile, memory budget 0.2": (
+        OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true", "hardware.compile_memory_budget=0.2"], 1,
+        "as above, a fifth of the activations kept"),
     "optimized + teacher cache + compile + grad checkpointing": (
         OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true", "hardware.gradient_checkpointing=true"], 1,
         "as above, activations recomputed: memory for time"),

@@ -145,6 +145,9 @@ class HardwareConfig:
     grad_accum_steps: int = 1  # micro-batches per optimizer step
     gradient_checkpointing: bool = False  # trade compute for activation memory (student)
     compile: bool = False  # distill: torch.compile each decoder layer / vision block of both models (firstsight.models.compile_blocks)
+    # with compile: the share of each compiled block's activations kept for the backward (torch's
+    # activation_memory_budget); below 1 the compiled backward recomputes the cheapest of the rest
+    compile_memory_budget: float = 1.0
     attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2
     num_gpus: int = 0  # GPUs this job uses (0 on CPU)
     data_parallel: str = "ddp"  # several processes: ddp (a full student per GPU) | fsdp (student weights, gradients and AdamW state sharded)

@@ -197,7 +197,8 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
     if cfg.hardware.compile:
         from firstsight.models import compile_blocks
 
-        blocks = compile_blocks(student_model) + (compile_blocks(teacher_model) if teacher_runs else 0)
+        budget = cfg.hardware.compile_memory_budget
+        blocks = compile_blocks(student_model, budget) + (compile_blocks(teacher_model, budget) if teacher_runs else 0)
         log.info("hardware.compile: %d blocks compiled with torch.compile on first use", blocks)
 
     answer_positions_only = cfg.train.logits == "answer_positions"
@@ -216,6 +217,9 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
             if positions is not None:
                 inputs["position_ids"] = positions
         labels = batch["labels"]
+        # the cache's targets before the student's forward: their lookup reads the answer tokens
+        # back to the host, which waits only for this batch's copy to the device, not for a forward
+        cached_targets = teacher_cache.targets(batch) if teacher_cache is not None else None
         if answer_positions_only:  # both output heads run only where the loss needs logits
             keep, labels = answer_logit_slice(labels)
             inputs["logits_to_keep"] = keep
@@ -223,8 +227,8 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
         # autocast is for the trainable student, and bitsandbytes' CPU kernels give NaN under it.
         student_out = student_forward(**inputs, **hidden_kwargs)
         student_logits = student_out.logits
-        if teacher_cache is not None:  # the cached top-k targets stand in for the teacher's logits
-            teacher_logits = teacher_cache.targets(batch)
+        if cached_targets is not None:  # the cached top-k targets stand in for the teacher's logits
+            teacher_logits = cached_targets
         elif loss_fn.uses_teacher:
             with torch.no_grad(), torch.autocast(device, enabled=False):
                 teacher_out = teacher_model(**inputs, **hidden_kwargs)

@@ -176,12 +176,22 @@ def repeated_blocks(model: Any) -> Iterator[Any]:
     return (module for module in model.modules() if type(module).__name__ in names)
 
 
-def compile_blocks(model: Any) -> int:
+def compile_blocks(model: Any, memory_budget: float = 1.0) -> int:
     """hardware.compile: torch.compile each repeated block in place (regional compilation). The
     blocks of one kind share their compiled code, so it compiles in seconds, on the first step,
     with dynamic shapes (batches differ in length); between the blocks it runs eagerly. Inductor
     fuses each block's elementwise work (RMSNorm, rotary embeddings, SwiGLU, casts), cutting the
-    kernel launches that leave the GPU idle in eager mode. Returns how many blocks were compiled."""
+    kernel launches that leave the GPU idle in eager mode. Returns how many blocks were compiled.
+
+    `memory_budget` (hardware.compile_memory_budget) < 1: the partitioner that splits each block's
+    graph into forward and backward keeps only about that share of the activations it would save,
+    and the backward recomputes the rest, cheapest first (elementwise work before matrix products),
+    inside its own fused kernels: recomputation without the extra launches of gradient
+    checkpointing. It is torch's process-wide setting (torch._functorch.config.
+    activation_memory_budget), read whenever a block is compiled, which is on first use."""
+    import torch._functorch.config as functorch_config
+
+    functorch_config.activation_memory_budget = memory_budget
     blocks = list(repeated_blocks(model))
     for block in blocks:
         block.compile(dynamic=True)

@@ -46,18 +46,20 @@ class SparseTargets:
     """The teacher's top-k targets of the answer tokens of one (micro-)batch, in the order of
     ``(labels[:, 1:] != -100).nonzero()`` (row by row, position by position): N rows."""
 
-    token_ids: Tensor  # [N, k] integer ids into the student's vocabulary (distinct per row)
+    # [N, k] integer ids into the student's vocabulary (distinct per row); None: k = V and column j
+    # is id j (the whole distribution in vocabulary order), so the loss needs no gather
+    token_ids: Optional[Tensor]
     logprobs: Tensor  # [N, k] log p of those ids at temperature T
     tail_logprob: Tensor  # [N] log(1 - sum of those p); -inf when k = V (no tail)
     labels: Optional[Tensor] = None  # [N] the answer token of each row, checked against the batch's
 
     @property
     def num_rows(self) -> int:
-        return int(self.token_ids.shape[0])
+        return int(self.logprobs.shape[0])
 
     @property
     def top_k(self) -> int:
-        return int(self.token_ids.shape[1])
+        return int(self.logprobs.shape[1])
 
     def to(self, device: Any) -> "SparseTargets":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
@@ -67,7 +69,8 @@ class SparseTargets:
 def topk_targets(teacher_rows: Tensor, vocab: int, top_k: int, temperature: float) -> Tuple[Tensor, Tensor, Tensor]:
     """(ids [N, k], log p [N, k], log p_tail [N]) of teacher logit rows [N, Vt >= vocab]: the rows
     beyond ``vocab`` (padding) are dropped, then p = softmax(rows / T), in float32 (float64 stays
-    float64). The ids come sorted by decreasing probability."""
+    float64). The ids come sorted by decreasing probability; with ``top_k == vocab``, in
+    vocabulary order (ids[:, j] = j: no sort, and a reader may drop the ids, SparseTargets)."""
     if teacher_rows.dim() != 2 or teacher_rows.shape[-1] < vocab:
         raise ValueError(f"teacher rows must be [N, >= {vocab}], got {tuple(teacher_rows.shape)}")
     if not 1 <= top_k <= vocab:
@@ -77,11 +80,11 @@ def topk_targets(teacher_rows: Tensor, vocab: int, top_k: int, temperature: floa
     if temperature != 1.0:
         logits = logits / temperature
     logprobs = F.log_softmax(logits, dim=-1)
+    if top_k == vocab:  # every id is its own bucket: nothing to select, no tail
+        ids = torch.arange(vocab, device=logprobs.device).expand(logprobs.shape[0], vocab)
+        return ids, logprobs, logprobs.new_full(logprobs.shape[:1], float("-inf"))
     top, ids = logprobs.topk(top_k, dim=-1)
-    if top_k == vocab:
-        tail = logprobs.new_full(top.shape[:1], float("-inf"))
-    else:
-        tail = torch.logsumexp(logprobs.scatter(-1, ids, float("-inf")), dim=-1)
+    tail = torch.logsumexp(logprobs.scatter(-1, ids, float("-inf")), dim=-1)
     return ids, top, tail
 
 
@@ -111,16 +114,23 @@ def sparse_kd_loss(
     if num_tokens == 0:
         zero = student_rows.to(dtype).sum()
         return KDLossOutput(loss=zero, kd_loss=zero.detach(), ce_loss=zero.detach(), num_tokens=0)
-    ids = targets.token_ids.to(student_logits.device).long()
-    if ids.shape[1] > vocab or int(ids.min()) < 0 or int(ids.max()) >= vocab:
-        raise ValueError(f"sparse target ids must be at most {vocab} ids in [0, {vocab}) (the student's vocabulary)")
-    with_tail = ids.shape[1] < vocab  # k = V: the top-k is the whole vocabulary, the tail bucket is empty
+    if targets.token_ids is None:  # the whole distribution in vocabulary order: a dense divergence
+        if targets.top_k != vocab:
+            raise ValueError(f"sparse targets without ids must cover the student's whole vocabulary ({vocab}), "
+                             f"they have {targets.top_k} columns")
+        ids = torch.zeros(num_tokens, 0, dtype=torch.long, device=student_logits.device)  # split alongside, unused
+    else:
+        ids = targets.token_ids.to(student_logits.device).long()
+        if ids.shape[1] > vocab or int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise ValueError(f"sparse target ids must be at most {vocab} ids in [0, {vocab}) (the student's vocabulary)")
+    dense = targets.token_ids is None
+    with_tail = targets.top_k < vocab  # k = V: the top-k is the whole vocabulary, the tail bucket is empty
     teacher_logprobs = targets.logprobs.detach().to(student_logits.device)
     teacher_tail = targets.tail_logprob.detach().to(student_logits.device)
 
     def chunk_sums(s: Tensor, i: Tensor, t: Tensor, t_tail: Tensor, y: Tensor):
         student_logprobs = F.log_softmax(loss_fn._scaled(s.to(dtype)), dim=-1)
-        student_buckets = student_logprobs.gather(-1, i)
+        student_buckets = student_logprobs if dense else student_logprobs.gather(-1, i)
         teacher_buckets = t.to(dtype)
         if with_tail:
             # log sum_{v not in top-k} q_v: the masked entries get exactly zero gradient

@@ -18,7 +18,9 @@ into place under a file lock (firstsight.cache.cached_dir); the others wait and 
 p = softmax(teacher_logits[:Vs] / T) over the student's Vs vocabulary rows (the teacher's padding
 rows cut away first):
 
-- ``token_ids`` int32 [R, k]: the k most probable ids, by decreasing p;
+- ``token_ids`` int32 [R, k]: the k most probable ids, by decreasing p (k = Vs: 0..Vs-1 in order,
+  which a reader checks and then drops, so the cache takes half the host memory and the loss
+  compares whole distributions without a gather);
 - ``logprobs`` float32 [R, k]: their log p at the run's temperature T (float32: exactly what the
   live loss computes, which works in float32);
 - ``tail_logprob`` float32 [R]: log(1 - sum of those p) = logsumexp of log p over every other id,
@@ -30,7 +32,7 @@ One safetensors file holds ``shard_size`` consecutive samples (``shard-00000.saf
 its metadata names the cache key and its first sample). ``manifest.json`` holds the key, every
 input of the key, the sizes and dtypes, and each shard's sample range, row count, byte size and
 sha256. ``teacher_cache.top_k=null`` keeps every id (k = Vs, tail -inf): the loss is then the
-live teacher's exactly, at ~8 * Vs bytes per answer token. Log-probabilities at T cannot be
+live teacher's exactly, at ~8 * Vs bytes per answer token on disk and ~4 * Vs in host memory. Log-probabilities at T cannot be
 recovered from top-k values at another temperature (the tail's shape is unknown), so T is part of
 the key: each temperature has its own cache.
 
@@ -65,7 +67,7 @@ and on a miss ``teacher_cache/build_time_s``; tags ``firstsight.teacher_cache`` 
 ``firstsight.teacher_cache_path`` and ``firstsight.teacher_cache_key``. On a hit the
 ``model/teacher_*`` size metrics come from the manifest and ``model/teacher_load_time_s`` is 0.
 The cache is held in host memory while training: about R * (8k + 8) bytes, e.g. 100k samples
-of 20 answer tokens at k = 64 take 1 GB.
+of 20 answer tokens at k = 64 take 1 GB (R * (4k + 8) at k = Vs, whose ids are dropped).
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ from firstsight.errors import FirstSightError
 log = logging.getLogger(__name__)
 
 FORMAT = "firstsight-teacher-topk"
-VERSION = 1
+VERSION = 2  # 2: at k = Vs the ids are in vocabulary order (1 sorted them by probability)
 MANIFEST = "manifest.json"
 ACCURACY_RECIPE = "teacher-accuracy-v1"
 TENSORS = {  # name: (dtype name as safetensors writes it, rank; [R, k] / [R] / [S + 1])
@@ -341,14 +343,20 @@ def _size(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
-def _check_fits(answer_tokens: int, samples: int, total: int, top_k: int, setting: Any,
+def held_bytes_per_row(top_k: int, vocab: int) -> int:
+    """Host memory a cache row takes while training: its log-probabilities, tail and label, and
+    its ids unless k = V (then they are 0..V-1 and dropped on loading)."""
+    return 4 * top_k + 8 + (4 * top_k if top_k < vocab else 0)
+
+
+def _check_fits(answer_tokens: int, samples: int, total: int, top_k: int, vocab: int, setting: Any,
                 available: Optional[int]) -> None:
     """Stop the teacher pass as soon as the whole cache, projected from the samples so far (its
-    R * (8k + 8) bytes), would not fit in the host memory that was available when the pass began:
-    training holds all of it there, and would run out of memory only after the whole pass."""
+    R * held_bytes_per_row bytes), would not fit in the host memory that was available when the
+    pass began: training holds all of it there, and would run out of memory only after the whole pass."""
     if available is None or samples == 0:
         return
-    per_token = 8 * top_k + 8
+    per_token = held_bytes_per_row(top_k, vocab)
     projected = answer_tokens / samples * total * per_token
     if projected > available:
         setting = "null (every id)" if setting is None else setting
@@ -356,7 +364,7 @@ def _check_fits(answer_tokens: int, samples: int, total: int, top_k: int, settin
             f"teacher_cache.top_k={setting}: the cache of the {total} train samples would take "
             f"~{_size(projected)} of host memory (~{answer_tokens / samples:.1f} answer tokens per "
             f"sample x {per_token} bytes), more than the {_size(available)} available; choose a smaller "
-            f"teacher_cache.top_k (e.g. 64: {8 * 64 + 8} bytes per answer token) or fewer samples (data.train_size)"
+            f"teacher_cache.top_k (e.g. 64: {held_bytes_per_row(64, vocab)} bytes per answer token) or fewer samples (data.train_size)"
         )
 
 
@@ -409,7 +417,7 @@ def _build(ctx: _Context, out_dir: Path, report: Dict[str, Any]) -> Dict[str, An
                     logprobs, tail = torch.zeros(0, top_k), torch.zeros(0)
                 answers = shifted[mask].cpu()
                 answer_tokens += answers.numel()
-                _check_fits(answer_tokens, expected, len(ctx.train_set), top_k, settings.top_k, available)
+                _check_fits(answer_tokens, expected, len(ctx.train_set), top_k, ctx.vocab, settings.top_k, available)
                 begin = 0
                 for count in mask.sum(1).tolist():
                     end = begin + count
@@ -551,16 +559,23 @@ def load_verified(path: Path, key: str, num_samples: int, vocab: int, top_k: int
         ids = tensors["token_ids"]
         expect(ids.numel() == 0 or (int(ids.min()) >= 0 and int(ids.max()) < vocab),
                f"token ids outside the student's vocabulary [0, {vocab})", file)
+        if top_k == vocab:  # every id, in vocabulary order: the ids say nothing more, and are dropped
+            expect(bool((ids == torch.arange(vocab, dtype=ids.dtype)).all()),
+                   "its ids are not the vocabulary in order, as a cache of every id has them", file)
+            tensors["token_ids"] = None
         expect(not bool(tensors["logprobs"].isnan().any() or tensors["tail_logprob"].isnan().any()),
                "NaN log-probabilities", file)
         tensors["offsets"] = offsets[:-1] + row_base
         for name in TENSORS:
-            parts[name].append(tensors[name])
+            if tensors[name] is not None:
+                parts[name].append(tensors[name])
         next_sample += samples
         row_base += rows
     expect(next_sample == num_samples, f"its shards cover {next_sample} samples, expected {num_samples}")
     expect(row_base == manifest.get("num_rows"), f"its shards hold {row_base} rows, the manifest says {manifest.get('num_rows')}")
     arrays = {name: torch.cat(values) if values else torch.zeros(0) for name, values in parts.items()}
+    if top_k == vocab:
+        arrays["token_ids"] = None
     arrays["offsets"] = torch.cat([arrays["offsets"].to(torch.int64), torch.tensor([row_base])])
     return manifest, arrays
 
@@ -615,7 +630,8 @@ class TeacherCache:
             sample = int(torch.repeat_interleave(index, counts)[bad])
             raise _stale(self.path / MANIFEST, f"the answer tokens of train sample {sample} differ from the cached ones",
                          self.path)
-        targets = SparseTargets(self.token_ids[rows], self.logprobs[rows], self.tail_logprob[rows])
+        ids = None if self.token_ids is None else self.token_ids[rows]  # None: every id, in order
+        targets = SparseTargets(ids, self.logprobs[rows], self.tail_logprob[rows])
         return targets.to(batch["labels"].device)
 
     def teacher_accuracy(self, validation: Any) -> float:

@@ -184,6 +184,11 @@ def _validate_numbers(cfg: DictConfig) -> None:
     resume = str(cfg.train.resume)
     _check(resume in ("auto", "never") or bool(resume.strip()), "train.resume", resume,
            "auto, never, or the path of a run directory or checkpoint to continue from")
+    budget = cfg.hardware.compile_memory_budget
+    _check(0 < budget <= 1, "hardware.compile_memory_budget", budget,
+           "a share of the activations in (0, 1]; 1 keeps what the compiler would keep anyway")
+    _check(budget == 1 or cfg.hardware.compile, "hardware.compile_memory_budget", budget,
+           "it acts on compiled blocks only: add hardware.compile=true, or leave it at 1")
     threads = cfg.hardware.num_threads
     _check(threads is None or threads >= 1, "hardware.num_threads", threads, "null or >= 1")
     loss = cfg.distill_loss

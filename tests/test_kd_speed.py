@@ -191,3 +191,79 @@ def test_a_distill_job_with_adamw_8bit_starts_as_adamw_and_trains(cache_dir):
     assert losses["adamw_8bit"][0] == losses["adamw"][0]
     assert all(math.isfinite(loss) for loss in losses["adamw_8bit"])
     assert losses["adamw_8bit"][-1] != losses["adamw"][-1]  # another update rule
+
+
+class _Block(torch.nn.Module):
+    """A decoder-layer-like block: norm, MLP with an elementwise activation, residual."""
+
+    def __init__(self, width: int = 64):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(width)
+        self.up = torch.nn.Linear(width, 4 * width)
+        self.down = torch.nn.Linear(4 * width, width)
+
+    def forward(self, x):
+        return x + self.down(torch.nn.functional.silu(self.up(self.norm(x))) * torch.sigmoid(x.sum(-1, keepdim=True)))
+
+
+class _Stack(torch.nn.Module):
+    _no_split_modules = ["_Block"]
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_Block() for _ in range(2))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x.square().mean()
+
+
+def _saved_bytes_and_grads(budget: float):
+    """A compiled stack's forward + backward under hardware.compile_memory_budget=`budget`: the
+    bytes its compiled blocks keep for the backward, and the weights' gradients."""
+    from firstsight.models import compile_blocks
+
+    torch._dynamo.reset()  # a fresh compile reads the budget again
+    torch.manual_seed(0)
+    model = _Stack()
+    assert compile_blocks(model, budget) == 2
+    x = torch.randn(8, 64, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(x)
+    loss.backward()
+    return sum(saved), [p.grad.clone() for p in model.parameters()]
+
+
+def test_a_compile_memory_budget_keeps_fewer_activations_and_gives_the_same_gradients():
+    """hardware.compile_memory_budget < 1: the compiled blocks keep fewer activations for the
+    backward and recompute the rest; the gradients are the same."""
+    import torch._functorch.config as functorch_config
+
+    try:
+        kept_all, grads_all = _saved_bytes_and_grads(1.0)
+        kept_some, grads_some = _saved_bytes_and_grads(0.1)
+    finally:
+        functorch_config.activation_memory_budget = 1.0
+        torch._dynamo.reset()
+    assert 0 < kept_some < kept_all
+    for a, b in zip(grads_all, grads_some):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_compile_memory_budget_out_of_range_or_without_compile_is_refused():
+    from conftest import compose
+    from firstsight.errors import ConfigError
+    from firstsight.validate import validate
+
+    with pytest.raises(ConfigError, match=r"hardware.compile_memory_budget=0.0.*\(0, 1\]"):
+        validate(compose(["hardware.compile=true", "hardware.compile_memory_budget=0"]))
+    with pytest.raises(ConfigError, match="hardware.compile_memory_budget=0.5.*hardware.compile=true"):
+        validate(compose(["hardware.compile_memory_budget=0.5"]))
+    validate(compose(["hardware.compile=true", "hardware.compile_memory_budget=0.5"]))

@@ -63,11 +63,14 @@ def test_sparse_loss_with_k_equal_to_the_vocabulary_is_the_full_loss(loss_fn):
     full, full_grad = _value_and_grad(loss_fn, student, teacher, labels)
     targets = _sparse(teacher, labels, student.shape[-1], student.shape[-1], loss_fn.temperature)
     assert torch.isneginf(targets.tail_logprob).all()  # k = V: the tail is empty
-    sparse, sparse_grad = _value_and_grad(loss_fn, student, targets, labels)
-    for name in ("loss", "kd_loss", "ce_loss"):
-        torch.testing.assert_close(getattr(sparse, name), getattr(full, name), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(sparse_grad, full_grad, rtol=1e-10, atol=1e-12)
-    assert sparse.num_tokens == full.num_tokens
+    assert torch.equal(targets.token_ids, torch.arange(student.shape[-1]).expand_as(targets.token_ids))  # in order
+    dense = SparseTargets(None, targets.logprobs, targets.tail_logprob)  # what a cache of every id hands over
+    for given in (targets, dense):
+        sparse, sparse_grad = _value_and_grad(loss_fn, student, given, labels)
+        for name in ("loss", "kd_loss", "ce_loss"):
+            torch.testing.assert_close(getattr(sparse, name), getattr(full, name), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sparse_grad, full_grad, rtol=1e-10, atol=1e-12)
+        assert sparse.num_tokens == full.num_tokens
 
 
 def _bucket_reference(kind, student, teacher, labels, vocab, k, temperature, beta=0.3):
@@ -435,14 +438,19 @@ def test_cli_miss_then_hit_in_mlflow(run_cli, tmp_path):
 
 def test_top_k_null_keeps_every_id_and_trains_as_the_live_teacher(cache_dir, tmp_path):
     """teacher_cache.top_k=null: k = the student's vocabulary, no tail bucket, so the losses of a
-    run from the cache are the live teacher's (fp32 on the CPU: equal to rounding)."""
+    run from the cache are the live teacher's (fp32 on the CPU: equal to rounding). Its ids are the
+    vocabulary in order, so opening it drops them."""
     from firstsight.distill import distill
+    from firstsight.teacher_cache import load_verified
 
     live = distill(compose([*BASE, "teacher_cache.enabled=false"]), _Tracker())
     tracker = _Tracker()
     cached = distill(compose([*BASE, f"teacher_cache.dir={tmp_path}", "teacher_cache.top_k=null"]), tracker)
     manifest = json.loads((tmp_path / f"topk-{tracker.tags['firstsight.teacher_cache_key']}" / "manifest.json").read_text())
     assert manifest["top_k"] == manifest["student_vocab_rows"] == 448
+    path = tmp_path / f"topk-{manifest['key']}"
+    _, arrays = load_verified(path, manifest["key"], manifest["num_samples"], 448, 448)
+    assert arrays["token_ids"] is None and arrays["logprobs"].shape == (manifest["num_rows"], 448)  # ids dropped
     for name in ("train/loss", "train/kd_loss", "train/ce_loss"):
         assert cached[name] == pytest.approx(live[name], rel=1e-5, abs=1e-7), name
     assert cached["train/kd_loss"] > 0
@@ -455,7 +463,7 @@ def test_a_cache_too_large_for_host_memory_stops_the_teacher_pass_early(cache_di
     from firstsight import perf
     from firstsight.distill import distill
 
-    # the tiny pair's 16 samples of a few answer tokens x (8 * 448 + 8) bytes: ~0.2 MB
+    # the tiny pair's 16 samples of a few answer tokens x (4 * 448 + 8) bytes: ~0.1 MB
     monkeypatch.setattr(perf, "available_host_memory_bytes", lambda: 10_000)
     root = tmp_path / "caches"
     with pytest.raises(FirstSightError, match=r"teacher_cache.top_k=null \(every id\): the cache of the 16 train "
