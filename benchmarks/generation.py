@@ -143,6 +143,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     from firstsight.models import load_model, load_processor
     from firstsight.train import to_device
     from firstsight.validate import validate
+    from firstsight.vision_attention import batch_frames, unbatch_frames
 
     overrides = ["task=profile", f"model={args.model}", f"hardware={args.hardware}", f"precision={args.precision}",
                  f"data.image_size={args.image_size}", "tracking.enabled=false", *args.overrides]
@@ -168,9 +169,13 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     pad, n = tokenizer.pad_token_id, args.new_tokens
     timer = Timer(device)
 
+    batched_vision = cfg.hardware.batched_vision_attention
+
     def way(decoder: Any) -> Callable[..., Any]:
         def generate(inputs: Dict[str, Any], record: bool = False) -> Any:
             steps = args.record_tokens if record else n
+            # naive: the vision encoder's attention one SDPA call per frame, as transformers does
+            (batch_frames if decoder.method != "hf" and batched_vision else unbatch_frames)(model)
             return decoder.generate(inputs, steps, steps, pad_token_id=pad, record_logits=record)
         return generate
 
@@ -199,7 +204,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                          "question_tokens": question_tokens, "prompt_tokens_batch": int(batch["input_ids"].shape[1]),
                          "question": questions[0].question}
     results["model"] = {"origin": loaded.origin, "params_b": loaded.params_b, "weights_gb": loaded.weights_gb,
-                        "dtype": str(model.dtype), "attn_implementation": model.config._attn_implementation}
+                        "dtype": str(model.dtype), "attn_implementation": model.config._attn_implementation,
+                        "batched_vision_attention": batched_vision}
     naive_figures = results["paths"]["hf"]
     results["ratios"] = {method: {
         "latency_speedup": ratio(naive_figures["latency_p50_s"], results["paths"][method]["latency_p50_s"]),
@@ -226,7 +232,10 @@ def markdown(data: Dict[str, Any]) -> str:
         f"{inputs['prompt_tokens_batch1']} prompt tokens, {n} new tokens (end token suppressed); batch-1 latency "
         f"p50/p90 over {data['latency_queries']} timed queries after {data['warmup']} untimed; throughput over "
         f"{data['batches']} timed batches of {bs} single-frame questions (left-padded to "
-        f"{inputs['prompt_tokens_batch']} tokens) after one untimed batch.",
+        f"{inputs['prompt_tokens_batch']} tokens) after one untimed batch. Vision encoder attention: one SDPA "
+        "call per frame on the naive path" + ("; all frames in one call on the static paths "
+                                             "(hardware.batched_vision_attention)." if model.get("batched_vision_attention")
+                                             else ", and on the static paths too (hardware.batched_vision_attention=false)."),
         "",
         f"| path | method | batch-1 latency p50 (s) | p90 (s) | batch-{bs} queries/s | latency speed-up | "
         f"throughput gain | batch-{bs} peak GPU memory (GB) | first call (s) | captures (s) |",

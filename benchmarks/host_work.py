@@ -1,4 +1,4 @@
-"""Two host-side costs removed, each measured on and off in one process, interleaved (A, B, A, B, ...)
+"""Host-side costs removed, each measured on and off in one process, interleaved (A, B, A, B, ...)
 so that both sides see the same machine state:
 
 - vision graph: batch-1 generation by the static paths with the prefill's vision encoder replayed
@@ -7,9 +7,14 @@ so that both sides see the same machine state:
   student 2B, KD loss on the answer positions, no optimizer step) with the M-RoPE positions
   computed once on the host and given to both models (firstsight/positions.py,
   train.host_positions) and computed by each model on the GPU. Same loss required.
+- vision attention: the student's vision encoder with all frames of one size in one SDPA call
+  (firstsight/vision_attention.py, hardware.batched_vision_attention) and with one call per frame
+  (transformers), on a training batch (forward + backward) and on a batch of frames to answer
+  (forward only, as a batched prefill). Same output (and gradient) required, to bf16 rounding.
 
     python benchmarks/host_work.py                     # GPU, real size with random weights (~70 s on an H200, model builds included)
     python benchmarks/host_work.py --parts generation  # only the first part
+    python benchmarks/host_work.py --parts vision_attention   # only the vision attention pair
 
 Prints a table and writes benchmarks/results/host_work_<device>.{json,md} (device, versions, date).
 """
@@ -126,6 +131,51 @@ def positions_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[s
             "gpu_step_s": gpu, "speedup": ratio(gpu, host), "times_s": per_step}
 
 
+def vision_attention_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[str, Any]:
+    import torch
+
+    from firstsight.data import load_split
+    from firstsight.data.batching import PromptCollator, QACollator
+    from firstsight.models import load_model, torch_dtype
+    from firstsight.train import to_device
+    from firstsight.vision_attention import batch_frames, unbatch_frames
+
+    student = load_model(cfg, "student", processor, DEVICE["name"], frozen=False).model.to(torch_dtype(cfg.precision.dtype))
+    visual = student.model.visual
+    samples = load_split(cfg.data, "train", cfg.seed)
+    train = to_device(QACollator(processor)([samples[i] for i in range(args.batch_size)]), DEVICE["name"])
+    frames = [s for s in load_split(cfg.data, "validation", cfg.seed) if len(s.images) == 1][:args.prefill_frames]
+    prefill = to_device(PromptCollator(processor)(frames), DEVICE["name"])
+
+    def encode(batch: Dict[str, Any], backward: bool, batched: bool) -> Any:
+        (batch_frames if batched else unbatch_frames)(student)
+        with torch.set_grad_enabled(backward):
+            out = visual(batch["pixel_values"].to(visual.dtype), grid_thw=batch["image_grid_thw"]).pooler_output
+            if backward:
+                out.float().square().mean().backward()
+        grad = visual.blocks[0].attn.qkv.weight.grad
+        result = (out.detach().float(), None if grad is None else grad.float().clone())
+        student.zero_grad(set_to_none=True)
+        return result
+
+    rows = []
+    for case, batch, backward in ((f"training batch of {args.batch_size}, forward + backward", train, True),
+                                  (f"{len(frames)} frames to answer, forward only", prefill, False)):
+        (per_frame, per_frame_grad), (batched, batched_grad) = (encode(batch, backward, b) for b in (False, True))
+        error = float((batched - per_frame).norm() / per_frame.norm())
+        grad_error = (float((batched_grad - per_frame_grad).norm() / per_frame_grad.norm()) if backward else None)
+        ways = {"per frame": lambda b=batch, g=backward: encode(b, g, False),
+                "batched": lambda b=batch, g=backward: encode(b, g, True)}
+        times = interleaved(ways, args.rounds)
+        per, bat = (statistics.median(times[name]) for name in ways)
+        grid = batch["image_grid_thw"]
+        rows.append({"case": case, "frames": int(grid[:, 0].sum()), "patches": int(grid.prod(-1).sum()),
+                     "per_frame_p50_s": per, "batched_p50_s": bat, "speedup": ratio(per, bat),
+                     "relative_error": error, "grad_relative_error": grad_error,
+                     "same": error < 1e-2 and (grad_error is None or grad_error < 1e-2), "times_s": times})
+    return {"dtype": getattr(cfg.precision.dtype, "value", str(cfg.precision.dtype)), "rows": rows}
+
+
 def markdown(data: Dict[str, Any]) -> str:
     v = data["versions"]
     lines = [f"# Host-side work removed — {data['device']}", "",
@@ -150,19 +200,32 @@ def markdown(data: Dict[str, Any]) -> str:
                   "| M-RoPE positions | step (s) | tokens/s |", "| --- | --- | --- |",
                   f"| each model on the GPU (train.host_positions=false) | {pos['gpu_step_s']:.4f} | {pos['tokens_per_step'] / pos['gpu_step_s']:.0f} |",
                   f"| once on the host, shared (default) | {pos['host_step_s']:.4f} | {pos['tokens_per_step'] / pos['host_step_s']:.0f} |",
-                  "", f"Speed-up {pos['speedup']:.2f}x; identical loss: {'yes' if pos['identical_loss'] else 'NO'}."]
+                  "", f"Speed-up {pos['speedup']:.2f}x; identical loss: {'yes' if pos['identical_loss'] else 'NO'}.", ""]
+    vis = data.get("vision_attention")
+    if vis:
+        lines += [f"The student's vision encoder ({vis['dtype']}), median over the rounds; same output: relative "
+                  "error of the merged output (and of the first block's qkv weight gradient) under 1e-2:", "",
+                  "| case | frames | patches | one call per frame (s) | one call for all frames (s) | speed-up | "
+                  "output rel. error | gradient rel. error | same |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in vis["rows"]:
+            grad = "" if r["grad_relative_error"] is None else f"{r['grad_relative_error']:.2g}"
+            lines.append(f"| {r['case']} | {r['frames']} | {r['patches']} | {r['per_frame_p50_s']:.4f} | "
+                         f"{r['batched_p50_s']:.4f} | {r['speedup']:.2f}x | {r['relative_error']:.2g} | {grad} | "
+                         f"{'yes' if r['same'] else 'NO'} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", nargs="+", default=["generation", "positions"], choices=["generation", "positions"])
+    parts = ["generation", "positions", "vision_attention"]
+    parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--methods", nargs="+", default=["static", "static_compile"], choices=["static", "static_compile"])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=448)
     parser.add_argument("--batch-size", type=int, default=4, help="distillation batch")
     parser.add_argument("--batches", type=int, default=4, help="distillation batches per round")
+    parser.add_argument("--prefill-frames", type=int, default=32, help="vision attention: frames encoded for answering")
     parser.add_argument("--results-dir", default=str(RESULTS))
     parser.add_argument("--smoke", action="store_true", help="CPU, the tiny pair, 2 rounds: the plumbing (temp results)")
     args = parser.parse_args()
@@ -173,6 +236,7 @@ def main() -> int:
 
         DEVICE["name"], device = "cpu", "cpu"
         args.rounds, args.batches, args.image_size, args.new_tokens, args.methods = 2, 1, 112, 4, ["static"]
+        args.prefill_frames = 4
         args.results_dir = tempfile.mkdtemp(prefix="host-work-smoke-")
         cfg = compose(["task=distill", "model=tiny", "hardware=cpu", "precision=fp32", f"data.image_size={args.image_size}",
                        "tracking.enabled=false"])
@@ -195,6 +259,8 @@ def main() -> int:
         data["generation"] = generation_part(cfg, processor, args)
     if "positions" in args.parts:
         data["positions"] = positions_part(cfg, processor, args)
+    if "vision_attention" in args.parts:
+        data["vision_attention"] = vision_attention_part(cfg, processor, args)
     table = markdown(data)
     path = results_path(args.results_dir, "host_work", device)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -202,6 +268,7 @@ def main() -> int:
     print(table)
     print(f"wrote {path} and {path.with_suffix('.md')}")
     same = all(r["identical_tokens"] for r in data.get("generation", {}).get("rows", []))
+    same = same and all(r["same"] for r in data.get("vision_attention", {}).get("rows", []))
     return 0 if same and data.get("positions", {}).get("identical_loss", True) else 1
 
 

@@ -148,6 +148,9 @@ class HardwareConfig:
     # with compile: the share of each compiled block's activations kept for the backward (torch's
     # activation_memory_budget); below 1 the compiled backward recomputes the cheapest of the rest
     compile_memory_budget: float = 1.0
+    # Qwen2-VL with sdpa: the vision encoder attends over all frames of one size in one SDPA call
+    # (firstsight/vision_attention.py); false: one call per frame, as transformers does
+    batched_vision_attention: bool = True
     attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2
     num_gpus: int = 0  # GPUs this job uses (0 on CPU)
     data_parallel: str = "ddp"  # several processes: ddp (a full student per GPU) | fsdp (student weights, gradients and AdamW state sharded)

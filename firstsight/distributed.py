@@ -117,8 +117,10 @@ def gathered_copy(model: Any, is_main: bool) -> Any:
         return None
     # fully_shard swaps the class for a subclass (FSDP<Name>); the copy is of the model's own class
     cls = next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
-    with torch.device("meta"):
-        copy = cls._from_config(model.config)
+    from firstsight.vision_attention import plain_config
+
+    with torch.device("meta"), plain_config(model) as config:
+        copy = cls._from_config(config)
     copy.load_state_dict(state, strict=True, assign=True)
     copy.tie_weights()
     return copy

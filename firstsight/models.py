@@ -330,6 +330,10 @@ def load_model(cfg: DictConfig, role: str, processor: Any, device: str, frozen: 
     apply_part_dtypes(model, parts, loaded_dtype)  # parts whose dtype differs from the loaded one
     quantize_after_loading(model, parts)  # torchao kinds; bitsandbytes ones were quantized while loading
     load_time += time.perf_counter() - start
+    if cfg.hardware.batched_vision_attention:
+        from firstsight.vision_attention import batch_frames
+
+        batch_frames(model)  # the same attention, one SDPA call for all frames of one size
     if frozen:
         model.eval()
         model.requires_grad_(False)

@@ -164,6 +164,6 @@ def test_the_lean_kd_preset_sets_the_measured_settings():
     assert cfg.hardware.name == "gpu" and cfg.precision.name == "bf16"
     assert cfg.precision.trainable_dtype.value == "bfloat16"
     assert cfg.teacher_cache.enabled and cfg.teacher_cache.top_k is None
-    assert cfg.hardware.compile and cfg.train.optimizer == "adamw_8bit"
+    assert cfg.hardware.compile and cfg.hardware.compile_memory_budget == 0.2
     # the rest stays overridable
-    assert compose(["experiment=lean_kd", "train.optimizer=adamw"]).train.optimizer == "adamw"
+    assert compose(["experiment=lean_kd", "train.optimizer=adamw_8bit"]).train.optimizer == "adamw_8bit"
