@@ -11,10 +11,14 @@ so that both sides see the same machine state:
   (firstsight/vision_attention.py, hardware.batched_vision_attention) and with one call per frame
   (transformers), on a training batch (forward + backward) and on a batch of frames to answer
   (forward only, as a batched prefill). Same output (and gradient) required, to bf16 rounding.
+- decode tuning: batch-1 generation by static_compile with its step compiled under inductor's
+  defaults and under generation.COMPILE_OPTIONS (coordinate descent tuning). Logits within bf16
+  tolerance required.
 
     python benchmarks/host_work.py                     # GPU, real size with random weights (~70 s on an H200, model builds included)
     python benchmarks/host_work.py --parts generation  # only the first part
     python benchmarks/host_work.py --parts vision_attention   # only the vision attention pair
+    python benchmarks/host_work.py --parts decode_tuning      # static_compile with and without its inductor options (~3 min)
 
 Prints a table and writes benchmarks/results/host_work_<device>.{json,md} (device, versions, date).
 """
@@ -24,7 +28,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 from _common import RESULTS, cuda_device, ratio, results_path, run_meta, write_pair
 from generation import Timer, compose  # benchmarks/generation.py
@@ -41,50 +45,103 @@ def interleaved(ways: Dict[str, Callable[[], Any]], rounds: int) -> Dict[str, Li
     return times
 
 
-def generation_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[str, Any]:
-    import torch
-
+def _one_question(cfg: Any, processor: Any) -> Tuple[Any, Dict[str, Any]]:
+    """The student, frozen, and a batch of one single-frame validation question."""
     from firstsight.data import load_split
     from firstsight.data.batching import PromptCollator
-    from firstsight.generation import GreedyDecoder
     from firstsight.models import load_model
     from firstsight.train import to_device
 
     model = load_model(cfg, "student", processor, DEVICE["name"], frozen=True).model
     questions = [s for s in load_split(cfg.data, "validation", cfg.seed) if len(s.images) == 1]
-    batch = to_device(PromptCollator(processor)(questions[:1]), DEVICE["name"])
-    pad, n = processor.tokenizer.pad_token_id, args.new_tokens
-    ways, decoders = {}, {}
+    return model, to_device(PromptCollator(processor)(questions[:1]), DEVICE["name"])
+
+
+def _decode_interleaved(decoders: Dict[str, Any], batch: Dict[str, Any], pad: int, args: argparse.Namespace
+                        ) -> Tuple[Dict[str, List[float]], Dict[str, float]]:
+    """Each decoder's batch-1 answers, timed interleaved, after two untimed calls (captures and
+    static_compile's compilation happen there: the first call's seconds are returned too)."""
+    n = args.new_tokens
+    ways, first = {}, {}
+    for name, decoder in decoders.items():
+        first[name] = Timer(DEVICE["name"])(lambda d=decoder: d.generate(batch, n, n, pad_token_id=pad))
+        decoder.generate(batch, n, n, pad_token_id=pad)
+        ways[name] = (lambda d=decoder: d.generate(batch, n, n, pad_token_id=pad))
+    return interleaved(ways, args.rounds), first
+
+
+def _agreement(reference: Any, candidate: Any, batch: Dict[str, Any], pad: int, n: int) -> Dict[str, Any]:
+    """Whether two decoders give the same tokens, and how far apart their raw logits are."""
+    import torch
+
+    with torch.no_grad():
+        a = reference.generate(batch, n, n, pad_token_id=pad, record_logits=True)
+        b = candidate.generate(batch, n, n, pad_token_id=pad, record_logits=True)
+    return {"identical_tokens": bool((a.tokens == b.tokens).all()),
+            "max_abs_logit_diff": float((a.logits - b.logits).abs().max()),
+            "max_abs_logit": float(a.logits.abs().max())}
+
+
+def _free() -> None:
+    if DEVICE["name"] == "cuda":
+        import gc
+
+        import torch
+
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def generation_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[str, Any]:
+    from firstsight.generation import GreedyDecoder
+
+    model, batch = _one_question(cfg, processor)
+    pad = processor.tokenizer.pad_token_id
+    decoders = {}
     for method in args.methods:
         for graph in (True, False):
             decoder = GreedyDecoder(model, method)
             if not graph:
                 decoder.vision_graphs.off = "measured without it"
-            name = f"{method}, vision {'graph' if graph else 'eager'}"
-            decoders[name] = decoder
-            for _ in range(2):  # captures (and static_compile's compilation) outside the timings
-                decoder.generate(batch, n, n, pad_token_id=pad)
-            ways[name] = (lambda d=decoder: d.generate(batch, n, n, pad_token_id=pad))
-    times = interleaved(ways, args.rounds)
+            decoders[f"{method}, vision {'graph' if graph else 'eager'}"] = decoder
+    times, _ = _decode_interleaved(decoders, batch, pad, args)
     rows = []
     for method in args.methods:
         graph, eager = f"{method}, vision graph", f"{method}, vision eager"
-        with torch.no_grad():
-            a = decoders[eager].generate(batch, n, n, pad_token_id=pad, record_logits=True)
-            b = decoders[graph].generate(batch, n, n, pad_token_id=pad, record_logits=True)
         rows.append({
             "method": method, "eager_p50_s": statistics.median(times[eager]), "graph_p50_s": statistics.median(times[graph]),
             "eager_min_s": min(times[eager]), "graph_min_s": min(times[graph]),
             "speedup": ratio(statistics.median(times[eager]), statistics.median(times[graph])),
             "vision_graphs_captured": len(decoders[graph].vision_graphs.capture_seconds),
             "vision_graph_off": decoders[graph].vision_graphs.off,
-            "identical_tokens": bool((a.tokens == b.tokens).all()),
-            "max_abs_logit_diff": float((a.logits - b.logits).abs().max()),
+            **_agreement(decoders[eager], decoders[graph], batch, pad, args.new_tokens),
         })
     del model, decoders
-    if DEVICE["name"] == "cuda":
-        torch.cuda.empty_cache()
+    _free()
     return {"prompt_tokens": int(batch["input_ids"].shape[1]), "rows": rows, "times_s": times}
+
+
+def decode_tuning_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[str, Any]:
+    """static_compile's step compiled with inductor's defaults and with generation.COMPILE_OPTIONS
+    (coordinate descent tuning), batch 1; their logits must agree within bf16 tolerance."""
+    from firstsight.generation import COMPILE_OPTIONS, GreedyDecoder
+
+    model, batch = _one_question(cfg, processor)
+    pad = processor.tokenizer.pad_token_id
+    decoders = {"inductor's defaults": GreedyDecoder(model, "static_compile", compile_options={}),
+                "COMPILE_OPTIONS": GreedyDecoder(model, "static_compile")}
+    times, first = _decode_interleaved(decoders, batch, pad, args)
+    plain, tuned = decoders
+    agreement = _agreement(decoders[plain], decoders[tuned], batch, pad, args.new_tokens)
+    tolerance = 2 ** -6 * agreement["max_abs_logit"] + 0.01  # generation.py's bf16 tolerance
+    result = {"options": COMPILE_OPTIONS, "methods": {name: d.tag for name, d in decoders.items()},
+              "p50_s": {name: statistics.median(t) for name, t in times.items()}, "first_call_s": first,
+              "speedup": ratio(statistics.median(times[plain]), statistics.median(times[tuned])),
+              **agreement, "within_tolerance": agreement["max_abs_logit_diff"] <= tolerance,
+              "prompt_tokens": int(batch["input_ids"].shape[1]), "times_s": times}
+    del model, decoders
+    _free()
+    return result
 
 
 def positions_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[str, Any]:
@@ -201,6 +258,20 @@ def markdown(data: Dict[str, Any]) -> str:
                   f"| each model on the GPU (train.host_positions=false) | {pos['gpu_step_s']:.4f} | {pos['tokens_per_step'] / pos['gpu_step_s']:.0f} |",
                   f"| once on the host, shared (default) | {pos['host_step_s']:.4f} | {pos['tokens_per_step'] / pos['host_step_s']:.0f} |",
                   "", f"Speed-up {pos['speedup']:.2f}x; identical loss: {'yes' if pos['identical_loss'] else 'NO'}.", ""]
+    tuning = data.get("decode_tuning")
+    if tuning:
+        plain, tuned = tuning["p50_s"]
+        lines += [f"Batch-1 generation by `static_compile` (the student, {tuning['prompt_tokens']}-token prompt, "
+                  f"{data['new_tokens']} new tokens), the step compiled with inductor's defaults and with "
+                  f"`generation.COMPILE_OPTIONS` = `{tuning['options']}`, p50 over the rounds:", "",
+                  "| compiled with | p50 (s) | first call, compiling included (s) | method |", "| --- | --- | --- | --- |"]
+        for name in (plain, tuned):
+            lines.append(f"| {name} | {tuning['p50_s'][name]:.4f} | {tuning['first_call_s'][name]:.1f} | "
+                         f"{tuning['methods'][name]} |")
+        lines += ["", f"Speed-up {tuning['speedup']:.2f}x; identical tokens: {'yes' if tuning['identical_tokens'] else 'no'}; "
+                  f"max abs logit difference {tuning['max_abs_logit_diff']:.3g} on magnitudes up to "
+                  f"{tuning['max_abs_logit']:.3g}: {'within' if tuning['within_tolerance'] else 'OUTSIDE'} "
+                  "bf16 tolerance (2^-6 x max + 0.01).", ""]
     vis = data.get("vision_attention")
     if vis:
         lines += [f"The student's vision encoder ({vis['dtype']}), median over the rounds; same output: relative "
@@ -217,7 +288,7 @@ def markdown(data: Dict[str, Any]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parts = ["generation", "positions", "vision_attention"]
+    parts = ["generation", "positions", "vision_attention", "decode_tuning"]
     parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--methods", nargs="+", default=["static", "static_compile"], choices=["static", "static_compile"])
     parser.add_argument("--rounds", type=int, default=10)
@@ -261,6 +332,8 @@ def main() -> int:
         data["positions"] = positions_part(cfg, processor, args)
     if "vision_attention" in args.parts:
         data["vision_attention"] = vision_attention_part(cfg, processor, args)
+    if "decode_tuning" in args.parts:
+        data["decode_tuning"] = decode_tuning_part(cfg, processor, args)
     table = markdown(data)
     path = results_path(args.results_dir, "host_work", device)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,6 +342,7 @@ def main() -> int:
     print(f"wrote {path} and {path.with_suffix('.md')}")
     same = all(r["identical_tokens"] for r in data.get("generation", {}).get("rows", []))
     same = same and all(r["same"] for r in data.get("vision_attention", {}).get("rows", []))
+    same = same and data.get("decode_tuning", {}).get("within_tolerance", True)
     return 0 if same and data.get("positions", {}).get("identical_loss", True) else 1
 
 

@@ -133,12 +133,14 @@ def _as_ids(value: Any) -> Tuple[int, ...]:
 class GreedyDecoder:
     """Greedy decoding of one model by one method; see the module's docstring."""
 
-    def __init__(self, model: Any, method: str = "static", check_every: int = 8, cuda_graphs: Optional[bool] = None):
+    def __init__(self, model: Any, method: str = "static", check_every: int = 8, cuda_graphs: Optional[bool] = None,
+                 compile_options: Optional[Dict[str, Any]] = None):
         self._model = weakref.ref(model)  # no strong reference: the decoder lives and dies with the model
         self.method = method_name(method)
         # static_compile: the decode step's forward is torch.compile'd (inductor, static shapes) and then
         # captured; only where graphs are captured (CUDA), once per batch size (tens of seconds at 2B)
         self.compile = self.method == "static_compile"
+        self.compile_options = compile_options  # inductor's options for it; None: COMPILE_OPTIONS
         self.compile_off: Optional[str] = None  # why the compiled step is not used (after a failure)
         self.check_every = max(1, int(check_every))
         self.cuda_graphs = cuda_graphs  # None: on CUDA devices; True/False: force (tests)
@@ -336,7 +338,7 @@ class GreedyDecoder:
         start = time.perf_counter()
         if self.compile and not self.compile_off:
             try:
-                self._capture_with(model, entry, _compiled_forward(model))
+                self._capture_with(model, entry, _compiled_forward(model, self.compile_options))
                 entry.compiled = True
             except Exception as err:  # noqa: BLE001 - any failure: capture the plain step instead
                 self.compile_off = _reason(err)
@@ -416,22 +418,28 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
-def _compiled_forward(model: Any) -> Any:
-    """The model's forward under torch.compile (inductor, static shapes, no cudagraphs of its own:
-    the decoder captures the step itself), made once per model and kept on it. With coordinate
-    descent tuning, inductor turns the batch-1 step's matrix-vector products into its own
-    reductions, fused with their neighbours, and tunes them: on an H200 the 2B student's batch-1
-    answer took 117.7 instead of 128.7 ms (same tokens; batch 32 unchanged, 89.0 against 88.9
-    queries/s), for ~17-30 s more compiling per shape (benchmarks/README.md)."""
-    compiled = model.__dict__.get("_firstsight_compiled_forward")
-    if compiled is None:
+# inductor options of static_compile's step. With coordinate descent tuning, inductor turns the
+# batch-1 step's matrix-vector products into its own reductions, fused with their neighbours, and
+# tunes them: on an H200 the 2B student's batch-1 answer took 117.7 instead of 128.7 ms (same
+# tokens; batch 32 unchanged, 89.0 against 88.9 queries/s), for ~17-30 s more compiling per shape
+# (benchmarks/README.md; benchmarks/host_work.py --parts decode_tuning measures it again).
+COMPILE_OPTIONS: Dict[str, Any] = {"coordinate_descent_tuning": True}
+
+
+def _compiled_forward(model: Any, options: Optional[Dict[str, Any]] = None) -> Any:
+    """The model's forward under torch.compile (inductor with `options`, default COMPILE_OPTIONS;
+    static shapes, no cudagraphs of its own: the decoder captures the step itself), made once per
+    model and options and kept on the model."""
+    options = COMPILE_OPTIONS if options is None else options
+    per_options = model.__dict__.setdefault("_firstsight_compiled_forward", {})
+    key = tuple(sorted(options.items()))
+    if key not in per_options:
         import torch
 
         # kept on the model (a reference cycle the garbage collector frees with the model), not on
         # the decoder, which must not keep the model alive
-        compiled = torch.compile(model, dynamic=False, fullgraph=False, options={"coordinate_descent_tuning": True})
-        model.__dict__["_firstsight_compiled_forward"] = compiled
-    return compiled
+        per_options[key] = torch.compile(model, dynamic=False, fullgraph=False, options=dict(options))
+    return per_options[key]
 
 
 def _repetition_penalty(model: Any) -> Optional[float]:

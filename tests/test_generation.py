@@ -267,7 +267,7 @@ def test_static_compile_captures_the_compiled_step_or_else_the_plain_one(tiny, m
     _fake_capture(monkeypatch)
     compiled_calls = []
 
-    def compiled(model):  # stands in for torch.compile(model): counts the calls the captured step makes
+    def compiled(model, options=None):  # stands in for torch.compile(model): counts the calls the captured step makes
         def forward(**kwargs):
             compiled_calls.append(1)
             return model(**kwargs)
@@ -283,7 +283,7 @@ def test_static_compile_captures_the_compiled_step_or_else_the_plain_one(tiny, m
     # warm-up, the check (one replay, one eager step), then 7 replays: every step ran the compiled forward
     assert len(compiled_calls) == generation.WARMUP_STEPS + 2 + 7
 
-    def compile_fails(model):
+    def compile_fails(model, options=None):
         raise RuntimeError("inductor: no C++ compiler")
 
     monkeypatch.setattr(generation, "_compiled_forward", compile_fails)
@@ -293,6 +293,19 @@ def test_static_compile_captures_the_compiled_step_or_else_the_plain_one(tiny, m
     assert got.method == "static_cuda_graph" and got.tokens.tolist() == expected
     assert "capturing the torch.compile'd decode step failed (RuntimeError: inductor" in caplog.text
     assert generation_tags(decoder)["firstsight.generation.fallback"].startswith("torch.compile: RuntimeError")
+
+
+def test_the_compiled_step_is_kept_per_model_and_inductor_options(tiny):
+    """static_compile compiles with generation.COMPILE_OPTIONS unless a decoder names others; one
+    compiled forward per model and options (torch.compile is lazy: nothing compiles here)."""
+    from firstsight.generation import COMPILE_OPTIONS, _compiled_forward
+
+    model = tiny.model("student")
+    tuned = _compiled_forward(model)
+    assert COMPILE_OPTIONS == {"coordinate_descent_tuning": True}
+    assert _compiled_forward(model, dict(COMPILE_OPTIONS)) is tuned
+    plain = _compiled_forward(model, {})
+    assert plain is not tuned and _compiled_forward(model, {}) is plain
 
 
 def test_static_caches_are_kept_per_batch_size_and_reused(tiny):
