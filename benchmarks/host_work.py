@@ -197,7 +197,8 @@ def vision_attention_part(cfg: Any, processor: Any, args: argparse.Namespace) ->
     from firstsight.train import to_device
     from firstsight.vision_attention import batch_frames, unbatch_frames
 
-    student = load_model(cfg, "student", processor, DEVICE["name"], frozen=False).model.to(torch_dtype(cfg.precision.dtype))
+    student = load_model(cfg, "student", processor, DEVICE["name"], frozen=False).model
+    student.to(torch_dtype(cfg.precision.dtype))
     visual = student.model.visual
     samples = load_split(cfg.data, "train", cfg.seed)
     train = to_device(QACollator(processor)([samples[i] for i in range(args.batch_size)]), DEVICE["name"])

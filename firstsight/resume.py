@@ -56,8 +56,8 @@ MAY_DIFFER = (
     "hardware.name", "hardware.dataloader_workers", "hardware.num_threads", "hardware.device",
     "hardware.attn_implementation", "hardware.gradient_checkpointing", "teacher_cache.dir",
     # how fast, not what is computed (issue 6): the same loss either way
-    "train.logits", "train.fused_optimizer", "train.host_positions", "hardware.compile", "hardware.compile_memory_budget",
-    "hardware.generation", "hardware.batched_vision_attention",
+    "train.logits", "train.fused_optimizer", "train.host_positions", "hardware.compile",
+    "hardware.compile_memory_budget", "hardware.generation", "hardware.batched_vision_attention",
 )
 
 

@@ -32,9 +32,9 @@ One safetensors file holds ``shard_size`` consecutive samples (``shard-00000.saf
 its metadata names the cache key and its first sample). ``manifest.json`` holds the key, every
 input of the key, the sizes and dtypes, and each shard's sample range, row count, byte size and
 sha256. ``teacher_cache.top_k=null`` keeps every id (k = Vs, tail -inf): the loss is then the
-live teacher's exactly, at ~8 * Vs bytes per answer token on disk and ~4 * Vs in host memory. Log-probabilities at T cannot be
-recovered from top-k values at another temperature (the tail's shape is unknown), so T is part of
-the key: each temperature has its own cache.
+live teacher's exactly, at ~8 * Vs bytes per answer token on disk and ~4 * Vs in host memory.
+Log-probabilities at T cannot be recovered from top-k values at another temperature (the tail's
+shape is unknown), so T is part of the key: each temperature has its own cache.
 
 **The key** is a hash (firstsight.cache.content_key) of everything that determines the values:
 the teacher's identity (tiny: its cache directory's name and the sha256 of its config and weights;
@@ -364,7 +364,8 @@ def _check_fits(answer_tokens: int, samples: int, total: int, top_k: int, vocab:
             f"teacher_cache.top_k={setting}: the cache of the {total} train samples would take "
             f"~{_size(projected)} of host memory (~{answer_tokens / samples:.1f} answer tokens per "
             f"sample x {per_token} bytes), more than the {_size(available)} available; choose a smaller "
-            f"teacher_cache.top_k (e.g. 64: {held_bytes_per_row(64, vocab)} bytes per answer token) or fewer samples (data.train_size)"
+            f"teacher_cache.top_k (e.g. 64: {held_bytes_per_row(64, vocab)} bytes per answer token) "
+            "or fewer samples (data.train_size)"
         )
 
 
