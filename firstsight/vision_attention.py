@@ -49,17 +49,23 @@ def frames_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     return torch.cat(outs, dim=2).transpose(1, 2), None
 
 
+def _switch(model: Any, old: str, new: str) -> bool:
+    """Set the vision config's attention implementation of `model` from `old` to `new`; False
+    (nothing changed) when it has no vision config or another implementation."""
+    vision = getattr(getattr(model, "config", None), "vision_config", None)
+    if vision is None or getattr(vision, "_attn_implementation", None) != old:
+        return False
+    vision._attn_implementation = new
+    return True
+
+
 def batch_frames(model: Any) -> bool:
     """Switch a Qwen2-VL model's vision encoder (SDPA) to frames_attention, in place; True if it
     was switched. Other models and other attention implementations are left as they are."""
     from transformers import AttentionInterface
 
-    vision = getattr(getattr(model, "config", None), "vision_config", None)
-    if vision is None or getattr(vision, "_attn_implementation", None) != _SWITCHED_FROM:
-        return False
-    AttentionInterface.register(NAME, frames_attention)
-    vision._attn_implementation = NAME
-    return True
+    AttentionInterface.register(NAME, frames_attention)  # idempotent: the same function under the same name
+    return _switch(model, _SWITCHED_FROM, NAME)
 
 
 @contextlib.contextmanager
@@ -77,8 +83,4 @@ def plain_config(model: Any) -> Iterator[Any]:
 
 def unbatch_frames(model: Any) -> bool:
     """Undo batch_frames: one SDPA call per frame again (benchmarks' naive paths); True if undone."""
-    vision = getattr(getattr(model, "config", None), "vision_config", None)
-    if vision is None or getattr(vision, "_attn_implementation", None) != NAME:
-        return False
-    vision._attn_implementation = _SWITCHED_FROM
-    return True
+    return _switch(model, NAME, _SWITCHED_FROM)
