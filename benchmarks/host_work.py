@@ -149,10 +149,10 @@ def positions_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[s
 
     from firstsight.data import load_split
     from firstsight.data.batching import QACollator
-    from firstsight.losses import ForwardKL, answer_logit_slice, count_answer_tokens
+    from firstsight.distill import step_inputs
+    from firstsight.losses import ForwardKL, count_answer_tokens
     from firstsight.models import load_model
-    from firstsight.positions import mrope_positions
-    from firstsight.train import model_inputs, to_device
+    from firstsight.train import to_device
 
     teacher = load_model(cfg, "teacher", processor, DEVICE["name"], frozen=True).model
     student = load_model(cfg, "student", processor, DEVICE["name"], frozen=False).model.to(teacher.dtype)
@@ -163,12 +163,8 @@ def positions_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[s
                for j in range(args.batches)]
     loss_fn = ForwardKL()
 
-    def step(batch: Dict[str, Any], host: bool) -> float:
-        inputs = model_inputs(batch)
-        keep, labels = answer_logit_slice(batch["labels"])
-        inputs["logits_to_keep"] = keep
-        if host:
-            inputs["position_ids"] = mrope_positions(student, batch)
+    def step(batch: Dict[str, Any], host: bool) -> float:  # the inputs exactly as distill's step makes them
+        inputs, labels = step_inputs(batch, student, host_positions=host, answer_positions_only=True)
         student_logits = student(**inputs).logits
         with torch.no_grad():
             teacher_logits = teacher(**inputs).logits

@@ -6,7 +6,7 @@ import contextlib
 import logging
 import math
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -122,6 +122,30 @@ def build_hidden_loss(cfg: DictConfig, student_model: Any, teacher_model: Any, d
     return hidden.to(device)  # float32 master weights, like the student's
 
 
+def step_inputs(batch: Dict[str, Any], model: Any, host_positions: bool, answer_positions_only: bool
+                ) -> Tuple[Dict[str, Any], Any]:
+    """The inputs of a training forward on `batch` (for the student, and the teacher when it runs
+    live) and the labels the loss then takes. `host_positions`: Qwen2-VL's M-RoPE positions computed
+    once, on the host, from `model` (firstsight/positions.py); `answer_positions_only`: the output
+    heads run only where a loss is taken (the labels sliced to match, losses.answer_logit_slice)."""
+    from firstsight.losses import answer_logit_slice
+    from firstsight.positions import mrope_positions
+    from firstsight.train import model_inputs
+
+    # use_cache=False: a training forward reads no KV cache, and building one per layer (the
+    # models' config default) is wasted work that torch.compile also guards on, layer by layer
+    inputs = {**model_inputs(batch), "use_cache": False}
+    if host_positions:
+        positions = mrope_positions(model, batch)
+        if positions is not None:
+            inputs["position_ids"] = positions
+    labels = batch["labels"]
+    if answer_positions_only:
+        keep, labels = answer_logit_slice(labels)
+        inputs["logits_to_keep"] = keep
+    return inputs, labels
+
+
 def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, world: Optional[Any] = None) -> Dict[str, float]:
     """`resume_point` (firstsight.resume.ResumePoint): continue that checkpoint's training.
     `world` (firstsight.distributed.Distributed): this process's place in a data-parallel job;
@@ -130,10 +154,9 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
 
     from firstsight.data import load_split
     from firstsight.data.batching import QACollator, ShuffledBatches, in_order
-    from firstsight.losses import answer_logit_slice
     from firstsight.models import load_model, load_processor, torch_dtype
     from firstsight.perf import PeakMemory, ThroughputMeter
-    from firstsight.train import LoopSettings, answer_accuracy, model_inputs, optimize
+    from firstsight.train import LoopSettings, answer_accuracy, optimize
 
     device = prepare_job(cfg, tracker)
     peak = PeakMemory(device)
@@ -202,27 +225,17 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
         log.info("hardware.compile: %d blocks compiled with torch.compile on first use", blocks)
 
     answer_positions_only = cfg.train.logits == "answer_positions"
-    from firstsight.positions import mrope_positions, same_rope
+    from firstsight.positions import same_rope
 
     # the M-RoPE positions, computed once per batch on the host (firstsight/positions.py) and given
     # to both models, instead of each model computing them on the device with dozens of syncs
     share_positions = cfg.train.host_positions and (not teacher_runs or same_rope(student_model, teacher_model))
 
     def kd_step(batch: Dict[str, Any], answer_tokens: int) -> Dict[str, Any]:
-        # use_cache=False: a training forward reads no KV cache, and building one per layer (the
-        # models' config default) is wasted work that torch.compile also guards on, layer by layer
-        inputs = {**model_inputs(batch), "use_cache": False}
-        if share_positions:
-            positions = mrope_positions(student_model, batch)
-            if positions is not None:
-                inputs["position_ids"] = positions
-        labels = batch["labels"]
         # the cache's targets before the student's forward: their lookup reads the answer tokens
         # back to the host, which waits only for this batch's copy to the device, not for a forward
         cached_targets = teacher_cache.targets(batch) if teacher_cache is not None else None
-        if answer_positions_only:  # both output heads run only where the loss needs logits
-            keep, labels = answer_logit_slice(labels)
-            inputs["logits_to_keep"] = keep
+        inputs, labels = step_inputs(batch, student_model, share_positions, answer_positions_only)
         # The frozen teacher already holds its weights in the precision's dtype (or quantized):
         # autocast is for the trainable student, and bitsandbytes' CPU kernels give NaN under it.
         student_out = student_forward(**inputs, **hidden_kwargs)
