@@ -114,7 +114,8 @@ def sparse_kd_loss(
     if num_tokens == 0:
         zero = student_rows.to(dtype).sum()
         return KDLossOutput(loss=zero, kd_loss=zero.detach(), ce_loss=zero.detach(), num_tokens=0)
-    if targets.token_ids is None:  # the whole distribution in vocabulary order: a dense divergence
+    dense = targets.token_ids is None  # the whole distribution in vocabulary order: a dense divergence
+    if dense:
         if targets.top_k != vocab:
             raise ValueError(f"sparse targets without ids must cover the student's whole vocabulary ({vocab}), "
                              f"they have {targets.top_k} columns")
@@ -123,7 +124,6 @@ def sparse_kd_loss(
         ids = targets.token_ids.to(student_logits.device).long()
         if ids.shape[1] > vocab or int(ids.min()) < 0 or int(ids.max()) >= vocab:
             raise ValueError(f"sparse target ids must be at most {vocab} ids in [0, {vocab}) (the student's vocabulary)")
-    dense = targets.token_ids is None
     with_tail = targets.top_k < vocab  # k = V: the top-k is the whole vocabulary, the tail bucket is empty
     teacher_logprobs = targets.logprobs.detach().to(student_logits.device)
     teacher_tail = targets.tail_logprob.detach().to(student_logits.device)

@@ -558,12 +558,13 @@ def load_verified(path: Path, key: str, num_samples: int, vocab: int, top_k: int
         expect(int(offsets[0]) == 0 and int(offsets[-1]) == rows and bool((offsets[1:] >= offsets[:-1]).all()),
                "its offsets are not a non-decreasing 0..rows sequence", file)
         ids = tensors["token_ids"]
-        expect(ids.numel() == 0 or (int(ids.min()) >= 0 and int(ids.max()) < vocab),
-               f"token ids outside the student's vocabulary [0, {vocab})", file)
         if top_k == vocab:  # every id, in vocabulary order: the ids say nothing more, and are dropped
             expect(bool((ids == torch.arange(vocab, dtype=ids.dtype)).all()),
                    "its ids are not the vocabulary in order, as a cache of every id has them", file)
             tensors["token_ids"] = None
+        else:
+            expect(ids.numel() == 0 or (int(ids.min()) >= 0 and int(ids.max()) < vocab),
+                   f"token ids outside the student's vocabulary [0, {vocab})", file)
         expect(not bool(tensors["logprobs"].isnan().any() or tensors["tail_logprob"].isnan().any()),
                "NaN log-probabilities", file)
         tensors["offsets"] = offsets[:-1] + row_base
