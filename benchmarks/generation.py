@@ -143,6 +143,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     from firstsight.models import load_model, load_processor
     from firstsight.train import to_device
     from firstsight.validate import validate
+    from firstsight.decode_attention import group_decode, ungroup_decode
     from firstsight.vision_attention import batch_frames, unbatch_frames
 
     overrides = ["task=profile", f"model={args.model}", f"hardware={args.hardware}", f"precision={args.precision}",
@@ -170,31 +171,36 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     timer = Timer(device)
 
     batched_vision = cfg.hardware.batched_vision_attention
+    grouped_decode = cfg.hardware.grouped_decode_attention
 
     def way(decoder: Any) -> Callable[..., Any]:
         def generate(inputs: Dict[str, Any], record: bool = False) -> Any:
             steps = args.record_tokens if record else n
-            # naive: the vision encoder's attention one SDPA call per frame, as transformers does
+            # naive: the attention as transformers does it (one SDPA call per frame in the vision
+            # encoder, the KV cache repeated per query head in decode steps)
             (batch_frames if decoder.method != "hf" and batched_vision else unbatch_frames)(model)
+            (group_decode if decoder.method != "hf" and grouped_decode else ungroup_decode)(model)
             return decoder.generate(inputs, steps, steps, pad_token_id=pad, record_logits=record)
         return generate
 
     methods = ["hf", "static"] + (["static_compile"] if args.compile else [])
     decoders = {m: GreedyDecoder(model, m) for m in methods}
-    results: Dict[str, Any] = {"paths": {}}
+    results: Dict[str, Any] = {"paths": {}, "agreement": {}}
+    reference: Dict[str, Any] = {}
     for method, decoder in decoders.items():
         label = "naive (HF generate)" if method == "hf" else method
-        figures = measure(label, way(decoder), single, batch, args, timer, device)
+        generate = way(decoder)
+        figures = measure(label, generate, single, batch, args, timer, device)
         figures.update(method=decoder.tag, capture_s=list(decoder.capture_seconds), graph_fallback=decoder.graphs_off,
                        compile_fallback=decoder.compile_off)
         results["paths"][method] = figures
-
-    # equivalence with the naive path: the logits of the first steps; the tokens of a whole batch run
-    naive = way(decoders["hf"])
-    reference = {"batch1": naive(single, True), f"batch{args.batch_size}": naive(batch, True), "full": naive(batch)}
-    results["agreement"] = {}
-    for method in methods[1:]:
-        generate = way(decoders[method])
+        # equivalence with the naive path: the logits of the first steps; the tokens of a whole batch
+        # run. Each path is checked right after it ran, before a later one changes the shared model
+        # (static_compile compiles the vision blocks in place, which the naive path would then run too).
+        if method == "hf":
+            reference.update({"batch1": generate(single, True), f"batch{args.batch_size}": generate(batch, True),
+                              "full": generate(batch)})
+            continue
         agreement = {"batch1": logits_agreement(reference["batch1"], generate(single, True)),
                      f"batch{args.batch_size}": logits_agreement(reference[f"batch{args.batch_size}"], generate(batch, True))}
         full = generate(batch)
@@ -205,7 +211,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                          "question": questions[0].question}
     results["model"] = {"origin": loaded.origin, "params_b": loaded.params_b, "weights_gb": loaded.weights_gb,
                         "dtype": str(model.dtype), "attn_implementation": model.config._attn_implementation,
-                        "batched_vision_attention": batched_vision}
+                        "batched_vision_attention": batched_vision, "grouped_decode_attention": grouped_decode}
     naive_figures = results["paths"]["hf"]
     results["ratios"] = {method: {
         "latency_speedup": ratio(naive_figures["latency_p50_s"], results["paths"][method]["latency_p50_s"]),
@@ -235,7 +241,12 @@ def markdown(data: Dict[str, Any]) -> str:
         f"{inputs['prompt_tokens_batch']} tokens) after one untimed batch. Vision encoder attention: one SDPA "
         "call per frame on the naive path" + ("; all frames in one call on the static paths "
                                              "(hardware.batched_vision_attention)." if model.get("batched_vision_attention")
-                                             else ", and on the static paths too (hardware.batched_vision_attention=false)."),
+                                             else ", and on the static paths too (hardware.batched_vision_attention=false).")
+        + (" Decode steps' attention: the KV cache repeated per query head on the naive path (transformers); "
+           "grouped query heads on the static paths (hardware.grouped_decode_attention)."
+           if model.get("grouped_decode_attention") else "")
+        + (" static_compile also compiles the vision encoder's blocks for the prefill." if "static_compile" in paths
+           else ""),
         "",
         f"| path | method | batch-1 latency p50 (s) | p90 (s) | batch-{bs} queries/s | latency speed-up | "
         f"throughput gain | batch-{bs} peak GPU memory (GB) | first call (s) | captures (s) |",

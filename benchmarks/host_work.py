@@ -14,11 +14,16 @@ so that both sides see the same machine state:
 - decode tuning: batch-1 generation by static_compile with its step compiled under inductor's
   defaults and under generation.COMPILE_OPTIONS (coordinate descent tuning). Logits within bf16
   tolerance required.
+- decode attention: generation by the static path (captured decode steps, not compiled) at batch 1
+  and at batch --decode-batch, the decode steps' attention with the query heads grouped per KV
+  head (firstsight/decode_attention.py, hardware.grouped_decode_attention) and with the KV cache
+  repeated per query head (transformers). Logits within bf16 tolerance required.
 
     python benchmarks/host_work.py                     # GPU, real size with random weights (~70 s on an H200, model builds included)
     python benchmarks/host_work.py --parts generation  # only the first part
     python benchmarks/host_work.py --parts vision_attention   # only the vision attention pair
     python benchmarks/host_work.py --parts decode_tuning      # static_compile with and without its inductor options (~3 min)
+    python benchmarks/host_work.py --parts decode_attention   # grouped against repeated KV heads in decode steps (~40 s)
 
 Prints a table and writes benchmarks/results/host_work_<device>.{json,md} (device, versions, date).
 """
@@ -45,16 +50,22 @@ def interleaved(ways: Dict[str, Callable[[], Any]], rounds: int) -> Dict[str, Li
     return times
 
 
-def _one_question(cfg: Any, processor: Any) -> Tuple[Any, Dict[str, Any]]:
-    """The student, frozen, and a batch of one single-frame validation question."""
+def _questions(cfg: Any, processor: Any, size: int) -> Dict[str, Any]:
+    """A batch of `size` single-frame validation questions (left-padded), on the device."""
     from firstsight.data import load_split
     from firstsight.data.batching import PromptCollator
-    from firstsight.models import load_model
     from firstsight.train import to_device
 
-    model = load_model(cfg, "student", processor, DEVICE["name"], frozen=True).model
     questions = [s for s in load_split(cfg.data, "validation", cfg.seed) if len(s.images) == 1]
-    return model, to_device(PromptCollator(processor)(questions[:1]), DEVICE["name"])
+    return to_device(PromptCollator(processor)(questions[:size]), DEVICE["name"])
+
+
+def _one_question(cfg: Any, processor: Any) -> Tuple[Any, Dict[str, Any]]:
+    """The student, frozen, and a batch of one single-frame validation question."""
+    from firstsight.models import load_model
+
+    model = load_model(cfg, "student", processor, DEVICE["name"], frozen=True).model
+    return model, _questions(cfg, processor, 1)
 
 
 def _decode_interleaved(decoders: Dict[str, Any], batch: Dict[str, Any], pad: int, args: argparse.Namespace
@@ -77,9 +88,23 @@ def _agreement(reference: Any, candidate: Any, batch: Dict[str, Any], pad: int, 
     with torch.no_grad():
         a = reference.generate(batch, n, n, pad_token_id=pad, record_logits=True)
         b = candidate.generate(batch, n, n, pad_token_id=pad, record_logits=True)
-    return {"identical_tokens": bool((a.tokens == b.tokens).all()),
-            "max_abs_logit_diff": float((a.logits - b.logits).abs().max()),
-            "max_abs_logit": float(a.logits.abs().max())}
+    return {"identical_tokens": bool((a.tokens == b.tokens).all()), **logits_apart(a, b)}
+
+
+def logits_apart(a: Any, b: Any) -> Dict[str, Any]:
+    """How far apart two runs' raw logits ([steps, rows, vocab]) are, where they are comparable:
+    at each row's steps whose inputs were the same, i.e. up to and including the first step where
+    the rows' chosen tokens differ (after it, the two runs continue different answers); and the
+    fraction of identical tokens."""
+    import torch
+
+    steps = min(a.logits.shape[0], b.logits.shape[0], a.tokens.shape[1], b.tokens.shape[1])
+    same = (a.tokens[:, :steps] == b.tokens[:, :steps]).T  # [steps, rows]
+    fed_same = torch.ones_like(same)
+    fed_same[1:] = same[:-1].int().cumprod(0).bool()  # every token before this step was the same
+    x, y = a.logits[:steps][fed_same], b.logits[:steps][fed_same]
+    return {"max_abs_logit_diff": float((x - y).abs().max()), "max_abs_logit": float(x.abs().max()),
+            "compared_steps": int(fed_same.sum()), "identical_token_fraction": float(same.float().mean())}
 
 
 def _free() -> None:
@@ -142,6 +167,40 @@ def decode_tuning_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Di
     del model, decoders
     _free()
     return result
+
+
+def decode_attention_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[str, Any]:
+    """The static path with grouped and with repeated KV heads in its decode steps, at batch 1 and
+    --decode-batch. Each decoder captures its step (the attention it was captured with is the one
+    its replays run) under its own setting; prefills are the same either way (several positions)."""
+    from firstsight.decode_attention import group_decode, ungroup_decode
+    from firstsight.generation import GreedyDecoder
+
+    model, single = _one_question(cfg, processor)
+    batch = _questions(cfg, processor, args.decode_batch)
+    pad, n = processor.tokenizer.pad_token_id, args.new_tokens
+    switch = {"repeated": ungroup_decode, "grouped": group_decode}
+    rows = []
+    for size, inputs in ((1, single), (args.decode_batch, batch)):
+        decoders = {name: GreedyDecoder(model, "static") for name in switch}
+        logits = {}
+        for name, decoder in decoders.items():  # captures (two: plain and logits-recording) under each setting
+            switch[name](model)
+            logits[name] = decoder.generate(inputs, n, n, pad_token_id=pad, record_logits=True)
+            decoder.generate(inputs, n, n, pad_token_id=pad)
+        times = interleaved({name: (lambda d=d: d.generate(inputs, n, n, pad_token_id=pad))
+                             for name, d in decoders.items()}, args.rounds)
+        apart = logits_apart(logits["repeated"], logits["grouped"])
+        p50 = {name: statistics.median(t) for name, t in times.items()}
+        rows.append({"batch_size": size, "p50_s": p50, "speedup": ratio(p50["repeated"], p50["grouped"]),
+                     "methods": {name: d.tag for name, d in decoders.items()}, **apart,
+                     "within_tolerance": apart["max_abs_logit_diff"] <= 2 ** -6 * apart["max_abs_logit"] + 0.01,
+                     "times_s": times})
+    group_decode(model)
+    del model
+    _free()
+    return {"prompt_tokens": {1: int(single["input_ids"].shape[1]), args.decode_batch: int(batch["input_ids"].shape[1])},
+            "rows": rows}
 
 
 def positions_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[str, Any]:
@@ -269,6 +328,23 @@ def markdown(data: Dict[str, Any]) -> str:
                   f"max abs logit difference {tuning['max_abs_logit_diff']:.3g} on magnitudes up to "
                   f"{tuning['max_abs_logit']:.3g}: {'within' if tuning['within_tolerance'] else 'OUTSIDE'} "
                   "bf16 tolerance (2^-6 x max + 0.01).", ""]
+    att = data.get("decode_attention")
+    if att:
+        lines += ["Generation by `static` (decode steps captured, not compiled; the student, "
+                  f"{data['new_tokens']} new tokens), the decode steps' attention with the KV cache repeated per "
+                  "query head (transformers) and with the query heads grouped per KV head "
+                  "(hardware.grouped_decode_attention), p50 over the rounds:", "",
+                  "| batch | prompt tokens | repeated (s) | grouped (s) | speed-up | identical tokens | "
+                  "max abs logit diff (steps compared) | within bf16 tolerance |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in att["rows"]:
+            lines.append(f"| {r['batch_size']} | {att['prompt_tokens'][r['batch_size']]} | {r['p50_s']['repeated']:.4f} | "
+                         f"{r['p50_s']['grouped']:.4f} | {r['speedup']:.2f}x | {r['identical_token_fraction']:.2f} | "
+                         f"{r['max_abs_logit_diff']:.3g} of {r['max_abs_logit']:.3g} ({r['compared_steps']}) | "
+                         f"{'yes' if r['within_tolerance'] else 'NO'} |")
+        lines += ["", "Logits are compared at each row's steps up to and including the first where the two ways "
+                  "chose different tokens (after it they continue different answers); the tolerance is "
+                  "2^-6 x max + 0.01.", ""]
     vis = data.get("vision_attention")
     if vis:
         lines += [f"The student's vision encoder ({vis['dtype']}), median over the rounds; same output: relative "
@@ -285,7 +361,7 @@ def markdown(data: Dict[str, Any]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parts = ["generation", "positions", "vision_attention", "decode_tuning"]
+    parts = ["generation", "positions", "vision_attention", "decode_tuning", "decode_attention"]
     parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--methods", nargs="+", default=["static", "static_compile"], choices=["static", "static_compile"])
     parser.add_argument("--rounds", type=int, default=10)
@@ -294,6 +370,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=4, help="distillation batch")
     parser.add_argument("--batches", type=int, default=4, help="distillation batches per round")
     parser.add_argument("--prefill-frames", type=int, default=32, help="vision attention: frames encoded for answering")
+    parser.add_argument("--decode-batch", type=int, default=32, help="decode attention: the larger batch")
     parser.add_argument("--results-dir", default=str(RESULTS))
     parser.add_argument("--smoke", action="store_true", help="CPU, the tiny pair, 2 rounds: the plumbing (temp results)")
     args = parser.parse_args()
@@ -304,7 +381,7 @@ def main() -> int:
 
         DEVICE["name"], device = "cpu", "cpu"
         args.rounds, args.batches, args.image_size, args.new_tokens, args.methods = 2, 1, 112, 4, ["static"]
-        args.prefill_frames = 4
+        args.prefill_frames = args.decode_batch = 4
         args.results_dir = tempfile.mkdtemp(prefix="host-work-smoke-")
         cfg = compose(["task=distill", "model=tiny", "hardware=cpu", "precision=fp32", f"data.image_size={args.image_size}",
                        "tracking.enabled=false"])
@@ -331,6 +408,8 @@ def main() -> int:
         data["vision_attention"] = vision_attention_part(cfg, processor, args)
     if "decode_tuning" in args.parts:
         data["decode_tuning"] = decode_tuning_part(cfg, processor, args)
+    if "decode_attention" in args.parts:
+        data["decode_attention"] = decode_attention_part(cfg, processor, args)
     table = markdown(data)
     path = results_path(args.results_dir, "host_work", device)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -340,6 +419,7 @@ def main() -> int:
     same = all(r["identical_tokens"] for r in data.get("generation", {}).get("rows", []))
     same = same and all(r["same"] for r in data.get("vision_attention", {}).get("rows", []))
     same = same and data.get("decode_tuning", {}).get("within_tolerance", True)
+    same = same and all(r["within_tolerance"] for r in data.get("decode_attention", {}).get("rows", []))
     return 0 if same and data.get("positions", {}).get("identical_loss", True) else 1
 
 

@@ -78,6 +78,9 @@ POINTS = {
         OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true", "hardware.compile_memory_budget=0.2"], 1,
         "as above, the compiled blocks keep about a fifth of their activations and recompute the rest "
         "in their fused backward (experiment=lean_kd)"),
+    "optimized + teacher cache + compile, memory budget 0.2, 2x batch": (
+        OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true", "hardware.compile_memory_budget=0.2"], 2,
+        "as above at twice the batch: the memory the budget saves spent on throughput"),
     "optimized + teacher cache + compile + grad checkpointing": (
         OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true", "hardware.gradient_checkpointing=true"], 1,
         "as above, activations recomputed: memory for time"),

@@ -151,6 +151,10 @@ class HardwareConfig:
     # Qwen2-VL with sdpa: the vision encoder attends over all frames of one size in one SDPA call
     # (firstsight/vision_attention.py); false: one call per frame, as transformers does
     batched_vision_attention: bool = True
+    # Qwen2-VL with sdpa: a decode step's attention groups the query heads that share a KV head
+    # instead of copying the KV cache per query head (firstsight/decode_attention.py); false: as
+    # transformers does
+    grouped_decode_attention: bool = True
     attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2
     num_gpus: int = 0  # GPUs this job uses (0 on CPU)
     data_parallel: str = "ddp"  # several processes: ddp (a full student per GPU) | fsdp (student weights, gradients and AdamW state sharded)

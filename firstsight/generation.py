@@ -32,7 +32,9 @@ image_grid_thw, mm_token_type_ids, maybe video fields):
 5. `hardware.generation=static_compile`: the same, with the step's model forward torch.compile'd
    (inductor, static shapes, coordinate descent tuning) before it is captured — fewer, fused kernels
    per token, at the price of a compilation per batch size and cache length; if that fails, the
-   plain step is captured.
+   plain step is captured. The prefill's vision blocks are torch.compile'd too, in place (regional,
+   dynamic shapes, once per model, ~10 s): at batch 32 the vision encoder is GPU-bound in its fp32
+   rotary and elementwise work, which inductor fuses (H200: 154 -> 99 ms for 32 frames).
 
 The method a run used is what `GreedyDecoder.tag` says: static_cuda_graph |
 static_compiled_cuda_graph | static_eager | hf_generate (profile and evaluate record it as the tag
@@ -229,8 +231,14 @@ class GreedyDecoder:
 
         if not self.prefill_graphs():
             return
+        self._compile_vision(self.model())
         with torch.no_grad():
             self.vision_graphs.prepare(self.model(), to_device(batch, self.model_device()))
+
+    def _compile_vision(self, model: Any) -> None:
+        """static_compile, where graphs are used: the prefill's vision blocks compiled (once per model)."""
+        if self.compile and self.compile_off is None and self._graphs_wanted(self.model_device()):
+            compile_vision_blocks(model)
 
     def prefill_graphs(self) -> bool:
         """Whether prefills may replay graphs (the static method, where decode steps are captured)."""
@@ -280,6 +288,7 @@ class GreedyDecoder:
         from firstsight.positions import prompt_positions
 
         positions = prompt_positions(model, batch)
+        self._compile_vision(model)
         with self._vision_serving(model, batch):
             first_logits = entry.prefill(model, batch, self._cache_kw, positions)
         entry.start(batch, min_new, pad)
@@ -440,6 +449,17 @@ def _compiled_forward(model: Any, options: Optional[Dict[str, Any]] = None) -> A
         # the decoder, which must not keep the model alive
         per_options[key] = torch.compile(model, dynamic=False, fullgraph=False, options=dict(options))
     return per_options[key]
+
+
+def compile_vision_blocks(model: Any) -> int:
+    """The vision encoder's blocks torch.compile'd in place (inductor's defaults, dynamic shapes,
+    compiled on their first call; regional, so the 32 blocks share their code); blocks compiled
+    already are left as they are. Returns how many were compiled now."""
+    blocks = getattr(getattr(getattr(model, "model", None), "visual", None), "blocks", None) or ()
+    fresh = [block for block in blocks if getattr(block, "_compiled_call_impl", None) is None]
+    for block in fresh:
+        block.compile(dynamic=True)
+    return len(fresh)
 
 
 def _repetition_penalty(model: Any) -> Optional[float]:

@@ -334,6 +334,10 @@ def load_model(cfg: DictConfig, role: str, processor: Any, device: str, frozen: 
         from firstsight.vision_attention import batch_frames
 
         batch_frames(model)  # the same attention, one SDPA call for all frames of one size
+    if cfg.hardware.grouped_decode_attention:
+        from firstsight.decode_attention import group_decode
+
+        group_decode(model)  # the same attention, decode steps without a per-head copy of the cache
     if frozen:
         model.eval()
         model.requires_grad_(False)

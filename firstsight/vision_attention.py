@@ -49,14 +49,17 @@ def frames_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     return torch.cat(outs, dim=2).transpose(1, 2), None
 
 
-def _switch(model: Any, old: str, new: str) -> bool:
-    """Set the vision config's attention implementation of `model` from `old` to `new`; False
-    (nothing changed) when it has no vision config or another implementation."""
-    vision = getattr(getattr(model, "config", None), "vision_config", None)
-    if vision is None or getattr(vision, "_attn_implementation", None) != old:
+def switch_implementation(config: Any, old: str, new: str) -> bool:
+    """Set a (sub-)config's attention implementation from `old` to `new`; False (nothing changed)
+    when there is no such config or it names another implementation."""
+    if config is None or getattr(config, "_attn_implementation", None) != old:
         return False
-    vision._attn_implementation = new
+    config._attn_implementation = new
     return True
+
+
+def _vision_config(model: Any) -> Any:
+    return getattr(getattr(model, "config", None), "vision_config", None)
 
 
 def batch_frames(model: Any) -> bool:
@@ -65,22 +68,27 @@ def batch_frames(model: Any) -> bool:
     from transformers import AttentionInterface
 
     AttentionInterface.register(NAME, frames_attention)  # idempotent: the same function under the same name
-    return _switch(model, _SWITCHED_FROM, NAME)
+    return switch_implementation(_vision_config(model), _SWITCHED_FROM, NAME)
 
 
 @contextlib.contextmanager
 def plain_config(model: Any) -> Iterator[Any]:
-    """Within the block, the model's config names SDPA for the vision encoder again, for building
-    another model from it: transformers takes any implementation whose name contains "flash" for
-    a flash-attn kernel to import, and would refuse this one (saved configs never carry it)."""
-    switched = unbatch_frames(model)
+    """Within the block, the model's config names SDPA for the vision encoder and the language
+    model again, for building another model from it: transformers takes any implementation whose
+    name contains "flash" for a flash-attn kernel to import, and would refuse this one; and the
+    copy should not depend on this process's registrations (saved configs never carry either)."""
+    from firstsight.decode_attention import group_decode, ungroup_decode
+
+    frames, grouped = unbatch_frames(model), ungroup_decode(model)
     try:
         yield model.config
     finally:
-        if switched:
+        if frames:
             batch_frames(model)
+        if grouped:
+            group_decode(model)
 
 
 def unbatch_frames(model: Any) -> bool:
     """Undo batch_frames: one SDPA call per frame again (benchmarks' naive paths); True if undone."""
-    return _switch(model, NAME, _SWITCHED_FROM)
+    return switch_implementation(_vision_config(model), NAME, _SWITCHED_FROM)

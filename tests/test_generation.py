@@ -274,6 +274,8 @@ def test_static_compile_captures_the_compiled_step_or_else_the_plain_one(tiny, m
         return forward
 
     monkeypatch.setattr(generation, "_compiled_forward", compiled)
+    vision_compiled = []  # the prefill's vision blocks: compiled once per model (here: not, on the CPU)
+    monkeypatch.setattr(generation, "compile_vision_blocks", vision_compiled.append)
     model = tiny.model("teacher")
     batch = tiny.batch(PAD_ROWS)
     expected = _generate(model, batch, 8, 8, pad_token_id=tiny.pad).tolist()
@@ -282,6 +284,9 @@ def test_static_compile_captures_the_compiled_step_or_else_the_plain_one(tiny, m
     assert got.method == "static_compiled_cuda_graph" and got.tokens.tolist() == expected
     # warm-up, the check (one replay, one eager step), then 7 replays: every step ran the compiled forward
     assert len(compiled_calls) == generation.WARMUP_STEPS + 2 + 7
+    assert vision_compiled == [model]
+    GreedyDecoder(model, "static", cuda_graphs=True).generate(batch, 2, 2, pad_token_id=tiny.pad)
+    assert vision_compiled == [model]  # static: the prefill is not compiled
 
     def compile_fails(model, options=None):
         raise RuntimeError("inductor: no C++ compiler")
@@ -306,6 +311,20 @@ def test_the_compiled_step_is_kept_per_model_and_inductor_options(tiny):
     assert _compiled_forward(model, dict(COMPILE_OPTIONS)) is tuned
     plain = _compiled_forward(model, {})
     assert plain is not tuned and _compiled_forward(model, {}) is plain
+
+
+def test_static_compile_compiles_the_vision_blocks_only_and_once(tiny):
+    import torch
+
+    from firstsight.generation import compile_vision_blocks
+
+    model = tiny.model("student")
+    blocks = list(model.model.visual.blocks)
+    assert compile_vision_blocks(model) == len(blocks) > 0  # lazy: nothing compiles until a block runs
+    assert all(block._compiled_call_impl is not None for block in blocks)
+    assert all(getattr(layer, "_compiled_call_impl", None) is None for layer in model.model.language_model.layers)
+    assert compile_vision_blocks(model) == 0  # once per model
+    assert compile_vision_blocks(torch.nn.Linear(2, 2)) == 0  # no vision encoder: nothing to compile
 
 
 def test_static_caches_are_kept_per_batch_size_and_reused(tiny):

@@ -72,7 +72,7 @@ def test_on_by_default_for_the_vision_encoder_only_and_not_saved(cache_dir, tmp_
     assert cfg.hardware.batched_vision_attention is True
     model = load_model(cfg, "student", load_processor(cfg), "cpu", frozen=True).model
     assert model.config.vision_config._attn_implementation == NAME
-    assert model.config.text_config._attn_implementation == "sdpa"  # the language model is left alone
+    assert model.config.text_config._attn_implementation != NAME  # the language model has its own
     model.save_pretrained(tmp_path)
     assert NAME not in (tmp_path / "config.json").read_text()  # a saved student loads anywhere
     reloaded = Qwen2VLForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="sdpa")
