@@ -34,7 +34,8 @@ image_grid_thw, mm_token_type_ids, maybe video fields):
    per token, at the price of a compilation per batch size and cache length; if that fails, the
    plain step is captured. The prefill's vision blocks are torch.compile'd too, in place (regional,
    dynamic shapes, once per model, ~10 s): at batch 32 the vision encoder is GPU-bound in its fp32
-   rotary and elementwise work, which inductor fuses (H200: 154 -> 99 ms for 32 frames).
+   rotary and elementwise work, which inductor fuses (H200: 154 -> 99 ms for 32 frames). If the
+   first prefill through them fails, they are uncompiled and it runs again, with one log line.
 
 The method a run used is what `GreedyDecoder.tag` says: static_cuda_graph |
 static_compiled_cuda_graph | static_eager | hf_generate (profile and evaluate record it as the tag
@@ -114,7 +115,9 @@ def generation_tags(decoder: "GreedyDecoder") -> Dict[str, str]:
         tags["firstsight.generation.vision_graphs"] = str(len(decoder.vision_graphs.capture_seconds))
     fallback = "; ".join(f"{what}: {why}" for what, why in (("torch.compile", decoder.compile_off),
                                                               ("CUDA graphs", decoder.graphs_off),
-                                                              ("vision CUDA graph", decoder.vision_graphs.off)) if why)
+                                                              ("vision CUDA graph", decoder.vision_graphs.off),
+                                                              ("compiled vision blocks", decoder.vision_compile_off))
+                         if why)
     if fallback:
         tags["firstsight.generation.fallback"] = fallback
     return tags
@@ -144,6 +147,8 @@ class GreedyDecoder:
         self.compile = self.method == "static_compile"
         self.compile_options = compile_options  # inductor's options for it; None: COMPILE_OPTIONS
         self.compile_off: Optional[str] = None  # why the compiled step is not used (after a failure)
+        self.vision_compile_off: Optional[str] = None  # why the prefill's vision blocks are not compiled (ditto)
+        self._vision_untried = False  # vision blocks compiled, no prefill through them has succeeded yet
         self.check_every = max(1, int(check_every))
         self.cuda_graphs = cuda_graphs  # None: on CUDA devices; True/False: force (tests)
         self.methods_used: List[str] = []  # in order of first use
@@ -237,8 +242,30 @@ class GreedyDecoder:
 
     def _compile_vision(self, model: Any) -> None:
         """static_compile, where graphs are used: the prefill's vision blocks compiled (once per model)."""
-        if self.compile and self.compile_off is None and self._graphs_wanted(self.model_device()):
-            compile_vision_blocks(model)
+        if (self.compile and self.compile_off is None and self.vision_compile_off is None
+                and self._graphs_wanted(self.model_device())):
+            self._vision_untried = compile_vision_blocks(model) > 0 or self._vision_untried
+
+    def _prefill(self, model: Any, batch: Dict[str, Any], entry: "_StaticEntry", positions: Any) -> Any:
+        """The prompt's forward into the entry's cache (its last position's logits). If the first one
+        through freshly compiled vision blocks fails (a compiler error surfaces on first use), the
+        blocks are uncompiled and it runs again; any later failure is the caller's."""
+        try:
+            with self._vision_serving(model, batch):
+                logits = entry.prefill(model, batch, self._cache_kw, positions)
+        except Exception as err:  # noqa: BLE001 - only the first prefill after compiling is retried
+            if not self._vision_untried:
+                raise
+            self._vision_untried = False
+            self.vision_compile_off = _reason(err)
+            uncompile_vision_blocks(model)
+            log.warning("generation: the compiled vision blocks failed (%s); the vision encoder runs uncompiled",
+                        self.vision_compile_off)
+            self.vision_graphs.off = None  # a capture that failed through them may succeed without them
+            with self._vision_serving(model, batch):
+                logits = entry.prefill(model, batch, self._cache_kw, positions)
+        self._vision_untried = False
+        return logits
 
     def prefill_graphs(self) -> bool:
         """Whether prefills may replay graphs (the static method, where decode steps are captured)."""
@@ -289,8 +316,7 @@ class GreedyDecoder:
 
         positions = prompt_positions(model, batch)
         self._compile_vision(model)
-        with self._vision_serving(model, batch):
-            first_logits = entry.prefill(model, batch, self._cache_kw, positions)
+        first_logits = self._prefill(model, batch, entry, positions)
         entry.start(batch, min_new, pad)
         entry.select(first_logits)  # token 0, eagerly, by the same code the step runs
         done = 1
@@ -460,6 +486,12 @@ def compile_vision_blocks(model: Any) -> int:
     for block in fresh:
         block.compile(dynamic=True)
     return len(fresh)
+
+
+def uncompile_vision_blocks(model: Any) -> None:
+    """Undo compile_vision_blocks: the blocks run their eager forward again."""
+    for block in getattr(getattr(getattr(model, "model", None), "visual", None), "blocks", None) or ():
+        block._compiled_call_impl = None  # what nn.Module.compile set; None: the plain call
 
 
 def _repetition_penalty(model: Any) -> Optional[float]:

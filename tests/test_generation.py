@@ -275,7 +275,7 @@ def test_static_compile_captures_the_compiled_step_or_else_the_plain_one(tiny, m
 
     monkeypatch.setattr(generation, "_compiled_forward", compiled)
     vision_compiled = []  # the prefill's vision blocks: compiled once per model (here: not, on the CPU)
-    monkeypatch.setattr(generation, "compile_vision_blocks", vision_compiled.append)
+    monkeypatch.setattr(generation, "compile_vision_blocks", lambda model: vision_compiled.append(model) or 0)
     model = tiny.model("teacher")
     batch = tiny.batch(PAD_ROWS)
     expected = _generate(model, batch, 8, 8, pad_token_id=tiny.pad).tolist()
@@ -298,6 +298,36 @@ def test_static_compile_captures_the_compiled_step_or_else_the_plain_one(tiny, m
     assert got.method == "static_cuda_graph" and got.tokens.tolist() == expected
     assert "capturing the torch.compile'd decode step failed (RuntimeError: inductor" in caplog.text
     assert generation_tags(decoder)["firstsight.generation.fallback"].startswith("torch.compile: RuntimeError")
+
+
+def test_vision_blocks_that_fail_to_compile_are_uncompiled_and_the_prefill_runs_again(tiny, monkeypatch, caplog):
+    """static_compile where graphs are used: a compiler error surfaces in the first prefill through
+    the compiled vision blocks; the blocks run eagerly from then on, the answer is generate's."""
+    import firstsight.generation as generation
+    from firstsight.generation import GreedyDecoder, generation_tags
+
+    _fake_capture(monkeypatch)
+    monkeypatch.setattr(generation, "_compiled_forward", lambda model, options=None: model)
+
+    def compile_fails(model):  # stands in for torch.compile: the error comes on the first call
+        def broken(*args, **kwargs):
+            raise RuntimeError("inductor: CppCompileError")
+        for block in model.model.visual.blocks:
+            block._compiled_call_impl = broken
+        return len(model.model.visual.blocks)
+
+    monkeypatch.setattr(generation, "compile_vision_blocks", compile_fails)
+    model = tiny.model("student")
+    batch = tiny.batch(PAD_ROWS)
+    expected = _generate(model, batch, 6, 6, pad_token_id=tiny.pad).tolist()
+    decoder = GreedyDecoder(model, "static_compile", cuda_graphs=True)
+    with caplog.at_level(logging.WARNING, logger="firstsight.generation"):
+        first = decoder.generate(batch, 6, 6, pad_token_id=tiny.pad)
+        again = decoder.generate(batch, 6, 6, pad_token_id=tiny.pad)
+    assert first.tokens.tolist() == again.tokens.tolist() == expected
+    assert caplog.text.count("the compiled vision blocks failed (RuntimeError: inductor: CppCompileError)") == 1
+    assert all(block._compiled_call_impl is None for block in model.model.visual.blocks)
+    assert "compiled vision blocks: RuntimeError" in generation_tags(decoder)["firstsight.generation.fallback"]
 
 
 def test_the_compiled_step_is_kept_per_model_and_inductor_options(tiny):
