@@ -139,11 +139,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
     from firstsight.data import load_split
     from firstsight.data.batching import PromptCollator
+    from firstsight.decode_attention import group_decode, ungroup_decode
     from firstsight.generation import GreedyDecoder
     from firstsight.models import load_model, load_processor
     from firstsight.train import to_device
     from firstsight.validate import validate
-    from firstsight.decode_attention import group_decode, ungroup_decode
     from firstsight.vision_attention import batch_frames, unbatch_frames
 
     overrides = ["task=profile", f"model={args.model}", f"hardware={args.hardware}", f"precision={args.precision}",

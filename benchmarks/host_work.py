@@ -36,7 +36,7 @@ import sys
 from typing import Any, Callable, Dict, List, Tuple
 
 from _common import RESULTS, cuda_device, ratio, results_path, run_meta, write_pair
-from generation import Timer, compose  # benchmarks/generation.py
+from generation import ATOL, RTOL, Timer, compose  # benchmarks/generation.py
 
 DEVICE = {"name": "cuda"}  # --smoke: cpu
 
@@ -158,7 +158,7 @@ def decode_tuning_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Di
     times, first = _decode_interleaved(decoders, batch, pad, args)
     plain, tuned = decoders
     agreement = _agreement(decoders[plain], decoders[tuned], batch, pad, args.new_tokens)
-    tolerance = 2 ** -6 * agreement["max_abs_logit"] + 0.01  # generation.py's bf16 tolerance
+    tolerance = RTOL * agreement["max_abs_logit"] + ATOL  # generation.py's bf16 tolerance
     result = {"options": COMPILE_OPTIONS, "methods": {name: d.tag for name, d in decoders.items()},
               "p50_s": {name: statistics.median(t) for name, t in times.items()}, "first_call_s": first,
               "speedup": ratio(statistics.median(times[plain]), statistics.median(times[tuned])),
@@ -194,9 +194,8 @@ def decode_attention_part(cfg: Any, processor: Any, args: argparse.Namespace) ->
         p50 = {name: statistics.median(t) for name, t in times.items()}
         rows.append({"batch_size": size, "p50_s": p50, "speedup": ratio(p50["repeated"], p50["grouped"]),
                      "methods": {name: d.tag for name, d in decoders.items()}, **apart,
-                     "within_tolerance": apart["max_abs_logit_diff"] <= 2 ** -6 * apart["max_abs_logit"] + 0.01,
+                     "within_tolerance": apart["max_abs_logit_diff"] <= RTOL * apart["max_abs_logit"] + ATOL,
                      "times_s": times})
-    group_decode(model)
     del model
     _free()
     return {"prompt_tokens": {1: int(single["input_ids"].shape[1]), args.decode_batch: int(batch["input_ids"].shape[1])},
