@@ -202,7 +202,8 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
 
     loss_fn = build_loss(cfg)
     dtype = torch_dtype(cfg.precision.dtype)
-    collator = QACollator(processor, with_index=teacher_cache is not None)
+    collator = QACollator(processor, with_index=teacher_cache is not None,
+                          pad_to_multiple_of=cfg.hardware.pad_to_multiple_of)
     train_set = load_split(cfg.data, "train", cfg.seed)
     if getattr(train_set, "skipped", 0):  # bad records left out under data.on_bad_sample=skip
         tracker.log_metrics({"data/skipped_samples": train_set.skipped})

@@ -189,6 +189,9 @@ def _validate_numbers(cfg: DictConfig) -> None:
            "a share of the activations in (0, 1]; 1 keeps what the compiler would keep anyway")
     _check(budget == 1 or cfg.hardware.compile, "hardware.compile_memory_budget", budget,
            "it acts on compiled blocks only: add hardware.compile=true, or leave it at 1")
+    multiple = cfg.hardware.pad_to_multiple_of
+    _check(multiple is None or multiple >= 1, "hardware.pad_to_multiple_of", multiple,
+           "null (each batch as long as its longest sample) or a number of tokens >= 1, e.g. 64")
     threads = cfg.hardware.num_threads
     _check(threads is None or threads >= 1, "hardware.num_threads", threads, "null or >= 1")
     loss = cfg.distill_loss

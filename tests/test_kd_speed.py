@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, compose
 from firstsight.losses import IGNORE_INDEX, JSD, ForwardKL, ReverseKL, answer_logit_slice
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -267,3 +267,36 @@ def test_a_compile_memory_budget_out_of_range_or_without_compile_is_refused():
     with pytest.raises(ConfigError, match="hardware.compile_memory_budget=0.5.*hardware.compile=true"):
         validate(compose(["hardware.compile_memory_budget=0.5"]))
     validate(compose(["hardware.compile=true", "hardware.compile_memory_budget=0.5"]))
+
+
+def test_batches_padded_to_a_multiple_are_masked_and_unlabelled_beyond_the_longest_sample(cache_dir):
+    from firstsight.data import load_split
+    from firstsight.data.batching import IGNORE_INDEX, QACollator
+    from firstsight.models import load_processor
+
+    cfg = compose()
+    processor = load_processor(cfg)
+    samples = [load_split(cfg.data, "train", cfg.seed)[i] for i in range(3)]
+    plain = QACollator(processor)(samples)
+    padded = QACollator(processor, pad_to_multiple_of=64)(samples)
+    length = plain["input_ids"].shape[1]
+    assert length % 64 and padded["input_ids"].shape[1] == -(-length // 64) * 64  # rounded up, not more
+    for key in ("input_ids", "attention_mask", "labels", "mm_token_type_ids"):
+        assert torch.equal(padded[key][:, :length], plain[key]), key  # the longest sample's span is unchanged
+    assert not padded["attention_mask"][:, length:].any() and (padded["labels"][:, length:] == IGNORE_INDEX).all()
+    assert torch.equal(padded["pixel_values"], plain["pixel_values"])
+
+
+@pytest.mark.slow
+def test_a_job_with_padded_batches_follows_the_unpadded_loss_curve(cache_dir, tmp_path):
+    curves = {}
+    for multiple in ("null", "64"):
+        result = _run(cache_dir, tmp_path / multiple, f"hardware.pad_to_multiple_of={multiple}", "hardware.batch_size=4")
+        assert result.returncode == 0, result.stderr[-3000:]
+        curves[multiple] = json.loads((tmp_path / multiple / "train_history.json").read_text())
+    assert len(curves["64"]) == 4
+    for plain, padded in zip(curves["null"], curves["64"]):
+        assert padded["train/loss"] == pytest.approx(plain["train/loss"], rel=1e-5)
+        assert padded["train/grad_norm"] == pytest.approx(plain["train/grad_norm"], rel=1e-4)
+    bad = _run(cache_dir, tmp_path / "bad", "hardware.pad_to_multiple_of=0")
+    assert bad.returncode != 0 and "hardware.pad_to_multiple_of=0" in bad.stderr and "e.g. 64" in bad.stderr

@@ -37,11 +37,14 @@ class QACollator:
     """Batches samples with the processor; labels keep only the answer tokens and the closing
     <|im_end|> (what greedy decoding must produce), everything else is IGNORE_INDEX.
     `with_index`: each batch also carries `sample_index`, the dataset index of each row (the
-    teacher-logit cache looks the teacher's targets up by it; model_inputs() drops it)."""
+    teacher-logit cache looks the teacher's targets up by it; model_inputs() drops it).
+    `pad_to_multiple_of`: rows right-padded to a multiple of that many tokens (hardware.
+    pad_to_multiple_of), not only to the longest; the padding is masked and unlabelled."""
 
-    def __init__(self, processor: Any, with_index: bool = False):
+    def __init__(self, processor: Any, with_index: bool = False, pad_to_multiple_of: Optional[int] = None):
         self.processor = processor
         self.with_index = with_index
+        self.padding = {"pad_to_multiple_of": pad_to_multiple_of} if pad_to_multiple_of else {}
         tokenizer = processor.tokenizer
         self.im_start_id = tokenizer.convert_tokens_to_ids("<|im_start|>")
         self.im_end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -52,7 +55,8 @@ class QACollator:
     def __call__(self, samples: Sequence[Any]) -> Dict[str, Any]:
         texts = [self.processor.apply_chat_template(messages_for(s), tokenize=False) for s in samples]
         images = [image for s in samples for image in s.images]
-        batch = self.processor(text=texts, images=images, padding=True, padding_side="right", return_tensors="pt")
+        batch = self.processor(text=texts, images=images, padding=True, padding_side="right", return_tensors="pt",
+                               **self.padding)
         batch["labels"] = self._answer_labels(batch["input_ids"], samples)
         if self.with_index:
             batch["sample_index"] = batch["input_ids"].new_tensor([s.index for s in samples])
