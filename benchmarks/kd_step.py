@@ -25,7 +25,7 @@ CPU the two are bit-identical, tests/test_kd_speed.py). The table gives tokens/s
 the ratios to naive, and the harness overhead (perf/harness_time_fraction: metric logging and the
 progress bar against the steps' time).
 
-    python benchmarks/kd_step.py                    # GPU, real size, every point (~10 min: 25-100 s per point on an H200)
+    python benchmarks/kd_step.py                    # GPU, real size, every point (~15 min: 25-120 s per point on an H200)
     python benchmarks/kd_step.py --points naive optimized 'optimized + teacher cache' \
         'optimized + teacher cache + compile'       # GPU: ~3 min
     python benchmarks/kd_step.py --smoke            # CPU, the tiny pair: the plumbing (~6 min on 2 cores)
