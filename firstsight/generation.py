@@ -477,12 +477,16 @@ def _compiled_forward(model: Any, options: Optional[Dict[str, Any]] = None) -> A
     return per_options[key]
 
 
+def _vision_blocks(model: Any) -> Any:
+    """A Qwen2-VL model's vision blocks (model.model.visual.blocks); () for any other model."""
+    return getattr(getattr(getattr(model, "model", None), "visual", None), "blocks", None) or ()
+
+
 def compile_vision_blocks(model: Any) -> int:
     """The vision encoder's blocks torch.compile'd in place (inductor's defaults, dynamic shapes,
     compiled on their first call; regional, so the 32 blocks share their code); blocks compiled
     already are left as they are. Returns how many were compiled now."""
-    blocks = getattr(getattr(getattr(model, "model", None), "visual", None), "blocks", None) or ()
-    fresh = [block for block in blocks if getattr(block, "_compiled_call_impl", None) is None]
+    fresh = [block for block in _vision_blocks(model) if getattr(block, "_compiled_call_impl", None) is None]
     for block in fresh:
         block.compile(dynamic=True)
     return len(fresh)
@@ -490,7 +494,7 @@ def compile_vision_blocks(model: Any) -> int:
 
 def uncompile_vision_blocks(model: Any) -> None:
     """Undo compile_vision_blocks: the blocks run their eager forward again."""
-    for block in getattr(getattr(getattr(model, "model", None), "visual", None), "blocks", None) or ():
+    for block in _vision_blocks(model):
         block._compiled_call_impl = None  # what nn.Module.compile set; None: the plain call
 
 

@@ -84,14 +84,20 @@ def _run(cache_dir, workdir, *overrides: str) -> subprocess.CompletedProcess:
                           cwd=workdir.parent, env=env, capture_output=True, text=True, timeout=600)
 
 
+def _curves(cache_dir, tmp_path, key: str, values) -> dict:
+    """The per-step history (train_history.json) of one 4-step batch-4 job per value of `key`."""
+    curves = {}
+    for value in values:
+        result = _run(cache_dir, tmp_path / value, f"{key}={value}", "hardware.batch_size=4")
+        assert result.returncode == 0, result.stderr[-3000:]
+        curves[value] = json.loads((tmp_path / value / "train_history.json").read_text())
+        assert len(curves[value]) == 4
+    return curves
+
+
 @pytest.mark.slow
 def test_a_job_on_answer_positions_follows_the_full_logits_loss_curve(cache_dir, tmp_path):
-    curves = {}
-    for logits in ("all_positions", "answer_positions"):
-        result = _run(cache_dir, tmp_path / logits, f"train.logits={logits}", "hardware.batch_size=4")
-        assert result.returncode == 0, result.stderr[-3000:]
-        curves[logits] = json.loads((tmp_path / logits / "train_history.json").read_text())
-    assert len(curves["answer_positions"]) == 4
+    curves = _curves(cache_dir, tmp_path, "train.logits", ("all_positions", "answer_positions"))
     for full, sliced in zip(curves["all_positions"], curves["answer_positions"]):
         assert sliced["train/loss"] == pytest.approx(full["train/loss"], rel=1e-6)
         assert sliced["train/kd_loss"] == pytest.approx(full["train/kd_loss"], rel=1e-6)
@@ -289,12 +295,7 @@ def test_batches_padded_to_a_multiple_are_masked_and_unlabelled_beyond_the_longe
 
 @pytest.mark.slow
 def test_a_job_with_padded_batches_follows_the_unpadded_loss_curve(cache_dir, tmp_path):
-    curves = {}
-    for multiple in ("null", "64"):
-        result = _run(cache_dir, tmp_path / multiple, f"hardware.pad_to_multiple_of={multiple}", "hardware.batch_size=4")
-        assert result.returncode == 0, result.stderr[-3000:]
-        curves[multiple] = json.loads((tmp_path / multiple / "train_history.json").read_text())
-    assert len(curves["64"]) == 4
+    curves = _curves(cache_dir, tmp_path, "hardware.pad_to_multiple_of", ("null", "64"))
     for plain, padded in zip(curves["null"], curves["64"]):
         assert padded["train/loss"] == pytest.approx(plain["train/loss"], rel=1e-5)
         assert padded["train/grad_norm"] == pytest.approx(plain["train/grad_norm"], rel=1e-4)
