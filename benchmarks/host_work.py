@@ -18,12 +18,17 @@ so that both sides see the same machine state:
   and at batch --decode-batch, the decode steps' attention with the query heads grouped per KV
   head (firstsight/decode_attention.py, hardware.grouped_decode_attention) and with the KV cache
   repeated per query head (transformers). Logits within bf16 tolerance required.
+- prefill graph: generation by the static paths at batch 1 and at batch --decode-batch, the
+  prefill's language model replayed from a CUDA graph (firstsight/prefill.py) and run eagerly
+  (at the larger batch the graph is allowed past prefill.MAX_TOKENS, to see what it would buy
+  there). Same tokens required.
 
     python benchmarks/host_work.py                     # GPU, real size with random weights (~70 s on an H200, model builds included)
     python benchmarks/host_work.py --parts generation  # only the first part
     python benchmarks/host_work.py --parts vision_attention   # only the vision attention pair
     python benchmarks/host_work.py --parts decode_tuning      # static_compile with and without its inductor options (~3 min)
     python benchmarks/host_work.py --parts decode_attention   # grouped against repeated KV heads in decode steps (~40 s)
+    python benchmarks/host_work.py --parts prefill_graph      # the prefill's language model as a graph or eager
 
 Prints a table and writes benchmarks/results/host_work_<device>.{json,md} (device, versions, date).
 """
@@ -202,6 +207,45 @@ def decode_attention_part(cfg: Any, processor: Any, args: argparse.Namespace) ->
             "rows": rows}
 
 
+def prefill_graph_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[str, Any]:
+    """Each of --methods at batch 1 and --decode-batch, with the prefill's language model replayed
+    from a graph and run eagerly. Both decoders run two untimed calls first (a shape's graph is
+    captured at its second prefill), and their logits are recorded after that."""
+    from firstsight.generation import GreedyDecoder
+    from firstsight.prefill import MAX_TOKENS
+
+    model, single = _one_question(cfg, processor)
+    batch = _questions(cfg, processor, args.decode_batch)
+    pad, n = processor.tokenizer.pad_token_id, args.new_tokens
+    rows = []
+    for method in args.methods:
+        for inputs in (single, batch):
+            size, length = inputs["input_ids"].shape
+            decoders = {"eager": GreedyDecoder(model, method), "graph": GreedyDecoder(model, method)}
+            decoders["eager"].language_graphs.off = "measured without it"
+            decoders["graph"].language_graphs.max_tokens = max(MAX_TOKENS, size * length)
+            logits = {}
+            for name, decoder in decoders.items():
+                for record in (False, False, True, True):  # the logits-recording entry is another cache
+                    out = decoder.generate(inputs, n, n, pad_token_id=pad, record_logits=record)
+                logits[name] = out
+            times = interleaved({name: (lambda d=d: d.generate(inputs, n, n, pad_token_id=pad))
+                                 for name, d in decoders.items()}, args.rounds)
+            p50 = {name: statistics.median(t) for name, t in times.items()}
+            graphs = decoders["graph"].language_graphs
+            rows.append({"method": method, "batch_size": size, "prompt_tokens": length, "p50_s": p50,
+                         "speedup": ratio(p50["eager"], p50["graph"]), "graphs_captured": len(graphs.capture_seconds),
+                         "capture_s": sum(graphs.capture_seconds), "graph_off": graphs.off,
+                         "over_default_limit": size * length > MAX_TOKENS,
+                         "identical_tokens": bool((logits["eager"].tokens == logits["graph"].tokens).all()),
+                         **logits_apart(logits["eager"], logits["graph"]), "times_s": times})
+            del decoders
+            _free()
+    del model
+    _free()
+    return {"rows": rows, "max_tokens": MAX_TOKENS}
+
+
 def positions_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[str, Any]:
     import torch
 
@@ -344,6 +388,20 @@ def markdown(data: Dict[str, Any]) -> str:
         lines += ["", "Logits are compared at each row's steps up to and including the first where the two ways "
                   "chose different tokens (after it they continue different answers); the tolerance is "
                   "2^-6 x max + 0.01.", ""]
+    pre = data.get("prefill_graph")
+    if pre:
+        lines += [f"Generation ({data['new_tokens']} new tokens), the prefill's language model run eagerly and "
+                  f"replayed from a CUDA graph (firstsight/prefill.py; by default only up to {pre['max_tokens']} "
+                  "prompt tokens per batch), p50 over the rounds:", "",
+                  "| path | batch | prompt tokens | eager (s) | graph (s) | speed-up | graphs captured (s) | "
+                  "identical tokens | max abs logit diff |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in pre["rows"]:
+            off = f" (off: {r['graph_off']})" if r["graph_off"] else ""
+            lines.append(f"| `{r['method']}` | {r['batch_size']}{' (past the limit)' if r['over_default_limit'] else ''} | "
+                         f"{r['prompt_tokens']} | {r['p50_s']['eager']:.4f} | {r['p50_s']['graph']:.4f} | "
+                         f"{r['speedup']:.2f}x | {r['graphs_captured']} ({r['capture_s']:.2f}){off} | "
+                         f"{'yes' if r['identical_tokens'] else 'NO'} | {r['max_abs_logit_diff']:.3g} |")
+        lines.append("")
     vis = data.get("vision_attention")
     if vis:
         lines += [f"The student's vision encoder ({vis['dtype']}), median over the rounds; same output: relative "
@@ -360,7 +418,7 @@ def markdown(data: Dict[str, Any]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parts = ["generation", "positions", "vision_attention", "decode_tuning", "decode_attention"]
+    parts = ["generation", "positions", "vision_attention", "decode_tuning", "decode_attention", "prefill_graph"]
     parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--methods", nargs="+", default=["static", "static_compile"], choices=["static", "static_compile"])
     parser.add_argument("--rounds", type=int, default=10)
@@ -409,6 +467,8 @@ def main() -> int:
         data["decode_tuning"] = decode_tuning_part(cfg, processor, args)
     if "decode_attention" in args.parts:
         data["decode_attention"] = decode_attention_part(cfg, processor, args)
+    if "prefill_graph" in args.parts:
+        data["prefill_graph"] = prefill_graph_part(cfg, processor, args)
     table = markdown(data)
     path = results_path(args.results_dir, "host_work", device)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -418,6 +478,7 @@ def main() -> int:
     same = all(r["identical_tokens"] for r in data.get("generation", {}).get("rows", []))
     same = same and all(r["same"] for r in data.get("vision_attention", {}).get("rows", []))
     same = same and data.get("decode_tuning", {}).get("within_tolerance", True)
+    same = same and all(r["identical_tokens"] for r in data.get("prefill_graph", {}).get("rows", []))
     same = same and all(r["within_tolerance"] for r in data.get("decode_attention", {}).get("rows", []))
     return 0 if same and data.get("positions", {}).get("identical_loss", True) else 1
 

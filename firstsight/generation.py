@@ -70,7 +70,6 @@ _UNSUPPORTED = {
     "exponential_decay_length_penalty": (None,), "guidance_scale": (None, 1, 1.0), "stop_strings": (None,),
     "max_time": (None,), "watermarking_config": (None,), "prompt_lookup_num_tokens": (None,),
 }
-_NOT_MODEL_INPUTS = {"labels", "sample_index", "position_ids", "cache", "past_key_values", "use_cache", "logits_to_keep"}
 
 
 @dataclass
@@ -108,14 +107,17 @@ def generation_tags(decoder: "GreedyDecoder") -> Dict[str, str]:
     """What a run records of its decoding: `firstsight.generation` (the method used), the seconds
     its CUDA-graph captures took, and why graphs were not used when a capture failed."""
     tags = {"firstsight.generation": decoder.tag}
-    captures = decoder.capture_seconds + decoder.vision_graphs.capture_seconds
+    captures = (decoder.capture_seconds + decoder.vision_graphs.capture_seconds
+                + decoder.language_graphs.capture_seconds)
     if captures:
         tags["firstsight.generation.capture_s"] = f"{sum(captures):.3f}"
-    if decoder.vision_graphs.capture_seconds:
-        tags["firstsight.generation.vision_graphs"] = str(len(decoder.vision_graphs.capture_seconds))
+    for name, graphs in (("vision_graphs", decoder.vision_graphs), ("prefill_graphs", decoder.language_graphs)):
+        if graphs.capture_seconds:
+            tags[f"firstsight.generation.{name}"] = str(len(graphs.capture_seconds))
     fallback = "; ".join(f"{what}: {why}" for what, why in (("torch.compile", decoder.compile_off),
                                                               ("CUDA graphs", decoder.graphs_off),
                                                               ("vision CUDA graph", decoder.vision_graphs.off),
+                                                              ("prefill CUDA graph", decoder.language_graphs.off),
                                                               ("compiled vision blocks", decoder.vision_compile_off))
                          if why)
     if fallback:
@@ -156,9 +158,11 @@ class GreedyDecoder:
         self._entries: Dict[Tuple, _StaticEntry] = {}
         self.graphs_off: Optional[str] = None  # why CUDA graphs are not used (after a failed capture)
         self._said: set = set()  # reasons for model.generate already logged
+        from firstsight.prefill import LanguageGraphs
         from firstsight.vision_graph import VisionGraphs
 
         self.vision_graphs = VisionGraphs()  # the prefill's vision encoder as CUDA graphs (where graphs are used)
+        self.language_graphs = LanguageGraphs()  # the prefill's language model as CUDA graphs (ditto)
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.2x renamed it
 
@@ -226,19 +230,26 @@ class GreedyDecoder:
             self._entry(model, batch_size, prompt_length + max_new_tokens, eos,
                         max_new_tokens if record_logits else 0, self.model_device())
 
-    def reserve_prefill(self, batch: Dict[str, Any]) -> None:
-        """Capture the prefill's vision-encoder graph for this batch's frames (a host batch is moved
-        to the model's device first), so that no later call with the same frame grid pays it.
-        Nothing to do where graphs are not used (CPU, method hf, a batch too large for a graph)."""
+    def reserve_prefill(self, batch: Dict[str, Any], max_new_tokens: int) -> None:
+        """Run this batch's prefill once (a host batch is moved to the model's device first),
+        capturing the graphs it replays (the vision encoder's for its frame grid, the language
+        model's for its shape), so that no later call of the same shape pays them. Call `reserve`
+        for the batch size first: the language model's graph belongs to that static cache. Nothing
+        to do where graphs are not used (CPU, method hf)."""
         import torch
 
         from firstsight.train import to_device
 
         if not self.prefill_graphs():
             return
-        self._compile_vision(self.model())
+        model = self.model()
+        batch = to_device(batch, self.model_device())
+        eos, _ = self._resolve_ids(model, None, None)
+        size, prompt = batch["input_ids"].shape
         with torch.no_grad():
-            self.vision_graphs.prepare(self.model(), to_device(batch, self.model_device()))
+            entry = self._entry(model, size, prompt + max_new_tokens, eos, 0, self.model_device())
+            self._compile_vision(model)
+            self._prefill(model, batch, entry, capture_now=True)
 
     def _compile_vision(self, model: Any) -> None:
         """static_compile, where graphs are used: the prefill's vision blocks compiled (once per model)."""
@@ -246,13 +257,16 @@ class GreedyDecoder:
                 and self._graphs_wanted(self.model_device())):
             self._vision_untried = compile_vision_blocks(model) > 0 or self._vision_untried
 
-    def _prefill(self, model: Any, batch: Dict[str, Any], entry: "_StaticEntry", positions: Any) -> Any:
-        """The prompt's forward into the entry's cache (its last position's logits). If the first one
-        through freshly compiled vision blocks fails (a compiler error surfaces on first use), the
-        blocks are uncompiled and it runs again; any later failure is the caller's."""
+    def _prefill(self, model: Any, batch: Dict[str, Any], entry: "_StaticEntry", capture_now: bool = False) -> Any:
+        """The prompt's forward into the entry's cache (its last position's logits: firstsight/prefill.py,
+        its language model replayed from a graph where graphs are used; `capture_now`: capture one
+        for this shape now rather than on its second prefill). If the first one through freshly
+        compiled vision blocks fails (a compiler error surfaces on first use), the blocks are
+        uncompiled and it runs again; any later failure is the caller's."""
+        store = entry.graph_store if self.prefill_graphs() else None
         try:
             with self._vision_serving(model, batch):
-                logits = entry.prefill(model, batch, self._cache_kw, positions)
+                logits = entry.prefill(model, batch, self.language_graphs, store, capture_now)
         except Exception as err:  # noqa: BLE001 - only the first prefill after compiling is retried
             if not self._vision_untried:
                 raise
@@ -263,13 +277,13 @@ class GreedyDecoder:
                         self.vision_compile_off)
             self.vision_graphs.off = None  # a capture that failed through them may succeed without them
             with self._vision_serving(model, batch):
-                logits = entry.prefill(model, batch, self._cache_kw, positions)
+                logits = entry.prefill(model, batch, self.language_graphs, store, capture_now)
         self._vision_untried = False
         return logits
 
     def prefill_graphs(self) -> bool:
         """Whether prefills may replay graphs (the static method, where decode steps are captured)."""
-        return (self.method != "hf" and not self._static_off(self.model()) and self.vision_graphs.off is None
+        return (self.method != "hf" and not self._static_off(self.model())
                 and self._graphs_wanted(self.model_device()))
 
     def _resolve_ids(self, model: Any, eos_token_id: Any, pad_token_id: Optional[int]) -> Tuple[Tuple[int, ...], int]:
@@ -312,11 +326,8 @@ class GreedyDecoder:
         if max_new <= 0:
             return Generated(input_ids.new_zeros((size, 0)), self.tag)
         entry = self._entry(model, size, prompt + max_new, eos, max_new if record_logits else 0, device)
-        from firstsight.positions import prompt_positions
-
-        positions = prompt_positions(model, batch)
         self._compile_vision(model)
-        first_logits = self._prefill(model, batch, entry, positions)
+        first_logits = self._prefill(model, batch, entry)
         entry.start(batch, min_new, pad)
         entry.select(first_logits)  # token 0, eagerly, by the same code the step runs
         done = 1
@@ -431,9 +442,10 @@ class GreedyDecoder:
         return None
 
 
-def _record_graph(step: Any) -> Any:
+def _record_graph(step: Any, pool: Any = None) -> Any:
     """`step()` captured as a CUDA graph (whose replay() is the step), after WARMUP_STEPS eager runs
-    on a side stream (lazy initialisations, the allocator's pools), as torch.cuda.graphs' docs do."""
+    on a side stream (lazy initialisations, the allocator's pools), as torch.cuda.graphs' docs do.
+    `pool`: a memory pool shared with other graphs (torch.cuda.graph_pool_handle), else its own."""
     import torch
 
     stream = torch.cuda.Stream()
@@ -443,7 +455,7 @@ def _record_graph(step: Any) -> Any:
             step()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, pool=pool):
         step()
     return graph
 
@@ -517,6 +529,9 @@ class _StaticEntry:
         self.graph: Any = None
         self.compiled = False  # the captured step is the torch.compile'd forward's
         self.cache = StaticCache(config=model.config, max_cache_len=cache_len)
+        from firstsight.prefill import GraphStore
+
+        self.graph_store = GraphStore()  # the prefill's language-model graphs into this cache
         longs = dict(dtype=torch.long, device=device)
         self.tok = torch.zeros(size, 1, **longs)  # the last chosen token: the step's input
         self.pos = torch.zeros(4, size, 1, **longs)  # its positions (text row + 3 M-RoPE rows)
@@ -538,13 +553,13 @@ class _StaticEntry:
         self.seen = torch.zeros(size, vocab, dtype=torch.bool, device=device) if penalty is not None else None
         self.logits_rec = torch.zeros(record, size, vocab, dtype=torch.float32, device=device) if record else None
 
-    # eager, per call
-    def prefill(self, model: Any, batch: Dict[str, Any], cache_kw: str, positions: Any) -> Any:
-        self.cache.reset()  # in place: the addresses a captured graph uses stay
-        inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
-        out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_kw: self.cache})
+    # per call
+    def prefill(self, model: Any, batch: Dict[str, Any], graphs: Any, store: Any, capture_now: bool = False) -> Any:
+        from firstsight.prefill import prefill
+
+        logits, positions = prefill(model, batch, self.cache, graphs, store, capture_now)
         self.pos.copy_(positions[..., -1:] + 1)
-        return out.logits[:, -1, :]
+        return logits
 
     def start(self, batch: Dict[str, Any], min_new: int, pad: int) -> None:
         input_ids = batch["input_ids"]

@@ -146,23 +146,29 @@ def _prepare_decoder(decoder: Any, queries: Any, collate: Any, single: int, batc
                      new_tokens: int) -> None:
     """Before anything is timed: the static decoder's caches (and on CUDA its captured decode
     steps) for the longest prompt of the single queries and of the batches this profile will
-    time, and the prefill's vision-encoder graphs for their frame grids, so that no timed query
-    pays a capture. The prompts come from collating the same queries `take` will (one at a
-    time, then dropped; a batch small enough for a graph is collated whole)."""
+    time, then on CUDA each of their prefills once, capturing the graphs a prefill replays (the
+    vision encoder's per frame grid, the language model's per prompt shape), so that no timed
+    query pays a capture. The prompts come from collating the same queries `take` will (a batch
+    is collated whole only when a graph may serve it)."""
     from firstsight.generation import HF_GENERATE
 
     if decoder.tag == HF_GENERATE:
         return
-    graphs = decoder.prefill_graphs()  # the prefill's vision-encoder graphs (CUDA): one per frame grid, made now
-    lengths, patches = [], []
+    lengths, patches, singles = [], [], []
     for i in range(single + batched * batch_size):
         prompt = collate([queries[i % len(queries)]])
         lengths.append(prompt["input_ids"].shape[1])
         patches.append(prompt["pixel_values"].shape[0] if prompt.get("pixel_values") is not None else 0)
-        if graphs and i < single:
-            decoder.reserve_prefill(prompt)
+        if i < single:
+            singles.append(prompt)
     decoder.reserve(1, max(lengths[:single]), new_tokens)
     decoder.reserve(batch_size, max(lengths[single:]), new_tokens)  # left padding: a batch is as long as its longest
+    if not decoder.prefill_graphs():
+        return
+    for prompt in singles:
+        decoder.reserve_prefill(prompt, new_tokens)
     for start in range(single, len(lengths), batch_size):
-        if graphs and sum(patches[start:start + batch_size]) <= decoder.vision_graphs.max_patches:
-            decoder.reserve_prefill(collate([queries[i % len(queries)] for i in range(start, start + batch_size)]))
+        rows = range(start, start + batch_size)
+        if (sum(patches[i] for i in rows) <= decoder.vision_graphs.max_patches
+                or batch_size * max(lengths[i] for i in rows) <= decoder.language_graphs.max_tokens):
+            decoder.reserve_prefill(collate([queries[i % len(queries)] for i in rows]), new_tokens)

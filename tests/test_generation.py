@@ -214,7 +214,7 @@ class _ReplayedStep:
 def _fake_capture(monkeypatch, broken=False):
     import firstsight.generation as generation
 
-    def record(step):
+    def record(step, pool=None):
         for _ in range(generation.WARMUP_STEPS):
             step()
         return _ReplayedStep(step, broken)
@@ -241,7 +241,10 @@ def test_the_captured_step_replayed_per_token_gives_generates_tokens(tiny, monke
     assert fixed.tokens.tolist() == _generate(model, batch, 10, 10, pad_token_id=tiny.pad).tolist()
     assert natural.tokens.tolist() == _generate(model, batch, 10, pad_token_id=tiny.pad).tolist()
     assert again.tokens.tolist() == _generate(model, tiny.batch([16, 0, 1, 3, 2]), 10, 10, pad_token_id=tiny.pad).tolist()
-    assert _ReplayedStep.captures == 1 and len(decoder.capture_seconds) == 1  # one shape, one capture
+    assert len(decoder.capture_seconds) == 1  # one batch size: one decode-step capture
+    # the prefill's language model: captured at the second prompt of a shape (the first two calls),
+    # not for a shape seen once (the third)
+    assert len(decoder.language_graphs.capture_seconds) == 1 and _ReplayedStep.captures == 2
     assert "captured the decode step as a CUDA graph (batch 5, cache 128 tokens)" in caplog.text
     tags = generation_tags(decoder)
     assert tags["firstsight.generation"] == "static_cuda_graph" and float(tags["firstsight.generation.capture_s"]) > 0

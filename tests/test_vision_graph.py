@@ -48,10 +48,12 @@ def test_off_cuda_nothing_is_captured(student_and_batch):
     assert graphs.capture_seconds == [] and graphs.off is None
 
 
-def test_the_profile_captures_every_grid_before_timing(tiny_parts):
-    """profile._prepare_decoder hands the decoder every single query and every batch small enough
-    for a graph, as `take` will collate them, so no timed query pays a vision capture."""
+def test_the_profile_captures_every_prefill_graph_before_timing(tiny_parts):
+    """profile._prepare_decoder reserves the static caches first, then hands the decoder every
+    single query and every batch a prefill graph may serve (its frames fit a vision graph, or its
+    tokens a language-model graph), as `take` will collate them, so no timed query pays a capture."""
     from firstsight.data.batching import PromptCollator
+    from firstsight.prefill import LanguageGraphs
     from firstsight.profile import _prepare_decoder
 
     collate = PromptCollator(tiny_parts.processor)
@@ -59,24 +61,30 @@ def test_the_profile_captures_every_grid_before_timing(tiny_parts):
 
     class Recorder:
         tag = "static_cuda_graph"
-        vision_graphs = VisionGraphs(max_patches=0)
-        reserved, prepared = [], []
+
+        def __init__(self, max_patches, max_tokens):
+            self.vision_graphs = VisionGraphs(max_patches=max_patches)
+            self.language_graphs = LanguageGraphs(max_tokens=max_tokens)
+            self.calls = []
 
         def reserve(self, size, length, new_tokens):
-            self.reserved.append(size)
+            self.calls.append(("reserve", size))
 
         def prefill_graphs(self):
             return True
 
-        def reserve_prefill(self, batch):
-            self.prepared.append(batch["input_ids"].shape[0])
+        def reserve_prefill(self, batch, new_tokens):
+            assert new_tokens == 4
+            self.calls.append(("prefill", batch["input_ids"].shape[0]))
 
-    decoder = Recorder()
     patches_per_frame = collate([queries[0]])["pixel_values"].shape[0]
-    decoder.vision_graphs.max_patches = 2 * patches_per_frame  # batches of 2 single frames fit, of 3 do not
+    decoder = Recorder(max_patches=2 * patches_per_frame, max_tokens=0)  # batches of 2 single frames fit, of 3 do not
     _prepare_decoder(decoder, queries, collate, single=4, batched=2, batch_size=2, new_tokens=4)
-    assert decoder.reserved == [1, 2]
     frames = [len(queries[i].images) for i in range(4, 8)]
     fitting = sum(1 for b in range(2) if sum(frames[2 * b:2 * b + 2]) <= 2)
-    assert decoder.prepared == [1, 1, 1, 1] + [2] * fitting
-    assert fitting >= 1  # the check is not vacuous
+    assert decoder.calls == [("reserve", 1), ("reserve", 2)] + [("prefill", 1)] * 4 + [("prefill", 2)] * fitting
+    assert 1 <= fitting < 2  # the check is not vacuous
+    longest = max(collate([queries[i]])["input_ids"].shape[1] for i in range(4, 8))
+    decoder = Recorder(max_patches=0, max_tokens=2 * longest)  # every batch fits a language-model graph
+    _prepare_decoder(decoder, queries, collate, single=4, batched=2, batch_size=2, new_tokens=4)
+    assert decoder.calls == [("reserve", 1), ("reserve", 2)] + [("prefill", 1)] * 4 + [("prefill", 2)] * 2
