@@ -17,9 +17,9 @@ answer. Here, with the same operations in the same order:
    (firstsight/positions.py) and checks image tokens against features by shape (no read-back);
 4. the features are merged into the embeddings by the same `masked_scatter`;
 5. the language model and the head on the last position: replayed as a CUDA graph (LanguageGraphs)
-   for prompts of at most `max_tokens` tokens (batch x length; larger ones keep the GPU busy
-   anyway, and a graph keeps its activations' memory), from the second prompt of a shape on (or at
-   once, when the profile prepares one), else eagerly.
+   for prompts of at most `max_tokens` tokens (batch x length; beyond it a graph's memory pool
+   grows for little: the prefill is GPU-bound), from the second prompt of a shape on (or at once,
+   when the profile prepares one), else eagerly.
 
 The logits are those of the model's own forward (tests/test_prefill.py: equal on the tiny pair).
 Batches with videos, and models without these parts, go through the model's own forward.
@@ -34,7 +34,10 @@ from typing import Any, Dict, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
-MAX_TOKENS = 4096  # prompts (batch x length) up to this are replayed as graphs: beyond it the prefill is GPU-bound
+# prompts (batch x length) up to this are replayed as graphs. At batch 1 (275 tokens) the eager prefill
+# is bound by the host; at batch 32 (9504 tokens) it is GPU-bound and a graph bought 1.01x on an H200
+# (host_work.py --parts prefill_graph), for a memory pool of its activations (~0.1 MB per token)
+MAX_TOKENS = 16384
 GRAPHS_PER_CACHE = 16  # prompt shapes kept per static cache (least recently used dropped); they share one memory pool
 _NOT_MODEL_INPUTS = {"labels", "sample_index", "position_ids", "cache", "past_key_values", "use_cache", "logits_to_keep"}
 
@@ -128,11 +131,20 @@ class _LanguageForward:
         _, _, self.language_model, self.head = _parts(model)
         self.cache = cache
         self.cache_kw = _cache_keyword(self.language_model)
+        # A prompt without padding into an empty cache: transformers gives SDPA no mask and
+        # is_causal=True (its flash kernel), but decides so by reading the cache's device-side
+        # length back, which it skips while a graph is captured (it then builds a mask, and another
+        # kernel computes slightly different logits). Handing it the per-layer-type masks it would
+        # decide on (None) takes the same kernel both ways; not with sliding-window layers.
+        sliding = getattr(self.language_model, "has_sliding_layers", True)
+        self.causal = None if sliding else {"full_attention": None}
 
     def __call__(self, embeds: Any, mask: Any, positions: Any) -> Any:
+        """`mask`: the [B, L] padding mask, None for a prompt without padding."""
         self.cache.reset()  # in place: the addresses a captured graph uses stay
-        hidden = self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
-                                     **{self.cache_kw: self.cache}).last_hidden_state
+        attention = mask if mask is not None else self.causal
+        hidden = self.language_model(inputs_embeds=embeds, attention_mask=attention, position_ids=positions,
+                                     use_cache=True, **{self.cache_kw: self.cache}).last_hidden_state
         return self.head(hidden[:, -1:, :])[:, -1, :]  # as the model's forward with logits_to_keep=1
 
 
@@ -207,6 +219,8 @@ def prefill(model: Any, batch: Dict[str, Any], cache: Any, graphs: LanguageGraph
                              f"features: {features.shape[0]}")
         where = (input_ids == image_token).unsqueeze(-1)  # 4.
         embeds = embeds.masked_scatter(where, features.to(embeds.device, embeds.dtype))
-    logits = graphs.run(_LanguageForward(model, cache), store, embeds, batch.get("attention_mask"), positions,
-                        capture_now)  # 5.
+    mask = batch.get("attention_mask")
+    if mask is not None and bool(host["attention_mask"].all()):
+        mask = None  # no padding (read from the host copy)
+    logits = graphs.run(_LanguageForward(model, cache), store, embeds, mask, positions, capture_now)  # 5.
     return logits, positions

@@ -349,7 +349,7 @@ def test_the_compiled_step_is_kept_per_model_and_inductor_options(tiny):
 def test_static_compile_compiles_the_vision_blocks_only_and_once(tiny):
     import torch
 
-    from firstsight.generation import compile_vision_blocks
+    from firstsight.generation import compile_vision_blocks, uncompile_vision_blocks
 
     model = tiny.model("student")
     blocks = list(model.model.visual.blocks)
@@ -358,6 +358,39 @@ def test_static_compile_compiles_the_vision_blocks_only_and_once(tiny):
     assert all(getattr(layer, "_compiled_call_impl", None) is None for layer in model.model.language_model.layers)
     assert compile_vision_blocks(model) == 0  # once per model
     assert compile_vision_blocks(torch.nn.Linear(2, 2)) == 0  # no vision encoder: nothing to compile
+    assert "forward" in vars(model.model.visual.patch_embed)  # the patch embedding as a matrix product
+    uncompile_vision_blocks(model)
+    assert all(block._compiled_call_impl is None for block in blocks)
+    assert "forward" not in vars(model.model.visual.patch_embed)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_patch_embedding_as_a_matrix_product_equals_the_conv(tiny, dtype):
+    """patch_embed_as_matmul: the same sums of products as the Conv3d (fp32: to rounding; bf16: to
+    bf16 rounding of the output), switched on and off in place; a conv whose kernel is not its
+    stride is left alone."""
+    import torch
+
+    from firstsight.generation import patch_embed_as_matmul
+
+    model = tiny.model("student", dtype)
+    embed = model.model.visual.patch_embed
+    pixels = tiny.batch(PAD_ROWS)["pixel_values"]
+    with torch.no_grad():
+        conv = embed(pixels)
+        assert patch_embed_as_matmul(model, True)
+        product = embed(pixels)
+        assert patch_embed_as_matmul(model, False)
+        assert torch.equal(embed(pixels), conv)
+    assert product.shape == conv.shape and product.dtype == conv.dtype
+    tolerance = 1e-5 if dtype == "float32" else 1e-2
+    assert float((product.float() - conv.float()).norm() / conv.float().norm()) < tolerance
+    overlapping = torch.nn.Conv3d(3, 4, kernel_size=(2, 2, 2), stride=(1, 2, 2), bias=False)
+    embed.proj, saved = overlapping, embed.proj
+    try:
+        assert not patch_embed_as_matmul(model, True) and "forward" not in vars(embed)
+    finally:
+        embed.proj = saved
 
 
 def test_static_caches_are_kept_per_batch_size_and_reused(tiny):
