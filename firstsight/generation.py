@@ -8,12 +8,14 @@ generate's output), for Qwen2-VL (`Qwen2VLForConditionalGeneration`, batches of
 `firstsight.data.batching.PromptCollator`: left-padded input_ids, attention_mask, pixel_values,
 image_grid_thw, mm_token_type_ids, maybe video fields):
 
-1. Prefill once, eagerly (on CUDA its vision encoder replayed from a CUDA graph per frame grid:
-   firstsight/vision_graph.py), with the full multimodal inputs into a transformers `StaticCache`
-   (`max_cache_len` = prompt length + new tokens, rounded up to a multiple of CACHE_ROUNDING), the
-   logits of the last position only (`logits_to_keep=1`). The 3-D M-RoPE positions are computed as
-   generate computes them: a text row (attention-mask cumsum) over the three rows of
-   `get_rope_index` (run on the host: firstsight/positions.py), shape [4, batch, prompt].
+1. Prefill once (firstsight/prefill.py: transformers' forward taken apart so that the host never
+   waits for the GPU; on CUDA the vision encoder replayed from a CUDA graph per frame grid,
+   firstsight/vision_graph.py, and the language model from a CUDA graph per prompt shape), with
+   the full multimodal inputs into a transformers `StaticCache` (`max_cache_len` = prompt length +
+   new tokens, rounded up to a multiple of CACHE_ROUNDING), the logits of the last position only.
+   The 3-D M-RoPE positions are computed as generate computes them: a text row (attention-mask
+   cumsum) over the three rows of `get_rope_index` (run on the host: firstsight/positions.py),
+   shape [4, batch, prompt].
 2. Every later token is one decode step of fixed shapes that reads and writes only preallocated
    device buffers: input ids [B, 1], positions [4, B, 1] (the prompt's last + 1, + 1 per step, as
    generate does), a [B, max_cache_len] padding mask set once per call (the cache's own device-side
@@ -34,8 +36,11 @@ image_grid_thw, mm_token_type_ids, maybe video fields):
    per token, at the price of a compilation per batch size and cache length; if that fails, the
    plain step is captured. The prefill's vision blocks are torch.compile'd too, in place (regional,
    dynamic shapes, once per model, ~10 s): at batch 32 the vision encoder is GPU-bound in its fp32
-   rotary and elementwise work, which inductor fuses (H200: 154 -> 99 ms for 32 frames). If the
-   first prefill through them fails, they are uncompiled and it runs again, with one log line.
+   rotary and elementwise work, which inductor fuses (H200: 154 -> 99 ms for 32 frames); and its
+   patch embedding is computed as one matrix product (patch_embed_as_matmul). If the first
+   prefill through them fails, they are uncompiled and it runs again, with one log line. Not exact:
+   the compiled vision blocks round differently (H200: prefill logits ~0.09 from generate's, on
+   magnitudes ~3.6-3.9; benchmarks/README.md).
 
 The method a run used is what `GreedyDecoder.tag` says: static_cuda_graph |
 static_compiled_cuda_graph | static_eager | hf_generate (profile and evaluate record it as the tag
