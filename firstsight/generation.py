@@ -50,7 +50,6 @@ capture or a compilation was given up).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import time
 import weakref
@@ -163,13 +162,12 @@ class GreedyDecoder:
         self._entries: Dict[Tuple, _StaticEntry] = {}
         self.graphs_off: Optional[str] = None  # why CUDA graphs are not used (after a failed capture)
         self._said: set = set()  # reasons for model.generate already logged
-        from firstsight.prefill import LanguageGraphs
+        from firstsight.prefill import LanguageGraphs, cache_keyword
         from firstsight.vision_graph import VisionGraphs
 
         self.vision_graphs = VisionGraphs()  # the prefill's vision encoder as CUDA graphs (where graphs are used)
         self.language_graphs = LanguageGraphs()  # the prefill's language model as CUDA graphs (ditto)
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.2x renamed it
+        self._cache_kw = cache_keyword(model)  # transformers >= 5.2x renamed it
 
     # ------------------------------------------------------------------ what a run records
 

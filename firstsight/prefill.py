@@ -35,8 +35,9 @@ from typing import Any, Dict, Optional, Tuple
 log = logging.getLogger(__name__)
 
 # prompts (batch x length) up to this are replayed as graphs. At batch 1 (275 tokens) the eager prefill
-# is bound by the host; at batch 32 (9504 tokens) it is GPU-bound and a graph bought 1.01x on an H200
-# (host_work.py --parts prefill_graph), for a memory pool of its activations (~0.1 MB per token)
+# is bound by the host (a graph: 1.09x the whole answer on an H200); at batch 32 (9504 tokens) it is
+# GPU-bound and a graph bought 1.01x (host_work.py --parts prefill_graph), for a memory pool of its
+# activations (`static`'s batch-32 peak: 7.35 GB without, 7.42 GB with; generation.py, two calls)
 MAX_TOKENS = 16384
 GRAPHS_PER_CACHE = 16  # prompt shapes kept per static cache (least recently used dropped); they share one memory pool
 _NOT_MODEL_INPUTS = {"labels", "sample_index", "position_ids", "cache", "past_key_values", "use_cache", "logits_to_keep"}
@@ -51,10 +52,12 @@ def _parts(model: Any) -> Optional[Tuple[Any, Any, Any, Any]]:
     return found if None not in found and hasattr(inner, "get_input_embeddings") else None
 
 
-def _cache_keyword(module: Any) -> str:
+def cache_keyword(module: Any) -> str:
+    """The name `module.forward` takes its KV cache under: `cache` (transformers >= 5.2x) or
+    `past_key_values`."""
     import inspect
 
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"  # transformers >= 5.2x
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 class GraphStore:
@@ -130,7 +133,7 @@ class _LanguageForward:
     def __init__(self, model: Any, cache: Any):
         _, _, self.language_model, self.head = _parts(model)
         self.cache = cache
-        self.cache_kw = _cache_keyword(self.language_model)
+        self.cache_kw = cache_keyword(self.language_model)
         # A prompt without padding into an empty cache: transformers gives SDPA no mask and
         # is_causal=True (its flash kernel), but decides so by reading the cache's device-side
         # length back, which it skips while a graph is captured (it then builds a mask, and another
@@ -200,7 +203,7 @@ def prefill(model: Any, batch: Dict[str, Any], cache: Any, graphs: LanguageGraph
         positions = prompt_positions(model, batch)
         inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
         out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1,
-                    **{_cache_keyword(model): cache})
+                    **{cache_keyword(model): cache})
         return out.logits[:, -1, :], positions
     inner, visual, _, _ = parts
     host = host_inputs(batch)  # 1. before anything is queued

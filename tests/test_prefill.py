@@ -42,11 +42,11 @@ def _cache(model, length=128):
 def _own_forward(model, batch, cache):
     """What the static decoder ran before: the model's forward with the prompt's positions."""
     from firstsight.positions import prompt_positions
-    from firstsight.prefill import _NOT_MODEL_INPUTS, _cache_keyword
+    from firstsight.prefill import _NOT_MODEL_INPUTS, cache_keyword
 
     inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
     positions = prompt_positions(model, batch)
-    out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1, **{_cache_keyword(model): cache})
+    out = model(**inputs, position_ids=positions, use_cache=True, logits_to_keep=1, **{cache_keyword(model): cache})
     return out.logits[:, -1, :], positions
 
 
