@@ -520,9 +520,8 @@ def _patch_embedding_by_matmul(self: Any, hidden_states: Any) -> Any:
     """Qwen2-VL's PatchEmbed.forward as a matrix product: its Conv3d's kernel is its stride and
     covers each patch whole, so each output is the patch's flattened pixels (channel, time, row,
     column: the conv's order) times the kernel's flattened weights. The same sums of products; cuDNN
-    ran the bf16 Conv3d as a slow generic kernel (H200, 32 frames: 4.05 ms, torch.profiler; the product
-    alone was not timed: the batch-32 answer went from 128.3 to 132.4 / 130.5 queries/s on three
-    machines, benchmarks/README.md)."""
+    ran the bf16 Conv3d as a slow generic kernel (H200, 32 frames: 4.05 ms, torch.profiler). The
+    product's own time, and what it buys, were not measured on their own."""
     import torch.nn.functional as F
 
     weight = self.proj.weight

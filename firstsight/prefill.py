@@ -27,6 +27,7 @@ Batches with videos, and models without these parts, go through the model's own 
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import OrderedDict
@@ -54,10 +55,15 @@ def _parts(model: Any) -> Optional[Tuple[Any, Any, Any, Any]]:
 
 def cache_keyword(module: Any) -> str:
     """The name `module.forward` takes its KV cache under: `cache` (transformers >= 5.2x) or
-    `past_key_values`."""
+    `past_key_values` (looked up once per class: every prefill asks)."""
+    return _cache_keyword_of(type(module))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword_of(cls: type) -> str:
     import inspect
 
-    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 class GraphStore:
