@@ -40,7 +40,8 @@ image_grid_thw, mm_token_type_ids, maybe video fields):
    patch embedding is computed as one matrix product (patch_embed_as_matmul). If the first
    prefill through them fails, they are uncompiled and it runs again, with one log line. Not exact:
    the compiled vision blocks round differently (H200: prefill logits ~0.09 from generate's, on
-   magnitudes ~3.6-3.9; benchmarks/README.md).
+   magnitudes ~3.6-3.9), though no less accurately (both ~0.06-0.08 from a float32 prefill;
+   benchmarks/README.md).
 
 The method a run used is what `GreedyDecoder.tag` says: static_cuda_graph |
 static_compiled_cuda_graph | static_eager | hf_generate (profile and evaluate record it as the tag
