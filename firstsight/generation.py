@@ -32,7 +32,8 @@ image_grid_thw, mm_token_type_ids, maybe video fields):
 4. If capture fails (e.g. a bitsandbytes kernel that synchronises), the same static loop runs
    eagerly, with one log line saying why. On the CPU it always runs eagerly.
 5. `hardware.generation=static_compile`: the same, with the step's model forward torch.compile'd
-   (inductor, static shapes, coordinate descent tuning) before it is captured — fewer, fused kernels
+   (inductor, static shapes, coordinate descent tuning except for torchao-quantized weights:
+   compile_options_for) before it is captured — fewer, fused kernels
    per token, at the price of a compilation per batch size and cache length; if that fails, the
    plain step is captured. The prefill's vision blocks are torch.compile'd too, in place (regional,
    dynamic shapes, once per model, ~10 s): at batch 32 the vision encoder is GPU-bound in its fp32
@@ -152,7 +153,7 @@ class GreedyDecoder:
         # static_compile: the decode step's forward is torch.compile'd (inductor, static shapes) and then
         # captured; only where graphs are captured (CUDA), once per batch size (tens of seconds at 2B)
         self.compile = self.method == "static_compile"
-        self.compile_options = compile_options  # inductor's options for it; None: COMPILE_OPTIONS
+        self.compile_options = compile_options  # inductor's options for it; None: compile_options_for(model)
         self.compile_off: Optional[str] = None  # why the compiled step is not used (after a failure)
         self.vision_compile_off: Optional[str] = None  # why the prefill's vision blocks are not compiled (ditto)
         self._vision_untried = False  # vision blocks compiled, no prefill through them has succeeded yet
@@ -477,11 +478,26 @@ def _reason(err: BaseException) -> str:
 COMPILE_OPTIONS: Dict[str, Any] = {"coordinate_descent_tuning": True}
 
 
+def compile_options_for(model: Any) -> Dict[str, Any]:
+    """static_compile's inductor options for this model: COMPILE_OPTIONS, or inductor's defaults
+    ({}) where its weights are tensor subclasses (torchao: precision=int8_weight_only, fp8). There
+    coordinate descent tuning tunes each dequantizing product's kernel one configuration at a time:
+    on an H200 the int8 student's first decode step was still in the tuner after 160 s (a
+    faulthandler dump, 2026-12-02) and its whole profile point had not finished in 7.8 min, where
+    without the tuning the whole point took 190 s and answered at 1.05x bf16's latency (2026-11-28;
+    benchmarks/README.md)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    if any(is_traceable_wrapper_subclass(p) for p in model.parameters()):
+        return {}
+    return COMPILE_OPTIONS
+
+
 def _compiled_forward(model: Any, options: Optional[Dict[str, Any]] = None) -> Any:
-    """The model's forward under torch.compile (inductor with `options`, default COMPILE_OPTIONS;
-    static shapes, no cudagraphs of its own: the decoder captures the step itself), made once per
-    model and options and kept on the model."""
-    options = COMPILE_OPTIONS if options is None else options
+    """The model's forward under torch.compile (inductor with `options`, default
+    compile_options_for(model); static shapes, no cudagraphs of its own: the decoder captures the
+    step itself), made once per model and options and kept on the model."""
+    options = compile_options_for(model) if options is None else options
     per_options = model.__dict__.setdefault("_firstsight_compiled_forward", {})
     key = tuple(sorted(options.items()))
     if key not in per_options:
