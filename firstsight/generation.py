@@ -388,6 +388,10 @@ class GreedyDecoder:
     def _capture(self, model: Any, entry: "_StaticEntry") -> None:
         start = time.perf_counter()
         if self.compile and not self.compile_off:
+            # said before it starts: nothing else is printed while inductor works (H200, the 2B
+            # student: ~1 min per batch size, benchmarks/README.md)
+            log.info("generation: compiling the decode step for batch %d, cache %d tokens (torch.compile: about a "
+                     "minute per batch size for a 2B model on an H200)", entry.size, entry.cache_len)
             try:
                 self._capture_with(model, entry, _compiled_forward(model, self.compile_options))
                 entry.compiled = True

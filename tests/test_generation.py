@@ -321,8 +321,12 @@ def test_static_compile_captures_the_compiled_step_or_else_the_plain_one(tiny, m
     batch = tiny.batch(PAD_ROWS)
     expected = _generate(model, batch, 8, 8, pad_token_id=tiny.pad).tolist()
     decoder = GreedyDecoder(model, "static_compile", cuda_graphs=True)
-    got = decoder.generate(batch, 8, 8, pad_token_id=tiny.pad)
+    with caplog.at_level(logging.INFO, logger="firstsight.generation"):
+        got = decoder.generate(batch, 8, 8, pad_token_id=tiny.pad)
     assert got.method == "static_compiled_cuda_graph" and got.tokens.tolist() == expected
+    # the compile is announced before it starts (it prints nothing for minutes on a GPU)
+    announced = caplog.text.index("compiling the decode step for batch 5")
+    assert announced < caplog.text.index("captured the torch.compile'd decode step as a CUDA graph (batch 5")
     # warm-up, the check (one replay, one eager step), then 7 replays: every step ran the compiled forward
     assert len(compiled_calls) == generation.WARMUP_STEPS + 2 + 7
     assert vision_compiled == [model]
