@@ -84,7 +84,7 @@ def _same_greedy_run(model, batch, max_new, min_new=0, **kwargs):
         first = int(differ[0]) if len(differ) else steps
         for step in range(min(first + 1, steps)):  # fed the same tokens so far
             ours, theirs = got.logits[step][row], expected.logits[step][row]
-            tolerance = 2 ** -6 * float(theirs.abs().max()) + 1e-2
+            tolerance = 2 ** -6 * float(theirs.abs().max()) + 1e-2  # benchmarks/generation.py's RTOL, ATOL
             assert float((ours - theirs).abs().max()) <= tolerance, (row, step)
             if step == first:  # the picks differ here: a near-tie in generate's own logits
                 gap = float(theirs[expected.tokens[row, step]] - theirs[got.tokens[row, step]])
