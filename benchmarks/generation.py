@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         generate = way(decoder)
         figures = measure(label, generate, single, batch, args, timer, device)
         figures.update(method=decoder.tag, capture_s=list(decoder.capture_seconds), graph_fallback=decoder.graphs_off,
-                       compile_fallback=decoder.compile_off)
+                       compile_fallback=decoder.compile_off, prefill_compile_fallback=decoder.prefill_compile_off)
         results["paths"][method] = figures
         # equivalence with the naive path: the logits of the first steps; the tokens of a whole batch
         # run. Each path is checked right after it ran, before a later one changes the shared model
@@ -241,15 +241,15 @@ def accuracy_against_fp32(model: Any, inputs: Dict[str, Any], prefill_logits: Di
     """Per path and batch: its prefill's logits (the last prompt position) against the same forward
     in float32: the largest |error|, the relative error ||logits - fp32|| / ||fp32||, and that
     relative error over the naive path's. The model is put back to transformers' own computation
-    (vision blocks uncompiled, per-frame vision attention, repeated-KV decode attention) and cast
+    (prefill blocks uncompiled, per-frame vision attention, repeated-KV decode attention) and cast
     to float32 in place: call this last."""
     import torch
 
     from firstsight.decode_attention import ungroup_decode
-    from firstsight.generation import uncompile_vision_blocks
+    from firstsight.compiled_prefill import uncompile_prefill_blocks
     from firstsight.vision_attention import unbatch_frames
 
-    uncompile_vision_blocks(model)
+    uncompile_prefill_blocks(model)
     unbatch_frames(model)
     ungroup_decode(model)
     model.float()
@@ -294,7 +294,7 @@ def markdown(data: Dict[str, Any]) -> str:
         + (" Decode steps' attention: the KV cache repeated per query head on the naive path (transformers); "
            "grouped query heads on the static paths (hardware.grouped_decode_attention)."
            if model.get("grouped_decode_attention") else "")
-        + (" static_compile also compiles the vision encoder's blocks for the prefill." if "static_compile" in paths
+        + (" static_compile also compiles the prefill's vision blocks and language-model norms and MLPs (firstsight/compiled_prefill.py)." if "static_compile" in paths
            else ""),
         "",
         f"| path | method | batch-1 latency p50 (s) | p90 (s) | batch-{bs} queries/s | latency speed-up | "
@@ -318,7 +318,9 @@ def markdown(data: Dict[str, Any]) -> str:
                (f"throughput {'met' if f['throughput_qps'] >= TARGETS['throughput_qps'] else 'not met'}" if bs == 32
                 else "throughput not measured at batch 32")]
         fallbacks = [f"{what}: {why}" for what, why in (("torch.compile", f.get("compile_fallback")),
-                                                         ("CUDA graphs", f.get("graph_fallback"))) if why]
+                                                         ("CUDA graphs", f.get("graph_fallback")),
+                                                         ("compiled prefill blocks", f.get("prefill_compile_fallback")))
+                     if why]
         lines.append(f"`{method}`: {', '.join(met)}" + (f"; fell back ({'; '.join(fallbacks)})" if fallbacks else "") + ".")
     lines += ["", "Captures (one per batch size, and per logits-recording run) happen in the first call of each shape, "
               "outside the timed queries.", "",

@@ -22,6 +22,9 @@ so that both sides see the same machine state:
   prefill's language model replayed from a CUDA graph (firstsight/prefill.py) and run eagerly
   (at the larger batch the graph is allowed past prefill.MAX_TOKENS, to see what it would buy
   there). Same tokens required.
+- prefill compile: generation by static_compile at batch 1 and at batch --decode-batch, the
+  prefill's language-model norms and MLPs compiled (firstsight/compiled_prefill.py) and run as
+  transformers' code. Logits within bf16 tolerance required.
 
     python benchmarks/host_work.py                     # GPU, real size with random weights (~70 s on an H200, model builds included)
     python benchmarks/host_work.py --parts generation  # only the first part
@@ -29,6 +32,7 @@ so that both sides see the same machine state:
     python benchmarks/host_work.py --parts decode_tuning      # static_compile with and without its inductor options (~3 min)
     python benchmarks/host_work.py --parts decode_attention   # grouped against repeated KV heads in decode steps (~40 s)
     python benchmarks/host_work.py --parts prefill_graph      # the prefill's language model as a graph or eager
+    python benchmarks/host_work.py --parts prefill_compile    # static_compile's prefill norms and MLPs compiled or not (~4 min)
 
 Prints a table and writes benchmarks/results/host_work_<device>.{json,md} (device, versions, date).
 """
@@ -38,6 +42,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from typing import Any, Callable, Dict, List, Tuple
 
 from _common import RESULTS, cuda_device, ratio, results_path, run_meta, write_pair
@@ -207,16 +212,38 @@ def decode_attention_part(cfg: Any, processor: Any, args: argparse.Namespace) ->
             "rows": rows}
 
 
+def _compare_on(decoders: Dict[str, Any], inputs: Dict[str, Any], pad: int, args: argparse.Namespace) -> Dict[str, Any]:
+    """Two decoders of one model on the same inputs: two untimed calls each (a shape's prefill graph
+    is captured at its second prefill), then a logits-recording pair (another cache: its own
+    captures), then their answers timed interleaved; p50 per decoder, the second's speed-up over the
+    first, and how far apart their tokens and logits are."""
+    n = args.new_tokens
+    logits = {}
+    for name, decoder in decoders.items():
+        for record in (False, False, True, True):
+            out = decoder.generate(inputs, n, n, pad_token_id=pad, record_logits=record)
+        logits[name] = out
+    times = interleaved({name: (lambda d=d: d.generate(inputs, n, n, pad_token_id=pad))
+                         for name, d in decoders.items()}, args.rounds)
+    p50 = {name: statistics.median(t) for name, t in times.items()}
+    first, second = decoders
+    apart = logits_apart(logits[first], logits[second])
+    return {"batch_size": int(inputs["input_ids"].shape[0]), "prompt_tokens": int(inputs["input_ids"].shape[1]),
+            "p50_s": p50, "speedup": ratio(p50[first], p50[second]),
+            "methods": {name: d.tag for name, d in decoders.items()},
+            "identical_tokens": bool((logits[first].tokens == logits[second].tokens).all()), **apart,
+            "within_tolerance": apart["max_abs_logit_diff"] <= RTOL * apart["max_abs_logit"] + ATOL, "times_s": times}
+
+
 def prefill_graph_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[str, Any]:
     """Each of --methods at batch 1 and --decode-batch, with the prefill's language model replayed
-    from a graph and run eagerly. Both decoders run two untimed calls first (a shape's graph is
-    captured at its second prefill), and their logits are recorded after that."""
+    from a graph and run eagerly."""
     from firstsight.generation import GreedyDecoder
     from firstsight.prefill import MAX_TOKENS
 
     model, single = _one_question(cfg, processor)
     batch = _questions(cfg, processor, args.decode_batch)
-    pad, n = processor.tokenizer.pad_token_id, args.new_tokens
+    pad = processor.tokenizer.pad_token_id
     rows = []
     for method in args.methods:
         for inputs in (single, batch):
@@ -224,26 +251,42 @@ def prefill_graph_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Di
             decoders = {"eager": GreedyDecoder(model, method), "graph": GreedyDecoder(model, method)}
             decoders["eager"].language_graphs.off = "measured without it"
             decoders["graph"].language_graphs.max_tokens = max(MAX_TOKENS, size * length)
-            logits = {}
-            for name, decoder in decoders.items():
-                for record in (False, False, True, True):  # the logits-recording entry is another cache
-                    out = decoder.generate(inputs, n, n, pad_token_id=pad, record_logits=record)
-                logits[name] = out
-            times = interleaved({name: (lambda d=d: d.generate(inputs, n, n, pad_token_id=pad))
-                                 for name, d in decoders.items()}, args.rounds)
-            p50 = {name: statistics.median(t) for name, t in times.items()}
+            row = _compare_on(decoders, inputs, pad, args)
             graphs = decoders["graph"].language_graphs
-            rows.append({"method": method, "batch_size": size, "prompt_tokens": length, "p50_s": p50,
-                         "speedup": ratio(p50["eager"], p50["graph"]), "graphs_captured": len(graphs.capture_seconds),
+            rows.append({"method": method, **row, "graphs_captured": len(graphs.capture_seconds),
                          "capture_s": sum(graphs.capture_seconds), "graph_off": graphs.off,
-                         "over_default_limit": size * length > MAX_TOKENS,
-                         "identical_tokens": bool((logits["eager"].tokens == logits["graph"].tokens).all()),
-                         **logits_apart(logits["eager"], logits["graph"]), "times_s": times})
+                         "over_default_limit": size * length > MAX_TOKENS})
             del decoders
             _free()
     del model
     _free()
     return {"rows": rows, "max_tokens": MAX_TOKENS}
+
+
+def prefill_compile_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[str, Any]:
+    """static_compile at batch 1 and --decode-batch, the prefill's language model with its norms and
+    MLPs run as transformers' code and compiled (firstsight/compiled_prefill.py); both decoders
+    share the model's compiled vision blocks and decode step."""
+    from firstsight.generation import GreedyDecoder, generation_tags
+
+    model, single = _one_question(cfg, processor)
+    batch = _questions(cfg, processor, args.decode_batch)
+    pad = processor.tokenizer.pad_token_id
+    rows = []
+    for inputs in (single, batch):
+        decoders = {"transformers' code": GreedyDecoder(model, "static_compile"),
+                    "compiled": GreedyDecoder(model, "static_compile")}
+        decoders["transformers' code"].compile_language_prefill = False
+        start = time.perf_counter()
+        row = _compare_on(decoders, inputs, pad, args)
+        rows.append({**row, "prepare_and_time_s": time.perf_counter() - start,
+                     "fallback": {name: generation_tags(d).get("firstsight.generation.fallback")
+                                  for name, d in decoders.items()}})
+        del decoders
+        _free()
+    del model
+    _free()
+    return {"rows": rows}
 
 
 def positions_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[str, Any]:
@@ -402,6 +445,24 @@ def markdown(data: Dict[str, Any]) -> str:
                          f"{r['speedup']:.2f}x | {r['graphs_captured']} ({r['capture_s']:.2f}){off} | "
                          f"{'yes' if r['identical_tokens'] else 'NO'} | {r['max_abs_logit_diff']:.3g} |")
         lines.append("")
+    comp = data.get("prefill_compile")
+    if comp:
+        lines += [f"Generation by `static_compile` ({data['new_tokens']} new tokens), the prefill's language-model "
+                  "norms and MLPs run as transformers' code and compiled (firstsight/compiled_prefill.py), p50 over "
+                  "the rounds:", "",
+                  "| batch | prompt tokens | transformers' code (s) | compiled (s) | speed-up | queries/s (compiled) | "
+                  "identical tokens | max abs logit diff (steps compared) | within bf16 tolerance | methods | "
+                  "prepared and timed in (s) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in comp["rows"]:
+            plain, compiled = r["p50_s"]
+            fallback = "; ".join(f"{k}: {v}" for k, v in r["fallback"].items() if v)
+            lines.append(f"| {r['batch_size']} | {r['prompt_tokens']} | {r['p50_s'][plain]:.4f} | "
+                         f"{r['p50_s'][compiled]:.4f} | {r['speedup']:.3f}x | {r['batch_size'] / r['p50_s'][compiled]:.1f} | "
+                         f"{r['identical_token_fraction']:.2f} | {r['max_abs_logit_diff']:.3g} of {r['max_abs_logit']:.3g} "
+                         f"({r['compared_steps']}) | {'yes' if r['within_tolerance'] else 'NO'} | "
+                         f"{', '.join(sorted(set(r['methods'].values())))}{' (fallback: ' + fallback + ')' if fallback else ''} | "
+                         f"{r['prepare_and_time_s']:.0f} |")
+        lines.append("")
     vis = data.get("vision_attention")
     if vis:
         lines += [f"The student's vision encoder ({vis['dtype']}), median over the rounds; same output: relative "
@@ -418,7 +479,8 @@ def markdown(data: Dict[str, Any]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parts = ["generation", "positions", "vision_attention", "decode_tuning", "decode_attention", "prefill_graph"]
+    parts = ["generation", "positions", "vision_attention", "decode_tuning", "decode_attention", "prefill_graph",
+             "prefill_compile"]
     parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
     parser.add_argument("--methods", nargs="+", default=["static", "static_compile"], choices=["static", "static_compile"])
     parser.add_argument("--rounds", type=int, default=10)
@@ -469,6 +531,8 @@ def main() -> int:
         data["decode_attention"] = decode_attention_part(cfg, processor, args)
     if "prefill_graph" in args.parts:
         data["prefill_graph"] = prefill_graph_part(cfg, processor, args)
+    if "prefill_compile" in args.parts:
+        data["prefill_compile"] = prefill_compile_part(cfg, processor, args)
     table = markdown(data)
     path = results_path(args.results_dir, "host_work", device)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -480,6 +544,7 @@ def main() -> int:
     same = same and data.get("decode_tuning", {}).get("within_tolerance", True)
     same = same and all(r["identical_tokens"] for r in data.get("prefill_graph", {}).get("rows", []))
     same = same and all(r["within_tolerance"] for r in data.get("decode_attention", {}).get("rows", []))
+    same = same and all(r["within_tolerance"] for r in data.get("prefill_compile", {}).get("rows", []))
     return 0 if same and data.get("positions", {}).get("identical_loss", True) else 1
 
 

@@ -35,14 +35,12 @@ image_grid_thw, mm_token_type_ids, maybe video fields):
    (inductor, static shapes, coordinate descent tuning except for torchao-quantized weights:
    compile_options_for) before it is captured — fewer, fused kernels
    per token, at the price of a compilation per batch size and cache length; if that fails, the
-   plain step is captured. The prefill's vision blocks are torch.compile'd too, in place (regional,
-   dynamic shapes, once per model, ~10 s): at batch 32 the vision encoder is GPU-bound in its fp32
-   rotary and elementwise work, which inductor fuses (H200: 154 -> 99 ms for 32 frames); and its
-   patch embedding is computed as one matrix product (patch_embed_as_matmul). If the first
-   prefill through them fails, they are uncompiled and it runs again, with one log line. Not exact:
-   the compiled vision blocks round differently (H200: prefill logits ~0.09 from generate's, on
-   magnitudes ~3.6-3.9), though no less accurately (both ~0.06-0.08 from a float32 prefill;
-   benchmarks/README.md).
+   plain step is captured. The prefill's vision blocks and its language model's norms and MLPs are
+   compiled too, regionally, once per model (firstsight/compiled_prefill.py); if the first prefill
+   through them fails, they are uncompiled and it runs again, with one log line. Not exact: compiled
+   code rounds differently (H200: prefill logits ~0.09 from generate's, on magnitudes ~3.6-3.9,
+   with the vision blocks alone), though no less accurately (both ~0.06-0.08 from a float32
+   prefill; benchmarks/README.md).
 
 The method a run used is what `GreedyDecoder.tag` says: static_cuda_graph |
 static_compiled_cuda_graph | static_eager | hf_generate (profile and evaluate record it as the tag
@@ -124,7 +122,7 @@ def generation_tags(decoder: "GreedyDecoder") -> Dict[str, str]:
                                                               ("CUDA graphs", decoder.graphs_off),
                                                               ("vision CUDA graph", decoder.vision_graphs.off),
                                                               ("prefill CUDA graph", decoder.language_graphs.off),
-                                                              ("compiled vision blocks", decoder.vision_compile_off))
+                                                              ("compiled prefill blocks", decoder.prefill_compile_off))
                          if why)
     if fallback:
         tags["firstsight.generation.fallback"] = fallback
@@ -155,8 +153,10 @@ class GreedyDecoder:
         self.compile = self.method == "static_compile"
         self.compile_options = compile_options  # inductor's options for it; None: compile_options_for(model)
         self.compile_off: Optional[str] = None  # why the compiled step is not used (after a failure)
-        self.vision_compile_off: Optional[str] = None  # why the prefill's vision blocks are not compiled (ditto)
-        self._vision_untried = False  # vision blocks compiled, no prefill through them has succeeded yet
+        self.prefill_compile_off: Optional[str] = None  # why the prefill's blocks are not compiled (ditto)
+        # static_compile: the prefill's language-model norms and MLPs run compiled (benchmarks switch it off to compare)
+        self.compile_language_prefill = self.compile
+        self._prefill_untried = False  # prefill blocks compiled, no prefill through them has succeeded yet
         self.check_every = max(1, int(check_every))
         self.cuda_graphs = cuda_graphs  # None: on CUDA devices; True/False: force (tests)
         self.methods_used: List[str] = []  # in order of first use
@@ -253,37 +253,43 @@ class GreedyDecoder:
         size, prompt = batch["input_ids"].shape
         with torch.no_grad():
             entry = self._entry(model, size, prompt + max_new_tokens, eos, 0, self.model_device())
-            self._compile_vision(model)
+            self._compile_prefill(model)
             self._prefill(model, batch, entry, capture_now=True)
 
-    def _compile_vision(self, model: Any) -> None:
-        """static_compile, where graphs are used: the prefill's vision blocks compiled (once per model)."""
-        if (self.compile and self.compile_off is None and self.vision_compile_off is None
+    def _compile_prefill(self, model: Any) -> None:
+        """static_compile, where graphs are used: the prefill's blocks compiled (once per model;
+        firstsight/compiled_prefill.py)."""
+        from firstsight.compiled_prefill import compile_prefill_blocks
+
+        if (self.compile and self.compile_off is None and self.prefill_compile_off is None
                 and self._graphs_wanted(self.model_device())):
-            self._vision_untried = compile_vision_blocks(model) > 0 or self._vision_untried
+            self._prefill_untried = compile_prefill_blocks(model) > 0 or self._prefill_untried
 
     def _prefill(self, model: Any, batch: Dict[str, Any], entry: "_StaticEntry", capture_now: bool = False) -> Any:
         """The prompt's forward into the entry's cache (its last position's logits: firstsight/prefill.py,
         its language model replayed from a graph where graphs are used; `capture_now`: capture one
         for this shape now rather than on its second prefill). If the first one through freshly
-        compiled vision blocks fails (a compiler error surfaces on first use), the blocks are
-        uncompiled and it runs again; any later failure is the caller's."""
+        compiled blocks fails (a compiler error surfaces on first use), the blocks are uncompiled
+        and it runs again; any later failure is the caller's."""
+        from firstsight.compiled_prefill import uncompile_prefill_blocks
+
         store = entry.graph_store if self.prefill_graphs() else None
         try:
-            with self._vision_serving(model, batch):
+            with self._prefill_serving(model, batch):
                 logits = entry.prefill(model, batch, self.language_graphs, store, capture_now)
         except Exception as err:  # noqa: BLE001 - only the first prefill after compiling is retried
-            if not self._vision_untried:
+            if not self._prefill_untried:
                 raise
-            self._vision_untried = False
-            self.vision_compile_off = _reason(err)
-            uncompile_vision_blocks(model)
-            log.warning("generation: the compiled vision blocks failed (%s); the vision encoder runs uncompiled",
-                        self.vision_compile_off)
-            self.vision_graphs.off = None  # a capture that failed through them may succeed without them
-            with self._vision_serving(model, batch):
+            self._prefill_untried = False
+            self.prefill_compile_off = _reason(err)
+            uncompile_prefill_blocks(model)
+            log.warning("generation: the compiled prefill blocks failed (%s); the prefill runs uncompiled",
+                        self.prefill_compile_off)
+            # captures that failed through them may succeed without them
+            self.vision_graphs.off = self.language_graphs.off = None
+            with self._prefill_serving(model, batch):
                 logits = entry.prefill(model, batch, self.language_graphs, store, capture_now)
-        self._vision_untried = False
+        self._prefill_untried = False
         return logits
 
     def prefill_graphs(self) -> bool:
@@ -331,7 +337,7 @@ class GreedyDecoder:
         if max_new <= 0:
             return Generated(input_ids.new_zeros((size, 0)), self.tag)
         entry = self._entry(model, size, prompt + max_new, eos, max_new if record_logits else 0, device)
-        self._compile_vision(model)
+        self._compile_prefill(model)
         first_logits = self._prefill(model, batch, entry)
         entry.start(batch, min_new, pad)
         entry.select(first_logits)  # token 0, eagerly, by the same code the step runs
@@ -357,12 +363,20 @@ class GreedyDecoder:
 
     # ------------------------------------------------------------------ static entries and graphs
 
-    def _vision_serving(self, model: Any, batch: Dict[str, Any]) -> Any:
+    def _prefill_serving(self, model: Any, batch: Dict[str, Any]) -> Any:
         """Where decode steps are captured, the prefill's vision encoder is replayed from a CUDA graph
-        too (firstsight/vision_graph.py); elsewhere nothing changes."""
+        too (firstsight/vision_graph.py), and under static_compile the language model's compiled
+        norms and MLPs are switched on (firstsight/compiled_prefill.py); elsewhere nothing changes."""
         import contextlib
 
-        return self.vision_graphs.serving(model, batch) if self.prefill_graphs() else contextlib.nullcontext()
+        from firstsight.compiled_prefill import language_regions_compiled
+
+        stack = contextlib.ExitStack()
+        if self.prefill_graphs():
+            stack.enter_context(self.vision_graphs.serving(model, batch))
+        if self.compile_language_prefill and self.prefill_compile_off is None:
+            stack.enter_context(language_regions_compiled(model))
+        return stack
 
     def _graphs_wanted(self, device: Any) -> bool:
         if self.graphs_off is not None:
@@ -511,60 +525,6 @@ def _compiled_forward(model: Any, options: Optional[Dict[str, Any]] = None) -> A
         # the decoder, which must not keep the model alive
         per_options[key] = torch.compile(model, dynamic=False, fullgraph=False, options=dict(options))
     return per_options[key]
-
-
-def _vision_blocks(model: Any) -> Any:
-    """A Qwen2-VL model's vision blocks (model.model.visual.blocks); () for any other model."""
-    return getattr(getattr(getattr(model, "model", None), "visual", None), "blocks", None) or ()
-
-
-def compile_vision_blocks(model: Any) -> int:
-    """The vision encoder's blocks torch.compile'd in place (inductor's defaults, dynamic shapes,
-    compiled on their first call; regional, so the 32 blocks share their code), and its patch
-    embedding computed as one matrix product (patch_embed_as_matmul); blocks compiled already are
-    left as they are. Returns how many were compiled now."""
-    fresh = [block for block in _vision_blocks(model) if getattr(block, "_compiled_call_impl", None) is None]
-    for block in fresh:
-        block.compile(dynamic=True)
-    patch_embed_as_matmul(model, True)
-    return len(fresh)
-
-
-def uncompile_vision_blocks(model: Any) -> None:
-    """Undo compile_vision_blocks: the blocks and the patch embedding run their eager forward again."""
-    for block in _vision_blocks(model):
-        block._compiled_call_impl = None  # what nn.Module.compile set; None: the plain call
-    patch_embed_as_matmul(model, False)
-
-
-def _patch_embedding_by_matmul(self: Any, hidden_states: Any) -> Any:
-    """Qwen2-VL's PatchEmbed.forward as a matrix product: its Conv3d's kernel is its stride and
-    covers each patch whole, so each output is the patch's flattened pixels (channel, time, row,
-    column: the conv's order) times the kernel's flattened weights. The same sums of products; cuDNN
-    ran the bf16 Conv3d as a slow generic kernel (H200, 32 frames: 4.05 ms, torch.profiler). The
-    product's own time, and what it buys, were not measured on their own."""
-    import torch.nn.functional as F
-
-    weight = self.proj.weight
-    flat = hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype)
-    return F.linear(flat, weight.reshape(weight.shape[0], -1), self.proj.bias)
-
-
-def patch_embed_as_matmul(model: Any, on: bool) -> bool:
-    """Switch a Qwen2-VL vision encoder's patch embedding to _patch_embedding_by_matmul (on) or back
-    to its own forward, in place; False for a model without one of that form (left as it is)."""
-    import types
-
-    embed = getattr(getattr(getattr(model, "model", None), "visual", None), "patch_embed", None)
-    proj = getattr(embed, "proj", None)
-    if proj is None or tuple(getattr(proj, "kernel_size", ())) != tuple(getattr(proj, "stride", ())) or getattr(
-            proj, "padding", None) not in ((0, 0, 0), 0, "valid"):
-        return False
-    if on:
-        embed.forward = types.MethodType(_patch_embedding_by_matmul, embed)  # found before the class's by __call__
-    else:
-        embed.__dict__.pop("forward", None)
-    return True
 
 
 def _repetition_penalty(model: Any) -> Optional[float]:

@@ -302,6 +302,7 @@ def test_a_graph_that_disagrees_with_the_eager_step_is_not_used(tiny, monkeypatc
 
 
 def test_static_compile_captures_the_compiled_step_or_else_the_plain_one(tiny, monkeypatch, caplog):
+    import firstsight.compiled_prefill as compiled_prefill
     import firstsight.generation as generation
     from firstsight.generation import GreedyDecoder, generation_tags
 
@@ -315,8 +316,8 @@ def test_static_compile_captures_the_compiled_step_or_else_the_plain_one(tiny, m
         return forward
 
     monkeypatch.setattr(generation, "_compiled_forward", compiled)
-    vision_compiled = []  # the prefill's vision blocks: compiled once per model (here: not, on the CPU)
-    monkeypatch.setattr(generation, "compile_vision_blocks", lambda model: vision_compiled.append(model) or 0)
+    vision_compiled = []  # the prefill's blocks: compiled once per model (here: not, on the CPU)
+    monkeypatch.setattr(compiled_prefill, "compile_prefill_blocks", lambda model: vision_compiled.append(model) or 0)
     model = tiny.model("teacher")
     batch = tiny.batch(PAD_ROWS)
     expected = _generate(model, batch, 8, 8, pad_token_id=tiny.pad).tolist()
@@ -345,9 +346,10 @@ def test_static_compile_captures_the_compiled_step_or_else_the_plain_one(tiny, m
     assert generation_tags(decoder)["firstsight.generation.fallback"].startswith("torch.compile: RuntimeError")
 
 
-def test_vision_blocks_that_fail_to_compile_are_uncompiled_and_the_prefill_runs_again(tiny, monkeypatch, caplog):
+def test_prefill_blocks_that_fail_to_compile_are_uncompiled_and_the_prefill_runs_again(tiny, monkeypatch, caplog):
     """static_compile where graphs are used: a compiler error surfaces in the first prefill through
-    the compiled vision blocks; the blocks run eagerly from then on, the answer is generate's."""
+    the compiled blocks; the blocks run eagerly from then on, the answer is generate's."""
+    import firstsight.compiled_prefill as compiled_prefill
     import firstsight.generation as generation
     from firstsight.generation import GreedyDecoder, generation_tags
 
@@ -361,7 +363,7 @@ def test_vision_blocks_that_fail_to_compile_are_uncompiled_and_the_prefill_runs_
             block._compiled_call_impl = broken
         return len(model.model.visual.blocks)
 
-    monkeypatch.setattr(generation, "compile_vision_blocks", compile_fails)
+    monkeypatch.setattr(compiled_prefill, "compile_prefill_blocks", compile_fails)
     model = tiny.model("student")
     batch = tiny.batch(PAD_ROWS)
     expected = _generate(model, batch, 6, 6, pad_token_id=tiny.pad).tolist()
@@ -370,9 +372,44 @@ def test_vision_blocks_that_fail_to_compile_are_uncompiled_and_the_prefill_runs_
         first = decoder.generate(batch, 6, 6, pad_token_id=tiny.pad)
         again = decoder.generate(batch, 6, 6, pad_token_id=tiny.pad)
     assert first.tokens.tolist() == again.tokens.tolist() == expected
-    assert caplog.text.count("the compiled vision blocks failed (RuntimeError: inductor: CppCompileError)") == 1
+    assert caplog.text.count("the compiled prefill blocks failed (RuntimeError: inductor: CppCompileError)") == 1
     assert all(block._compiled_call_impl is None for block in model.model.visual.blocks)
-    assert "compiled vision blocks: RuntimeError" in generation_tags(decoder)["firstsight.generation.fallback"]
+    assert "compiled prefill blocks: RuntimeError" in generation_tags(decoder)["firstsight.generation.fallback"]
+
+
+def test_static_compile_runs_the_language_models_compiled_regions_in_the_prefill_only(tiny, monkeypatch):
+    """The language model's norms and MLPs run their compiled forwards while the prefill runs (each
+    once per prefill), never in the decode steps (compiled whole) nor after; a decoder told not to
+    (compile_language_prefill=False, the benchmarks' comparison) runs them as they are."""
+    import firstsight.compiled_prefill as compiled_prefill
+    import firstsight.generation as generation
+    from firstsight.compiled_prefill import language_regions
+    from firstsight.generation import GreedyDecoder
+
+    _fake_capture(monkeypatch)
+    monkeypatch.setattr(generation, "_compiled_forward", lambda model, options=None: model)
+    calls = []
+
+    def counting(model):  # stands in for compile_prefill_blocks: "compiled" forwards that count their calls
+        regions = language_regions(model)
+        for region in regions:
+            own = type(region).forward.__get__(region)
+            setattr(region, "_firstsight_prefill_forward", lambda *a, own=own, **k: calls.append(1) or own(*a, **k))
+        return len(regions)
+
+    monkeypatch.setattr(compiled_prefill, "compile_prefill_blocks", counting)
+    model = tiny.model("student")
+    regions = language_regions(model)
+    batch = tiny.batch(PAD_ROWS)
+    expected = _generate(model, batch, 6, 6, pad_token_id=tiny.pad).tolist()
+    decoder = GreedyDecoder(model, "static_compile", cuda_graphs=True)
+    assert decoder.generate(batch, 6, 6, pad_token_id=tiny.pad).tokens.tolist() == expected
+    assert len(calls) == len(regions) > 0  # one prefill (eager: a shape's first), none in the 5 decode steps
+    assert all("forward" not in vars(region) for region in regions)  # switched off again
+    plain = GreedyDecoder(model, "static_compile", cuda_graphs=True)
+    plain.compile_language_prefill = False
+    assert plain.generate(batch, 6, 6, pad_token_id=tiny.pad).tokens.tolist() == expected
+    assert len(calls) == len(regions)
 
 
 def test_the_compiled_step_is_kept_per_model_and_inductor_options(tiny):
@@ -401,53 +438,6 @@ def test_torchao_quantized_students_compile_without_coordinate_descent_tuning(ti
     assert type(int8.model.language_model.layers[0].mlp.up_proj.weight).__name__ != "Parameter"  # torchao's
     assert compile_options_for(int8) == {}
     assert _compiled_forward(int8) is _compiled_forward(int8, {})
-
-
-def test_static_compile_compiles_the_vision_blocks_only_and_once(tiny):
-    import torch
-
-    from firstsight.generation import compile_vision_blocks, uncompile_vision_blocks
-
-    model = tiny.model("student")
-    blocks = list(model.model.visual.blocks)
-    assert compile_vision_blocks(model) == len(blocks) > 0  # lazy: nothing compiles until a block runs
-    assert all(block._compiled_call_impl is not None for block in blocks)
-    assert all(getattr(layer, "_compiled_call_impl", None) is None for layer in model.model.language_model.layers)
-    assert compile_vision_blocks(model) == 0  # once per model
-    assert compile_vision_blocks(torch.nn.Linear(2, 2)) == 0  # no vision encoder: nothing to compile
-    assert "forward" in vars(model.model.visual.patch_embed)  # the patch embedding as a matrix product
-    uncompile_vision_blocks(model)
-    assert all(block._compiled_call_impl is None for block in blocks)
-    assert "forward" not in vars(model.model.visual.patch_embed)
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_the_patch_embedding_as_a_matrix_product_equals_the_conv(tiny, dtype):
-    """patch_embed_as_matmul: the same sums of products as the Conv3d (fp32: to rounding; bf16: to
-    bf16 rounding of the output), switched on and off in place; a conv whose kernel is not its
-    stride is left alone."""
-    import torch
-
-    from firstsight.generation import patch_embed_as_matmul
-
-    model = tiny.model("student", dtype)
-    embed = model.model.visual.patch_embed
-    pixels = tiny.batch(PAD_ROWS)["pixel_values"]
-    with torch.no_grad():
-        conv = embed(pixels)
-        assert patch_embed_as_matmul(model, True)
-        product = embed(pixels)
-        assert patch_embed_as_matmul(model, False)
-        assert torch.equal(embed(pixels), conv)
-    assert product.shape == conv.shape and product.dtype == conv.dtype
-    tolerance = 1e-5 if dtype == "float32" else 1e-2
-    assert float((product.float() - conv.float()).norm() / conv.float().norm()) < tolerance
-    overlapping = torch.nn.Conv3d(3, 4, kernel_size=(2, 2, 2), stride=(1, 2, 2), bias=False)
-    embed.proj, saved = overlapping, embed.proj
-    try:
-        assert not patch_embed_as_matmul(model, True) and "forward" not in vars(embed)
-    finally:
-        embed.proj = saved
 
 
 def test_static_caches_are_kept_per_batch_size_and_reused(tiny):

@@ -1,0 +1,117 @@
+"""`hardware.generation=static_compile`'s prefill: the parts of the prompt's forward that
+torch.compile fuses well, compiled regionally (one compiled graph per kind of block, shared by all
+blocks of that kind), once per model, while the rest stays transformers' own code.
+
+- The vision encoder's blocks, compiled in place (dynamic shapes): at batch 32 the encoder is
+  GPU-bound in its fp32 rotary and elementwise work, which inductor fuses (H200: 154 -> 99 ms for
+  32 frames; benchmarks/README.md). Its patch embedding is computed as one matrix product
+  (patch_embed_as_matmul).
+- The language model's RMSNorms and MLPs (the two norms and the MLP of every decoder layer, and the
+  final norm): compiled forwards kept beside them and switched on only while a prefill runs
+  (language_regions_compiled), so the decode step, which static_compile compiles whole (static
+  shapes), and any other use of the model run their own code. An RMSNorm in eager mode is five
+  kernels over fp32 copies of the hidden states, and the MLP's SiLU and product two more over its
+  widest activations; compiled, each is one kernel. The matrix products are cuBLAS's either way.
+  Their attention stays transformers' (each layer's index into the KV cache would recompile a
+  compiled decoder layer per layer). Shapes: automatic dynamic (the first prompt shape compiled
+  static, later ones with batch and length symbolic), so the hidden size stays a constant.
+
+Not exact: compiled code keeps fp32 intermediates that the eager code rounds to bf16
+(benchmarks/generation.py's accuracy table measures each path against a float32 prefill).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from typing import Any, Iterator, List
+
+_COMPILED = "_firstsight_prefill_forward"  # a language-model region's compiled forward, kept on the module
+
+
+def _vision_blocks(model: Any) -> Any:
+    """A Qwen2-VL model's vision blocks (model.model.visual.blocks); () for any other model."""
+    return getattr(getattr(getattr(model, "model", None), "visual", None), "blocks", None) or ()
+
+
+def language_regions(model: Any) -> List[Any]:
+    """A Qwen2-VL model's language-model RMSNorms and MLPs (per decoder layer: input_layernorm,
+    post_attention_layernorm, mlp; then the final norm); [] for any other model."""
+    language = getattr(getattr(model, "model", None), "language_model", None)
+    layers = getattr(language, "layers", None)
+    if layers is None or getattr(language, "norm", None) is None:
+        return []
+    names = ("input_layernorm", "post_attention_layernorm", "mlp")
+    if not all(hasattr(layer, name) for layer in layers for name in names):
+        return []
+    return [getattr(layer, name) for layer in layers for name in names] + [language.norm]
+
+
+def compile_prefill_blocks(model: Any) -> int:
+    """The vision encoder's blocks torch.compile'd in place (inductor's defaults, dynamic shapes),
+    its patch embedding as one matrix product, and the language model's norms and MLPs given
+    compiled forwards for language_regions_compiled; all compiled on their first call. What is
+    compiled already is left as it is. Returns how many blocks and regions were compiled now."""
+    import torch
+
+    fresh = [block for block in _vision_blocks(model) if getattr(block, "_compiled_call_impl", None) is None]
+    for block in fresh:
+        block.compile(dynamic=True)
+    patch_embed_as_matmul(model, True)
+    regions = [region for region in language_regions(model) if _COMPILED not in vars(region)]
+    for region in regions:
+        # the class's forward bound to the region (not region.forward: that may be switched on)
+        setattr(region, _COMPILED, torch.compile(type(region).forward.__get__(region)))
+    return len(fresh) + len(regions)
+
+
+def uncompile_prefill_blocks(model: Any) -> None:
+    """Undo compile_prefill_blocks: every block and region runs its eager forward again."""
+    for block in _vision_blocks(model):
+        block._compiled_call_impl = None  # what nn.Module.compile set; None: the plain call
+    patch_embed_as_matmul(model, False)
+    for region in language_regions(model):
+        region.__dict__.pop(_COMPILED, None)
+        region.__dict__.pop("forward", None)
+
+
+@contextlib.contextmanager
+def language_regions_compiled(model: Any) -> Iterator[int]:
+    """Inside: the language model's regions that compile_prefill_blocks compiled run their compiled
+    forward (found before the class's by nn.Module's call); after: their own. Yields how many."""
+    switched = [region for region in language_regions(model) if _COMPILED in vars(region)]
+    for region in switched:
+        region.forward = vars(region)[_COMPILED]
+    try:
+        yield len(switched)
+    finally:
+        for region in switched:
+            region.__dict__.pop("forward", None)
+
+
+def _patch_embedding_by_matmul(self: Any, hidden_states: Any) -> Any:
+    """Qwen2-VL's PatchEmbed.forward as a matrix product: its Conv3d's kernel is its stride and
+    covers each patch whole, so each output is the patch's flattened pixels (channel, time, row,
+    column: the conv's order) times the kernel's flattened weights. The same sums of products; cuDNN
+    ran the bf16 Conv3d as a slow generic kernel (H200, 32 frames: 4.05 ms, torch.profiler). The
+    product's own time, and what it buys, were not measured on their own."""
+    import torch.nn.functional as F
+
+    weight = self.proj.weight
+    flat = hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype)
+    return F.linear(flat, weight.reshape(weight.shape[0], -1), self.proj.bias)
+
+
+def patch_embed_as_matmul(model: Any, on: bool) -> bool:
+    """Switch a Qwen2-VL vision encoder's patch embedding to _patch_embedding_by_matmul (on) or back
+    to its own forward, in place; False for a model without one of that form (left as it is)."""
+    embed = getattr(getattr(getattr(model, "model", None), "visual", None), "patch_embed", None)
+    proj = getattr(embed, "proj", None)
+    if proj is None or tuple(getattr(proj, "kernel_size", ())) != tuple(getattr(proj, "stride", ())) or getattr(
+            proj, "padding", None) not in ((0, 0, 0), 0, "valid"):
+        return False
+    if on:
+        embed.forward = types.MethodType(_patch_embedding_by_matmul, embed)  # found before the class's by __call__
+    else:
+        embed.__dict__.pop("forward", None)
+    return True
