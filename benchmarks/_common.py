@@ -37,14 +37,37 @@ def run_job(overrides: Sequence[str], out_dir: Path, timeout: float, launcher: S
         output = output.decode(errors="replace") if isinstance(output, bytes) else output
         point["wall_s"] = time.perf_counter() - start
         point["error"] = f"{output[-1500:]}\ntimed out after {timeout:g} s"
+        point.update(_notes(out_dir))
         return point
     point["wall_s"] = time.perf_counter() - start
+    point.update(_notes(out_dir))
     metrics_file = out_dir / "metrics.json"
     if proc.returncode == 0 and metrics_file.is_file():
         point["metrics"] = json.loads(metrics_file.read_text())
     else:
         point["error"] = (proc.stderr or proc.stdout)[-2000:]
     return point
+
+
+def _notes(out_dir: Path) -> Dict[str, Any]:
+    notes = job_notes(out_dir)
+    return {"log": notes} if notes else {}
+
+
+NOTE_LOGGERS = ("[firstsight.generation]", "[firstsight.prefill]", "[firstsight.vision_graph]")
+
+
+def job_notes(out_dir: Path, limit: int = 30) -> List[str]:
+    """What a job's log (Hydra's run.log in its output directory) says beside its figures: its
+    warnings and errors, and how it decoded (the generation modules' lines: captures, compiles,
+    fallbacks), up to `limit` lines of at most 400 characters; [] without a log. A figure measured
+    on a fallback path (say, decoding eagerly after a failed capture) is explained there."""
+    log = out_dir / "run.log"
+    if not log.is_file():
+        return []
+    keep = [line.rstrip()[:400] for line in log.read_text(errors="replace").splitlines()
+            if "][WARNING]" in line or "][ERROR]" in line or any(name in line for name in NOTE_LOGGERS)]
+    return keep[:limit]
 
 
 def distill_overrides(args: Any, batch_size: int, *extra: str) -> List[str]:

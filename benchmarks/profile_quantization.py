@@ -107,6 +107,11 @@ def markdown(points: List[Dict[str, Any]], ratios: List[Dict[str, Any]], meta: D
     failed = [p for p in points if "error" in p]
     for p in failed:
         lines += ["", f"{p['target']} {p['precision']} failed: `{last_line(p['error'])}`"]
+    logged = [p for p in points if p.get("log")]
+    if logged:
+        lines += ["", "What each job logged of its decoding, and its warnings (run.log):"]
+        for p in logged:
+            lines += ["", f"{p['target']} {p['precision']}:", "", "```", *p["log"], "```"]
     return "\n".join(lines) + "\n"
 
 

@@ -157,8 +157,15 @@ def quantize_after_loading(model: Any, parts: Dict[str, PartPrecision]) -> None:
 
     from firstsight.parts import part_of
 
-    config = Int8WeightOnlyConfig() if kind == "int8_weight_only" else Float8DynamicActivationFloat8WeightConfig(
-        granularity=PerRow())
+    # set_inductor_config=False: by default torchao switches inductor's coordinate descent tuning (all
+    # directions) on for the whole process when it quantizes, so every later torch.compile tuned each
+    # kernel one configuration at a time: the int8 student's static_compile decode step was still in
+    # the tuner after 200 s on an H200 (2026-12-02), though generation.compile_options_for asks for
+    # inductor's defaults. Loading a model must not change how the rest of the process compiles.
+    if kind == "int8_weight_only":
+        config = Int8WeightOnlyConfig(set_inductor_config=False)
+    else:
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
 
     def quantized_linear(module: Any, name: str) -> bool:
         part = part_of(name)

@@ -73,3 +73,16 @@ def test_torchao_weights_are_refused_under_lora(run_cli, tmp_path):
     assert result.returncode == 2
     assert "int8_weight_only" in result.stderr and "nf4" in result.stderr and "LoRA" in result.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_quantizing_leaves_the_process_compiler_settings_alone(cache_dir):
+    """torchao's configs switch inductor's coordinate descent tuning on for the whole process by
+    default; loading a quantized model must not (every later torch.compile would tune for minutes)."""
+    import torch._inductor.config as inductor
+
+    names = ("coordinate_descent_tuning", "coordinate_descent_check_all_directions", "force_fuse_int_mm_with_mul")
+    before = {name: getattr(inductor, name) for name in names}
+    assert not any(before.values())  # inductor's defaults: the check below could not fail otherwise
+    int8, _ = _teacher(cache_dir, "int8_weight_only")
+    assert type(int8.model.model.language_model.layers[0].mlp.up_proj.weight).__name__ != "Parameter"
+    assert {name: getattr(inductor, name) for name in names} == before
