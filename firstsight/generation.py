@@ -36,7 +36,8 @@ image_grid_thw, mm_token_type_ids, maybe video fields):
    compile_options_for) before it is captured — fewer, fused kernels
    per token, at the price of a compilation per batch size and cache length; if that fails, the
    plain step is captured. The prefill's vision blocks and its language model's norms and MLPs are
-   compiled too, regionally, once per model (firstsight/compiled_prefill.py); if the first prefill
+   compiled too, regionally, once per model (firstsight/compiled_prefill.py; not for torchao's
+   quantized weights, whose compiled prefill was slower than eager); if the first prefill
    through them fails, they are uncompiled and it runs again, with one log line. Not exact: compiled
    code rounds differently (H200: prefill logits ~0.09 from generate's, on magnitudes ~3.6-3.9,
    with the vision blocks alone), though no less accurately (both ~0.06-0.08 from a float32
@@ -164,6 +165,7 @@ class GreedyDecoder:
         self._entries: Dict[Tuple, _StaticEntry] = {}
         self.graphs_off: Optional[str] = None  # why CUDA graphs are not used (after a failed capture)
         self._said: set = set()  # reasons for model.generate already logged
+        self._torchao: Optional[bool] = None  # whether the model's weights are torchao's (subclass_weights), once known
         from firstsight.prefill import LanguageGraphs, cache_keyword
         from firstsight.vision_graph import VisionGraphs
 
@@ -263,6 +265,18 @@ class GreedyDecoder:
 
         if (self.compile and self.compile_off is None and self.prefill_compile_off is None
                 and self._graphs_wanted(self.model_device())):
+            if self._torchao is None:
+                self._torchao = subclass_weights(model)
+            if self._torchao:
+                # torchao's weights: the compiled blocks' dequantizing products made the int8
+                # student's prefill the slowest part of its answer (H200, 2026-12-02: 2.84 s per
+                # batch-1 answer against 0.082 s for bf16, prefill-graph captures of 5-21 s
+                # against 0.2-2.7 s; benchmarks/README.md), so its prefill runs uncompiled
+                if "torchao prefill" not in self._said:
+                    self._said.add("torchao prefill")
+                    log.info("generation: the prefill runs uncompiled for torchao-quantized weights (static_compile "
+                             "compiles their decode step only)")
+                return
             self._prefill_untried = compile_prefill_blocks(model) > 0 or self._prefill_untried
 
     def _prefill(self, model: Any, batch: Dict[str, Any], entry: "_StaticEntry", capture_now: bool = False) -> Any:
@@ -496,19 +510,20 @@ def _reason(err: BaseException) -> str:
 COMPILE_OPTIONS: Dict[str, Any] = {"coordinate_descent_tuning": True}
 
 
-def compile_options_for(model: Any) -> Dict[str, Any]:
-    """static_compile's inductor options for this model: COMPILE_OPTIONS, or inductor's defaults
-    ({}) where its weights are tensor subclasses (torchao: precision=int8_weight_only, fp8). There
-    coordinate descent tuning tunes each dequantizing product's kernel one configuration at a time:
-    on an H200 the int8 student's first decode step was still in the tuner after 160 s (a
-    faulthandler dump, 2026-12-02) and its whole profile point had not finished in 7.8 min, where
-    without the tuning the whole point took 190 s and answered at 1.05x bf16's latency (2026-11-28;
-    benchmarks/README.md)."""
+def subclass_weights(model: Any) -> bool:
+    """Whether any of the model's weights is a tensor subclass (torchao: precision=int8_weight_only,
+    fp8), whose products inductor compiles as dequantizing kernels."""
     from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
-    if any(is_traceable_wrapper_subclass(p) for p in model.parameters()):
-        return {}
-    return COMPILE_OPTIONS
+    return any(is_traceable_wrapper_subclass(p) for p in model.parameters())
+
+
+def compile_options_for(model: Any) -> Dict[str, Any]:
+    """static_compile's inductor options for this model: COMPILE_OPTIONS, or inductor's defaults
+    ({}) where its weights are tensor subclasses (subclass_weights). There coordinate descent tuning
+    tunes each dequantizing product's kernel one configuration at a time, for minutes at real size
+    (the int8 student on an H200, 2026-12-02: still in the tuner after 160 s; benchmarks/README.md)."""
+    return {} if subclass_weights(model) else COMPILE_OPTIONS
 
 
 def _compiled_forward(model: Any, options: Optional[Dict[str, Any]] = None) -> Any:

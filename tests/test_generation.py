@@ -412,6 +412,31 @@ def test_static_compile_runs_the_language_models_compiled_regions_in_the_prefill
     assert len(calls) == len(regions)
 
 
+def test_static_compile_leaves_the_prefill_of_torchao_students_uncompiled(tiny, monkeypatch, caplog):
+    """With torchao's weights (precision=int8_weight_only) static_compile compiles the decode step
+    only: the prefill's compiled blocks were the slowest part of the int8 answer on a GPU."""
+    import firstsight.compiled_prefill as compiled_prefill
+    import firstsight.generation as generation
+    from firstsight.generation import GreedyDecoder, subclass_weights
+    from firstsight.models import load_model
+
+    _fake_capture(monkeypatch)
+    monkeypatch.setattr(generation, "_compiled_forward", lambda model, options=None: model)
+    compiled = []
+    monkeypatch.setattr(compiled_prefill, "compile_prefill_blocks", lambda model: compiled.append(model) or 0)
+    int8 = load_model(compose(["task=profile", "precision=int8_weight_only"]), "student", tiny.processor, "cpu",
+                      frozen=True).model
+    assert subclass_weights(int8) and not subclass_weights(tiny.model("student"))
+    batch = tiny.batch(PAD_ROWS)
+    decoder = GreedyDecoder(int8, "static_compile", cuda_graphs=True)
+    with caplog.at_level(logging.INFO, logger="firstsight.generation"):
+        for _ in range(2):
+            got = decoder.generate(batch, 4, 4, pad_token_id=tiny.pad)
+    assert got.method == "static_compiled_cuda_graph" and compiled == []
+    assert caplog.text.count("the prefill runs uncompiled for torchao-quantized weights") == 1
+    assert got.tokens.tolist() == _generate(int8, batch, 4, 4, pad_token_id=tiny.pad).tolist()
+
+
 def test_the_compiled_step_is_kept_per_model_and_inductor_options(tiny):
     """static_compile compiles with generation.COMPILE_OPTIONS unless a decoder names others; one
     compiled forward per model and options (torch.compile is lazy: nothing compiles here)."""
