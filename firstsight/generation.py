@@ -32,8 +32,8 @@ image_grid_thw, mm_token_type_ids, maybe video fields):
 4. If capture fails (e.g. a bitsandbytes kernel that synchronises), the same static loop runs
    eagerly, with one log line saying why. On the CPU it always runs eagerly.
 5. `hardware.generation=static_compile`: the same, with the step's model forward torch.compile'd
-   (inductor, static shapes, coordinate descent tuning except for torchao-quantized weights:
-   compile_options_for) before it is captured — fewer, fused kernels
+   (inductor, static shapes, coordinate descent tuning: COMPILE_OPTIONS) before it is captured —
+   fewer, fused kernels
    per token, at the price of a compilation per batch size and cache length; if that fails, the
    plain step is captured. The prefill's vision blocks and its language model's norms and MLPs are
    compiled too, regionally, once per model (firstsight/compiled_prefill.py; not for torchao's
@@ -152,7 +152,7 @@ class GreedyDecoder:
         # static_compile: the decode step's forward is torch.compile'd (inductor, static shapes) and then
         # captured; only where graphs are captured (CUDA), once per batch size (tens of seconds at 2B)
         self.compile = self.method == "static_compile"
-        self.compile_options = compile_options  # inductor's options for it; None: compile_options_for(model)
+        self.compile_options = compile_options  # inductor's options for it; None: COMPILE_OPTIONS
         self.compile_off: Optional[str] = None  # why the compiled step is not used (after a failure)
         self.prefill_compile_off: Optional[str] = None  # why the prefill's blocks are not compiled (ditto)
         # static_compile: the prefill's language-model norms and MLPs run compiled (benchmarks switch it off to compare)
@@ -502,11 +502,15 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
-# inductor options of static_compile's step. With coordinate descent tuning, inductor turns the
-# batch-1 step's matrix-vector products into its own reductions, fused with their neighbours, and
-# tunes them: on an H200 the 2B student's batch-1 answer took 117.7 instead of 128.7 ms (same
-# tokens; batch 32 unchanged, 89.0 against 88.9 queries/s), for ~17-30 s more compiling per shape
-# (benchmarks/README.md; benchmarks/host_work.py --parts decode_tuning measures it again).
+# inductor options of static_compile's step, for every model. With coordinate descent tuning,
+# inductor turns the batch-1 step's matrix-vector products into its own reductions, fused with their
+# neighbours, and tunes them: on an H200 the 2B student's batch-1 answer took 117.7 instead of 128.7 ms
+# (same tokens; batch 32 unchanged), for ~17-30 s more compiling per shape (benchmarks/README.md;
+# host_work.py --parts decode_tuning measures it again). For torchao's int8 weights those reductions
+# read the int8 weights and dequantize them in the same kernel: compiled with inductor's defaults
+# instead, the int8 student answered in 0.718 s against bf16's 0.085 s (H200, 2026-12-02 07:28), and
+# with the tuning (then switched on process-wide by torchao itself) in 0.134 s against 0.128 s
+# (2026-11-28; benchmarks/README.md).
 COMPILE_OPTIONS: Dict[str, Any] = {"coordinate_descent_tuning": True}
 
 
@@ -518,19 +522,11 @@ def subclass_weights(model: Any) -> bool:
     return any(is_traceable_wrapper_subclass(p) for p in model.parameters())
 
 
-def compile_options_for(model: Any) -> Dict[str, Any]:
-    """static_compile's inductor options for this model: COMPILE_OPTIONS, or inductor's defaults
-    ({}) where its weights are tensor subclasses (subclass_weights). There coordinate descent tuning
-    tunes each dequantizing product's kernel one configuration at a time, for minutes at real size
-    (the int8 student on an H200, 2026-12-02: still in the tuner after 160 s; benchmarks/README.md)."""
-    return {} if subclass_weights(model) else COMPILE_OPTIONS
-
-
 def _compiled_forward(model: Any, options: Optional[Dict[str, Any]] = None) -> Any:
-    """The model's forward under torch.compile (inductor with `options`, default
-    compile_options_for(model); static shapes, no cudagraphs of its own: the decoder captures the
-    step itself), made once per model and options and kept on the model."""
-    options = compile_options_for(model) if options is None else options
+    """The model's forward under torch.compile (inductor with `options`, default COMPILE_OPTIONS;
+    static shapes, no cudagraphs of its own: the decoder captures the step itself), made once per
+    model and options and kept on the model."""
+    options = COMPILE_OPTIONS if options is None else options
     per_options = model.__dict__.setdefault("_firstsight_compiled_forward", {})
     key = tuple(sorted(options.items()))
     if key not in per_options:

@@ -450,21 +450,6 @@ def test_the_compiled_step_is_kept_per_model_and_inductor_options(tiny):
     assert plain is not tuned and _compiled_forward(model, {}) is plain
 
 
-def test_torchao_quantized_students_compile_without_coordinate_descent_tuning(tiny):
-    """compile_options_for: COMPILE_OPTIONS for plain weights; inductor's defaults where torchao
-    made the Linear weights tensor subclasses (the tuner took minutes over their kernels on a GPU),
-    and the decoder's default compile is then that plain one."""
-    from firstsight.generation import COMPILE_OPTIONS, _compiled_forward, compile_options_for
-    from firstsight.models import load_model
-
-    assert compile_options_for(tiny.model("student")) == COMPILE_OPTIONS
-    cfg = compose(["task=profile", "precision=int8_weight_only"])
-    int8 = load_model(cfg, "student", tiny.processor, "cpu", frozen=True).model
-    assert type(int8.model.language_model.layers[0].mlp.up_proj.weight).__name__ != "Parameter"  # torchao's
-    assert compile_options_for(int8) == {}
-    assert _compiled_forward(int8) is _compiled_forward(int8, {})
-
-
 def test_static_caches_are_kept_per_batch_size_and_reused(tiny):
     from firstsight.generation import CACHE_ROUNDING, decoder_for
 
