@@ -11,7 +11,8 @@ blocks of that kind), once per model, while the rest stays transformers' own cod
   (language_regions_compiled), so the decode step, which static_compile compiles whole (static
   shapes), and any other use of the model run their own code. An RMSNorm in eager mode is five
   kernels over fp32 copies of the hidden states, and the MLP's SiLU and product two more over its
-  widest activations; compiled, each is one kernel. The matrix products are cuBLAS's either way.
+  widest activations, which inductor fuses; the matrix products are cuBLAS's either way (H200, the
+  batch-32 answer: 0.2445 -> 0.2345 s, 1.042x; batch 1: 1.009x; host_work.py --parts prefill_compile).
   Their attention stays transformers' (each layer's index into the KV cache would recompile a
   compiled decoder layer per layer). Shapes: automatic dynamic (the first prompt shape compiled
   static, later ones with batch and length symbolic), so the hidden size stays a constant.

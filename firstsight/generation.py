@@ -39,9 +39,9 @@ image_grid_thw, mm_token_type_ids, maybe video fields):
    compiled too, regionally, once per model (firstsight/compiled_prefill.py; not for torchao's
    quantized weights, whose compiled prefill was slower than eager); if the first prefill
    through them fails, they are uncompiled and it runs again, with one log line. Not exact: compiled
-   code rounds differently (H200: prefill logits ~0.09 from generate's, on magnitudes ~3.6-3.9,
-   with the vision blocks alone), though no less accurately (both ~0.06-0.08 from a float32
-   prefill; benchmarks/README.md).
+   code rounds differently (H200: prefill logits 0.087 / 0.098 from generate's at batch 1 / 32, on
+   magnitudes ~3.6-3.9), though no less accurately (against a float32 prefill: relative error 0.91x
+   generate's; benchmarks/README.md).
 
 The method a run used is what `GreedyDecoder.tag` says: static_cuda_graph |
 static_compiled_cuda_graph | static_eager | hf_generate (profile and evaluate record it as the tag
@@ -268,10 +268,9 @@ class GreedyDecoder:
             if self._torchao is None:
                 self._torchao = subclass_weights(model)
             if self._torchao:
-                # torchao's weights: the compiled blocks' dequantizing products made the int8
-                # student's prefill the slowest part of its answer (H200, 2026-12-02: 2.84 s per
-                # batch-1 answer against 0.082 s for bf16, prefill-graph captures of 5-21 s
-                # against 0.2-2.7 s; benchmarks/README.md), so its prefill runs uncompiled
+                # torchao's weights: with its prefill's blocks compiled the int8 student's batch-1
+                # answer took 2.84 s, with them uncompiled 0.718 s, the decode step the same (H200,
+                # 2026-12-02 07:19 / 07:28; bf16 0.08 s; benchmarks/README.md)
                 if "torchao prefill" not in self._said:
                     self._said.add("torchao prefill")
                     log.info("generation: the prefill runs uncompiled for torchao-quantized weights (static_compile "
