@@ -51,11 +51,12 @@ capture or a compilation was given up).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -376,20 +377,19 @@ class GreedyDecoder:
 
     # ------------------------------------------------------------------ static entries and graphs
 
-    def _prefill_serving(self, model: Any, batch: Dict[str, Any]) -> Any:
+    @contextlib.contextmanager
+    def _prefill_serving(self, model: Any, batch: Dict[str, Any]) -> Iterator[None]:
         """Where decode steps are captured, the prefill's vision encoder is replayed from a CUDA graph
         too (firstsight/vision_graph.py), and under static_compile the language model's compiled
         norms and MLPs are switched on (firstsight/compiled_prefill.py); elsewhere nothing changes."""
-        import contextlib
-
         from firstsight.compiled_prefill import language_regions_compiled
 
-        stack = contextlib.ExitStack()
-        if self.prefill_graphs():
-            stack.enter_context(self.vision_graphs.serving(model, batch))
-        if self.compile_language_prefill and self.prefill_compile_off is None:
-            stack.enter_context(language_regions_compiled(model))
-        return stack
+        with contextlib.ExitStack() as stack:
+            if self.prefill_graphs():
+                stack.enter_context(self.vision_graphs.serving(model, batch))
+            if self.compile_language_prefill and self.prefill_compile_off is None:
+                stack.enter_context(language_regions_compiled(model))
+            yield
 
     def _graphs_wanted(self, device: Any) -> bool:
         if self.graphs_off is not None:

@@ -75,7 +75,8 @@ def test_the_compiled_language_regions_compute_the_eager_prefill(tiny_parts, stu
             captured = counters["stats"]["calls_captured"]
             with language_regions_compiled(model):
                 compiled = language(inputs_embeds=embeds).last_hidden_state
-        assert counters["stats"]["calls_captured"] > captured or shape != (4, 37)  # compiled at the first shape
+        if shape == (4, 37):  # the first shape: compiled now
+            assert counters["stats"]["calls_captured"] > captured
         assert compiled.shape == eager.shape
         assert torch.allclose(compiled, eager, rtol=1e-4, atol=1e-5), float((compiled - eager).abs().max())
 
