@@ -505,11 +505,11 @@ def _reason(err: BaseException) -> str:
 # inductor turns the batch-1 step's matrix-vector products into its own reductions, fused with their
 # neighbours, and tunes them: on an H200 the 2B student's batch-1 answer took 117.7 instead of 128.7 ms
 # (same tokens; batch 32 unchanged), for ~17-30 s more compiling per shape (benchmarks/README.md;
-# host_work.py --parts decode_tuning measures it again). For torchao's int8 weights those reductions
-# read the int8 weights and dequantize them in the same kernel: compiled with inductor's defaults
-# instead, the int8 student answered in 0.718 s against bf16's 0.085 s (H200, 2026-12-02 07:28), and
-# with the tuning (then switched on process-wide by torchao itself) in 0.134 s against 0.128 s
-# (2026-11-28; benchmarks/README.md).
+# host_work.py --parts decode_tuning measures it again). torchao's int8 student, its decode step
+# compiled with inductor's defaults, answered in 0.718 s against bf16's 0.085 s (H200, 2026-12-02
+# 07:28); compiled with the tuning (then switched on process-wide by torchao itself), in 0.134 s
+# against 0.128 s (H200, 2026-11-28). With this setting and today's code: not yet measured
+# (benchmarks/README.md).
 COMPILE_OPTIONS: Dict[str, Any] = {"coordinate_descent_tuning": True}
 
 

@@ -160,9 +160,9 @@ def quantize_after_loading(model: Any, parts: Dict[str, PartPrecision]) -> None:
     # set_inductor_config=False: by default torchao switches inductor's coordinate descent tuning (in
     # all directions) on for the whole process when it quantizes, so every later torch.compile in it
     # tuned each kernel, one configuration at a time, in every direction: the int8 student's
-    # static_compile (its compiled prefill blocks too, then) was still in the tuner after 200 s on an
-    # H200 (2026-12-02). Loading a model must not change how the rest of the process compiles; the
-    # decode step asks for its own tuning (generation.COMPILE_OPTIONS).
+    # static_compile decode step was still in the tuner after 200 s (faulthandler, H200, 2026-12-02
+    # 07:08). Loading a model must not change how the rest of the process compiles; the decode step
+    # asks for its own tuning (generation.COMPILE_OPTIONS).
     if kind == "int8_weight_only":
         config = Int8WeightOnlyConfig(set_inductor_config=False)
     else:

@@ -26,8 +26,8 @@ def _student(tiny_parts, dtype="float32"):
 def test_compile_prefill_blocks_compiles_each_block_and_region_once(tiny_parts):
     import torch
 
-    from firstsight.compiled_prefill import (compile_prefill_blocks, language_regions, language_regions_compiled,
-                                             uncompile_prefill_blocks)
+    from firstsight.compiled_prefill import (_COMPILED, compile_prefill_blocks, language_regions,
+                                             language_regions_compiled, uncompile_prefill_blocks)
 
     model = _student(tiny_parts)
     blocks = list(model.model.visual.blocks)
@@ -42,7 +42,7 @@ def test_compile_prefill_blocks_compiles_each_block_and_region_once(tiny_parts):
     assert all(getattr(layer, "_compiled_call_impl", None) is None for layer in language.layers)
     with language_regions_compiled(model) as switched:
         assert switched == len(regions)
-        assert all(vars(region)["forward"] is vars(region)["_firstsight_prefill_forward"] for region in regions)
+        assert all(vars(region)["forward"] is vars(region)[_COMPILED] for region in regions)
     assert all("forward" not in vars(region) for region in regions)
     assert compile_prefill_blocks(model) == 0  # once per model
     assert compile_prefill_blocks(torch.nn.Linear(2, 2)) == 0  # no vision encoder, no language model

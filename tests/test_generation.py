@@ -394,7 +394,7 @@ def test_static_compile_runs_the_language_models_compiled_regions_in_the_prefill
         regions = language_regions(model)
         for region in regions:
             own = type(region).forward.__get__(region)
-            setattr(region, "_firstsight_prefill_forward", lambda *a, own=own, **k: calls.append(1) or own(*a, **k))
+            setattr(region, compiled_prefill._COMPILED, lambda *a, own=own, **k: calls.append(1) or own(*a, **k))
         return len(regions)
 
     monkeypatch.setattr(compiled_prefill, "compile_prefill_blocks", counting)
@@ -414,7 +414,7 @@ def test_static_compile_runs_the_language_models_compiled_regions_in_the_prefill
 
 def test_static_compile_leaves_the_prefill_of_torchao_students_uncompiled(tiny, monkeypatch, caplog):
     """With torchao's weights (precision=int8_weight_only) static_compile compiles the decode step
-    only: the prefill's compiled blocks were the slowest part of the int8 answer on a GPU."""
+    only: with them compiled the int8 answer took 2.84 s, without 0.718 s (H200, 2026-12-02)."""
     import firstsight.compiled_prefill as compiled_prefill
     import firstsight.generation as generation
     from firstsight.generation import GreedyDecoder, subclass_weights
