@@ -17,6 +17,13 @@ blocks of that kind), once per model, while the rest stays transformers' own cod
   compiled decoder layer per layer). Shapes: automatic dynamic (the first prompt shape compiled
   static, later ones with batch and length symbolic), so the hidden size stays a constant.
 
+Tensor-subclass weights (torchao: precision=int8_weight_only, fp8): compiled, inductor turned their
+products into kernels that took the int8 student's batch-1 prefill from 22 ms to 1.43 s (H200,
+2026-12-02; static shapes no better). So a block's Linear layers with such weights keep torchao's own
+eager product (a cast of the weight to bf16, cuBLAS, the scale; compiler-disabled, so the block's
+graph breaks around them), and regions that are mostly such products (the language model's MLPs) are
+not compiled; the rest of the blocks and the norms are.
+
 Not exact: compiled code keeps fp32 intermediates that the eager code rounds to bf16
 (benchmarks/generation.py's accuracy table measures each path against a float32 prefill).
 """
@@ -28,6 +35,8 @@ import types
 from typing import Any, Iterator, List
 
 _COMPILED = "_firstsight_prefill_forward"  # a language-model region's compiled forward, kept on the module
+_DONE = "_firstsight_prefill_compiled"  # set on a model once compile_prefill_blocks has seen it
+_EAGER = "_firstsight_eager_product"  # a subclass-weight Linear's compiler-disabled forward, kept on the module
 
 
 def _vision_blocks(model: Any) -> Any:
@@ -48,18 +57,34 @@ def language_regions(model: Any) -> List[Any]:
     return [getattr(layer, name) for layer in layers for name in names] + [language.norm]
 
 
+def subclass_linears(module: Any) -> List[Any]:
+    """The Linear layers in `module` whose weight is a tensor subclass (torchao's quantized weights)."""
+    import torch
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    return [m for m in module.modules() if isinstance(m, torch.nn.Linear) and is_traceable_wrapper_subclass(m.weight)]
+
+
 def compile_prefill_blocks(model: Any) -> int:
     """The vision encoder's blocks torch.compile'd in place (inductor's defaults, dynamic shapes),
     its patch embedding as one matrix product, and the language model's norms and MLPs given
-    compiled forwards for language_regions_compiled; all compiled on their first call. What is
-    compiled already is left as it is. Returns how many blocks and regions were compiled now."""
+    compiled forwards for language_regions_compiled; all compiled on their first call. Products with
+    tensor-subclass weights stay torchao's, and regions holding them uncompiled (module docstring).
+    What is compiled already is left as it is. Returns how many blocks and regions were compiled now."""
     import torch
 
+    if vars(model).get(_DONE):  # every prefill asks: once per model
+        return 0
+    vars(model)[_DONE] = True
     fresh = [block for block in _vision_blocks(model) if getattr(block, "_compiled_call_impl", None) is None]
     for block in fresh:
+        for linear in subclass_linears(block):
+            # the class's forward bound to the layer, run as it is (the module docstring says why)
+            vars(linear)[_EAGER] = linear.forward = torch.compiler.disable(type(linear).forward.__get__(linear))
         block.compile(dynamic=True)
     patch_embed_as_matmul(model, True)
-    regions = [region for region in language_regions(model) if _COMPILED not in vars(region)]
+    regions = [region for region in language_regions(model)
+               if _COMPILED not in vars(region) and not subclass_linears(region)]
     for region in regions:
         # the class's forward bound to the region (not region.forward: that may be switched on)
         setattr(region, _COMPILED, torch.compile(type(region).forward.__get__(region)))
@@ -68,8 +93,12 @@ def compile_prefill_blocks(model: Any) -> int:
 
 def uncompile_prefill_blocks(model: Any) -> None:
     """Undo compile_prefill_blocks: every block and region runs its eager forward again."""
+    vars(model).pop(_DONE, None)
     for block in _vision_blocks(model):
         block._compiled_call_impl = None  # what nn.Module.compile set; None: the plain call
+        for linear in block.modules():
+            if _EAGER in vars(linear):
+                del vars(linear)[_EAGER], vars(linear)["forward"]
     patch_embed_as_matmul(model, False)
     for region in language_regions(model):
         region.__dict__.pop(_COMPILED, None)

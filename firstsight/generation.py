@@ -266,17 +266,11 @@ class GreedyDecoder:
 
         if (self.compile and self.compile_off is None and self.prefill_compile_off is None
                 and self._graphs_wanted(self.model_device())):
-            if self._torchao is None:
+            if self._torchao is None:  # once: it walks every parameter
                 self._torchao = subclass_weights(model)
-            if self._torchao:
-                # torchao's weights: with its prefill's blocks compiled the int8 student's batch-1
-                # answer took 2.84 s, with them uncompiled 0.718 s, the decode step the same (H200,
-                # 2026-12-02 07:19 / 07:28; bf16 0.08 s; benchmarks/README.md)
-                if "torchao prefill" not in self._said:
-                    self._said.add("torchao prefill")
-                    log.info("generation: the prefill runs uncompiled for torchao-quantized weights (static_compile "
-                             "compiles their decode step only)")
-                return
+                if self._torchao:
+                    log.info("generation: torchao-quantized weights: the compiled prefill runs their products as "
+                             "torchao's own eager kernels and leaves the language model's MLPs uncompiled")
             self._prefill_untried = compile_prefill_blocks(model) > 0 or self._prefill_untried
 
     def _prefill(self, model: Any, batch: Dict[str, Any], entry: "_StaticEntry", capture_now: bool = False) -> Any:
@@ -505,11 +499,9 @@ def _reason(err: BaseException) -> str:
 # inductor turns the batch-1 step's matrix-vector products into its own reductions, fused with their
 # neighbours, and tunes them: on an H200 the 2B student's batch-1 answer took 117.7 instead of 128.7 ms
 # (same tokens; batch 32 unchanged), for ~17-30 s more compiling per shape (benchmarks/README.md;
-# host_work.py --parts decode_tuning measures it again). torchao's int8 student, its decode step
-# compiled with inductor's defaults, answered in 0.718 s against bf16's 0.085 s (H200, 2026-12-02
-# 07:28); compiled with the tuning (then switched on process-wide by torchao itself), in 0.134 s
-# against 0.128 s (H200, 2026-11-28). With this setting and today's code: not yet measured
-# (benchmarks/README.md).
+# host_work.py --parts decode_tuning measures it again). With it torchao's int8 student's decode step
+# took 2.19 ms against bf16's 2.33 ms in one call (H200, 2026-12-02 10:49); with inductor's defaults
+# its whole answer took 0.718 s against bf16's 0.085 s (07:28).
 COMPILE_OPTIONS: Dict[str, Any] = {"coordinate_descent_tuning": True}
 
 
