@@ -36,8 +36,8 @@ image_grid_thw, mm_token_type_ids, maybe video fields):
    fewer, fused kernels
    per token, at the price of a compilation per batch size and cache length; if that fails, the
    plain step is captured. The prefill's vision blocks and its language model's norms and MLPs are
-   compiled too, regionally, once per model (firstsight/compiled_prefill.py; not for torchao's
-   quantized weights, whose compiled prefill was slower than eager); if the first prefill
+   compiled too, regionally, once per model (firstsight/compiled_prefill.py; torchao's quantized
+   products stay its eager kernels, and the MLPs holding them uncompiled); if the first prefill
    through them fails, they are uncompiled and it runs again, with one log line. Not exact: compiled
    code rounds differently (H200: prefill logits 0.087 / 0.098 from generate's at batch 1 / 32, on
    magnitudes ~3.6-3.9), though no less accurately (against a float32 prefill: relative error 0.91x
