@@ -70,6 +70,17 @@ def job_notes(out_dir: Path, limit: int = 30) -> List[str]:
     return keep[:limit]
 
 
+def add_distill_flags(parser: Any) -> None:
+    """The flags distill_overrides reads (but --steps and --warmup-steps): which pair, precision,
+    hardware, batch and frame size."""
+    parser.add_argument("--model", default="qwen2vl_7b_2b")
+    parser.add_argument("--weights", default="random", help="random (full size, no download) or '' for the model's own")
+    parser.add_argument("--hardware", default="gpu")
+    parser.add_argument("--precision", default="bf16")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--image-size", type=int, default=448)
+
+
 def distill_overrides(args: Any, batch_size: int, *extra: str) -> List[str]:
     """The distill task from the scripts' shared flags (--model, --weights, --hardware, --precision,
     --image-size, --steps, --warmup-steps, trailing overrides), no evaluation, no saving, no MLflow."""

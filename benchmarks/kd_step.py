@@ -40,7 +40,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from _common import (RESULTS, cuda_device, distill_overrides, results_path, run_job, run_meta,  # noqa: E402
+from _common import (RESULTS, add_distill_flags, cuda_device, distill_overrides, results_path, run_job, run_meta,  # noqa: E402
                      train_history, write_pair)
 
 NAIVE = ["precision.trainable_dtype=bfloat16", "train.logits=all_positions", "train.fused_optimizer=false",
@@ -227,12 +227,7 @@ def render(results: Dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="qwen2vl_7b_2b")
-    parser.add_argument("--weights", default="random", help="random (full size, no download) or '' for the model's own")
-    parser.add_argument("--hardware", default="gpu")
-    parser.add_argument("--precision", default="bf16")
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--image-size", type=int, default=448)
+    add_distill_flags(parser)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup-steps", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
