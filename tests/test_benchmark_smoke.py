@@ -1,0 +1,48 @@
+"""The newest GPU benchmarks' plumbing on the CPU (--smoke: the tiny models): each runs end to end
+and writes results holding measured figures where they belong. What they measure on a GPU is in
+benchmarks/results/."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Dict
+
+from conftest import ROOT
+
+
+def _smoke(script: str, *args: str, cache_dir: Path, tmp_path: Path) -> Dict[str, Any]:
+    env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    written = re.search(r"^wrote (\S+\.json) and (\S+\.md)$", done.stdout, re.MULTILINE)
+    assert written, done.stdout[-2000:]
+    assert Path(written.group(2)).read_text().startswith("# ")
+    return json.loads(Path(written.group(1)).read_text())
+
+
+def test_answer_breakdown_times_the_prefill_and_the_decode_steps_per_precision(cache_dir, tmp_path):
+    data = _smoke("answer_breakdown.py", cache_dir=cache_dir, tmp_path=tmp_path)
+    assert data["device"] == "cpu" and data["prompt_tokens"] > 0 and data["new_tokens"] == 4
+    assert [p["precision"] for p in data["points"]] == ["bf16", "int8_weight_only"]
+    for point in data["points"]:
+        assert point["method"] == "static_eager"  # the CPU: no graphs, nothing compiled
+        # both parts measured, each a part of the whole answer's time
+        assert 0 < point["prefill_s"] < point["answer_s"] and 0 < point["decode_steps_s"] < point["answer_s"]
+        assert abs(point["decode_step_ms"] - 1000 * point["decode_steps_s"] / 3) < 1e-9
+
+
+def test_kd_step_profile_profiles_the_steps_after_the_skipped_ones(cache_dir, tmp_path):
+    data = _smoke("kd_step_profile.py", "--point", "naive", cache_dir=cache_dir, tmp_path=tmp_path)
+    result = data["result"]
+    assert data["point"] == "naive" and "train.logits=all_positions" in data["overrides"]
+    assert len(result["step_seconds"]) == 4 + 2 + 2 and all(s > 0 for s in result["step_seconds"])
+    assert result["profiled_steps"] == [5, 6]
+    assert result["profiled_step_median_s"] > 0 and result["unprofiled_step_median_s"] > 0
+    assert "aten::" in result["top_host"]  # the profiler recorded the steps' operators
+    assert result["gpu_kernel_s_per_step"] is None and result["gpu_busy_fraction"] is None  # no GPU: not made up
