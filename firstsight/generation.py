@@ -166,7 +166,6 @@ class GreedyDecoder:
         self._entries: Dict[Tuple, _StaticEntry] = {}
         self.graphs_off: Optional[str] = None  # why CUDA graphs are not used (after a failed capture)
         self._said: set = set()  # reasons for model.generate already logged
-        self._torchao: Optional[bool] = None  # whether the model's weights are torchao's (subclass_weights), once known
         from firstsight.prefill import LanguageGraphs, cache_keyword
         from firstsight.vision_graph import VisionGraphs
 
@@ -266,12 +265,11 @@ class GreedyDecoder:
 
         if (self.compile and self.compile_off is None and self.prefill_compile_off is None
                 and self._graphs_wanted(self.model_device())):
-            if self._torchao is None:  # once: it walks every parameter
-                self._torchao = subclass_weights(model)
-                if self._torchao:
-                    log.info("generation: torchao-quantized weights: the compiled prefill runs their products as "
-                             "torchao's own eager kernels and leaves the language model's MLPs uncompiled")
-            self._prefill_untried = compile_prefill_blocks(model) > 0 or self._prefill_untried
+            compiled = compile_prefill_blocks(model)  # > 0 once per model
+            if compiled and subclass_weights(model):
+                log.info("generation: torchao-quantized weights: the compiled prefill runs their products as "
+                         "torchao's own eager kernels and leaves the language model's MLPs uncompiled")
+            self._prefill_untried = compiled > 0 or self._prefill_untried
 
     def _prefill(self, model: Any, batch: Dict[str, Any], entry: "_StaticEntry", capture_now: bool = False) -> Any:
         """The prompt's forward into the entry's cache (its last position's logits: firstsight/prefill.py,
