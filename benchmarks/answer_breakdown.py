@@ -27,30 +27,23 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from typing import Any, Callable, Dict, List
 
-from _common import RESULTS, cuda_device, ratio, results_path, run_meta, write_pair
-from generation import compose  # benchmarks/generation.py
+from _common import RESULTS, ROOT, cuda_device, ratio, results_path, run_meta, write_pair
+from generation import Timer, compose, prompt_batch, single_frame_questions  # benchmarks/generation.py
 
 
-def _median_seconds(run: Callable[[], Any], rounds: int, sync: Callable[[], None],
-                    before: Callable[[], Any] = lambda: None) -> float:
-    """The median wall time of `run()` over `rounds`, the GPU synchronised around it; `before()`
-    runs untimed ahead of each."""
+def _median_seconds(timer: Timer, run: Callable[[], Any], rounds: int, before: Callable[[], Any] = lambda: None
+                    ) -> float:
+    """The median of `timer(run)` over `rounds`; `before()` runs untimed ahead of each."""
     times = []
     for _ in range(rounds):
         before()
-        sync()
-        start = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - start)
+        times.append(timer(run))
     return statistics.median(times)
 
 
-def breakdown(model: Any, batch: Dict[str, Any], pad: int, args: argparse.Namespace, sync: Callable[[], None]
-              ) -> Dict[str, Any]:
+def breakdown(model: Any, batch: Dict[str, Any], pad: int, args: argparse.Namespace, timer: Timer) -> Dict[str, Any]:
     """One model's answer, prefill and decode steps (the decoder's own parts, as generate runs them)."""
     import torch
 
@@ -58,36 +51,29 @@ def breakdown(model: Any, batch: Dict[str, Any], pad: int, args: argparse.Namesp
 
     n = args.new_tokens
     decoder = GreedyDecoder(model, args.method)
-    start = time.perf_counter()
-    for _ in range(2):  # compiles, captures (the prefill graph at a shape's second prefill)
-        decoder.generate(batch, n, n, pad_token_id=pad)
-    sync()
-    prepare = time.perf_counter() - start
-    answer = _median_seconds(lambda: decoder.generate(batch, n, n, pad_token_id=pad), args.rounds, sync)
+    # two answers first: compiles, captures (the prefill graph at a shape's second prefill)
+    prepare = timer(lambda: [decoder.generate(batch, n, n, pad_token_id=pad) for _ in range(2)])
+    answer = _median_seconds(timer, lambda: decoder.generate(batch, n, n, pad_token_id=pad), args.rounds)
     (entry,) = decoder._entries.values()  # one batch size: one static cache
     with torch.no_grad():
-        prefill = _median_seconds(lambda: decoder._prefill(model, batch, entry), args.rounds, sync)
+        prefill = _median_seconds(timer, lambda: decoder._prefill(model, batch, entry), args.rounds)
 
         def fresh_prefill() -> None:  # the state an answer's steps start from, as generate makes it
             logits = decoder._prefill(model, batch, entry)
             entry.start(batch, n, pad)
             entry.select(logits)
 
-        steps = _median_seconds(lambda: [entry.decode(model, decoder._cache_kw) for _ in range(n - 1)],
-                                args.rounds, sync, before=fresh_prefill)
+        steps = _median_seconds(timer, lambda: [entry.decode(model, decoder._cache_kw) for _ in range(n - 1)],
+                                args.rounds, before=fresh_prefill)
         table = None
         if args.profile_prefill:
             from torch.profiler import ProfilerActivity, profile
 
             decoder.vision_graphs.off = decoder.language_graphs.off = "profiled eagerly (the same kernels)"
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-            for _ in range(2):
-                decoder._prefill(model, batch, entry)
-            sync()
+            timer(lambda: [decoder._prefill(model, batch, entry) for _ in range(2)])  # eager warm-up
             with profile(activities=activities) as prof:
-                for _ in range(3):
-                    decoder._prefill(model, batch, entry)
-                sync()
+                timer(lambda: [decoder._prefill(model, batch, entry) for _ in range(3)])
             key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
             table = prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60)
     return {"method": decoder.tag, "prepare_s": prepare, "answer_s": answer, "prefill_s": prefill,
@@ -117,6 +103,7 @@ def markdown(data: Dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--precisions", nargs="+", default=["bf16", "int8_weight_only"],
+                        choices=sorted(p.stem for p in (ROOT / "conf" / "precision").glob("*.yaml")),
                         help="the first is the reference of the ratio column")
     parser.add_argument("--method", default="static_compile", choices=["static", "static_compile"])
     parser.add_argument("--rounds", type=int, default=10)
@@ -141,12 +128,7 @@ def main() -> int:
         base = ["task=profile", "model=qwen2vl_7b_2b", "hardware=gpu", "tracking.enabled=false",
                 "model.student.weights=random", "model.teacher.weights=random"]
     on = "cpu" if device == "cpu" else "cuda"
-    sync = torch.cuda.synchronize if on == "cuda" else (lambda: None)
-
-    from firstsight.data import load_split
-    from firstsight.data.batching import PromptCollator
     from firstsight.models import load_model, load_processor
-    from firstsight.train import to_device
 
     setup = ("the tiny student on the CPU (the plumbing only)" if args.smoke else
              "Qwen2-VL-2B student at full size with random weights, SDPA")
@@ -160,11 +142,10 @@ def main() -> int:
         torch.manual_seed(cfg.seed)
         processor = load_processor(cfg)
         model = load_model(cfg, "student", processor, on, frozen=True).model
-        question = next(s for s in load_split(cfg.data, "validation", cfg.seed) if len(s.images) == 1)
-        batch = to_device(PromptCollator(processor)([question]), on)
+        batch = prompt_batch(processor, single_frame_questions(cfg)[:1], on)
         data["prompt_tokens"] = int(batch["input_ids"].shape[1])
         print(f"--- {precision}", flush=True)
-        point = {"precision": precision, **breakdown(model, batch, processor.tokenizer.pad_token_id, args, sync)}
+        point = {"precision": precision, **breakdown(model, batch, processor.tokenizer.pad_token_id, args, Timer(on))}
         points.append(point)
         print({k: v for k, v in point.items() if k != "prefill_profile"}, flush=True)
         write_pair(path, data, markdown(data))  # after every point: a time limit keeps those done

@@ -65,6 +65,21 @@ def compose(overrides: List[str]) -> Any:
         return hydra_compose(config_name="config", overrides=overrides)
 
 
+def single_frame_questions(cfg: Any) -> List[Any]:
+    """The synthetic validation questions with one frame each, in order: the benchmarks' inputs."""
+    from firstsight.data import load_split
+
+    return [s for s in load_split(cfg.data, "validation", cfg.seed) if len(s.images) == 1]
+
+
+def prompt_batch(processor: Any, questions: List[Any], device: str) -> Dict[str, Any]:
+    """`questions` collated as the decoder gets them (left-padded prompts), on `device`."""
+    from firstsight.data.batching import PromptCollator
+    from firstsight.train import to_device
+
+    return to_device(PromptCollator(processor)(questions), device)
+
+
 class Timer:
     def __init__(self, device: str):
         self.device = device
@@ -144,12 +159,9 @@ def logits_agreement(hf: Any, static: Any) -> Dict[str, Any]:
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     import torch
 
-    from firstsight.data import load_split
-    from firstsight.data.batching import PromptCollator
     from firstsight.decode_attention import group_decode, ungroup_decode
     from firstsight.generation import GreedyDecoder
     from firstsight.models import load_model, load_processor
-    from firstsight.train import to_device
     from firstsight.validate import validate
     from firstsight.vision_attention import batch_frames, unbatch_frames
 
@@ -167,10 +179,9 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     print(f"student: {loaded.origin}, {loaded.params_b:.4g} B parameters, {loaded.weights_gb:.4g} GB, "
           f"{model.dtype}, {model.config._attn_implementation}, loaded in {loaded.load_time_s:.1f} s", flush=True)
 
-    questions = [s for s in load_split(cfg.data, "validation", cfg.seed) if len(s.images) == 1]  # one frame each
-    collate = PromptCollator(processor)
-    single = to_device(collate(questions[:1]), device)
-    batch = to_device(collate(questions[:args.batch_size]), device)
+    questions = single_frame_questions(cfg)
+    single = prompt_batch(processor, questions[:1], device)
+    batch = prompt_batch(processor, questions[:args.batch_size], device)
     tokenizer = processor.tokenizer
     question_tokens = len(tokenizer(questions[0].question, add_special_tokens=False)["input_ids"])
     visual_tokens = int((single["mm_token_type_ids"] == 1).sum()) if "mm_token_type_ids" in single else None

@@ -46,7 +46,7 @@ import time
 from typing import Any, Callable, Dict, List, Tuple
 
 from _common import RESULTS, cuda_device, ratio, results_path, run_meta, write_pair
-from generation import ATOL, RTOL, Timer, compose  # benchmarks/generation.py
+from generation import ATOL, RTOL, Timer, compose, prompt_batch, single_frame_questions  # benchmarks/generation.py
 
 DEVICE = {"name": "cuda"}  # --smoke: cpu
 
@@ -62,12 +62,7 @@ def interleaved(ways: Dict[str, Callable[[], Any]], rounds: int) -> Dict[str, Li
 
 def _questions(cfg: Any, processor: Any, size: int) -> Dict[str, Any]:
     """A batch of `size` single-frame validation questions (left-padded), on the device."""
-    from firstsight.data import load_split
-    from firstsight.data.batching import PromptCollator
-    from firstsight.train import to_device
-
-    questions = [s for s in load_split(cfg.data, "validation", cfg.seed) if len(s.images) == 1]
-    return to_device(PromptCollator(processor)(questions[:size]), DEVICE["name"])
+    return prompt_batch(processor, single_frame_questions(cfg)[:size], DEVICE["name"])
 
 
 def _one_question(cfg: Any, processor: Any) -> Tuple[Any, Dict[str, Any]]:
@@ -333,7 +328,7 @@ def vision_attention_part(cfg: Any, processor: Any, args: argparse.Namespace) ->
     import torch
 
     from firstsight.data import load_split
-    from firstsight.data.batching import PromptCollator, QACollator
+    from firstsight.data.batching import QACollator
     from firstsight.models import load_model, torch_dtype
     from firstsight.train import to_device
     from firstsight.vision_attention import batch_frames, unbatch_frames
@@ -343,8 +338,7 @@ def vision_attention_part(cfg: Any, processor: Any, args: argparse.Namespace) ->
     visual = student.model.visual
     samples = load_split(cfg.data, "train", cfg.seed)
     train = to_device(QACollator(processor)([samples[i] for i in range(args.batch_size)]), DEVICE["name"])
-    frames = [s for s in load_split(cfg.data, "validation", cfg.seed) if len(s.images) == 1][:args.prefill_frames]
-    prefill = to_device(PromptCollator(processor)(frames), DEVICE["name"])
+    prefill = _questions(cfg, processor, args.prefill_frames)
 
     def encode(batch: Dict[str, Any], backward: bool, batched: bool) -> Any:
         (batch_frames if batched else unbatch_frames)(student)
@@ -359,7 +353,7 @@ def vision_attention_part(cfg: Any, processor: Any, args: argparse.Namespace) ->
 
     rows = []
     for case, batch, backward in ((f"training batch of {args.batch_size}, forward + backward", train, True),
-                                  (f"{len(frames)} frames to answer, forward only", prefill, False)):
+                                  (f"{prefill['input_ids'].shape[0]} frames to answer, forward only", prefill, False)):
         (per_frame, per_frame_grad), (batched, batched_grad) = (encode(batch, backward, b) for b in (False, True))
         error = float((batched - per_frame).norm() / per_frame.norm())
         grad_error = (float((batched_grad - per_frame_grad).norm() / per_frame_grad.norm()) if backward else None)

@@ -3,10 +3,11 @@ job, run in this process after its compiles and warm-up steps.
 
 The job is one point of benchmarks/kd_step.py (by name; default the lean step, experiment=lean_kd's
 settings) on the real-size teacher/student pair with random weights. The first `--skip-steps`
-steps run unprofiled (compiles, new batch lengths, the allocator settling), the next
-`--profile-steps` under torch.profiler (CPU and CUDA activity). Reported:
+steps stay out of the profile (compiles, new batch lengths, the allocator settling; the last of them
+is the profiler's warm-up, traced and discarded), the next `--profile-steps` are profiled (CPU and
+CUDA activity), then two more run unprofiled. Reported:
 
-- each step's wall time (the suite's StepTimer: synchronised), the profiled ones and the rest;
+- each step's wall time (the suite's StepTimer: synchronised), the profiled ones and the two after;
 - the GPU's kernel time per profiled step and its share of the step's wall time: how long the GPU
   works against how long the step takes (the rest it waits for the host);
 - the operators and kernels with the most GPU time, and the operators with the most host time.
@@ -79,7 +80,9 @@ def profile_job(overrides: List[str], args: argparse.Namespace, on_gpu: bool) ->
         train.StepTimer = original
     events = profiler.key_averages()
     first, last = args.skip_steps, args.skip_steps + args.profile_steps
-    profiled, rest = seconds[first:last], seconds[first - 2:first] + seconds[last:]  # rest: unprofiled, after the warm-up
+    # the steps after the window: unprofiled and past the warm-up (the step before the window is the
+    # profiler's own warm-up, recorded and discarded, so not a fair comparison)
+    profiled, rest = seconds[first:last], seconds[last:]
     kernel_s = kernel_seconds(events) / max(1, len(profiled))
     step_s = statistics.median(profiled) if profiled else float("nan")
     trace = None

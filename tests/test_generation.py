@@ -434,13 +434,16 @@ def test_static_compile_keeps_torchaos_products_out_of_the_compiled_prefill(tiny
     blocks = list(int8.model.visual.blocks)
     products = [linear for block in blocks for linear in subclass_linears(block)]
     assert len(products) == 4 * len(blocks)  # q/k/v, the attention's output, the MLP's two
-    eager_calls = []
-    for linear in products:
-        monkeypatch.setattr(type(linear.weight), "__torch_function__", classmethod(
-            lambda cls, func, types, args=(), kwargs=None, original=type(linear.weight).__torch_function__.__func__:
-            eager_calls.append(torch.compiler.is_compiling()) or original(cls, func, types, args, kwargs or {})),
-            raising=True)
-        break  # one class for all
+    weight_class = type(products[0].weight)
+    assert all(type(linear.weight) is weight_class for linear in products)
+    original = weight_class.__torch_function__.__func__
+    eager_calls = []  # per quantized product: whether the compiler was tracing it
+
+    def recording(cls, func, types, args=(), kwargs=None):
+        eager_calls.append(torch.compiler.is_compiling())
+        return original(cls, func, types, args, kwargs or {})
+
+    monkeypatch.setattr(weight_class, "__torch_function__", classmethod(recording))
     batch = tiny.batch(PAD_ROWS)
     expected = _generate(int8, batch, 4, 4, pad_token_id=tiny.pad).tolist()
     decoder = GreedyDecoder(int8, "static_compile", cuda_graphs=True)
