@@ -78,6 +78,11 @@ POINTS = {
         OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true", "hardware.compile_memory_budget=0.2"], 1,
         "as above, the compiled blocks keep about a fifth of their activations and recompute the rest "
         "in their fused backward (experiment=lean_kd)"),
+    "optimized + teacher cache + compile, memory budget 0.2, Python wrapper": (
+        OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true", "hardware.compile_memory_budget=0.2",
+                                     "hardware.compile_cpp_wrapper=false"], 1,
+        "as above, each compiled graph's kernels launched from inductor's generated Python instead of "
+        "its C++ wrapper (what hardware.compile_cpp_wrapper saves)"),
     "optimized + teacher cache + compile, memory budget 0.2, padded to 64": (
         OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true", "hardware.compile_memory_budget=0.2",
                                      "hardware.pad_to_multiple_of=64"], 1,

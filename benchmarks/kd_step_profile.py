@@ -153,6 +153,7 @@ def main() -> int:
             print("no CUDA GPU visible: these are GPU measurements (--smoke: the plumbing on this CPU)", file=sys.stderr)
             return 2
     args.results_dir = os.path.abspath(args.results_dir)  # the job runs in a working directory of its own
+    os.makedirs(args.results_dir, exist_ok=True)  # before the job: the trace is written there (torch says nothing when it can't)
     overrides_of_point, multiplier, note = POINTS[args.point]
     batch = args.batch_size * multiplier
     args.steps = args.skip_steps + args.profile_steps + 2  # two unprofiled steps after the window too
@@ -171,7 +172,6 @@ def main() -> int:
         os.chdir(here)
     table = markdown(data)
     path = results_path(args.results_dir, "kd_step_profile", device)
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_pair(path, data, table)
     print(table)
     print(f"wrote {path} and {path.with_suffix('.md')}")

@@ -148,6 +148,10 @@ class HardwareConfig:
     # with compile: the share of each compiled block's activations kept for the backward (torch's
     # activation_memory_budget); below 1 the compiled backward recomputes the cheapest of the rest
     compile_memory_budget: float = 1.0
+    # with compile: inductor's C++ wrapper launches each compiled block's kernels from C++ instead
+    # of from generated Python; the compiled KD step waits on the host (H200: ~half of each step),
+    # and this cut its step by ~1.3x (benchmarks/README.md). Needs a C++ compiler, as inductor does
+    compile_cpp_wrapper: bool = True
     # Qwen2-VL with sdpa: the vision encoder attends over all frames of one size in one SDPA call
     # (firstsight/vision_attention.py); false: one call per frame, as transformers does
     batched_vision_attention: bool = True

@@ -221,8 +221,8 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
     if cfg.hardware.compile:
         from firstsight.models import compile_blocks
 
-        budget = cfg.hardware.compile_memory_budget
-        blocks = compile_blocks(student_model, budget) + (compile_blocks(teacher_model, budget) if teacher_runs else 0)
+        settings = {"memory_budget": cfg.hardware.compile_memory_budget, "cpp_wrapper": cfg.hardware.compile_cpp_wrapper}
+        blocks = compile_blocks(student_model, **settings) + (compile_blocks(teacher_model, **settings) if teacher_runs else 0)
         log.info("hardware.compile: %d blocks compiled with torch.compile on first use", blocks)
 
     answer_positions_only = cfg.train.logits == "answer_positions"

@@ -184,7 +184,7 @@ def repeated_blocks(model: Any) -> Iterator[Any]:
     return (module for module in model.modules() if type(module).__name__ in names)
 
 
-def compile_blocks(model: Any, memory_budget: float = 1.0) -> int:
+def compile_blocks(model: Any, memory_budget: float = 1.0, cpp_wrapper: bool = False) -> int:
     """hardware.compile: torch.compile each repeated block in place (regional compilation). The
     blocks of one kind share their compiled code, so it compiles in seconds, on the first step,
     with dynamic shapes (batches differ in length); between the blocks it runs eagerly. Inductor
@@ -196,13 +196,19 @@ def compile_blocks(model: Any, memory_budget: float = 1.0) -> int:
     and the backward recomputes the rest, cheapest first (elementwise work before matrix products),
     inside its own fused kernels: recomputation without the extra launches of gradient
     checkpointing. It is torch's process-wide setting (torch._functorch.config.
-    activation_memory_budget), read whenever a block is compiled, which is on first use."""
+    activation_memory_budget), read whenever a block is compiled, which is on first use.
+
+    `cpp_wrapper` (hardware.compile_cpp_wrapper): inductor writes each compiled graph's launcher
+    (the code that sizes buffers and launches its kernels) in C++ rather than Python. A compiled
+    block's forward or backward launches dozens of kernels; from Python each launch costs host time
+    the GPU waits out when the step is bound by the host, as the KD step on an H200 is."""
     import torch._functorch.config as functorch_config
 
     functorch_config.activation_memory_budget = memory_budget
     blocks = list(repeated_blocks(model))
+    options = {"cpp_wrapper": True} if cpp_wrapper else None
     for block in blocks:
-        block.compile(dynamic=True)
+        block.compile(dynamic=True, options=options)
     return len(blocks)
 
 

@@ -263,6 +263,33 @@ def test_a_compile_memory_budget_keeps_fewer_activations_and_gives_the_same_grad
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_the_cpp_wrapper_launches_the_compiled_blocks_kernels_from_cpp_with_the_same_gradients():
+    """hardware.compile_cpp_wrapper: every graph inductor writes for the blocks (forwards and
+    backwards) has a C++ launcher and no Python one (inductor's Python launcher is a `def call(`;
+    without the option it is there, so the check can tell them apart), and the gradients are
+    the eager stack's."""
+    from torch._inductor.utils import run_and_get_code
+
+    from firstsight.models import compile_blocks
+
+    torch.manual_seed(0)
+    eager = _Stack()
+    x = torch.randn(8, 64)
+    eager(x).backward()
+    for cpp_wrapper in (False, True):
+        torch._dynamo.reset()
+        model = _Stack()
+        model.load_state_dict(eager.state_dict())
+        compile_blocks(model, cpp_wrapper=cpp_wrapper)
+        _, codes = run_and_get_code(lambda: model(x).backward())
+        assert len(codes) >= 2  # a forward and a backward at least
+        python_launchers = sum("def call(" in code for code in codes)
+        assert python_launchers == (0 if cpp_wrapper else len(codes)), (cpp_wrapper, python_launchers, len(codes))
+        for a, b in zip(eager.parameters(), model.parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
 def test_a_compile_memory_budget_out_of_range_or_without_compile_is_refused():
     from conftest import compose
     from firstsight.errors import ConfigError
