@@ -150,8 +150,9 @@ class HardwareConfig:
     compile_memory_budget: float = 1.0
     # with compile: inductor's C++ wrapper launches each compiled block's kernels from C++ instead
     # of from generated Python; the compiled KD step waits on the host (H200: ~half of each step),
-    # and this cut its step by ~1.3x (benchmarks/README.md). Needs a C++ compiler, as inductor does
-    compile_cpp_wrapper: bool = True
+    # and this cut its step by ~1.3x (benchmarks/README.md). None: on CUDA only; on a 2-core CPU the
+    # tiny pair compiled ~2.5x longer with it and stepped no faster. Needs a C++ compiler, as inductor does
+    compile_cpp_wrapper: Optional[bool] = None
     # Qwen2-VL with sdpa: the vision encoder attends over all frames of one size in one SDPA call
     # (firstsight/vision_attention.py); false: one call per frame, as transformers does
     batched_vision_attention: bool = True

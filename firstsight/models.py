@@ -184,7 +184,7 @@ def repeated_blocks(model: Any) -> Iterator[Any]:
     return (module for module in model.modules() if type(module).__name__ in names)
 
 
-def compile_blocks(model: Any, memory_budget: float = 1.0, cpp_wrapper: bool = False) -> int:
+def compile_blocks(model: Any, memory_budget: float = 1.0, cpp_wrapper: Optional[bool] = None) -> int:
     """hardware.compile: torch.compile each repeated block in place (regional compilation). The
     blocks of one kind share their compiled code, so it compiles in seconds, on the first step,
     with dynamic shapes (batches differ in length); between the blocks it runs eagerly. Inductor
@@ -201,11 +201,15 @@ def compile_blocks(model: Any, memory_budget: float = 1.0, cpp_wrapper: bool = F
     `cpp_wrapper` (hardware.compile_cpp_wrapper): inductor writes each compiled graph's launcher
     (the code that sizes buffers and launches its kernels) in C++ rather than Python. A compiled
     block's forward or backward launches dozens of kernels; from Python each launch costs host time
-    the GPU waits out when the step is bound by the host, as the KD step on an H200 is."""
+    the GPU waits out when the step is bound by the host, as the KD step on an H200 is. None: where
+    the model's weights are on a CUDA device (on a CPU the wrapper's own compile costs more than it
+    saves)."""
     import torch._functorch.config as functorch_config
 
     functorch_config.activation_memory_budget = memory_budget
     blocks = list(repeated_blocks(model))
+    if cpp_wrapper is None:
+        cpp_wrapper = any(p.device.type == "cuda" for p in model.parameters())
     options = {"cpp_wrapper": True} if cpp_wrapper else None
     for block in blocks:
         block.compile(dynamic=True, options=options)

@@ -266,7 +266,7 @@ def test_a_compile_memory_budget_keeps_fewer_activations_and_gives_the_same_grad
 def test_the_cpp_wrapper_launches_the_compiled_blocks_kernels_from_cpp_with_the_same_gradients():
     """hardware.compile_cpp_wrapper: every graph inductor writes for the blocks (forwards and
     backwards) has a C++ launcher and no Python one (inductor's Python launcher is a `def call(`;
-    without the option it is there, so the check can tell them apart), and the gradients are
+    by default on the CPU it is there, so the check can tell them apart), and the gradients are
     the eager stack's."""
     from torch._inductor.utils import run_and_get_code
 
@@ -276,7 +276,7 @@ def test_the_cpp_wrapper_launches_the_compiled_blocks_kernels_from_cpp_with_the_
     eager = _Stack()
     x = torch.randn(8, 64)
     eager(x).backward()
-    for cpp_wrapper in (False, True):
+    for cpp_wrapper in (None, True):  # None: on CUDA only, so the Python launcher here
         torch._dynamo.reset()
         model = _Stack()
         model.load_state_dict(eager.state_dict())
