@@ -1,9 +1,6 @@
 """The evaluate task: accuracy of teacher and student by greedy generation, and the drop.
 
-Short answers count when the generated text, stripped, equals the reference (case-insensitive).
-Multiple-choice answers count when an option letter (A, B, ...) is parsed strictly from the start of the text
-("B", "B.", "(B)", "B) right") and equals the reference; anything else ("Both", "", "maybe C") is
-wrong — never a random guess.
+When a reply counts as right: firstsight/answers.py.
 
 Decoding is `hardware.generation` (firstsight/generation.py: `static`, the default, or `hf` =
 transformers' `model.generate`; the same greedy tokens), recorded as the tags
@@ -17,35 +14,11 @@ part (`.../vision`, `.../merger`, `.../language`), and its resolved per-part pre
 
 from __future__ import annotations
 
-import re
-import string
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 from omegaconf import DictConfig
 
-_CHOICE = re.compile(r"^\(?([A-Z])(?:[.):]|\s|$)")
-
-
-def parse_choice(text: str, letters: str = string.ascii_uppercase) -> Optional[str]:
-    """The option letter a generated answer starts with, or None when there is none or it is not
-    one of the question's `letters`."""
-    match = _CHOICE.match(text.strip())
-    return match.group(1) if match and match.group(1) in letters else None
-
-
-def option_letters(question: str) -> str:
-    """The letters of the options a question lists ("\nA. ...", "\nB. ...")."""
-    return "".join(letter for letter in string.ascii_uppercase if f"\n{letter}. " in question)
-
-
-def is_multiple_choice(sample: Any) -> bool:
-    return len(sample.answer) == 1 and sample.answer in option_letters(sample.question)
-
-
-def is_correct(sample: Any, generated: str) -> bool:
-    if is_multiple_choice(sample):
-        return parse_choice(generated, option_letters(sample.question)) == sample.answer
-    return generated.strip().lower() == sample.answer.lower()
+from firstsight.answers import is_correct, is_multiple_choice, option_letters, parse_choice  # noqa: F401 (re-exported)
 
 
 def generated_answers(model: Any, processor: Any, samples: List[Any], device: str,
