@@ -235,6 +235,8 @@ class TrainConfig:
     log_every_n_steps: int = 10  # metrics are buffered and flushed to MLflow in one batch this often
     throughput_warmup_steps: int = 3  # first steps excluded from throughput (allocation, caches)
     eval_at_end: bool = True  # teacher-forced exact-match accuracy of teacher and student on validation
+    eval_before: bool = True  # with eval_at_end: the student's accuracy before training too (eval/distill_gain)
+    eval_blind: bool = True  # with eval_at_end: teacher and student also with grey frames ("is it looking?")
     save_checkpoint: bool = True  # write the trained student (safetensors) under the run directory
     progress_bar: bool = True  # tqdm bar on stderr
     # Preemption safety (firstsight/resume.py): resumable checkpoints under checkpoints/resume/.
@@ -275,6 +277,7 @@ class EvaluateTaskConfig(TaskConfig):
     split: str = "validation"  # the synthetic split to answer: validation | train
     max_new_tokens: int = 8  # greedy answer length cap (answers are a word, a number or a letter)
     batch_size: int = 16  # questions per generation batch
+    blind: bool = True  # also answer with grey frames: eval/*_blind_accuracy ("is it looking?")
 
 
 @dataclass

@@ -218,6 +218,16 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
     teacher_runs = teacher_cache is None and loss_fn.uses_teacher
     hidden_loss = build_hidden_loss(cfg, student_model, teacher_model if teacher_runs else None, device)
     hidden_kwargs = {"output_hidden_states": True} if hidden_loss is not None else {}
+    # the student's accuracy before training, on the validation questions the end of the run answers
+    # (before any block is compiled, so the compiled blocks see only training shapes)
+    before = None
+    if cfg.train.eval_at_end and cfg.train.eval_before and resume_point is None:
+        from firstsight.train import answer_outcomes
+
+        STAGE["now"] = "evaluating the student before training"
+        validation = load_split(cfg.data, "validation", cfg.seed)
+        before = answer_outcomes(student_model, in_order(validation, collator, cfg.hardware.batch_size), device, dtype)
+        peak.reset()  # perf/peak_* measure the training
     if cfg.hardware.compile:
         from firstsight.models import compile_blocks
 
@@ -327,20 +337,8 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
 
     STAGE["now"] = "at the end of training (evaluating, saving)"
     if cfg.train.eval_at_end:
-        validation = load_split(cfg.data, "validation", cfg.seed)
-        eval_batches = lambda: in_order(validation, collator, cfg.hardware.batch_size)  # noqa: E731
-        # the teacher runs in its own dtype, without autocast, as in training
-        if teacher_cache is not None:  # recorded when the cache was built (else the teacher is loaded now)
-            teacher_acc = teacher_cache.teacher_accuracy(validation)
-        else:
-            teacher_acc = answer_accuracy(teacher_model, eval_batches(), device, torch.float32)
-        student_acc = answer_accuracy(student_model, eval_batches(), device, dtype)
-        summary.update({
-            "eval/teacher_accuracy": teacher_acc,
-            "eval/student_accuracy": student_acc,
-            "eval/accuracy_drop": teacher_acc - student_acc,
-            "eval/chance_accuracy": validation.chance_accuracy(),
-        })
+        summary.update(end_of_run_accuracy(cfg, tracker, processor, collator, device, dtype, student_model,
+                                           teacher if teacher_cache is None else None, teacher_cache, before))
     tracker.log_metrics(summary, step=cfg.train.max_steps)
     tracker.flush()
 
@@ -356,6 +354,60 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
     checkpointer.discard()  # done: a rerun in this directory starts afresh instead of resuming
     log.info("done: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.items())))
     return result
+
+
+def end_of_run_accuracy(cfg: DictConfig, tracker: Any, processor: Any, collator: Any, device: str, dtype: Any,
+                        student_model: Any, teacher: Optional[Any], teacher_cache: Optional[Any],
+                        before: Optional[List[bool]]) -> Dict[str, float]:
+    """Teacher-forced exact match of teacher and student on the validation split, per question:
+    the accuracies with their intervals, the paired drops (against the run's teacher and, when
+    that is quantized, against the teacher at full precision), the student's gain over `before`,
+    and the same questions with grey frames ("is it looking?"). firstsight/accuracy.py names them."""
+    import torch
+
+    from firstsight.accuracy import Outcomes, full_precision_config, outcome_record, summarize, teacher_is_quantized
+    from firstsight.data import Blinded, load_split
+    from firstsight.data.batching import in_order
+    from firstsight.parts import resolve_parts
+    from firstsight.train import answer_outcomes
+
+    validation = load_split(cfg.data, "validation", cfg.seed)
+    blind = cfg.train.eval_blind
+
+    def outcomes(model: Any, dataset: Any, model_dtype: Any) -> List[bool]:
+        return answer_outcomes(model, in_order(dataset, collator, cfg.hardware.batch_size), device, model_dtype)
+
+    # the teacher runs in its own dtype, without autocast, as in training
+    if teacher_cache is not None:  # recorded when the cache was built (else the teacher is loaded now)
+        teacher_outcomes, teacher_blind = teacher_cache.teacher_outcomes(validation, blind)
+    else:
+        teacher_outcomes = outcomes(teacher.model, validation, torch.float32)
+        teacher_blind = outcomes(teacher.model, Blinded(validation), torch.float32) if blind else None
+    quantized = teacher_is_quantized(resolve_parts(cfg, "teacher"))
+    student = outcomes(student_model, validation, dtype)
+    full_precision = None
+    if quantized:  # the study's drop is against the teacher unquantized: load it for the evaluation
+        from firstsight.models import load_model
+
+        STAGE["now"] = "evaluating the full-precision teacher"
+        reference = load_model(full_precision_config(cfg), "teacher", processor, device, frozen=True)
+        full_precision = outcomes(reference.model, validation, torch.float32)
+        del reference
+    result = Outcomes(
+        teacher=teacher_outcomes, student=student, chance=validation.chance_accuracy(),
+        full_precision_teacher=full_precision, teacher_blind=teacher_blind,
+        student_blind=outcomes(student_model, Blinded(validation), dtype) if blind else None, student_before=before,
+    )
+    metrics, lines, verdict = summarize(result)
+    for line in lines:
+        (log.warning if line.startswith("WARNING") else log.info)(line.removeprefix("WARNING: "))
+    if verdict is not None:
+        tracker.set_tags({"firstsight.accuracy_verdict": str(verdict)})
+    from firstsight.tasks import write_job_file
+
+    kinds = [validation.kind_of(i) if hasattr(validation, "kind_of") else "" for i in range(len(validation))]
+    write_job_file("eval_outcomes.json", outcome_record(kinds, result))
+    return metrics
 
 
 def per_process_figures(world: Any, summary: Dict[str, float], peak_name: str) -> Dict[str, float]:

@@ -94,7 +94,7 @@ log = logging.getLogger(__name__)
 FORMAT = "firstsight-teacher-topk"
 VERSION = 2  # 2: at k = Vs the ids are in vocabulary order (1 sorted them by probability)
 MANIFEST = "manifest.json"
-ACCURACY_RECIPE = "teacher-accuracy-v1"
+ACCURACY_RECIPE = "teacher-outcomes-v2"  # per question, with and without the frames
 TENSORS = {  # name: (dtype name as safetensors writes it, rank; [R, k] / [R] / [S + 1])
     "token_ids": ("I32", 2),
     "logprobs": ("F32", 2),
@@ -322,21 +322,30 @@ class _Context:
                           self.inputs["processor"], data_identity(self.cfg, validation, "validation"))
         return self.root / f"teacher-accuracy-{key}.json"
 
-    def measure_accuracy(self, teacher_model: Any, validation: Any) -> float:
-        """eval/teacher_accuracy as distill measures it, recorded for later runs (atomically)."""
+    def measure_accuracy(self, teacher_model: Any, validation: Any) -> Tuple[List[bool], List[bool]]:
+        """The teacher's per-question outcomes as distill measures them (teacher-forced exact match),
+        with the frames and with grey frames, recorded for later runs (atomically)."""
         import torch
 
+        from firstsight.data import Blinded
         from firstsight.data.batching import QACollator, in_order
-        from firstsight.train import answer_accuracy
+        from firstsight.train import answer_outcomes
 
-        batches = in_order(validation, QACollator(self.processor), self.cfg.hardware.batch_size)
-        accuracy = answer_accuracy(teacher_model, batches, self.device, torch.float32)
+        collator = QACollator(self.processor)
+        batch = self.cfg.hardware.batch_size
+        outcomes = answer_outcomes(teacher_model, in_order(validation, collator, batch), self.device, torch.float32)
+        blind = answer_outcomes(teacher_model, in_order(Blinded(validation), collator, batch), self.device, torch.float32)
         record = self.accuracy_record(validation)
         from firstsight.cache import write_atomically
 
-        write_atomically(record, json.dumps({"recipe": ACCURACY_RECIPE, "accuracy": accuracy, "cache_key": self.key,
-                                             "validation_size": len(validation)}, indent=2))
-        return accuracy
+        write_atomically(record, json.dumps({"recipe": ACCURACY_RECIPE, "accuracy": sum(outcomes) / max(len(outcomes), 1),
+                                             "outcomes": _bits(outcomes), "blind_outcomes": _bits(blind),
+                                             "cache_key": self.key, "validation_size": len(validation)}, indent=2))
+        return outcomes, blind
+
+
+def _bits(outcomes: List[bool]) -> str:
+    return "".join("1" if o else "0" for o in outcomes)
 
 
 def _size(n: float) -> str:
@@ -435,7 +444,8 @@ def _build(ctx: _Context, out_dir: Path, report: Dict[str, Any]) -> Dict[str, An
     if cfg.train.eval_at_end:  # the teacher is loaded now: measure what the end of each run reports
         from firstsight.data import load_split
 
-        accuracy = ctx.measure_accuracy(teacher.model, load_split(cfg.data, "validation", cfg.seed))
+        outcomes, _ = ctx.measure_accuracy(teacher.model, load_split(cfg.data, "validation", cfg.seed))
+        accuracy = sum(outcomes) / max(len(outcomes), 1)
     seconds = time.perf_counter() - start
     manifest = {
         "format": FORMAT,
@@ -636,23 +646,24 @@ class TeacherCache:
         targets = SparseTargets(ids, self.logprobs[rows], self.tail_logprob[rows])
         return targets.to(batch["labels"].device)
 
-    def teacher_accuracy(self, validation: Any) -> float:
-        """eval/teacher_accuracy: the record made at build time, else the teacher is loaded now."""
+    def teacher_outcomes(self, validation: Any, blind: bool = True) -> Tuple[List[bool], Optional[List[bool]]]:
+        """The teacher's per-question outcomes on `validation` (and with grey frames, if `blind`):
+        the record made at build time, else the teacher is loaded now."""
         record = self.ctx.accuracy_record(validation)
         try:
             data = json.loads(record.read_text())
-            if data.get("recipe") == ACCURACY_RECIPE and isinstance(data.get("accuracy"), (int, float)):
+            if data.get("recipe") == ACCURACY_RECIPE and len(data.get("outcomes", "")) == len(validation):
                 self.tracker.set_tags({"firstsight.teacher_accuracy_source": f"recorded in {record}"})
-                return float(data["accuracy"])
-        except (OSError, ValueError):
+                return [c == "1" for c in data["outcomes"]], ([c == "1" for c in data["blind_outcomes"]] if blind else None)
+        except (OSError, ValueError, KeyError):
             pass
-        log.info("no recorded teacher accuracy for this validation split: loading the teacher to measure it")
+        log.info("no recorded teacher outcomes for this validation split: loading the teacher to measure them")
         teacher = self.ctx.load_teacher()
-        accuracy = self.ctx.measure_accuracy(teacher.model, validation)
+        outcomes, blind_outcomes = self.ctx.measure_accuracy(teacher.model, validation)
         del teacher
         _free(self.ctx.device)
         self.tracker.set_tags({"firstsight.teacher_accuracy_source": "teacher loaded for the evaluation"})
-        return accuracy
+        return outcomes, (blind_outcomes if blind else None)
 
 
 @contextlib.contextmanager

@@ -178,12 +178,18 @@ def optimize(
 
 
 def answer_accuracy(model: Any, batches: Iterator[Dict[str, Any]], device: str, dtype: Any) -> float:
-    """Exact-match accuracy under teacher forcing: a sample counts only if the argmax at every
-    answer position (answer tokens and the closing <|im_end|>) is the reference token, which is
-    exactly when greedy decoding would produce the reference answer and stop."""
+    """Exact-match accuracy under teacher forcing (the share of `answer_outcomes` that are right)."""
+    outcomes = answer_outcomes(model, batches, device, dtype)
+    return sum(outcomes) / max(len(outcomes), 1)
+
+
+def answer_outcomes(model: Any, batches: Iterator[Dict[str, Any]], device: str, dtype: Any) -> List[bool]:
+    """Per question, in order: is it answered exactly under teacher forcing? A sample counts only
+    if the argmax at every answer position (answer tokens and the closing <|im_end|>) is the
+    reference token, which is exactly when greedy decoding would produce the reference answer and stop."""
     import torch
 
-    correct = total = 0
+    outcomes: List[bool] = []
     was_training = model.training
     model.eval()
     with torch.no_grad():
@@ -195,8 +201,6 @@ def answer_accuracy(model: Any, batches: Iterator[Dict[str, Any]], device: str, 
             predicted = logits[:, :-1].argmax(-1)
             labels = labels[:, 1:]
             mask = labels != IGNORE_INDEX
-            right = ((predicted == labels) | ~mask).all(dim=1)
-            correct += int(right.sum())
-            total += int(labels.shape[0])
+            outcomes.extend(bool(x) for x in ((predicted == labels) | ~mask).all(dim=1).tolist())
     model.train(was_training)
-    return correct / max(total, 1)
+    return outcomes

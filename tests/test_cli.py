@@ -12,6 +12,10 @@ EXPECTED_METRICS = {
     "train/loss", "train/kd_loss", "train/ce_loss", "perf/throughput_samples_per_s",
     "perf/throughput_tokens_per_s", "perf/peak_rss_gb", "perf/step_time_s", "model/params_b",
     "model/weights_gb", "eval/teacher_accuracy", "eval/student_accuracy", "eval/accuracy_drop",
+    # each accuracy with its 95 % interval, the drop paired, the student before distillation, grey frames
+    "eval/questions", "eval/student_accuracy_ci_low", "eval/student_accuracy_ci_high", "eval/accuracy_drop_ci_low",
+    "eval/accuracy_drop_ci_high", "eval/full_precision_accuracy_drop", "eval/student_accuracy_before",
+    "eval/distill_gain", "eval/distill_gain_ci_low", "eval/teacher_blind_accuracy", "eval/student_blind_accuracy",
 }
 
 

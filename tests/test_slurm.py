@@ -115,8 +115,7 @@ def test_sweep_runs_on_slurm(run_cli, tmp_path, mlflow_server, cache_dir):
     for run in jobs:
         assert run.info.status == "FINISHED"
         assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id  # found via the sweep dir / env
-        assert EXPECTED_METRICS - {"eval/teacher_accuracy", "eval/student_accuracy", "eval/accuracy_drop"} \
-            <= set(run.data.metrics)
+        assert {m for m in EXPECTED_METRICS if not m.startswith("eval/")} <= set(run.data.metrics)
         assert run.data.params["hardware.name"] == "slurm_local"
         assert run.data.params["cache_dir"] == str(cache_dir)  # the environment reached the job (sbatch)
     # everything went to the server: no job fell back to a SQLite file in the working directory

@@ -370,9 +370,11 @@ def test_teacher_accuracy_without_a_record_loads_the_teacher_once(built, cache_d
                                            ("token_ids", "logprobs", "tail_logprob", "labels", "offsets")},
                          "hit", None, {})
     validation = load_split(cfg.data, "validation", cfg.seed)
-    measured = cache.teacher_accuracy(validation)
+    measured, blind = cache.teacher_outcomes(validation)
+    assert len(measured) == len(blind) == 5
     assert tracker.tags["firstsight.teacher_accuracy_source"] == "teacher loaded for the evaluation"
-    assert cache.teacher_accuracy(validation) == measured
+    assert cache.teacher_outcomes(validation) == (measured, blind)
+    assert cache.teacher_outcomes(validation, blind=False) == (measured, None)
     assert "recorded" in tracker.tags["firstsight.teacher_accuracy_source"]
 
 

@@ -27,3 +27,30 @@ def synthetic_split(data_cfg: Any, split: str, seed: int) -> Any:
         split, size=size, seed=seed, image_size=data_cfg.image_size,
         num_frames=data_cfg.num_frames, kinds=list(data_cfg.kinds),
     )
+
+
+BLIND_GREY = (128, 128, 128)
+
+
+class Blinded:
+    """`dataset` with every frame replaced by a plain grey frame of the same size: the "is it
+    looking?" check. A model that answers as well blind as with the frames is not using them
+    (a teacher that never receives the frames, a student trained blind)."""
+
+    def __init__(self, dataset: Any):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        import dataclasses
+
+        from PIL import Image
+
+        sample = self.dataset[index]
+        frames = tuple(Image.new("RGB", image.size, BLIND_GREY) for image in sample.images)
+        return dataclasses.replace(sample, images=frames)
+
+    def chance_accuracy(self) -> float:
+        return self.dataset.chance_accuracy()
