@@ -197,13 +197,29 @@ def _validate_numbers(cfg: DictConfig) -> None:
     loss = cfg.distill_loss
     _check(loss.temperature > 0, "distill_loss.temperature", loss.temperature, "it must be > 0")
     _check(0 <= loss.alpha <= 1, "distill_loss.alpha", loss.alpha, "it must lie in [0, 1]")
+    # Settings whose kd term is identically zero (losses.JSD, losses._Skewed) or carries no weight:
+    # the run would train on cross-entropy alone while still paying for the teacher.
+    ce_only = "the run would train on cross-entropy alone while paying for the teacher every step"
+    control = "or distill_loss=none for a cross-entropy-only run (the control, which does not run the teacher)"
     if "beta" in loss:
-        _check(0 <= loss.beta <= 1, "distill_loss.beta", loss.beta, "it must lie in [0, 1]")
+        _check(0 <= loss.beta <= 1, "distill_loss.beta", loss.beta,
+               "it must lie strictly between 0 and 1 (0.5: the symmetric JSD)")
+        _check(0 < loss.beta < 1, "distill_loss.beta", loss.beta,
+               f"at beta 0 and 1 the generalized JSD is identically zero: {ce_only}; choose beta strictly between "
+               f"0 and 1 (0.5: the symmetric JSD), distill_loss=forward_kl / reverse_kl for the KLs it tends to "
+               f"at those ends, {control}")
     if "skew" in loss:
-        _check(0 <= loss.skew <= 1, "distill_loss.skew", loss.skew, "it must lie in [0, 1]")
+        _check(0 <= loss.skew <= 1, "distill_loss.skew", loss.skew,
+               "it must lie in [0, 1) (0: the plain KL; 0.1: the default)")
+        _check(loss.skew < 1, "distill_loss.skew", loss.skew,
+               f"at skew 1 the mixture is the first distribution itself and the skew KL is identically zero: "
+               f"{ce_only}; choose skew in [0, 1) (0: the plain KL; 0.1: the default), {control}")
     if loss.name == "none":
         _check(loss.alpha == 0, "distill_loss.alpha", loss.alpha,
                "distill_loss=none trains on cross-entropy alone, so alpha must be 0")
+    elif loss.get("hidden_weight", 0) == 0:  # alpha 0 with the hidden-state term is meaningful (it needs the teacher)
+        _check(loss.alpha > 0, "distill_loss.alpha", loss.alpha,
+               f"alpha 0 gives the kd term no weight: {ce_only}; choose alpha in (0, 1], {control}")
 
 
 def _validate_hidden_loss(cfg: DictConfig) -> None:

@@ -84,6 +84,8 @@ def _refused(tmp_path, monkeypatch, capsys, overrides):
 
 # ----------------------------------------------------------------------------- config
 
+ZERO_KD = ["identically zero", "cross-entropy alone while paying for the teacher", "distill_loss=none"]
+
 CONFIG_CASES = {
     # out-of-range numbers not covered elsewhere
     "lora-alpha": (["lora.enabled=true", "lora.alpha=0"], ["lora.alpha=0.0", "must be > 0"]),
@@ -91,7 +93,21 @@ CONFIG_CASES = {
     "max-steps": (["train.max_steps=0"], ["train.max_steps=0", ">= 1"]),
     "warmup-steps": (["train.warmup_steps=-1"], ["train.warmup_steps=-1", ">= 0"]),
     "threads": (["hardware.num_threads=0"], ["hardware.num_threads=0", "null or >= 1"]),
-    "skew": (["distill_loss=skew_forward_kl", "distill_loss.skew=1.5"], ["distill_loss.skew=1.5", "[0, 1]"]),
+    "skew": (["distill_loss=skew_forward_kl", "distill_loss.skew=1.5"], ["distill_loss.skew=1.5", "[0, 1)"]),
+    "skew-negative": (["distill_loss=skew_reverse_kl", "distill_loss.skew=-0.1"], ["distill_loss.skew=-0.1", "[0, 1)"]),
+    "beta-above-1": (["distill_loss=jsd", "distill_loss.beta=1.5"], ["distill_loss.beta=1.5", "strictly between 0 and 1"]),
+    # settings whose kd term is identically zero or weightless: CE alone while paying for the teacher
+    "jsd-beta-0": (["distill_loss=jsd", "distill_loss.beta=0"], ["distill_loss.beta=0.0 is invalid", *ZERO_KD,
+                                                                  "choose beta strictly between 0 and 1"]),
+    "jsd-beta-1": (["distill_loss=jsd", "distill_loss.beta=1"], ["distill_loss.beta=1.0 is invalid", *ZERO_KD,
+                                                                  "choose beta strictly between 0 and 1"]),
+    "skew-forward-1": (["distill_loss=skew_forward_kl", "distill_loss.skew=1"],
+                       ["distill_loss.skew=1.0 is invalid", *ZERO_KD, "choose skew in [0, 1)"]),
+    "skew-reverse-1": (["distill_loss=skew_reverse_kl", "distill_loss.skew=1"],
+                       ["distill_loss.skew=1.0 is invalid", *ZERO_KD, "choose skew in [0, 1)"]),
+    "alpha-0": (["distill_loss=forward_kl", "distill_loss.alpha=0"],
+                ["distill_loss.alpha=0.0 is invalid", "no weight", "cross-entropy alone while paying for the teacher",
+                 "choose alpha in (0, 1]", "distill_loss=none"]),
     "resume-empty": (["train.resume=''"], ["train.resume=''", "auto, never, or the path"]),
     # unknown choices of a string setting
     "attention": (["hardware.attn_implementation=xformers"],
@@ -111,6 +127,37 @@ def test_bad_config_values(tmp_path, monkeypatch, capsys, case):
     message = _refused(tmp_path, monkeypatch, capsys, overrides)
     for fragment in fragments:
         assert fragment in message, message
+
+
+@pytest.mark.parametrize("overrides", [
+    ["distill_loss=jsd"],  # beta 0.5
+    ["distill_loss=jsd", "distill_loss.beta=0.01"],
+    ["distill_loss=jsd", "distill_loss.beta=0.99"],
+    ["distill_loss=skew_forward_kl"],  # skew 0.1
+    ["distill_loss=skew_forward_kl", "distill_loss.skew=0"],  # the plain forward KL: not zero
+    ["distill_loss=skew_reverse_kl", "distill_loss.skew=0"],
+    ["distill_loss=skew_reverse_kl", "distill_loss.skew=0.99"],
+    ["distill_loss=forward_kl", "distill_loss.alpha=1"],
+    ["distill_loss=none"],  # alpha 0: the control, without the teacher
+    ["distill_loss=forward_kl", "distill_loss.alpha=0", "distill_loss.hidden_weight=0.5"],  # CE + the hidden term
+])
+def test_the_valid_neighbours_of_the_refused_loss_settings_are_accepted(overrides):
+    from firstsight.validate import validate
+
+    validate(compose(overrides))
+
+
+def test_run_py_refuses_a_zero_kd_term_in_one_line(run_cli, tmp_path):
+    """Through run.py: exit status 2, one line naming the override, before any model or run (Hydra's
+    outputs/ directory, with its log, exists already)."""
+    result = run_cli("distill_loss=jsd", "distill_loss.beta=0", timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: distill_loss.beta=0.0 (command-line override 'distill_loss.beta=0') is invalid: "
+                           "at beta 0 and 1 the generalized JSD is identically zero"), line
+    assert "distill_loss=none" in line, line
+    assert not (tmp_path / "mlflow.db").exists()  # no MLflow run was created
+    assert not list(tmp_path.glob("outputs/*/*/checkpoints"))
 
 
 # ----------------------------------------------------------------------------- unknown keys (run.py)
