@@ -170,6 +170,7 @@ class HardwareConfig:
     data_parallel: str = "ddp"  # several processes: ddp (a full student per GPU) | fsdp (student weights, gradients and AdamW state sharded)
     num_threads: Optional[int] = None  # torch intra-op threads on CPU; None = torch's default
     dataloader_workers: int = 0  # background processes rendering/processing samples
+    eval_batch_size: Optional[int] = None  # distill's teacher-forced evaluations (no gradients); None = batch_size
     memory_budget_gb: Optional[float] = None  # profile: cap (CUDA) and judge (edge/fits) the job's memory; None = no budget
     generation: Generation = Generation.static  # greedy decoding of profile/evaluate: static | static_compile | hf (model.generate)
 

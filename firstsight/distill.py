@@ -225,8 +225,9 @@ def distill(cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, w
         from firstsight.train import answer_outcomes
 
         STAGE["now"] = "evaluating the student before training"
+        eval_batch = cfg.hardware.eval_batch_size or cfg.hardware.batch_size
         validation = load_split(cfg.data, "validation", cfg.seed)
-        before = answer_outcomes(student_model, in_order(validation, collator, cfg.hardware.batch_size), device, dtype)
+        before = answer_outcomes(student_model, in_order(validation, collator, eval_batch), device, dtype)
         peak.reset()  # perf/peak_* measure the training
     if cfg.hardware.compile:
         from firstsight.models import compile_blocks
@@ -375,7 +376,7 @@ def end_of_run_accuracy(cfg: DictConfig, tracker: Any, processor: Any, collator:
     blind = cfg.train.eval_blind
 
     def outcomes(model: Any, dataset: Any, model_dtype: Any) -> List[bool]:
-        return answer_outcomes(model, in_order(dataset, collator, cfg.hardware.batch_size), device, model_dtype)
+        return answer_outcomes(model, in_order(dataset, collator, cfg.hardware.eval_batch_size or cfg.hardware.batch_size), device, model_dtype)
 
     # the teacher runs in its own dtype, without autocast, as in training
     if teacher_cache is not None:  # recorded when the cache was built (else the teacher is loaded now)

@@ -52,7 +52,8 @@ STOP_SIGNALS = ("SIGUSR2", "SIGTERM")
 # Config keys a resumed run may change: where and how it runs, not what it computes.
 MAY_DIFFER = (
     "train.resume", "train.checkpoint_every_n_steps", "train.keep_checkpoints", "train.progress_bar",
-    "train.log_every_n_steps", "train.eval_at_end", "train.eval_before", "train.eval_blind", "train.save_checkpoint", "tracking.", "cache_dir",
+    "train.log_every_n_steps", "train.eval_at_end", "train.eval_before", "train.eval_blind", "train.save_checkpoint",
+    "tracking.", "cache_dir", "hardware.eval_batch_size",
     "hardware.name", "hardware.dataloader_workers", "hardware.num_threads", "hardware.device",
     "hardware.attn_implementation", "hardware.gradient_checkpointing", "teacher_cache.dir",
     # how fast, not what is computed (issue 6): the same loss either way

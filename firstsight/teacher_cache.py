@@ -332,7 +332,7 @@ class _Context:
         from firstsight.train import answer_outcomes
 
         collator = QACollator(self.processor)
-        batch = self.cfg.hardware.batch_size
+        batch = self.cfg.hardware.eval_batch_size or self.cfg.hardware.batch_size
         outcomes = answer_outcomes(teacher_model, in_order(validation, collator, batch), self.device, torch.float32)
         blind = answer_outcomes(teacher_model, in_order(Blinded(validation), collator, batch), self.device, torch.float32)
         record = self.accuracy_record(validation)
