@@ -5,10 +5,13 @@ of an experiment (or of one sweep), and writes under `task.output_dir` (default:
 dir>/report), each file atomically:
 
 - report.md and report.html: the comparison table (one row per run: the swept values and the
-  metrics of DESIGN.md's contract), the study's target checks, when runs carry edge/* metrics
-  (profile under hardware.memory_budget_gb) the edge view (which configurations fit each budget,
-  their accuracy and latency, the Pareto front), and the plots;
-- runs.csv: the same table with values at full precision;
+  metrics of DESIGN.md's contract, accuracies with their 95 % intervals), the study's target checks
+  (PASS / FAIL / unresolved / not measurable: the accuracy drop against the full-precision teacher
+  judged by its interval, ACCURACY_RULE; speed and memory against the median of like-for-like
+  baseline runs, BASELINE_RULE), when runs carry edge/* metrics (profile under
+  hardware.memory_budget_gb) the edge view (which configurations fit each budget, their accuracy
+  and latency, the Pareto front), and the plots;
+- runs.csv: the same table with values at full precision (a metric's logged interval beside it);
 - throughput_vs_memory.png, accuracy_vs_memory.png, loss_curves.png (a plot is left out, and
   the report says why, when no run has its data), and edge_memory_vs_latency.png with the edge view;
 
@@ -28,6 +31,7 @@ import logging
 import math
 import os
 import re
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -37,6 +41,9 @@ from omegaconf import DictConfig
 from firstsight.cache import write_atomically
 
 from firstsight.errors import FirstSightError
+from firstsight.parts import PARTS
+from firstsight.stats import FAIL, NOT_MEASURABLE, PASS, UNRESOLVED, Estimate, Verdict, at_most
+from firstsight.tracking import CODE_VERSION_TAG
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +59,31 @@ METRIC_COLUMNS: Tuple[Tuple[str, str, str], ...] = (
     ("model/weights_gb", "weights GB", "size of the (student / profiled) model's weights as loaded, GB"),
     ("train/kd_loss", "KD loss (last)", "the KD term at the last optimizer step (before alpha and T²)"),
     ("eval/teacher_accuracy", "teacher acc", "teacher accuracy on the validation split"),
+    ("eval/full_precision_teacher_accuracy", "full-precision teacher acc",
+     "accuracy of the teacher unquantized (the run's own teacher when that is not quantized)"),
     ("eval/student_accuracy", "student acc", "student accuracy on the validation split"),
     ("eval/accuracy_drop", "acc drop", "teacher accuracy − student accuracy (0.01 = 1 point)"),
+    ("eval/full_precision_accuracy_drop", "acc drop vs full-precision teacher",
+     "full-precision teacher accuracy − student accuracy on the same questions: the drop the study judges"),
+    ("eval/teacher_blind_accuracy", "teacher blind acc", "teacher accuracy with the frames blanked"),
+    ("eval/student_blind_accuracy", "student blind acc", "student accuracy with the frames blanked"),
+    ("eval/student_accuracy_before", "student acc before", "student accuracy before distillation"),
+    ("eval/distill_gain", "distill gain", "student accuracy after − before distillation, on the same questions"),
 )
 TRAIN_THROUGHPUT = "perf/throughput_tokens_per_s"
 PEAK_VRAM = "perf/peak_vram_gb"
 PEAK_RSS = "perf/peak_rss_gb"
 ACCURACY_DROP = "eval/accuracy_drop"
+FULL_PRECISION_DROP = "eval/full_precision_accuracy_drop"
+TEACHER_ACCURACY = "eval/teacher_accuracy"
+FULL_PRECISION_TEACHER = "eval/full_precision_teacher_accuracy"
+QUESTIONS = "eval/questions"
+CHANCE = "eval/chance_accuracy"
+# Tags that say where and with what a run ran: a run is compared only with baselines that agree on them.
+DEVICE_TAG = "firstsight.device_name"
+VERSION_TAG_PREFIX = "version."
+TEACHER_PRECISION_TAG = "firstsight.teacher_precision."
+NONE_VALUES = ("None", "none", "null", "")
 # Params that say how a run was compressed: a run and its baseline may differ in these only.
 COMPRESSION_PREFIXES = ("precision.", "lora.")
 # Params that never make runs incomparable, nor a column (names and bookkeeping).
@@ -68,13 +93,36 @@ FAILED_STATUSES = ("FAILED", "KILLED")
 MAX_LOSS_CURVES = 40
 PLOT_FILES = ("throughput_vs_memory.png", "accuracy_vs_memory.png", "loss_curves.png")
 BASELINE_RULE = (
-    "The baseline of a run is the full-precision run of the same task: `precision.dtype=float32`, "
+    "The baselines of a run are the full-precision runs of the same task: `precision.dtype=float32`, "
     "no quantization (`precision.quantization=none`, no `precision.teacher_quantization`, no part of "
-    "`precision.parts` set to another dtype or quantized) and no LoRA, "
-    "that has the same value as the run for every other param that differs among the runs here "
-    "(only `precision.*` and `lora.*`, the compression choices, may differ). If several runs qualify, "
-    "the most recent one is the baseline. A run with no such baseline is *not measurable*; no figure "
-    "is estimated for it. Baseline runs themselves are not checked."
+    "`precision.parts` set to another dtype or quantized), no LoRA (an fp32 LoRA run is no baseline) "
+    "and, for distill, float32 trainable weights (`precision.trainable_dtype=float32`), "
+    "that have the same value as the run for every other param that differs among the runs here "
+    "(only `precision.*` and `lora.*`, the compression choices, may differ), and that ran like for like: "
+    "on the same device (tag `firstsight.device_name`), with the same package versions (tags `version.*`) "
+    "and the same code version (tag `firstsight.code_version`: the git commit, `+dirty` when the checkout "
+    "had uncommitted changes, which the tag does not tell apart). The ratio is the run's value over the "
+    "**median** of its baselines' values; the table shows how many baseline runs there are and the "
+    "min–max of their values and of the run's ratios to each. With one baseline run the verdict stands "
+    "but the row says to repeat it. A run with no like-for-like baseline is *not measurable*, with the "
+    "reason; no figure is estimated for it. Baseline runs themselves are not checked."
+)
+ACCURACY_RULE = (
+    "Accuracies are shown as value [95 % interval] (Wilson) where the run logged one, and a drop with "
+    "its paired 95 % interval (bootstrap over the same questions). The accuracy target is judged on the "
+    "drop against the **full-precision** teacher (`eval/full_precision_accuracy_drop`); where the run's "
+    "teacher is quantized the drop against that teacher is shown beside it, not judged (a quantized "
+    "teacher that lost accuracy would let a poor student pass). Runs that did not log it are judged on "
+    "`eval/accuracy_drop` when their teacher is not quantized. The verdict reads the interval, never the "
+    "point estimate: **PASS** when its upper bound is ≤ the target, **FAIL** when its lower bound is "
+    "above the target, otherwise *unresolved*, with about how many questions would decide it (the "
+    "interval narrows as 1/√questions). A run that logged no interval is *unresolved* (rerun with this "
+    "version). An interval of no width (teacher and student differ the same way on every question) is "
+    "taken as ± 3/questions. *Not measurable*: the teacher is not above chance (its interval's lower "
+    "bound ≤ `eval/chance_accuracy`, e.g. random weights), so a drop of 0 says nothing. A model whose "
+    "accuracy with the frames blanked (`eval/teacher_blind_accuracy`, `eval/student_blind_accuracy`) "
+    "lies inside its real accuracy's interval, while that interval is above chance, is flagged as not "
+    "looking at the frames."
 )
 
 
@@ -420,13 +468,24 @@ def run_label(run: RunRecord, swept: Sequence[str]) -> str:
 
 @dataclass
 class CheckRow:
+    """One run judged against one target. Accuracy rows: `value` is the judged drop. Ratio rows:
+    `value` the run's metric, `baselines` its like-for-like baseline runs, `baseline_value` their
+    median and `ratio` = value / that median."""
+
     run: RunRecord
-    value: float
+    value: Optional[float]
     target: float
-    passed: bool
-    baseline: Optional[RunRecord] = None
+    verdict: Verdict
+    baselines: List[RunRecord] = field(default_factory=list)
     baseline_value: Optional[float] = None
     ratio: Optional[float] = None
+    baseline_values: List[float] = field(default_factory=list)  # each baseline's, in `baselines`' order
+    notes: List[str] = field(default_factory=list)
+    flags: List[str] = field(default_factory=list)  # accuracy rows: "<role> not looking at the frames: ..."
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict.status == PASS
 
 
 @dataclass
@@ -435,40 +494,70 @@ class Check:
     metric: str
     target_text: str
     rows: List[CheckRow] = field(default_factory=list)
-    not_measurable: List[str] = field(default_factory=list)  # why, per run or for the whole check
+    not_measurable: List[str] = field(default_factory=list)  # why the whole check could not be made
     note: str = ""
+
+    def count(self, status: str) -> int:
+        return sum(r.verdict.status == status for r in self.rows)
 
     @property
     def passed(self) -> int:
-        return sum(r.passed for r in self.rows)
+        return self.count(PASS)
 
     @property
     def failed(self) -> int:
-        return sum(not r.passed for r in self.rows)
+        return self.count(FAIL)
+
+
+def _none(value: Optional[str]) -> bool:
+    return value is None or value in NONE_VALUES
 
 
 def is_baseline(run: RunRecord) -> bool:
-    """Full precision, nothing quantized, no LoRA (the uncompressed reference)."""
+    """Full precision, nothing quantized, no LoRA (the uncompressed reference); a distill run also
+    trains float32 weights (not pure bf16 training, precision.trainable_dtype=bfloat16)."""
     p = run.params
     parts_full = all(value in ("None", "none", "float32") for key, value in p.items()
                      if key.startswith("precision.parts."))  # no part set to another dtype or quantized
     return (
         p.get("precision.dtype") == "float32"
         and p.get("precision.quantization", "none") == "none"
-        and p.get("precision.teacher_quantization", "None") in ("None", "none")
-        and p.get("lora.enabled", "False") != "True"
+        and _none(p.get("precision.teacher_quantization"))
+        and p.get("lora.enabled", "False").lower() not in ("true", "1")
+        and (run.task != "distill" or p.get("precision.trainable_dtype", "float32") == "float32")
         and parts_full
     )
 
 
-def find_baseline(run: RunRecord, runs: Sequence[RunRecord], swept: Sequence[str]) -> Optional[RunRecord]:
-    """See BASELINE_RULE."""
+def find_baselines(run: RunRecord, runs: Sequence[RunRecord], swept: Sequence[str]) -> List[RunRecord]:
+    """The full-precision runs of the same task with the same other swept values (see BASELINE_RULE),
+    like for like or not (`unlike` tells); none for a baseline run itself."""
     if is_baseline(run):
-        return None
+        return []
     keys = [k for k in swept if not k.startswith(COMPRESSION_PREFIXES)]
-    found = [b for b in runs if b is not run and b.task == run.task and is_baseline(b)
-             and all(b.params.get(k) == run.params.get(k) for k in keys)]
-    return max(found, key=lambda b: (b.start_time, b.run_id)) if found else None
+    return [b for b in runs if b is not run and b.task == run.task and is_baseline(b)
+            and all(b.params.get(k) == run.params.get(k) for k in keys)]
+
+
+def unlike(run: RunRecord, base: RunRecord) -> Optional[str]:
+    """Why `base` is not a like-for-like baseline of `run`: another device, other package versions or
+    another code version (by their tags); None when it is. A tag neither run has does not differ."""
+    reasons = []
+    here, there = run.tags.get(DEVICE_TAG), base.tags.get(DEVICE_TAG)
+    if here != there:
+        reasons.append(f"baseline {base.short_id} on {there or 'an unrecorded device'}, "
+                       f"this run on {here or 'an unrecorded device'}")
+    keys = sorted({k for k in (*run.tags, *base.tags) if k.startswith(VERSION_TAG_PREFIX)})
+    versions = [f"{k[len(VERSION_TAG_PREFIX):]} {base.tags.get(k, 'unrecorded')} vs {run.tags.get(k, 'unrecorded')}"
+                for k in keys if run.tags.get(k) != base.tags.get(k)]
+    if versions:
+        reasons.append(f"baseline {base.short_id} ran other package versions ({', '.join(versions)}: "
+                       "baseline vs this run)")
+    here, there = run.tags.get(CODE_VERSION_TAG), base.tags.get(CODE_VERSION_TAG)
+    if here != there:
+        reasons.append(f"baseline {base.short_id} ran code version {there or 'unrecorded'}, "
+                       f"this run {here or 'unrecorded'}")
+    return "; ".join(reasons) or None
 
 
 def target_checks(runs: Sequence[RunRecord], accuracy_drop_target: float, throughput_gain_target: float,
@@ -483,14 +572,105 @@ def target_checks(runs: Sequence[RunRecord], accuracy_drop_target: float, throug
     ]
 
 
+def estimate(run: RunRecord, metric: str) -> Optional[Estimate]:
+    """`metric` with its logged 95 % interval (`<metric>_ci_low`, `<metric>_ci_high`) over the run's
+    `eval/questions` (0 when not logged); None when the run lacks the metric or its interval."""
+    m = run.metrics
+    names = (metric, f"{metric}_ci_low", f"{metric}_ci_high")
+    if not all(name in m and math.isfinite(m[name]) for name in names):
+        return None
+    questions = m.get(QUESTIONS)
+    n = int(questions) if questions is not None and math.isfinite(questions) else 0
+    return Estimate(m[metric], m[names[1]], m[names[2]], n)
+
+
+def with_interval(run: RunRecord, metric: str) -> str:
+    """A metric as the tables show it: `0.461 [0.378, 0.546]` with its interval, else the value alone."""
+    if metric not in run.metrics:
+        return ""
+    found = estimate(run, metric)
+    return str(found) if found is not None else fmt(run.metrics[metric])
+
+
+def teacher_quantization(run: RunRecord) -> Optional[str]:
+    """How the run's teacher was quantized (e.g. "nf4"; "int8, nf4" if its parts differ), None when
+    it was not: from the `firstsight.teacher_precision.<part>.quantization` tags where the run has
+    them, else from its params (`precision.teacher_quantization`, else `precision.quantization`,
+    and `precision.parts.<part>.quantization` where set)."""
+    tagged = [v for k, v in run.tags.items()
+              if k.startswith(TEACHER_PRECISION_TAG) and k.endswith(".quantization")]
+    if tagged:
+        kinds = {v for v in tagged if not _none(v)}
+    else:
+        p = run.params
+        own = p.get("precision.teacher_quantization", "None")  # None: the teacher follows precision.quantization
+        model_wide = p.get("precision.quantization", "none") if own in ("None", "null", "") else own
+        kinds = set()
+        for part in PARTS:
+            setting = p.get(f"precision.parts.{part}.quantization", "None")
+            kind = model_wide if setting == "None" else setting  # None: follows the model-wide setting
+            if not _none(kind):
+                kinds.add(kind)
+    return ", ".join(sorted(kinds)) or None
+
+
+def _rule_of_three(drop: Estimate) -> Estimate:
+    """A drop whose interval has no width (every question's teacher − student difference the same,
+    e.g. no question answered differently, where a bootstrap has nothing to resample) widened to
+    ± 3/n: the 95 % bound on the share of questions the two answer differently when none did in n."""
+    if drop.n <= 0 or drop.high > drop.low:
+        return drop
+    bound = 3.0 / drop.n
+    return Estimate(drop.value, drop.value - bound, drop.value + bound, drop.n)
+
+
+def accuracy_verdict(run: RunRecord, target: float) -> CheckRow:
+    """The run's accuracy drop against `target` (see ACCURACY_RULE), with its notes and flags."""
+    m = run.metrics
+    quantized = teacher_quantization(run)
+    teacher_metric = FULL_PRECISION_TEACHER if FULL_PRECISION_TEACHER in m else TEACHER_ACCURACY
+    teacher = estimate(run, teacher_metric)
+    chance = m.get(CHANCE)
+    judged = FULL_PRECISION_DROP if FULL_PRECISION_DROP in m else ACCURACY_DROP
+    drop = estimate(run, judged)
+    row = CheckRow(run, m.get(judged), target, Verdict(UNRESOLVED, ""))
+    teacher_value = m.get(teacher_metric)
+    if chance is not None and teacher_value is not None and not (teacher.low if teacher else teacher_value) > chance:
+        shown = str(teacher) if teacher is not None else f"{teacher_value:.3f}"
+        row.verdict = Verdict(NOT_MEASURABLE, f"the teacher ({shown}) is not above chance ({chance:.3f}): "
+                                              "its accuracy says nothing (random or untrained weights?)")
+    elif judged == ACCURACY_DROP and quantized:
+        row.verdict = Verdict(UNRESOLVED, f"the teacher is quantized ({quantized}) and the run logged no drop "
+                                          f"against the full-precision teacher ({FULL_PRECISION_DROP}): "
+                                          "rerun with this version")
+    elif drop is None:
+        row.verdict = Verdict(UNRESOLVED, "no interval: rerun with this version")
+    elif drop.n == 0:
+        row.verdict = Verdict(UNRESOLVED, f"no question count ({QUESTIONS}): rerun with this version")
+    else:
+        row.verdict = at_most(_rule_of_three(drop), target, teacher=teacher, chance=chance)
+    own = m.get(ACCURACY_DROP)
+    if own is not None and own < 0:
+        row.notes.append(f"student above its {'quantized ' if quantized else ''}teacher "
+                         f"(drop {with_interval(run, ACCURACY_DROP)})")
+    if quantized and m.get(FULL_PRECISION_DROP, 0.0) < 0:
+        row.notes.append(f"student above the full-precision teacher (drop {with_interval(run, FULL_PRECISION_DROP)})")
+    for role in ("teacher", "student"):
+        real, blind = estimate(run, f"eval/{role}_accuracy"), m.get(f"eval/{role}_blind_accuracy")
+        above_chance = chance is None or (real is not None and real.low > chance)  # at chance it uses nothing
+        if real is not None and blind is not None and above_chance and real.low <= blind <= real.high:
+            row.flags.append(f"{role} not looking at the frames: blind {blind:.3f} within its interval "
+                             f"[{real.low:.3f}, {real.high:.3f}]")
+    return row
+
+
 def _accuracy_check(runs: Sequence[RunRecord], target: float) -> Check:
     check = Check("Accuracy drop", ACCURACY_DROP,
                   f"teacher − student accuracy ≤ {target:g} (= {100 * target:g} percentage "
-                  f"point{'' if 100 * target == 1 else 's'})")
+                  f"point{'' if 100 * target == 1 else 's'}), the full-precision teacher's, by the 95 % interval")
     for run in runs:
-        if run.task in ("distill", "evaluate") and ACCURACY_DROP in run.metrics:
-            drop = run.metrics[ACCURACY_DROP]
-            check.rows.append(CheckRow(run, drop, target, passed=drop <= target))
+        if run.task in ("distill", "evaluate") and (ACCURACY_DROP in run.metrics or FULL_PRECISION_DROP in run.metrics):
+            check.rows.append(accuracy_verdict(run, target))
     if not check.rows:
         check.not_measurable.append(f"no distill or evaluate run here has {ACCURACY_DROP} "
                                     "(distill with train.eval_at_end=true, or task=evaluate, logs it)")
@@ -526,18 +706,39 @@ def _ratio_check(runs: Sequence[RunRecord], swept: Sequence[str], title: str, me
         check.not_measurable.append(f"no full-precision baseline run with {metric} here (add precision=fp32 "
                                     "to the sweep)")
         return check
+    sign = "≥" if metric == TRAIN_THROUGHPUT else "≤"
     for run in compressed:
-        base = find_baseline(run, relevant, swept)
-        if base is None:
-            check.not_measurable.append(f"run {run.short_id}: no full-precision run with the same other swept values")
+        value = run.metrics[metric]
+        row = CheckRow(run, value, target, Verdict(NOT_MEASURABLE, ""))
+        check.rows.append(row)
+        candidates = find_baselines(run, relevant, swept)
+        if not candidates:
+            row.verdict = Verdict(NOT_MEASURABLE, "no full-precision run with the same other swept values")
             continue
-        base_value, value = base.metrics[metric], run.metrics[metric]
-        if base_value <= 0:
-            check.not_measurable.append(f"run {run.short_id}: its baseline {base.short_id} has {metric}={base_value}")
+        reasons = {b.run_id: unlike(run, b) for b in candidates}
+        row.baselines = sorted((b for b in candidates if reasons[b.run_id] is None), key=lambda b: (b.start_time, b.run_id))
+        if not row.baselines:
+            row.verdict = Verdict(NOT_MEASURABLE, "no like-for-like baseline: " + "; ".join(reasons.values()))
             continue
-        ratio = value / base_value
-        check.rows.append(CheckRow(run, value, target, passed=ok(ratio), baseline=base,
-                                   baseline_value=base_value, ratio=ratio))
+        broken = [b for b in row.baselines if not b.metrics[metric] > 0]
+        if broken:
+            row.verdict = Verdict(NOT_MEASURABLE, "; ".join(f"baseline {b.short_id} has {metric}={b.metrics[metric]}"
+                                                            for b in broken))
+            continue
+        values = row.baseline_values = [b.metrics[metric] for b in row.baselines]
+        row.baseline_value = statistics.median(values)
+        row.ratio = value / row.baseline_value
+        row.verdict = Verdict(PASS if ok(row.ratio) else FAIL,
+                              f"{row.ratio:.3f}× the median of {len(values)} baseline value{'s' * (len(values) > 1)}"
+                              f"{'' if ok(row.ratio) else ', not'} {sign} {target:g}×")
+        ratios = [value / v for v in values]
+        if len(values) == 1:
+            row.notes.append("1 baseline run: repeat it for a spread")
+        elif ok(min(ratios)) != ok(max(ratios)):
+            row.notes.append(f"the ratios to single baselines ({min(ratios):.3f}–{max(ratios):.3f}×) straddle the target")
+        if CODE_VERSION_TAG not in run.tags:
+            row.notes.append("code version not recorded (a run from before firstsight.code_version): "
+                             "like for like on device and packages only")
     return check
 
 
@@ -870,7 +1071,7 @@ def render_markdown(selection: Selection, table: Table, checks: List[Check], plo
     lines += [f"- Generated: {md_escape(generated)}", ""]
 
     lines += ["## Comparison", ""]
-    lines += _md_table([c.header for c in table.columns], table.rows)
+    lines += _md_table([c.header for c in table.columns], display_rows(table))
     swept = [c.key for c in table.columns if c.kind == "param" and c.key != "task"]
     lines += ["", "Swept values: " + (", ".join(f"`{k}`" for k in swept) if swept else
                                       "none (the runs share every param)") +
@@ -880,6 +1081,9 @@ def render_markdown(selection: Selection, table: Table, checks: List[Check], plo
         meaning = {m: text for m, _, text in METRIC_COLUMNS}
         lines += ["", "| column | MLflow metric | meaning |", "|---|---|---|"]
         lines += [f"| {md_escape(c.header)} | `{c.key}` | {md_escape(meaning[c.key])} |" for c in metric_columns]
+        if any(f"{c.key}_ci_low" in r.metrics for c in metric_columns for r in table.runs):
+            lines += ["", "In brackets: the 95 % interval the run logged beside the value (`<metric>_ci_low`, "
+                          "`<metric>_ci_high`)."]
     seeds = over_seeds(table)
     if seeds:
         headers, rows = seeds
@@ -892,30 +1096,23 @@ def render_markdown(selection: Selection, table: Table, checks: List[Check], plo
         lines += ["", "Peak memory of runs " + ", ".join(process_scoped) + " covers their whole process "
                   "(earlier jobs of the same process included), not that job alone."]
 
-    lines += ["", "## Target checks", "", BASELINE_RULE, ""]
+    lines += ["", "## Target checks", "", ACCURACY_RULE, "", BASELINE_RULE, ""]
+    swept_all = swept_keys(table.runs)
     for check in checks:
         lines += [f"### {check.title}: {md_escape(check.target_text)}", ""]
         if check.rows:
-            swept_all = swept_keys(table.runs)
-            if check.rows[0].baseline is None:
-                headers = ["run", "task", "label", "teacher acc", "student acc", "drop", "target", "result"]
-                rows = [[r.run.short_id, r.run.task, run_label(r.run, swept_all),
-                         fmt(r.run.metrics.get("eval/teacher_accuracy")), fmt(r.run.metrics.get("eval/student_accuracy")),
-                         fmt(r.value), f"≤ {r.target:g}", _verdict(r.passed)] for r in check.rows]
-            else:
-                headers = ["run", "label", "value", "baseline run", "baseline value", "ratio", "target", "result"]
-                sign = "≥" if check.metric == TRAIN_THROUGHPUT else "≤"
-                rows = [[r.run.short_id, run_label(r.run, swept_all), fmt(r.value), r.baseline.short_id,
-                         fmt(r.baseline_value), f"{r.ratio:.3f}×", f"{sign} {r.target:g}×", _verdict(r.passed)]
-                        for r in check.rows]
-            lines += _md_table(headers, rows) + [""]
+            tabled = _accuracy_rows(check, swept_all) if check.metric == ACCURACY_DROP else _ratio_rows(check, swept_all)
+            lines += _md_table(*tabled) + [""]
+        flagged = [f"- Run {r.run.short_id}: {md_escape(flag)}" for r in check.rows for flag in r.flags]
+        if flagged:
+            lines += flagged + [""]
         for why in check.not_measurable:
             lines += [f"- Not measurable: {md_escape(why)}"]
         if check.not_measurable:
             lines.append("")
-    passed = sum(c.passed for c in checks)
-    failed = sum(c.failed for c in checks)
-    lines += [f"In all: {passed} PASS, {failed} FAIL, "
+    counts = {status: sum(c.count(status) for c in checks) for status in (PASS, FAIL, UNRESOLVED, NOT_MEASURABLE)}
+    lines += [f"In all: {counts[PASS]} PASS, {counts[FAIL]} FAIL, {counts[UNRESOLVED]} unresolved, "
+              f"{counts[NOT_MEASURABLE]} not measurable (one per run and check); "
               f"{sum(1 for c in checks if not c.rows)} of {len(checks)} checks not measurable at all.", ""]
     if edge is not None:
         lines += _edge_markdown(edge)
@@ -930,8 +1127,55 @@ def render_markdown(selection: Selection, table: Table, checks: List[Check], plo
     return "\n".join(lines)
 
 
-def _verdict(passed: bool) -> str:
-    return "PASS" if passed else "FAIL"
+def _accuracy_rows(check: Check, swept: Sequence[str]) -> Tuple[List[str], List[List[str]]]:
+    """The accuracy check's table. Where some run's teacher is quantized: that teacher, the
+    full-precision teacher and the drops against each (the verdict is on the full-precision one)."""
+    quantized = {r.run.run_id: teacher_quantization(r.run) for r in check.rows}
+    if not any(quantized.values()):
+        headers = ["run", "task", "label", "teacher acc", "student acc", "drop", "target", "result", "why", "note"]
+        rows = [[r.run.short_id, r.run.task, run_label(r.run, swept), with_interval(r.run, TEACHER_ACCURACY),
+                 with_interval(r.run, "eval/student_accuracy"), with_interval(r.run, ACCURACY_DROP),
+                 f"≤ {r.target:g}", r.verdict.status, r.verdict.reason, "; ".join(r.notes + r.flags)]
+                for r in check.rows]
+        return headers, rows
+    headers = ["run", "task", "label", "teacher", "teacher acc", "full-precision teacher acc", "student acc",
+               "drop vs its teacher", "drop vs full-precision teacher", "target", "result", "why", "note"]
+    rows = []
+    for r in check.rows:
+        kind = quantized[r.run.run_id]
+        rows.append([r.run.short_id, r.run.task, run_label(r.run, swept), kind or "unquantized",
+                     with_interval(r.run, TEACHER_ACCURACY),
+                     _full_precision_cell(r.run, FULL_PRECISION_TEACHER, TEACHER_ACCURACY, kind),
+                     with_interval(r.run, "eval/student_accuracy"), with_interval(r.run, ACCURACY_DROP),
+                     _full_precision_cell(r.run, FULL_PRECISION_DROP, ACCURACY_DROP, kind), f"≤ {r.target:g}",
+                     r.verdict.status, r.verdict.reason, "; ".join(r.notes + r.flags)])
+    return headers, rows
+
+
+def _full_precision_cell(run: RunRecord, metric: str, own: str, quantized: Optional[str]) -> str:
+    """A full-precision figure as logged; a run without it whose teacher is not quantized: its own
+    teacher's figure (that teacher is the full-precision one); else empty."""
+    if metric in run.metrics:
+        return with_interval(run, metric)
+    return "" if quantized else with_interval(run, own)
+
+
+def _ratio_rows(check: Check, swept: Sequence[str]) -> Tuple[List[str], List[List[str]]]:
+    """A ratio check's table: the baselines' count, median and spread, and the ratios' spread."""
+    sign = "≥" if check.metric == TRAIN_THROUGHPUT else "≤"
+    headers = ["run", "label", "value", "baseline runs", "baselines", "baseline median", "baseline min–max",
+               "ratio", "ratio min–max", "target", "result", "why", "note"]
+    rows = []
+    for r in check.rows:
+        values = r.baseline_values
+        ratios = [r.value / v for v in values if v > 0]
+        rows.append([r.run.short_id, run_label(r.run, swept), fmt(r.value), ", ".join(b.short_id for b in r.baselines),
+                     str(len(values)) if values else "", fmt(r.baseline_value),
+                     f"{fmt(min(values))}–{fmt(max(values))}" if values else "",
+                     f"{r.ratio:.3f}×" if r.ratio is not None else "",
+                     f"{min(ratios):.3f}–{max(ratios):.3f}×" if ratios else "",
+                     f"{sign} {r.target:g}×", r.verdict.status, r.verdict.reason, "; ".join(r.notes)])
+    return headers, rows
 
 
 _HTML_TEMPLATE = """<!DOCTYPE html>
@@ -967,12 +1211,39 @@ def render_html(markdown_text: str, title: str) -> str:
     return template.render(title=title, body=Markup(body))
 
 
+def display_rows(table: Table) -> List[List[Any]]:
+    """The table's rows as the report shows them: a metric the run logged an interval for as
+    `value [low, high]`, everything else as it is (fmt'ed when escaped)."""
+    rows = []
+    for run, row in zip(table.runs, table.rows):
+        rows.append([with_interval(run, c.key) if c.kind == "metric" and estimate(run, c.key) is not None else v
+                     for c, v in zip(table.columns, row)])
+    return rows
+
+
+def _interval_keys(table: Table) -> Dict[str, List[str]]:
+    """metric -> its interval bounds' names, for the metric columns some run logged an interval for."""
+    found = {}
+    for column in table.columns:
+        bounds = [f"{column.key}_ci_low", f"{column.key}_ci_high"]
+        if column.kind == "metric" and any(bounds[0] in r.metrics for r in table.runs):
+            found[column.key] = bounds
+    return found
+
+
 def table_csv(table: Table) -> str:
+    """runs.csv: the table at full precision; a metric with logged intervals is followed by them."""
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["run_id"] + [c.key for c in table.columns[1:]])
+    intervals = _interval_keys(table)
+
+    def cell(value: Any) -> Any:
+        return "" if value is None else repr(value) if isinstance(value, float) else value
+
+    writer.writerow(["run_id"] + [k for c in table.columns[1:] for k in [c.key] + intervals.get(c.key, [])])
     for run, row in zip(table.runs, table.rows):
-        writer.writerow([run.run_id] + ["" if v is None else repr(v) if isinstance(v, float) else v for v in row[1:]])
+        writer.writerow([run.run_id] + [cell(x) for c, v in zip(table.columns[1:], row[1:])
+                                         for x in [v] + [run.metrics.get(b) for b in intervals.get(c.key, [])]])
     return out.getvalue()
 
 
@@ -1063,6 +1334,8 @@ def report(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
         "report/runs": float(len(runs)),
         "report/checks_passed": float(sum(c.passed for c in checks)),
         "report/checks_failed": float(sum(c.failed for c in checks)),
+        "report/checks_unresolved": float(sum(c.count(UNRESOLVED) for c in checks)),
+        "report/checks_not_measurable": float(sum(c.count(NOT_MEASURABLE) for c in checks)),
         "report/plots": float(sum(1 for p in plots if not p.skipped)),
     }
     tracker.log_metrics(metrics)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import platform
+import subprocess
 import time
 from importlib import metadata
 from pathlib import Path
@@ -81,6 +82,37 @@ def package_versions() -> Dict[str, str]:
 
     versions["firstsight"] = firstsight.__version__
     return versions
+
+
+CODE_VERSION_TAG = "firstsight.code_version"
+_GIT_TIMEOUT_S = 5.0
+
+
+@functools.lru_cache(maxsize=None)
+def code_version(checkout: Optional[str] = None) -> str:
+    """The git commit of the checkout the firstsight package is imported from (`checkout`: another
+    directory), with `+dirty` when its tracked files have changes; "none" when that directory is
+    not the root of a git checkout (an installed package) or git does not answer within a few
+    seconds. Never raises: a run does not fail over it. Computed once per process (the jobs of one
+    sweep process share it)."""
+    if checkout is None:
+        checkout = str(Path(__file__).resolve().parent.parent)
+    if not (Path(checkout) / ".git").exists():  # site-packages inside some other repository is not a checkout
+        return "none"
+
+    def git(*args: str) -> Optional[str]:
+        try:
+            result = subprocess.run(["git", "-C", checkout, *args], capture_output=True, text=True,
+                                    timeout=_GIT_TIMEOUT_S, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return result.stdout.strip() if result.returncode == 0 else None
+
+    commit = git("rev-parse", "--verify", "HEAD")
+    if not commit:
+        return "none"
+    changes = git("status", "--porcelain", "--untracked-files=no")
+    return commit + ("+dirty" if changes else "" if changes is not None else "+unknown")
 
 
 def device_name(device_type: str) -> str:
@@ -359,6 +391,7 @@ def job_tracker(cfg: DictConfig, run_id: Optional[str] = None, enabled: bool = T
         "firstsight.overrides": " ".join(job.get("overrides", [])),
         "firstsight.sweep_id": job.get("sweep_dir", "none"),
         **{f"version.{k}": v for k, v in package_versions().items()},
+        CODE_VERSION_TAG: code_version(),
     }
     if job.get("job_num") is not None and "sweep_dir" in job:
         tags["firstsight.job_num"] = str(job["job_num"])

@@ -15,9 +15,11 @@ import pytest
 from conftest import ROOT, compose
 from firstsight.errors import FirstSightError
 from firstsight.report import (
-    RunRecord, Selection, build_table, find_baseline, fmt, make_plots, md_escape, md_unescape, over_seeds,
-    render_html, render_markdown, select_runs, swept_keys, target_checks,
+    ACCURACY_RULE, BASELINE_RULE, RunRecord, Selection, accuracy_verdict, build_table, find_baselines, fmt,
+    is_baseline, make_plots, md_escape, md_unescape, over_seeds, render_html, render_markdown, select_runs,
+    swept_keys, table_csv, target_checks, teacher_quantization,
 )
+from firstsight.stats import FAIL, NOT_MEASURABLE, PASS, UNRESOLVED, Estimate, questions_needed
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("throughput_vs_memory.png", "accuracy_vs_memory.png", "loss_curves.png")
@@ -122,7 +124,10 @@ def test_report_over_a_real_sweep(sweep_dir, cache_dir):
         assert cells["task"] == "distill"
         assert cells["precision.name"] == run.data.params["precision.name"]
         for header, metric in columns.items():
-            assert cells[header] == fmt(run.data.metrics[metric]), (header, cells[header])
+            m = run.data.metrics
+            shown = (f"{m[metric]:.3f} [{m[metric + '_ci_low']:.3f}, {m[metric + '_ci_high']:.3f}]"
+                     if metric + "_ci_low" in m else fmt(m[metric]))  # an accuracy with its interval
+            assert cells[header] == shown, (header, cells[header])
     with open(out / "runs.csv", newline="") as f:
         records = list(csv.DictReader(f))
     for record in records:  # full precision
@@ -138,12 +143,25 @@ def test_report_over_a_real_sweep(sweep_dir, cache_dir):
     assert len(rows) == 1
     cells = dict(zip(headers, rows[0]))
     assert cells["run"] == by_precision["bf16"].info.run_id[:8]
-    assert cells["baseline run"] == by_precision["fp32"].info.run_id[:8]
+    assert cells["baseline runs"] == by_precision["fp32"].info.run_id[:8] and cells["baselines"] == "1"
     assert cells["ratio"] == f"{ratio:.3f}×" and cells["result"] == ("PASS" if ratio >= 2 else "FAIL")
+    assert cells["note"] == "1 baseline run: repeat it for a spread"  # same machine, packages and code
+    for job in jobs:
+        assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", job.data.tags["firstsight.code_version"])
     vram = markdown.split("### VRAM saving", 1)[1].split("###", 1)[0]
     assert "Not measurable" in vram and "perf/peak_rss_gb" in vram
+    # accuracy: the rule on each run's own metrics; 16 questions can never resolve a 1-point target
     headers, rows = _md_section_table(markdown, "### Accuracy drop")
-    assert len(rows) == 2 and {dict(zip(headers, r))["result"] for r in rows} <= {"PASS", "FAIL"}
+    assert len(rows) == 2
+    for row in rows:
+        cells = dict(zip(headers, row))
+        run = by_id[cells["run"]]
+        expected = accuracy_verdict(RunRecord(run.info.run_id, params=dict(run.data.params),
+                                              metrics=dict(run.data.metrics), tags=dict(run.data.tags)), 0.01).verdict
+        assert (cells["result"], cells["why"]) == (expected.status, expected.reason)
+        assert cells["result"] != PASS
+        if "eval/accuracy_drop_ci_low" not in run.data.metrics:  # a distill that logs no interval yet
+            assert cells["result"] == UNRESOLVED and cells["why"] == "no interval: rerun with this version"
 
     # plots: real PNGs, referenced from both documents; everything logged on the report's own run
     for name in PLOTS:
@@ -270,13 +288,13 @@ def test_the_baseline_is_the_fp32_run_with_the_same_other_swept_values():
                  ("b1", "bf16", "1", 250.0, 6.0), ("b4", "bf16", "4", 200.0, 4.0), ("n4", "nf4", "4", 90.0, 3.0))
     swept = swept_keys(runs)
     by_id = {r.run_id: r for r in runs}
-    assert find_baseline(by_id["b1"], runs, swept).run_id == "f1"
-    assert find_baseline(by_id["b4"], runs, swept).run_id == "f4"
-    assert find_baseline(by_id["n4"], runs, swept).run_id == "f4"  # precision and LoRA may differ
-    assert find_baseline(by_id["f4"], runs, swept) is None  # a baseline is not checked
+    assert [b.run_id for b in find_baselines(by_id["b1"], runs, swept)] == ["f1"]
+    assert [b.run_id for b in find_baselines(by_id["b4"], runs, swept)] == ["f4"]
+    assert [b.run_id for b in find_baselines(by_id["n4"], runs, swept)] == ["f4"]  # precision and LoRA may differ
+    assert find_baselines(by_id["f4"], runs, swept) == []  # a baseline is not checked
     accuracy, throughput, vram = target_checks(runs, 0.01, 2.0, 0.5)
-    assert [(r.run.run_id, r.baseline.run_id, r.ratio, r.passed) for r in throughput.rows] == [
-        ("b1", "f1", 2.5, True), ("b4", "f4", 200 / 120, False), ("n4", "f4", 90 / 120, False)]
+    assert [(r.run.run_id, [b.run_id for b in r.baselines], r.ratio, r.verdict.status) for r in throughput.rows] == [
+        ("b1", ["f1"], 2.5, PASS), ("b4", ["f4"], 200 / 120, FAIL), ("n4", ["f4"], 90 / 120, FAIL)]
     assert [(r.run.run_id, r.ratio, r.passed) for r in vram.rows] == [
         ("b1", 0.6, False), ("b4", 0.4, True), ("n4", 0.3, True)]
     assert accuracy.not_measurable and not accuracy.rows
@@ -288,17 +306,23 @@ def test_targets_without_a_baseline_or_vram_are_not_measurable():
     assert not throughput.rows and "no full-precision baseline" in throughput.not_measurable[0]
     unmatched = _tree(("f1", "fp32", "1", 100.0, 10.0), ("b4", "bf16", "4", 250.0, 6.0))
     _, throughput, _ = target_checks(unmatched, 0.01, 2.0, 0.5)
-    assert not throughput.rows and "b4" in throughput.not_measurable[0]
+    assert [(r.run.run_id, str(r.verdict), r.ratio) for r in throughput.rows] == [
+        ("b4", "not measurable (no full-precision run with the same other swept values)", None)]
     cpu = [_run("f", metrics={"perf/peak_rss_gb": 2.0}), _run("b", precision="bf16", metrics={"perf/peak_rss_gb": 1.0})]
     _, _, vram = target_checks(cpu, 0.01, 2.0, 0.5)
     assert not vram.rows and "RSS is not VRAM" in vram.not_measurable[0]
 
 
-def test_accuracy_drop_target():
+def test_an_old_run_with_a_drop_but_no_interval_is_unresolved_never_pass():
     runs = [_run("a", metrics={"eval/accuracy_drop": 0.005}), _run("b", task="evaluate", metrics={"eval/accuracy_drop": 0.02}),
+            _run("s", metrics={"eval/accuracy_drop": -0.5, "eval/teacher_accuracy": 0.3, "eval/student_accuracy": 0.8}),
             _run("c", task="profile", metrics={"eval/accuracy_drop": 0.5})]
     accuracy = target_checks(runs, 0.01, 2.0, 0.5)[0]
-    assert [(r.run.run_id, r.passed) for r in accuracy.rows] == [("a", True), ("b", False)]
+    assert [(r.run.run_id, str(r.verdict)) for r in accuracy.rows] == [
+        ("a", "unresolved (no interval: rerun with this version)"),
+        ("b", "unresolved (no interval: rerun with this version)"),
+        ("s", "unresolved (no interval: rerun with this version)")]
+    assert accuracy.rows[2].notes == ["student above its teacher (drop -0.5)"]
 
 
 def _parent(run_id, sweep_dir, start):
@@ -393,3 +417,230 @@ def test_runs_that_differ_by_seed_are_summarised_as_mean_and_std():
     assert by_loss["none"][2] == "3" and by_loss["none"][3] == "0.2 ± 0.1"  # sample std of .1,.2,.3
     assert by_loss["forward_kl"][2] == "2" and by_loss["forward_kl"][3] == "0.4 ± 0"
     assert over_seeds(build_table(runs[:1] + runs[3:4])) is None  # seed not swept: no summary
+
+
+# ----------------------------------------------------------------------------- verdicts that do not mislead
+
+
+def _est(name, value, low, high):
+    return {name: value, f"{name}_ci_low": low, f"{name}_ci_high": high}
+
+
+def _judged(run_id, questions, drop, teacher=(0.6, 0.55, 0.65), chance=0.25, task="distill", precision="bf16",
+            params=None, tags=None, **more):
+    """A run whose accuracy drop (value, low, high) was measured on `questions` questions."""
+    metrics = {"eval/questions": questions, "eval/chance_accuracy": chance,
+               **_est("eval/teacher_accuracy", *teacher), **_est("eval/accuracy_drop", *drop), **more}
+    return _run(run_id, task=task, precision=precision, params=params, tags=tags, metrics=metrics)
+
+
+def test_a_quantized_teacher_is_not_the_reference_the_full_precision_one_is():
+    """INT8 teacher 0.30, student 0.295: 0.5 points below its own teacher, 16.5 below the full-precision one."""
+    q = {"precision.name": "int8", "precision.dtype": "float16", "precision.quantization": "int8"}
+    run = _judged("q" * 32, 5000, (0.005, -0.003, 0.013), teacher=(0.30, 0.287, 0.313), params=q,
+                  **_est("eval/student_accuracy", 0.295, 0.283, 0.308),
+                  **_est("eval/full_precision_teacher_accuracy", 0.46, 0.446, 0.474),
+                  **_est("eval/full_precision_accuracy_drop", 0.165, 0.152, 0.178))
+    row = accuracy_verdict(run, 0.01)
+    assert str(row.verdict) == ("FAIL (+16.5 [+15.2, +17.8] points, 5000 questions: lower bound > 1)")
+    plain = _judged("p" * 32, 5000, (0.002, -0.004, 0.008), precision="fp32")
+    accuracy = target_checks([run, plain], 0.01, 2.0, 0.5)[0]
+    markdown = render_markdown(Selection("e", "s", [run, plain], "all"), build_table([run, plain]),
+                               [accuracy], [], "now")
+    headers, rows = _md_section_table(markdown, "### Accuracy drop")
+    cells = dict(zip(headers, rows[0]))
+    assert (cells["teacher"], cells["teacher acc"], cells["full-precision teacher acc"]) == (
+        "int8", "0.300 [0.287, 0.313]", "0.460 [0.446, 0.474]")
+    assert (cells["drop vs its teacher"], cells["drop vs full-precision teacher"], cells["result"]) == (
+        "0.005 [-0.003, 0.013]", "0.165 [0.152, 0.178]", FAIL)
+    cells = dict(zip(headers, rows[1]))  # unquantized: its own teacher is the full-precision one
+    assert (cells["teacher"], cells["drop vs full-precision teacher"], cells["result"]) == (
+        "unquantized", "0.002 [-0.004, 0.008]", PASS)
+    # the same run from before the full-precision drop was logged: its own drop would pass, so it is not judged
+    old = _judged("o" * 32, 5000, (0.002, -0.004, 0.008), params=q)
+    assert str(accuracy_verdict(old, 0.01).verdict) == (
+        "unresolved (the teacher is quantized (int8) and the run logged no drop against the full-precision "
+        "teacher (eval/full_precision_accuracy_drop): rerun with this version)")
+
+
+@pytest.mark.parametrize("params, tags, expected", [
+    ({"precision.quantization": "int8"}, {}, "int8"),
+    ({"precision.teacher_quantization": "nf4"}, {}, "nf4"),  # the teacher's own
+    ({"precision.quantization": "int8", "precision.teacher_quantization": "none"}, {}, None),  # student's base only
+    ({"precision.parts.language.quantization": "int8"}, {}, "int8"),  # one part
+    ({"precision.quantization": "nf4", "precision.parts.vision.quantization": "none",
+      "precision.parts.merger.quantization": "none"}, {}, "nf4"),  # nf4_lm
+    ({}, {"firstsight.teacher_precision.language.quantization": "nf4",
+          "firstsight.teacher_precision.vision.quantization": "none"}, "nf4"),  # as the run resolved it
+    ({}, {}, None),
+])
+def test_the_teachers_quantization_is_read_from_params_or_tags(params, tags, expected):
+    assert teacher_quantization(_run("t", precision="bf16", params=params, tags=tags)) == expected
+
+
+@pytest.mark.parametrize("intervals", [False, True])
+def test_a_teacher_at_chance_makes_the_drop_not_measurable(intervals):
+    """Random weights: teacher 0, student 0, drop 0 is no evidence of a small drop."""
+    if intervals:
+        metrics = {**_est("eval/teacher_accuracy", 0.0, 0.0, 0.029), **_est("eval/student_accuracy", 0.0, 0.0, 0.029),
+                   **_est("eval/accuracy_drop", 0.0, 0.0, 0.0), "eval/questions": 128}
+        teacher = "0.000 [0.000, 0.029]"
+    else:
+        metrics = {"eval/teacher_accuracy": 0.0, "eval/student_accuracy": 0.0, "eval/accuracy_drop": 0.0}
+        teacher = "0.000"
+    run = _run("r", precision="bf16", metrics={**metrics, "eval/chance_accuracy": 0.27})
+    assert str(accuracy_verdict(run, 0.01).verdict) == (
+        f"not measurable (the teacher ({teacher}) is not above chance (0.270): its accuracy says nothing "
+        "(random or untrained weights?))")
+
+
+def test_too_few_questions_is_unresolved_with_how_many_would_do():
+    run = _judged("u", 128, (0.005, -0.05, 0.06))
+    verdict = accuracy_verdict(run, 0.01).verdict
+    needed = questions_needed(Estimate(0.005, -0.05, 0.06, 128), 0.01)
+    assert needed > 128
+    assert verdict.status == UNRESOLVED
+    assert verdict.reason == f"too few questions: need ~{needed}; +0.5 [-5.0, +6.0] points, 128 questions"
+
+
+@pytest.mark.parametrize("drop, status", [
+    ((0.002, -0.004, 0.008), PASS),
+    ((0.03, 0.02, 0.04), FAIL),
+    ((0.005, 0.0, 0.01), PASS),  # upper bound exactly the target
+    ((0.02, 0.01, 0.03), UNRESOLVED),  # lower bound exactly the target: not above it
+    ((-0.01, -0.02, 0.0), PASS),
+])
+def test_the_verdict_reads_the_interval_against_the_target(drop, status):
+    assert accuracy_verdict(_judged("v", 5000, drop), 0.01).verdict.status == status
+
+
+def test_an_interval_of_no_width_is_widened_by_the_rule_of_three():
+    """Teacher and student answer alike on every question: the bootstrap has nothing to resample and
+    gives [0, 0]; 0 discordant questions of 128 still allows a drop of up to ~3/128."""
+    assert accuracy_verdict(_judged("d", 128, (0.0, 0.0, 0.0)), 0.01).verdict.status == UNRESOLVED
+    assert accuracy_verdict(_judged("d", 1000, (0.0, 0.0, 0.0)), 0.01).verdict.status == PASS
+    assert accuracy_verdict(_judged("d", 128, (1.0, 1.0, 1.0)), 0.01).verdict.status == FAIL
+
+
+def test_a_student_above_its_teacher_is_said_and_judged_by_the_rule():
+    above = accuracy_verdict(_judged("a", 5000, (-0.03, -0.045, -0.015)), 0.01)
+    assert above.verdict.status == PASS
+    assert above.notes == ["student above its teacher (drop -0.030 [-0.045, -0.015])"]
+    unsure = accuracy_verdict(_judged("b", 128, (-0.02, -0.08, 0.04)), 0.01)
+    assert unsure.verdict.status == UNRESOLVED
+    assert unsure.notes == ["student above its teacher (drop -0.020 [-0.080, 0.040])"]
+    below = accuracy_verdict(_judged("c", 5000, (0.002, -0.004, 0.008)), 0.01)
+    assert below.notes == []
+
+
+def test_a_model_whose_blind_accuracy_is_inside_its_interval_is_flagged():
+    run = _judged("f" * 32, 128, (0.005, -0.05, 0.06), **_est("eval/student_accuracy", 0.461, 0.378, 0.546),
+                  **{"eval/student_blind_accuracy": 0.45, "eval/teacher_blind_accuracy": 0.2})
+    looking = _judged("g" * 32, 128, (0.005, -0.05, 0.06), **_est("eval/student_accuracy", 0.461, 0.378, 0.546),
+                      **{"eval/student_blind_accuracy": 0.25})
+    flag = "student not looking at the frames: blind 0.450 within its interval [0.378, 0.546]"
+    assert accuracy_verdict(run, 0.01).flags == [flag]  # the teacher (0.6 [0.55, 0.65], blind 0.2) is looking
+    assert accuracy_verdict(looking, 0.01).flags == []
+    at_chance = _judged("h" * 32, 128, (0.005, -0.05, 0.06), chance=0.4, **_est("eval/student_accuracy", 0.461, 0.378, 0.546),
+                        **{"eval/student_blind_accuracy": 0.45})
+    assert accuracy_verdict(at_chance, 0.01).flags == []  # not above chance by its interval: it uses nothing
+    runs = [run, looking]
+    markdown = render_markdown(Selection("e", "s", runs, "all"), build_table(runs),
+                               target_checks(runs, 0.01, 2.0, 0.5), [], "now")
+    headers, rows = _md_section_table(markdown, "### Accuracy drop")
+    assert [dict(zip(headers, r))["note"] for r in rows] == [flag, ""]
+    assert f"\n- Run {'f' * 8}: {flag}\n" in md_unescape(markdown)  # a line of its own, below the table
+    # the comparison table shows accuracies with their intervals
+    headers, rows = _md_section_table(markdown, "## Comparison")
+    cells = dict(zip(headers, rows[0]))
+    assert (cells["student acc"], cells["student blind acc"]) == ("0.461 [0.378, 0.546]", "0.45")
+    table = list(csv.DictReader(table_csv(build_table(runs)).splitlines()))
+    assert (table[0]["eval/student_accuracy"], table[0]["eval/student_accuracy_ci_low"]) == ("0.461", "0.378")
+
+
+def _speed(run_id, precision, throughput, start=0, device="NVIDIA H100 80GB HBM3", torch="2.6.0", code="abc",
+           params=None):
+    return _run(run_id, precision=precision, start=start, params=params,
+                metrics={"perf/throughput_tokens_per_s": throughput},
+                tags={"firstsight.device_name": device, "version.torch": torch, "version.firstsight": "0.1.0",
+                      "firstsight.code_version": code})
+
+
+@pytest.mark.parametrize("baseline, reason", [
+    (dict(device="NVIDIA H200"), "baseline f1 on NVIDIA H200, this run on NVIDIA H100 80GB HBM3"),
+    (dict(torch="2.5.1"), "baseline f1 ran other package versions (torch 2.5.1 vs 2.6.0: baseline vs this run)"),
+    (dict(code="def+dirty"), "baseline f1 ran code version def+dirty, this run abc"),
+])
+def test_speed_is_compared_like_for_like_only(baseline, reason):
+    runs = [_speed("f1", "fp32", 100.0, **baseline), _speed("b1", "bf16", 210.0, start=1)]
+    throughput = target_checks(runs, 0.01, 2.0, 0.5)[1]
+    assert [(r.run.run_id, str(r.verdict), r.ratio) for r in throughput.rows] == [
+        ("b1", f"not measurable (no like-for-like baseline: {reason})", None)]
+    # a like-for-like baseline beside it is used, and only it
+    runs.append(_speed("f2", "fp32", 150.0, start=2))
+    row = target_checks(runs, 0.01, 2.0, 0.5)[1].rows[0]
+    assert ([b.run_id for b in row.baselines], row.ratio, row.verdict.status) == (["f2"], 210.0 / 150.0, FAIL)
+    assert row.notes == ["1 baseline run: repeat it for a spread"]
+
+
+def test_several_baselines_are_judged_by_their_median_with_the_spread_shown():
+    """Three fp32 repeats give 1.61×, 1.85× or 2.06× for the same bf16 run; the most recent (2.06×) decides nothing."""
+    value = 1000.0
+    runs = [_speed("f161", "fp32", value / 1.61, start=0), _speed("f185", "fp32", value / 1.85, start=1),
+            _speed("f206", "fp32", value / 2.06, start=2), _speed("b16", "bf16", value, start=3)]
+    throughput = target_checks(runs, 0.01, 2.0, 0.5)[1]
+    (row,) = throughput.rows
+    assert row.ratio == pytest.approx(1.85) and row.verdict.status == FAIL
+    assert row.verdict.reason == "1.850× the median of 3 baseline values, not ≥ 2×"
+    markdown = render_markdown(Selection("e", "s", runs, "all"), build_table(runs), [throughput], [], "now")
+    headers, rows = _md_section_table(markdown, "### Training throughput gain")
+    cells = dict(zip(headers, rows[0]))
+    assert (cells["baseline runs"], cells["baselines"], cells["baseline median"], cells["baseline min–max"]) == (
+        "f161, f185, f206", "3", fmt(value / 1.85), f"{fmt(value / 2.06)}–{fmt(value / 1.61)}")
+    assert (cells["ratio"], cells["ratio min–max"], cells["result"]) == ("1.850×", "1.610–2.060×", FAIL)
+    assert cells["note"] == "the ratios to single baselines (1.610–2.060×) straddle the target"
+
+
+def test_an_fp32_lora_run_is_no_baseline_of_full_fine_tuning():
+    lora = _speed("fl", "fp32", 150.0, params={"lora.enabled": "True"})
+    pure_bf16 = _speed("fp", "fp32", 140.0, params={"precision.trainable_dtype": "bfloat16"})
+    full = _speed("ff", "fp32", 100.0, start=1)
+    bf16 = _speed("bb", "bf16", 250.0, start=2)
+    assert not is_baseline(lora) and not is_baseline(pure_bf16) and is_baseline(full)
+    runs = [lora, pure_bf16, full, bf16]
+    swept = swept_keys(runs)
+    assert [b.run_id for b in find_baselines(bf16, runs, swept)] == ["ff"]
+    assert [b.run_id for b in find_baselines(lora, runs, swept)] == ["ff"]  # LoRA is compared, as compressed
+    throughput = target_checks([lora, bf16], 0.01, 2.0, 0.5)[1]
+    assert throughput.not_measurable == ["no full-precision baseline run with perf/throughput_tokens_per_s "
+                                         "here (add precision=fp32 to the sweep)"]
+
+
+def test_the_report_states_its_rules_and_counts_every_verdict():
+    runs = [_judged("p" * 32, 5000, (0.002, -0.004, 0.008)), _judged("f" * 32, 5000, (0.03, 0.02, 0.04)),
+            _judged("u" * 32, 128, (0.005, -0.05, 0.06)), _judged("n" * 32, 128, (0.0, 0.0, 0.0), teacher=(0.1, 0.05, 0.2)),
+            _run("o" * 32, metrics={"eval/accuracy_drop": 0.0})]
+    checks = target_checks(runs, 0.01, 2.0, 0.5)
+    markdown = render_markdown(Selection("e", "s", runs, "all"), build_table(runs), checks, [], "now")
+    assert ACCURACY_RULE in markdown and BASELINE_RULE in markdown
+    assert ("In all: 1 PASS, 1 FAIL, 2 unresolved, 1 not measurable (one per run and check); "
+            "2 of 3 checks not measurable at all.") in markdown
+    headers, rows = _md_section_table(markdown, "### Accuracy drop")
+    assert [dict(zip(headers, r))["result"] for r in rows] == [PASS, FAIL, UNRESOLVED, NOT_MEASURABLE, UNRESOLVED]
+
+
+def test_the_code_version_is_the_checkout_commit(tmp_path):
+    from firstsight.tracking import code_version
+
+    assert code_version.__wrapped__(str(tmp_path)) == "none"  # not a git checkout
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (tmp_path / "a.txt").write_text("1")
+    subprocess.run([*git, "add", "a.txt"], check=True)
+    subprocess.run([*git, "commit", "-q", "-m", "a"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    assert code_version.__wrapped__(str(tmp_path)) == head
+    (tmp_path / "a.txt").write_text("2")
+    assert code_version.__wrapped__(str(tmp_path)) == head + "+dirty"
+    (tmp_path / "sub").mkdir()  # a directory inside a checkout is not its root: not the package's checkout
+    assert code_version.__wrapped__(str(tmp_path / "sub")) == "none"
