@@ -736,6 +736,9 @@ def _ratio_check(runs: Sequence[RunRecord], swept: Sequence[str], title: str, me
             row.notes.append("1 baseline run: repeat it for a spread")
         elif ok(min(ratios)) != ok(max(ratios)):
             row.notes.append(f"the ratios to single baselines ({min(ratios):.3f}–{max(ratios):.3f}×) straddle the target")
+        left_out = [why for why in reasons.values() if why is not None]
+        if left_out:
+            row.notes.append("not like for like, left out: " + "; ".join(left_out))
         if CODE_VERSION_TAG not in run.tags:
             row.notes.append("code version not recorded (a run from before firstsight.code_version): "
                              "like for like on device and packages only")

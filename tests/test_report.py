@@ -295,6 +295,9 @@ def test_the_baseline_is_the_fp32_run_with_the_same_other_swept_values():
     accuracy, throughput, vram = target_checks(runs, 0.01, 2.0, 0.5)
     assert [(r.run.run_id, [b.run_id for b in r.baselines], r.ratio, r.verdict.status) for r in throughput.rows] == [
         ("b1", ["f1"], 2.5, PASS), ("b4", ["f4"], 200 / 120, FAIL), ("n4", ["f4"], 90 / 120, FAIL)]
+    assert throughput.rows[0].notes == [  # runs from before the code version was tagged
+        "1 baseline run: repeat it for a spread",
+        "code version not recorded (a run from before firstsight.code_version): like for like on device and packages only"]
     assert [(r.run.run_id, r.ratio, r.passed) for r in vram.rows] == [
         ("b1", 0.6, False), ("b4", 0.4, True), ("n4", 0.3, True)]
     assert accuracy.not_measurable and not accuracy.rows
@@ -580,7 +583,7 @@ def test_speed_is_compared_like_for_like_only(baseline, reason):
     runs.append(_speed("f2", "fp32", 150.0, start=2))
     row = target_checks(runs, 0.01, 2.0, 0.5)[1].rows[0]
     assert ([b.run_id for b in row.baselines], row.ratio, row.verdict.status) == (["f2"], 210.0 / 150.0, FAIL)
-    assert row.notes == ["1 baseline run: repeat it for a spread"]
+    assert row.notes == ["1 baseline run: repeat it for a spread", f"not like for like, left out: {reason}"]
 
 
 def test_several_baselines_are_judged_by_their_median_with_the_spread_shown():
