@@ -5,7 +5,8 @@
 - A difference of two accuracies on the same questions (teacher − student, after − before):
   a paired bootstrap of the per-question differences (scipy's `bootstrap`, BCa; percentile where
   BCa is undefined), with a fixed seed so a run's interval is reproducible, and McNemar's exact
-  test (a binomial test on the discordant questions) for its p-value.
+  test (a binomial test on the discordant questions) for its p-value. Where no question differs
+  the bootstrap has nothing to resample: the interval is then ±3/n (the rule of three).
 - A verdict against a target ("drop ≤ 1 point") reads the interval, never the point estimate:
   PASS only when the whole interval is within the target, FAIL only when the whole interval is
   beyond it, else *unresolved* with about how many questions would decide it; *not measurable*
@@ -72,8 +73,10 @@ def paired_difference(first: Sequence[bool], second: Sequence[bool], confidence:
 
     diff = np.asarray(first, dtype=np.float64) - np.asarray(second, dtype=np.float64)
     value = float(diff.mean())
-    if np.all(diff == diff[0]) or n < 3:  # no spread to resample (e.g. the same answer everywhere)
-        return Estimate(value, value, value, n)
+    if np.all(diff == diff[0]):  # no spread to resample (e.g. both right or wrong on every question):
+        # the bootstrap would claim certainty; none of n questions differing still allows a share
+        # of up to ~3/n that do (the "rule of three", 95 %), so the interval is ±3/n around the value
+        return Estimate(value, max(-1.0, value - 3 / n), min(1.0, value + 3 / n), n)
     import warnings
 
     from scipy.stats import bootstrap

@@ -52,6 +52,13 @@ def test_a_verdict_reads_the_interval(value, low, high, verdict):
     assert stats.at_most(stats.Estimate(value, low, high, 128), 0.01).status == verdict
 
 
+def test_models_that_agree_on_every_question_are_not_certain_to_be_equal():
+    same = [True] * 60 + [False] * 40
+    drop = stats.paired_difference(same, same)
+    assert (drop.value, drop.low, drop.high) == (0.0, -0.03, 0.03)  # ±3/n: the rule of three
+    assert stats.at_most(drop, 0.01).status == stats.UNRESOLVED  # 100 questions cannot show ≤ 1 point
+
+
 def test_an_unresolved_verdict_says_how_many_questions_would_decide():
     estimate = stats.Estimate(0.04, 0.0, 0.08, 128)  # half-width 0.04, 3 points from the target
     verdict = stats.at_most(estimate, 0.01)
