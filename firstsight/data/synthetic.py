@@ -22,6 +22,11 @@ A scene holds 1-3 objects on the table, each in its own cell of the 3x2 grid,
 plus one object in each visible hand that holds something. Every object has a
 unique colour, so "the red object" always names exactly one thing.
 
+Temporal kinds (opt-in: not among the default kinds) show at least three frames
+in which things happen one step at a time between consecutive frames -- an
+object steps to a neighbouring cell, or a hand puts what it holds down on the
+table -- and ask about the order, direction or number of those events.
+
 Everything is deterministic: sample ``i`` of a split is drawn from
 ``numpy.random.default_rng([seed, split_id, i])`` and nothing else, so samples
 can be generated in any order, by any worker, and always come out pixel-identical.
@@ -49,6 +54,7 @@ __all__ = [
     "ANSWER_SPACES",
     "COLOURS",
     "COLUMNS",
+    "DEFAULT_KINDS",
     "DEPTHS",
     "DIRECTIONS",
     "LETTERS",
@@ -58,8 +64,11 @@ __all__ = [
     "SHAPES",
     "SIDES",
     "SPLITS",
+    "TEMPORAL_KINDS",
+    "MIN_TEMPORAL_FRAMES",
     "Cell",
     "Episode",
+    "Event",
     "Hand",
     "Item",
     "Motion",
@@ -77,7 +86,13 @@ __all__ = [
     "where_phrase",
 ]
 
-QUESTION_KINDS: tuple[str, ...] = ("colour_at", "shape_of", "count", "held", "moved")
+# The kinds a split is made of unless told otherwise (data.kinds' default): the shipped tiny
+# teacher was trained on exactly these, so their samples must never change.
+DEFAULT_KINDS: tuple[str, ...] = ("colour_at", "shape_of", "count", "held", "moved")
+# Multi-frame questions about what happened when (opt-in, e.g. data.kinds for a harder split).
+TEMPORAL_KINDS: tuple[str, ...] = ("moved_first", "which_way", "count_moved", "put_down")
+QUESTION_KINDS: tuple[str, ...] = DEFAULT_KINDS + TEMPORAL_KINDS  # every kind that can be asked
+MIN_TEMPORAL_FRAMES = 3  # a temporal question shows max(num_frames, this) frames: two events need an order
 SPLITS: tuple[str, ...] = ("train", "validation")
 
 DEFAULT_IMAGE_SIZE = 112
@@ -149,6 +164,10 @@ ANSWER_SPACES: Mapping[str, tuple[str, ...]] = MappingProxyType(
         "count": tuple(str(n) for n in range(1, MAX_TABLE_OBJECTS + 1)),
         "held": tuple(LETTERS),
         "moved": tuple(LETTERS),
+        "moved_first": tuple(LETTERS),
+        "which_way": tuple(LETTERS),
+        "count_moved": tuple(str(n) for n in range(MAX_TABLE_OBJECTS + 1)),
+        "put_down": tuple(LETTERS),
     }
 )
 NUM_CHOICES: Mapping[str, int] = MappingProxyType({kind: len(space) for kind, space in ANSWER_SPACES.items()})
@@ -164,6 +183,13 @@ _TEMPLATES: Mapping[str, tuple[str, ...]] = MappingProxyType(
         "count": ("How many objects are on the table?", "How many things are lying on the table?"),
         "held": ("What are you holding in your {side} hand?", "What is in your {side} hand?"),
         "moved": ("Which way did the {colour} {noun} move?", "In which direction did the {colour} {noun} move?"),
+        "moved_first": ("Which object moved first?", "Which object was the first to move?"),
+        "which_way": (
+            "In which direction did the {colour} {noun} move between the first and the last frame?",
+            "Between the first and the last frame, which way did the {colour} {noun} move?",
+        ),
+        "count_moved": ("How many objects on the table moved?", "How many objects on the table changed place?"),
+        "put_down": ("Which object did you put down on the table?", "What did you put down on the table?"),
     }
 )
 _COLUMN_PHRASES = ("on your left", "in front of you", "on your right")  # indexed like COLUMNS
@@ -520,6 +546,191 @@ _ASKERS: Mapping[str, Callable[[Scene, np.random.Generator], Optional[_Question]
 )
 
 
+# ------------------------------------------------------------------ temporal questions
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing that happens between frame `after` and frame `after + 1` of a temporal question:
+    a table object steps to a neighbouring cell (`direction` set), or a hand puts what it holds
+    down on a free table cell (`side` set, `start` None)."""
+
+    after: int  # the frame (0-based) it happens after
+    colour: str  # the object, named by its colour (unique within a scene)
+    start: Optional[Cell]  # the table cell it leaves; None for an object put down from a hand
+    end: Cell  # the table cell it ends in
+    direction: Optional[str] = None  # a step's direction (one of DIRECTIONS)
+    side: Optional[str] = None  # the hand that put the object down
+
+
+@dataclass(frozen=True)
+class _Story:
+    text: str
+    answer: str
+    frames: tuple[Scene, ...]  # the state each frame shows, in time order
+    events: tuple[Event, ...]  # in the order they happen
+
+
+def _apply(state: Scene, event: Event) -> Scene:
+    """`state` after `event`."""
+    if event.side is None:
+        objects = tuple(TableObject(obj.item, event.end) if obj.item.colour == event.colour else obj
+                        for obj in state.objects)
+        return Scene(objects, state.hands)
+    put = state.hand(event.side).holding
+    hands = tuple(Hand(hand.side) if hand.side == event.side else hand for hand in state.hands)
+    return Scene(state.objects + (TableObject(put, event.end),), hands)
+
+
+def _table_object(state: Scene, colour: str) -> TableObject:
+    return next(obj for obj in state.objects if obj.item.colour == colour)
+
+
+def _free_steps(state: Scene, colour: str) -> list[tuple[str, Cell]]:
+    """(direction, end cell) of every step the table object of `colour` can take in `state`."""
+    cell = _table_object(state, colour).cell
+    steps = [(direction, cell.step(direction)) for direction in DIRECTIONS]
+    return [(direction, end) for direction, end in steps if end is not None and not state.occupied(end)]
+
+
+def _step(state: Scene, colour: str, after: int, rng: np.random.Generator,
+          allowed: Sequence[str] = DIRECTIONS) -> Optional[Event]:
+    """A random step of the object of `colour` in one of the `allowed` directions, or None if it has none."""
+    steps = [(direction, end) for direction, end in _free_steps(state, colour) if direction in allowed]
+    if not steps:
+        return None
+    direction, end = steps[int(rng.integers(len(steps)))]
+    return Event(after, colour, _table_object(state, colour).cell, end, direction=direction)
+
+
+_Plan = Sequence[tuple[int, Callable[[Scene], Optional[Event]], bool]]
+
+
+def _play(scene: Scene, plan: _Plan, num_frames: int) -> Optional[tuple[tuple[Scene, ...], tuple[Event, ...]]]:
+    """Run `plan` -- (frame after which, state -> event or None, required) -- in time order (plans
+    of one moment in the order given) from `scene`: the state of every frame and the events that
+    happened, or None when a required event cannot happen (one that is not required is skipped)."""
+    events, frames, state = [], [scene], scene
+    for after in range(num_frames - 1):
+        for when, make, required in plan:
+            if when != after:
+                continue
+            event = make(state)
+            if event is None:
+                if required:
+                    return None
+                continue
+            events.append(event)
+            state = _apply(state, event)
+        frames.append(state)
+    return tuple(frames), tuple(events)
+
+
+def _item_options(correct: Item, near_misses: Sequence[Item], scene: Scene, rng: np.random.Generator) -> list[str]:
+    """Four shuffled object options: `correct`, then the `near_misses` (the other objects the events
+    involve), then other objects in view, then objects not in view, as many as fit."""
+    chosen = [correct.description] + [item.description for item in near_misses]
+    in_view = [item.description for item in _shuffled(list(scene.items), rng) if item.description not in chosen]
+    seen = set(chosen) | {item.description for item in scene.items}
+    elsewhere = [d for d in _shuffled([item.description for item in ALL_ITEMS], rng) if d not in seen]
+    return _shuffled((chosen + in_view + elsewhere)[: len(LETTERS)], rng)
+
+
+def _tell_moved_first(scene: Scene, rng: np.random.Generator, num_frames: int, _: object) -> Optional[_Story]:
+    """Two table objects step one after the other; which one moved first?"""
+    if len(scene.objects) < 2:
+        return None
+    first, second = (scene.objects[int(i)] for i in rng.choice(len(scene.objects), size=2, replace=False))
+    early, late = sorted(int(t) for t in rng.choice(num_frames - 1, size=2, replace=False))
+    played = _play(scene, [(early, lambda state: _step(state, first.item.colour, early, rng), True),
+                           (late, lambda state: _step(state, second.item.colour, late, rng), True)], num_frames)
+    if played is None:
+        return None
+    options = _item_options(first.item, [second.item], scene, rng)
+    text = _with_options(_template("moved_first", rng), options)
+    return _Story(text, LETTERS[options.index(first.item.description)], *played)
+
+
+def _tell_which_way(scene: Scene, rng: np.random.Generator, num_frames: int, direction: str) -> Optional[_Story]:
+    """The named object steps in `direction` at some moment; another object (where there is one)
+    steps in another direction at some moment: which way did the named one go?"""
+    movable = [obj for obj in scene.objects if any(d == direction for d, _ in _free_steps(scene, obj.item.colour))]
+    if not movable:
+        return None
+    target = movable[int(rng.integers(len(movable)))]
+    when = int(rng.integers(num_frames - 1))
+    plan = [(when, lambda state: _step(state, target.item.colour, when, rng, allowed=(direction,)), True)]
+    others = [obj for obj in scene.objects if obj is not target]
+    if others:  # the distractor steps any other way; boxed in, it stays put
+        other = others[int(rng.integers(len(others)))]
+        other_when = int(rng.integers(num_frames - 1))
+        elsewhere = tuple(d for d in DIRECTIONS if d != direction)
+        plan.append((other_when, lambda state: _step(state, other.item.colour, other_when, rng, allowed=elsewhere),
+                     False))
+    played = _play(scene, plan, num_frames)
+    if played is None:
+        return None
+    stem = _template("which_way", rng).format(colour=target.item.colour, noun=target.item.noun)
+    # Options keep the fixed DIRECTIONS order, as `moved`'s do.
+    return _Story(_with_options(stem, DIRECTIONS), LETTERS[DIRECTIONS.index(direction)], *played)
+
+
+def _tell_count_moved(scene: Scene, rng: np.random.Generator, num_frames: int, count: int) -> Optional[_Story]:
+    """`count` distinct table objects each step once, at moments of their own: how many moved?"""
+    if len(scene.objects) < count:
+        return None
+    movers = [scene.objects[int(i)] for i in rng.choice(len(scene.objects), size=count, replace=False)]
+    plan = []
+    for mover in movers:
+        when = int(rng.integers(num_frames - 1))
+        plan.append((when, lambda state, colour=mover.item.colour, when=when: _step(state, colour, when, rng), True))
+    played = _play(scene, plan, num_frames)
+    if played is None:
+        return None
+    return _Story(_template("count_moved", rng), str(count), *played)
+
+
+def _tell_put_down(scene: Scene, rng: np.random.Generator, num_frames: int, _: object) -> Optional[_Story]:
+    """A hand puts what it holds down on a free table cell at some moment; in half the samples a
+    table object also steps at some moment. Which object was put down?"""
+    holders = [hand for hand in scene.hands if hand.holding is not None]
+    if not holders:
+        return None
+    hand = holders[int(rng.integers(len(holders)))]
+    when = int(rng.integers(num_frames - 1))
+
+    def put(state: Scene) -> Event:
+        free = [cell for cell in ALL_CELLS if not state.occupied(cell)]  # at most 5 objects: never empty
+        return Event(when, hand.holding.colour, None, free[int(rng.integers(len(free)))], side=hand.side)
+
+    plan = [(when, put, True)]
+    if scene.objects and rng.random() < 0.5:  # a table object steps too (boxed in, it stays put)
+        other = scene.objects[int(rng.integers(len(scene.objects)))]
+        other_when = int(rng.integers(num_frames - 1))
+        plan.append((other_when, lambda state: _step(state, other.item.colour, other_when, rng), False))
+    played = _play(scene, plan, num_frames)
+    if played is None:
+        return None
+    still_held = [h.holding for h in scene.hands if h.holding is not None and h is not hand]
+    options = _item_options(hand.holding, still_held, scene, rng)
+    text = _with_options(_template("put_down", rng), options)
+    return _Story(text, LETTERS[options.index(hand.holding.description)], *played)
+
+
+# Each temporal kind: what is drawn once per sample before any scene (so that retried scenes leave
+# the answers uniform), and the teller that makes a story of a scene with it, or None.
+_TELLERS: Mapping[str, tuple[Callable[[np.random.Generator], object],
+                             Callable[[Scene, np.random.Generator, int, object], Optional[_Story]]]] = MappingProxyType(
+    {
+        "moved_first": (lambda rng: None, _tell_moved_first),
+        "which_way": (lambda rng: DIRECTIONS[int(rng.integers(len(DIRECTIONS)))], _tell_which_way),
+        "count_moved": (lambda rng: int(rng.integers(MAX_TABLE_OBJECTS + 1)), _tell_count_moved),
+        "put_down": (lambda rng: None, _tell_put_down),
+    }
+)
+assert set(_TELLERS) == set(TEMPORAL_KINDS) and not set(_TELLERS) & set(_ASKERS)
+
+
 # -------------------------------------------------------------------------- corpus
 
 _SLOT_VALUES: Mapping[str, tuple[str, ...]] = MappingProxyType(
@@ -540,17 +751,19 @@ def _fill_every_way(template: str) -> Iterator[str]:
 
 @functools.lru_cache(maxsize=1)
 def _corpus() -> tuple[str, ...]:
-    stems = (text for templates in _TEMPLATES.values() for t in templates for text in _fill_every_way(t))
+    # The default kinds' text only: the shipped offline tokenizer (firstsight/tiny.py) was trained on
+    # exactly this corpus. The temporal kinds' words are byte-level encodable all the same.
+    stems = (text for kind in DEFAULT_KINDS for t in _TEMPLATES[kind] for text in _fill_every_way(t))
     option_texts = [NOTHING, *(item.description for item in ALL_ITEMS), *DIRECTIONS]
     options = (_option_line(letter, text) for letter in LETTERS for text in option_texts)
-    answers = (answer for space in ANSWER_SPACES.values() for answer in space)
+    answers = (answer for kind in DEFAULT_KINDS for answer in ANSWER_SPACES[kind])
     return tuple(dict.fromkeys(itertools.chain(stems, options, answers)))
 
 
 def text_corpus() -> list[str]:
-    """Every phrase questions and answers are made of: all templates filled with all
-    values, every option line and every answer. Meant for training a tokenizer offline;
-    a generated question is these stems and option lines joined by newlines."""
+    """Every phrase questions and answers of the default kinds are made of: all templates
+    filled with all values, every option line and every answer. Meant for training a tokenizer
+    offline; a generated question is these stems and option lines joined by newlines."""
     return list(_corpus())
 
 
@@ -559,7 +772,7 @@ def text_corpus() -> list[str]:
 
 @dataclass(frozen=True)
 class QASample:
-    images: tuple[Image.Image, ...]  # one image, or num_frames frames in time order for `moved`
+    images: tuple[Image.Image, ...]  # one image, or frames in time order (`moved`, temporal kinds)
     question: str
     answer: str  # the exact answer text: a word, a number or a letter
     kind: str
@@ -572,8 +785,10 @@ class Episode:
     """A sample with the ground truth it was made from, for tests and debugging."""
 
     sample: QASample
-    scene: Scene  # for `moved`: the state shown in the first frame
+    scene: Scene  # for `moved` and the temporal kinds: the state shown in the first frame
     motion: Optional[Motion]  # set for `moved` only
+    frames: tuple[Scene, ...] = ()  # temporal kinds: the state each frame shows
+    events: tuple[Event, ...] = ()  # temporal kinds: what happened between the frames, in order
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -591,7 +806,8 @@ class SyntheticEgoQA:
 
     Sample `i` depends only on (seed, split, i, image_size, num_frames, kinds);
     the two splits use different random streams. The question kind of each sample
-    is drawn uniformly from `kinds`.
+    is drawn uniformly from `kinds` (default: DEFAULT_KINDS; TEMPORAL_KINDS are
+    opt-in and show max(num_frames, MIN_TEMPORAL_FRAMES) frames).
     """
 
     def __init__(
@@ -601,7 +817,7 @@ class SyntheticEgoQA:
         seed: int = 0,
         image_size: int = DEFAULT_IMAGE_SIZE,
         num_frames: int = 2,
-        kinds: Sequence[str] = QUESTION_KINDS,
+        kinds: Sequence[str] = DEFAULT_KINDS,
     ) -> None:
         _check_choice("split", split, SPLITS)
         if isinstance(kinds, str):  # a lone string would be read as a sequence of letters
@@ -654,6 +870,8 @@ class SyntheticEgoQA:
     def episode(self, index: int) -> Episode:
         """Sample `index` together with its scene and motion."""
         rng, kind = self._start(index)
+        if kind in _TELLERS:
+            return self._temporal_episode(index, rng, kind)
         ask = _ASKERS[kind]
         for _ in range(_MAX_ATTEMPTS):
             scene = make_scene(rng)
@@ -668,6 +886,21 @@ class SyntheticEgoQA:
             images = (render_scene(scene, self.image_size),)
         sample = QASample(images, question.text, question.answer, kind, NUM_CHOICES[kind], operator.index(index))
         return Episode(sample, scene, question.motion)
+
+    def _temporal_episode(self, index: int, rng: np.random.Generator, kind: str) -> Episode:
+        draw, tell = _TELLERS[kind]
+        num_frames = max(self.num_frames, MIN_TEMPORAL_FRAMES)
+        drawn = draw(rng)
+        for _ in range(_MAX_ATTEMPTS):
+            scene = make_scene(rng)
+            story = tell(scene, rng, num_frames, drawn)
+            if story is not None:
+                break
+        else:  # pragma: no cover - each teller succeeds on a good share of scenes
+            raise RuntimeError(f"could not make a {kind!r} question for sample {index}")
+        images = tuple(render_scene(state, self.image_size) for state in story.frames)
+        sample = QASample(images, story.text, story.answer, kind, NUM_CHOICES[kind], operator.index(index))
+        return Episode(sample, scene, None, story.frames, story.events)
 
     def chance_accuracy(self) -> float:
         """Mean over the split of 1/num_choices: the accuracy of uniform guessing."""
