@@ -2,30 +2,18 @@
 torch.compile fuses well, compiled regionally (one compiled graph per kind of block, shared by all
 blocks of that kind), once per model, while the rest stays transformers' own code.
 
-- The vision encoder's blocks, compiled in place (dynamic shapes): at batch 32 the encoder is
-  GPU-bound in its fp32 rotary and elementwise work, which inductor fuses (H200: 154 -> 99 ms for
-  32 frames; benchmarks/README.md). Its patch embedding is computed as one matrix product
-  (patch_embed_as_matmul).
-- The language model's RMSNorms and MLPs (the two norms and the MLP of every decoder layer, and the
-  final norm): compiled forwards kept beside them and switched on only while a prefill runs
-  (language_regions_compiled), so the decode step, which static_compile compiles whole (static
-  shapes), and any other use of the model run their own code. An RMSNorm in eager mode is five
-  kernels over fp32 copies of the hidden states, and the MLP's SiLU and product two more over its
-  widest activations, which inductor fuses; the matrix products are cuBLAS's either way (H200, the
-  batch-32 answer: 0.2445 -> 0.2345 s, 1.042x; batch 1: 1.009x; host_work.py --parts prefill_compile).
-  Their attention stays transformers' (each layer's index into the KV cache would recompile a
-  compiled decoder layer per layer). Shapes: automatic dynamic (the first prompt shape compiled
-  static, later ones with batch and length symbolic), so the hidden size stays a constant.
+- vision blocks: compiled in place (dynamic shapes), fusing their fp32 rotary and elementwise work;
+  the patch embedding as one matrix product (patch_embed_as_matmul).
+- the language model's RMSNorms and MLPs: compiled forwards switched on only while a prefill runs
+  (language_regions_compiled), so the decode step and any other use run their own code; attention
+  stays transformers'.
+- tensor-subclass weights (torchao int8 / fp8): their products stay torchao's eager kernels
+  (compiler-disabled: inductor's kernels for them took the int8 student's batch-1 prefill from
+  22 ms to 1.43 s on an H200), and regions made mostly of them (the MLPs) are not compiled.
 
-Tensor-subclass weights (torchao: precision=int8_weight_only, fp8): compiled, inductor turned their
-products into kernels that took the int8 student's batch-1 prefill from 22 ms to 1.43 s (H200,
-2026-12-02; static shapes no better). So a block's Linear layers with such weights keep torchao's own
-eager product (a cast of the weight to bf16, cuBLAS, the scale; compiler-disabled, so the block's
-graph breaks around them), and regions that are mostly such products (the language model's MLPs) are
-not compiled; the rest of the blocks and the norms are.
-
-Not exact: compiled code keeps fp32 intermediates that the eager code rounds to bf16
-(benchmarks/generation.py's accuracy table measures each path against a float32 prefill).
+Not exact: compiled code keeps fp32 intermediates that the eager code rounds to bf16.
+Design notes: docs/design/compiled_prefill.md; measured: docs/decisions/0002-static-decoding.md,
+docs/decisions/0010-static-compile-tuning.md.
 """
 
 from __future__ import annotations

@@ -1,23 +1,16 @@
 """The language model's attention for one new token per row without copying the KV cache per head.
 
-Qwen2-VL's language models share each key/value head among several query heads (grouped-query
-attention: 12 query heads over 2 KV heads in the 2B student). With a padding mask, transformers'
-SDPA path repeats every cached key and value once per query head of its group before the call
-(`repeat_kv`: SDPA's own grouped mode refuses masks on CUDA), so a decode step writes and then
-reads a copy of the whole cache that is `groups` times larger than the cache itself. On an H200,
-batch 32, a 384-token cache: two copy kernels (~12 us each) and a cuDNN attention kernel (~29 us)
-per layer, about half of the compiled decode step's GPU time (torch.profiler).
-
-For a single query position the grouped attention is the same product without the copy: the
-`groups` query heads that share a KV head become `groups` query rows of one SDPA call over that KV
-head, [B, H, 1, d] viewed as [B, H_kv, groups, d], the padding mask [B, 1, 1, L] broadcast over
-them. Same kernels, same fp32 accumulation, no copy. Prompts (several positions) and anything
-else go to transformers' SDPA path unchanged. transformers >= 5.2x does the same packing itself
-in eager decoding (`pack_gqa`), but not under torch.compile, where static_compile's step runs.
+With a padding mask, transformers' SDPA path repeats every cached key and value once per query head
+of its group (`repeat_kv`) before the call. For a single query position the `groups` query heads
+that share a KV head are instead `groups` query rows of one SDPA call over that KV head
+([B, H, 1, d] viewed as [B, H_kv, groups, d]): same kernels, no copy. Prompts (several positions)
+and anything else go to transformers' SDPA path unchanged.
 
 Registered with transformers under NAME, for the language model's config only
 (`hardware.grouped_decode_attention`); its masks are SDPA's. Saved configs never carry it
 (firstsight.vision_attention.plain_config undoes it while a config is copied).
+Design notes: docs/design/decode_attention.md; measured:
+docs/decisions/0005-grouped-decode-attention.md.
 """
 
 from __future__ import annotations

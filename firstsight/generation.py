@@ -2,51 +2,21 @@
 step replayed as a CUDA graph (`hardware.generation=static`, the default), or transformers'
 `model.generate` with its dynamic cache (`hardware.generation=hf`, the naive baseline).
 
-The static path computes what `model.generate(..., do_sample=False)` computes and returns the same
-new tokens ([batch, n], rows padded with the pad token after their end token, `n` as long as
-generate's output), for Qwen2-VL (`Qwen2VLForConditionalGeneration`, batches of
-`firstsight.data.batching.PromptCollator`: left-padded input_ids, attention_mask, pixel_values,
-image_grid_thw, mm_token_type_ids, maybe video fields):
-
-1. Prefill once (firstsight/prefill.py: transformers' forward taken apart so that the host never
-   waits for the GPU; on CUDA the vision encoder replayed from a CUDA graph per frame grid,
-   firstsight/vision_graph.py, and the language model from a CUDA graph per prompt shape), with
-   the full multimodal inputs into a transformers `StaticCache` (`max_cache_len` = prompt length +
-   new tokens, rounded up to a multiple of CACHE_ROUNDING), the logits of the last position only.
-   The 3-D M-RoPE positions are computed as generate computes them: a text row (attention-mask
-   cumsum) over the three rows of `get_rope_index` (run on the host: firstsight/positions.py),
-   shape [4, batch, prompt].
-2. Every later token is one decode step of fixed shapes that reads and writes only preallocated
-   device buffers: input ids [B, 1], positions [4, B, 1] (the prompt's last + 1, + 1 per step, as
-   generate does), a [B, max_cache_len] padding mask set once per call (the cache's own device-side
-   length makes it causal), the step counter (end tokens suppressed below `min_new_tokens`), the
-   finished rows, the output buffer. No host-device synchronisation, no data-dependent Python
-   branch, no vision tower. The greedy choice (argmax, the repetition penalty of the model's
-   generation config when it has one, pad after the end token) runs inside the step.
-3. On CUDA the step is captured once per (batch size, cache length, end tokens, penalty) as a CUDA
-   graph — warmed up on a side stream first, checked once against the same step run eagerly — and
-   replayed per token; captures are kept per model and reused by later calls (a cache at least as
-   long as needed serves shorter prompts: the mask hides the rest), so repeated queries of one
-   shape pay the capture once (logged with its duration). Whether all rows have finished is read
-   back only every `check_every` steps, never when `min_new_tokens >= max_new_tokens`.
-4. If capture fails (e.g. a bitsandbytes kernel that synchronises), the same static loop runs
-   eagerly, with one log line saying why. On the CPU it always runs eagerly.
-5. `hardware.generation=static_compile`: the same, with the step's model forward torch.compile'd
-   (inductor, static shapes, coordinate descent tuning: COMPILE_OPTIONS) before it is captured —
-   fewer, fused kernels
-   per token, at the price of a compilation per batch size and cache length; if that fails, the
-   plain step is captured. The prefill's vision blocks and its language model's norms and MLPs are
-   compiled too, regionally, once per model (firstsight/compiled_prefill.py; torchao's quantized
-   products stay its eager kernels, and the MLPs holding them uncompiled); if the first prefill
-   through them fails, they are uncompiled and it runs again, with one log line. Not exact: compiled
-   code rounds differently (H200: prefill logits 0.087 / 0.098 from generate's at batch 1 / 32, on
-   magnitudes ~3.6-3.9), though no less accurately (against a float32 prefill: relative error 0.91x
-   generate's; benchmarks/README.md).
+The static path returns the same new tokens as `model.generate(..., do_sample=False)`:
+- prefill once into a `StaticCache` (firstsight/prefill.py), logits of the last position only;
+- every later token is one decode step of fixed shapes over preallocated buffers: no host-device
+  synchronisation, no data-dependent branch, the greedy choice inside the step;
+- on CUDA that step is captured once per shape as a CUDA graph and replayed per token (eager if
+  capture fails, and always on the CPU);
+- `static_compile`: the step torch.compile'd before capture (COMPILE_OPTIONS), and parts of the
+  prefill too (firstsight/compiled_prefill.py): faster, not bit-identical.
 
 The method a run used is what `GreedyDecoder.tag` says: static_cuda_graph |
 static_compiled_cuda_graph | static_eager | hf_generate (profile and evaluate record it as the tag
 `firstsight.generation`, with `.capture_s`, the seconds the captures took, and `.fallback`, why a
 capture or a compilation was given up).
+
+Design notes: docs/design/generation.md; measured: docs/decisions/0002-static-decoding.md.
 """
 
 from __future__ import annotations
@@ -407,8 +377,8 @@ class GreedyDecoder:
     def _capture(self, model: Any, entry: "_StaticEntry") -> None:
         start = time.perf_counter()
         if self.compile and not self.compile_off:
-            # said before it starts: nothing else is printed while inductor works (H200, the 2B
-            # student: ~1 min per batch size, benchmarks/README.md)
+            # said before it starts: nothing else is printed while inductor works (~45-75 s per batch
+            # size for the 2B student on an H200; measured: docs/decisions/0002-static-decoding.md)
             log.info("generation: compiling the decode step for batch %d, cache %d tokens (torch.compile: about a "
                      "minute per batch size for a 2B model on an H200)", entry.size, entry.cache_len)
             try:
@@ -496,10 +466,10 @@ def _reason(err: BaseException) -> str:
 # inductor options of static_compile's step, for every model. With coordinate descent tuning,
 # inductor turns the batch-1 step's matrix-vector products into its own reductions, fused with their
 # neighbours, and tunes them: on an H200 the 2B student's batch-1 answer took 117.7 instead of 128.7 ms
-# (same tokens; batch 32 unchanged), for ~17-30 s more compiling per shape (benchmarks/README.md;
-# host_work.py --parts decode_tuning measures it again). With it torchao's int8 student's decode step
-# took 2.19 ms against bf16's 2.33 ms in one call (H200, 2026-12-02 10:49); with inductor's defaults
-# its whole answer took 0.718 s against bf16's 0.085 s (07:28).
+# (same tokens; batch 32 unchanged), for ~17-30 s more compiling per shape (host_work.py --parts
+# decode_tuning measures it again). With it torchao's int8 student's decode step took 2.19 ms against
+# bf16's 2.33 ms (H200); with inductor's defaults its whole answer took 0.718 s against bf16's 0.085 s.
+# measured: docs/decisions/0010-static-compile-tuning.md
 COMPILE_OPTIONS: Dict[str, Any] = {"coordinate_descent_tuning": True}
 
 

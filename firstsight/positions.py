@@ -1,21 +1,13 @@
 """Qwen2-VL's 3-D M-RoPE position ids, computed on the host once per batch.
 
-Left to itself, every Qwen2-VL forward computes them on the model's device with
-`get_rope_index`: a Python loop over the rows and over each row's runs of text and image tokens,
-reading tensors back (`.tolist()`, `.item()`) dozens of times. On a GPU each read-back is a
-host-device synchronisation that drains the queue of kernels, leaving the GPU idle while the
-host queues the next ones. The same function run on host copies of the four small integer
-tensors it needs costs one copy back per tensor and no synchronisation inside the loop; the
-result goes to the device once, and a distill step hands it to both the teacher and the
-student, which would otherwise each compute it.
+Left to itself, every Qwen2-VL forward runs `get_rope_index` on the model's device, with dozens of
+read-backs (each a host-device synchronisation). Run on host copies of the four small integer
+tensors it needs, it costs one copy back per tensor; the result goes to the device once, and a
+distill step hands it to both the teacher and the student. The values are the model's own (its
+own `get_rope_index`, only on the host; tests/test_positions.py).
 
-The values are those the model computes itself (`get_rope_index` is the model's own method; only
-the device its inputs live on differs), so outputs are unchanged (tests/test_positions.py).
-
-What it buys was measured with benchmarks/host_work.py, on and off interleaved in one process,
-and is within noise so far. On an H200 the distill step's forward and backward, which are
-GPU-bound, gave 1.08x in one run and 0.99x in another. On a 2-core CPU, two smoke runs of the tiny
-pair gave 1.11x and 0.96x.
+Design notes: docs/design/positions.md; measured (within noise so far):
+docs/decisions/0009-host-positions.md.
 """
 
 from __future__ import annotations

@@ -1,28 +1,16 @@
 """The prompt's forward (prefill) of static decoding (firstsight/generation.py), taken apart so that
 the host never waits for the GPU, and the language model's part replayed as a CUDA graph.
 
-transformers' Qwen2-VL forward runs, in order: the token embeddings; the vision encoder; a split of
-its output per frame (a `.tolist()` of the frame grid, which waits until the encoder has finished);
-a check that image tokens and features agree (another read-back); their merge (`masked_scatter`);
-the language model; the head. The static decoder computed the M-RoPE positions on the host before
-all of that, with the GPU idle (~7 ms at batch 32 on an H200). At batch 1 the language model's eager
-forward is bound by the host: ~25 ms of Python and launches for a few ms of kernels (H200), once per
-answer. Here, with the same operations in the same order:
-
-1. host copies of the batch's small integer tensors are taken first (nothing is queued yet, so
-   reading them back waits for nothing);
-2. the token embeddings and the vision encoder are queued (the encoder as firstsight/vision_graph.py's
-   CUDA graph where the decoder serves one, else as it is: compiled blocks under static_compile);
-3. while the GPU runs them, the host computes the positions from its copies
-   (firstsight/positions.py) and checks image tokens against features by shape (no read-back);
-4. the features are merged into the embeddings by the same `masked_scatter`;
-5. the language model and the head on the last position: replayed as a CUDA graph (LanguageGraphs)
-   for prompts of at most `max_tokens` tokens (batch x length; beyond it a graph's memory pool
-   grows for little: the prefill is GPU-bound), from the second prompt of a shape on (or at once,
-   when the profile prepares one), else eagerly.
+Transformers' Qwen2-VL forward, the same operations in the same order, except: host copies of the
+batch's small integer tensors are taken before anything is queued; while the GPU runs the
+embeddings and the vision encoder (firstsight/vision_graph.py), the host computes the positions
+(firstsight/positions.py) and checks image tokens against features by shape (no read-back); the
+language model and the head on the last position are replayed as a CUDA graph per prompt shape
+(LanguageGraphs, up to `max_tokens`).
 
 The logits are those of the model's own forward (tests/test_prefill.py: equal on the tiny pair).
 Batches with videos, and models without these parts, go through the model's own forward.
+Design notes: docs/design/prefill.md; measured: docs/decisions/0002-static-decoding.md.
 """
 
 from __future__ import annotations
@@ -38,7 +26,7 @@ log = logging.getLogger(__name__)
 # prompts (batch x length) up to this are replayed as graphs. At batch 1 (275 tokens) the eager prefill
 # is bound by the host (a graph: 1.09x the whole answer on an H200); at batch 32 (9504 tokens) it is
 # GPU-bound and a graph bought 1.01x (host_work.py --parts prefill_graph), for a memory pool of its
-# activations (`static`'s batch-32 peak: 7.35 GB without, 7.42 GB with; generation.py, two calls)
+# activations (`static`'s batch-32 peak: 7.35 GB without, 7.42 GB with; benchmarks/generation.py)
 MAX_TOKENS = 16384
 GRAPHS_PER_CACHE = 16  # prompt shapes kept per static cache (least recently used dropped); they share one memory pool
 _NOT_MODEL_INPUTS = {"labels", "sample_index", "position_ids", "cache", "past_key_values", "use_cache", "logits_to_keep"}

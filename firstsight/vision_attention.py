@@ -1,20 +1,16 @@
 """Qwen2-VL's vision attention with every frame of one size in a single SDPA call.
 
-The vision encoder packs all frames of a batch into one sequence and attends within each frame.
-With SDPA, transformers splits that sequence at the frames' boundaries (a `.tolist()` read-back of
-the boundaries in every block) and calls SDPA once per frame: at batch 4 with 1-2 frames per
-sample that is ~160 attention calls per forward and as many in the backward, each costing ~0.15 ms
-of host time on an H200 (torch.profiler, cuDNN's SDPA kernels), for kernels of a few tens of
-microseconds; in a compiled block the read-back also breaks the graph. Frames of one size
-(every frame of a fixed `data.image_size`) are the same attention as one SDPA call over a batch
-of frames: [1, heads, n * L, d] viewed as [n, heads, L, d]. Frames of different sizes fall back
-to one call per frame, as transformers does.
+transformers splits the encoder's packed frames at their boundaries (a `.tolist()` read-back in
+every block, a graph break when compiled) and calls SDPA once per frame. Frames of one size are the
+same attention as one SDPA call over a batch of frames: [1, heads, n * L, d] viewed as
+[n, heads, L, d]. Frames of different sizes fall back to one call per frame.
 
-transformers hands the frames' boundaries (`cu_seq_lens_q`) and the longest frame (`max_length_q`,
-computed once per encoder forward) only to attention implementations whose name contains "flash"
-(`is_flash_attention_requested`), hence the name under which this one is registered; it runs
-torch's SDPA, nothing from the flash-attn package. Only the vision encoder's config is switched
+transformers hands the frames' boundaries (`cu_seq_lens_q`, `max_length_q`) only to attention
+implementations whose name contains "flash" (`is_flash_attention_requested`), hence this one's
+name; it runs torch's SDPA, nothing from flash-attn. Only the vision encoder's config is switched
 (`hardware.batched_vision_attention`); the language model keeps SDPA.
+Design notes: docs/design/vision_attention.md; measured:
+docs/decisions/0004-batched-vision-attention.md.
 """
 
 from __future__ import annotations

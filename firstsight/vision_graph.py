@@ -1,21 +1,14 @@
 """The Qwen2-VL vision encoder replayed as a CUDA graph during the prefill of static decoding.
 
-At batch 1 the prefill is bound by the host, not the GPU: on an H200 the 2B student's vision tower
-takes ~22 ms for one 448x448 frame, of which its kernels are a few ms; the rest is Python and
-kernel launches for 32 blocks, and read-backs of the frame grid (`.tolist()` to split attention per
-frame). Everything the encoder computes from the grid alone (the patches' rotary positions, the
-frames' boundaries) depends on the grid's shape, not on the pixels, so it is computed once per
-grid and handed to the encoder through transformers' precomputed-kwargs hook (`position_ids`,
-`cu_seqlens`: `transformers.vision_utils`); the frames' boundaries stay on the host, where reading
-them costs no synchronisation. What is left, patch embedding, blocks and merger, has fixed shapes
-for a given grid and is captured once as a CUDA graph, then replayed for every prompt with the same
-grid (the pixels copied into the graph's input buffer first).
+At batch 1 the prefill is bound by the host. Everything the encoder computes from the frame grid
+alone (rotary positions, frame boundaries) is computed once per grid and handed in through
+transformers' precomputed-kwargs hook; the rest (patch embedding, blocks, merger) has fixed shapes
+per grid and is captured once as a CUDA graph, then replayed with the pixels copied in.
 
-Used only where it pays and is safe: CUDA, frames only (no video), at most `max_patches` patches in
-the batch (larger batches keep the GPU busy anyway, and a graph keeps its activations' memory),
-attention by SDPA or eager (flash attention needs the boundaries on the device). A capture is
-checked once against the encoder run eagerly; if anything fails, the encoder runs eagerly from
-then on, and `off` says why.
+Only on CUDA, frames only, at most `max_patches` patches, SDPA or eager attention; a capture is
+checked once against the encoder run eagerly, and any failure turns graphs off (`off` says why).
+Design notes: docs/design/vision_graph.md; measured: docs/decisions/0002-static-decoding.md,
+benchmarks/HISTORY.md (host-side work).
 """
 
 from __future__ import annotations
