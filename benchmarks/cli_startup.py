@@ -1,6 +1,6 @@
 """How long the command line takes before any work: `python run.py --cfg job` and `--help`.
 
-Both compose the config and print; neither may import torch, transformers or mlflow (issue 6's
+Both compose the config and print; neither may import torch, transformers or mlflow (the
 target: `--cfg job` <= 1.5 s on a 2-core CPU machine). Median and max over --repeats runs each,
 plus whether a heavy package was imported (python -X importtime).
 
@@ -51,7 +51,7 @@ def main() -> None:
     for p in points:
         lines.append(f"| `python run.py {' '.join(p['args'])}` | {p['median_s']:.2f} | {p['max_s']:.2f} | "
                      f"{', '.join(p['heavy_imports']) or 'none'} |")
-    lines += ["", "Target (issue 6): `--cfg job` <= 1.5 s."]
+    lines += ["", "Target: `--cfg job` <= 1.5 s."]
     table = "\n".join(lines) + "\n"
     write_pair(results_path(args.results_dir, "cli_startup", f"cpu_{os.cpu_count()}_cores"), {"meta": meta, "points": points}, table)
     print(table)

@@ -49,7 +49,7 @@ DEFAULTS = dict(model="qwen2vl_7b_2b", hardware="gpu", precision="bf16", image_s
                 warmup=3, batch_size=32, batches=2, new_tokens=32, name="generation")
 SMOKE = dict(model="tiny", hardware="cpu", precision="bf16", image_size=112, latency_queries=3, warmup=1,
              batch_size=8, batches=1, new_tokens=8, name="generation_smoke")
-TARGETS = {"latency_p50_s": 0.1, "throughput_qps": 130.0}  # issue 6, student at batch 1 / batch 32
+TARGETS = {"latency_p50_s": 0.1, "throughput_qps": 130.0}  # the study's targets, student at batch 1 / batch 32
 
 
 def compose(overrides: List[str]) -> Any:
@@ -320,7 +320,7 @@ def markdown(data: Dict[str, Any]) -> str:
                      f"{f['throughput_qps']:.1f} | {fmt(r.get('latency_speedup'), '.1f')}{'x' if r else ''} | "
                      f"{fmt(r.get('throughput_gain'), '.1f')}{'x' if r else ''} | {fmt(f.get('batch_peak_gb'), '.2f')} | "
                      f"{f['first_call_s']:.2f} | {captures} |")
-    lines += ["", f"Targets (issue 6, student): batch-1 latency <= {TARGETS['latency_p50_s']} s, >= "
+    lines += ["", f"Targets (student): batch-1 latency <= {TARGETS['latency_p50_s']} s, >= "
               f"{TARGETS['throughput_qps']:.0f} queries/s at batch 32."]
     for method, f in paths.items():
         if method == "hf":

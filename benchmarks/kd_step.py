@@ -9,7 +9,7 @@ weights by default:
              (foreach) AdamW, each model computing its M-RoPE positions on the GPU
              (train.host_positions=false), the vision encoder's attention one SDPA call per frame
              as transformers does (hardware.batched_vision_attention=false), pure bf16 training
-             (precision.trainable_dtype=bfloat16), as issue 6's baseline describes it
+             (precision.trainable_dtype=bfloat16), as the study's baseline describes it
   optimized  the suite's defaults: output heads only where a loss is taken (train.logits=
              answer_positions), fused AdamW, M-RoPE positions computed once per batch on the host
              and shared by both models, all frames of one size in one vision attention call;
@@ -102,7 +102,7 @@ POINTS = {
 
 def warm_up_machine(args: argparse.Namespace) -> None:
     """One short, unrecorded naive job first: the first process on a fresh GPU machine stalls for
-    seconds in some of its steps (seen in every fresh call on the H200), which would fall on the
+    seconds in some of its steps (seen on every fresh H200 machine), which would fall on the
     first point and distort its tokens/s."""
     steps = 3
     warm = argparse.Namespace(**{**vars(args), "steps": steps, "warmup_steps": 1})

@@ -72,7 +72,8 @@ class MLflowSweepCallback(Callback):
         if on_slurm and absolute_tracking_uri(uri).startswith("sqlite:"):
             log.warning("SLURM jobs will all write the SQLite file %s: many at once collide ('database is "
                         "locked'). Log through a tracking server instead: python -m firstsight.server, then "
-                        "export MLFLOW_TRACKING_URI=http://<host>:<port> (README: SLURM).", absolute_tracking_uri(uri))
+                        "export MLFLOW_TRACKING_URI=http://<host>:<port> (docs/sweeps-and-slurm.md).",
+                        absolute_tracking_uri(uri))
         client = StoreClient(MlflowClient(tracking_uri=uri), absolute_tracking_uri(uri))  # retried; names the store
         overrides = " ".join(config.hydra.overrides.task)
         with exit_on_user_error():  # a store that stays down: one line, exit status 2, no job started

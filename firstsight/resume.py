@@ -56,7 +56,7 @@ MAY_DIFFER = (
     "tracking.", "cache_dir", "hardware.eval_batch_size",
     "hardware.name", "hardware.dataloader_workers", "hardware.num_threads", "hardware.device",
     "hardware.attn_implementation", "hardware.gradient_checkpointing", "teacher_cache.dir",
-    # how fast, not what is computed (issue 6): the same loss either way
+    # how fast, not what is computed: the same loss either way
     "train.logits", "train.fused_optimizer", "train.host_positions", "hardware.compile",
     "hardware.compile_memory_budget", "hardware.compile_cpp_wrapper", "hardware.generation",
     "hardware.batched_vision_attention", "hardware.grouped_decode_attention", "hardware.pad_to_multiple_of",

@@ -225,7 +225,7 @@ class StoreClient:
                     "retried the request (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_TIMEOUT)")
         elif self.uri.startswith("sqlite:"):
             hint = ("another process holds the SQLite file locked, or it cannot be opened: jobs that run at once "
-                    "should log through a server (python -m firstsight.server; README: SLURM)")
+                    "should log through a server (python -m firstsight.server; docs/sweeps-and-slurm.md)")
         else:
             hint = "check that the store is reachable"
         tried = f"{attempts} attempts over {seconds:.0f} s" if attempts > 1 else "1 attempt"

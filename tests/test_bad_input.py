@@ -1,4 +1,4 @@
-"""Issue 8's matrix of bad input: each case ends the job with exit status 2 and a message that names
+"""The matrix of bad input: each case ends the job with exit status 2 and a message that names
 the bad value and what is valid, and writes nothing (no MLflow run, no checkpoint). The cases run
 the job in this process (firstsight.tasks.run_task on the composed config: validation, then the
 MLflow run), which is what run.py does after composing; one case goes through run.py.

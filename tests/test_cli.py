@@ -65,7 +65,8 @@ def test_default_run_end_to_end(run_cli, tmp_path):
 
 
 def _mlflow_ui_lists(workdir):
-    """Start `mlflow ui` with no flags in `workdir` (as README says) and ask it for the runs."""
+    """Start `mlflow ui` with no flags in `workdir` (as docs/mlflow.md says) and ask it for the
+    runs."""
     import json
     import socket
     import subprocess
@@ -112,7 +113,7 @@ def _check_sweep(tmp_path, expected_points):
 
 
 def test_sweep_over_fp16_and_int8(run_cli, tmp_path):
-    # the README's sweep, shortened: fp16 autocast on this CPU takes ~1.1 s a step
+    # docs/sweeps-and-slurm.md's sweep, shortened: fp16 autocast on this CPU takes ~1.1 s a step
     result = run_cli("-m", "precision=fp16,int8", "train.max_steps=12")
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = _check_sweep(tmp_path, ["fp16", "int8"])

@@ -1,4 +1,4 @@
-"""Faults during a job (issue 8): out of memory, a non-finite loss, a tracking store that does not
+"""Faults during a job: out of memory, a non-finite loss, a tracking store that does not
 answer, a full disk while writing a checkpoint. Each is reported in one clear message, its MLflow
 run is marked FAILED with the reason, and nothing already saved is lost."""
 

@@ -415,7 +415,7 @@ def test_static_compile_runs_the_language_models_compiled_regions_in_the_prefill
 def test_static_compile_keeps_torchaos_products_out_of_the_compiled_prefill(tiny, monkeypatch, caplog):
     """With torchao's weights (precision=int8_weight_only) static_compile compiles the prefill's vision
     blocks and norms, but each quantized product stays torchao's eager one (compiled, inductor made
-    the int8 student's batch-1 prefill 1.43 s instead of 22 ms; H200, 2026-12-02) and the language
+    the int8 student's batch-1 prefill 1.43 s instead of 22 ms on an H200) and the language
     model's MLPs stay uncompiled. Really compiled (inductor on the CPU): the same tokens as generate,
     and the products ran outside the compiled graphs."""
     import torch

@@ -1,4 +1,4 @@
-"""The distillation step's speed options compute what the naive step computes (issue 6).
+"""The distillation step's speed options compute what the naive step computes.
 
 - train.logits=answer_positions: the output heads run only where a loss is taken
   (losses.answer_logit_slice + the models' logits_to_keep); the loss, its gradient and a whole

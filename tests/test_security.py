@@ -1,4 +1,4 @@
-"""Security defaults (issue 8): offline by default, no code from checkpoints unless asked for,
+"""Security defaults: offline by default, no code from checkpoints unless asked for,
 weights only as safetensors (no pickle), servers on 127.0.0.1, and tokens from the environment
 never logged."""
 

@@ -97,8 +97,8 @@ def _sacct_states(sweep: Path, timeout: float = 30) -> Dict[str, str]:
 
 
 def test_sweep_runs_on_slurm(run_cli, tmp_path, mlflow_server, cache_dir):
-    """The README's cluster example: each point is a SLURM job, COMPLETED in sacct, with its MLflow
-    run (under the sweep's parent) holding the config and the metrics."""
+    """The cluster example of docs/sweeps-and-slurm.md: each point is a SLURM job, COMPLETED in
+    sacct, with its MLflow run (under the sweep's parent) holding the config and the metrics."""
     result = run_cli("-m", "hardware=slurm_local", "precision=fp32,bf16", "train.max_steps=2", *SMALL,
                      "tracking.experiment_name=slurm", env={"MLFLOW_TRACKING_URI": mlflow_server})
     assert result.returncode == 0, result.stderr[-4000:]
