@@ -63,10 +63,13 @@ class TinyArchConfig:
     vision_embed_dim: int = 64  # ViT width
     vision_heads: int = 4  # ViT attention heads
     vocab_padding: int = 64  # output rows are rounded up to a multiple of this (as the real models pad)
-    pretrain_steps: int = 0  # >0: train on the synthetic train split on first use, cached (teacher)
+    pretrain_steps: int = 0  # >0: with weights=pretrained, train on the synthetic train split on first use, cached
     pretrain_lr: float = 3e-3  # learning rate of that pre-training
     pretrain_batch_size: int = 16  # batch size of that pre-training
     pretrain_seed: int = 0  # seeds that pre-training (init and data), apart from the run's seed
+    # Samples of the synthetic train split that pre-training draws from; null: data.train_size
+    # (then data.train_size shapes the trained model too, and a change trains a new one).
+    pretrain_train_size: Optional[int] = None
 
 
 @dataclass

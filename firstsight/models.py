@@ -316,7 +316,7 @@ def load_model(cfg: DictConfig, role: str, processor: Any, device: str, frozen: 
     """Teacher (frozen: precision dtype + quantization) or student (trainable: precision.trainable_dtype,
     fp32 master weights by default;
     with `lora.enabled` a frozen base in the precision's dtype/quantization plus fp32 adapters).
-    `load_time_s` counts loading only, not a tiny teacher's first-use training."""
+    `load_time_s` counts loading only, not a tiny model's first-use training."""
     import torch
 
     side = cfg.model[role]
@@ -332,9 +332,9 @@ def load_model(cfg: DictConfig, role: str, processor: Any, device: str, frozen: 
         model, load_time = _load_random(_random_config(cfg, role, processor), dtype, quant, device, attn)
         origin = f"{side.source} (random weights)"
     elif side.source == "tiny":
-        from firstsight.pretrain import tiny_teacher_dir
+        from firstsight.pretrain import tiny_model_dir
 
-        path = tiny_teacher_dir(cfg, role, processor)  # trained on first use, then cached
+        path = tiny_model_dir(cfg, role, processor)  # shipped for the defaults, else trained on first use and cached
         model, load_time = _timed(lambda: _from_pretrained(str(path), None, dtype, quant, device, attn, False))
         origin = str(path)
     else:

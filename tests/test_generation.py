@@ -1,8 +1,9 @@
 """Greedy decoding (firstsight/generation.py): the static path gives model.generate's tokens exactly,
-on the tiny pair the suite builds offline (the shipped pre-trained teacher and the random student),
-in fp32 and bf16, at batch 1 and on left-padded batches, with the end token suppressed or allowed;
-its captures are kept and reused; a failed capture or an unsupported generation setting falls back;
-profile and evaluate run under hardware.generation=static and =hf and agree."""
+on the tiny models the suite builds offline (the shipped pre-trained teacher and student base, and a
+random student), in fp32 and bf16, at batch 1 and on left-padded batches, with the end token
+suppressed or allowed; its captures are kept and reused; a failed capture or an unsupported
+generation setting falls back; profile and evaluate run under hardware.generation=static and =hf
+and agree."""
 
 from __future__ import annotations
 
@@ -28,10 +29,11 @@ def tiny(cache_dir):
     samples = load_split(cfg.data, "validation", cfg.seed)
     collate = PromptCollator(processor)
 
-    def model(role, dtype="float32"):
+    def model(role, dtype="float32", random=False):
         import torch
 
-        loaded = load_model(cfg, role, processor, "cpu", frozen=True).model
+        side = compose([f"model.{role}.weights=random"]) if random else cfg
+        loaded = load_model(side, role, processor, "cpu", frozen=True).model
         return loaded.to(getattr(torch, dtype))
 
     class Tiny:
@@ -135,8 +137,9 @@ def _stopped_when_every_row_ended(tokens, end, pad, limit):
 
 def test_rows_that_end_early_are_padded_as_generate_pads_them(tiny):
     """Rows finishing at different steps: after its end token a row holds the pad token until the
-    longest row ends (the random student, with an end token picked from its own output)."""
-    model = tiny.model("student")
+    longest row ends (a random student, whose rows run on: the end token is picked from its own
+    output; the trained base ends its short answers together)."""
+    model = tiny.model("student", random=True)
     batch = tiny.batch(PAD_ROWS)
     free = _static(model, batch, 8, 8, pad_token_id=tiny.pad).tokens
     end = int(free[0, 3])  # row 0 ends at its 4th token; some other row runs on
