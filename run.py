@@ -3,8 +3,8 @@
 import hydra
 from omegaconf import DictConfig
 
-from firstsight import composition
-from firstsight.config import register_configs
+from firstsight.config import composition
+from firstsight.config.schema import register_configs
 
 register_configs()
 composition.install()  # an unknown key in an override: one line and exit status 2, not Hydra's report
@@ -12,7 +12,7 @@ composition.install()  # an unknown key in an override: one line and exit status
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
-    from firstsight.tasks import run_task
+    from firstsight.suite.dispatch import run_task
 
     return run_task(cfg)
 

@@ -54,7 +54,11 @@ def _notes(out_dir: Path) -> Dict[str, Any]:
     return {"log": notes} if notes else {}
 
 
-NOTE_LOGGERS = ("[firstsight.generation]", "[firstsight.prefill]", "[firstsight.vision_graph]")
+NOTE_LOGGERS = (
+    "[firstsight.inference.generation]",
+    "[firstsight.inference.prefill]",
+    "[firstsight.inference.vision_graph]",
+)
 
 
 def job_notes(out_dir: Path, limit: int = 30) -> List[str]:
@@ -65,8 +69,11 @@ def job_notes(out_dir: Path, limit: int = 30) -> List[str]:
     log = out_dir / "run.log"
     if not log.is_file():
         return []
-    keep = [line.rstrip()[:400] for line in log.read_text(errors="replace").splitlines()
-            if "][WARNING]" in line or "][ERROR]" in line or any(name in line for name in NOTE_LOGGERS)]
+    keep = [
+        line.rstrip()[:400]
+        for line in log.read_text(errors="replace").splitlines()
+        if "][WARNING]" in line or "][ERROR]" in line or any(name in line for name in NOTE_LOGGERS)
+    ]
     return keep[:limit]
 
 
@@ -86,10 +93,20 @@ def distill_overrides(args: Any, batch_size: int, *extra: str) -> List[str]:
     --image-size, --steps, --warmup-steps, trailing overrides), no evaluation, no saving, no MLflow."""
     weights = [f"model.{side}.weights={args.weights}" for side in ("teacher", "student")] if args.weights else []
     return [
-        "task=distill", f"model={args.model}", *weights, f"hardware={args.hardware}", f"precision={args.precision}",
-        f"hardware.batch_size={batch_size}", f"data.image_size={args.image_size}",
-        f"train.max_steps={args.steps}", f"train.throughput_warmup_steps={args.warmup_steps}",
-        "train.eval_at_end=false", "train.save_checkpoint=false", "tracking.enabled=false", *extra, *args.overrides,
+        "task=distill",
+        f"model={args.model}",
+        *weights,
+        f"hardware={args.hardware}",
+        f"precision={args.precision}",
+        f"hardware.batch_size={batch_size}",
+        f"data.image_size={args.image_size}",
+        f"train.max_steps={args.steps}",
+        f"train.throughput_warmup_steps={args.warmup_steps}",
+        "train.eval_at_end=false",
+        "train.save_checkpoint=false",
+        "tracking.enabled=false",
+        *extra,
+        *args.overrides,
     ]
 
 
@@ -103,18 +120,27 @@ def profile_overrides(args: Any) -> List[str]:
     """The profile task's measurement settings from the scripts' shared flags (--image-size,
     --new-tokens, --warmup-queries, --latency-queries, --batch-size, --batches), no MLflow, no bar."""
     return [
-        f"data.image_size={args.image_size}", f"task.new_tokens={args.new_tokens}",
-        f"task.warmup_queries={args.warmup_queries}", f"task.latency_queries={args.latency_queries}",
-        f"task.throughput_batch_size={args.batch_size}", f"task.throughput_batches={args.batches}",
-        "tracking.enabled=false", "train.progress_bar=false",
+        f"data.image_size={args.image_size}",
+        f"task.new_tokens={args.new_tokens}",
+        f"task.warmup_queries={args.warmup_queries}",
+        f"task.latency_queries={args.latency_queries}",
+        f"task.throughput_batch_size={args.batch_size}",
+        f"task.throughput_batches={args.batches}",
+        "tracking.enabled=false",
+        "train.progress_bar=false",
     ]
 
 
 def profile_settings(args: Any) -> Dict[str, Any]:
     """Those settings, as each point of a results file records them."""
-    return {"warmup_queries": args.warmup_queries, "latency_queries": args.latency_queries,
-            "batch_size": args.batch_size, "batches": args.batches, "new_tokens": args.new_tokens,
-            "image_size": args.image_size}
+    return {
+        "warmup_queries": args.warmup_queries,
+        "latency_queries": args.latency_queries,
+        "batch_size": args.batch_size,
+        "batches": args.batches,
+        "new_tokens": args.new_tokens,
+        "image_size": args.image_size,
+    }
 
 
 def last_line(error: str) -> str:
@@ -141,13 +167,16 @@ def results_path(results_dir: str, name: str, device: str) -> Path:
 def run_meta(device: str, **settings: Any) -> Dict[str, Any]:
     """The results file's header: device, date, package versions, Python, this call's command line,
     and the settings the points share."""
-    from firstsight.tracking import package_versions
+    from firstsight.tracking.tracker import package_versions
 
     return {
-        "device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": package_versions(), "python": sys.version.split()[0],
+        "device": device,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": package_versions(),
+        "python": sys.version.split()[0],
         "command": shlex.join(["python", os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]]),
-        **settings, "host_cpus": os.cpu_count(),
+        **settings,
+        "host_cpus": os.cpu_count(),
     }
 
 
@@ -164,8 +193,9 @@ def earlier_points(json_path: Path, meta: Dict[str, Any], append: bool) -> List[
     return previous["points"]
 
 
-def merged(earlier: List[Dict[str, Any]], points: List[Dict[str, Any]],
-           key: Callable[[Dict[str, Any]], Hashable]) -> List[Dict[str, Any]]:
+def merged(
+    earlier: List[Dict[str, Any]], points: List[Dict[str, Any]], key: Callable[[Dict[str, Any]], Hashable]
+) -> List[Dict[str, Any]]:
     """The earlier call's points that this call did not measure again, then this call's."""
     fresh = {key(p) for p in points}
     return [p for p in earlier if key(p) not in fresh] + points
@@ -173,7 +203,7 @@ def merged(earlier: List[Dict[str, Any]], points: List[Dict[str, Any]],
 
 def write_pair(json_path: Path, data: Dict[str, Any], table: str) -> None:
     """The results as JSON and their table as Markdown beside it (each written atomically)."""
-    from firstsight.cache import write_atomically
+    from firstsight.core.files import write_atomically
 
     write_atomically(json_path, json.dumps(data, indent=2))
     write_atomically(json_path.with_suffix(".md"), table)

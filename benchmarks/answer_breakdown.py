@@ -6,7 +6,7 @@ the profile task builds it (torchao quantizes after loading), decoded by `--meth
 static_compile) twice untimed (compiles and captures), then, each a median over `--rounds`:
 
 - answer: a whole `GreedyDecoder.generate` of `--new-tokens` tokens;
-- prefill: the prompt's forward alone (firstsight/prefill.py, graphs replayed as an answer does);
+- prefill: the prompt's forward alone (firstsight/inference/prefill.py, graphs replayed as an answer does);
 - decode steps: the `--new-tokens - 1` steps after a prefill (each block of steps after its own,
   untimed, prefill; the steps replay the captured step).
 
@@ -33,8 +33,9 @@ from _common import RESULTS, ROOT, cuda_device, ratio, results_path, run_meta, w
 from generation import Timer, compose, prompt_batch, single_frame_questions  # benchmarks/generation.py
 
 
-def _median_seconds(timer: Timer, run: Callable[[], Any], rounds: int, before: Callable[[], Any] = lambda: None
-                    ) -> float:
+def _median_seconds(
+    timer: Timer, run: Callable[[], Any], rounds: int, before: Callable[[], Any] = lambda: None
+) -> float:
     """The median of `timer(run)` over `rounds`; `before()` runs untimed ahead of each."""
     times = []
     for _ in range(rounds):
@@ -47,7 +48,7 @@ def breakdown(model: Any, batch: Dict[str, Any], pad: int, args: argparse.Namesp
     """One model's answer, prefill and decode steps (the decoder's own parts, as generate runs them)."""
     import torch
 
-    from firstsight.generation import GreedyDecoder
+    from firstsight.inference.generation import GreedyDecoder
 
     n = args.new_tokens
     decoder = GreedyDecoder(model, args.method)
@@ -63,8 +64,12 @@ def breakdown(model: Any, batch: Dict[str, Any], pad: int, args: argparse.Namesp
             entry.start(batch, n, pad)
             entry.select(logits)
 
-        steps = _median_seconds(timer, lambda: [entry.decode(model, decoder._cache_kw) for _ in range(n - 1)],
-                                args.rounds, before=fresh_prefill)
+        steps = _median_seconds(
+            timer,
+            lambda: [entry.decode(model, decoder._cache_kw) for _ in range(n - 1)],
+            args.rounds,
+            before=fresh_prefill,
+        )
         table = None
         if args.profile_prefill:
             from torch.profiler import ProfilerActivity, profile
@@ -76,35 +81,58 @@ def breakdown(model: Any, batch: Dict[str, Any], pad: int, args: argparse.Namesp
                 timer(lambda: [decoder._prefill(model, batch, entry) for _ in range(3)])
             key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
             table = prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=60)
-    return {"method": decoder.tag, "prepare_s": prepare, "answer_s": answer, "prefill_s": prefill,
-            "decode_steps_s": steps, "decode_step_ms": 1000 * steps / max(1, n - 1), "prefill_profile": table}
+    return {
+        "method": decoder.tag,
+        "prepare_s": prepare,
+        "answer_s": answer,
+        "prefill_s": prefill,
+        "decode_steps_s": steps,
+        "decode_step_ms": 1000 * steps / max(1, n - 1),
+        "prefill_profile": table,
+    }
 
 
 def markdown(data: Dict[str, Any]) -> str:
     reference = data["points"][0] if data["points"] else {}
-    lines = [f"# Where a batch-1 answer spends its time — {data['device']}", "",
-             f"{data['date']}; {data['command']}; {data['setup']}; one question ({data['prompt_tokens']} prompt "
-             f"tokens), {data['new_tokens']} new tokens, medians of {data['rounds']}. Versions: "
-             + ", ".join(f"{k} {v}" for k, v in data["versions"].items()), "",
-             f"| precision | method | answer (s) | vs {reference.get('precision', '-')} | prefill (ms) | "
-             f"{data['new_tokens'] - 1} decode steps (s) | per step (ms) | first two answers (s) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"# Where a batch-1 answer spends its time — {data['device']}",
+        "",
+        f"{data['date']}; {data['command']}; {data['setup']}; one question ({data['prompt_tokens']} prompt "
+        f"tokens), {data['new_tokens']} new tokens, medians of {data['rounds']}. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in data["versions"].items()),
+        "",
+        f"| precision | method | answer (s) | vs {reference.get('precision', '-')} | prefill (ms) | "
+        f"{data['new_tokens'] - 1} decode steps (s) | per step (ms) | first two answers (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for p in data["points"]:
-        lines.append(f"| {p['precision']} | {p['method']} | {p['answer_s']:.4f} | "
-                     f"{ratio(p['answer_s'], reference.get('answer_s')):.2f}x | {1000 * p['prefill_s']:.1f} | "
-                     f"{p['decode_steps_s']:.4f} | {p['decode_step_ms']:.2f} | {p['prepare_s']:.0f} |")
+        lines.append(
+            f"| {p['precision']} | {p['method']} | {p['answer_s']:.4f} | "
+            f"{ratio(p['answer_s'], reference.get('answer_s')):.2f}x | {1000 * p['prefill_s']:.1f} | "
+            f"{p['decode_steps_s']:.4f} | {p['decode_step_ms']:.2f} | {p['prepare_s']:.0f} |"
+        )
     for p in data["points"]:
         if p.get("prefill_profile"):
-            lines += ["", f"{p['precision']}: torch.profiler, three eager prefills:", "", "```",
-                      p["prefill_profile"].strip(), "```"]
+            lines += [
+                "",
+                f"{p['precision']}: torch.profiler, three eager prefills:",
+                "",
+                "```",
+                p["prefill_profile"].strip(),
+                "```",
+            ]
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--precisions", nargs="+", default=["bf16", "int8_weight_only"],
-                        choices=sorted(p.stem for p in (ROOT / "conf" / "precision").glob("*.yaml")),
-                        help="the first is the reference of the ratio column")
+    parser.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["bf16", "int8_weight_only"],
+        choices=sorted(p.stem for p in (ROOT / "conf" / "precision").glob("*.yaml")),
+        help="the first is the reference of the ratio column",
+    )
     parser.add_argument("--method", default="static_compile", choices=["static", "static_compile"])
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=32)
@@ -123,18 +151,36 @@ def main() -> int:
     else:
         device = cuda_device()
         if device == "cpu":
-            print("no CUDA GPU visible: these are GPU measurements (--smoke: the plumbing on this CPU)", file=sys.stderr)
+            print(
+                "no CUDA GPU visible: these are GPU measurements (--smoke: the plumbing on this CPU)", file=sys.stderr
+            )
             return 2
-        base = ["task=profile", "model=qwen2vl_7b_2b", "hardware=gpu", "tracking.enabled=false",
-                "model.student.weights=random", "model.teacher.weights=random"]
+        base = [
+            "task=profile",
+            "model=qwen2vl_7b_2b",
+            "hardware=gpu",
+            "tracking.enabled=false",
+            "model.student.weights=random",
+            "model.teacher.weights=random",
+        ]
     on = "cpu" if device == "cpu" else "cuda"
-    from firstsight.models import load_model, load_processor
+    from firstsight.models.loading import load_model, load_processor
 
-    setup = ("the tiny student on the CPU (the plumbing only)" if args.smoke else
-             "Qwen2-VL-2B student at full size with random weights, SDPA")
+    setup = (
+        "the tiny student on the CPU (the plumbing only)"
+        if args.smoke
+        else "Qwen2-VL-2B student at full size with random weights, SDPA"
+    )
     points: List[Dict[str, Any]] = []
-    data = run_meta(device, setup=setup, method=args.method, new_tokens=args.new_tokens, rounds=args.rounds,
-                    image_size=args.image_size, points=points)
+    data = run_meta(
+        device,
+        setup=setup,
+        method=args.method,
+        new_tokens=args.new_tokens,
+        rounds=args.rounds,
+        image_size=args.image_size,
+        points=points,
+    )
     path = results_path(args.results_dir, args.name, device)
     path.parent.mkdir(parents=True, exist_ok=True)
     for precision in args.precisions:

@@ -32,11 +32,17 @@ def timed(args: list, repeats: int) -> dict:
         seconds.append(time.perf_counter() - start)
         if result.returncode != 0:
             raise SystemExit(f"run.py {' '.join(args)} failed: {result.stderr[-500:]}")
-    trace = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "run.py"), *args],
-                           capture_output=True, text=True, env=env).stderr
+    trace = subprocess.run(
+        [sys.executable, "-X", "importtime", str(ROOT / "run.py"), *args], capture_output=True, text=True, env=env
+    ).stderr
     imported = sorted({line.split("|")[-1].strip().split(".")[0] for line in trace.splitlines() if "|" in line})
-    return {"args": args, "seconds": seconds, "median_s": statistics.median(seconds), "max_s": max(seconds),
-            "heavy_imports": [name for name in HEAVY if name in imported]}
+    return {
+        "args": args,
+        "seconds": seconds,
+        "median_s": statistics.median(seconds),
+        "max_s": max(seconds),
+        "heavy_imports": [name for name in HEAVY if name in imported],
+    }
 
 
 def main() -> None:
@@ -46,14 +52,26 @@ def main() -> None:
     args = parser.parse_args()
     points = [timed(["--cfg", "job"], args.repeats), timed(["--help"], args.repeats)]
     meta = run_meta("cpu", repeats=args.repeats)
-    lines = [f"# Command-line start-up — {os.cpu_count()}-core CPU", "", f"{meta['date']}; {meta['command']}; python {meta['python']}", "",
-             "| command | median (s) | max (s) | torch / transformers / mlflow imported |", "| --- | --- | --- | --- |"]
+    lines = [
+        f"# Command-line start-up — {os.cpu_count()}-core CPU",
+        "",
+        f"{meta['date']}; {meta['command']}; python {meta['python']}",
+        "",
+        "| command | median (s) | max (s) | torch / transformers / mlflow imported |",
+        "| --- | --- | --- | --- |",
+    ]
     for p in points:
-        lines.append(f"| `python run.py {' '.join(p['args'])}` | {p['median_s']:.2f} | {p['max_s']:.2f} | "
-                     f"{', '.join(p['heavy_imports']) or 'none'} |")
+        lines.append(
+            f"| `python run.py {' '.join(p['args'])}` | {p['median_s']:.2f} | {p['max_s']:.2f} | "
+            f"{', '.join(p['heavy_imports']) or 'none'} |"
+        )
     lines += ["", "Target: `--cfg job` <= 1.5 s."]
     table = "\n".join(lines) + "\n"
-    write_pair(results_path(args.results_dir, "cli_startup", f"cpu_{os.cpu_count()}_cores"), {"meta": meta, "points": points}, table)
+    write_pair(
+        results_path(args.results_dir, "cli_startup", f"cpu_{os.cpu_count()}_cores"),
+        {"meta": meta, "points": points},
+        table,
+    )
     print(table)
 
 

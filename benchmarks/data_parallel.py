@@ -19,8 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict
 
-from _common import (RESULTS, cuda_device, distill_overrides, results_path, run_job, run_meta,  # noqa: E402
-                     train_history, write_pair)
+from _common import RESULTS, cuda_device, distill_overrides, results_path, run_job, run_meta, train_history, write_pair  # noqa: E402
 
 
 def compare(single: Dict[str, Any], parallel: Dict[str, Any], gpus: int) -> Dict[str, Any]:
@@ -50,19 +49,34 @@ def render(results: Dict[str, Any]) -> str:
     fmt = lambda v, f="{:.4g}": "n/a" if v is None else f.format(v)  # noqa: E731
     gpus = meta["gpus"]
     rows = [
-        ("global batch (samples/step)", f"{meta['batch_size'] * gpus} ({meta['batch_size']} x {gpus} accumulation)",
-         f"{meta['batch_size'] * gpus} ({meta['batch_size']} x {gpus} GPUs)"),
-        ("throughput (tokens/s)", fmt(c["throughput_tokens_per_s_1gpu"], "{:.0f}"), fmt(c["throughput_tokens_per_s_ngpu"], "{:.0f}")),
-        ("peak VRAM per GPU (GB)", fmt(c["peak_vram_gb_1gpu"], "{:.2f}"), fmt(c["peak_vram_gb_per_gpu_ngpu"], "{:.2f}")),
+        (
+            "global batch (samples/step)",
+            f"{meta['batch_size'] * gpus} ({meta['batch_size']} x {gpus} accumulation)",
+            f"{meta['batch_size'] * gpus} ({meta['batch_size']} x {gpus} GPUs)",
+        ),
+        (
+            "throughput (tokens/s)",
+            fmt(c["throughput_tokens_per_s_1gpu"], "{:.0f}"),
+            fmt(c["throughput_tokens_per_s_ngpu"], "{:.0f}"),
+        ),
+        (
+            "peak VRAM per GPU (GB)",
+            fmt(c["peak_vram_gb_1gpu"], "{:.2f}"),
+            fmt(c["peak_vram_gb_per_gpu_ngpu"], "{:.2f}"),
+        ),
         ("final loss", fmt(c["final_loss_1gpu"], "{:.6f}"), fmt(c["final_loss_ngpu"], "{:.6f}")),
     ]
     lines = [
-        f"# Data-parallel distillation — {meta['device']}", "",
+        f"# Data-parallel distillation — {meta['device']}",
+        "",
         f"{meta['date']}; {meta['command']}; model={meta['model']} weights={meta['weights']} precision={meta['precision']}, "
         f"{meta['steps']} steps ({meta['warmup_steps']} warm-up steps excluded from throughput), {meta['image_size']}px frames; "
-        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
-        f"| | 1 GPU | {gpus} GPUs ({meta.get('data_parallel', 'ddp').upper()}) |", "| --- | --- | --- |",
-        *[f"| {name} | {one} | {many} |" for name, one, many in rows], "",
+        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        "",
+        f"| | 1 GPU | {gpus} GPUs ({meta.get('data_parallel', 'ddp').upper()}) |",
+        "| --- | --- | --- |",
+        *[f"| {name} | {one} | {many} |" for name, one, many in rows],
+        "",
         f"Speed-up {fmt(c['speedup'], '{:.2f}')}x, scaling efficiency {fmt(c['scaling_efficiency'], '{:.1%}')} "
         f"(N-GPU tokens/s over {gpus} x 1-GPU tokens/s). Loss curves over {c['steps_compared']} steps: largest relative "
         f"difference {fmt(c['max_relative_loss_difference'], '{:.2e}')}.",
@@ -80,7 +94,9 @@ def main() -> None:
     parser.add_argument("--weights", default="random", help="random (full size, no download) or '' for the model's own")
     parser.add_argument("--hardware", default="gpu")
     parser.add_argument("--precision", default="bf16")
-    parser.add_argument("--data-parallel", default="ddp", choices=["ddp", "fsdp"], help="hardware.data_parallel of the N-GPU job")
+    parser.add_argument(
+        "--data-parallel", default="ddp", choices=["ddp", "fsdp"], help="hardware.data_parallel of the N-GPU job"
+    )
     parser.add_argument("--batch-size", type=int, default=2, help="samples per GPU per micro-batch")
     parser.add_argument("--image-size", type=int, default=448)
     parser.add_argument("--steps", type=int, default=30)
@@ -96,15 +112,32 @@ def main() -> None:
     base = distill_overrides(args, args.batch_size, "train.progress_bar=false")
     single = run_job([*base, f"hardware.grad_accum_steps={args.gpus}"], workdir / "single", args.timeout)
     single["history"] = train_history(workdir / "single")
-    gpus = [] if args.hardware == "cpu" else [f"hardware.num_gpus={args.gpus}"]  # CPU: processes, no GPUs (a smoke test)
-    parallel = run_job([*base, *gpus, f"hardware.data_parallel={args.data_parallel}"], workdir / "parallel", args.timeout,
-                       launcher=["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}"])
+    gpus = (
+        [] if args.hardware == "cpu" else [f"hardware.num_gpus={args.gpus}"]
+    )  # CPU: processes, no GPUs (a smoke test)
+    parallel = run_job(
+        [*base, *gpus, f"hardware.data_parallel={args.data_parallel}"],
+        workdir / "parallel",
+        args.timeout,
+        launcher=["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.gpus}"],
+    )
     parallel["history"] = train_history(workdir / "parallel")
     results = {
-        "meta": run_meta(device, gpus=args.gpus, model=args.model, weights=args.weights, precision=args.precision,
-                         batch_size=args.batch_size, image_size=args.image_size, steps=args.steps,
-                         warmup_steps=args.warmup_steps, data_parallel=args.data_parallel),
-        "single": single, "parallel": parallel, "comparison": compare(single, parallel, args.gpus),
+        "meta": run_meta(
+            device,
+            gpus=args.gpus,
+            model=args.model,
+            weights=args.weights,
+            precision=args.precision,
+            batch_size=args.batch_size,
+            image_size=args.image_size,
+            steps=args.steps,
+            warmup_steps=args.warmup_steps,
+            data_parallel=args.data_parallel,
+        ),
+        "single": single,
+        "parallel": parallel,
+        "comparison": compare(single, parallel, args.gpus),
     }
     table = render(results)
     name = "data_parallel" if args.data_parallel == "ddp" else f"data_parallel_{args.data_parallel}"

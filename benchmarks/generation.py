@@ -1,5 +1,5 @@
 """Greedy generation at real size: transformers' `model.generate` (dynamic cache, the naive way)
-against the suite's static path (firstsight/generation.py: static KV cache, the decode step
+against the suite's static path (firstsight/inference/generation.py: static KV cache, the decode step
 replayed as a CUDA graph), side by side in one process on one GPU, on the same inputs.
 
 The student (Qwen2-VL-2B, random weights at full size, no download, bf16, SDPA) answers one
@@ -44,11 +44,31 @@ from typing import Any, Callable, Dict, List, Optional
 
 from _common import RESULTS, ROOT, cuda_device, ratio, read_results, results_path, run_meta, write_pair
 
-RTOL, ATOL = 2 ** -6, 1e-2  # bf16 keeps 8 significant bits; 28 layers of rounding in different orders
-DEFAULTS = dict(model="qwen2vl_7b_2b", hardware="gpu", precision="bf16", image_size=448, latency_queries=10,
-                warmup=3, batch_size=32, batches=2, new_tokens=32, name="generation")
-SMOKE = dict(model="tiny", hardware="cpu", precision="bf16", image_size=112, latency_queries=3, warmup=1,
-             batch_size=8, batches=1, new_tokens=8, name="generation_smoke")
+RTOL, ATOL = 2**-6, 1e-2  # bf16 keeps 8 significant bits; 28 layers of rounding in different orders
+DEFAULTS = dict(
+    model="qwen2vl_7b_2b",
+    hardware="gpu",
+    precision="bf16",
+    image_size=448,
+    latency_queries=10,
+    warmup=3,
+    batch_size=32,
+    batches=2,
+    new_tokens=32,
+    name="generation",
+)
+SMOKE = dict(
+    model="tiny",
+    hardware="cpu",
+    precision="bf16",
+    image_size=112,
+    latency_queries=3,
+    warmup=1,
+    batch_size=8,
+    batches=1,
+    new_tokens=8,
+    name="generation_smoke",
+)
 TARGETS = {"latency_p50_s": 0.1, "throughput_qps": 130.0}  # the study's targets, student at batch 1 / batch 32
 
 
@@ -57,7 +77,7 @@ def compose(overrides: List[str]) -> Any:
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from firstsight.config import register_configs
+    from firstsight.config.schema import register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -75,7 +95,7 @@ def single_frame_questions(cfg: Any) -> List[Any]:
 def prompt_batch(processor: Any, questions: List[Any], device: str) -> Dict[str, Any]:
     """`questions` collated as the decoder gets them (left-padded prompts), on `device`."""
     from firstsight.data.batching import PromptCollator
-    from firstsight.train import to_device
+    from firstsight.training.loop import to_device
 
     return to_device(PromptCollator(processor)(questions), device)
 
@@ -102,8 +122,15 @@ def percentile(values: List[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def measure(name: str, run: Callable[[Dict[str, Any]], Any], single: Dict[str, Any], batch: Dict[str, Any],
-            args: argparse.Namespace, timer: Timer, device: str) -> Dict[str, Any]:
+def measure(
+    name: str,
+    run: Callable[[Dict[str, Any]], Any],
+    single: Dict[str, Any],
+    batch: Dict[str, Any],
+    args: argparse.Namespace,
+    timer: Timer,
+    device: str,
+) -> Dict[str, Any]:
     """Latency at batch 1 and throughput at batch `args.batch_size` of one way of generating."""
     import torch
 
@@ -111,8 +138,9 @@ def measure(name: str, run: Callable[[Dict[str, Any]], Any], single: Dict[str, A
     for _ in range(args.warmup - 1):
         run(single)
     latencies = [timer(lambda: run(single)) for _ in range(args.latency_queries)]
-    figures.update(latency_p50_s=percentile(latencies, 50), latency_p90_s=percentile(latencies, 90),
-                   latencies_s=latencies)
+    figures.update(
+        latency_p50_s=percentile(latencies, 50), latency_p90_s=percentile(latencies, 90), latencies_s=latencies
+    )
     figures["first_batch_s"] = timer(lambda: run(batch))  # untimed for throughput
     run(batch)  # untimed too: the static paths capture the prefill's graph at a shape's second prefill
     if device == "cuda":
@@ -122,8 +150,11 @@ def measure(name: str, run: Callable[[Dict[str, Any]], Any], single: Dict[str, A
     figures["batch_s"] = seconds
     if device == "cuda":
         figures["batch_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    print(f"{name:22s} batch 1 p50 {figures['latency_p50_s']:.4f} s   batch {args.batch_size} "
-          f"{figures['throughput_qps']:.1f} queries/s", flush=True)
+    print(
+        f"{name:22s} batch 1 p50 {figures['latency_p50_s']:.4f} s   batch {args.batch_size} "
+        f"{figures['throughput_qps']:.1f} queries/s",
+        flush=True,
+    )
     return figures
 
 
@@ -159,14 +190,21 @@ def logits_agreement(hf: Any, static: Any) -> Dict[str, Any]:
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     import torch
 
-    from firstsight.decode_attention import group_decode, ungroup_decode
-    from firstsight.generation import GreedyDecoder
-    from firstsight.models import load_model, load_processor
-    from firstsight.validate import validate
-    from firstsight.vision_attention import batch_frames, unbatch_frames
+    from firstsight.inference.generation import GreedyDecoder
+    from firstsight.models.decode_attention import group_decode, ungroup_decode
+    from firstsight.models.loading import load_model, load_processor
+    from firstsight.models.vision_attention import batch_frames, unbatch_frames
+    from firstsight.suite.validate import validate
 
-    overrides = ["task=profile", f"model={args.model}", f"hardware={args.hardware}", f"precision={args.precision}",
-                 f"data.image_size={args.image_size}", "tracking.enabled=false", *args.overrides]
+    overrides = [
+        "task=profile",
+        f"model={args.model}",
+        f"hardware={args.hardware}",
+        f"precision={args.precision}",
+        f"data.image_size={args.image_size}",
+        "tracking.enabled=false",
+        *args.overrides,
+    ]
     if args.model != "tiny":
         overrides.append("model.student.weights=random")
     cfg = compose(overrides)
@@ -176,12 +214,15 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     processor = load_processor(cfg)
     loaded = load_model(cfg, "student", processor, device, frozen=True)
     model = loaded.model
-    print(f"student: {loaded.origin}, {loaded.params_b:.4g} B parameters, {loaded.weights_gb:.4g} GB, "
-          f"{model.dtype}, {model.config._attn_implementation}, loaded in {loaded.load_time_s:.1f} s", flush=True)
+    print(
+        f"student: {loaded.origin}, {loaded.params_b:.4g} B parameters, {loaded.weights_gb:.4g} GB, "
+        f"{model.dtype}, {model.config._attn_implementation}, loaded in {loaded.load_time_s:.1f} s",
+        flush=True,
+    )
 
     questions = single_frame_questions(cfg)
     single = prompt_batch(processor, questions[:1], device)
-    batch = prompt_batch(processor, questions[:args.batch_size], device)
+    batch = prompt_batch(processor, questions[: args.batch_size], device)
     tokenizer = processor.tokenizer
     question_tokens = len(tokenizer(questions[0].question, add_special_tokens=False)["input_ids"])
     visual_tokens = int((single["mm_token_type_ids"] == 1).sum()) if "mm_token_type_ids" in single else None
@@ -199,6 +240,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             (batch_frames if decoder.method != "hf" and batched_vision else unbatch_frames)(model)
             (group_decode if decoder.method != "hf" and grouped_decode else ungroup_decode)(model)
             return decoder.generate(inputs, steps, steps, pad_token_id=pad, record_logits=record)
+
         return generate
 
     methods = ["hf", "static"] + (["static_compile"] if args.compile else [])
@@ -210,45 +252,74 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         label = "naive (HF generate)" if method == "hf" else method
         generate = way(decoder)
         figures = measure(label, generate, single, batch, args, timer, device)
-        figures.update(method=decoder.tag, capture_s=list(decoder.capture_seconds), graph_fallback=decoder.graphs_off,
-                       compile_fallback=decoder.compile_off, prefill_compile_fallback=decoder.prefill_compile_off)
+        figures.update(
+            method=decoder.tag,
+            capture_s=list(decoder.capture_seconds),
+            graph_fallback=decoder.graphs_off,
+            compile_fallback=decoder.compile_off,
+            prefill_compile_fallback=decoder.prefill_compile_off,
+        )
         results["paths"][method] = figures
         # equivalence with the naive path: the logits of the first steps; the tokens of a whole batch
         # run. Each path is checked right after it ran, before a later one changes the shared model
         # (static_compile compiles the vision blocks in place, which the naive path would then run too).
         if method == "hf":
-            reference.update({"batch1": generate(single, True), f"batch{args.batch_size}": generate(batch, True),
-                              "full": generate(batch)})
+            reference.update(
+                {
+                    "batch1": generate(single, True),
+                    f"batch{args.batch_size}": generate(batch, True),
+                    "full": generate(batch),
+                }
+            )
             prefill_logits[method] = {name: reference[name].logits[0] for name in ("batch1", f"batch{args.batch_size}")}
             continue
         # recorded at the second call: the first one of a shape runs its prefill eagerly, later ones
         # replay the graph the timed calls replay
-        recorded = {name: (generate(inputs, True), generate(inputs, True))[1] for name, inputs in
-                    (("batch1", single), (f"batch{args.batch_size}", batch))}
+        recorded = {
+            name: (generate(inputs, True), generate(inputs, True))[1]
+            for name, inputs in (("batch1", single), (f"batch{args.batch_size}", batch))
+        }
         agreement = {name: logits_agreement(reference[name], logits) for name, logits in recorded.items()}
         prefill_logits[method] = {name: logits.logits[0] for name, logits in recorded.items()}
         full = generate(batch)
-        agreement[f"batch{args.batch_size}_{n}_tokens_identical"] = float((reference["full"].tokens == full.tokens).float().mean())
+        agreement[f"batch{args.batch_size}_{n}_tokens_identical"] = float(
+            (reference["full"].tokens == full.tokens).float().mean()
+        )
         results["agreement"][method] = agreement
-    results["inputs"] = {"prompt_tokens_batch1": int(single["input_ids"].shape[1]), "visual_tokens": visual_tokens,
-                         "question_tokens": question_tokens, "prompt_tokens_batch": int(batch["input_ids"].shape[1]),
-                         "question": questions[0].question}
-    results["model"] = {"origin": loaded.origin, "params_b": loaded.params_b, "weights_gb": loaded.weights_gb,
-                        "dtype": str(model.dtype), "attn_implementation": model.config._attn_implementation,
-                        "batched_vision_attention": batched_vision, "grouped_decode_attention": grouped_decode}
+    results["inputs"] = {
+        "prompt_tokens_batch1": int(single["input_ids"].shape[1]),
+        "visual_tokens": visual_tokens,
+        "question_tokens": question_tokens,
+        "prompt_tokens_batch": int(batch["input_ids"].shape[1]),
+        "question": questions[0].question,
+    }
+    results["model"] = {
+        "origin": loaded.origin,
+        "params_b": loaded.params_b,
+        "weights_gb": loaded.weights_gb,
+        "dtype": str(model.dtype),
+        "attn_implementation": model.config._attn_implementation,
+        "batched_vision_attention": batched_vision,
+        "grouped_decode_attention": grouped_decode,
+    }
     naive_figures = results["paths"]["hf"]
-    results["ratios"] = {method: {
-        "latency_speedup": ratio(naive_figures["latency_p50_s"], results["paths"][method]["latency_p50_s"]),
-        "throughput_gain": ratio(results["paths"][method]["throughput_qps"], naive_figures["throughput_qps"]),
-    } for method in methods[1:]}
+    results["ratios"] = {
+        method: {
+            "latency_speedup": ratio(naive_figures["latency_p50_s"], results["paths"][method]["latency_p50_s"]),
+            "throughput_gain": ratio(results["paths"][method]["throughput_qps"], naive_figures["throughput_qps"]),
+        }
+        for method in methods[1:]
+    }
     if args.fp32_reference:  # last: it casts the model to float32 in place
-        results["accuracy"] = accuracy_against_fp32(model, {"batch1": single, f"batch{args.batch_size}": batch},
-                                                    prefill_logits)
+        results["accuracy"] = accuracy_against_fp32(
+            model, {"batch1": single, f"batch{args.batch_size}": batch}, prefill_logits
+        )
     return results
 
 
-def accuracy_against_fp32(model: Any, inputs: Dict[str, Any], prefill_logits: Dict[str, Dict[str, Any]]
-                          ) -> Dict[str, Dict[str, Dict[str, Optional[float]]]]:
+def accuracy_against_fp32(
+    model: Any, inputs: Dict[str, Any], prefill_logits: Dict[str, Dict[str, Any]]
+) -> Dict[str, Dict[str, Dict[str, Optional[float]]]]:
     """Per path and batch: its prefill's logits (the last prompt position) against the same forward
     in float32: the largest |error|, the relative error ||logits - fp32|| / ||fp32||, and that
     relative error over the naive path's. The model is put back to transformers' own computation
@@ -256,9 +327,9 @@ def accuracy_against_fp32(model: Any, inputs: Dict[str, Any], prefill_logits: Di
     to float32 in place: call this last."""
     import torch
 
-    from firstsight.decode_attention import ungroup_decode
-    from firstsight.compiled_prefill import uncompile_prefill_blocks
-    from firstsight.vision_attention import unbatch_frames
+    from firstsight.inference.compiled_prefill import uncompile_prefill_blocks
+    from firstsight.models.decode_attention import ungroup_decode
+    from firstsight.models.vision_attention import unbatch_frames
 
     uncompile_prefill_blocks(model)
     unbatch_frames(model)
@@ -270,8 +341,10 @@ def accuracy_against_fp32(model: Any, inputs: Dict[str, Any], prefill_logits: Di
     for method, per_batch in prefill_logits.items():
         for name, logits in per_batch.items():
             error = logits - truth[name]  # both float32
-            errors.setdefault(method, {})[name] = {"max_abs_error": float(error.abs().max()),
-                                                   "relative_error": float(error.norm() / truth[name].norm())}
+            errors.setdefault(method, {})[name] = {
+                "max_abs_error": float(error.abs().max()),
+                "relative_error": float(error.norm() / truth[name].norm()),
+            }
     naive = errors.get("hf", {})
     for per_batch in errors.values():
         for name, e in per_batch.items():
@@ -299,14 +372,23 @@ def markdown(data: Dict[str, Any]) -> str:
         f"p50/p90 over {data['latency_queries']} timed queries after {data['warmup']} untimed; throughput over "
         f"{data['batches']} timed batches of {bs} single-frame questions (left-padded to "
         f"{inputs['prompt_tokens_batch']} tokens) after two untimed batches. Vision encoder attention: one SDPA "
-        "call per frame on the naive path" + ("; all frames in one call on the static paths "
-                                             "(hardware.batched_vision_attention)." if model.get("batched_vision_attention")
-                                             else ", and on the static paths too (hardware.batched_vision_attention=false).")
-        + (" Decode steps' attention: the KV cache repeated per query head on the naive path (transformers); "
-           "grouped query heads on the static paths (hardware.grouped_decode_attention)."
-           if model.get("grouped_decode_attention") else "")
-        + (" static_compile also compiles the prefill's vision blocks and language-model norms and MLPs (firstsight/compiled_prefill.py)." if "static_compile" in paths
-           else ""),
+        "call per frame on the naive path"
+        + (
+            "; all frames in one call on the static paths (hardware.batched_vision_attention)."
+            if model.get("batched_vision_attention")
+            else ", and on the static paths too (hardware.batched_vision_attention=false)."
+        )
+        + (
+            " Decode steps' attention: the KV cache repeated per query head on the naive path (transformers); "
+            "grouped query heads on the static paths (hardware.grouped_decode_attention)."
+            if model.get("grouped_decode_attention")
+            else ""
+        )
+        + (
+            " static_compile also compiles the prefill's vision blocks and language-model norms and MLPs (firstsight/inference/compiled_prefill.py)."
+            if "static_compile" in paths
+            else ""
+        ),
         "",
         f"| path | method | batch-1 latency p50 (s) | p90 (s) | batch-{bs} queries/s | latency speed-up | "
         f"throughput gain | batch-{bs} peak GPU memory (GB) | first call (s) | captures (s) |",
@@ -316,53 +398,86 @@ def markdown(data: Dict[str, Any]) -> str:
         r = data["ratios"].get(method, {})
         label = "naive: HF `generate`, dynamic cache" if method == "hf" else f"`hardware.generation={method}`"
         captures = ", ".join(f"{c:.2f}" for c in f.get("capture_s") or [])
-        lines.append(f"| {label} | {f['method']} | {f['latency_p50_s']:.4f} | {f['latency_p90_s']:.4f} | "
-                     f"{f['throughput_qps']:.1f} | {fmt(r.get('latency_speedup'), '.1f')}{'x' if r else ''} | "
-                     f"{fmt(r.get('throughput_gain'), '.1f')}{'x' if r else ''} | {fmt(f.get('batch_peak_gb'), '.2f')} | "
-                     f"{f['first_call_s']:.2f} | {captures} |")
-    lines += ["", f"Targets (student): batch-1 latency <= {TARGETS['latency_p50_s']} s, >= "
-              f"{TARGETS['throughput_qps']:.0f} queries/s at batch 32."]
+        lines.append(
+            f"| {label} | {f['method']} | {f['latency_p50_s']:.4f} | {f['latency_p90_s']:.4f} | "
+            f"{f['throughput_qps']:.1f} | {fmt(r.get('latency_speedup'), '.1f')}{'x' if r else ''} | "
+            f"{fmt(r.get('throughput_gain'), '.1f')}{'x' if r else ''} | {fmt(f.get('batch_peak_gb'), '.2f')} | "
+            f"{f['first_call_s']:.2f} | {captures} |"
+        )
+    lines += [
+        "",
+        f"Targets (student): batch-1 latency <= {TARGETS['latency_p50_s']} s, >= "
+        f"{TARGETS['throughput_qps']:.0f} queries/s at batch 32.",
+    ]
     for method, f in paths.items():
         if method == "hf":
             continue
-        met = [f"latency {'met' if f['latency_p50_s'] <= TARGETS['latency_p50_s'] else 'not met'}",
-               (f"throughput {'met' if f['throughput_qps'] >= TARGETS['throughput_qps'] else 'not met'}" if bs == 32
-                else "throughput not measured at batch 32")]
-        fallbacks = [f"{what}: {why}" for what, why in (("torch.compile", f.get("compile_fallback")),
-                                                         ("CUDA graphs", f.get("graph_fallback")),
-                                                         ("compiled prefill blocks", f.get("prefill_compile_fallback")))
-                     if why]
-        lines.append(f"`{method}`: {', '.join(met)}" + (f"; fell back ({'; '.join(fallbacks)})" if fallbacks else "") + ".")
-    lines += ["", "Captures (one per batch size, and per logits-recording run) happen in the first call of each shape, "
-              "outside the timed queries.", "",
-              f"Equivalence with the naive path (raw float32 logits; tolerance |diff| <= {RTOL:g} x max|logit| + {ATOL:g}; "
-              "step 1 compared over the rows whose step-0 token is the same):", "",
-              "| path | batch | step 0 (prefill) max abs diff | step 1 max abs diff | max abs logit | argmax same (step 0) "
-              f"| within tolerance | identical tokens (first {data.get('record_tokens')}) | first differing step | "
-              f"identical tokens over a batch-{bs} run of {n} |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        met = [
+            f"latency {'met' if f['latency_p50_s'] <= TARGETS['latency_p50_s'] else 'not met'}",
+            (
+                f"throughput {'met' if f['throughput_qps'] >= TARGETS['throughput_qps'] else 'not met'}"
+                if bs == 32
+                else "throughput not measured at batch 32"
+            ),
+        ]
+        fallbacks = [
+            f"{what}: {why}"
+            for what, why in (
+                ("torch.compile", f.get("compile_fallback")),
+                ("CUDA graphs", f.get("graph_fallback")),
+                ("compiled prefill blocks", f.get("prefill_compile_fallback")),
+            )
+            if why
+        ]
+        lines.append(
+            f"`{method}`: {', '.join(met)}" + (f"; fell back ({'; '.join(fallbacks)})" if fallbacks else "") + "."
+        )
+    lines += [
+        "",
+        "Captures (one per batch size, and per logits-recording run) happen in the first call of each shape, "
+        "outside the timed queries.",
+        "",
+        f"Equivalence with the naive path (raw float32 logits; tolerance |diff| <= {RTOL:g} x max|logit| + {ATOL:g}; "
+        "step 1 compared over the rows whose step-0 token is the same):",
+        "",
+        "| path | batch | step 0 (prefill) max abs diff | step 1 max abs diff | max abs logit | argmax same (step 0) "
+        f"| within tolerance | identical tokens (first {data.get('record_tokens')}) | first differing step | "
+        f"identical tokens over a batch-{bs} run of {n} |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for method, agreement in data["agreement"].items():
         for key in ("batch1", f"batch{bs}"):
             a = agreement[key]
             whole = agreement[f"batch{bs}_{n}_tokens_identical"] if key != "batch1" else None
-            lines.append(f"| {method} | {key[5:]} | {fmt(a.get('step0_max_abs_diff'), '.3g')} | "
-                         f"{fmt(a.get('step1_max_abs_diff'), '.3g')} | {fmt(a.get('step0_max_abs_logit'), '.3g')} | "
-                         f"{fmt(a.get('step0_argmax_same'), '.2f')} | {'yes' if a['equivalent'] else 'NO'} | "
-                         f"{a['identical_tokens']:.2f} | {'none' if a['first_differing_step'] is None else a['first_differing_step']} | "
-                         f"{fmt(whole, '.2f')} |")
-    lines += ["", "With random weights the logits are nearly flat: a near-tie can flip one greedy token and the "
-              "sequences diverge from there, so equivalence is judged on the logits, not on whole token sequences."]
+            lines.append(
+                f"| {method} | {key[5:]} | {fmt(a.get('step0_max_abs_diff'), '.3g')} | "
+                f"{fmt(a.get('step1_max_abs_diff'), '.3g')} | {fmt(a.get('step0_max_abs_logit'), '.3g')} | "
+                f"{fmt(a.get('step0_argmax_same'), '.2f')} | {'yes' if a['equivalent'] else 'NO'} | "
+                f"{a['identical_tokens']:.2f} | {'none' if a['first_differing_step'] is None else a['first_differing_step']} | "
+                f"{fmt(whole, '.2f')} |"
+            )
+    lines += [
+        "",
+        "With random weights the logits are nearly flat: a near-tie can flip one greedy token and the "
+        "sequences diverge from there, so equivalence is judged on the logits, not on whole token sequences.",
+    ]
     if data.get("accuracy"):
-        lines += ["", "Accuracy: each path's prefill logits (last prompt position) against the same prefill in float32 "
-                  "(transformers' own computation, uncompiled): bf16's rounding error on these inputs, measured. "
-                  "A path whose error is about the naive path's (ratio near 1, or below) differs from it by rounding "
-                  "of bf16's own size, not by a fault.", "",
-                  "| path | batch | max abs error | relative error | relative error / naive's |",
-                  "| --- | --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "Accuracy: each path's prefill logits (last prompt position) against the same prefill in float32 "
+            "(transformers' own computation, uncompiled): bf16's rounding error on these inputs, measured. "
+            "A path whose error is about the naive path's (ratio near 1, or below) differs from it by rounding "
+            "of bf16's own size, not by a fault.",
+            "",
+            "| path | batch | max abs error | relative error | relative error / naive's |",
+            "| --- | --- | --- | --- | --- |",
+        ]
         for method, per_batch in data["accuracy"].items():
             for key, e in per_batch.items():
-                lines.append(f"| {method} | {key[5:]} | {e['max_abs_error']:.3g} | {e['relative_error']:.3g} | "
-                             f"{fmt(e.get('relative_error_vs_naive'), '.3f')} |")
+                lines.append(
+                    f"| {method} | {key[5:]} | {e['max_abs_error']:.3g} | {e['relative_error']:.3g} | "
+                    f"{fmt(e.get('relative_error_vs_naive'), '.3f')} |"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -372,13 +487,24 @@ def main() -> int:
     for key, value in DEFAULTS.items():
         if key != "name":
             parser.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=None)
-    parser.add_argument("--record-tokens", type=int, default=None,
-                        help="steps whose logits are recorded for the comparison (default: --new-tokens, so the "
-                             "recording runs have the timed runs' shapes; >= 2)")
-    parser.add_argument("--compile", action="store_true",
-                        help="also hardware.generation=static_compile (torch.compile'd step; compiles per batch size)")
-    parser.add_argument("--no-fp32-reference", dest="fp32_reference", action="store_false",
-                        help="skip the accuracy check against a float32 prefill (it casts the model after the timings)")
+    parser.add_argument(
+        "--record-tokens",
+        type=int,
+        default=None,
+        help="steps whose logits are recorded for the comparison (default: --new-tokens, so the "
+        "recording runs have the timed runs' shapes; >= 2)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also hardware.generation=static_compile (torch.compile'd step; compiles per batch size)",
+    )
+    parser.add_argument(
+        "--no-fp32-reference",
+        dest="fp32_reference",
+        action="store_false",
+        help="skip the accuracy check against a float32 prefill (it casts the model after the timings)",
+    )
     parser.add_argument("--name", default=None, help="results file stem")
     parser.add_argument("--results-dir", default=None)
     parser.add_argument("--render", metavar="JSON", help="only rewrite the Markdown table of an existing results file")
@@ -404,9 +530,18 @@ def main() -> int:
         return 2
     start = time.perf_counter()
     results = run(args)
-    meta = run_meta(device, model_name=args.model, precision=args.precision, image_size=args.image_size,
-                    new_tokens=args.new_tokens, batch_size=args.batch_size, batches=args.batches,
-                    latency_queries=args.latency_queries, warmup=args.warmup, record_tokens=args.record_tokens)
+    meta = run_meta(
+        device,
+        model_name=args.model,
+        precision=args.precision,
+        image_size=args.image_size,
+        new_tokens=args.new_tokens,
+        batch_size=args.batch_size,
+        batches=args.batches,
+        latency_queries=args.latency_queries,
+        warmup=args.warmup,
+        record_tokens=args.record_tokens,
+    )
     results["results_model"] = results.pop("model")
     results["wall_s"] = time.perf_counter() - start
     data = {**meta, "points": [results]}

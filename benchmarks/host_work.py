@@ -2,13 +2,13 @@
 so that both sides see the same machine state:
 
 - vision graph: batch-1 generation by the static paths with the prefill's vision encoder replayed
-  from a CUDA graph (firstsight/vision_graph.py) and run eagerly. Same tokens and logits required.
+  from a CUDA graph (firstsight/inference/vision_graph.py) and run eagerly. Same tokens and logits required.
 - host positions: the distillation step's forward and backward (teacher 7B without gradients,
   student 2B, KD loss on the answer positions, no optimizer step) with the M-RoPE positions
-  computed once on the host and given to both models (firstsight/positions.py,
+  computed once on the host and given to both models (firstsight/models/positions.py,
   train.host_positions) and computed by each model on the GPU. Same loss required.
 - vision attention: the student's vision encoder with all frames of one size in one SDPA call
-  (firstsight/vision_attention.py, hardware.batched_vision_attention) and with one call per frame
+  (firstsight/models/vision_attention.py, hardware.batched_vision_attention) and with one call per frame
   (transformers), on a training batch (forward + backward) and on a batch of frames to answer
   (forward only, as a batched prefill). Same output (and gradient) required, to bf16 rounding.
 - decode tuning: batch-1 generation by static_compile with its step compiled under inductor's
@@ -16,14 +16,14 @@ so that both sides see the same machine state:
   tolerance required.
 - decode attention: generation by the static path (captured decode steps, not compiled) at batch 1
   and at batch --decode-batch, the decode steps' attention with the query heads grouped per KV
-  head (firstsight/decode_attention.py, hardware.grouped_decode_attention) and with the KV cache
+  head (firstsight/models/decode_attention.py, hardware.grouped_decode_attention) and with the KV cache
   repeated per query head (transformers). Logits within bf16 tolerance required.
 - prefill graph: generation by the static paths at batch 1 and at batch --decode-batch, the
-  prefill's language model replayed from a CUDA graph (firstsight/prefill.py) and run eagerly
+  prefill's language model replayed from a CUDA graph (firstsight/inference/prefill.py) and run eagerly
   (at the larger batch the graph is allowed past prefill.MAX_TOKENS, to see what it would buy
   there). Same tokens required.
 - prefill compile: generation by static_compile at batch 1 and at batch --decode-batch, the
-  prefill's language-model norms and MLPs compiled (firstsight/compiled_prefill.py) and run as
+  prefill's language-model norms and MLPs compiled (firstsight/inference/compiled_prefill.py) and run as
   transformers' code. Logits within bf16 tolerance required.
 
     python benchmarks/host_work.py                     # GPU, real size with random weights (~70 s on an H200, model builds included)
@@ -67,14 +67,15 @@ def _questions(cfg: Any, processor: Any, size: int) -> Dict[str, Any]:
 
 def _one_question(cfg: Any, processor: Any) -> Tuple[Any, Dict[str, Any]]:
     """The student, frozen, and a batch of one single-frame validation question."""
-    from firstsight.models import load_model
+    from firstsight.models.loading import load_model
 
     model = load_model(cfg, "student", processor, DEVICE["name"], frozen=True).model
     return model, _questions(cfg, processor, 1)
 
 
-def _decode_interleaved(decoders: Dict[str, Any], batch: Dict[str, Any], pad: int, args: argparse.Namespace
-                        ) -> Tuple[Dict[str, List[float]], Dict[str, float]]:
+def _decode_interleaved(
+    decoders: Dict[str, Any], batch: Dict[str, Any], pad: int, args: argparse.Namespace
+) -> Tuple[Dict[str, List[float]], Dict[str, float]]:
     """Each decoder's batch-1 answers, timed interleaved, after two untimed calls (captures and
     static_compile's compilation happen there: the first call's seconds are returned too)."""
     n = args.new_tokens
@@ -82,7 +83,7 @@ def _decode_interleaved(decoders: Dict[str, Any], batch: Dict[str, Any], pad: in
     for name, decoder in decoders.items():
         first[name] = Timer(DEVICE["name"])(lambda d=decoder: d.generate(batch, n, n, pad_token_id=pad))
         decoder.generate(batch, n, n, pad_token_id=pad)
-        ways[name] = (lambda d=decoder: d.generate(batch, n, n, pad_token_id=pad))
+        ways[name] = lambda d=decoder: d.generate(batch, n, n, pad_token_id=pad)
     return interleaved(ways, args.rounds), first
 
 
@@ -108,8 +109,12 @@ def logits_apart(a: Any, b: Any) -> Dict[str, Any]:
     fed_same = torch.ones_like(same)
     fed_same[1:] = same[:-1].int().cumprod(0).bool()  # every token before this step was the same
     x, y = a.logits[:steps][fed_same], b.logits[:steps][fed_same]
-    return {"max_abs_logit_diff": float((x - y).abs().max()), "max_abs_logit": float(x.abs().max()),
-            "compared_steps": int(fed_same.sum()), "identical_token_fraction": float(same.float().mean())}
+    return {
+        "max_abs_logit_diff": float((x - y).abs().max()),
+        "max_abs_logit": float(x.abs().max()),
+        "compared_steps": int(fed_same.sum()),
+        "identical_token_fraction": float(same.float().mean()),
+    }
 
 
 def _free() -> None:
@@ -123,7 +128,7 @@ def _free() -> None:
 
 
 def generation_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[str, Any]:
-    from firstsight.generation import GreedyDecoder
+    from firstsight.inference.generation import GreedyDecoder
 
     model, batch = _one_question(cfg, processor)
     pad = processor.tokenizer.pad_token_id
@@ -138,14 +143,19 @@ def generation_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[
     rows = []
     for method in args.methods:
         graph, eager = f"{method}, vision graph", f"{method}, vision eager"
-        rows.append({
-            "method": method, "eager_p50_s": statistics.median(times[eager]), "graph_p50_s": statistics.median(times[graph]),
-            "eager_min_s": min(times[eager]), "graph_min_s": min(times[graph]),
-            "speedup": ratio(statistics.median(times[eager]), statistics.median(times[graph])),
-            "vision_graphs_captured": len(decoders[graph].vision_graphs.capture_seconds),
-            "vision_graph_off": decoders[graph].vision_graphs.off,
-            **_agreement(decoders[eager], decoders[graph], batch, pad, args.new_tokens),
-        })
+        rows.append(
+            {
+                "method": method,
+                "eager_p50_s": statistics.median(times[eager]),
+                "graph_p50_s": statistics.median(times[graph]),
+                "eager_min_s": min(times[eager]),
+                "graph_min_s": min(times[graph]),
+                "speedup": ratio(statistics.median(times[eager]), statistics.median(times[graph])),
+                "vision_graphs_captured": len(decoders[graph].vision_graphs.capture_seconds),
+                "vision_graph_off": decoders[graph].vision_graphs.off,
+                **_agreement(decoders[eager], decoders[graph], batch, pad, args.new_tokens),
+            }
+        )
     del model, decoders
     _free()
     return {"prompt_tokens": int(batch["input_ids"].shape[1]), "rows": rows, "times_s": times}
@@ -154,21 +164,29 @@ def generation_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[
 def decode_tuning_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[str, Any]:
     """static_compile's step compiled with inductor's defaults and with generation.COMPILE_OPTIONS
     (coordinate descent tuning), batch 1; their logits must agree within bf16 tolerance."""
-    from firstsight.generation import COMPILE_OPTIONS, GreedyDecoder
+    from firstsight.inference.generation import COMPILE_OPTIONS, GreedyDecoder
 
     model, batch = _one_question(cfg, processor)
     pad = processor.tokenizer.pad_token_id
-    decoders = {"inductor's defaults": GreedyDecoder(model, "static_compile", compile_options={}),
-                "COMPILE_OPTIONS": GreedyDecoder(model, "static_compile")}
+    decoders = {
+        "inductor's defaults": GreedyDecoder(model, "static_compile", compile_options={}),
+        "COMPILE_OPTIONS": GreedyDecoder(model, "static_compile"),
+    }
     times, first = _decode_interleaved(decoders, batch, pad, args)
     plain, tuned = decoders
     agreement = _agreement(decoders[plain], decoders[tuned], batch, pad, args.new_tokens)
     tolerance = RTOL * agreement["max_abs_logit"] + ATOL  # generation.py's bf16 tolerance
-    result = {"options": COMPILE_OPTIONS, "methods": {name: d.tag for name, d in decoders.items()},
-              "p50_s": {name: statistics.median(t) for name, t in times.items()}, "first_call_s": first,
-              "speedup": ratio(statistics.median(times[plain]), statistics.median(times[tuned])),
-              **agreement, "within_tolerance": agreement["max_abs_logit_diff"] <= tolerance,
-              "prompt_tokens": int(batch["input_ids"].shape[1]), "times_s": times}
+    result = {
+        "options": COMPILE_OPTIONS,
+        "methods": {name: d.tag for name, d in decoders.items()},
+        "p50_s": {name: statistics.median(t) for name, t in times.items()},
+        "first_call_s": first,
+        "speedup": ratio(statistics.median(times[plain]), statistics.median(times[tuned])),
+        **agreement,
+        "within_tolerance": agreement["max_abs_logit_diff"] <= tolerance,
+        "prompt_tokens": int(batch["input_ids"].shape[1]),
+        "times_s": times,
+    }
     del model, decoders
     _free()
     return result
@@ -178,8 +196,8 @@ def decode_attention_part(cfg: Any, processor: Any, args: argparse.Namespace) ->
     """The static path with grouped and with repeated KV heads in its decode steps, at batch 1 and
     --decode-batch. Each decoder captures its step (the attention it was captured with is the one
     its replays run) under its own setting; prefills are the same either way (several positions)."""
-    from firstsight.decode_attention import group_decode, ungroup_decode
-    from firstsight.generation import GreedyDecoder
+    from firstsight.inference.generation import GreedyDecoder
+    from firstsight.models.decode_attention import group_decode, ungroup_decode
 
     model, single = _one_question(cfg, processor)
     batch = _questions(cfg, processor, args.decode_batch)
@@ -193,18 +211,29 @@ def decode_attention_part(cfg: Any, processor: Any, args: argparse.Namespace) ->
             switch[name](model)
             logits[name] = decoder.generate(inputs, n, n, pad_token_id=pad, record_logits=True)
             decoder.generate(inputs, n, n, pad_token_id=pad)
-        times = interleaved({name: (lambda d=d: d.generate(inputs, n, n, pad_token_id=pad))
-                             for name, d in decoders.items()}, args.rounds)
+        times = interleaved(
+            {name: (lambda d=d: d.generate(inputs, n, n, pad_token_id=pad)) for name, d in decoders.items()},
+            args.rounds,
+        )
         apart = logits_apart(logits["repeated"], logits["grouped"])
         p50 = {name: statistics.median(t) for name, t in times.items()}
-        rows.append({"batch_size": size, "p50_s": p50, "speedup": ratio(p50["repeated"], p50["grouped"]),
-                     "methods": {name: d.tag for name, d in decoders.items()}, **apart,
-                     "within_tolerance": apart["max_abs_logit_diff"] <= RTOL * apart["max_abs_logit"] + ATOL,
-                     "times_s": times})
+        rows.append(
+            {
+                "batch_size": size,
+                "p50_s": p50,
+                "speedup": ratio(p50["repeated"], p50["grouped"]),
+                "methods": {name: d.tag for name, d in decoders.items()},
+                **apart,
+                "within_tolerance": apart["max_abs_logit_diff"] <= RTOL * apart["max_abs_logit"] + ATOL,
+                "times_s": times,
+            }
+        )
     del model
     _free()
-    return {"prompt_tokens": {1: int(single["input_ids"].shape[1]), args.decode_batch: int(batch["input_ids"].shape[1])},
-            "rows": rows}
+    return {
+        "prompt_tokens": {1: int(single["input_ids"].shape[1]), args.decode_batch: int(batch["input_ids"].shape[1])},
+        "rows": rows,
+    }
 
 
 def _compare_on(decoders: Dict[str, Any], inputs: Dict[str, Any], pad: int, args: argparse.Namespace) -> Dict[str, Any]:
@@ -218,23 +247,30 @@ def _compare_on(decoders: Dict[str, Any], inputs: Dict[str, Any], pad: int, args
         for record in (False, False, True, True):
             out = decoder.generate(inputs, n, n, pad_token_id=pad, record_logits=record)
         logits[name] = out
-    times = interleaved({name: (lambda d=d: d.generate(inputs, n, n, pad_token_id=pad))
-                         for name, d in decoders.items()}, args.rounds)
+    times = interleaved(
+        {name: (lambda d=d: d.generate(inputs, n, n, pad_token_id=pad)) for name, d in decoders.items()}, args.rounds
+    )
     p50 = {name: statistics.median(t) for name, t in times.items()}
     first, second = decoders
     apart = logits_apart(logits[first], logits[second])
-    return {"batch_size": int(inputs["input_ids"].shape[0]), "prompt_tokens": int(inputs["input_ids"].shape[1]),
-            "p50_s": p50, "speedup": ratio(p50[first], p50[second]),
-            "methods": {name: d.tag for name, d in decoders.items()},
-            "identical_tokens": bool((logits[first].tokens == logits[second].tokens).all()), **apart,
-            "within_tolerance": apart["max_abs_logit_diff"] <= RTOL * apart["max_abs_logit"] + ATOL, "times_s": times}
+    return {
+        "batch_size": int(inputs["input_ids"].shape[0]),
+        "prompt_tokens": int(inputs["input_ids"].shape[1]),
+        "p50_s": p50,
+        "speedup": ratio(p50[first], p50[second]),
+        "methods": {name: d.tag for name, d in decoders.items()},
+        "identical_tokens": bool((logits[first].tokens == logits[second].tokens).all()),
+        **apart,
+        "within_tolerance": apart["max_abs_logit_diff"] <= RTOL * apart["max_abs_logit"] + ATOL,
+        "times_s": times,
+    }
 
 
 def prefill_graph_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[str, Any]:
     """Each of --methods at batch 1 and --decode-batch, with the prefill's language model replayed
     from a graph and run eagerly."""
-    from firstsight.generation import GreedyDecoder
-    from firstsight.prefill import MAX_TOKENS
+    from firstsight.inference.generation import GreedyDecoder
+    from firstsight.inference.prefill import MAX_TOKENS
 
     model, single = _one_question(cfg, processor)
     batch = _questions(cfg, processor, args.decode_batch)
@@ -248,9 +284,16 @@ def prefill_graph_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Di
             decoders["graph"].language_graphs.max_tokens = max(MAX_TOKENS, size * length)
             row = _compare_on(decoders, inputs, pad, args)
             graphs = decoders["graph"].language_graphs
-            rows.append({"method": method, **row, "graphs_captured": len(graphs.capture_seconds),
-                         "capture_s": sum(graphs.capture_seconds), "graph_off": graphs.off,
-                         "over_default_limit": size * length > MAX_TOKENS})
+            rows.append(
+                {
+                    "method": method,
+                    **row,
+                    "graphs_captured": len(graphs.capture_seconds),
+                    "capture_s": sum(graphs.capture_seconds),
+                    "graph_off": graphs.off,
+                    "over_default_limit": size * length > MAX_TOKENS,
+                }
+            )
             del decoders
             _free()
     del model
@@ -260,23 +303,31 @@ def prefill_graph_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Di
 
 def prefill_compile_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[str, Any]:
     """static_compile at batch 1 and --decode-batch, the prefill's language model with its norms and
-    MLPs run as transformers' code and compiled (firstsight/compiled_prefill.py); both decoders
+    MLPs run as transformers' code and compiled (firstsight/inference/compiled_prefill.py); both decoders
     share the model's compiled vision blocks and decode step."""
-    from firstsight.generation import GreedyDecoder, generation_tags
+    from firstsight.inference.generation import GreedyDecoder, generation_tags
 
     model, single = _one_question(cfg, processor)
     batch = _questions(cfg, processor, args.decode_batch)
     pad = processor.tokenizer.pad_token_id
     rows = []
     for inputs in (single, batch):
-        decoders = {"transformers' code": GreedyDecoder(model, "static_compile"),
-                    "compiled": GreedyDecoder(model, "static_compile")}
+        decoders = {
+            "transformers' code": GreedyDecoder(model, "static_compile"),
+            "compiled": GreedyDecoder(model, "static_compile"),
+        }
         decoders["transformers' code"].compile_language_prefill = False
         start = time.perf_counter()
         row = _compare_on(decoders, inputs, pad, args)
-        rows.append({**row, "prepare_and_time_s": time.perf_counter() - start,
-                     "fallback": {name: generation_tags(d).get("firstsight.generation.fallback")
-                                  for name, d in decoders.items()}})
+        rows.append(
+            {
+                **row,
+                "prepare_and_time_s": time.perf_counter() - start,
+                "fallback": {
+                    name: generation_tags(d).get("firstsight.generation.fallback") for name, d in decoders.items()
+                },
+            }
+        )
         del decoders
         _free()
     del model
@@ -289,18 +340,20 @@ def positions_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[s
 
     from firstsight.data import load_split
     from firstsight.data.batching import QACollator
-    from firstsight.distill import step_inputs
-    from firstsight.losses import ForwardKL, count_answer_tokens
-    from firstsight.models import load_model
-    from firstsight.train import to_device
+    from firstsight.losses.kd import ForwardKL, count_answer_tokens
+    from firstsight.models.loading import load_model
+    from firstsight.tasks.distill import step_inputs
+    from firstsight.training.loop import to_device
 
     teacher = load_model(cfg, "teacher", processor, DEVICE["name"], frozen=True).model
     student = load_model(cfg, "student", processor, DEVICE["name"], frozen=False).model.to(teacher.dtype)
     samples = load_split(cfg.data, "train", cfg.seed)
     size = args.batch_size
     collate = QACollator(processor)
-    batches = [to_device(collate([samples[i] for i in range(j * size, (j + 1) * size)]), DEVICE["name"])
-               for j in range(args.batches)]
+    batches = [
+        to_device(collate([samples[i] for i in range(j * size, (j + 1) * size)]), DEVICE["name"])
+        for j in range(args.batches)
+    ]
     loss_fn = ForwardKL()
 
     def step(batch: Dict[str, Any], host: bool) -> float:  # the inputs exactly as distill's step makes them
@@ -314,24 +367,34 @@ def positions_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[s
         return float(out.loss.detach())
 
     same = all(step(b, True) == step(b, False) for b in batches)  # also the untimed warm-up
-    ways = {"positions on the host": lambda: [step(b, True) for b in batches],
-            "positions on the GPU (each model)": lambda: [step(b, False) for b in batches]}
+    ways = {
+        "positions on the host": lambda: [step(b, True) for b in batches],
+        "positions on the GPU (each model)": lambda: [step(b, False) for b in batches],
+    }
     times = interleaved(ways, args.rounds)
     per_step = {name: [t / len(batches) for t in values] for name, values in times.items()}
     host, gpu = (statistics.median(per_step[name]) for name in ways)
     tokens = sum(int(b["attention_mask"].sum()) for b in batches) / len(batches)
-    return {"batch_size": size, "tokens_per_step": tokens, "identical_loss": same, "host_step_s": host,
-            "gpu_step_s": gpu, "speedup": ratio(gpu, host), "times_s": per_step}
+    return {
+        "batch_size": size,
+        "tokens_per_step": tokens,
+        "identical_loss": same,
+        "host_step_s": host,
+        "gpu_step_s": gpu,
+        "speedup": ratio(gpu, host),
+        "times_s": per_step,
+    }
 
 
 def vision_attention_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[str, Any]:
     import torch
 
+    from firstsight.core.runtime import torch_dtype
     from firstsight.data import load_split
     from firstsight.data.batching import QACollator
-    from firstsight.models import load_model, torch_dtype
-    from firstsight.train import to_device
-    from firstsight.vision_attention import batch_frames, unbatch_frames
+    from firstsight.models.loading import load_model
+    from firstsight.models.vision_attention import batch_frames, unbatch_frames
+    from firstsight.training.loop import to_device
 
     student = load_model(cfg, "student", processor, DEVICE["name"], frozen=False).model
     student.to(torch_dtype(cfg.precision.dtype))
@@ -352,131 +415,206 @@ def vision_attention_part(cfg: Any, processor: Any, args: argparse.Namespace) ->
         return result
 
     rows = []
-    for case, batch, backward in ((f"training batch of {args.batch_size}, forward + backward", train, True),
-                                  (f"{prefill['input_ids'].shape[0]} frames to answer, forward only", prefill, False)):
+    for case, batch, backward in (
+        (f"training batch of {args.batch_size}, forward + backward", train, True),
+        (f"{prefill['input_ids'].shape[0]} frames to answer, forward only", prefill, False),
+    ):
         (per_frame, per_frame_grad), (batched, batched_grad) = (encode(batch, backward, b) for b in (False, True))
         error = float((batched - per_frame).norm() / per_frame.norm())
-        grad_error = (float((batched_grad - per_frame_grad).norm() / per_frame_grad.norm()) if backward else None)
-        ways = {"per frame": lambda b=batch, g=backward: encode(b, g, False),
-                "batched": lambda b=batch, g=backward: encode(b, g, True)}
+        grad_error = float((batched_grad - per_frame_grad).norm() / per_frame_grad.norm()) if backward else None
+        ways = {
+            "per frame": lambda b=batch, g=backward: encode(b, g, False),
+            "batched": lambda b=batch, g=backward: encode(b, g, True),
+        }
         times = interleaved(ways, args.rounds)
         per, bat = (statistics.median(times[name]) for name in ways)
         grid = batch["image_grid_thw"]
-        rows.append({"case": case, "frames": int(grid[:, 0].sum()), "patches": int(grid.prod(-1).sum()),
-                     "per_frame_p50_s": per, "batched_p50_s": bat, "speedup": ratio(per, bat),
-                     "relative_error": error, "grad_relative_error": grad_error,
-                     "same": error < 1e-2 and (grad_error is None or grad_error < 1e-2), "times_s": times})
+        rows.append(
+            {
+                "case": case,
+                "frames": int(grid[:, 0].sum()),
+                "patches": int(grid.prod(-1).sum()),
+                "per_frame_p50_s": per,
+                "batched_p50_s": bat,
+                "speedup": ratio(per, bat),
+                "relative_error": error,
+                "grad_relative_error": grad_error,
+                "same": error < 1e-2 and (grad_error is None or grad_error < 1e-2),
+                "times_s": times,
+            }
+        )
     return {"dtype": getattr(cfg.precision.dtype, "value", str(cfg.precision.dtype)), "rows": rows}
 
 
 def markdown(data: Dict[str, Any]) -> str:
     v = data["versions"]
-    lines = [f"# Host-side work removed — {data['device']}", "",
-             f"{data['date']}; torch {v.get('torch')}, transformers {v.get('transformers')}; {data['command']}; "
-             f"{data['setup']}, {data['image_size']}x{data['image_size']} frames; "
-             f"each pair measured interleaved in one process, {data['rounds']} rounds.", ""]
+    lines = [
+        f"# Host-side work removed — {data['device']}",
+        "",
+        f"{data['date']}; torch {v.get('torch')}, transformers {v.get('transformers')}; {data['command']}; "
+        f"{data['setup']}, {data['image_size']}x{data['image_size']} frames; "
+        f"each pair measured interleaved in one process, {data['rounds']} rounds.",
+        "",
+    ]
     gen = data.get("generation")
     if gen:
-        lines += [f"Batch-1 generation (the student, {gen['prompt_tokens']}-token prompt, {data['new_tokens']} new tokens), "
-                  "p50 over the rounds:", "",
-                  "| path | vision encoder eager (s) | vision graph (s) | speed-up | graphs captured | identical tokens | max abs logit diff |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            f"Batch-1 generation (the student, {gen['prompt_tokens']}-token prompt, {data['new_tokens']} new tokens), "
+            "p50 over the rounds:",
+            "",
+            "| path | vision encoder eager (s) | vision graph (s) | speed-up | graphs captured | identical tokens | max abs logit diff |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for r in gen["rows"]:
-            lines.append(f"| `{r['method']}` | {r['eager_p50_s']:.4f} | {r['graph_p50_s']:.4f} | {r['speedup']:.2f}x | "
-                         f"{r['vision_graphs_captured']}{' (off: ' + r['vision_graph_off'] + ')' if r['vision_graph_off'] else ''} | "
-                         f"{'yes' if r['identical_tokens'] else 'NO'} | {r['max_abs_logit_diff']:.3g} |")
+            lines.append(
+                f"| `{r['method']}` | {r['eager_p50_s']:.4f} | {r['graph_p50_s']:.4f} | {r['speedup']:.2f}x | "
+                f"{r['vision_graphs_captured']}{' (off: ' + r['vision_graph_off'] + ')' if r['vision_graph_off'] else ''} | "
+                f"{'yes' if r['identical_tokens'] else 'NO'} | {r['max_abs_logit_diff']:.3g} |"
+            )
         lines.append("")
     pos = data.get("positions")
     if pos:
-        lines += [f"Distillation forward + backward (teacher without gradients, student, batch {pos['batch_size']}, "
-                  f"{pos['tokens_per_step']:.0f} tokens per step, no optimizer step), median per step:", "",
-                  "| M-RoPE positions | step (s) | tokens/s |", "| --- | --- | --- |",
-                  f"| each model on the GPU (train.host_positions=false) | {pos['gpu_step_s']:.4f} | {pos['tokens_per_step'] / pos['gpu_step_s']:.0f} |",
-                  f"| once on the host, shared (default) | {pos['host_step_s']:.4f} | {pos['tokens_per_step'] / pos['host_step_s']:.0f} |",
-                  "", f"Speed-up {pos['speedup']:.2f}x; identical loss: {'yes' if pos['identical_loss'] else 'NO'}.", ""]
+        lines += [
+            f"Distillation forward + backward (teacher without gradients, student, batch {pos['batch_size']}, "
+            f"{pos['tokens_per_step']:.0f} tokens per step, no optimizer step), median per step:",
+            "",
+            "| M-RoPE positions | step (s) | tokens/s |",
+            "| --- | --- | --- |",
+            f"| each model on the GPU (train.host_positions=false) | {pos['gpu_step_s']:.4f} | {pos['tokens_per_step'] / pos['gpu_step_s']:.0f} |",
+            f"| once on the host, shared (default) | {pos['host_step_s']:.4f} | {pos['tokens_per_step'] / pos['host_step_s']:.0f} |",
+            "",
+            f"Speed-up {pos['speedup']:.2f}x; identical loss: {'yes' if pos['identical_loss'] else 'NO'}.",
+            "",
+        ]
     tuning = data.get("decode_tuning")
     if tuning:
         plain, tuned = tuning["p50_s"]
-        lines += [f"Batch-1 generation by `static_compile` (the student, {tuning['prompt_tokens']}-token prompt, "
-                  f"{data['new_tokens']} new tokens), the step compiled with inductor's defaults and with "
-                  f"`generation.COMPILE_OPTIONS` = `{tuning['options']}`, p50 over the rounds:", "",
-                  "| compiled with | p50 (s) | first call, compiling included (s) | method |", "| --- | --- | --- | --- |"]
+        lines += [
+            f"Batch-1 generation by `static_compile` (the student, {tuning['prompt_tokens']}-token prompt, "
+            f"{data['new_tokens']} new tokens), the step compiled with inductor's defaults and with "
+            f"`generation.COMPILE_OPTIONS` = `{tuning['options']}`, p50 over the rounds:",
+            "",
+            "| compiled with | p50 (s) | first call, compiling included (s) | method |",
+            "| --- | --- | --- | --- |",
+        ]
         for name in (plain, tuned):
-            lines.append(f"| {name} | {tuning['p50_s'][name]:.4f} | {tuning['first_call_s'][name]:.1f} | "
-                         f"{tuning['methods'][name]} |")
-        lines += ["", f"Speed-up {tuning['speedup']:.2f}x; identical tokens: {'yes' if tuning['identical_tokens'] else 'no'}; "
-                  f"max abs logit difference {tuning['max_abs_logit_diff']:.3g} on magnitudes up to "
-                  f"{tuning['max_abs_logit']:.3g}: {'within' if tuning['within_tolerance'] else 'OUTSIDE'} "
-                  "bf16 tolerance (2^-6 x max + 0.01).", ""]
+            lines.append(
+                f"| {name} | {tuning['p50_s'][name]:.4f} | {tuning['first_call_s'][name]:.1f} | "
+                f"{tuning['methods'][name]} |"
+            )
+        lines += [
+            "",
+            f"Speed-up {tuning['speedup']:.2f}x; identical tokens: {'yes' if tuning['identical_tokens'] else 'no'}; "
+            f"max abs logit difference {tuning['max_abs_logit_diff']:.3g} on magnitudes up to "
+            f"{tuning['max_abs_logit']:.3g}: {'within' if tuning['within_tolerance'] else 'OUTSIDE'} "
+            "bf16 tolerance (2^-6 x max + 0.01).",
+            "",
+        ]
     att = data.get("decode_attention")
     if att:
-        lines += ["Generation by `static` (decode steps captured, not compiled; the student, "
-                  f"{data['new_tokens']} new tokens), the decode steps' attention with the KV cache repeated per "
-                  "query head (transformers) and with the query heads grouped per KV head "
-                  "(hardware.grouped_decode_attention), p50 over the rounds:", "",
-                  "| batch | prompt tokens | repeated (s) | grouped (s) | speed-up | identical tokens | "
-                  "max abs logit diff (steps compared) | within bf16 tolerance |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            "Generation by `static` (decode steps captured, not compiled; the student, "
+            f"{data['new_tokens']} new tokens), the decode steps' attention with the KV cache repeated per "
+            "query head (transformers) and with the query heads grouped per KV head "
+            "(hardware.grouped_decode_attention), p50 over the rounds:",
+            "",
+            "| batch | prompt tokens | repeated (s) | grouped (s) | speed-up | identical tokens | "
+            "max abs logit diff (steps compared) | within bf16 tolerance |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for r in att["rows"]:
-            lines.append(f"| {r['batch_size']} | {att['prompt_tokens'][r['batch_size']]} | {r['p50_s']['repeated']:.4f} | "
-                         f"{r['p50_s']['grouped']:.4f} | {r['speedup']:.2f}x | {r['identical_token_fraction']:.2f} | "
-                         f"{r['max_abs_logit_diff']:.3g} of {r['max_abs_logit']:.3g} ({r['compared_steps']}) | "
-                         f"{'yes' if r['within_tolerance'] else 'NO'} |")
-        lines += ["", "Logits are compared at each row's steps up to and including the first where the two ways "
-                  "chose different tokens (after it they continue different answers); the tolerance is "
-                  "2^-6 x max + 0.01.", ""]
+            lines.append(
+                f"| {r['batch_size']} | {att['prompt_tokens'][r['batch_size']]} | {r['p50_s']['repeated']:.4f} | "
+                f"{r['p50_s']['grouped']:.4f} | {r['speedup']:.2f}x | {r['identical_token_fraction']:.2f} | "
+                f"{r['max_abs_logit_diff']:.3g} of {r['max_abs_logit']:.3g} ({r['compared_steps']}) | "
+                f"{'yes' if r['within_tolerance'] else 'NO'} |"
+            )
+        lines += [
+            "",
+            "Logits are compared at each row's steps up to and including the first where the two ways "
+            "chose different tokens (after it they continue different answers); the tolerance is "
+            "2^-6 x max + 0.01.",
+            "",
+        ]
     pre = data.get("prefill_graph")
     if pre:
-        lines += [f"Generation ({data['new_tokens']} new tokens), the prefill's language model run eagerly and "
-                  f"replayed from a CUDA graph (firstsight/prefill.py; by default only up to {pre['max_tokens']} "
-                  "prompt tokens per batch), p50 over the rounds:", "",
-                  "| path | batch | prompt tokens | eager (s) | graph (s) | speed-up | graphs captured (s) | "
-                  "identical tokens | max abs logit diff |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            f"Generation ({data['new_tokens']} new tokens), the prefill's language model run eagerly and "
+            f"replayed from a CUDA graph (firstsight/inference/prefill.py; by default only up to {pre['max_tokens']} "
+            "prompt tokens per batch), p50 over the rounds:",
+            "",
+            "| path | batch | prompt tokens | eager (s) | graph (s) | speed-up | graphs captured (s) | "
+            "identical tokens | max abs logit diff |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for r in pre["rows"]:
             off = f" (off: {r['graph_off']})" if r["graph_off"] else ""
-            lines.append(f"| `{r['method']}` | {r['batch_size']}{' (past the limit)' if r['over_default_limit'] else ''} | "
-                         f"{r['prompt_tokens']} | {r['p50_s']['eager']:.4f} | {r['p50_s']['graph']:.4f} | "
-                         f"{r['speedup']:.2f}x | {r['graphs_captured']} ({r['capture_s']:.2f}){off} | "
-                         f"{'yes' if r['identical_tokens'] else 'NO'} | {r['max_abs_logit_diff']:.3g} |")
+            lines.append(
+                f"| `{r['method']}` | {r['batch_size']}{' (past the limit)' if r['over_default_limit'] else ''} | "
+                f"{r['prompt_tokens']} | {r['p50_s']['eager']:.4f} | {r['p50_s']['graph']:.4f} | "
+                f"{r['speedup']:.2f}x | {r['graphs_captured']} ({r['capture_s']:.2f}){off} | "
+                f"{'yes' if r['identical_tokens'] else 'NO'} | {r['max_abs_logit_diff']:.3g} |"
+            )
         lines.append("")
     comp = data.get("prefill_compile")
     if comp:
-        lines += [f"Generation by `static_compile` ({data['new_tokens']} new tokens), the prefill's language-model "
-                  "norms and MLPs run as transformers' code and compiled (firstsight/compiled_prefill.py), p50 over "
-                  "the rounds:", "",
-                  "| batch | prompt tokens | transformers' code (s) | compiled (s) | speed-up | queries/s (compiled) | "
-                  "identical tokens | max abs logit diff (steps compared) | within bf16 tolerance | methods | "
-                  "prepared and timed in (s) |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            f"Generation by `static_compile` ({data['new_tokens']} new tokens), the prefill's language-model "
+            "norms and MLPs run as transformers' code and compiled (firstsight/inference/compiled_prefill.py), p50 over "
+            "the rounds:",
+            "",
+            "| batch | prompt tokens | transformers' code (s) | compiled (s) | speed-up | queries/s (compiled) | "
+            "identical tokens | max abs logit diff (steps compared) | within bf16 tolerance | methods | "
+            "prepared and timed in (s) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for r in comp["rows"]:
             plain, compiled = r["p50_s"]
             fallback = "; ".join(f"{k}: {v}" for k, v in r["fallback"].items() if v)
-            lines.append(f"| {r['batch_size']} | {r['prompt_tokens']} | {r['p50_s'][plain]:.4f} | "
-                         f"{r['p50_s'][compiled]:.4f} | {r['speedup']:.3f}x | {r['batch_size'] / r['p50_s'][compiled]:.1f} | "
-                         f"{r['identical_token_fraction']:.2f} | {r['max_abs_logit_diff']:.3g} of {r['max_abs_logit']:.3g} "
-                         f"({r['compared_steps']}) | {'yes' if r['within_tolerance'] else 'NO'} | "
-                         f"{', '.join(sorted(set(r['methods'].values())))}{' (fallback: ' + fallback + ')' if fallback else ''} | "
-                         f"{r['prepare_and_time_s']:.0f} |")
+            lines.append(
+                f"| {r['batch_size']} | {r['prompt_tokens']} | {r['p50_s'][plain]:.4f} | "
+                f"{r['p50_s'][compiled]:.4f} | {r['speedup']:.3f}x | {r['batch_size'] / r['p50_s'][compiled]:.1f} | "
+                f"{r['identical_token_fraction']:.2f} | {r['max_abs_logit_diff']:.3g} of {r['max_abs_logit']:.3g} "
+                f"({r['compared_steps']}) | {'yes' if r['within_tolerance'] else 'NO'} | "
+                f"{', '.join(sorted(set(r['methods'].values())))}{' (fallback: ' + fallback + ')' if fallback else ''} | "
+                f"{r['prepare_and_time_s']:.0f} |"
+            )
         lines.append("")
     vis = data.get("vision_attention")
     if vis:
-        lines += [f"The student's vision encoder ({vis['dtype']}), median over the rounds; same output: relative "
-                  "error of the merged output (and of the first block's qkv weight gradient) under 1e-2:", "",
-                  "| case | frames | patches | one call per frame (s) | one call for all frames (s) | speed-up | "
-                  "output rel. error | gradient rel. error | same |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        lines += [
+            f"The student's vision encoder ({vis['dtype']}), median over the rounds; same output: relative "
+            "error of the merged output (and of the first block's qkv weight gradient) under 1e-2:",
+            "",
+            "| case | frames | patches | one call per frame (s) | one call for all frames (s) | speed-up | "
+            "output rel. error | gradient rel. error | same |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for r in vis["rows"]:
             grad = "" if r["grad_relative_error"] is None else f"{r['grad_relative_error']:.2g}"
-            lines.append(f"| {r['case']} | {r['frames']} | {r['patches']} | {r['per_frame_p50_s']:.4f} | "
-                         f"{r['batched_p50_s']:.4f} | {r['speedup']:.2f}x | {r['relative_error']:.2g} | {grad} | "
-                         f"{'yes' if r['same'] else 'NO'} |")
+            lines.append(
+                f"| {r['case']} | {r['frames']} | {r['patches']} | {r['per_frame_p50_s']:.4f} | "
+                f"{r['batched_p50_s']:.4f} | {r['speedup']:.2f}x | {r['relative_error']:.2g} | {grad} | "
+                f"{'yes' if r['same'] else 'NO'} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parts = ["generation", "positions", "vision_attention", "decode_tuning", "decode_attention", "prefill_graph",
-             "prefill_compile"]
+    parts = [
+        "generation",
+        "positions",
+        "vision_attention",
+        "decode_tuning",
+        "decode_attention",
+        "prefill_graph",
+        "prefill_compile",
+    ]
     parser.add_argument("--parts", nargs="+", default=parts, choices=parts)
-    parser.add_argument("--methods", nargs="+", default=["static", "static_compile"], choices=["static", "static_compile"])
+    parser.add_argument(
+        "--methods", nargs="+", default=["static", "static_compile"], choices=["static", "static_compile"]
+    )
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=448)
@@ -485,7 +623,9 @@ def main() -> int:
     parser.add_argument("--prefill-frames", type=int, default=32, help="vision attention: frames encoded for answering")
     parser.add_argument("--decode-batch", type=int, default=32, help="decode attention: the larger batch")
     parser.add_argument("--results-dir", default=str(RESULTS))
-    parser.add_argument("--smoke", action="store_true", help="CPU, the tiny pair, 2 rounds: the plumbing (temp results)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="CPU, the tiny pair, 2 rounds: the plumbing (temp results)"
+    )
     args = parser.parse_args()
     import torch
 
@@ -496,22 +636,44 @@ def main() -> int:
         args.rounds, args.batches, args.image_size, args.new_tokens, args.methods = 2, 1, 112, 4, ["static"]
         args.prefill_frames = args.decode_batch = 4
         args.results_dir = tempfile.mkdtemp(prefix="host-work-smoke-")
-        cfg = compose(["task=distill", "model=tiny", "hardware=cpu", "precision=fp32", f"data.image_size={args.image_size}",
-                       "tracking.enabled=false"])
+        cfg = compose(
+            [
+                "task=distill",
+                "model=tiny",
+                "hardware=cpu",
+                "precision=fp32",
+                f"data.image_size={args.image_size}",
+                "tracking.enabled=false",
+            ]
+        )
     else:
         device = cuda_device()
         if device == "cpu":
-            print("no CUDA GPU visible: these are GPU measurements (--smoke: the plumbing on this CPU)", file=sys.stderr)
+            print(
+                "no CUDA GPU visible: these are GPU measurements (--smoke: the plumbing on this CPU)", file=sys.stderr
+            )
             return 2
-        cfg = compose(["task=distill", "model=qwen2vl_7b_2b", "hardware=gpu", "precision=bf16",
-                       f"data.image_size={args.image_size}", "tracking.enabled=false", "model.student.weights=random",
-                       "model.teacher.weights=random"])
-    from firstsight.models import load_processor
+        cfg = compose(
+            [
+                "task=distill",
+                "model=qwen2vl_7b_2b",
+                "hardware=gpu",
+                "precision=bf16",
+                f"data.image_size={args.image_size}",
+                "tracking.enabled=false",
+                "model.student.weights=random",
+                "model.teacher.weights=random",
+            ]
+        )
+    from firstsight.models.loading import load_processor
 
     torch.manual_seed(cfg.seed)
     processor = load_processor(cfg)
-    setup = ("the tiny pair on the CPU, fp32 (the plumbing only)" if args.smoke else
-             "Qwen2-VL-7B teacher and 2B student at full size with random weights, bf16, SDPA")
+    setup = (
+        "the tiny pair on the CPU, fp32 (the plumbing only)"
+        if args.smoke
+        else "Qwen2-VL-7B teacher and 2B student at full size with random weights, bf16, SDPA"
+    )
     data = run_meta(device, image_size=args.image_size, new_tokens=args.new_tokens, rounds=args.rounds, setup=setup)
     if "generation" in args.parts:
         data["generation"] = generation_part(cfg, processor, args)

@@ -40,11 +40,25 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from _common import (RESULTS, add_distill_flags, cuda_device, distill_overrides, results_path, run_job, run_meta,  # noqa: E402
-                     train_history, write_pair)
+from _common import (  # noqa: E402
+    RESULTS,
+    add_distill_flags,
+    cuda_device,
+    distill_overrides,
+    results_path,
+    run_job,
+    run_meta,
+    train_history,
+    write_pair,
+)
 
-NAIVE = ["precision.trainable_dtype=bfloat16", "train.logits=all_positions", "train.fused_optimizer=false",
-         "train.host_positions=false", "hardware.batched_vision_attention=false"]
+NAIVE = [
+    "precision.trainable_dtype=bfloat16",
+    "train.logits=all_positions",
+    "train.fused_optimizer=false",
+    "train.host_positions=false",
+    "hardware.batched_vision_attention=false",
+]
 OPTIMIZED = ["precision.trainable_dtype=bfloat16"]
 # the teacher's whole distribution (every id: the live loss exactly) over the train split, computed
 # once by one teacher pass before the first step; the steps then run the student only
@@ -54,49 +68,82 @@ TEACHER_CACHE = ["teacher_cache.enabled=true", "teacher_cache.top_k=null"]
 POINTS = {
     "naive": (NAIVE, 1, "the baseline"),
     "optimized": (OPTIMIZED, 1, "the suite's defaults, pure bf16 as naive"),
-    "optimized, positions on the GPU": (OPTIMIZED + ["train.host_positions=false"], 1,
-                                        "each model computes its M-RoPE positions itself (what host_positions saves)"),
-    "optimized + compile": (OPTIMIZED + ["hardware.compile=true"], 1,
-                            "each decoder layer / vision block compiled (steps before throughput_warmup_steps excluded)"),
-    "optimized + grad checkpointing": (OPTIMIZED + ["hardware.gradient_checkpointing=true"], 1,
-                                       "activations recomputed: memory for time"),
+    "optimized, positions on the GPU": (
+        OPTIMIZED + ["train.host_positions=false"],
+        1,
+        "each model computes its M-RoPE positions itself (what host_positions saves)",
+    ),
+    "optimized + compile": (
+        OPTIMIZED + ["hardware.compile=true"],
+        1,
+        "each decoder layer / vision block compiled (steps before throughput_warmup_steps excluded)",
+    ),
+    "optimized + grad checkpointing": (
+        OPTIMIZED + ["hardware.gradient_checkpointing=true"],
+        1,
+        "activations recomputed: memory for time",
+    ),
     "optimized, 2x batch": (OPTIMIZED, 2, "a larger batch in the memory saved"),
-    "optimized + grad checkpointing, 4x batch": (OPTIMIZED + ["hardware.gradient_checkpointing=true"], 4,
-                                                 "the memory checkpointing saves spent on a larger batch"),
+    "optimized + grad checkpointing, 4x batch": (
+        OPTIMIZED + ["hardware.gradient_checkpointing=true"],
+        4,
+        "the memory checkpointing saves spent on a larger batch",
+    ),
     "optimized, fp32 master weights": (["precision.trainable_dtype=float32"], 1, "the suite's default precision"),
-    "optimized + teacher cache": (OPTIMIZED + TEACHER_CACHE, 1,
-                                  "the teacher's full distribution computed once, before the steps (exact); "
-                                  "the teacher is off the GPU during the steps"),
-    "optimized + teacher cache + compile": (OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true"], 1,
-                                            "as above, each decoder layer / vision block compiled (only the "
-                                            "student runs, so no grad-mode recompiles)"),
+    "optimized + teacher cache": (
+        OPTIMIZED + TEACHER_CACHE,
+        1,
+        "the teacher's full distribution computed once, before the steps (exact); "
+        "the teacher is off the GPU during the steps",
+    ),
+    "optimized + teacher cache + compile": (
+        OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true"],
+        1,
+        "as above, each decoder layer / vision block compiled (only the student runs, so no grad-mode recompiles)",
+    ),
     "optimized + teacher cache + compile + 8-bit AdamW": (
-        OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true", "train.optimizer=adamw_8bit"], 1,
-        "as above, AdamW's moments in 8 bits (bitsandbytes): less optimizer memory, an approximate update"),
+        OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true", "train.optimizer=adamw_8bit"],
+        1,
+        "as above, AdamW's moments in 8 bits (bitsandbytes): less optimizer memory, an approximate update",
+    ),
     # (budget 0.5 did not finish compiling within 110 s on an H200: the partitioner's solver)
     "optimized + teacher cache + compile, memory budget 0.2": (
-        OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true", "hardware.compile_memory_budget=0.2"], 1,
+        OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true", "hardware.compile_memory_budget=0.2"],
+        1,
         "as above, the compiled blocks keep about a fifth of their activations and recompute the rest "
-        "in their fused backward (experiment=lean_kd)"),
+        "in their fused backward (experiment=lean_kd)",
+    ),
     "optimized + teacher cache + compile, memory budget 0.2, Python wrapper": (
-        OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true", "hardware.compile_memory_budget=0.2",
-                                     "hardware.compile_cpp_wrapper=false"], 1,
+        OPTIMIZED
+        + TEACHER_CACHE
+        + ["hardware.compile=true", "hardware.compile_memory_budget=0.2", "hardware.compile_cpp_wrapper=false"],
+        1,
         "as above, each compiled graph's kernels launched from inductor's generated Python instead of "
-        "its C++ wrapper (what hardware.compile_cpp_wrapper saves)"),
+        "its C++ wrapper (what hardware.compile_cpp_wrapper saves)",
+    ),
     "optimized + teacher cache + compile, memory budget 0.2, padded to 64": (
-        OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true", "hardware.compile_memory_budget=0.2",
-                                     "hardware.pad_to_multiple_of=64"], 1,
+        OPTIMIZED
+        + TEACHER_CACHE
+        + ["hardware.compile=true", "hardware.compile_memory_budget=0.2", "hardware.pad_to_multiple_of=64"],
+        1,
         "as above, each batch right-padded to a multiple of 64 tokens: a few shapes, so few steps pay "
-        "for a shape not seen before (padding excluded from tokens/s)"),
+        "for a shape not seen before (padding excluded from tokens/s)",
+    ),
     "optimized + teacher cache + compile, memory budget 0.2, 2x batch": (
-        OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true", "hardware.compile_memory_budget=0.2"], 2,
-        "as above at twice the batch: the memory the budget saves spent on throughput"),
+        OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true", "hardware.compile_memory_budget=0.2"],
+        2,
+        "as above at twice the batch: the memory the budget saves spent on throughput",
+    ),
     "optimized + teacher cache + compile + grad checkpointing": (
-        OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true", "hardware.gradient_checkpointing=true"], 1,
-        "as above, activations recomputed: memory for time"),
+        OPTIMIZED + TEACHER_CACHE + ["hardware.compile=true", "hardware.gradient_checkpointing=true"],
+        1,
+        "as above, activations recomputed: memory for time",
+    ),
     "optimized + teacher cache + grad checkpointing": (
-        OPTIMIZED + TEACHER_CACHE + ["hardware.gradient_checkpointing=true"], 1,
-        "as above, activations recomputed: memory for time"),
+        OPTIMIZED + TEACHER_CACHE + ["hardware.gradient_checkpointing=true"],
+        1,
+        "as above, activations recomputed: memory for time",
+    ),
 }
 
 
@@ -107,8 +154,11 @@ def warm_up_machine(args: argparse.Namespace) -> None:
     steps = 3
     warm = argparse.Namespace(**{**vars(args), "steps": steps, "warmup_steps": 1})
     print(f"--- warming the machine up: {steps} naive steps, not recorded", flush=True)
-    result = run_job([*distill_overrides(warm, args.batch_size, f"seed={args.seed}"), *NAIVE],
-                     Path(args.workdir) / "warm-up", args.timeout)
+    result = run_job(
+        [*distill_overrides(warm, args.batch_size, f"seed={args.seed}"), *NAIVE],
+        Path(args.workdir) / "warm-up",
+        args.timeout,
+    )
     if "error" in result:
         print(f"(the warm-up job failed; measuring anyway)\n{result['error'][-800:]}", flush=True)
 
@@ -129,8 +179,14 @@ def measure(args: argparse.Namespace, names: List[str]) -> List[Dict[str, Any]]:
         size = args.steps * batch if args.weights == "random" else None
         extra = (f"seed={args.seed}", "train.progress_bar=true", *([f"data.train_size={size}"] if size else []))
         point = run_job([*distill_overrides(args, batch, *extra), *overrides], out_dir, args.timeout)
-        point.update(name=name, batch_size=batch, train_size=job_train_size(out_dir), note=note, overrides=overrides,
-                     history=train_history(out_dir))
+        point.update(
+            name=name,
+            batch_size=batch,
+            train_size=job_train_size(out_dir),
+            note=note,
+            overrides=overrides,
+            history=train_history(out_dir),
+        )
         if "error" in point:
             print(point["error"][-1500:], flush=True)
         points.append(point)
@@ -158,10 +214,14 @@ def compare(points: List[Dict[str, Any]]) -> None:
             continue
         p["tokens_per_s_vs_naive"] = m["perf/throughput_tokens_per_s"] / n["perf/throughput_tokens_per_s"]
         p["peak_vram_vs_naive"] = m.get("perf/peak_vram_gb", m.get("perf/peak_rss_gb")) / n.get(
-            "perf/peak_vram_gb", n.get("perf/peak_rss_gb"))
+            "perf/peak_vram_gb", n.get("perf/peak_rss_gb")
+        )
         if p["batch_size"] == naive["batch_size"]:
-            diffs = [abs(h["train/loss"] - losses[h["step"]]) / abs(losses[h["step"]])
-                     for h in p["history"] if h["step"] in losses]
+            diffs = [
+                abs(h["train/loss"] - losses[h["step"]]) / abs(losses[h["step"]])
+                for h in p["history"]
+                if h["step"] in losses
+            ]
             p["max_relative_loss_difference_vs_naive"] = max(diffs) if diffs else None
             first = p["history"][0]["train/loss"] if p["history"] else None
             p["step1_loss"], p["naive_step1_loss"] = first, losses.get(1)
@@ -181,7 +241,9 @@ def teacher_pass_pays_off(points: List[Dict[str, Any]]) -> None:
         if live and live["batch_size"] == p["batch_size"] and p["train_size"]:
             saved_per_step = live["metrics"]["perf/step_time_s"] - m["perf/step_time_s"]
             steps_per_pass = p["train_size"] / p["batch_size"]
-            p["passes_to_pay_off"] = p["teacher_pass_s"] / (saved_per_step * steps_per_pass) if saved_per_step > 0 else None
+            p["passes_to_pay_off"] = (
+                p["teacher_pass_s"] / (saved_per_step * steps_per_pass) if saved_per_step > 0 else None
+            )
 
 
 def teacher_pass(point: Dict[str, Any]) -> str:
@@ -198,11 +260,14 @@ def render(results: Dict[str, Any]) -> str:
     fmt = lambda v, f="{:.3g}": "n/a" if v is None else f.format(v)  # noqa: E731
     memory = "peak VRAM (GB)" if meta["device"] != "cpu" else "peak RSS (GB)"
     lines = [
-        f"# KD step: naive vs optimized — {meta['device']}", "",
+        f"# KD step: naive vs optimized — {meta['device']}",
+        "",
         f"{meta['date']}; {meta['command']}; model={meta['model']} weights={meta['weights']} precision={meta['precision']}, "
         f"{meta['steps']} steps ({meta['warmup_steps']} warm-up steps excluded), {meta['image_size']}px frames"
-        + ("; after a short unrecorded naive job that warms the machine up" if meta.get("warm_up_job") else "") + "; "
-        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()), "",
+        + ("; after a short unrecorded naive job that warms the machine up" if meta.get("warm_up_job") else "")
+        + "; "
+        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
+        "",
         f"| point | batch | tokens/s | x naive | step (s) | {memory} | x naive | harness overhead | max loss diff vs naive "
         "| one-off teacher pass (s) | passes to pay it off |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -220,13 +285,20 @@ def render(results: Dict[str, Any]) -> str:
             f"{fmt(peak, '{:.2f}')} | {fmt(p.get('peak_vram_vs_naive'), '{:.2f}x')} | "
             f"{fmt(m.get('perf/harness_time_fraction'), '{:.2%}')} | "
             f"{fmt(p.get('max_relative_loss_difference_vs_naive'), '{:.1e}')} | "
-            f"{teacher_pass(p)} | {fmt(p.get('passes_to_pay_off'), '{:.2f}')} |")
+            f"{teacher_pass(p)} | {fmt(p.get('passes_to_pay_off'), '{:.2f}')} |"
+        )
     tokens = next((p["metrics"] for p in results["points"] if p.get("metrics")), None)
     if tokens:
-        lines += ["", f"Tokens per sample (text + visual, padding excluded): "
-                      f"{tokens['perf/throughput_tokens_per_s'] / tokens['perf/throughput_samples_per_s']:.0f}."]
-    lines += ["", "Points: " + "; ".join(f"**{p['name']}**: {p['note']} (`{' '.join(p['overrides'])}`)"
-                                         for p in results["points"])]
+        lines += [
+            "",
+            f"Tokens per sample (text + visual, padding excluded): "
+            f"{tokens['perf/throughput_tokens_per_s'] / tokens['perf/throughput_samples_per_s']:.0f}.",
+        ]
+    lines += [
+        "",
+        "Points: "
+        + "; ".join(f"**{p['name']}**: {p['note']} (`{' '.join(p['overrides'])}`)" for p in results["points"]),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -239,8 +311,12 @@ def main() -> None:
     parser.add_argument("--points", nargs="+", default=list(POINTS), choices=list(POINTS))
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--smoke", action="store_true", help="CPU, the tiny pair, 6 steps: the plumbing only")
-    parser.add_argument("--no-warm-up-job", dest="warm_up_job", action="store_false",
-                        help="skip the short unrecorded naive job run before the points (on by default, not with --smoke)")
+    parser.add_argument(
+        "--no-warm-up-job",
+        dest="warm_up_job",
+        action="store_false",
+        help="skip the short unrecorded naive job run before the points (on by default, not with --smoke)",
+    )
     parser.add_argument("--results-dir", default=str(RESULTS))
     parser.add_argument("--workdir", default="/tmp/firstsight-kd-step")
     parser.add_argument("overrides", nargs="*", help="more run.py overrides for every point")
@@ -253,9 +329,18 @@ def main() -> None:
 
     device = cuda_device()
     results = {
-        "meta": run_meta(device, model=args.model, weights=args.weights, precision=args.precision,
-                         batch_size=args.batch_size, image_size=args.image_size, steps=args.steps,
-                         warmup_steps=args.warmup_steps, seed=args.seed, warm_up_job=args.warm_up_job),
+        "meta": run_meta(
+            device,
+            model=args.model,
+            weights=args.weights,
+            precision=args.precision,
+            batch_size=args.batch_size,
+            image_size=args.image_size,
+            steps=args.steps,
+            warmup_steps=args.warmup_steps,
+            seed=args.seed,
+            warm_up_job=args.warm_up_job,
+        ),
         "points": measure(args, args.points),
     }
     compare(results["points"])

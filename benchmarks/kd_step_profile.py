@@ -47,20 +47,28 @@ def kernel_seconds(events: Any) -> float:
     the kernels it launched)."""
     from torch.autograd import DeviceType
 
-    return sum(float(getattr(e, "self_device_time_total", 0.0) or 0.0) for e in events
-               if getattr(e, "device_type", None) == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)) / 1e6
+    return (
+        sum(
+            float(getattr(e, "self_device_time_total", 0.0) or 0.0)
+            for e in events
+            if getattr(e, "device_type", None) == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+        )
+        / 1e6
+    )
 
 
 def profile_job(overrides: List[str], args: argparse.Namespace, on_gpu: bool) -> Dict[str, Any]:
     """Run the job in this process with the suite's step timer driving torch.profiler; its figures."""
     from torch.profiler import ProfilerActivity, profile, schedule
 
-    import firstsight.train as train
-    from firstsight.tasks import run_task
+    import firstsight.training.loop as train
+    from firstsight.suite.dispatch import run_task
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
-    profiler = profile(activities=activities, schedule=schedule(wait=args.skip_steps - 1, warmup=1,
-                                                                active=args.profile_steps, repeat=1))
+    profiler = profile(
+        activities=activities,
+        schedule=schedule(wait=args.skip_steps - 1, warmup=1, active=args.profile_steps, repeat=1),
+    )
     seconds: List[float] = []
 
     class ProfiledStepTimer(train.StepTimer):
@@ -91,7 +99,8 @@ def profile_job(overrides: List[str], args: argparse.Namespace, on_gpu: bool) ->
         profiler.export_chrome_trace(trace)
     sort_gpu = "self_device_time_total" if on_gpu else "self_cpu_time_total"
     return {
-        "step_seconds": seconds, "profiled_steps": list(range(first + 1, last + 1)),
+        "step_seconds": seconds,
+        "profiled_steps": list(range(first + 1, last + 1)),
         "profiled_step_median_s": step_s,
         "unprofiled_step_median_s": statistics.median(rest) if rest else None,
         "gpu_kernel_s_per_step": kernel_s if on_gpu else None,
@@ -108,16 +117,22 @@ def markdown(data: Dict[str, Any]) -> str:
     def fmt(value: Any, spec: str) -> str:
         return "n/a" if value is None else format(value, spec)
 
-    lines = [f"# Where a distillation step's time goes — {data['device']}", "",
-             f"{data['date']}; {data['command']}; point **{data['point']}**, batch {data['batch_size']}, "
-             f"{data['image_size']}px frames; steps {r['profiled_steps'][0]}-{r['profiled_steps'][-1]} profiled "
-             f"after {data['skip_steps']} unprofiled. Versions: "
-             + ", ".join(f"{k} {v}" for k, v in data["versions"].items()), "",
-             "| step wall, profiled (median) | step wall, unprofiled (median) | GPU kernel time per step (s) | GPU busy |",
-             "| --- | --- | --- | --- |",
-             f"| {fmt(r['profiled_step_median_s'], '.4f')} s | {fmt(r['unprofiled_step_median_s'], '.4f')} s | "
-             f"{fmt(r['gpu_kernel_s_per_step'], '.4f')} | {fmt(r['gpu_busy_fraction'], '.0%')} |", "",
-             "Every step's wall time (s): " + ", ".join(f"{s:.3f}" for s in r["step_seconds"]), ""]
+    lines = [
+        f"# Where a distillation step's time goes — {data['device']}",
+        "",
+        f"{data['date']}; {data['command']}; point **{data['point']}**, batch {data['batch_size']}, "
+        f"{data['image_size']}px frames; steps {r['profiled_steps'][0]}-{r['profiled_steps'][-1]} profiled "
+        f"after {data['skip_steps']} unprofiled. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in data["versions"].items()),
+        "",
+        "| step wall, profiled (median) | step wall, unprofiled (median) | GPU kernel time per step (s) | GPU busy |",
+        "| --- | --- | --- | --- |",
+        f"| {fmt(r['profiled_step_median_s'], '.4f')} s | {fmt(r['unprofiled_step_median_s'], '.4f')} s | "
+        f"{fmt(r['gpu_kernel_s_per_step'], '.4f')} | {fmt(r['gpu_busy_fraction'], '.0%')} |",
+        "",
+        "Every step's wall time (s): " + ", ".join(f"{s:.3f}" for s in r["step_seconds"]),
+        "",
+    ]
     if r["gpu_kernel_s_per_step"] is not None:
         lines += ["Most GPU time:", "", "```", r["top_gpu"].strip(), "```", ""]
     lines += ["Most host time:", "", "```", r["top_host"].strip(), "```"]
@@ -140,8 +155,10 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="more run.py overrides")
     args = parser.parse_args()
     if args.skip_steps < 2 or args.profile_steps < 1:
-        parser.error(f"--skip-steps must be at least 2 and --profile-steps at least 1 "
-                     f"(got {args.skip_steps} and {args.profile_steps})")
+        parser.error(
+            f"--skip-steps must be at least 2 and --profile-steps at least 1 "
+            f"(got {args.skip_steps} and {args.profile_steps})"
+        )
     if args.smoke:
         device = "cpu"
         args.model, args.weights, args.hardware, args.precision = "tiny", "", "cpu", "fp32"
@@ -150,19 +167,32 @@ def main() -> int:
     else:
         device = cuda_device()
         if device == "cpu":
-            print("no CUDA GPU visible: these are GPU measurements (--smoke: the plumbing on this CPU)", file=sys.stderr)
+            print(
+                "no CUDA GPU visible: these are GPU measurements (--smoke: the plumbing on this CPU)", file=sys.stderr
+            )
             return 2
     args.results_dir = os.path.abspath(args.results_dir)  # the job runs in a working directory of its own
-    os.makedirs(args.results_dir, exist_ok=True)  # before the job: the trace is written there (torch says nothing when it can't)
+    os.makedirs(
+        args.results_dir, exist_ok=True
+    )  # before the job: the trace is written there (torch says nothing when it can't)
     overrides_of_point, multiplier, note = POINTS[args.point]
     batch = args.batch_size * multiplier
     args.steps = args.skip_steps + args.profile_steps + 2  # two unprofiled steps after the window too
     args.warmup_steps = args.skip_steps
     size = [f"data.train_size={args.steps * batch}"] if args.weights == "random" else []  # as kd_step.py
-    overrides = [*distill_overrides(args, batch, f"seed={args.seed}", "train.progress_bar=false", *size),
-                 *overrides_of_point]
-    data = run_meta(device, point=args.point, point_note=note, overrides=overrides, batch_size=batch,
-                    image_size=args.image_size, skip_steps=args.skip_steps)
+    overrides = [
+        *distill_overrides(args, batch, f"seed={args.seed}", "train.progress_bar=false", *size),
+        *overrides_of_point,
+    ]
+    data = run_meta(
+        device,
+        point=args.point,
+        point_note=note,
+        overrides=overrides,
+        batch_size=batch,
+        image_size=args.image_size,
+        skip_steps=args.skip_steps,
+    )
     workdir = Path(tempfile.mkdtemp(prefix="kd-step-profile-"))
     here = os.getcwd()
     os.chdir(workdir)  # the job writes its outputs into the working directory (composed outside Hydra's run)

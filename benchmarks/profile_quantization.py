@@ -21,8 +21,19 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 from _common import (
-    RESULTS, cuda_device, earlier_points, last_line, merged, profile_overrides, profile_settings, ratio, read_results,
-    results_path, run_job, run_meta, write_pair,
+    RESULTS,
+    cuda_device,
+    earlier_points,
+    last_line,
+    merged,
+    profile_overrides,
+    profile_settings,
+    ratio,
+    read_results,
+    results_path,
+    run_job,
+    run_meta,
+    write_pair,
 )
 
 COLUMNS = [  # (metric, header, format)
@@ -38,19 +49,27 @@ COLUMNS = [  # (metric, header, format)
 
 def run_point(target: str, precision: str, args: argparse.Namespace, workdir: Path) -> Dict[str, Any]:
     overrides = [
-        "task=profile", f"model={args.model}",
+        "task=profile",
+        f"model={args.model}",
         *([f"model.{side}.weights={args.weights}" for side in ("teacher", "student")] if args.weights else []),
         f"hardware={args.hardware}",
-        f"precision={precision}", f"task.target={target}", *profile_overrides(args), *args.overrides,
+        f"precision={precision}",
+        f"task.target={target}",
+        *profile_overrides(args),
+        *args.overrides,
     ]
     job = run_job(overrides, workdir / f"{target}-{precision}", args.timeout)
     point: Dict[str, Any] = {
-        "target": target, "precision": precision, "wall_s": job.pop("wall_s"), "command": job.pop("command"),
+        "target": target,
+        "precision": precision,
+        "wall_s": job.pop("wall_s"),
+        "command": job.pop("command"),
         "settings": profile_settings(args),
         **job,
     }
-    print(f"{target:8s} {precision:5s} {'ok' if 'metrics' in point else 'FAILED'} in {point['wall_s']:.0f} s",
-          flush=True)
+    print(
+        f"{target:8s} {precision:5s} {'ok' if 'metrics' in point else 'FAILED'} in {point['wall_s']:.0f} s", flush=True
+    )
     return point
 
 
@@ -65,18 +84,24 @@ def comparisons(points: List[Dict[str, Any]], reference: str) -> List[Dict[str, 
             continue
         ref = by_key.get((p["target"], reference)) or {}
         teacher = by_key.get(("teacher", p["precision"])) or {}
-        rows.append({
-            "target": p["target"],
-            "precision": p["precision"],
-            f"latency_vs_{reference}": ratio(m.get("infer/latency_p50_s"), ref.get("infer/latency_p50_s")),
-            f"weights_vs_{reference}": ratio(m.get("model/weights_gb"), ref.get("model/weights_gb")),
-            "student_speedup_over_teacher": (
-                ratio(teacher.get("infer/latency_p50_s"), m.get("infer/latency_p50_s")) if p["target"] == "student" else None
-            ),
-            "student_throughput_gain_over_teacher": (
-                ratio(m.get("infer/throughput_qps"), teacher.get("infer/throughput_qps")) if p["target"] == "student" else None
-            ),
-        })
+        rows.append(
+            {
+                "target": p["target"],
+                "precision": p["precision"],
+                f"latency_vs_{reference}": ratio(m.get("infer/latency_p50_s"), ref.get("infer/latency_p50_s")),
+                f"weights_vs_{reference}": ratio(m.get("model/weights_gb"), ref.get("model/weights_gb")),
+                "student_speedup_over_teacher": (
+                    ratio(teacher.get("infer/latency_p50_s"), m.get("infer/latency_p50_s"))
+                    if p["target"] == "student"
+                    else None
+                ),
+                "student_throughput_gain_over_teacher": (
+                    ratio(m.get("infer/throughput_qps"), teacher.get("infer/throughput_qps"))
+                    if p["target"] == "student"
+                    else None
+                ),
+            }
+        )
     return rows
 
 
@@ -98,12 +123,24 @@ def markdown(points: List[Dict[str, Any]], ratios: List[Dict[str, Any]], meta: D
         cells = [fmt.format(m[k]) if m and k in m else ("failed" if not m else "") for k, _, fmt in COLUMNS]
         lines.append(f"| {p['target']} | {p['precision']} | " + " | ".join(cells) + " |")
     ref = meta["reference"]
-    lines += ["", f"| model | precision | latency vs {ref} | weights vs {ref} | student speed-up over teacher (p50) "
-              "| student throughput gain over teacher |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        f"| model | precision | latency vs {ref} | weights vs {ref} | student speed-up over teacher (p50) "
+        "| student throughput gain over teacher |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in ratios:
-        cells = [r[f"latency_vs_{ref}"], r[f"weights_vs_{ref}"], r["student_speedup_over_teacher"],
-                 r["student_throughput_gain_over_teacher"]]
-        lines.append(f"| {r['target']} | {r['precision']} | " + " | ".join("" if c is None else f"{c:.2f}x" for c in cells) + " |")
+        cells = [
+            r[f"latency_vs_{ref}"],
+            r[f"weights_vs_{ref}"],
+            r["student_speedup_over_teacher"],
+            r["student_throughput_gain_over_teacher"],
+        ]
+        lines.append(
+            f"| {r['target']} | {r['precision']} | "
+            + " | ".join("" if c is None else f"{c:.2f}x" for c in cells)
+            + " |"
+        )
     failed = [p for p in points if "error" in p]
     for p in failed:
         lines += ["", f"{p['target']} {p['precision']} failed: `{last_line(p['error'])}`"]
@@ -139,8 +176,11 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=900, help="seconds per point")
     parser.add_argument("--name", default="profile_quantization", help="results file stem")
     parser.add_argument("--results-dir", default=str(RESULTS))
-    parser.add_argument("--append", action="store_true",
-                        help="merge into this device's existing results (points measured in another call)")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="merge into this device's existing results (points measured in another call)",
+    )
     parser.add_argument("overrides", nargs="*", help="more run.py overrides for every point")
     parser.add_argument("--render", metavar="JSON", help="only rewrite the Markdown table of an existing results file")
     args = parser.parse_args()
@@ -152,8 +192,13 @@ def main() -> int:
 
     device = cuda_device()
     json_path = results_path(args.results_dir, args.name, device)
-    meta = run_meta(device, reference=args.reference, image_size=args.image_size, new_tokens=args.new_tokens,
-                    batch_size=args.batch_size)
+    meta = run_meta(
+        device,
+        reference=args.reference,
+        image_size=args.image_size,
+        new_tokens=args.new_tokens,
+        batch_size=args.batch_size,
+    )
     earlier = earlier_points(json_path, meta, args.append)  # points measured by an earlier call on the same device kind
     points: List[Dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fs-bench-") as tmp:
@@ -161,7 +206,9 @@ def main() -> int:
             for precision in args.precisions:
                 points.append(run_point(target, precision, args, Path(tmp)))
                 all_points = merged(earlier, points, lambda p: (p["target"], p["precision"]))
-                table = write_results(all_points, meta, args.reference, json_path)  # after every point: a kill keeps the rest
+                table = write_results(
+                    all_points, meta, args.reference, json_path
+                )  # after every point: a kill keeps the rest
     print(table)
     print(f"wrote {json_path} and {json_path.with_suffix('.md')}")
     return 0 if all("metrics" in p for p in points) else 1

@@ -31,7 +31,7 @@ def compose(overrides: List[str] = (), return_hydra_config: bool = False):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from firstsight.config import register_configs
+    from firstsight.config.schema import register_configs
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -48,7 +48,11 @@ def run_cli(cache_dir: Path, tmp_path: Path):
         env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1", **(env or {}))
         return subprocess.run(
             [sys.executable, str(ROOT / "run.py"), *args],
-            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout,
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
 
     return run
@@ -76,7 +80,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`python -m firstsight.server` on a free port with its own store; yields the URI it printed.
+    """`python -m firstsight.tracking.server` on a free port with its own store; yields the URI it printed.
     Shared by the tests that log through a server (each uses its own experiment)."""
     import signal
     import time
@@ -85,9 +89,21 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log_path = store / "server.log"
     with open(log_path, "w") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "firstsight.server", "--port", str(free_port()),
-             "--store", f"sqlite:///{store / 'mlflow.db'}", "--artifacts-destination", str(store / "mlartifacts")],
-            cwd=store, stdout=subprocess.PIPE, stderr=log, text=True,
+            [
+                sys.executable,
+                "-m",
+                "firstsight.tracking.server",
+                "--port",
+                str(free_port()),
+                "--store",
+                f"sqlite:///{store / 'mlflow.db'}",
+                "--artifacts-destination",
+                str(store / "mlartifacts"),
+            ],
+            cwd=store,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
         )
     try:
         uri, deadline = None, time.time() + 120
@@ -97,7 +113,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 uri = line.split("=", 1)[1].strip()
             elif not line:  # its stdout closed: it is exiting
                 if server.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"firstsight.server did not start: {log_path.read_text()[-3000:]}")
+                    raise RuntimeError(f"firstsight.tracking.server did not start: {log_path.read_text()[-3000:]}")
                 time.sleep(0.1)
         yield uri
     finally:
@@ -125,7 +141,7 @@ class TinyParts:
     """The default config's tiny pair, built offline: its config, processor, splits and models."""
 
     def __init__(self):
-        from firstsight.models import load_processor
+        from firstsight.models.loading import load_processor
 
         self.cfg = compose()
         self.processor = load_processor(self.cfg)
@@ -136,7 +152,7 @@ class TinyParts:
         return load_split(self.cfg.data, name, self.cfg.seed)
 
     def model(self, role: str, frozen: bool = True):
-        from firstsight.models import load_model
+        from firstsight.models.loading import load_model
 
         return load_model(self.cfg, role, self.processor, "cpu", frozen=frozen).model
 

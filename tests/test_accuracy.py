@@ -2,8 +2,8 @@
 
 import pytest
 
-from firstsight import stats
-from firstsight.accuracy import Outcomes, full_precision_config, looks_at_frames, outcome_record, summarize
+from firstsight.evaluation import stats
+from firstsight.evaluation.accuracy import Outcomes, full_precision_config, looks_at_frames, outcome_record, summarize
 
 
 def test_wilson_intervals_match_the_published_values():
@@ -40,14 +40,17 @@ def test_the_paired_interval_is_reproducible_and_narrower_than_the_unpaired_one(
         stats.paired_difference(teacher, student[:-1])
 
 
-@pytest.mark.parametrize("value, low, high, verdict", [
-    (0.002, -0.004, 0.008, stats.PASS),
-    (0.005, 0.0, 0.01, stats.PASS),        # upper bound on the target: PASS
-    (0.03, 0.02, 0.04, stats.FAIL),
-    (0.02, 0.01, 0.03, stats.UNRESOLVED),  # lower bound on the target: not beyond it
-    (0.005, -0.05, 0.06, stats.UNRESOLVED),
-    (-0.03, -0.05, -0.01, stats.PASS),     # a student above its teacher is within the target
-])
+@pytest.mark.parametrize(
+    "value, low, high, verdict",
+    [
+        (0.002, -0.004, 0.008, stats.PASS),
+        (0.005, 0.0, 0.01, stats.PASS),  # upper bound on the target: PASS
+        (0.03, 0.02, 0.04, stats.FAIL),
+        (0.02, 0.01, 0.03, stats.UNRESOLVED),  # lower bound on the target: not beyond it
+        (0.005, -0.05, 0.06, stats.UNRESOLVED),
+        (-0.03, -0.05, -0.01, stats.PASS),  # a student above its teacher is within the target
+    ],
+)
 def test_a_verdict_reads_the_interval(value, low, high, verdict):
     assert stats.at_most(stats.Estimate(value, low, high, 128), 0.01).status == verdict
 
@@ -97,8 +100,9 @@ def test_a_quantized_teacher_is_judged_against_the_full_precision_one():
     # far below the teacher at full precision (0.46), on 5000 questions
     n = 5000
     quantized, student, full = _outcomes(1500, n), _outcomes(1475, n), _outcomes(2300, n)
-    metrics, lines, verdict = summarize(Outcomes(teacher=quantized, student=student, chance=0.27,
-                                                 full_precision_teacher=full))
+    metrics, lines, verdict = summarize(
+        Outcomes(teacher=quantized, student=student, chance=0.27, full_precision_teacher=full)
+    )
     assert metrics["eval/accuracy_drop"] == pytest.approx(0.005)
     assert metrics["eval/full_precision_accuracy_drop"] == pytest.approx(0.165)
     assert metrics["eval/full_precision_teacher_accuracy"] == pytest.approx(0.46)
@@ -116,8 +120,15 @@ def test_a_model_that_answers_as_well_blind_is_flagged():
     real = _outcomes(150)
     assert not looks_at_frames(real, _outcomes(148, offset=3))
     assert looks_at_frames(real, _outcomes(60))
-    metrics, lines, _ = summarize(Outcomes(teacher=real, student=_outcomes(140), chance=0.25,
-                                           teacher_blind=_outcomes(60), student_blind=_outcomes(139, offset=7)))
+    metrics, lines, _ = summarize(
+        Outcomes(
+            teacher=real,
+            student=_outcomes(140),
+            chance=0.25,
+            teacher_blind=_outcomes(60),
+            student_blind=_outcomes(139, offset=7),
+        )
+    )
     assert metrics["eval/teacher_looks_at_frames"] == 1.0 and metrics["eval/student_looks_at_frames"] == 0.0
     assert any(line.startswith("WARNING: the student is not looking") for line in lines)
     # a model at chance is not flagged: its accuracy says nothing about what it uses
@@ -127,13 +138,16 @@ def test_a_model_that_answers_as_well_blind_is_flagged():
 
 def test_outcome_rows_pair_every_model_on_each_question():
     rows = outcome_record(["count", "held"], Outcomes(teacher=[True, False], student=[False, False], chance=0.25))
-    assert rows == [{"index": 0, "kind": "count", "teacher": True, "student": False},
-                    {"index": 1, "kind": "held", "teacher": False, "student": False}]
+    assert rows == [
+        {"index": 0, "kind": "count", "teacher": True, "student": False},
+        {"index": 1, "kind": "held", "teacher": False, "student": False},
+    ]
 
 
 def test_the_full_precision_teacher_is_the_run_teacher_unquantized():
     from conftest import compose
-    from firstsight.parts import resolve_parts
+
+    from firstsight.models.parts import resolve_parts
 
     cfg = compose(["precision=int8", "precision.parts.vision.quantization=nf4"])
     reference = resolve_parts(full_precision_config(cfg), "teacher")

@@ -1,6 +1,6 @@
 """The matrix of bad input: each case ends the job with exit status 2 and a message that names
 the bad value and what is valid, and writes nothing (no MLflow run, no checkpoint). The cases run
-the job in this process (firstsight.tasks.run_task on the composed config: validation, then the
+the job in this process (firstsight.suite.dispatch.run_task on the composed config: validation, then the
 MLflow run), which is what run.py does after composing; one case goes through run.py.
 
 Rows of the matrix covered by other files (not repeated here):
@@ -55,9 +55,9 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import compose, default_store_runs
-from firstsight.config import Config, DistillLossConfig, HardwareConfig
+
+from firstsight.config.schema import Config, DistillLossConfig, HardwareConfig
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 GOOD_RECORD = json.loads((FIXTURES / "egoschema.jsonl").read_text().splitlines()[0])
@@ -66,12 +66,19 @@ GOOD_RECORD = json.loads((FIXTURES / "egoschema.jsonl").read_text().splitlines()
 def _refused(tmp_path, monkeypatch, capsys, overrides):
     """Run the job in this process in `tmp_path`; it must exit with status 2 before writing
     anything. Returns its `error: ...` message."""
-    from firstsight.tasks import run_task
+    from firstsight.suite.dispatch import run_task
 
     monkeypatch.chdir(tmp_path)
     before = sorted(p.name for p in tmp_path.iterdir())
-    cfg = compose([f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "hardware.num_threads=1",
-                   "train.max_steps=1", "train.throughput_warmup_steps=0", *overrides])  # short if not refused
+    cfg = compose(
+        [
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "hardware.num_threads=1",
+            "train.max_steps=1",
+            "train.throughput_warmup_steps=0",
+            *overrides,
+        ]
+    )  # short if not refused
     with pytest.raises(SystemExit) as stop:
         run_task(cfg)
     assert stop.value.code == 2
@@ -95,26 +102,48 @@ CONFIG_CASES = {
     "threads": (["hardware.num_threads=0"], ["hardware.num_threads=0", "null or >= 1"]),
     "skew": (["distill_loss=skew_forward_kl", "distill_loss.skew=1.5"], ["distill_loss.skew=1.5", "[0, 1)"]),
     "skew-negative": (["distill_loss=skew_reverse_kl", "distill_loss.skew=-0.1"], ["distill_loss.skew=-0.1", "[0, 1)"]),
-    "beta-above-1": (["distill_loss=jsd", "distill_loss.beta=1.5"], ["distill_loss.beta=1.5", "strictly between 0 and 1"]),
+    "beta-above-1": (
+        ["distill_loss=jsd", "distill_loss.beta=1.5"],
+        ["distill_loss.beta=1.5", "strictly between 0 and 1"],
+    ),
     # settings whose kd term is identically zero or weightless: CE alone while paying for the teacher
-    "jsd-beta-0": (["distill_loss=jsd", "distill_loss.beta=0"], ["distill_loss.beta=0.0 is invalid", *ZERO_KD,
-                                                                  "choose beta strictly between 0 and 1"]),
-    "jsd-beta-1": (["distill_loss=jsd", "distill_loss.beta=1"], ["distill_loss.beta=1.0 is invalid", *ZERO_KD,
-                                                                  "choose beta strictly between 0 and 1"]),
-    "skew-forward-1": (["distill_loss=skew_forward_kl", "distill_loss.skew=1"],
-                       ["distill_loss.skew=1.0 is invalid", *ZERO_KD, "choose skew in [0, 1)"]),
-    "skew-reverse-1": (["distill_loss=skew_reverse_kl", "distill_loss.skew=1"],
-                       ["distill_loss.skew=1.0 is invalid", *ZERO_KD, "choose skew in [0, 1)"]),
-    "alpha-0": (["distill_loss=forward_kl", "distill_loss.alpha=0"],
-                ["distill_loss.alpha=0.0 is invalid", "no weight", "cross-entropy alone while paying for the teacher",
-                 "choose alpha in (0, 1]", "distill_loss=none"]),
+    "jsd-beta-0": (
+        ["distill_loss=jsd", "distill_loss.beta=0"],
+        ["distill_loss.beta=0.0 is invalid", *ZERO_KD, "choose beta strictly between 0 and 1"],
+    ),
+    "jsd-beta-1": (
+        ["distill_loss=jsd", "distill_loss.beta=1"],
+        ["distill_loss.beta=1.0 is invalid", *ZERO_KD, "choose beta strictly between 0 and 1"],
+    ),
+    "skew-forward-1": (
+        ["distill_loss=skew_forward_kl", "distill_loss.skew=1"],
+        ["distill_loss.skew=1.0 is invalid", *ZERO_KD, "choose skew in [0, 1)"],
+    ),
+    "skew-reverse-1": (
+        ["distill_loss=skew_reverse_kl", "distill_loss.skew=1"],
+        ["distill_loss.skew=1.0 is invalid", *ZERO_KD, "choose skew in [0, 1)"],
+    ),
+    "alpha-0": (
+        ["distill_loss=forward_kl", "distill_loss.alpha=0"],
+        [
+            "distill_loss.alpha=0.0 is invalid",
+            "no weight",
+            "cross-entropy alone while paying for the teacher",
+            "choose alpha in (0, 1]",
+            "distill_loss=none",
+        ],
+    ),
     "resume-empty": (["train.resume=''"], ["train.resume=''", "auto, never, or the path"]),
     # unknown choices of a string setting
-    "attention": (["hardware.attn_implementation=xformers"],
-                  ["hardware.attn_implementation='xformers'", "['eager', 'sdpa', 'flash_attention_2']"]),
+    "attention": (
+        ["hardware.attn_implementation=xformers"],
+        ["hardware.attn_implementation='xformers'", "['eager', 'sdpa', 'flash_attention_2']"],
+    ),
     # contradictory combinations
-    "flash-attention-on-cpu": (["hardware.attn_implementation=flash_attention_2"],
-                               ["hardware.attn_implementation='flash_attention_2'", "use sdpa or eager on the CPU"]),
+    "flash-attention-on-cpu": (
+        ["hardware.attn_implementation=flash_attention_2"],
+        ["hardware.attn_implementation='flash_attention_2'", "use sdpa or eager on the CPU"],
+    ),
     # an empty dataset (the synthetic data)
     "empty-synthetic-data": (["data.train_size=0"], ["data.train_size=0", ">= 1"]),
     "max-length": (["data.max_length=0"], ["data.max_length=0", "null (no limit) or >= 1 tokens"]),
@@ -129,20 +158,23 @@ def test_bad_config_values(tmp_path, monkeypatch, capsys, case):
         assert fragment in message, message
 
 
-@pytest.mark.parametrize("overrides", [
-    ["distill_loss=jsd"],  # beta 0.5
-    ["distill_loss=jsd", "distill_loss.beta=0.01"],
-    ["distill_loss=jsd", "distill_loss.beta=0.99"],
-    ["distill_loss=skew_forward_kl"],  # skew 0.1
-    ["distill_loss=skew_forward_kl", "distill_loss.skew=0"],  # the plain forward KL: not zero
-    ["distill_loss=skew_reverse_kl", "distill_loss.skew=0"],
-    ["distill_loss=skew_reverse_kl", "distill_loss.skew=0.99"],
-    ["distill_loss=forward_kl", "distill_loss.alpha=1"],
-    ["distill_loss=none"],  # alpha 0: the control, without the teacher
-    ["distill_loss=forward_kl", "distill_loss.alpha=0", "distill_loss.hidden_weight=0.5"],  # CE + the hidden term
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["distill_loss=jsd"],  # beta 0.5
+        ["distill_loss=jsd", "distill_loss.beta=0.01"],
+        ["distill_loss=jsd", "distill_loss.beta=0.99"],
+        ["distill_loss=skew_forward_kl"],  # skew 0.1
+        ["distill_loss=skew_forward_kl", "distill_loss.skew=0"],  # the plain forward KL: not zero
+        ["distill_loss=skew_reverse_kl", "distill_loss.skew=0"],
+        ["distill_loss=skew_reverse_kl", "distill_loss.skew=0.99"],
+        ["distill_loss=forward_kl", "distill_loss.alpha=1"],
+        ["distill_loss=none"],  # alpha 0: the control, without the teacher
+        ["distill_loss=forward_kl", "distill_loss.alpha=0", "distill_loss.hidden_weight=0.5"],  # CE + the hidden term
+    ],
+)
 def test_the_valid_neighbours_of_the_refused_loss_settings_are_accepted(overrides):
-    from firstsight.validate import validate
+    from firstsight.suite.validate import validate
 
     validate(compose(overrides))
 
@@ -153,14 +185,17 @@ def test_run_py_refuses_a_zero_kd_term_in_one_line(run_cli, tmp_path):
     result = run_cli("distill_loss=jsd", "distill_loss.beta=0", timeout=120)
     assert result.returncode == 2, result.stderr[-3000:]
     [line] = result.stderr.strip().splitlines()
-    assert line.startswith("error: distill_loss.beta=0.0 (command-line override 'distill_loss.beta=0') is invalid: "
-                           "at beta 0 and 1 the generalized JSD is identically zero"), line
+    assert line.startswith(
+        "error: distill_loss.beta=0.0 (command-line override 'distill_loss.beta=0') is invalid: "
+        "at beta 0 and 1 the generalized JSD is identically zero"
+    ), line
     assert "distill_loss=none" in line, line
     assert not (tmp_path / "mlflow.db").exists()  # no MLflow run was created
     assert not list(tmp_path.glob("outputs/*/*/checkpoints"))
 
 
 # ----------------------------------------------------------------------------- unknown keys (run.py)
+
 
 def _keys(schema):
     import dataclasses
@@ -171,35 +206,65 @@ def _keys(schema):
 HARDWARE_KEYS = f"Valid keys of hardware: {_keys(HardwareConfig)}."  # the schema's fields, in order
 
 UNKNOWN_KEY_CASES = {
-    "in-a-section": (["hardware.batchsize=4"], [
-        "error: hardware.batchsize (command-line override 'hardware.batchsize=4') is not a key of hardware "
-        "(hardware=cpu); did you mean hardware.batch_size?", HARDWARE_KEYS]),
-    "at-the-top": (["batchsize=4"], [
-        "error: batchsize (command-line override 'batchsize=4') is not a key of the config (top level); did you "
-        f"mean hardware.batch_size? Valid keys of the top level: {_keys(Config)}."]),
-    "a-misspelt-section": (["hardwar.batch_size=4"], [
-        "error: hardwar (command-line override 'hardwar.batch_size=4') is not a key of the config (top level); "
-        "did you mean hardware?"]),
-    "of-another-choice": (["distill_loss.beta=0.3"], [
-        "error: distill_loss.beta (command-line override 'distill_loss.beta=0.3') is not a key of distill_loss "
-        f"(distill_loss=forward_kl). It is a key of distill_loss=jsd: choose that too. Valid keys of distill_loss: "
-        f"{_keys(DistillLossConfig)}."]),
-    "nested": (["model.teacher.tiny.hidden=3"], [
-        "error: model.teacher.tiny.hidden (command-line override 'model.teacher.tiny.hidden=3') is not a key of "
-        "model.teacher.tiny (model=tiny); did you mean model.teacher.tiny.hidden_size?"]),
-    "swept": (["-m", "seed=1,2", "hardware.batchsize=4,8"], [
-        "error: hardware.batchsize (command-line override 'hardware.batchsize=4,8') is not a key of hardware "
-        "(hardware=cpu); did you mean hardware.batch_size?", HARDWARE_KEYS]),
-    "in-a-sweep": (["-m", "seed=1,2", "hardware.batchsize=4"], [
-        "error: hardware.batchsize (command-line override 'hardware.batchsize=4') is not a key of hardware"]),
-    "cfg-job": (["--cfg", "job", "hardware.batchsize=4"], [
-        "error: hardware.batchsize (command-line override 'hardware.batchsize=4') is not a key of hardware"]),
+    "in-a-section": (
+        ["hardware.batchsize=4"],
+        [
+            "error: hardware.batchsize (command-line override 'hardware.batchsize=4') is not a key of hardware "
+            "(hardware=cpu); did you mean hardware.batch_size?",
+            HARDWARE_KEYS,
+        ],
+    ),
+    "at-the-top": (
+        ["batchsize=4"],
+        [
+            "error: batchsize (command-line override 'batchsize=4') is not a key of the config (top level); did you "
+            f"mean hardware.batch_size? Valid keys of the top level: {_keys(Config)}."
+        ],
+    ),
+    "a-misspelt-section": (
+        ["hardwar.batch_size=4"],
+        [
+            "error: hardwar (command-line override 'hardwar.batch_size=4') is not a key of the config (top level); "
+            "did you mean hardware?"
+        ],
+    ),
+    "of-another-choice": (
+        ["distill_loss.beta=0.3"],
+        [
+            "error: distill_loss.beta (command-line override 'distill_loss.beta=0.3') is not a key of distill_loss "
+            f"(distill_loss=forward_kl). It is a key of distill_loss=jsd: choose that too. Valid keys of distill_loss: "
+            f"{_keys(DistillLossConfig)}."
+        ],
+    ),
+    "nested": (
+        ["model.teacher.tiny.hidden=3"],
+        [
+            "error: model.teacher.tiny.hidden (command-line override 'model.teacher.tiny.hidden=3') is not a key of "
+            "model.teacher.tiny (model=tiny); did you mean model.teacher.tiny.hidden_size?"
+        ],
+    ),
+    "swept": (
+        ["-m", "seed=1,2", "hardware.batchsize=4,8"],
+        [
+            "error: hardware.batchsize (command-line override 'hardware.batchsize=4,8') is not a key of hardware "
+            "(hardware=cpu); did you mean hardware.batch_size?",
+            HARDWARE_KEYS,
+        ],
+    ),
+    "in-a-sweep": (
+        ["-m", "seed=1,2", "hardware.batchsize=4"],
+        ["error: hardware.batchsize (command-line override 'hardware.batchsize=4') is not a key of hardware"],
+    ),
+    "cfg-job": (
+        ["--cfg", "job", "hardware.batchsize=4"],
+        ["error: hardware.batchsize (command-line override 'hardware.batchsize=4') is not a key of hardware"],
+    ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(UNKNOWN_KEY_CASES))
 def test_an_unknown_key_names_the_valid_keys_and_exits_2(run_cli, tmp_path, case):
-    """Hydra finds an unknown key while composing; run.py (firstsight.composition) turns its report
+    """Hydra finds an unknown key while composing; run.py (firstsight.config.composition) turns its report
     into one line: the key, the override it came from, the valid keys of that node and the closest
     one; exit status 2; nothing written (no outputs/ or multirun/ directory, no MLflow store)."""
     args, fragments = UNKNOWN_KEY_CASES[case]
@@ -211,12 +276,21 @@ def test_an_unknown_key_names_the_valid_keys_and_exits_2(run_cli, tmp_path, case
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("+hardware.batchsize=4", "error: hardware.batchsize (command-line override '+hardware.batchsize=4') is not a key "
-                              f"of hardware; did you mean hardware.batch_size? {HARDWARE_KEYS}"),
-    ("+foo=1", f"error: foo (command-line override '+foo=1') is not a key of the config (top level). "
-               f"Valid keys of the top level: {_keys(Config)}."),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        (
+            "+hardware.batchsize=4",
+            "error: hardware.batchsize (command-line override '+hardware.batchsize=4') is not a key "
+            f"of hardware; did you mean hardware.batch_size? {HARDWARE_KEYS}",
+        ),
+        (
+            "+foo=1",
+            f"error: foo (command-line override '+foo=1') is not a key of the config (top level). "
+            f"Valid keys of the top level: {_keys(Config)}.",
+        ),
+    ],
+)
 def test_a_key_appended_with_plus_that_nothing_reads_is_refused(run_cli, tmp_path, override, fragment):
     """`+key=value` makes Hydra append the key; validation refuses one its section's schema lacks,
     before any model or run (else a typo would be silently ignored)."""
@@ -229,8 +303,11 @@ def test_a_key_appended_with_plus_that_nothing_reads_is_refused(run_cli, tmp_pat
 def test_hydra_full_error_still_gives_the_traceback_of_an_unknown_key(run_cli, tmp_path):
     result = run_cli("hardware.batchsize=4", env={"HYDRA_FULL_ERROR": "1"}, timeout=120)
     assert result.returncode == 1
-    assert "Traceback" in result.stderr and "ConfigCompositionException: Could not override 'hardware.batchsize'" \
-        in result.stderr and "error: " not in result.stderr
+    assert (
+        "Traceback" in result.stderr
+        and "ConfigCompositionException: Could not override 'hardware.batchsize'" in result.stderr
+        and "error: " not in result.stderr
+    )
 
 
 def test_other_composition_errors_keep_hydras_report(run_cli, tmp_path):
@@ -250,20 +327,39 @@ def _model_dir(tmp_path, files):
 
 
 MODEL_DIR_CASES = {
-    "a-file": (lambda t: (t / "model.safetensors", (t / "model.safetensors").write_bytes(b"x"))[0],
-               ["is a file, not a model directory", "config.json and model.safetensors"]),
-    "config-not-json": (lambda t: _model_dir(t, {"config.json": "{oops", "model.safetensors": b"x"}),
-                        ["config.json cannot be read as JSON", "save the model again"]),
-    "no-weights": (lambda t: _model_dir(t, {"config.json": "{}"}),
-                   ["has config.json but no weights (model.safetensors or model.safetensors.index.json)",
-                    "an incomplete checkpoint", "or set model.student.weights=random"]),
-    "pickled-weights": (lambda t: _model_dir(t, {"config.json": "{}", "pytorch_model.bin": b"x"}),
-                        ["holds pytorch_model.bin but no model.safetensors", "never pickle files", "convert them"]),
-    "missing-shard": (lambda t: _model_dir(t, {
-        "config.json": "{}", "model-00001-of-00002.safetensors": b"x",
-        "model.safetensors.index.json": json.dumps({"weight_map": {"a": "model-00001-of-00002.safetensors",
-                                                                   "b": "model-00002-of-00002.safetensors"}})}),
-        ["incomplete: 1 of the 2 weight files", "model-00002-of-00002.safetensors", "copy them again"]),
+    "a-file": (
+        lambda t: (t / "model.safetensors", (t / "model.safetensors").write_bytes(b"x"))[0],
+        ["is a file, not a model directory", "config.json and model.safetensors"],
+    ),
+    "config-not-json": (
+        lambda t: _model_dir(t, {"config.json": "{oops", "model.safetensors": b"x"}),
+        ["config.json cannot be read as JSON", "save the model again"],
+    ),
+    "no-weights": (
+        lambda t: _model_dir(t, {"config.json": "{}"}),
+        [
+            "has config.json but no weights (model.safetensors or model.safetensors.index.json)",
+            "an incomplete checkpoint",
+            "or set model.student.weights=random",
+        ],
+    ),
+    "pickled-weights": (
+        lambda t: _model_dir(t, {"config.json": "{}", "pytorch_model.bin": b"x"}),
+        ["holds pytorch_model.bin but no model.safetensors", "never pickle files", "convert them"],
+    ),
+    "missing-shard": (
+        lambda t: _model_dir(
+            t,
+            {
+                "config.json": "{}",
+                "model-00001-of-00002.safetensors": b"x",
+                "model.safetensors.index.json": json.dumps(
+                    {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+                ),
+            },
+        ),
+        ["incomplete: 1 of the 2 weight files", "model-00002-of-00002.safetensors", "copy them again"],
+    ),
 }
 
 
@@ -273,8 +369,12 @@ def test_model_directories_that_cannot_be_loaded(tmp_path, monkeypatch, capsys, 
     workdir = tmp_path / "work"
     workdir.mkdir()
     path = make(tmp_path)
-    message = _refused(workdir, monkeypatch, capsys,
-                       ["task=evaluate", f"model.student.source={path}", "model.student.weights=pretrained"])
+    message = _refused(
+        workdir,
+        monkeypatch,
+        capsys,
+        ["task=evaluate", f"model.student.source={path}", "model.student.weights=pretrained"],
+    )
     assert f"model.student.source='{path}'" in message
     for fragment in fragments:
         assert fragment in message, message
@@ -290,13 +390,22 @@ def _record(**changes):
 
 
 DATA_CASES = {
-    "answer-out-of-range": ((_record() + "\n" + _record(answer=7) + "\n").encode(),
-                            [":2: answer index 7 is out of range for 5 options (0..4)", "data.on_bad_sample=skip"]),
-    "missing-image": ((_record(frames=["nowhere/frame.png"]) + "\n").encode(),
-                      [":1: image file not found", "nowhere/frame.png", "data.on_bad_sample=skip"]),
-    "empty-file": (b"\n\n", ["no records (the file is empty)", "one JSON object per line", "tests/fixtures/egoschema.jsonl"]),
-    "not-utf8": ((_record() + "\n").encode() + b'{"question": "caf\xe9"}\n',
-                 [":2: not UTF-8 text", "data files must be UTF-8"]),
+    "answer-out-of-range": (
+        (_record() + "\n" + _record(answer=7) + "\n").encode(),
+        [":2: answer index 7 is out of range for 5 options (0..4)", "data.on_bad_sample=skip"],
+    ),
+    "missing-image": (
+        (_record(frames=["nowhere/frame.png"]) + "\n").encode(),
+        [":1: image file not found", "nowhere/frame.png", "data.on_bad_sample=skip"],
+    ),
+    "empty-file": (
+        b"\n\n",
+        ["no records (the file is empty)", "one JSON object per line", "tests/fixtures/egoschema.jsonl"],
+    ),
+    "not-utf8": (
+        (_record() + "\n").encode() + b'{"question": "caf\xe9"}\n',
+        [":2: not UTF-8 text", "data files must be UTF-8"],
+    ),
 }
 
 
@@ -309,8 +418,12 @@ def test_bad_data_is_refused_before_the_run_is_created(tmp_path, monkeypatch, ca
     train.write_bytes(content)
     workdir = tmp_path / "work"
     workdir.mkdir()
-    message = _refused(workdir, monkeypatch, capsys, ["data=egoschema", f"data.train_file={train}",
-                                                      f"data.validation_file={FIXTURES / 'egoschema.jsonl'}"])
+    message = _refused(
+        workdir,
+        monkeypatch,
+        capsys,
+        ["data=egoschema", f"data.train_file={train}", f"data.validation_file={FIXTURES / 'egoschema.jsonl'}"],
+    )
     assert str(train) in message
     for fragment in fragments:
         assert fragment in message, message
@@ -319,7 +432,9 @@ def test_bad_data_is_refused_before_the_run_is_created(tmp_path, monkeypatch, ca
 def test_run_py_refuses_a_bad_record_before_anything_is_written(run_cli, tmp_path):
     train = tmp_path / "train.jsonl"
     train.write_text(_record() + "\n" + _record(answer=-2) + "\n")
-    result = run_cli("data=egoschema", f"data.train_file={train}", f"data.validation_file={FIXTURES / 'egoschema.jsonl'}")
+    result = run_cli(
+        "data=egoschema", f"data.train_file={train}", f"data.validation_file={FIXTURES / 'egoschema.jsonl'}"
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"error: {train}:2: answer index -2 is out of range for 5 options (0..4)" in result.stderr
     assert "data.on_bad_sample=skip" in result.stderr and "Traceback" not in result.stderr
@@ -335,7 +450,7 @@ def _long_and_short_records(tmp_path):
     QACollator batches it alone (what data.max_length counts)."""
     from firstsight.data.batching import QACollator
     from firstsight.data.files import FileQA
-    from firstsight.models import load_processor
+    from firstsight.models.loading import load_processor
 
     path = tmp_path / "data" / "records.jsonl"
     path.parent.mkdir()
@@ -348,7 +463,7 @@ def _long_and_short_records(tmp_path):
 @pytest.fixture
 def no_model_loads(monkeypatch):
     """Loading a model fails the test: what validation refuses must stop before any model."""
-    import firstsight.models as models
+    import firstsight.models.loading as models
 
     def load_model(*args, **kwargs):
         raise AssertionError("a model was loaded")
@@ -356,30 +471,48 @@ def no_model_loads(monkeypatch):
     monkeypatch.setattr(models, "load_model", load_model)
 
 
-def test_a_sample_longer_than_max_length_is_refused_before_the_run(tmp_path, monkeypatch, capsys, cache_dir,
-                                                                  no_model_loads):
+def test_a_sample_longer_than_max_length_is_refused_before_the_run(
+    tmp_path, monkeypatch, capsys, cache_dir, no_model_loads
+):
     path, (short, long) = _long_and_short_records(tmp_path)
     assert long > short
     workdir = tmp_path / "work"
     workdir.mkdir()
-    message = _refused(workdir, monkeypatch, capsys, ["data=egoschema", f"data.train_file={path}",
-                                                      "train.eval_at_end=false", f"data.max_length={short}"])
+    message = _refused(
+        workdir,
+        monkeypatch,
+        capsys,
+        ["data=egoschema", f"data.train_file={path}", "train.eval_at_end=false", f"data.max_length={short}"],
+    )
     assert f"error: {path}:2: the sample is {long} tokens long (" in message  # the first record is at the limit
-    for fragment in [f"more than data.max_length={short}: raise data.max_length", "data.max_pixels=200704 per frame",
-                     "data.max_frames=8", "data.on_bad_sample=skip to leave bad records out"]:
+    for fragment in [
+        f"more than data.max_length={short}: raise data.max_length",
+        "data.max_pixels=200704 per frame",
+        "data.max_frames=8",
+        "data.on_bad_sample=skip to leave bad records out",
+    ]:
         assert fragment in message, message
 
 
 def test_a_sample_longer_than_max_length_is_skipped_and_counted(tmp_path, monkeypatch, caplog, cache_dir):
     """data.on_bad_sample=skip: the long record is left out of the split the task reads, and counted
     in data/skipped_samples with the other bad records."""
-    from firstsight.tasks import run_task
+    from firstsight.suite.dispatch import run_task
 
     path, (short, long) = _long_and_short_records(tmp_path)
     monkeypatch.chdir(tmp_path)
-    cfg = compose(["task=evaluate", "data=egoschema", f"data.validation_file={path}", f"data.max_length={short}",
-                   "data.on_bad_sample=skip", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-                   "hardware.num_threads=1", "task.max_new_tokens=2"])
+    cfg = compose(
+        [
+            "task=evaluate",
+            "data=egoschema",
+            f"data.validation_file={path}",
+            f"data.max_length={short}",
+            "data.on_bad_sample=skip",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "hardware.num_threads=1",
+            "task.max_new_tokens=2",
+        ]
+    )
     run_task(cfg)
     assert f"skipping a bad sample: {path}:2: the sample is {long} tokens long" in caplog.text
     [run] = default_store_runs(tmp_path)
@@ -394,13 +527,18 @@ def test_a_max_length_below_the_synthetic_samples_is_refused(tmp_path, monkeypat
 
     from firstsight.data import synthetic_split
     from firstsight.data.batching import QACollator
-    from firstsight.models import load_processor
+    from firstsight.models.loading import load_processor
 
     message = _refused(tmp_path, monkeypatch, capsys, ["data.max_length=60", "data.train_size=40"])
     assert "error: data.max_length=60 is too small for the synthetic data" in message  # run.py adds where it was set
-    index, length, longest = map(int, re.search(
-        r"train sample (\d+) \(a \w+ question, \d frame\(s\) of 112x112 px\) is (\d+) tokens long .* "
-        r"The longest train sample is (\d+) tokens: set data.max_length >= \3 or null", message).groups())
+    index, length, longest = map(
+        int,
+        re.search(
+            r"train sample (\d+) \(a \w+ question, \d frame\(s\) of 112x112 px\) is (\d+) tokens long .* "
+            r"The longest train sample is (\d+) tokens: set data.max_length >= \3 or null",
+            message,
+        ).groups(),
+    )
     assert "generated samples cannot be skipped" in message and "lower data.image_size or data.num_frames" in message
     train, collate = synthetic_split(compose().data, "train", 0), QACollator(load_processor(compose()))
     lengths = [len(collate([train[i]])["input_ids"][0]) for i in range(40)]
@@ -414,7 +552,7 @@ def test_a_max_length_below_the_synthetic_samples_is_refused(tmp_path, monkeypat
 @pytest.fixture(scope="module")
 def saved_student(tmp_path_factory, cache_dir):
     """A tiny student as save_pretrained writes it, and its processor."""
-    from firstsight.models import load_model, load_processor
+    from firstsight.models.loading import load_model, load_processor
 
     cfg = compose(["hardware.num_threads=1"])
     processor = load_processor(cfg)
@@ -462,7 +600,9 @@ def _model_layout(path):
 
     tensors = load_file(str(path / "model.safetensors"))
     assert any(k.startswith("visual.") for k in tensors)  # save_pretrained writes the hub's names
-    save_file({_loaded_name(k): v for k, v in tensors.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    save_file(
+        {_loaded_name(k): v for k, v in tensors.items()}, str(path / "model.safetensors"), metadata={"format": "pt"}
+    )
 
 
 def _sharded(saved_student, path):
@@ -477,14 +617,17 @@ def _sharded(saved_student, path):
             shutil.copy(saved_student / name, path / name)
     tensors = load_file(str(saved_student / "model.safetensors"))
     language = sorted(k for k in tensors if k.startswith("model.layers."))
-    shards = {"model-00001-of-00002.safetensors": sorted(set(tensors) - set(language)),
-              "model-00002-of-00002.safetensors": language}
+    shards = {
+        "model-00001-of-00002.safetensors": sorted(set(tensors) - set(language)),
+        "model-00002-of-00002.safetensors": language,
+    }
     widened = next(k for k in shards["model-00002-of-00002.safetensors"] if k.endswith("mlp.up_proj.weight"))
     tensors[widened] = tensors[widened].repeat(2, 1)
     for shard, keys in shards.items():
         save_file({k: tensors[k].contiguous() for k in keys}, str(path / shard), metadata={"format": "pt"})
-    (path / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {}, "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}))
+    (path / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: shard for shard, keys in shards.items() for k in keys}})
+    )
     return _loaded_name(widened), tuple(tensors[widened].shape)
 
 
@@ -494,40 +637,57 @@ def _damaged_header(path):
 
 
 @pytest.mark.parametrize("case", ["wider-config", "missing-tensor", "sharded", "damaged-header"])
-def test_safetensors_that_do_not_match_the_config_are_refused_before_the_run(tmp_path, monkeypatch, capsys,
-                                                                             saved_student, no_model_loads, case):
+def test_safetensors_that_do_not_match_the_config_are_refused_before_the_run(
+    tmp_path, monkeypatch, capsys, saved_student, no_model_loads, case
+):
     """Validation reads the safetensors headers (no tensor data) and compares names and shapes with
     the model config.json describes, built on the meta device: refused before any model is loaded or
-    run created, in the words loading uses (firstsight.models._weights_mismatch)."""
+    run created, in the words loading uses (firstsight.models.loading._weights_mismatch)."""
     path = tmp_path / "student"
     if case == "sharded":
         widened, shape = _sharded(saved_student, path)
-        fragments = [f"the weights in {path} (model-00002-of-00002.safetensors) do not match its config.json: "
-                     f"1 tensor(s) of another shape ({widened} is {shape} in the file, ({shape[0] // 2}, {shape[1]}) "
-                     "by the config)"]
+        fragments = [
+            f"the weights in {path} (model-00002-of-00002.safetensors) do not match its config.json: "
+            f"1 tensor(s) of another shape ({widened} is {shape} in the file, ({shape[0] // 2}, {shape[1]}) "
+            "by the config)"
+        ]
     else:
         _copy(saved_student, tmp_path)
         if case == "wider-config":
             _wider_config(path)
-            fragments = [f"the weights in {path} (model.safetensors) do not match its config.json: 6 tensor(s) of "
-                         "another shape (model.language_model.layers.0.mlp.down_proj.weight is (64, 128) in the "
-                         "file, (64, 256) by the config, ", ", ...)"]
+            fragments = [
+                f"the weights in {path} (model.safetensors) do not match its config.json: 6 tensor(s) of "
+                "another shape (model.language_model.layers.0.mlp.down_proj.weight is (64, 128) in the "
+                "file, (64, 256) by the config, ",
+                ", ...)",
+            ]
         elif case == "missing-tensor":
             dropped = _drop_a_tensor(path)
-            fragments = [f"the weights in {path} (model.safetensors) do not match its config.json: 1 tensor(s) "
-                         f"missing ({_loaded_name(dropped)})"]
+            fragments = [
+                f"the weights in {path} (model.safetensors) do not match its config.json: 1 tensor(s) "
+                f"missing ({_loaded_name(dropped)})"
+            ]
         else:
             _damaged_header(path)
-            fragments = [f"{path / 'model.safetensors'} cannot be read as safetensors (", "save or copy the model again"]
+            fragments = [
+                f"{path / 'model.safetensors'} cannot be read as safetensors (",
+                "save or copy the model again",
+            ]
     workdir = tmp_path / "work"
     workdir.mkdir()
-    message = _refused(workdir, monkeypatch, capsys,
-                       ["task=evaluate", f"model.student.source={path}", "model.student.weights=pretrained"])
+    message = _refused(
+        workdir,
+        monkeypatch,
+        capsys,
+        ["task=evaluate", f"model.student.source={path}", "model.student.weights=pretrained"],
+    )
     assert message.startswith(f"error: model.student.source='{path}': "), message
     for fragment in fragments + ["or set model.student.weights=random for its architecture alone"]:
         assert fragment in message, message
     if case != "damaged-header":
-        assert "The checkpoint is damaged or incomplete, or config.json was edited or belongs to another model" in message
+        assert (
+            "The checkpoint is damaged or incomplete, or config.json was edited or belongs to another model" in message
+        )
 
 
 def test_checkpoints_whose_tensors_transformers_renames_are_not_refused(tmp_path, saved_student):
@@ -537,7 +697,7 @@ def test_checkpoints_whose_tensors_transformers_renames_are_not_refused(tmp_path
     either layout (and loads)."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    from firstsight.validate import _model_dir_problem
+    from firstsight.suite.validate import _model_dir_problem
 
     assert _model_dir_problem(saved_student, "student", weights_needed=True) is None
     path = _copy(saved_student, tmp_path)
@@ -551,8 +711,8 @@ def test_safetensors_that_do_not_match_the_config_are_refused_when_loaded(tmp_pa
     """Loading checks again (a hub checkpoint, or a directory changed after validation): the job's
     run is created and marked FAILED with the reason; transformers alone would initialise those
     tensors at random."""
-    import firstsight.validate as validate
-    from firstsight.tasks import run_task
+    import firstsight.suite.validate as validate
+    from firstsight.suite.dispatch import run_task
 
     monkeypatch.setattr(validate, "_weights_problem", lambda *args: None)  # as if validation had not seen it
     wider = _copy(saved_student, tmp_path / "wider")
@@ -564,8 +724,15 @@ def test_safetensors_that_do_not_match_the_config_are_refused_when_loaded(tmp_pa
         (wider, ["6 tensor(s) of another shape", "mlp.", "in the file, (", "by the config"]),
         (missing, ["1 tensor(s) missing", dropped]),
     ]:
-        cfg = compose(["task=evaluate", f"model.student.source={path}", "model.student.weights=pretrained",
-                       f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "hardware.num_threads=1"])
+        cfg = compose(
+            [
+                "task=evaluate",
+                f"model.student.source={path}",
+                "model.student.weights=pretrained",
+                f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                "hardware.num_threads=1",
+            ]
+        )
         with pytest.raises(SystemExit) as stop:
             run_task(cfg)
         assert stop.value.code == 2
@@ -581,19 +748,28 @@ def test_safetensors_that_do_not_match_the_config_are_refused_when_loaded(tmp_pa
 def test_a_resumable_checkpoint_of_another_model_is_refused(tmp_path):
     import torch
 
-    from firstsight.errors import FirstSightError
-    from firstsight.resume import Checkpointer, named_trained_tensors, read_point
+    from firstsight.core.errors import FirstSightError
+    from firstsight.training.resume import Checkpointer, named_trained_tensors, read_point
 
     def parts(model):
         optimizer = torch.optim.AdamW(model.parameters())
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0), torch.amp.GradScaler("cpu", enabled=False)
+        return (
+            optimizer,
+            torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0),
+            torch.amp.GradScaler("cpu", enabled=False),
+        )
 
     cfg = compose([])
     saved = Checkpointer(cfg, tmp_path, named_trained_tensors(torch.nn.Linear(3, 2)), run_id="r").save(
-        4, *parts(torch.nn.Linear(3, 2)), {"epoch": 0, "batches_into_epoch": 4}, {"loss": 1.0})
-    for other, fragment in [(torch.nn.Linear(4, 2), "weight has shape (2, 3), this run's has (2, 4)"),
-                            (torch.nn.Linear(3, 2, bias=False), "does not hold this run's trained tensors (missing: [], "
-                                                                "unexpected: ['bias'])")]:
+        4, *parts(torch.nn.Linear(3, 2)), {"epoch": 0, "batches_into_epoch": 4}, {"loss": 1.0}
+    )
+    for other, fragment in [
+        (torch.nn.Linear(4, 2), "weight has shape (2, 3), this run's has (2, 4)"),
+        (
+            torch.nn.Linear(3, 2, bias=False),
+            "does not hold this run's trained tensors (missing: [], unexpected: ['bias'])",
+        ),
+    ]:
         checkpointer = Checkpointer(cfg, tmp_path, named_trained_tensors(other), run_id="r", resume=read_point(saved))
         with pytest.raises(FirstSightError) as err:
             checkpointer.restore(*parts(other))

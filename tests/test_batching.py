@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from conftest import compose
+
 from firstsight.data.batching import IGNORE_INDEX, QACollator
 from firstsight.data.synthetic import SyntheticEgoQA
 
 
 def test_labels_cover_exactly_the_answer_and_end_token(cache_dir):
-    from firstsight.losses import IGNORE_INDEX as LOSS_IGNORE_INDEX
-    from firstsight.models import load_processor
+    from firstsight.losses.kd import IGNORE_INDEX as LOSS_IGNORE_INDEX
+    from firstsight.models.loading import load_processor
 
     assert IGNORE_INDEX == LOSS_IGNORE_INDEX
     processor = load_processor(compose())
@@ -35,20 +36,29 @@ def test_sample_length_is_what_the_collator_makes_of_the_sample_alone(cache_dir)
 
     from firstsight.data.batching import sample_length
     from firstsight.data.files import FileQA, MediaSettings, _fitted_size, _load_media
-    from firstsight.models import load_processor
+    from firstsight.models.loading import load_processor
 
     processor = load_processor(compose())
     collate = QACollator(processor)
     fixtures = Path(__file__).resolve().parent / "fixtures"
     checked = 0
-    for name, data_format in [("conversations.jsonl", "conversations"), ("messages.json", "conversations"),
-                              ("egoschema.jsonl", "egoschema")]:
+    for name, data_format in [
+        ("conversations.jsonl", "conversations"),
+        ("messages.json", "conversations"),
+        ("egoschema.jsonl", "egoschema"),
+    ]:
         for media in (MediaSettings(), MediaSettings(max_pixels=128 * 128, min_pixels=56 * 56, max_frames=3)):
             dataset = FileQA(fixtures / name, data_format, media=media)
             for index, record in enumerate(dataset._records):
-                sizes = [size for item in record.media for size in (
-                    [f.size for f in _load_media(item, media)] if item.kind == "video"
-                    else [_fitted_size(s, media) for s in item.sizes])]
+                sizes = [
+                    size
+                    for item in record.media
+                    for size in (
+                        [f.size for f in _load_media(item, media)]
+                        if item.kind == "video"
+                        else [_fitted_size(s, media) for s in item.sizes]
+                    )
+                ]
                 sample = dataset[index]
                 assert sizes == [image.size for image in sample.images]  # the fitted sizes, from the headers
                 expected = len(collate([sample])["input_ids"][0])

@@ -17,8 +17,14 @@ from conftest import ROOT
 
 def _smoke(script: str, *args: str, cache_dir: Path, tmp_path: Path) -> Dict[str, Any]:
     env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--smoke", *args], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--smoke", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     written = re.search(r"^wrote (\S+\.json) and (\S+\.md)$", done.stdout, re.MULTILINE)
     assert written, done.stdout[-2000:]

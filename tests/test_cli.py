@@ -5,17 +5,33 @@ through the MLflow API."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import default_store_runs
 
 EXPECTED_METRICS = {
-    "train/loss", "train/kd_loss", "train/ce_loss", "perf/throughput_samples_per_s",
-    "perf/throughput_tokens_per_s", "perf/peak_rss_gb", "perf/step_time_s", "model/params_b",
-    "model/weights_gb", "eval/teacher_accuracy", "eval/student_accuracy", "eval/accuracy_drop",
+    "train/loss",
+    "train/kd_loss",
+    "train/ce_loss",
+    "perf/throughput_samples_per_s",
+    "perf/throughput_tokens_per_s",
+    "perf/peak_rss_gb",
+    "perf/step_time_s",
+    "model/params_b",
+    "model/weights_gb",
+    "eval/teacher_accuracy",
+    "eval/student_accuracy",
+    "eval/accuracy_drop",
     # each accuracy with its 95 % interval, the drop paired, the student before distillation, grey frames
-    "eval/questions", "eval/student_accuracy_ci_low", "eval/student_accuracy_ci_high", "eval/accuracy_drop_ci_low",
-    "eval/accuracy_drop_ci_high", "eval/full_precision_accuracy_drop", "eval/student_accuracy_before",
-    "eval/distill_gain", "eval/distill_gain_ci_low", "eval/teacher_blind_accuracy", "eval/student_blind_accuracy",
+    "eval/questions",
+    "eval/student_accuracy_ci_low",
+    "eval/student_accuracy_ci_high",
+    "eval/accuracy_drop_ci_low",
+    "eval/accuracy_drop_ci_high",
+    "eval/full_precision_accuracy_drop",
+    "eval/student_accuracy_before",
+    "eval/distill_gain",
+    "eval/distill_gain_ci_low",
+    "eval/teacher_blind_accuracy",
+    "eval/student_blind_accuracy",
 }
 
 
@@ -31,8 +47,17 @@ def _check_job_run(run, max_steps):
     assert EXPECTED_METRICS <= set(run.data.metrics), EXPECTED_METRICS - set(run.data.metrics)
     assert "perf/peak_vram_gb" not in run.data.metrics  # CPU: RSS, never a made-up VRAM figure
     params = run.data.params
-    for key in ("model.name", "precision.dtype", "precision.quantization", "distill_loss.temperature",
-                "distill_loss.alpha", "hardware.batch_size", "train.max_steps", "seed", "model.teacher.tiny.hidden_size"):
+    for key in (
+        "model.name",
+        "precision.dtype",
+        "precision.quantization",
+        "distill_loss.temperature",
+        "distill_loss.alpha",
+        "hardware.batch_size",
+        "train.max_steps",
+        "seed",
+        "model.teacher.tiny.hidden_size",
+    ):
         assert key in params, key
     assert int(params["train.max_steps"]) == max_steps
     tags = run.data.tags
@@ -79,7 +104,9 @@ def _mlflow_ui_lists(workdir):
         port = s.getsockname()[1]
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "ui", "--port", str(port)],
-        cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=workdir,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.time() + 90
@@ -122,7 +149,10 @@ def test_sweep_over_fp16_and_int8(run_cli, tmp_path):
         _check_job_run(run, max_steps=12)
     by_name = {r.data.params["precision.name"]: r for r in jobs}
     assert by_name["int8"].data.params["precision.quantization"] == "int8"
-    assert by_name["int8"].data.metrics["model/teacher_weights_gb"] < by_name["fp16"].data.metrics["model/teacher_weights_gb"]
+    assert (
+        by_name["int8"].data.metrics["model/teacher_weights_gb"]
+        < by_name["fp16"].data.metrics["model/teacher_weights_gb"]
+    )
     assert len(list(tmp_path.glob("multirun/*/*/[01]/.hydra/config.yaml"))) == 2
 
 
@@ -145,8 +175,12 @@ def test_overrides_from_the_command_line(run_cli, tmp_path):
 def test_help_lists_groups_and_choices(run_cli):
     result = run_cli("--help")
     assert result.returncode == 0
-    for line in ("model: qwen2vl_7b_2b, tiny", "distill_loss: forward_kl, jsd, none, reverse_kl, skew_forward_kl, skew_reverse_kl", "hardware: cpu, edge_16gb, edge_4gb, edge_8gb, gpu",
-                 "precision: bf16, fp16, fp32, fp8, int8, int8_lm, int8_weight_only, nf4, nf4_lm"):
+    for line in (
+        "model: qwen2vl_7b_2b, tiny",
+        "distill_loss: forward_kl, jsd, none, reverse_kl, skew_forward_kl, skew_reverse_kl",
+        "hardware: cpu, edge_16gb, edge_4gb, edge_8gb, gpu",
+        "precision: bf16, fp16, fp32, fp8, int8, int8_lm, int8_weight_only, nf4, nf4_lm",
+    ):
         assert line in result.stdout
 
 
@@ -191,15 +225,28 @@ def test_a_sweep_whose_job_fails_closes_its_parent_run_as_failed(run_cli, tmp_pa
 
 def test_profile_sweep_over_precisions(run_cli, tmp_path):
     """The study's quantization comparison on the CPU default: one run per precision."""
-    result = run_cli("-m", "task=profile", "precision=fp32,bf16,int8,nf4", "task.latency_queries=3",
-                     "task.warmup_queries=1", "task.throughput_batches=1", "task.new_tokens=8")
+    result = run_cli(
+        "-m",
+        "task=profile",
+        "precision=fp32,bf16,int8,nf4",
+        "task.latency_queries=3",
+        "task.warmup_queries=1",
+        "task.throughput_batches=1",
+        "task.new_tokens=8",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = _check_sweep(tmp_path, range(4))
     weights = {}
     for run in jobs:
         assert run.info.status == "FINISHED"
         assert run.data.tags["firstsight.task"] == "profile"
-        assert {"infer/load_time_s", "infer/latency_p50_s", "infer/latency_p90_s", "infer/throughput_qps",
-                "model/weights_gb", "perf/peak_rss_gb"} <= set(run.data.metrics)
+        assert {
+            "infer/load_time_s",
+            "infer/latency_p50_s",
+            "infer/latency_p90_s",
+            "infer/throughput_qps",
+            "model/weights_gb",
+            "perf/peak_rss_gb",
+        } <= set(run.data.metrics)
         weights[run.data.params["precision.name"]] = run.data.metrics["model/weights_gb"]
     assert weights["nf4"] < weights["int8"] < weights["bf16"] < weights["fp32"]

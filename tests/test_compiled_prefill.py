@@ -1,4 +1,4 @@
-"""static_compile's compiled prefill (firstsight/compiled_prefill.py): which blocks and regions it
+"""static_compile's compiled prefill (firstsight/inference/compiled_prefill.py): which blocks and regions it
 compiles, once per model; the language model's regions run compiled only inside
 language_regions_compiled, and compute what the eager ones compute; the patch embedding as a
 matrix product equals the Conv3d."""
@@ -26,8 +26,13 @@ def _student(tiny_parts, dtype="float32"):
 def test_compile_prefill_blocks_compiles_each_block_and_region_once(tiny_parts):
     import torch
 
-    from firstsight.compiled_prefill import (_COMPILED, compile_prefill_blocks, language_regions,
-                                             language_regions_compiled, uncompile_prefill_blocks)
+    from firstsight.inference.compiled_prefill import (
+        _COMPILED,
+        compile_prefill_blocks,
+        language_regions,
+        language_regions_compiled,
+        uncompile_prefill_blocks,
+    )
 
     model = _student(tiny_parts)
     blocks = list(model.model.visual.blocks)
@@ -62,7 +67,7 @@ def test_the_compiled_language_regions_compute_the_eager_prefill(tiny_parts, stu
     import torch
     from torch._dynamo.utils import counters
 
-    from firstsight.compiled_prefill import compile_prefill_blocks, language_regions_compiled
+    from firstsight.inference.compiled_prefill import compile_prefill_blocks, language_regions_compiled
 
     model = _student(tiny_parts)
     language = model.model.language_model
@@ -88,7 +93,7 @@ def test_the_patch_embedding_as_a_matrix_product_equals_the_conv(tiny_parts, stu
     stride is left alone."""
     import torch
 
-    from firstsight.compiled_prefill import patch_embed_as_matmul
+    from firstsight.inference.compiled_prefill import patch_embed_as_matmul
 
     model = _student(tiny_parts, dtype)
     embed = model.model.visual.patch_embed

@@ -1,16 +1,16 @@
 """Every combination of the config groups composes; types and choices are enforced by Hydra;
-ranges, combinations and backends by firstsight.validate, before anything is built."""
+ranges, combinations and backends by firstsight.suite.validate, before anything is built."""
 
 from __future__ import annotations
 
 import itertools
 
 import pytest
+from conftest import CONF_DIR, compose
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, compose
-from firstsight.errors import ConfigError
-from firstsight.validate import validate
+from firstsight.core.errors import ConfigError
+from firstsight.suite.validate import validate
 
 GROUPS = ["model", "precision", "distill_loss", "hardware", "data", "task"]
 CHOICES = {g: sorted(p.stem for p in (CONF_DIR / g).glob("*.yaml")) for g in GROUPS}
@@ -19,19 +19,29 @@ CHOICES = {g: sorted(p.stem for p in (CONF_DIR / g).glob("*.yaml")) for g in GRO
 def test_the_groups_users_asked_for_have_their_choices():
     assert {"tiny", "qwen2vl_7b_2b"} <= set(CHOICES["model"])
     assert {"fp32", "bf16", "fp16", "int8", "nf4", "int8_lm", "nf4_lm"} <= set(CHOICES["precision"])
-    assert {"forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "none"} <= set(CHOICES["distill_loss"])
+    assert {"forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "none"} <= set(
+        CHOICES["distill_loss"]
+    )
     assert {"cpu", "gpu", "edge_4gb", "edge_8gb", "edge_16gb"} <= set(CHOICES["hardware"])
 
 
 def all_pairs(choices):
     """Combinations (one choice per group) in which every pair of choices of two different groups
     occurs at least once: a greedy covering array, a few dozen instead of the full product."""
-    uncovered = {((i, a), (j, b)) for i, j in itertools.combinations(range(len(choices)), 2)
-                 for a in choices[i] for b in choices[j]}
+    uncovered = {
+        ((i, a), (j, b))
+        for i, j in itertools.combinations(range(len(choices)), 2)
+        for a in choices[i]
+        for b in choices[j]
+    }
     picked = []
     while uncovered:
-        best = max(itertools.product(*choices), key=lambda combo: sum(
-            ((i, combo[i]), (j, combo[j])) in uncovered for i, j in itertools.combinations(range(len(combo)), 2)))
+        best = max(
+            itertools.product(*choices),
+            key=lambda combo: sum(
+                ((i, combo[i]), (j, combo[j])) in uncovered for i, j in itertools.combinations(range(len(combo)), 2)
+            ),
+        )
         picked.append(best)
         uncovered -= {((i, best[i]), (j, best[j])) for i, j in itertools.combinations(range(len(best)), 2)}
     return picked
@@ -71,7 +81,9 @@ def test_jsd_has_beta_and_kl_does_not():
 
 
 def test_overrides_reach_the_config():
-    cfg = compose(["distill_loss.alpha=0.5", "hardware.batch_size=8", "train.max_steps=20", "distill_loss.temperature=4"])
+    cfg = compose(
+        ["distill_loss.alpha=0.5", "hardware.batch_size=8", "train.max_steps=20", "distill_loss.temperature=4"]
+    )
     assert (cfg.distill_loss.alpha, cfg.hardware.batch_size, cfg.train.max_steps) == (0.5, 8, 20)
     assert cfg.distill_loss.temperature == 4.0
 
@@ -142,7 +154,7 @@ def test_known_architectures_match_the_published_sizes():
     import torch
     from transformers import Qwen2VLForConditionalGeneration
 
-    from firstsight.architectures import known_config
+    from firstsight.models.architectures import known_config
 
     for source, billions in [("Qwen/Qwen2-VL-2B-Instruct", 2.21), ("Qwen/Qwen2-VL-7B-Instruct", 8.29)]:
         with torch.device("meta"):

@@ -1,5 +1,5 @@
 """hardware.grouped_decode_attention: a decode step's attention groups the query heads that share a
-KV head instead of copying the cache per query head (firstsight/decode_attention.py), and computes
+KV head instead of copying the cache per query head (firstsight/models/decode_attention.py), and computes
 what transformers' SDPA path computes; prompts go through transformers' path unchanged."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import compose
-from firstsight.decode_attention import NAME, group_decode, grouped_decode_attention, ungroup_decode
+
+from firstsight.models.decode_attention import NAME, group_decode, grouped_decode_attention, ungroup_decode
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -66,7 +66,7 @@ def test_a_prompt_goes_through_transformers_sdpa_path(monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_student(cache_dir):
-    from firstsight.models import load_model, load_processor
+    from firstsight.models.loading import load_model, load_processor
 
     cfg = compose(["hardware.grouped_decode_attention=false"])
     processor = load_processor(cfg)
@@ -80,22 +80,24 @@ def test_greedy_decoding_is_the_same_with_grouped_decode_attention(tiny_student,
 
     from firstsight.data import load_split
     from firstsight.data.batching import PromptCollator
-    from firstsight.generation import GreedyDecoder
+    from firstsight.inference.generation import GreedyDecoder
 
     cfg, processor, model = tiny_student
     batch = PromptCollator(processor)(list(load_split(cfg.data, "validation", cfg.seed))[:3])  # left-padded rows
     assert not bool(batch["attention_mask"].all())
 
     def decode():
-        return GreedyDecoder(model, "static").generate(batch, 6, 6, pad_token_id=processor.tokenizer.pad_token_id,
-                                                        record_logits=True)
+        return GreedyDecoder(model, "static").generate(
+            batch, 6, 6, pad_token_id=processor.tokenizer.pad_token_id, record_logits=True
+        )
 
     ungroup_decode(model)
     plain = decode()
     passed_on = []
     original = sdpa.sdpa_attention_forward
-    monkeypatch.setattr(sdpa, "sdpa_attention_forward",
-                        lambda *a, **kw: passed_on.append(a[1].shape[2]) or original(*a, **kw))
+    monkeypatch.setattr(
+        sdpa, "sdpa_attention_forward", lambda *a, **kw: passed_on.append(a[1].shape[2]) or original(*a, **kw)
+    )
     assert group_decode(model)
     try:
         grouped = decode()
@@ -109,8 +111,8 @@ def test_greedy_decoding_is_the_same_with_grouped_decode_attention(tiny_student,
 def test_on_by_default_for_the_language_model_only_and_not_saved(cache_dir, tmp_path):
     from transformers import Qwen2VLForConditionalGeneration
 
-    from firstsight.models import load_model, load_processor
-    from firstsight.vision_attention import plain_config
+    from firstsight.models.loading import load_model, load_processor
+    from firstsight.models.vision_attention import plain_config
 
     cfg = compose()
     assert cfg.hardware.grouped_decode_attention is True
@@ -125,5 +127,9 @@ def test_on_by_default_for_the_language_model_only_and_not_saved(cache_dir, tmp_
     assert model.config.text_config._attn_implementation == NAME  # switched back after the block
     assert not group_decode(torch.nn.Linear(2, 2))  # not a Qwen2-VL model: nothing to switch
     eager = compose(["hardware.attn_implementation=eager"])
-    assert load_model(eager, "student", load_processor(eager), "cpu", frozen=True).model.config.text_config.\
-        _attn_implementation == "eager"  # only SDPA is extended
+    assert (
+        load_model(
+            eager, "student", load_processor(eager), "cpu", frozen=True
+        ).model.config.text_config._attn_implementation
+        == "eager"
+    )  # only SDPA is extended

@@ -1,4 +1,4 @@
-"""Data-parallel distillation (firstsight/distributed.py) on the CPU: two torchrun processes (gloo)
+"""Data-parallel distillation (firstsight/models/distributed.py) on the CPU: two torchrun processes (gloo)
 against one process with twice the batch."""
 
 from __future__ import annotations
@@ -12,8 +12,13 @@ import pytest
 
 from tests.conftest import ROOT, compose, default_store_runs
 
-ARGS = ["train.max_steps=6", "train.progress_bar=false", "hardware.num_threads=1", "train.eval_at_end=false",
-        "train.throughput_warmup_steps=1"]
+ARGS = [
+    "train.max_steps=6",
+    "train.progress_bar=false",
+    "hardware.num_threads=1",
+    "train.eval_at_end=false",
+    "train.throughput_warmup_steps=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -21,9 +26,14 @@ def one_process(cache_dir, tmp_path_factory):
     """The reference: one process with the global batch (8)."""
     workdir = tmp_path_factory.mktemp("one-process")
     env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
-    result = subprocess.run([sys.executable, str(ROOT / "run.py"), *ARGS, "hardware.batch_size=8",
-                             f"hydra.run.dir={workdir / 'single'}"], cwd=workdir, env=env, capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *ARGS, "hardware.batch_size=8", f"hydra.run.dir={workdir / 'single'}"],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir / "single"
 
@@ -34,10 +44,24 @@ def test_two_processes_follow_the_one_process_loss_curve(one_process, cache_dir,
     the saved student gathered whole)."""
     env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
     parallel = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(ROOT / "run.py"),
-         *ARGS, "hardware.batch_size=4", f"hardware.data_parallel={strategy}", "train.checkpoint_every_n_steps=3",
-         f"hydra.run.dir={tmp_path / 'parallel'}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "run.py"),
+            *ARGS,
+            "hardware.batch_size=4",
+            f"hardware.data_parallel={strategy}",
+            "train.checkpoint_every_n_steps=3",
+            f"hydra.run.dir={tmp_path / 'parallel'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert parallel.returncode == 0, (parallel.stdout + parallel.stderr)[-3000:]
 
@@ -50,16 +74,17 @@ def test_two_processes_follow_the_one_process_loss_curve(one_process, cache_dir,
 
     metrics = json.loads((tmp_path / "parallel" / "metrics.json").read_text())
     assert metrics["perf/processes"] == 2
-    assert metrics["perf/throughput_tokens_per_s_per_process"] == pytest.approx(metrics["perf/throughput_tokens_per_s"] / 2)
+    assert metrics["perf/throughput_tokens_per_s_per_process"] == pytest.approx(
+        metrics["perf/throughput_tokens_per_s"] / 2
+    )
     assert metrics["perf/peak_rss_gb_all_processes"] > metrics["perf/peak_rss_gb"] > 0
 
     runs = [r for r in default_store_runs(tmp_path) if r.data.params.get("hardware.batch_size") == "4"]
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # rank 0 alone logs
     assert runs[0].data.metrics["perf/processes"] == 2
     assert "checkpoint written" in parallel.stdout + parallel.stderr  # step 3, gathered whole under fsdp
-    from safetensors.torch import load_file
-
     import torch
+    from safetensors.torch import load_file
 
     saved = load_file(str(tmp_path / "parallel" / "checkpoints" / "student" / "model.safetensors"))
     reference = load_file(str(one_process / "checkpoints" / "student" / "model.safetensors"))
@@ -68,14 +93,24 @@ def test_two_processes_follow_the_one_process_loss_curve(one_process, cache_dir,
         torch.testing.assert_close(saved[name], tensor, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("env, overrides, message", [
-    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, ["task=profile"], "only task=distill trains data-parallel"),
-    ({}, ["hardware.device=auto", "hardware.num_gpus=2"], "needs one process per GPU"),
-    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, ["hardware.device=auto", "hardware.num_gpus=1"],
-     "set hardware.num_gpus=2"),
-])
+@pytest.mark.parametrize(
+    "env, overrides, message",
+    [
+        (
+            {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"},
+            ["task=profile"],
+            "only task=distill trains data-parallel",
+        ),
+        ({}, ["hardware.device=auto", "hardware.num_gpus=2"], "needs one process per GPU"),
+        (
+            {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"},
+            ["hardware.device=auto", "hardware.num_gpus=1"],
+            "set hardware.num_gpus=2",
+        ),
+    ],
+)
 def test_process_layouts_that_do_not_fit_the_config_are_explained(monkeypatch, env, overrides, message):
-    from firstsight.distributed import check_layout, launched_world
+    from firstsight.core.world import check_layout, launched_world
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS"):
         monkeypatch.delenv(key, raising=False)
@@ -86,7 +121,7 @@ def test_process_layouts_that_do_not_fit_the_config_are_explained(monkeypatch, e
 
 
 def test_a_single_process_is_not_distributed(monkeypatch):
-    from firstsight.distributed import check_layout, launched_world
+    from firstsight.core.world import check_layout, launched_world
 
     for key in ("RANK", "WORLD_SIZE", "SLURM_NTASKS"):
         monkeypatch.delenv(key, raising=False)

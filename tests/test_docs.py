@@ -29,7 +29,8 @@ def test_configuration_reference_is_regenerated():
     committed = (ROOT / "docs" / "configuration.md").read_text()
     assert committed == gen.render(), (
         "docs/configuration.md is stale (the schema or a conf/ group changed): "
-        "run python docs/gen_config_reference.py and commit the result")
+        "run python docs/gen_config_reference.py and commit the result"
+    )
 
 
 def _pages() -> List[Path]:

@@ -9,11 +9,11 @@ import re
 import sys
 
 import pytest
+from conftest import compose
 from omegaconf import open_dict
 
-from conftest import compose
-from firstsight.errors import ConfigError
-from firstsight.validate import validate
+from firstsight.core.errors import ConfigError
+from firstsight.suite.validate import validate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 QUANTIZED_CLASSES = {"int8": "Linear8bitLt", "nf4": "Linear4bit"}
@@ -29,11 +29,11 @@ def test_part_names_resolve_on_the_real_qwen2vl_classes(source, cache_dir):
     import torch
     from transformers import Qwen2VLForConditionalGeneration
 
-    from firstsight.architectures import known_config
-    from firstsight.parts import PART_MODULES, UNQUANTIZED_PATTERNS, check_part_modules, part_bytes, part_of
+    from firstsight.models.architectures import known_config
+    from firstsight.models.parts import PART_MODULES, UNQUANTIZED_PATTERNS, check_part_modules, part_bytes, part_of
 
     if source == "tiny":
-        from firstsight.tiny import tiny_model_config, tiny_processor
+        from firstsight.models.tiny import tiny_model_config, tiny_processor
 
         config = tiny_model_config(compose().model.teacher.tiny, tiny_processor(cache_dir).tokenizer)
     else:
@@ -61,7 +61,7 @@ def test_part_names_resolve_on_the_real_qwen2vl_classes(source, cache_dir):
 
 def _kinds_and_dtypes(model):
     """Per part: the classes of its linear layers and the dtypes of its floating-point parameters."""
-    from firstsight.parts import part_of
+    from firstsight.models.parts import part_of
 
     kinds, dtypes = {}, {}
     for name, module in model.named_modules():
@@ -73,21 +73,34 @@ def _kinds_and_dtypes(model):
     return kinds, dtypes
 
 
-@pytest.mark.parametrize("overrides, expect", [
-    (["precision=int8_lm"],
-     {"vision": ("bfloat16", "none"), "merger": ("bfloat16", "none"), "language": ("float16", "int8")}),
-    (["precision=nf4_lm"],
-     {"vision": ("bfloat16", "none"), "merger": ("bfloat16", "none"), "language": ("bfloat16", "nf4")}),
-    (["precision=nf4"], {"vision": ("bfloat16", "nf4"), "merger": ("bfloat16", "nf4"), "language": ("bfloat16", "nf4")}),
-    (["precision=bf16", "precision.parts.vision.dtype=float32", "precision.parts.merger.dtype=float16"],
-     {"vision": ("float32", "none"), "merger": ("float16", "none"), "language": ("bfloat16", "none")}),
-], ids=["int8_lm", "nf4_lm", "nf4-every-part", "dtype-per-part"])
+@pytest.mark.parametrize(
+    "overrides, expect",
+    [
+        (
+            ["precision=int8_lm"],
+            {"vision": ("bfloat16", "none"), "merger": ("bfloat16", "none"), "language": ("float16", "int8")},
+        ),
+        (
+            ["precision=nf4_lm"],
+            {"vision": ("bfloat16", "none"), "merger": ("bfloat16", "none"), "language": ("bfloat16", "nf4")},
+        ),
+        (
+            ["precision=nf4"],
+            {"vision": ("bfloat16", "nf4"), "merger": ("bfloat16", "nf4"), "language": ("bfloat16", "nf4")},
+        ),
+        (
+            ["precision=bf16", "precision.parts.vision.dtype=float32", "precision.parts.merger.dtype=float16"],
+            {"vision": ("float32", "none"), "merger": ("float16", "none"), "language": ("bfloat16", "none")},
+        ),
+    ],
+    ids=["int8_lm", "nf4_lm", "nf4-every-part", "dtype-per-part"],
+)
 def test_per_part_precision_on_the_tiny_teacher(cache_dir, overrides, expect):
     import torch
 
     from firstsight.data import load_split
     from firstsight.data.batching import PromptCollator
-    from firstsight.models import load_model, load_processor
+    from firstsight.models.loading import load_model, load_processor
 
     cfg = compose(["task=profile", "task.target=teacher", *overrides])
     validate(cfg)
@@ -106,14 +119,15 @@ def test_per_part_precision_on_the_tiny_teacher(cache_dir, overrides, expect):
     samples = load_split(cfg.data, "validation", 0)
     batch = PromptCollator(processor)([samples[i] for i in range(2)])
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=2, min_new_tokens=2, do_sample=False,
-                             pad_token_id=processor.tokenizer.pad_token_id)
+        out = model.generate(
+            **batch, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id
+        )
     assert out.shape[1] == batch["input_ids"].shape[1] + 2
 
 
 def test_unquantized_parts_weigh_more_than_quantized_ones(cache_dir):
     """nf4 quantizes the vision tower and the merger too; nf4_lm leaves them in bf16."""
-    from firstsight.models import load_model, load_processor
+    from firstsight.models.loading import load_model, load_processor
 
     sizes = {}
     for precision in ("nf4", "nf4_lm"):
@@ -142,9 +156,13 @@ def _refused(overrides, *fragments, edit=None):
 
 
 def test_a_part_name_that_matches_no_module_is_refused():
-    _refused(["+precision.parts.vison.dtype=bfloat16"], "precision.parts.vison names no part",
-             "vision (model.visual without model.visual.merger)", "merger (model.visual.merger)",
-             "language (model.language_model and lm_head)")
+    _refused(
+        ["+precision.parts.vison.dtype=bfloat16"],
+        "precision.parts.vison names no part",
+        "vision (model.visual without model.visual.merger)",
+        "merger (model.visual.merger)",
+        "language (model.language_model and lm_head)",
+    )
 
     def from_a_file(cfg):  # as a precision preset with a misspelt part would compose
         with open_dict(cfg):
@@ -155,33 +173,46 @@ def test_a_part_name_that_matches_no_module_is_refused():
 
 
 def test_quantizing_a_part_of_a_student_trained_in_full_is_refused():
-    _refused(["precision.parts.language.quantization=int8"], "precision.parts.language.quantization=int8",
-             "task=distill trains in full", "lora.enabled=true")
+    _refused(
+        ["precision.parts.language.quantization=int8"],
+        "precision.parts.language.quantization=int8",
+        "task=distill trains in full",
+        "lora.enabled=true",
+    )
     validate(compose(["precision.parts.language.quantization=nf4", "lora.enabled=true"]))  # QLoRA on that part
     validate(compose(["precision=int8_lm"]))  # model-wide int8: the teacher's frozen weights only
     validate(compose(["task=profile", "precision.parts.language.quantization=int8"]))  # nothing trains
 
 
 def test_one_model_has_one_bitsandbytes_kind():
-    _refused(["task=profile", "precision=nf4", "precision.parts.vision.quantization=int8"],
-             "precision.parts.vision.quantization=int8", "vision=int8, merger=nf4, language=nf4",
-             "choose nf4 or none for vision")
+    _refused(
+        ["task=profile", "precision=nf4", "precision.parts.vision.quantization=int8"],
+        "precision.parts.vision.quantization=int8",
+        "vision=int8, merger=nf4, language=nf4",
+        "choose nf4 or none for vision",
+    )
 
 
 def test_a_part_quantization_whose_backend_is_missing_is_refused(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as on a machine without it
-    _refused(["task=profile", "precision.parts.language.quantization=nf4"],
-             "precision.parts.language.quantization=nf4", "bitsandbytes",
-             "set precision.parts.language.quantization=none")
+    _refused(
+        ["task=profile", "precision.parts.language.quantization=nf4"],
+        "precision.parts.language.quantization=nf4",
+        "bitsandbytes",
+        "set precision.parts.language.quantization=none",
+    )
 
 
-@pytest.mark.parametrize("overrides, fragments", [
-    (["task=profile", "hardware.memory_budget_gb=0"], ["hardware.memory_budget_gb=0.0", "positive number of GB"]),
-    (["task=profile", "hardware.memory_budget_gb=-2"], ["hardware.memory_budget_gb=-2.0"]),
-    (["task=profile", "hardware.memory_budget_gb=nan"], ["hardware.memory_budget_gb=nan"]),
-    (["hardware.memory_budget_gb=4"], ["judged by task=profile", "task=distill"]),
-    (["task=profile", "hardware=edge_4gb"], ["no CUDA GPU is visible"]),
-])
+@pytest.mark.parametrize(
+    "overrides, fragments",
+    [
+        (["task=profile", "hardware.memory_budget_gb=0"], ["hardware.memory_budget_gb=0.0", "positive number of GB"]),
+        (["task=profile", "hardware.memory_budget_gb=-2"], ["hardware.memory_budget_gb=-2.0"]),
+        (["task=profile", "hardware.memory_budget_gb=nan"], ["hardware.memory_budget_gb=nan"]),
+        (["hardware.memory_budget_gb=4"], ["judged by task=profile", "task=distill"]),
+        (["task=profile", "hardware=edge_4gb"], ["no CUDA GPU is visible"]),
+    ],
+)
 def test_bad_budgets_are_refused(overrides, fragments):
     _refused(overrides, *fragments)
 
@@ -197,16 +228,22 @@ def test_the_edge_presets_cap_one_gpu_at_batch_1():
 
 
 def test_the_verdict_compares_the_measured_peak_with_the_budget():
-    from firstsight.edge import CPU_BASIS, CUDA_BASIS, budget_fraction, verdict
+    from firstsight.core.memory import CPU_BASIS, CUDA_BASIS, budget_fraction, verdict
 
     fits = verdict(4.0, 3.25, CUDA_BASIS)
-    assert fits.fits and fits.metrics == {"edge/budget_gb": 4.0, "edge/peak_gb": 3.25, "edge/headroom_gb": 0.75,
-                                          "edge/fits": 1.0}
+    assert fits.fits and fits.metrics == {
+        "edge/budget_gb": 4.0,
+        "edge/peak_gb": 3.25,
+        "edge/headroom_gb": 0.75,
+        "edge/fits": 1.0,
+    }
     assert fits.tags["firstsight.edge.basis"] == "cuda_allocator" and fits.tags["firstsight.edge.verdict"] == "fits"
     over = verdict(1.0, 1.5, CPU_BASIS)
     assert not over.fits and over.metrics["edge/fits"] == 0.0 and over.metrics["edge/headroom_gb"] == -0.5
-    assert over.tags["firstsight.edge.basis"] == "cpu_rss" and "peak RSS 1.500 GB > budget 1 GB" in over.tags[
-        "firstsight.edge.reason"]
+    assert (
+        over.tags["firstsight.edge.basis"] == "cpu_rss"
+        and "peak RSS 1.500 GB > budget 1 GB" in over.tags["firstsight.edge.reason"]
+    )
     assert verdict(2.0, 2.0, CPU_BASIS).fits  # exactly at the budget fits
     assert budget_fraction(8.0, 80 * 10**9) == pytest.approx(0.1)
     for bad in (0.0, -1.0, math.inf, 81.0):
@@ -217,7 +254,7 @@ def test_the_verdict_compares_the_measured_peak_with_the_budget():
 def test_an_out_of_memory_under_a_cuda_cap_is_the_result_does_not_fit():
     import torch
 
-    from firstsight.edge import CPU_BASIS, CUDA_BASIS, run_within_budget
+    from firstsight.core.memory import CPU_BASIS, CUDA_BASIS, run_within_budget
 
     def load():
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
@@ -225,7 +262,9 @@ def test_an_out_of_memory_under_a_cuda_cap_is_the_result_does_not_fit():
     result, edge = run_within_budget(load, 4.0, CUDA_BASIS, lambda: 3.9, lambda: "loading")
     assert result is None and not edge.fits
     assert edge.metrics == {"edge/budget_gb": 4.0, "edge/peak_gb": 3.9, "edge/fits": 0.0}  # no headroom
-    assert edge.tags["firstsight.edge.verdict"] == "does not fit" and edge.tags["firstsight.edge.oom_stage"] == "loading"
+    assert (
+        edge.tags["firstsight.edge.verdict"] == "does not fit" and edge.tags["firstsight.edge.oom_stage"] == "loading"
+    )
     assert "out of memory while loading" in edge.tags["firstsight.edge.reason"]
     assert "Tried to allocate 2.00 GiB" in edge.tags["firstsight.edge.reason"]
 
@@ -235,6 +274,7 @@ def test_an_out_of_memory_under_a_cuda_cap_is_the_result_does_not_fit():
     assert not run_within_budget(cublas, 4.0, CUDA_BASIS, lambda: 1.0)[1].fits
     ok, edge = run_within_budget(lambda: "measured", 4.0, CUDA_BASIS, lambda: 1.0)
     assert ok == "measured" and edge.fits
+
     def bug():
         raise ValueError("bug")
 
@@ -245,11 +285,21 @@ def test_an_out_of_memory_under_a_cuda_cap_is_the_result_does_not_fit():
 
 
 def _run_profile(tmp_path, overrides):
-    from firstsight.tasks import run_task
+    from firstsight.suite.dispatch import run_task
 
-    cfg = compose(["task=profile", "task.latency_queries=2", "task.warmup_queries=1", "task.throughput_batches=1",
-                   "task.throughput_batch_size=2", "task.new_tokens=2", "train.progress_bar=false",
-                   f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides])
+    cfg = compose(
+        [
+            "task=profile",
+            "task.latency_queries=2",
+            "task.warmup_queries=1",
+            "task.throughput_batches=1",
+            "task.throughput_batch_size=2",
+            "task.new_tokens=2",
+            "train.progress_bar=false",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            *overrides,
+        ]
+    )
     metrics = run_task(cfg)
     from mlflow.tracking import MlflowClient
 
@@ -268,8 +318,14 @@ def test_a_profile_under_a_cpu_budget_logs_parts_and_the_rss_verdict(cache_dir, 
     parts = [metrics[f"model/weights_gb/{p}"] for p in ("vision", "merger", "language")]
     assert all(v > 0 for v in parts) and sum(parts) == pytest.approx(metrics["model/weights_gb"], rel=1e-9)
     tags = run.data.tags
-    assert (tags["firstsight.precision.vision.dtype"], tags["firstsight.precision.vision.quantization"]) == ("bfloat16", "none")
-    assert (tags["firstsight.precision.language.dtype"], tags["firstsight.precision.language.quantization"]) == ("float16", "int8")
+    assert (tags["firstsight.precision.vision.dtype"], tags["firstsight.precision.vision.quantization"]) == (
+        "bfloat16",
+        "none",
+    )
+    assert (tags["firstsight.precision.language.dtype"], tags["firstsight.precision.language.quantization"]) == (
+        "float16",
+        "int8",
+    )
     assert run.data.params["precision.parts.vision.dtype"] == "bfloat16"  # the config as given, beside it
 
 
@@ -277,14 +333,16 @@ def test_an_out_of_memory_while_profiling_finishes_the_run_with_the_verdict(cach
     """The CUDA path on a CPU: the cap is faked and loading raises torch's out-of-memory error."""
     import torch
 
-    import firstsight.edge
-    import firstsight.models
+    import firstsight.core.memory
+    import firstsight.models.loading
 
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
 
-    monkeypatch.setattr(firstsight.edge, "apply_memory_budget", lambda budget, device: (firstsight.edge.CUDA_BASIS, {}))
-    monkeypatch.setattr(firstsight.models, "load_model", out_of_memory)
+    monkeypatch.setattr(
+        firstsight.core.memory, "apply_memory_budget", lambda budget, device: (firstsight.core.memory.CUDA_BASIS, {})
+    )
+    monkeypatch.setattr(firstsight.models.loading, "load_model", out_of_memory)
     metrics, run = _run_profile(tmp_path, ["hardware.memory_budget_gb=4"])
     assert run.info.status == "FINISHED"  # a result, not a crash of the sweep
     assert metrics["edge/fits"] == 0.0 and "edge/headroom_gb" not in metrics
@@ -292,15 +350,17 @@ def test_an_out_of_memory_while_profiling_finishes_the_run_with_the_verdict(cach
     assert run.data.metrics["edge/fits"] == 0.0
     assert run.data.tags["firstsight.edge.verdict"] == "does not fit"
     assert run.data.tags["firstsight.edge.oom_stage"] == "loading"
-    assert re.search(r"out of memory while loading under a 4 GB budget .*Tried to allocate 4\.00 GiB",
-                     run.data.tags["firstsight.edge.reason"])
+    assert re.search(
+        r"out of memory while loading under a 4 GB budget .*Tried to allocate 4\.00 GiB",
+        run.data.tags["firstsight.edge.reason"],
+    )
 
 
 # ----------------------------------------------------------------------------- the report's edge view
 
 
 def test_the_pareto_front():
-    from firstsight.report import pareto_front
+    from firstsight.tasks.report import pareto_front
 
     # (accuracy ↑, memory ↓, latency ↓)
     points = [(0.5, 2.0, 1.0), (0.6, 3.0, 1.0), (0.5, 2.5, 1.0), (0.4, 1.0, 2.0), (0.6, 3.0, 1.0)]
@@ -310,17 +370,32 @@ def test_the_pareto_front():
 
 
 def _record(run_id, precision, budget, start, metrics, task="profile", model="qwen2vl_7b_2b", tags=None):
-    from firstsight.report import RunRecord
+    from firstsight.tasks.report import RunRecord
 
-    params = {"task.name": task, "precision.name": precision, "precision.dtype": "bfloat16",
-              "precision.quantization": "nf4" if "nf4" in precision else "none", "model.name": model,
-              "hardware.memory_budget_gb": str(budget), "hardware.name": f"edge_{budget}gb" if budget else "cpu"}
-    return RunRecord(run_id=run_id, start_time=start, params=params, metrics=metrics,
-                     tags={"firstsight.task": task, "firstsight.sweep_id": "none", **(tags or {})})
+    params = {
+        "task.name": task,
+        "precision.name": precision,
+        "precision.dtype": "bfloat16",
+        "precision.quantization": "nf4" if "nf4" in precision else "none",
+        "model.name": model,
+        "hardware.memory_budget_gb": str(budget),
+        "hardware.name": f"edge_{budget}gb" if budget else "cpu",
+    }
+    return RunRecord(
+        run_id=run_id,
+        start_time=start,
+        params=params,
+        metrics=metrics,
+        tags={"firstsight.task": task, "firstsight.sweep_id": "none", **(tags or {})},
+    )
 
 
 def _edge_metrics(budget, peak, latency=None, fits=None):
-    metrics = {"edge/budget_gb": float(budget), "edge/peak_gb": peak, "edge/fits": float(peak <= budget if fits is None else fits)}
+    metrics = {
+        "edge/budget_gb": float(budget),
+        "edge/peak_gb": peak,
+        "edge/fits": float(peak <= budget if fits is None else fits),
+    }
     if latency is not None:
         metrics.update({"edge/headroom_gb": budget - peak, "infer/latency_p50_s": latency})
     return metrics
@@ -345,7 +420,7 @@ def _sweep():
 
 
 def test_the_edge_view_of_a_precision_by_budget_sweep():
-    from firstsight.report import edge_view
+    from firstsight.tasks.report import edge_view
 
     view = edge_view(_sweep())
     rows = {r.run.run_id: r for r in view.rows}
@@ -368,8 +443,8 @@ def test_the_report_shows_the_edge_view_from_mlflow(tmp_path):
     """Runs logged to a temporary MLflow store, then `task=report` in-process."""
     from mlflow.tracking import MlflowClient
 
-    from firstsight.report import md_unescape
-    from firstsight.tasks import run_task
+    from firstsight.suite.dispatch import run_task
+    from firstsight.tasks.report import md_unescape
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -390,13 +465,20 @@ def test_the_report_shows_the_edge_view_from_mlflow(tmp_path):
     assert "- 8 GB: 2 of 2 fit" in section
     lines = [line for line in section.splitlines() if line.startswith("| ")]
     header = [md_unescape(c.strip()) for c in re.split(r"(?<!\\)\|", lines[0])[1:-1]]
-    rows = [dict(zip(header, [md_unescape(c.strip()) for c in re.split(r"(?<!\\)\|", line)[1:-1]])) for line in lines[1:]]
+    rows = [
+        dict(zip(header, [md_unescape(c.strip()) for c in re.split(r"(?<!\\)\|", line)[1:-1]])) for line in lines[1:]
+    ]
     assert len(rows) == 6
     oom = next(r for r in rows if r["configuration"] == "bf16" and r["budget GB"] == "4")
     assert (oom["fits"], oom["Pareto front"], oom["note"]) == ("no", "", "out of memory while loading")
     nf4_8 = next(r for r in rows if r["configuration"] == "nf4" and r["budget GB"] == "8")
     assert (nf4_8["fits"], nf4_8["peak GB"], nf4_8["latency p50 s"], nf4_8["accuracy"], nf4_8["Pareto front"]) == (
-        "yes", "2", "1.1", "0.3", "front")
+        "yes",
+        "2",
+        "1.1",
+        "0.3",
+        "front",
+    )
     assert (out / "edge_memory_vs_latency.png").read_bytes()[:8] == PNG_MAGIC
     assert "](edge_memory_vs_latency.png)" in markdown
     assert "Edge deployment" in (out / "report.html").read_text()

@@ -3,18 +3,31 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import compose
+
 from firstsight.data.synthetic import QASample
-from firstsight.answers import option_texts
-from firstsight.evaluate import is_correct, is_multiple_choice, option_letters, parse_choice
-from firstsight.tasks import run_task
+from firstsight.evaluation.answers import option_texts
+from firstsight.suite.dispatch import run_task
+from firstsight.tasks.evaluate import is_correct, is_multiple_choice, option_letters, parse_choice
 
 
 @pytest.mark.parametrize(
     "text, letter",
-    [("B", "B"), (" B.", "B"), ("(C)", "C"), ("D) away from you", "D"), ("A: left", "A"), ("A right", None),
-     ("Both", None), ("", None), ("maybe C", None), ("E", "E"), ("b", None), ("AB", None), ("(B) left", None)],
+    [
+        ("B", "B"),
+        (" B.", "B"),
+        ("(C)", "C"),
+        ("D) away from you", "D"),
+        ("A: left", "A"),
+        ("A right", None),
+        ("Both", None),
+        ("", None),
+        ("maybe C", None),
+        ("E", "E"),
+        ("b", None),
+        ("AB", None),
+        ("(B) left", None),
+    ],
 )
 def test_choice_letters_are_parsed_strictly(text, letter):
     # without the question's options, any text after "L." / "L)" / "L:" is accepted
@@ -23,59 +36,76 @@ def test_choice_letters_are_parsed_strictly(text, letter):
 
 HOLDING = "What are you holding?\nA. a red ball\nB. a red box\nC. a blue ball\nD. a green cone"
 TEN = "Which object is it?\n" + "\n".join(
-    f"{letter}. {text}" for letter, text in zip("ABCDEFGHIJ", [
-        "a red ball", "a red box", "a blue ball", "a blue box", "a green cone",
-        "a green ball", "a yellow box", "a yellow cone", "a white ball", "a black box"]))
+    f"{letter}. {text}"
+    for letter, text in zip(
+        "ABCDEFGHIJ",
+        [
+            "a red ball",
+            "a red box",
+            "a blue ball",
+            "a blue box",
+            "a green cone",
+            "a green ball",
+            "a yellow box",
+            "a yellow cone",
+            "a white ball",
+            "a black box",
+        ],
+    )
+)
 QUESTIONS = {"A-D": HOLDING, "A-J": TEN}
 
 
-@pytest.mark.parametrize("options, answer, reply, reading, correct", [
-    # the letter alone, in parentheses, or with a delimiter and optionally its own option's text
-    ("A-D", "B", "B", "B", True),
-    ("A-D", "B", "  B \n", "B", True),
-    ("A-D", "B", "(B)", "B", True),
-    ("A-D", "B", "B.", "B", True),
-    ("A-D", "B", "B)", "B", True),
-    ("A-D", "B", "B:", "B", True),
-    ("A-D", "B", "B. a red box", "B", True),
-    ("A-D", "B", "B) A Red Box.", "B", True),  # case and one trailing full stop ignored
-    ("A-D", "B", "B:  a red box ", "B", True),
-    ("A-D", "C", "B. a red box", "B", False),  # a clear letter, the wrong one
-    # text after the delimiter that is not that option's text
-    ("A-D", "B", "B. a blue ball", None, False),  # another option's text
-    ("A-D", "B", "B. a red box, I think", None, False),
-    ("A-D", "A", "A. or B", None, False),
-    # a letter then a space and words: an article, or a hedge
-    ("A-D", "A", "A red ball", None, False),
-    ("A-D", "B", "(B) a red box", None, False),
-    ("A-D", "B", "B\nC", None, False),
-    # ambiguous: several letters
-    ("A-D", "A", "A or B", None, False),
-    ("A-D", "A", "A/B", None, False),
-    ("A-D", "A", "A and C", None, False),
-    ("A-D", "A", "AB", None, False),
-    # prose, the option's text alone, lowercase, empty
-    ("A-D", "C", "The answer is C", None, False),
-    ("A-D", "B", "a red box", None, False),
-    ("A-D", "B", "b", None, False),
-    ("A-D", "B", "b.", None, False),
-    ("A-D", "B", "", None, False),
-    ("A-D", "B", "   ", None, False),
-    # a letter the question does not offer
-    ("A-D", "B", "E", None, False),
-    ("A-D", "B", "E. a red box", None, False),
-    # ten options: "I" is an option letter, and a pronoun
-    ("A-J", "I", "I", "I", True),
-    ("A-J", "I", "I. a white ball", "I", True),
-    ("A-J", "J", "(J)", "J", True),
-    ("A-J", "A", "A: a red ball.", "A", True),
-    ("A-J", "A", "A. a red box", None, False),
-    ("A-J", "I", "I think it is C", None, False),
-    ("A-J", "C", "I think it is C", None, False),
-    ("A-J", "I", "I am not sure", None, False),
-    ("A-J", "C", "C is the one", None, False),
-    ("A-J", "J", "K", None, False),
-])
+@pytest.mark.parametrize(
+    "options, answer, reply, reading, correct",
+    [
+        # the letter alone, in parentheses, or with a delimiter and optionally its own option's text
+        ("A-D", "B", "B", "B", True),
+        ("A-D", "B", "  B \n", "B", True),
+        ("A-D", "B", "(B)", "B", True),
+        ("A-D", "B", "B.", "B", True),
+        ("A-D", "B", "B)", "B", True),
+        ("A-D", "B", "B:", "B", True),
+        ("A-D", "B", "B. a red box", "B", True),
+        ("A-D", "B", "B) A Red Box.", "B", True),  # case and one trailing full stop ignored
+        ("A-D", "B", "B:  a red box ", "B", True),
+        ("A-D", "C", "B. a red box", "B", False),  # a clear letter, the wrong one
+        # text after the delimiter that is not that option's text
+        ("A-D", "B", "B. a blue ball", None, False),  # another option's text
+        ("A-D", "B", "B. a red box, I think", None, False),
+        ("A-D", "A", "A. or B", None, False),
+        # a letter then a space and words: an article, or a hedge
+        ("A-D", "A", "A red ball", None, False),
+        ("A-D", "B", "(B) a red box", None, False),
+        ("A-D", "B", "B\nC", None, False),
+        # ambiguous: several letters
+        ("A-D", "A", "A or B", None, False),
+        ("A-D", "A", "A/B", None, False),
+        ("A-D", "A", "A and C", None, False),
+        ("A-D", "A", "AB", None, False),
+        # prose, the option's text alone, lowercase, empty
+        ("A-D", "C", "The answer is C", None, False),
+        ("A-D", "B", "a red box", None, False),
+        ("A-D", "B", "b", None, False),
+        ("A-D", "B", "b.", None, False),
+        ("A-D", "B", "", None, False),
+        ("A-D", "B", "   ", None, False),
+        # a letter the question does not offer
+        ("A-D", "B", "E", None, False),
+        ("A-D", "B", "E. a red box", None, False),
+        # ten options: "I" is an option letter, and a pronoun
+        ("A-J", "I", "I", "I", True),
+        ("A-J", "I", "I. a white ball", "I", True),
+        ("A-J", "J", "(J)", "J", True),
+        ("A-J", "A", "A: a red ball.", "A", True),
+        ("A-J", "A", "A. a red box", None, False),
+        ("A-J", "I", "I think it is C", None, False),
+        ("A-J", "C", "I think it is C", None, False),
+        ("A-J", "I", "I am not sure", None, False),
+        ("A-J", "C", "C is the one", None, False),
+        ("A-J", "J", "K", None, False),
+    ],
+)
 def test_a_reply_counts_as_a_letter_only_under_the_strict_rule(options, answer, reply, reading, correct):
     question = QUESTIONS[options]
     assert parse_choice(reply, option_letters(question), option_texts(question)) == reading
@@ -120,12 +150,19 @@ def test_evaluate_measures_teacher_and_student(cache_dir, tmp_path):
     # the shipped teacher answers by generation at least as well as under teacher forcing (0.461)
     assert result["eval/teacher_accuracy"] >= 0.46
     assert result["eval/teacher_accuracy"] > result["eval/chance_accuracy"] + 0.15
-    assert result["eval/accuracy_drop"] == pytest.approx(result["eval/teacher_accuracy"] - result["eval/student_accuracy"])
+    assert result["eval/accuracy_drop"] == pytest.approx(
+        result["eval/teacher_accuracy"] - result["eval/student_accuracy"]
+    )
     kinds = [k for k in result if k.startswith("eval/teacher_accuracy/")]
     assert len(kinds) == 5
     assert result["eval/questions"] == 128
-    for name in ("eval/teacher_accuracy", "eval/student_accuracy", "eval/accuracy", "eval/accuracy_drop",
-                 "eval/teacher_blind_accuracy"):
+    for name in (
+        "eval/teacher_accuracy",
+        "eval/student_accuracy",
+        "eval/accuracy",
+        "eval/accuracy_drop",
+        "eval/teacher_blind_accuracy",
+    ):
         assert result[f"{name}_ci_low"] <= result[name] <= result[f"{name}_ci_high"], name
         assert result[f"{name}_ci_high"] - result[f"{name}_ci_low"] > 0.02, name  # 128 questions: a real width
     # the teacher is unquantized: the study's drop is the run's own
@@ -136,8 +173,8 @@ def test_evaluate_measures_teacher_and_student(cache_dir, tmp_path):
 
 
 def test_an_unknown_split_is_refused(cache_dir):
-    from firstsight.errors import ConfigError
-    from firstsight.validate import validate
+    from firstsight.core.errors import ConfigError
+    from firstsight.suite.validate import validate
 
     with pytest.raises(ConfigError, match="task.split='test'.*validation"):
         validate(compose(["task=evaluate", "task.split=test"]))

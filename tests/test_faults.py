@@ -9,21 +9,28 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import compose, default_store_runs
-from firstsight.errors import FirstSightError
+
+from firstsight.core.errors import FirstSightError
 
 # A short in-process distillation (no Hydra context: its output directory is the working directory)
-SHORT = ["train.max_steps=5", "train.throughput_warmup_steps=1", "train.eval_at_end=false", "train.progress_bar=false",
-         "hardware.num_threads=1", "hardware.batch_size=2", "train.log_every_n_steps=1"]
+SHORT = [
+    "train.max_steps=5",
+    "train.throughput_warmup_steps=1",
+    "train.eval_at_end=false",
+    "train.progress_bar=false",
+    "hardware.num_threads=1",
+    "hardware.batch_size=2",
+    "train.log_every_n_steps=1",
+]
 
 
 def _distill_in_process(tmp_path, monkeypatch, overrides, student_forward):
-    """Run task=distill through firstsight.tasks.run_task (validation, MLflow run, exit status) with
+    """Run task=distill through firstsight.suite.dispatch.run_task (validation, MLflow run, exit status) with
     `student_forward(original, call_number, *args, **kwargs)` in place of the student's forward.
     Returns the SystemExit (None if the job ended normally)."""
-    import firstsight.models as models
-    from firstsight.tasks import run_task
+    import firstsight.models.loading as models
+    from firstsight.suite.dispatch import run_task
 
     real_load = models.load_model
 
@@ -57,7 +64,9 @@ def _only_run(tmp_path):
 # ----------------------------------------------------------------------------- out of memory
 
 
-def test_out_of_memory_in_training_is_one_line_with_batch_memory_and_what_to_change(tmp_path, monkeypatch, capsys, cache_dir):
+def test_out_of_memory_in_training_is_one_line_with_batch_memory_and_what_to_change(
+    tmp_path, monkeypatch, capsys, cache_dir
+):
     import torch
 
     def forward(original, call, *args, **kwargs):
@@ -92,11 +101,13 @@ def _history(tmp_path, run, key):
 def test_what_counts_as_out_of_memory():
     import torch
 
-    from firstsight.distill import is_out_of_memory
+    from firstsight.tasks.distill import is_out_of_memory
 
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
     assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
-    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory"))
+    assert is_out_of_memory(
+        RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory")
+    )
     assert is_out_of_memory(MemoryError())
     assert not is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
 
@@ -104,7 +115,7 @@ def test_what_counts_as_out_of_memory():
 def test_out_of_memory_message_on_a_gpu_names_allocated_and_total(monkeypatch):
     import torch
 
-    from firstsight.distill import out_of_memory_message
+    from firstsight.tasks.distill import out_of_memory_message
 
     class Properties:
         total_memory = 80e9
@@ -113,11 +124,21 @@ def test_out_of_memory_message_on_a_gpu_names_allocated_and_total(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda *a: 80e9)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda *a: Properties())
-    cfg = compose(["hardware.device=cuda", "hardware.batch_size=1", "hardware.grad_accum_steps=8",
-                   "hardware.gradient_checkpointing=true", "lora.enabled=true", "precision=nf4"])
+    cfg = compose(
+        [
+            "hardware.device=cuda",
+            "hardware.batch_size=1",
+            "hardware.grad_accum_steps=8",
+            "hardware.gradient_checkpointing=true",
+            "lora.enabled=true",
+            "precision=nf4",
+        ]
+    )
     message = out_of_memory_message(cfg, "at training step 7 of 40", torch.OutOfMemoryError("CUDA out of memory."))
-    assert message.startswith("out of memory at training step 7 of 40 on cuda with hardware.batch_size=1 and "
-                              "hardware.grad_accum_steps=8: peak allocated 79.50 GB of the GPU's 80.00 GB")
+    assert message.startswith(
+        "out of memory at training step 7 of 40 on cuda with hardware.batch_size=1 and "
+        "hardware.grad_accum_steps=8: peak allocated 79.50 GB of the GPU's 80.00 GB"
+    )
     assert "a smaller model or a device with more memory" in message  # every other remedy is already on
 
 
@@ -140,9 +161,16 @@ def test_a_sweep_point_that_runs_out_of_memory_fails_alone(run_cli, tmp_path, mo
     patch.mkdir()
     (patch / "sitecustomize.py").write_text(OOM_ON_BATCH_2)  # this sweep's batch of 2 does not fit
     monkeypatch.setenv("PYTHONPATH", str(patch))
-    result = run_cli("-m", "hardware.batch_size=2,1", "train.max_steps=2", "train.throughput_warmup_steps=1",
-                     "train.eval_at_end=false", "train.save_checkpoint=false", "train.progress_bar=false",
-                     "hardware.num_threads=1")
+    result = run_cli(
+        "-m",
+        "hardware.batch_size=2,1",
+        "train.max_steps=2",
+        "train.throughput_warmup_steps=1",
+        "train.eval_at_end=false",
+        "train.save_checkpoint=false",
+        "train.progress_bar=false",
+        "hardware.num_threads=1",
+    )
     assert result.returncode == 1, result.stderr[-3000:]
     assert "error: out of memory at training step 1 of 2 on cpu with hardware.batch_size=2" in result.stderr
     assert "Traceback" not in result.stderr
@@ -158,7 +186,7 @@ def test_a_sweep_point_that_runs_out_of_memory_fails_alone(run_cli, tmp_path, mo
 
 
 def test_a_non_finite_loss_stops_at_its_step_and_saves_nothing_broken(tmp_path, monkeypatch, capsys, cache_dir):
-    from firstsight.resume import checkpoint_root, step_dirs
+    from firstsight.training.resume import checkpoint_root, step_dirs
 
     def forward(original, call, *args, **kwargs):
         out = original(*args, **kwargs)
@@ -166,7 +194,9 @@ def test_a_non_finite_loss_stops_at_its_step_and_saves_nothing_broken(tmp_path, 
             out.logits = out.logits * float("nan")
         return out
 
-    stop = _distill_in_process(tmp_path, monkeypatch, ["train.checkpoint_every_n_steps=1", "train.keep_checkpoints=1"], forward)
+    stop = _distill_in_process(
+        tmp_path, monkeypatch, ["train.checkpoint_every_n_steps=1", "train.keep_checkpoints=1"], forward
+    )
     assert stop is not None and stop.code == 2
     err = capsys.readouterr().err
     assert "error: the loss is nan at step 3" in err and "precision=fp32 or bf16" in err
@@ -186,8 +216,9 @@ class _Store:
         from mlflow.exceptions import MlflowException
 
         self.failures = failures
-        self.error = error or MlflowException("(sqlite3.OperationalError) database is locked",
-                                              error_code="TEMPORARILY_UNAVAILABLE")
+        self.error = error or MlflowException(
+            "(sqlite3.OperationalError) database is locked", error_code="TEMPORARILY_UNAVAILABLE"
+        )
         self.calls = 0
         self.logged = []
 
@@ -201,7 +232,7 @@ class _Store:
 @pytest.fixture
 def sleeps(monkeypatch):
     """The back-off waits, recorded instead of slept."""
-    import firstsight.tracking as tracking
+    import firstsight.tracking.tracker as tracking
 
     waited = []
     monkeypatch.setattr(tracking.time, "sleep", waited.append)
@@ -209,7 +240,7 @@ def sleeps(monkeypatch):
 
 
 def _tracker(store, uri, tmp_path, values=3):
-    from firstsight.tracking import JobTracker, StoreClient
+    from firstsight.tracking.tracker import JobTracker, StoreClient
 
     tracker = JobTracker(StoreClient(store, uri), "run-1", output_dir=tmp_path)
     for step in range(1, values + 1):
@@ -227,7 +258,7 @@ def test_a_busy_store_is_retried_with_exponential_backoff(tmp_path, sleeps):
 
 
 def test_a_store_that_stays_down_fails_clearly_and_keeps_the_metrics(tmp_path, sleeps):
-    from firstsight.tracking import TrackingStoreError
+    from firstsight.tracking.tracker import TrackingStoreError
 
     store = _Store()
     tracker = _tracker(store, "sqlite:////shared/mlflow.db", tmp_path, values=1500)  # two log_batch chunks
@@ -235,13 +266,23 @@ def test_a_store_that_stays_down_fails_clearly_and_keeps_the_metrics(tmp_path, s
         tracker.flush()
     message = str(err.value)
     assert "the MLflow tracking store sqlite:////shared/mlflow.db is unavailable: log_batch failed" in message
-    assert "5 attempts" in message and "database is locked" in message and "python -m firstsight.server" in message
+    assert (
+        "5 attempts" in message
+        and "database is locked" in message
+        and "python -m firstsight.tracking.server" in message
+    )
     assert sleeps == [1.0, 2.0, 4.0, 8.0]
     saved = tmp_path / "unflushed_metrics.jsonl"
     assert f"The 1500 metric value(s) not logged are in {saved}" in message
     lines = [json.loads(line) for line in saved.read_text().splitlines()]
     assert [line["step"] for line in lines] == list(range(1, 1501))
-    assert lines[0] == {"run_id": "run-1", "key": "train/loss", "value": 1.0, "timestamp": lines[0]["timestamp"], "step": 1}
+    assert lines[0] == {
+        "run_id": "run-1",
+        "key": "train/loss",
+        "value": 1.0,
+        "timestamp": lines[0]["timestamp"],
+        "step": 1,
+    }
     tracker.flush()  # nothing left to lose: the buffer went to the file
     sleeps.clear()
     with pytest.raises(TrackingStoreError):  # the store is known to be down: later calls try once
@@ -263,11 +304,14 @@ def test_a_refused_request_is_not_retried_but_its_metrics_are_kept(tmp_path, sle
 def test_an_http_store_is_retried_by_mlflow_not_again_here(tmp_path, sleeps):
     from mlflow.exceptions import MlflowException
 
-    from firstsight.tracking import TrackingStoreError
+    from firstsight.tracking.tracker import TrackingStoreError
 
-    store = _Store(error=MlflowException(
-        "API request to http://127.0.0.1:5999/api/2.0/mlflow/runs/log-batch failed with exception "
-        "HTTPConnectionPool(host='127.0.0.1', port=5999): Max retries exceeded with url (Connection refused)"))
+    store = _Store(
+        error=MlflowException(
+            "API request to http://127.0.0.1:5999/api/2.0/mlflow/runs/log-batch failed with exception "
+            "HTTPConnectionPool(host='127.0.0.1', port=5999): Max retries exceeded with url (Connection refused)"
+        )
+    )
     tracker = _tracker(store, "http://127.0.0.1:5999", tmp_path)
     with pytest.raises(TrackingStoreError) as err:
         tracker.flush()
@@ -292,7 +336,7 @@ def _failing_metric_batches(monkeypatch):
 
 
 def test_a_job_whose_metrics_cannot_be_logged_fails_and_leaves_them_in_a_file(tmp_path, monkeypatch, sleeps):
-    from firstsight.tracking import TrackingStoreError, job_tracker
+    from firstsight.tracking.tracker import TrackingStoreError, job_tracker
 
     monkeypatch.chdir(tmp_path)
     _failing_metric_batches(monkeypatch)
@@ -320,8 +364,8 @@ def _sweep_start(tmp_path, monkeypatch, failures):
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from firstsight.callbacks import MLflowSweepCallback
-    from firstsight.tracking import PARENT_RUN_ENV
+    from firstsight.suite.callbacks import MLflowSweepCallback
+    from firstsight.tracking.tracker import PARENT_RUN_ENV
 
     real, calls = MlflowClient.create_run, []
 
@@ -335,18 +379,20 @@ def _sweep_start(tmp_path, monkeypatch, failures):
     monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
     monkeypatch.chdir(tmp_path)
     sweep_dir = tmp_path / "multirun" / "sweep"
-    config = compose([f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"hydra.sweep.dir={sweep_dir}"],
-                     return_hydra_config=True)
+    config = compose(
+        [f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", f"hydra.sweep.dir={sweep_dir}"],
+        return_hydra_config=True,
+    )
     callback = MLflowSweepCallback()
     callback.on_multirun_start(config)
     return callback, config, sweep_dir
 
 
 def test_the_sweep_parent_run_is_retried_while_the_store_is_busy(tmp_path, monkeypatch, sleeps):
-    from firstsight.tracking import PARENT_RUN_ENV, PARENT_RUN_FILE
+    from firstsight.tracking.tracker import PARENT_RUN_ENV, PARENT_RUN_FILE
 
     callback, config, sweep_dir = _sweep_start(tmp_path, monkeypatch, failures=2)
-    assert sleeps == [1.0, 2.0]  # firstsight.tracking.StoreClient's back-off, as for a job's run
+    assert sleeps == [1.0, 2.0]  # firstsight.tracking.tracker.StoreClient's back-off, as for a job's run
     parent = callback.parent_run_id
     assert (sweep_dir / PARENT_RUN_FILE).read_text() == parent
     import os
@@ -359,15 +405,17 @@ def test_the_sweep_parent_run_is_retried_while_the_store_is_busy(tmp_path, monke
 
 
 def test_a_sweep_whose_store_stays_down_stops_before_it_starts(tmp_path, monkeypatch, capsys, sleeps):
-    from firstsight.tracking import PARENT_RUN_ENV
+    from firstsight.tracking.tracker import PARENT_RUN_ENV
 
     with pytest.raises(SystemExit) as stop:
         _sweep_start(tmp_path, monkeypatch, failures=None)
     assert stop.value.code == 2
     [message] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
-    assert (f"error: the MLflow tracking store sqlite:///{tmp_path / 'mlflow.db'} is unavailable: create_run failed "
-            "(5 attempts over") in message
-    assert "database is locked" in message and "python -m firstsight.server" in message
+    assert (
+        f"error: the MLflow tracking store sqlite:///{tmp_path / 'mlflow.db'} is unavailable: create_run failed "
+        "(5 attempts over"
+    ) in message
+    assert "database is locked" in message and "python -m firstsight.tracking.server" in message
     assert "tracking.enabled=false" in message
     assert sleeps == [1.0, 2.0, 4.0, 8.0]
     assert not (tmp_path / "multirun").exists()  # no sweep directory, no parent run id left for jobs
@@ -385,7 +433,9 @@ def test_a_store_down_when_the_sweep_ends_is_logged_not_raised(tmp_path, monkeyp
     parent = callback.parent_run_id
 
     def down(self, *args, **kwargs):
-        raise MlflowException("(sqlite3.OperationalError) unable to open database file", error_code="TEMPORARILY_UNAVAILABLE")
+        raise MlflowException(
+            "(sqlite3.OperationalError) unable to open database file", error_code="TEMPORARILY_UNAVAILABLE"
+        )
 
     monkeypatch.setattr(MlflowClient, "get_run", down)
     monkeypatch.setattr(MlflowClient, "set_terminated", down)
@@ -420,8 +470,9 @@ def _full_disk(path, *args, **kwargs):
 
 def _torch_save_on_full_disk(obj, path, *args, **kwargs):
     Path(path).write_bytes(b"PK\x03\x04")
-    raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: "
-                       "file write failed")
+    raise RuntimeError(
+        "[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file data/0: file write failed"
+    )
 
 
 @pytest.mark.parametrize("writer", ["safetensors", "torch.save"])
@@ -429,10 +480,12 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
     import safetensors.torch
     import torch
 
-    from firstsight.resume import Checkpointer, latest_valid, named_trained_tensors, read_point
+    from firstsight.training.resume import Checkpointer, latest_valid, named_trained_tensors, read_point
 
     model, optimizer, scheduler, scaler = _model_and_optimizer()
-    checkpointer = Checkpointer(compose(["train.keep_checkpoints=1"]), tmp_path, named_trained_tensors(model), run_id="r")
+    checkpointer = Checkpointer(
+        compose(["train.keep_checkpoints=1"]), tmp_path, named_trained_tensors(model), run_id="r"
+    )
     good = checkpointer.save(5, optimizer, scheduler, scaler, {"epoch": 0, "batches_into_epoch": 5}, {"loss": 1.0})
     if writer == "safetensors":
         monkeypatch.setattr(safetensors.torch, "save_file", lambda tensors, path, *a, **k: _full_disk(path))
@@ -450,8 +503,13 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
     assert sorted(p.name for p in checkpointer.root.iterdir()) == ["step-0000005"]  # no *.tmp-* left behind
     monkeypatch.undo()
     fresh, optimizer2, scheduler2, scaler2 = _model_and_optimizer()
-    restored = Checkpointer(compose(["train.keep_checkpoints=1"]), tmp_path, named_trained_tensors(fresh), run_id="r",
-                            resume=read_point(good)).restore(optimizer2, scheduler2, scaler2)
+    restored = Checkpointer(
+        compose(["train.keep_checkpoints=1"]),
+        tmp_path,
+        named_trained_tensors(fresh),
+        run_id="r",
+        resume=read_point(good),
+    ).restore(optimizer2, scheduler2, scaler2)
     assert restored == 5 and torch.equal(fresh.weight, model.weight)  # still loadable
 
 
@@ -466,13 +524,13 @@ class _Saves:
 
 
 def test_a_full_disk_while_saving_the_student_keeps_the_previous_student(tmp_path):
-    from firstsight.models import save_model_atomically
+    from firstsight.models.loading import save_model_atomically
 
     out = tmp_path / "checkpoints" / "student"
     save_model_atomically(_Saves(False), _Saves(False), str(out), {"firstsight_run.json": "{}"})
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(FirstSightError) as err:
-        save_model_atomically(_Saves(True), _Saves(False), str(out), {"firstsight_run.json": "{\"new\": 1}"})
+        save_model_atomically(_Saves(True), _Saves(False), str(out), {"firstsight_run.json": '{"new": 1}'})
     assert f"could not write {out}: the disk is full" in str(err.value)
     assert f"{out} keeps its previous contents" in str(err.value)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -480,10 +538,10 @@ def test_a_full_disk_while_saving_the_student_keeps_the_previous_student(tmp_pat
 
 
 def _disk_refuses_writes(monkeypatch, error_number):
-    """firstsight.cache's writes get part of the data to the disk, then fail with `error_number`."""
+    """firstsight.core.files's writes get part of the data to the disk, then fail with `error_number`."""
     import os
 
-    import firstsight.cache as cache
+    import firstsight.core.files as cache
 
     real_fdopen = os.fdopen
 
@@ -507,8 +565,8 @@ def _disk_refuses_writes(monkeypatch, error_number):
 
 @pytest.mark.parametrize("error_number", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
 def test_a_full_disk_while_writing_a_small_file_keeps_the_previous_one(tmp_path, monkeypatch, error_number):
-    """firstsight.cache.write_atomically (metrics.json, reports, the teacher cache's records)."""
-    from firstsight.cache import write_atomically
+    """firstsight.core.files.write_atomically (metrics.json, reports, the teacher cache's records)."""
+    from firstsight.core.files import write_atomically
 
     path = tmp_path / "out" / "metrics.json"
     write_atomically(path, '{"old": 1}')
@@ -530,16 +588,19 @@ def test_a_full_disk_while_writing_a_small_file_keeps_the_previous_one(tmp_path,
 
 
 def test_a_full_disk_while_writing_the_jobs_metrics_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
-    """metrics.json is written after the job's run is closed (firstsight.tasks.run_task): a full disk
+    """metrics.json is written after the job's run is closed (firstsight.suite.dispatch.run_task): a full disk
     there is `error: ...` and exit status 2 too, not a traceback."""
     from types import SimpleNamespace
 
-    import firstsight.tasks as tasks
     from hydra.core.hydra_config import HydraConfig
+
+    import firstsight.suite.dispatch as tasks
 
     out = tmp_path / "outputs" / "job"
     out.mkdir(parents=True)
-    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: SimpleNamespace(runtime=SimpleNamespace(output_dir=str(out)))))
+    monkeypatch.setattr(
+        HydraConfig, "get", staticmethod(lambda: SimpleNamespace(runtime=SimpleNamespace(output_dir=str(out))))
+    )
     monkeypatch.setattr(tasks, "_run_in_process", lambda cfg, world: {"train/loss": 1.0})  # the job itself: done
     _disk_refuses_writes(monkeypatch, errno.ENOSPC)
     with pytest.raises(SystemExit) as stop:
@@ -551,7 +612,7 @@ def test_a_full_disk_while_writing_the_jobs_metrics_is_one_line_and_exit_2(tmp_p
 
 
 def test_an_error_that_is_not_about_the_disk_is_not_disguised(tmp_path):
-    from firstsight.models import staged_dir
+    from firstsight.core.files import staged_dir
 
     with pytest.raises(KeyError):
         with staged_dir(str(tmp_path / "out")):
@@ -569,7 +630,7 @@ def test_a_store_client_survives_pickling():
     must not recurse through __getattr__ before its client exists."""
     import pickle
 
-    from firstsight.tracking import StoreClient
+    from firstsight.tracking.tracker import StoreClient
 
     copy = pickle.loads(pickle.dumps(StoreClient(_PingClient(), "sqlite:///x.db")))
     assert copy.ping() == "pong" and copy.uri == "sqlite:///x.db" and copy.down is False

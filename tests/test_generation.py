@@ -1,4 +1,4 @@
-"""Greedy decoding (firstsight/generation.py): the static path gives model.generate's tokens exactly,
+"""Greedy decoding (firstsight/inference/generation.py): the static path gives model.generate's tokens exactly,
 on the tiny models the suite builds offline (the shipped pre-trained teacher and student base, and a
 random student), in fp32 and bf16, at batch 1 and on left-padded batches, with the end token
 suppressed or allowed; its captures are kept and reused; a failed capture or an unsupported
@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 
 import pytest
-
 from conftest import compose
+
+from firstsight.inference import cuda_graphs
 
 MOVED = 5  # validation index of a two-frame question: the longest prompt of the first few
 PAD_ROWS = [0, MOVED, 1, 3, 16]  # prompt lengths 35, 73, 55, 38, 32 tokens: four rows left-padded
@@ -22,7 +23,7 @@ def tiny(cache_dir):
     """The processor, the validation questions and a loader of the tiny teacher / student."""
     from firstsight.data import load_split
     from firstsight.data.batching import PromptCollator
-    from firstsight.models import load_model, load_processor
+    from firstsight.models.loading import load_model, load_processor
 
     cfg = compose()
     processor = load_processor(cfg)
@@ -55,11 +56,11 @@ def _generate(model, batch, max_new, min_new=0, **kwargs):
 
     with torch.no_grad():
         out = model.generate(**batch, max_new_tokens=max_new, min_new_tokens=min_new or None, do_sample=False, **kwargs)
-    return out[:, batch["input_ids"].shape[1]:]
+    return out[:, batch["input_ids"].shape[1] :]
 
 
 def _static(model, batch, max_new, min_new=0, **kwargs):
-    from firstsight.generation import GreedyDecoder
+    from firstsight.inference.generation import GreedyDecoder
 
     return GreedyDecoder(model, "static").generate(batch, max_new, min_new, **kwargs)
 
@@ -73,7 +74,7 @@ def _same_greedy_run(model, batch, max_new, min_new=0, **kwargs):
     where the two picks are tied within that tolerance in generate's own logits."""
     import torch
 
-    from firstsight.generation import GreedyDecoder
+    from firstsight.inference.generation import GreedyDecoder
 
     expected = GreedyDecoder(model, "hf").generate(batch, max_new, min_new, record_logits=True, **kwargs)
     got = _static(model, batch, max_new, min_new, record_logits=True, **kwargs)
@@ -86,7 +87,7 @@ def _same_greedy_run(model, batch, max_new, min_new=0, **kwargs):
         first = int(differ[0]) if len(differ) else steps
         for step in range(min(first + 1, steps)):  # fed the same tokens so far
             ours, theirs = got.logits[step][row], expected.logits[step][row]
-            tolerance = 2 ** -6 * float(theirs.abs().max()) + 1e-2  # benchmarks/generation.py's RTOL, ATOL
+            tolerance = 2**-6 * float(theirs.abs().max()) + 1e-2  # benchmarks/generation.py's RTOL, ATOL
             assert float((ours - theirs).abs().max()) <= tolerance, (row, step)
             if step == first:  # the picks differ here: a near-tie in generate's own logits
                 gap = float(theirs[expected.tokens[row, step]] - theirs[got.tokens[row, step]])
@@ -131,7 +132,7 @@ def _stopped_when_every_row_ended(tokens, end, pad, limit):
     rows = tokens.tolist()
     assert len(rows[0]) < limit and end != pad
     for row in rows:
-        assert end in row and set(row[row.index(end) + 1:]) <= {pad}
+        assert end in row and set(row[row.index(end) + 1 :]) <= {pad}
     assert any(row[-1] == end for row in rows)
 
 
@@ -158,9 +159,16 @@ def test_a_text_only_batch_uses_text_positions_as_generate_does(tiny):
     from firstsight.data.synthetic import QASample
 
     questions = ["What colour is the ball?", "How many objects are on the table in front of you?"]
-    texts = [tiny.processor.apply_chat_template(
-        messages_for(QASample(images=(), question=q, answer="", kind="t", num_choices=0, index=0), with_answer=False),
-        tokenize=False, add_generation_prompt=True) for q in questions]
+    texts = [
+        tiny.processor.apply_chat_template(
+            messages_for(
+                QASample(images=(), question=q, answer="", kind="t", num_choices=0, index=0), with_answer=False
+            ),
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        for q in questions
+    ]
     batch = dict(tiny.processor(text=texts, padding=True, padding_side="left", return_tensors="pt"))
     assert "pixel_values" not in batch and not bool(batch["attention_mask"].all())
     model = tiny.model("teacher")
@@ -172,7 +180,7 @@ def test_every_steps_logits_match_generates(tiny):
     """Not only the argmax: the raw logits of each step agree with generate's (output_logits)."""
     import torch
 
-    from firstsight.generation import GreedyDecoder
+    from firstsight.inference.generation import GreedyDecoder
 
     model = tiny.model("teacher")
     batch = tiny.batch(PAD_ROWS)
@@ -196,13 +204,13 @@ def test_the_generation_configs_repetition_penalty_is_applied_as_generate_applie
 
 
 def test_a_setting_the_static_path_lacks_goes_through_generate(tiny, caplog):
-    from firstsight.generation import GreedyDecoder
+    from firstsight.inference.generation import GreedyDecoder
 
     model = tiny.model("teacher")
     model.generation_config.no_repeat_ngram_size = 2
     batch = tiny.batch(range(3))
     decoder = GreedyDecoder(model, "static")
-    with caplog.at_level(logging.INFO, logger="firstsight.generation"):
+    with caplog.at_level(logging.INFO, logger="firstsight.inference.generation"):
         got = decoder.generate(batch, 8, 8, pad_token_id=tiny.pad)
         decoder.generate(batch, 8, 8, pad_token_id=tiny.pad)
     assert got.method == decoder.tag == "hf_generate"
@@ -213,19 +221,18 @@ def test_a_setting_the_static_path_lacks_goes_through_generate(tiny, caplog):
 def test_a_failed_capture_falls_back_to_the_static_loop_run_eagerly(tiny, caplog, monkeypatch):
     """CUDA graphs forced on (as on a GPU) with a capture that fails, as one would with a kernel that
     synchronises: one warning, then the same static loop without graphs, same tokens."""
-    import firstsight.generation as generation
-    from firstsight.generation import GreedyDecoder, generation_tags
+    from firstsight.inference.generation import GreedyDecoder, generation_tags
 
     def capture_refused(step):
         step()  # the warm-up runs
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(generation, "_record_graph", capture_refused)
+    monkeypatch.setattr(cuda_graphs, "record_graph", capture_refused)
     model = tiny.model("student")
     batch = tiny.batch([0, 1])
     decoder = GreedyDecoder(model, "static", cuda_graphs=True)
     assert decoder.tag == "static_cuda_graph"  # what it will try
-    with caplog.at_level(logging.WARNING, logger="firstsight.generation"):
+    with caplog.at_level(logging.WARNING, logger="firstsight.inference.generation"):
         first = decoder.generate(batch, 6, 6, pad_token_id=tiny.pad)
         second = decoder.generate(tiny.batch([MOVED, 2]), 6, 6, pad_token_id=tiny.pad)  # a new shape: no new attempt
     assert first.method == second.method == decoder.tag == "static_eager"
@@ -253,35 +260,36 @@ class _ReplayedStep:
 
 
 def _fake_capture(monkeypatch, broken=False):
-    import firstsight.generation as generation
 
     def record(step, pool=None):
-        for _ in range(generation.WARMUP_STEPS):
+        for _ in range(cuda_graphs.WARMUP_STEPS):
             step()
         return _ReplayedStep(step, broken)
 
     _ReplayedStep.captures = 0
-    monkeypatch.setattr(generation, "_record_graph", record)
+    monkeypatch.setattr(cuda_graphs, "record_graph", record)
 
 
 def test_the_captured_step_replayed_per_token_gives_generates_tokens(tiny, monkeypatch, caplog):
     """The graph path's logic on the CPU: capture after warm-up (from a rewound state), the check
     against the eager step, one replay per token reading and writing only the entry's buffers, one
     capture per shape reused across calls."""
-    from firstsight.generation import GreedyDecoder, generation_tags
+    from firstsight.inference.generation import GreedyDecoder, generation_tags
 
     _fake_capture(monkeypatch)
     model = tiny.model("teacher")
     decoder = GreedyDecoder(model, "static", cuda_graphs=True)
     batch = tiny.batch(PAD_ROWS)
-    with caplog.at_level(logging.INFO, logger="firstsight.generation"):
+    with caplog.at_level(logging.INFO, logger="firstsight.inference.generation"):
         fixed = decoder.generate(batch, 10, 10, pad_token_id=tiny.pad)
         natural = decoder.generate(batch, 10, 0, pad_token_id=tiny.pad)
         again = decoder.generate(tiny.batch([16, 0, 1, 3, 2]), 10, 10, pad_token_id=tiny.pad)
     assert fixed.method == natural.method == again.method == decoder.tag == "static_cuda_graph"
     assert fixed.tokens.tolist() == _generate(model, batch, 10, 10, pad_token_id=tiny.pad).tolist()
     assert natural.tokens.tolist() == _generate(model, batch, 10, pad_token_id=tiny.pad).tolist()
-    assert again.tokens.tolist() == _generate(model, tiny.batch([16, 0, 1, 3, 2]), 10, 10, pad_token_id=tiny.pad).tolist()
+    assert (
+        again.tokens.tolist() == _generate(model, tiny.batch([16, 0, 1, 3, 2]), 10, 10, pad_token_id=tiny.pad).tolist()
+    )
     assert len(decoder.capture_seconds) == 1  # one batch size: one decode-step capture
     # the prefill's language model: captured at the second prompt of a shape (the first two calls),
     # not for a shape seen once (the third)
@@ -292,22 +300,22 @@ def test_the_captured_step_replayed_per_token_gives_generates_tokens(tiny, monke
 
 
 def test_a_graph_that_disagrees_with_the_eager_step_is_not_used(tiny, monkeypatch, caplog):
-    from firstsight.generation import GreedyDecoder
+    from firstsight.inference.generation import GreedyDecoder
 
     _fake_capture(monkeypatch, broken=True)
     model = tiny.model("student")
     decoder = GreedyDecoder(model, "static", cuda_graphs=True)
     batch = tiny.batch([0, 1])
-    with caplog.at_level(logging.WARNING, logger="firstsight.generation"):
+    with caplog.at_level(logging.WARNING, logger="firstsight.inference.generation"):
         got = decoder.generate(batch, 6, 6, pad_token_id=tiny.pad)
     assert got.method == "static_eager" and "disagrees with the step run eagerly" in caplog.text
     assert got.tokens.tolist() == _generate(model, batch, 6, 6, pad_token_id=tiny.pad).tolist()
 
 
 def test_static_compile_captures_the_compiled_step_or_else_the_plain_one(tiny, monkeypatch, caplog):
-    import firstsight.compiled_prefill as compiled_prefill
-    import firstsight.generation as generation
-    from firstsight.generation import GreedyDecoder, generation_tags
+    import firstsight.inference.compiled_prefill as compiled_prefill
+    import firstsight.inference.generation as generation
+    from firstsight.inference.generation import GreedyDecoder, generation_tags
 
     _fake_capture(monkeypatch)
     compiled_calls = []
@@ -316,6 +324,7 @@ def test_static_compile_captures_the_compiled_step_or_else_the_plain_one(tiny, m
         def forward(**kwargs):
             compiled_calls.append(1)
             return model(**kwargs)
+
         return forward
 
     monkeypatch.setattr(generation, "_compiled_forward", compiled)
@@ -325,14 +334,14 @@ def test_static_compile_captures_the_compiled_step_or_else_the_plain_one(tiny, m
     batch = tiny.batch(PAD_ROWS)
     expected = _generate(model, batch, 8, 8, pad_token_id=tiny.pad).tolist()
     decoder = GreedyDecoder(model, "static_compile", cuda_graphs=True)
-    with caplog.at_level(logging.INFO, logger="firstsight.generation"):
+    with caplog.at_level(logging.INFO, logger="firstsight.inference.generation"):
         got = decoder.generate(batch, 8, 8, pad_token_id=tiny.pad)
     assert got.method == "static_compiled_cuda_graph" and got.tokens.tolist() == expected
     # the compile is announced before it starts (it prints nothing for minutes on a GPU)
     announced = caplog.text.index("compiling the decode step for batch 5")
     assert announced < caplog.text.index("captured the torch.compile'd decode step as a CUDA graph (batch 5")
     # warm-up, the check (one replay, one eager step), then 7 replays: every step ran the compiled forward
-    assert len(compiled_calls) == generation.WARMUP_STEPS + 2 + 7
+    assert len(compiled_calls) == cuda_graphs.WARMUP_STEPS + 2 + 7
     assert vision_compiled == [model]
     GreedyDecoder(model, "static", cuda_graphs=True).generate(batch, 2, 2, pad_token_id=tiny.pad)
     assert vision_compiled == [model]  # static: the prefill is not compiled
@@ -342,7 +351,7 @@ def test_static_compile_captures_the_compiled_step_or_else_the_plain_one(tiny, m
 
     monkeypatch.setattr(generation, "_compiled_forward", compile_fails)
     decoder = GreedyDecoder(model, "static_compile", cuda_graphs=True)
-    with caplog.at_level(logging.WARNING, logger="firstsight.generation"):
+    with caplog.at_level(logging.WARNING, logger="firstsight.inference.generation"):
         got = decoder.generate(batch, 8, 8, pad_token_id=tiny.pad)
     assert got.method == "static_cuda_graph" and got.tokens.tolist() == expected
     assert "capturing the torch.compile'd decode step failed (RuntimeError: inductor" in caplog.text
@@ -352,9 +361,9 @@ def test_static_compile_captures_the_compiled_step_or_else_the_plain_one(tiny, m
 def test_prefill_blocks_that_fail_to_compile_are_uncompiled_and_the_prefill_runs_again(tiny, monkeypatch, caplog):
     """static_compile where graphs are used: a compiler error surfaces in the first prefill through
     the compiled blocks; the blocks run eagerly from then on, the answer is generate's."""
-    import firstsight.compiled_prefill as compiled_prefill
-    import firstsight.generation as generation
-    from firstsight.generation import GreedyDecoder, generation_tags
+    import firstsight.inference.compiled_prefill as compiled_prefill
+    import firstsight.inference.generation as generation
+    from firstsight.inference.generation import GreedyDecoder, generation_tags
 
     _fake_capture(monkeypatch)
     monkeypatch.setattr(generation, "_compiled_forward", lambda model, options=None: model)
@@ -362,6 +371,7 @@ def test_prefill_blocks_that_fail_to_compile_are_uncompiled_and_the_prefill_runs
     def compile_fails(model):  # stands in for torch.compile: the error comes on the first call
         def broken(*args, **kwargs):
             raise RuntimeError("inductor: CppCompileError")
+
         for block in model.model.visual.blocks:
             block._compiled_call_impl = broken
         return len(model.model.visual.blocks)
@@ -371,7 +381,7 @@ def test_prefill_blocks_that_fail_to_compile_are_uncompiled_and_the_prefill_runs
     batch = tiny.batch(PAD_ROWS)
     expected = _generate(model, batch, 6, 6, pad_token_id=tiny.pad).tolist()
     decoder = GreedyDecoder(model, "static_compile", cuda_graphs=True)
-    with caplog.at_level(logging.WARNING, logger="firstsight.generation"):
+    with caplog.at_level(logging.WARNING, logger="firstsight.inference.generation"):
         first = decoder.generate(batch, 6, 6, pad_token_id=tiny.pad)
         again = decoder.generate(batch, 6, 6, pad_token_id=tiny.pad)
     assert first.tokens.tolist() == again.tokens.tolist() == expected
@@ -384,10 +394,10 @@ def test_static_compile_runs_the_language_models_compiled_regions_in_the_prefill
     """The language model's norms and MLPs run their compiled forwards while the prefill runs (each
     once per prefill), never in the decode steps (compiled whole) nor after; a decoder told not to
     (compile_language_prefill=False, the benchmarks' comparison) runs them as they are."""
-    import firstsight.compiled_prefill as compiled_prefill
-    import firstsight.generation as generation
-    from firstsight.compiled_prefill import language_regions
-    from firstsight.generation import GreedyDecoder
+    import firstsight.inference.compiled_prefill as compiled_prefill
+    import firstsight.inference.generation as generation
+    from firstsight.inference.compiled_prefill import language_regions
+    from firstsight.inference.generation import GreedyDecoder
 
     _fake_capture(monkeypatch)
     monkeypatch.setattr(generation, "_compiled_forward", lambda model, options=None: model)
@@ -424,15 +434,16 @@ def test_static_compile_keeps_torchaos_products_out_of_the_compiled_prefill(tiny
     import torch
     from torch._dynamo.utils import counters
 
-    import firstsight.generation as generation
-    from firstsight.compiled_prefill import _COMPILED, _EAGER, language_regions, subclass_linears
-    from firstsight.generation import GreedyDecoder, subclass_weights
-    from firstsight.models import load_model
+    import firstsight.inference.generation as generation
+    from firstsight.inference.compiled_prefill import _COMPILED, _EAGER, language_regions, subclass_linears
+    from firstsight.inference.generation import GreedyDecoder, subclass_weights
+    from firstsight.models.loading import load_model
 
     _fake_capture(monkeypatch)
     monkeypatch.setattr(generation, "_compiled_forward", lambda model, options=None: model)
-    int8 = load_model(compose(["task=profile", "precision=int8_weight_only"]), "student", tiny.processor, "cpu",
-                      frozen=True).model
+    int8 = load_model(
+        compose(["task=profile", "precision=int8_weight_only"]), "student", tiny.processor, "cpu", frozen=True
+    ).model
     assert subclass_weights(int8) and not subclass_weights(tiny.model("student"))
     blocks = list(int8.model.visual.blocks)
     products = [linear for block in blocks for linear in subclass_linears(block)]
@@ -452,7 +463,7 @@ def test_static_compile_keeps_torchaos_products_out_of_the_compiled_prefill(tiny
     decoder = GreedyDecoder(int8, "static_compile", cuda_graphs=True)
     captured = counters["stats"]["calls_captured"]
     eager_calls.clear()
-    with caplog.at_level(logging.INFO, logger="firstsight.generation"):
+    with caplog.at_level(logging.INFO, logger="firstsight.inference.generation"):
         for _ in range(2):
             got = decoder.generate(batch, 4, 4, pad_token_id=tiny.pad)
     assert got.method == "static_compiled_cuda_graph" and decoder.prefill_compile_off is None
@@ -470,7 +481,7 @@ def test_static_compile_keeps_torchaos_products_out_of_the_compiled_prefill(tiny
 def test_the_compiled_step_is_kept_per_model_and_inductor_options(tiny):
     """static_compile compiles with generation.COMPILE_OPTIONS unless a decoder names others; one
     compiled forward per model and options (torch.compile is lazy: nothing compiles here)."""
-    from firstsight.generation import COMPILE_OPTIONS, _compiled_forward
+    from firstsight.inference.generation import COMPILE_OPTIONS, _compiled_forward
 
     model = tiny.model("student")
     tuned = _compiled_forward(model)
@@ -481,7 +492,7 @@ def test_the_compiled_step_is_kept_per_model_and_inductor_options(tiny):
 
 
 def test_static_caches_are_kept_per_batch_size_and_reused(tiny):
-    from firstsight.generation import CACHE_ROUNDING, decoder_for
+    from firstsight.inference.generation import CACHE_ROUNDING, decoder_for
 
     model = tiny.model("student")
     decoder = decoder_for(model)
@@ -505,7 +516,7 @@ def test_static_caches_are_kept_per_batch_size_and_reused(tiny):
 def test_the_method_is_a_config_choice_and_an_unknown_one_is_refused(tiny):
     from hydra.errors import ConfigCompositionException
 
-    from firstsight.generation import decoder_for
+    from firstsight.inference.generation import decoder_for
 
     assert compose().hardware.generation.value == "static"  # the default
     method = compose(["hardware.generation=static_compile"]).hardware.generation
@@ -518,7 +529,7 @@ def test_the_method_is_a_config_choice_and_an_unknown_one_is_refused(tiny):
 def _task(tmp_path, overrides):
     from mlflow.tracking import MlflowClient
 
-    from firstsight.tasks import run_task
+    from firstsight.suite.dispatch import run_task
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     metrics = run_task(compose([*overrides, "train.progress_bar=false", f"tracking.tracking_uri={uri}"]))
@@ -531,8 +542,9 @@ def _task(tmp_path, overrides):
 def test_evaluate_gives_the_same_accuracies_under_both_methods(cache_dir, tmp_path):
     results = {}
     for method in ("static", "hf"):
-        metrics, tags = _task(tmp_path / method, ["task=evaluate", "data.validation_size=24",
-                                                  f"hardware.generation={method}"])
+        metrics, tags = _task(
+            tmp_path / method, ["task=evaluate", "data.validation_size=24", f"hardware.generation={method}"]
+        )
         expected = {"static": "static_eager", "hf": "hf_generate"}[method]
         assert tags["firstsight.generation"] == tags["firstsight.teacher_generation"] == expected
         results[method] = {k: v for k, v in metrics.items() if k.startswith("eval/")}
@@ -542,9 +554,18 @@ def test_evaluate_gives_the_same_accuracies_under_both_methods(cache_dir, tmp_pa
 
 @pytest.mark.parametrize("method, tag", [("static", "static_eager"), ("hf", "hf_generate")])
 def test_profile_runs_under_each_method(cache_dir, tmp_path, method, tag):
-    metrics, tags = _task(tmp_path, ["task=profile", f"hardware.generation={method}", "task.new_tokens=4",
-                                     "task.warmup_queries=1", "task.latency_queries=3", "task.throughput_batch_size=3",
-                                     "task.throughput_batches=2"])
+    metrics, tags = _task(
+        tmp_path,
+        [
+            "task=profile",
+            f"hardware.generation={method}",
+            "task.new_tokens=4",
+            "task.warmup_queries=1",
+            "task.latency_queries=3",
+            "task.throughput_batch_size=3",
+            "task.throughput_batches=2",
+        ],
+    )
     assert tags["firstsight.generation"] == tag
     assert 0 < metrics["infer/latency_p50_s"] <= metrics["infer/latency_p90_s"]
     assert metrics["infer/throughput_tokens_per_s"] == pytest.approx(4 * metrics["infer/throughput_qps"])

@@ -1,4 +1,4 @@
-"""The optional hidden-state distillation term (firstsight.losses.HiddenStateLoss and
+"""The optional hidden-state distillation term (firstsight.losses.kd.HiddenStateLoss and
 HiddenDistillation) against a float64 reference written out token by token here, its config
 checks, its training (optimize(extra_parameters=...)) and one short `python run.py` with it on."""
 
@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
-
 from conftest import compose, default_store_runs
-from firstsight.errors import ConfigError
-from firstsight.losses import HiddenDistillation, HiddenStateLoss, count_answer_tokens, hidden_layer_pairs
-from firstsight.validate import validate
+
+from firstsight.core.errors import ConfigError
+from firstsight.losses.kd import HiddenDistillation, HiddenStateLoss, count_answer_tokens, hidden_layer_pairs
+from firstsight.suite.validate import validate
 
 KINDS = ["mse", "cosine"]
 
@@ -173,8 +173,9 @@ def test_micro_batch_without_answer_tokens(num_answer_tokens):
     labels[:, 1:] = -100
     labels[:, 0] = 3  # not a target
     loss_fn = make_loss("mse", seed=8)
-    value, grad_student, grad_weight = value_and_grads(loss_fn, student, teacher, labels,
-                                                       num_answer_tokens=num_answer_tokens)
+    value, grad_student, grad_weight = value_and_grads(
+        loss_fn, student, teacher, labels, num_answer_tokens=num_answer_tokens
+    )
     assert value.item() == 0
     assert (grad_student == 0).all() and (grad_weight == 0).all()  # backward() ran
 
@@ -243,10 +244,13 @@ def test_hidden_distillation_is_the_mean_over_its_pairs():
     labels = torch.tensor([[-100, 3, 4, -100, 5, 6], [-100, -100, 1, 2, -100, -100]])
     term = HiddenDistillation(5, 7, student_layers=2, teacher_layers=3, layers=[1, -1], kind="mse").double()
     assert term.pairs == [(1, 2), (2, 3)] and len(term.losses) == 2
-    expected = sum(
-        reference("mse", student_states[s], teacher_states[t], loss.projection.weight, labels)
-        for loss, (s, t) in zip(term.losses, term.pairs)
-    ) / 2
+    expected = (
+        sum(
+            reference("mse", student_states[s], teacher_states[t], loss.projection.weight, labels)
+            for loss, (s, t) in zip(term.losses, term.pairs)
+        )
+        / 2
+    )
     torch.testing.assert_close(term(student_states, teacher_states, labels), expected, rtol=1e-12, atol=0)
     single = HiddenDistillation(5, 7, 2, 3).double()  # default: the last states, mse
     assert single.pairs == [(2, 3)]
@@ -260,7 +264,7 @@ def test_hidden_distillation_is_the_mean_over_its_pairs():
 
 
 def test_optimize_trains_the_extra_parameters():
-    from firstsight.train import LoopSettings, optimize
+    from firstsight.training.loop import LoopSettings, optimize
 
     model = torch.nn.Linear(3, 3)
     extra = HiddenStateLoss(3, 4, "mse")
@@ -269,8 +273,11 @@ def test_optimize_trains_the_extra_parameters():
 
     def batches():
         while True:
-            yield {"x": torch.randn(2, 5, 3, generator=g), "labels": torch.ones(2, 5, dtype=torch.long),
-                   "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+            yield {
+                "x": torch.randn(2, 5, 3, generator=g),
+                "labels": torch.ones(2, 5, dtype=torch.long),
+                "attention_mask": torch.ones(2, 5, dtype=torch.long),
+            }
 
     def micro_step(batch, answer_tokens):
         hidden = model(batch["x"])
@@ -278,20 +285,27 @@ def test_optimize_trains_the_extra_parameters():
         return {"loss": loss, "hidden_loss": loss.detach()}
 
     seen = []
-    optimize(model, batches(), micro_step, LoopSettings(max_steps=3, lr=1e-2, progress_bar=False), device="cpu",
-             dtype=torch.float32, on_step=lambda step, metrics, *rest: seen.append(metrics),
-             extra_parameters=extra.parameters())
+    optimize(
+        model,
+        batches(),
+        micro_step,
+        LoopSettings(max_steps=3, lr=1e-2, progress_bar=False),
+        device="cpu",
+        dtype=torch.float32,
+        on_step=lambda step, metrics, *rest: seen.append(metrics),
+        extra_parameters=extra.parameters(),
+    )
     assert not torch.equal(extra.projection.weight, before)
     assert len(seen) == 3 and all(math.isfinite(m["hidden_loss"]) for m in seen)
 
 
 def test_build_loss_ignores_the_hidden_keys():
-    from firstsight.distill import build_loss
-    from firstsight.losses import JSD, NoKD
+    from firstsight.losses.build import build_loss
+    from firstsight.losses.kd import JSD, NoKD
 
     cfg = compose(["distill_loss=jsd", "distill_loss.hidden_weight=0.5", "distill_loss.hidden_loss=cosine"])
-    assert isinstance(build_loss(cfg), JSD)
-    assert isinstance(build_loss(compose(["distill_loss=none"])), NoKD)
+    assert isinstance(build_loss(cfg.distill_loss), JSD)
+    assert isinstance(build_loss(compose(["distill_loss=none"]).distill_loss), NoKD)
     defaults = compose([]).distill_loss
     assert defaults.hidden_weight == 0.0 and defaults.hidden_loss == "mse" and list(defaults.hidden_layers) == [-1]
 
@@ -316,8 +330,11 @@ def test_invalid_hidden_settings_are_refused(overrides, fragment):
 
 
 def test_valid_hidden_settings_pass():
-    validate(compose(["distill_loss.hidden_weight=0.5", "distill_loss.hidden_loss=cosine",
-                      "distill_loss.hidden_layers=[0,1,-1]"]))
+    validate(
+        compose(
+            ["distill_loss.hidden_weight=0.5", "distill_loss.hidden_loss=cosine", "distill_loss.hidden_layers=[0,1,-1]"]
+        )
+    )
     validate(compose(["distill_loss=none", "distill_loss.hidden_loss=cosine"]))  # weight 0: off, no teacher needed
 
 
@@ -325,9 +342,16 @@ def test_valid_hidden_settings_pass():
 
 
 def test_run_with_the_hidden_term_logs_it(run_cli, tmp_path):
-    result = run_cli("distill_loss.hidden_weight=0.5", "distill_loss.hidden_loss=cosine", "distill_loss.hidden_layers=[1,-1]",
-                     "train.max_steps=3", "train.throughput_warmup_steps=1", "train.eval_at_end=false",
-                     "hardware.batch_size=2", "train.progress_bar=false")
+    result = run_cli(
+        "distill_loss.hidden_weight=0.5",
+        "distill_loss.hidden_loss=cosine",
+        "distill_loss.hidden_layers=[1,-1]",
+        "train.max_steps=3",
+        "train.throughput_warmup_steps=1",
+        "train.eval_at_end=false",
+        "hardware.batch_size=2",
+        "train.progress_bar=false",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     [run] = default_store_runs(tmp_path)
     import mlflow

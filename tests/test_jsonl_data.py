@@ -8,14 +8,14 @@ import logging
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, compose, default_store_runs
+
+from firstsight.core.errors import ConfigError, FirstSightError
 from firstsight.data import load_split
 from firstsight.data.files import FileQA, MediaSettings
 from firstsight.data.synthetic import SyntheticEgoQA
-from firstsight.errors import ConfigError, FirstSightError
-from firstsight.evaluate import is_multiple_choice, parse_choice
-from firstsight.validate import validate
+from firstsight.suite.validate import validate
+from firstsight.tasks.evaluate import is_multiple_choice, parse_choice
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 MEDIA = FIXTURES / "media"
@@ -24,7 +24,12 @@ SMALL = MediaSettings(max_pixels=128 * 128, min_pixels=56 * 56, fps=2.0, max_fra
 
 def _within(image, media=SMALL):
     width, height = image.size
-    return image.mode == "RGB" and width % 28 == 0 and height % 28 == 0 and media.min_pixels <= width * height <= media.max_pixels
+    return (
+        image.mode == "RGB"
+        and width % 28 == 0
+        and height % 28 == 0
+        and media.min_pixels <= width * height <= media.max_pixels
+    )
 
 
 # ------------------------------------------------------------------------------- formats
@@ -55,7 +60,11 @@ def test_qwen_messages_json_list():
     assert len(ds) == 3
     assert [ds.where(i).rsplit(":", 1)[1] for i in range(3)] == ["2", "12", "23"]  # where each record starts
     first, second, third = (ds[i] for i in range(3))
-    assert (first.question, first.answer, len(first.images)) == ("What shape is the yellow object on the desk?", "a triangle", 1)
+    assert (first.question, first.answer, len(first.images)) == (
+        "What shape is the yellow object on the desk?",
+        "a triangle",
+        1,
+    )
     assert (second.question, second.answer, len(second.images)) == ("Where is the blue box going?", "to your left", 3)
     assert third.answer == "green"
     big = third.images[0]  # 640x480 on disk: downscaled within max_pixels, aspect ratio kept
@@ -67,10 +76,16 @@ def test_egoschema_multiple_choice_is_lettered_like_the_synthetic_questions():
     ds = FileQA(FIXTURES / "egoschema.jsonl", "egoschema", media=SMALL)
     assert len(ds) == 4
     samples = [ds[i] for i in range(4)]
-    assert samples[0].question == "\n".join([
-        "Which way did the blue box move?", "A. to the left", "B. to the right", "C. towards the wearer",
-        "D. away from the wearer", "E. it did not move",
-    ])
+    assert samples[0].question == "\n".join(
+        [
+            "Which way did the blue box move?",
+            "A. to the left",
+            "B. to the right",
+            "C. towards the wearer",
+            "D. away from the wearer",
+            "E. it did not move",
+        ]
+    )
     assert [s.answer for s in samples] == ["A", "B", "C", "E"]  # answer index -> letter
     assert [s.num_choices for s in samples] == [5, 5, 4, 5]  # "option 0".."option 4", or an "options" list
     assert {s.kind for s in samples} == {"egoschema"}
@@ -86,16 +101,23 @@ def test_frame_sampling_is_configurable():
     assert len(ds[3].images) == 2  # a 2 s clip at 1 fps
     first, last = ds[0].images[0], ds[0].images[-1]
     assert first.tobytes() != last.tobytes()  # first and last frames kept: the box moved
-    assert len(FileQA(FIXTURES / "egoschema.jsonl", "egoschema", media=MediaSettings(fps=8.0, max_frames=6))[3].images) == 6
+    assert (
+        len(FileQA(FIXTURES / "egoschema.jsonl", "egoschema", media=MediaSettings(fps=8.0, max_frames=6))[3].images)
+        == 6
+    )
 
 
 def test_fixture_answers_round_trip_through_the_tiny_tokenizer(cache_dir):
     """QACollator checks that the labelled span decodes to the answer; the tiny tokenizer is byte-level."""
     from firstsight.data.batching import QACollator
-    from firstsight.tiny import tiny_processor
+    from firstsight.models.tiny import tiny_processor
 
     collate = QACollator(tiny_processor(cache_dir))
-    for name, fmt in [("conversations.jsonl", "conversations"), ("messages.json", "conversations"), ("egoschema.jsonl", "egoschema")]:
+    for name, fmt in [
+        ("conversations.jsonl", "conversations"),
+        ("messages.json", "conversations"),
+        ("egoschema.jsonl", "egoschema"),
+    ]:
         ds = FileQA(FIXTURES / name, fmt)
         batch = collate([ds[i] for i in range(len(ds))])
         assert (batch["labels"] != -100).sum() > 0
@@ -104,8 +126,10 @@ def test_fixture_answers_round_trip_through_the_tiny_tokenizer(cache_dir):
 # ------------------------------------------------------------------------------- bad data
 
 GOOD_EGO = {"question": "Which way?", "options": ["left", "right"], "answer": 0, "frames": [str(MEDIA / "frame0.png")]}
-GOOD_CONV = {"image": str(MEDIA / "kitchen.png"),
-             "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}]}
+GOOD_CONV = {
+    "image": str(MEDIA / "kitchen.png"),
+    "conversations": [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "red"}],
+}
 
 
 def _with(base, **changes):
@@ -127,13 +151,25 @@ BAD_CASES = {
     "unreadable-video": ("egoschema", _with(GOOD_EGO, frames=None, video="broken.mp4"), "cannot read video"),
     "no-media": ("egoschema", _with(GOOD_EGO, frames=None), "no 'video'"),
     "missing-image": ("conversations", _with(GOOD_CONV, image="missing.jpg"), "image file not found"),
-    "no-assistant-turn": ("conversations", _with(GOOD_CONV, conversations=[{"from": "human", "value": "<image>\nQ?"}]),
-                          "not followed by an assistant turn"),
+    "no-assistant-turn": (
+        "conversations",
+        _with(GOOD_CONV, conversations=[{"from": "human", "value": "<image>\nQ?"}]),
+        "not followed by an assistant turn",
+    ),
     "no-image": ("conversations", _with(GOOD_CONV, image=None), "no image or video"),
-    "special-token": ("conversations", _with(GOOD_CONV, conversations=[
-        {"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "red<|im_end|>"}]), "special token"),
-    "neither-style": ("conversations", json.dumps({"image": str(MEDIA / "kitchen.png"), "question": "Q?"}),
-                      "neither 'conversations'"),
+    "special-token": (
+        "conversations",
+        _with(
+            GOOD_CONV,
+            conversations=[{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "red<|im_end|>"}],
+        ),
+        "special token",
+    ),
+    "neither-style": (
+        "conversations",
+        json.dumps({"image": str(MEDIA / "kitchen.png"), "question": "Q?"}),
+        "neither 'conversations'",
+    ),
 }
 
 
@@ -169,7 +205,10 @@ def test_bad_records_are_named_by_file_and_line_then_stop_or_are_skipped(tmp_pat
 def test_a_file_with_nothing_valid_is_an_error_even_when_skipping(tmp_path):
     path = tmp_path / "all_bad.jsonl"
     path.write_text(_with(GOOD_EGO, answer=7) + "\n" + "{oops\n")
-    with pytest.raises(FirstSightError, match=r"no valid egoschema samples; 2 bad record\(s\) skipped: .*all_bad.jsonl:1: answer index 7"):
+    with pytest.raises(
+        FirstSightError,
+        match=r"no valid egoschema samples; 2 bad record\(s\) skipped: .*all_bad.jsonl:1: answer index 7",
+    ):
         FileQA(path, "egoschema", on_bad_sample="skip")
 
 
@@ -201,8 +240,14 @@ def test_without_a_video_reader_a_clip_is_refused_with_the_alternatives(monkeypa
 def test_load_split_dispatches_on_the_data_group(monkeypatch):
     assert isinstance(load_split(compose().data, "train", 0), SyntheticEgoQA)
     monkeypatch.chdir(ROOT)  # relative data paths are from the directory run.py was started in
-    cfg = compose(["data=egoschema", "data.train_file=tests/fixtures/egoschema.jsonl",
-                   "data.validation_file=tests/fixtures/messages.json", "data.max_pixels=12544"])
+    cfg = compose(
+        [
+            "data=egoschema",
+            "data.train_file=tests/fixtures/egoschema.jsonl",
+            "data.validation_file=tests/fixtures/messages.json",
+            "data.max_pixels=12544",
+        ]
+    )
     train = load_split(cfg.data, "train", 0)
     assert isinstance(train, FileQA) and len(train) == 4 and train.skipped == 0
     assert all(w * h <= 12544 for image in train[0].images for w, h in [image.size])
@@ -224,7 +269,10 @@ def test_file_data_configs_validate():
 @pytest.mark.parametrize(
     "overrides, fragments",
     [
-        (["data.train_file=nope/train.jsonl"], ["data.train_file='nope/train.jsonl'", "the file is missing", "nope/train.jsonl"]),
+        (
+            ["data.train_file=nope/train.jsonl"],
+            ["data.train_file='nope/train.jsonl'", "the file is missing", "nope/train.jsonl"],
+        ),
         (["data.validation_file=null"], ["data.validation_file=None", "reads the validation split"]),
         (["data.format=coco"], ["data.format='coco'", "conversations", "egoschema"]),
         (["data.on_bad_sample=ignore"], ["data.on_bad_sample='ignore'", "'error', 'skip'"]),
@@ -234,7 +282,17 @@ def test_file_data_configs_validate():
         (["data.max_frames=0"], ["data.max_frames=0", ">= 1"]),
         (["data.image_root=/no/such/dir"], ["data.image_root='/no/such/dir'", "no such directory"]),
     ],
-    ids=["missing-file", "unset-file", "format", "policy", "max-pixels", "min-over-max", "fps", "max-frames", "image-root"],
+    ids=[
+        "missing-file",
+        "unset-file",
+        "format",
+        "policy",
+        "max-pixels",
+        "min-over-max",
+        "fps",
+        "max-frames",
+        "image-root",
+    ],
 )
 def test_invalid_file_data_settings_are_refused(overrides, fragments):
     with pytest.raises(ConfigError) as err:
@@ -257,15 +315,27 @@ def test_only_the_splits_a_task_reads_are_required():
 def test_distill_and_evaluate_on_egoschema_files_end_to_end(run_cli, tmp_path):
     data = FIXTURES / "egoschema.jsonl"
     common = ["data=egoschema", f"data.train_file={data}", "train.progress_bar=false", "hardware.batch_size=2"]
-    result = run_cli(*common, f"data.validation_file={data}", "task=distill", "train.max_steps=2", "train.throughput_warmup_steps=1",
-                     "train.save_checkpoint=false", "tracking.enabled=false")
+    result = run_cli(
+        *common,
+        f"data.validation_file={data}",
+        "task=distill",
+        "train.max_steps=2",
+        "train.throughput_warmup_steps=1",
+        "train.save_checkpoint=false",
+        "tracking.enabled=false",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
     bad = tmp_path / "validation.jsonl"  # the fixture's records plus one with an answer out of range
     lines = (FIXTURES / "egoschema.jsonl").read_text().splitlines()
     bad.write_text("\n".join([*lines[:3], _with(GOOD_EGO, answer=5)]) + "\n")
-    result = run_cli(*common, "task=evaluate", f"data.validation_file={bad}", f"data.image_root={FIXTURES}",
-                     "data.on_bad_sample=skip")
+    result = run_cli(
+        *common,
+        "task=evaluate",
+        f"data.validation_file={bad}",
+        f"data.image_root={FIXTURES}",
+        "data.on_bad_sample=skip",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"{bad}:4: answer index 5 is out of range" in result.stdout + result.stderr  # logged (Hydra: stdout)
     [run] = default_store_runs(tmp_path)
@@ -276,7 +346,9 @@ def test_distill_and_evaluate_on_egoschema_files_end_to_end(run_cli, tmp_path):
 
 
 def test_run_py_names_a_missing_data_file_and_where_it_was_set(run_cli, tmp_path):
-    result = run_cli("data=egoschema", "data.train_file=nope.jsonl", f"data.validation_file={FIXTURES / 'egoschema.jsonl'}")
+    result = run_cli(
+        "data=egoschema", "data.train_file=nope.jsonl", f"data.validation_file={FIXTURES / 'egoschema.jsonl'}"
+    )
     assert result.returncode == 2
     assert "data.train_file='nope.jsonl' (command-line override 'data.train_file=nope.jsonl')" in result.stderr
     assert f"no such file {tmp_path / 'nope.jsonl'}" in result.stderr and "Traceback" not in result.stderr

@@ -17,9 +17,9 @@ import sys
 
 import pytest
 import torch
-
 from conftest import ROOT, compose
-from firstsight.losses import IGNORE_INDEX, JSD, ForwardKL, ReverseKL, answer_logit_slice
+
+from firstsight.losses.kd import IGNORE_INDEX, JSD, ForwardKL, ReverseKL, answer_logit_slice
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -56,8 +56,11 @@ def test_no_answer_token_keeps_one_position():
     assert keep.tolist() == [5] and kept.shape == (2, 1) and (kept == IGNORE_INDEX).all()
 
 
-@pytest.mark.parametrize("loss_fn", [ForwardKL(temperature=2.0, alpha=0.3), ReverseKL(alpha=0.7), JSD(beta=0.2, alpha=1.0)],
-                         ids=["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize(
+    "loss_fn",
+    [ForwardKL(temperature=2.0, alpha=0.3), ReverseKL(alpha=0.7), JSD(beta=0.2, alpha=1.0)],
+    ids=["forward_kl", "reverse_kl", "jsd"],
+)
 def test_loss_and_gradient_on_kept_positions_equal_the_full_ones(loss_fn):
     student, teacher, labels = ragged_batch()
     full_logits = student.clone().requires_grad_()
@@ -78,10 +81,25 @@ def test_loss_and_gradient_on_kept_positions_equal_the_full_ones(loss_fn):
 
 def _run(cache_dir, workdir, *overrides: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), "train.max_steps=4", "train.eval_at_end=false",
-                           "train.save_checkpoint=false", "tracking.enabled=false", "train.progress_bar=false",
-                           "train.throughput_warmup_steps=1", *overrides, f"hydra.run.dir={workdir}"],
-                          cwd=workdir.parent, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "run.py"),
+            "train.max_steps=4",
+            "train.eval_at_end=false",
+            "train.save_checkpoint=false",
+            "tracking.enabled=false",
+            "train.progress_bar=false",
+            "train.throughput_warmup_steps=1",
+            *overrides,
+            f"hydra.run.dir={workdir}",
+        ],
+        cwd=workdir.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _curves(cache_dir, tmp_path, key: str, values) -> dict:
@@ -106,8 +124,13 @@ def test_a_job_on_answer_positions_follows_the_full_logits_loss_curve(cache_dir,
 
 @pytest.mark.slow
 def test_pure_bf16_training_holds_the_student_in_bf16(cache_dir, tmp_path):
-    result = _run(cache_dir, tmp_path / "bf16", "precision=bf16", "precision.trainable_dtype=bfloat16",
-                  "train.save_checkpoint=true")
+    result = _run(
+        cache_dir,
+        tmp_path / "bf16",
+        "precision=bf16",
+        "precision.trainable_dtype=bfloat16",
+        "train.save_checkpoint=true",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     history = json.loads((tmp_path / "bf16" / "train_history.json").read_text())
     assert all(h["train/loss"] == h["train/loss"] and h["train/loss"] > 0 for h in history)  # finite, not NaN
@@ -133,7 +156,7 @@ def test_adamw_8bit_keeps_8_bit_moments_and_steps_as_adamw_does():
     """train.optimizer=adamw_8bit: bitsandbytes' AdamW8bit. Its moments are uint8 for tensors of
     4096+ elements, and its first step is Adam's (lr * g / |g| after bias correction) up to the
     8-bit quantization of the moments."""
-    from firstsight.train import LoopSettings, _optimizer
+    from firstsight.training.loop import LoopSettings, _optimizer
 
     g = torch.Generator().manual_seed(0)
     start = [torch.randn(64, 128, generator=g), torch.randn(8, generator=g)]
@@ -157,8 +180,9 @@ def test_adamw_8bit_keeps_8_bit_moments_and_steps_as_adamw_does():
 
 def test_unknown_optimizer_and_fsdp_with_8_bit_moments_are_refused():
     from conftest import compose
-    from firstsight.errors import ConfigError
-    from firstsight.validate import validate
+
+    from firstsight.core.errors import ConfigError
+    from firstsight.suite.validate import validate
 
     with pytest.raises(ConfigError, match="train.optimizer='sgd'.*adamw, adamw_8bit"):
         validate(compose(["train.optimizer=sgd"]))
@@ -169,7 +193,8 @@ def test_unknown_optimizer_and_fsdp_with_8_bit_moments_are_refused():
 def test_a_distill_job_with_adamw_8bit_starts_as_adamw_and_trains(cache_dir):
     """Same first loss as torch's AdamW (the forward before any update), then finite losses."""
     from conftest import compose
-    from firstsight.distill import distill
+
+    from firstsight.tasks.distill import distill
 
     class Tracker:
         run_id = None
@@ -188,9 +213,20 @@ def test_a_distill_job_with_adamw_8bit_starts_as_adamw_and_trains(cache_dir):
 
     losses = {}
     for name in ("adamw", "adamw_8bit"):
-        cfg = compose(["model.teacher.weights=random", "data.train_size=12", "hardware.batch_size=4", "train.max_steps=3",
-                       "train.throughput_warmup_steps=1", "train.progress_bar=false", "train.eval_at_end=false",
-                       "train.save_checkpoint=false", "train.log_every_n_steps=1", f"train.optimizer={name}"])
+        cfg = compose(
+            [
+                "model.teacher.weights=random",
+                "data.train_size=12",
+                "hardware.batch_size=4",
+                "train.max_steps=3",
+                "train.throughput_warmup_steps=1",
+                "train.progress_bar=false",
+                "train.eval_at_end=false",
+                "train.save_checkpoint=false",
+                "train.log_every_n_steps=1",
+                f"train.optimizer={name}",
+            ]
+        )
         tracker = Tracker()
         distill(cfg, tracker)
         losses[name] = [tracker.losses[step] for step in (1, 2, 3)]
@@ -228,7 +264,7 @@ class _Stack(torch.nn.Module):
 def _saved_bytes_and_grads(budget: float):
     """A compiled stack's forward + backward under hardware.compile_memory_budget=`budget`: the
     bytes its compiled blocks keep for the backward, and the weights' gradients."""
-    from firstsight.models import compile_blocks
+    from firstsight.models.loading import compile_blocks
 
     torch._dynamo.reset()  # a fresh compile reads the budget again
     torch.manual_seed(0)
@@ -270,7 +306,7 @@ def test_the_cpp_wrapper_launches_the_compiled_blocks_kernels_from_cpp_with_the_
     the eager stack's."""
     from torch._inductor.utils import run_and_get_code
 
-    from firstsight.models import compile_blocks
+    from firstsight.models.loading import compile_blocks
 
     torch.manual_seed(0)
     eager = _Stack()
@@ -292,8 +328,9 @@ def test_the_cpp_wrapper_launches_the_compiled_blocks_kernels_from_cpp_with_the_
 
 def test_a_compile_memory_budget_out_of_range_or_without_compile_is_refused():
     from conftest import compose
-    from firstsight.errors import ConfigError
-    from firstsight.validate import validate
+
+    from firstsight.core.errors import ConfigError
+    from firstsight.suite.validate import validate
 
     with pytest.raises(ConfigError, match=r"hardware.compile_memory_budget=0.0.*\(0, 1\]"):
         validate(compose(["hardware.compile=true", "hardware.compile_memory_budget=0"]))
@@ -305,7 +342,7 @@ def test_a_compile_memory_budget_out_of_range_or_without_compile_is_refused():
 def test_batches_padded_to_a_multiple_are_masked_and_unlabelled_beyond_the_longest_sample(cache_dir):
     from firstsight.data import load_split
     from firstsight.data.batching import IGNORE_INDEX, QACollator
-    from firstsight.models import load_processor
+    from firstsight.models.loading import load_processor
 
     cfg = compose()
     processor = load_processor(cfg)

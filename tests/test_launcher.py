@@ -1,6 +1,6 @@
 """The SLURM choices of `hardware` and the pieces around them that need no cluster: the launcher
 resources they compose to, the checks on the submitting machine, the failure report of the
-launcher (firstsight/launcher.py) and the arguments of `python -m firstsight.server`."""
+launcher (firstsight/suite/launcher.py) and the arguments of `python -m firstsight.tracking.server`."""
 
 from __future__ import annotations
 
@@ -9,22 +9,25 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import compose
 from hydra.core.utils import JobReturn, JobStatus
 from submitit.core.utils import UncompletedJobError
 
-from conftest import compose
-from firstsight.errors import ConfigError
-from firstsight.launcher import SweepJobsFailed, collect, failure_of
-from firstsight.validate import validate
+from firstsight.core.errors import ConfigError
+from firstsight.suite.launcher import SweepJobsFailed, collect, failure_of
+from firstsight.suite.validate import validate
 
 TARGET = "hydra_plugins.firstsight_launcher.launcher.SlurmLauncher"
 
 
-@pytest.mark.parametrize("choice, device, gpus, tasks, partition", [
-    ("slurm", "cuda", 1, 1, None),
-    ("slurm_h100x4", "cuda", 4, 4, None),
-    ("slurm_local", "cpu", None, 1, "local"),
-])
+@pytest.mark.parametrize(
+    "choice, device, gpus, tasks, partition",
+    [
+        ("slurm", "cuda", 1, 1, None),
+        ("slurm_h100x4", "cuda", 4, 4, None),
+        ("slurm_local", "cpu", None, 1, "local"),
+    ],
+)
 def test_slurm_choices_select_the_submitit_slurm_launcher(choice, device, gpus, tasks, partition):
     cfg = compose([f"hardware={choice}"], return_hydra_config=True)
     assert cfg.hydra.runtime.choices["hydra/launcher"] == "submitit_slurm"
@@ -38,13 +41,29 @@ def test_slurm_choices_select_the_submitit_slurm_launcher(choice, device, gpus, 
 
 
 def test_launcher_resources_are_overridable_from_the_command_line():
-    cfg = compose(["hardware=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.timeout_min=600",
-                   "hydra.launcher.account=proj", "hydra.launcher.qos=high", "hydra.launcher.constraint=h100",
-                   "hydra.launcher.mem_gb=128", "hydra.launcher.setup=[module load cuda]",
-                   "+hydra.launcher.additional_parameters.reservation=res"], return_hydra_config=True)
+    cfg = compose(
+        [
+            "hardware=slurm",
+            "hydra.launcher.partition=gpu",
+            "hydra.launcher.timeout_min=600",
+            "hydra.launcher.account=proj",
+            "hydra.launcher.qos=high",
+            "hydra.launcher.constraint=h100",
+            "hydra.launcher.mem_gb=128",
+            "hydra.launcher.setup=[module load cuda]",
+            "+hydra.launcher.additional_parameters.reservation=res",
+        ],
+        return_hydra_config=True,
+    )
     launcher = cfg.hydra.launcher
-    assert (launcher.partition, launcher.timeout_min, launcher.account, launcher.qos, launcher.constraint,
-            launcher.mem_gb) == ("gpu", 600, "proj", "high", "h100", 128)
+    assert (
+        launcher.partition,
+        launcher.timeout_min,
+        launcher.account,
+        launcher.qos,
+        launcher.constraint,
+        launcher.mem_gb,
+    ) == ("gpu", 600, "proj", "high", "h100", 128)
     assert list(launcher.setup) == ["module load cuda"]
     assert launcher.additional_parameters == {"reservation": "res"}
 
@@ -66,8 +85,11 @@ class FakeJob:
         self.job_id, self._result, self._error, self.state = job_id, result, error, state
         self._results_timeout_s = 0.5  # submitit's wait for a result file (15 s)
         folder.mkdir(parents=True, exist_ok=True)
-        self.paths = SimpleNamespace(stderr=folder / f"{job_id}_0_log.err", stdout=folder / f"{job_id}_0_log.out",
-                                     result_pickle=folder / f"{job_id}_0_result.pkl")
+        self.paths = SimpleNamespace(
+            stderr=folder / f"{job_id}_0_log.err",
+            stdout=folder / f"{job_id}_0_log.out",
+            result_pickle=folder / f"{job_id}_0_result.pkl",
+        )
         self.paths.stderr.write_text(stderr)
         self.paths.stdout.write_text("")
         if result is not None:
@@ -94,11 +116,21 @@ def test_every_failed_point_is_reported_with_its_overrides_reason_and_logs(tmp_p
     jobs = [
         FakeJob(sub / "5_0", "5_0", result=ok),
         FakeJob(sub / "5_1", "5_1", result=_job_return(JobStatus.FAILED, RuntimeError("CUDA out of memory"))),
-        FakeJob(sub / "5_2", "5_2", error=UncompletedJobError("no output"), state="OUT_OF_MEMORY",
-                stderr="slurmstepd: error: Detected 1 oom_kill event\n"),
-        FakeJob(sub / "5_3", "5_3", error=UncompletedJobError("no output"), state="FAILED",
-                stderr="Traceback...\nerror: train.lr=-1.0 is invalid: the learning rate must be > 0.\n"
-                       "srun: error: vm: task 0: Exited with exit code 2\n"),
+        FakeJob(
+            sub / "5_2",
+            "5_2",
+            error=UncompletedJobError("no output"),
+            state="OUT_OF_MEMORY",
+            stderr="slurmstepd: error: Detected 1 oom_kill event\n",
+        ),
+        FakeJob(
+            sub / "5_3",
+            "5_3",
+            error=UncompletedJobError("no output"),
+            state="FAILED",
+            stderr="Traceback...\nerror: train.lr=-1.0 is invalid: the learning rate must be > 0.\n"
+            "srun: error: vm: task 0: Exited with exit code 2\n",
+        ),
         FakeJob(sub / "5_4", "5_4", error=UncompletedJobError("no output"), state="TIMEOUT"),
     ]
     overrides = [[f"precision={p}", "hydra.launcher.mem_gb=2"] for p in ("fp32", "bf16", "fp16", "int8", "nf4")]
@@ -130,7 +162,7 @@ def test_a_sweep_without_failures_returns_every_result(tmp_path):
 
 
 def test_server_arguments(tmp_path, monkeypatch):
-    from firstsight import server
+    from firstsight.tracking import server
 
     monkeypatch.chdir(tmp_path)
     args = server.parse_args([])

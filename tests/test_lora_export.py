@@ -11,15 +11,19 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from conftest import compose, default_store_runs
 
-SHORT = ["train.max_steps=3", "train.warmup_steps=1", "train.throughput_warmup_steps=1",
-         "data.validation_size=8", "train.progress_bar=false"]
+SHORT = [
+    "train.max_steps=3",
+    "train.warmup_steps=1",
+    "train.throughput_warmup_steps=1",
+    "data.validation_size=8",
+    "train.progress_bar=false",
+]
 
 
 def _student(overrides, cache_dir):
-    from firstsight.models import load_model, load_processor
+    from firstsight.models.loading import load_model, load_processor
 
     cfg = compose(["lora.enabled=true", *overrides])
     processor = load_processor(cfg)
@@ -36,7 +40,7 @@ def test_only_the_adapters_train(cache_dir):
         assert any(f"{target}.lora_A" in n for n in trainable), target
         assert any(f"{target}.lora_B" in n for n in trainable), target
     assert not any("visual" in n for n in trainable)
-    from firstsight.lora import trainable_parameters
+    from firstsight.models.lora import trainable_parameters
 
     assert 0 < trainable_parameters(student.model) < 0.2 * sum(p.numel() for p in named.values())
 
@@ -50,7 +54,7 @@ def test_qlora_quantizes_the_frozen_base(cache_dir):
 
 
 def test_a_target_that_matches_nothing_names_the_valid_ones(cache_dir):
-    from firstsight.errors import FirstSightError
+    from firstsight.core.errors import FirstSightError
 
     with pytest.raises(FirstSightError, match=r"lora.target_modules=\['qkv_proj'\].*valid names: .*'q_proj'"):
         _student(["lora.target_modules=[qkv_proj]"], cache_dir)
@@ -61,8 +65,8 @@ def test_the_merged_student_computes_what_the_adapted_one_does(cache_dir):
 
     from firstsight.data import synthetic_split
     from firstsight.data.batching import QACollator
-    from firstsight.lora import merged_model
-    from firstsight.train import model_inputs
+    from firstsight.models.lora import merged_model
+    from firstsight.training.loop import model_inputs
 
     cfg, processor, student = _student([], cache_dir)
     torch.manual_seed(0)
@@ -100,8 +104,9 @@ STOCK_LOAD = textwrap.dedent("""
 
 
 def _stock_generate(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", STOCK_LOAD, str(path)], capture_output=True, text=True,
-                          timeout=300, cwd="/")
+    return subprocess.run(
+        [sys.executable, "-c", STOCK_LOAD, str(path)], capture_output=True, text=True, timeout=300, cwd="/"
+    )
 
 
 def _only(paths):
@@ -124,8 +129,13 @@ def test_distill_evaluate_export_report_with_lora(run_cli, tmp_path):
     assert 0 < metrics["model/trainable_params_b"] < metrics["model/params_b"]
     assert run.data.tags["firstsight.checkpoint"] == str(student)
 
-    evaluated = run_cli("task=evaluate", f"model.student.source={student}", "model.student.weights=pretrained",
-                        "data.validation_size=8", "train.progress_bar=false")
+    evaluated = run_cli(
+        "task=evaluate",
+        f"model.student.source={student}",
+        "model.student.weights=pretrained",
+        "data.validation_size=8",
+        "train.progress_bar=false",
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
 
     out = tmp_path / "exported"
@@ -148,8 +158,14 @@ def test_distill_evaluate_export_report_with_lora(run_cli, tmp_path):
 
 def test_qlora_student_exports_merged_and_as_adapter(run_cli, tmp_path):
     # a random student: its adapter's base is no checkpoint (the shipped student base would merge)
-    distilled = run_cli("lora.enabled=true", "precision=nf4", "model.student.weights=random", "train.eval_at_end=false",
-                        "tracking.enabled=false", *SHORT)
+    distilled = run_cli(
+        "lora.enabled=true",
+        "precision=nf4",
+        "model.student.weights=random",
+        "train.eval_at_end=false",
+        "tracking.enabled=false",
+        *SHORT,
+    )
     assert distilled.returncode == 0, distilled.stderr[-3000:]
     student = _only(tmp_path.glob("outputs/*/*/checkpoints/student"))
     config = json.loads((student / "config.json").read_text())
@@ -159,8 +175,13 @@ def test_qlora_student_exports_merged_and_as_adapter(run_cli, tmp_path):
 
     adapter = student.parent / "student_adapter"
     out = tmp_path / "adapter-export"
-    exported = run_cli("task=export", f"task.checkpoint={adapter}", "task.merge_lora=false",
-                       f"task.output_dir={out}", "tracking.enabled=false")
+    exported = run_cli(
+        "task=export",
+        f"task.checkpoint={adapter}",
+        "task.merge_lora=false",
+        f"task.output_dir={out}",
+        "tracking.enabled=false",
+    )
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert (out / "adapter_model.safetensors").is_file() and "PeftModel" in (out / "README.md").read_text()
     # merging needs a loadable base; a random tiny base is not one, and the message says what to do
@@ -169,14 +190,17 @@ def test_qlora_student_exports_merged_and_as_adapter(run_cli, tmp_path):
     assert "cannot be loaded here" in merged.stderr and str(student) in merged.stderr
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["task=export"], "task.checkpoint=None"),
-    (["task=export", "task.checkpoint=/no/such/dir"], "no such directory"),
-    (["task=export", "task.checkpoint=."], "is not a checkpoint"),
-    (["task=evaluate", "model.student.source=."], "has no config.json"),
-    (["lora.enabled=true", "lora.rank=0"], "lora.rank=0"),
-    (["lora.enabled=true", "lora.target_modules=[]"], "lora.target_modules=[]"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["task=export"], "task.checkpoint=None"),
+        (["task=export", "task.checkpoint=/no/such/dir"], "no such directory"),
+        (["task=export", "task.checkpoint=."], "is not a checkpoint"),
+        (["task=evaluate", "model.student.source=."], "has no config.json"),
+        (["lora.enabled=true", "lora.rank=0"], "lora.rank=0"),
+        (["lora.enabled=true", "lora.target_modules=[]"], "lora.target_modules=[]"),
+    ],
+)
 def test_bad_export_and_lora_input_exits_2(run_cli, tmp_path, args, fragment):
     result = run_cli(*args)
     assert result.returncode == 2, result.stderr[-2000:]

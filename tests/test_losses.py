@@ -1,4 +1,4 @@
-"""Tests of firstsight.losses against independent float64 references written out here."""
+"""Tests of firstsight.losses.kd against independent float64 references written out here."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ import math
 import pytest
 import torch
 
-from firstsight.losses import JSD, ForwardKL, KDLoss, ReverseKL, count_answer_tokens
+from firstsight.losses.kd import JSD, ForwardKL, KDLoss, ReverseKL, count_answer_tokens
 
 # ----------------------------------------------------------------------------- helpers
 
 
 # tiny tensors: extra OpenMP threads only wait for each other on a busy 2-core machine
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 
 def make_batch(
@@ -172,7 +171,8 @@ def test_kd_term_ignores_answer_token_ids(kind):
     relabelled[answer] = (relabelled[answer] + 5) % student.shape[-1]
     torch.testing.assert_close(loss_fn(student, teacher, relabelled).loss, loss_fn(student, teacher, labels).loss)
     assert not torch.allclose(
-        make_loss(kind, alpha=0.0)(student, teacher, relabelled).loss, make_loss(kind, alpha=0.0)(student, teacher, labels).loss
+        make_loss(kind, alpha=0.0)(student, teacher, relabelled).loss,
+        make_loss(kind, alpha=0.0)(student, teacher, labels).loss,
     )
 
 
@@ -477,7 +477,10 @@ def test_chunking_bounds_peak_memory():
         peak = _peak_cpu_bytes(run)
         return peak, values[0], student.grad
 
-    (chunked, chunked_loss, chunked_grad), (whole, whole_loss, whole_grad) = forward_backward(chunk), forward_backward(tokens)
+    (chunked, chunked_loss, chunked_grad), (whole, whole_loss, whole_grad) = (
+        forward_backward(chunk),
+        forward_backward(tokens),
+    )
     # The same loss and gradient either way (only the summation order of the loss differs).
     torch.testing.assert_close(chunked_loss, whole_loss, rtol=1e-5, atol=0)
     torch.testing.assert_close(chunked_grad, whole_grad, rtol=0, atol=0)

@@ -1,4 +1,4 @@
-"""One tracking server for many jobs: `python -m firstsight.server`, then a sweep of 8 jobs that
+"""One tracking server for many jobs: `python -m firstsight.tracking.server`, then a sweep of 8 jobs that
 run and log at the same time (hydra/launcher=submitit_local: one process per job, all at once).
 Nothing may be lost: every run, every param of the composed config, every metric the job wrote to
 its metrics.json and every step of the per-step metrics."""
@@ -11,18 +11,30 @@ from conftest import compose
 
 LRS = ["0.001", "0.0012", "0.0014", "0.0016", "0.0018", "0.002", "0.0022", "0.0024"]
 STEPS = 3
-COMMON = [f"train.max_steps={STEPS}", "train.eval_at_end=false", "train.save_checkpoint=false",
-          "train.throughput_warmup_steps=1", "train.progress_bar=false", "train.log_every_n_steps=1",
-          "hardware.num_threads=1"]
+COMMON = [
+    f"train.max_steps={STEPS}",
+    "train.eval_at_end=false",
+    "train.save_checkpoint=false",
+    "train.throughput_warmup_steps=1",
+    "train.progress_bar=false",
+    "train.log_every_n_steps=1",
+    "hardware.num_threads=1",
+]
 
 
 def test_eight_concurrent_jobs_lose_nothing(run_cli, tmp_path, mlflow_server):
     from mlflow.tracking import MlflowClient
 
-    from firstsight.tracking import flatten_config
+    from firstsight.tracking.tracker import flatten_config
 
-    result = run_cli("-m", "hydra/launcher=submitit_local", f"train.lr={','.join(LRS)}", *COMMON,
-                     "tracking.experiment_name=concurrent", env={"MLFLOW_TRACKING_URI": mlflow_server})
+    result = run_cli(
+        "-m",
+        "hydra/launcher=submitit_local",
+        f"train.lr={','.join(LRS)}",
+        *COMMON,
+        "tracking.experiment_name=concurrent",
+        env={"MLFLOW_TRACKING_URI": mlflow_server},
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "database is locked" not in result.stderr
     client = MlflowClient(mlflow_server)
@@ -43,8 +55,14 @@ def test_eight_concurrent_jobs_lose_nothing(run_cli, tmp_path, mlflow_server):
         assert run.info.status == "FINISHED"
         job_num = run.data.tags["firstsight.job_num"]
         # params: the whole composed config of that point, nothing missing or extra
-        cfg = compose(["hydra/launcher=submitit_local", f"train.lr={LRS[int(job_num)]}", *COMMON,
-                       "tracking.experiment_name=concurrent"])
+        cfg = compose(
+            [
+                "hydra/launcher=submitit_local",
+                f"train.lr={LRS[int(job_num)]}",
+                *COMMON,
+                "tracking.experiment_name=concurrent",
+            ]
+        )
         assert run.data.params == {k: v[:6000] for k, v in flatten_config(cfg).items()}
         # metrics: every final value the job wrote locally reached MLflow, with the same value
         written = json.loads((sweep_dirs[0] / job_num / "metrics.json").read_text())

@@ -1,4 +1,4 @@
-"""M-RoPE positions computed on the host (firstsight/positions.py) are the ones the models compute
+"""M-RoPE positions computed on the host (firstsight/models/positions.py) are the ones the models compute
 themselves: a training forward given them returns the very logits it returns without them, for the
 tiny teacher and student, on a right-padded batch of ragged samples (multi-frame questions
 included), also under LoRA; the teacher and the student share one computation; a batch without
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from firstsight.positions import mrope_positions, same_rope
+from firstsight.models.positions import mrope_positions, same_rope
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,4 +1,4 @@
-"""The static decoder's prefill taken apart (firstsight/prefill.py) on what a CPU can check: its
+"""The static decoder's prefill taken apart (firstsight/inference/prefill.py) on what a CPU can check: its
 logits and cache equal the model's own forward's (fp32 and bf16, left-padded multi-frame batches);
 positions computed from host copies equal those computed on the device; the language model's graph
 policy (captured at a shape's second prefill or when asked, replayed after, never beyond the token
@@ -13,7 +13,8 @@ import logging
 import pytest
 import torch
 
-from firstsight.prefill import GraphStore, LanguageGraphs, prefill
+from firstsight.inference import cuda_graphs
+from firstsight.inference.prefill import GraphStore, LanguageGraphs, prefill
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -41,8 +42,8 @@ def _cache(model, length=128):
 
 def _own_forward(model, batch, cache):
     """What the static decoder ran before: the model's forward with the prompt's positions."""
-    from firstsight.positions import prompt_positions
-    from firstsight.prefill import _NOT_MODEL_INPUTS, cache_keyword
+    from firstsight.inference.prefill import _NOT_MODEL_INPUTS, cache_keyword
+    from firstsight.models.positions import prompt_positions
 
     inputs = {k: v for k, v in batch.items() if k not in _NOT_MODEL_INPUTS}
     positions = prompt_positions(model, batch)
@@ -51,9 +52,8 @@ def _own_forward(model, batch, cache):
 
 
 def _recording_capture(monkeypatch, broken=False, fails=False):
-    """_record_graph stood in for: warm-up runs, then a 'graph' whose replay reruns the function
+    """record_graph stood in for: warm-up runs, then a 'graph' whose replay reruns the function
     (or, `broken`, does nothing; `fails`: the capture raises). Returns the list of captures."""
-    import firstsight.generation as generation
 
     captured = []
 
@@ -66,14 +66,14 @@ def _recording_capture(monkeypatch, broken=False, fails=False):
                 self.step()
 
     def record(step, pool=None):
-        for _ in range(generation.WARMUP_STEPS):
+        for _ in range(cuda_graphs.WARMUP_STEPS):
             step()
         if fails:
             raise RuntimeError("operation not permitted when stream is capturing")
         captured.append(step)
         return Replay(step)
 
-    monkeypatch.setattr(generation, "_record_graph", record)
+    monkeypatch.setattr(cuda_graphs, "record_graph", record)
     return captured
 
 
@@ -97,7 +97,7 @@ def test_the_taken_apart_prefill_gives_the_models_own_logits_and_cache(parts, dt
 
 
 def test_positions_from_host_copies_equal_those_computed_on_the_device(parts):
-    from firstsight.positions import host_inputs, prompt_positions
+    from firstsight.models.positions import host_inputs, prompt_positions
 
     model, batch = parts
     prompts = batch()
@@ -125,7 +125,7 @@ def test_a_shape_is_captured_at_its_second_prefill_and_replayed_after(parts, mon
     first, other = batch(), batch([2, 4, 5, 6])  # the same shape: the two-frame row 5 is the longest of both
     with torch.no_grad():
         expected = {id(b): _own_forward(model, b, _cache(model))[0] for b in (first, other)}
-        with caplog.at_level(logging.INFO, logger="firstsight.prefill"):
+        with caplog.at_level(logging.INFO, logger="firstsight.inference.prefill"):
             assert torch.equal(prefill(model, first, cache, graphs, store)[0], expected[id(first)])
             assert captured == []  # a shape seen once runs eagerly
             assert torch.equal(prefill(model, first, cache, graphs, store)[0], expected[id(first)])
@@ -168,7 +168,7 @@ def test_a_capture_that_fails_or_disagrees_turns_the_graphs_off(parts, monkeypat
     prompts = batch([0])
     with torch.no_grad():
         expected = _own_forward(model, prompts, _cache(model))[0]
-        with caplog.at_level(logging.WARNING, logger="firstsight.prefill"):
+        with caplog.at_level(logging.WARNING, logger="firstsight.inference.prefill"):
             got = prefill(model, prompts, cache, graphs, store, capture_now=True)[0]
             again = prefill(model, prompts, cache, graphs, store, capture_now=True)[0]  # off: no new attempt
     assert torch.equal(got, expected) and torch.equal(again, expected)
@@ -180,8 +180,8 @@ def test_a_capture_that_fails_or_disagrees_turns_the_graphs_off(parts, monkeypat
 def test_the_decoder_records_its_prefill_graphs(tiny_parts, monkeypatch):
     """Through GreedyDecoder (graphs forced on, as on a GPU): the same tokens as generate, the
     prefill's captures in the run's tags; reserve_prefill captures before any timed call."""
-    from firstsight.generation import GreedyDecoder, generation_tags
     from firstsight.data.batching import PromptCollator
+    from firstsight.inference.generation import GreedyDecoder, generation_tags
 
     captured = _recording_capture(monkeypatch)
     model = tiny_parts.model("student")
@@ -194,7 +194,7 @@ def test_the_decoder_records_its_prefill_graphs(tiny_parts, monkeypatch):
     decoder.reserve_prefill(prompts, 6)
     assert len(decoder.language_graphs.capture_seconds) == 1
     got = decoder.generate(prompts, 6, 6, pad_token_id=pad)
-    assert got.tokens.tolist() == expected[:, prompts["input_ids"].shape[1]:].tolist()
+    assert got.tokens.tolist() == expected[:, prompts["input_ids"].shape[1] :].tolist()
     assert len(decoder.language_graphs.capture_seconds) == 1 and len(captured) == 2  # decode step + prefill
     tags = generation_tags(decoder)
     assert tags["firstsight.generation.prefill_graphs"] == "1" and "firstsight.generation.fallback" not in tags

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, compose
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -45,7 +44,11 @@ def fake_study(shares, n=3000, seeds=(1, 2, 3), quantized_flips=None):
         for precision in ("bf16", "int8"):
             right = kd.copy()
             right[order[: int(quantized_flips.get(precision, 0) * n)]] = False  # those right lose their answer
-            models[f"kd@{precision}"] = {"outcomes": proxy_study.pack(right), "accuracy": right.mean(), "weights_gb": 1.0}
+            models[f"kd@{precision}"] = {
+                "outcomes": proxy_study.pack(right),
+                "accuracy": right.mean(),
+                "weights_gb": 1.0,
+            }
         points.append({"seed": seed, "n": n, "chance": 0.25, "kinds": ["count"] * n, "models": models})
     return {"seeds": points, "losses": ["none", "kd"], "precisions": ["bf16", "int8"]}
 
@@ -69,8 +72,9 @@ def test_kd_closing_a_quarter_of_the_gap_misses_even_when_significant():
 def test_quantized_drop_verdicts_read_the_paired_interval():
     kept = proxy_study.analyse(fake_study({"teacher": 0.9, "base": 0.4, "none": 0.5, "kd": 0.7}))
     assert kept["quantized"]["int8"]["drop"]["value"] == 0 and kept["quantized"]["int8"]["verdict"].startswith("PASS")
-    lost = proxy_study.analyse(fake_study({"teacher": 0.9, "base": 0.4, "none": 0.5, "kd": 0.7},
-                                          quantized_flips={"int8": 0.05}))
+    lost = proxy_study.analyse(
+        fake_study({"teacher": 0.9, "base": 0.4, "none": 0.5, "kd": 0.7}, quantized_flips={"int8": 0.05})
+    )
     assert lost["quantized"]["int8"]["drop"]["low"] > 0.01 and lost["quantized"]["int8"]["verdict"].startswith("FAIL")
 
 
@@ -85,9 +89,10 @@ def test_the_gpu_preset_keeps_the_study_s_proportions():
     """experiment=proxy_study: the harder split with every temporal kind, >= 5000 validation
     questions, a student of <= 1/4 of the teacher's parameters from a pre-trained base, and tiny
     widths that bitsandbytes' int8/nf4 kernels take (multiples of 64)."""
-    from firstsight.data.synthetic import TEMPORAL_KINDS
-    from firstsight.tiny import tiny_model_config, tiny_processor
     from transformers import Qwen2VLForConditionalGeneration
+
+    from firstsight.data.synthetic import TEMPORAL_KINDS
+    from firstsight.models.tiny import tiny_model_config, tiny_processor
 
     cfg = compose(["experiment=proxy_study"])
     assert cfg.hardware.name == "gpu" and cfg.data.validation_size >= 5000 and cfg.data.num_frames >= 3
@@ -109,9 +114,22 @@ def test_the_gpu_preset_keeps_the_study_s_proportions():
 @pytest.mark.slow
 def test_smoke_runs_the_whole_study_on_the_cpu(cache_dir, tmp_path):
     env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "proxy_study.py"), "--smoke",
-                           "--results-dir", str(tmp_path), "--work-dir", str(tmp_path / "work")],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "proxy_study.py"),
+            "--smoke",
+            "--results-dir",
+            str(tmp_path),
+            "--work-dir",
+            str(tmp_path / "work"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     written = re.search(r"^wrote (\S+\.json) and (\S+\.md)$", done.stdout, re.MULTILINE)
     assert written, done.stdout[-2000:]

@@ -11,21 +11,46 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, compose
-from firstsight.errors import FirstSightError
-from firstsight.report import (
-    ACCURACY_RULE, BASELINE_RULE, RunRecord, Selection, accuracy_verdict, build_table, find_baselines, fmt,
-    is_baseline, make_plots, md_escape, md_unescape, over_seeds, render_html, render_markdown, select_runs,
-    swept_keys, table_csv, target_checks, teacher_quantization,
+
+from firstsight.core.errors import FirstSightError
+from firstsight.evaluation.stats import FAIL, NOT_MEASURABLE, PASS, UNRESOLVED, Estimate, questions_needed
+from firstsight.tasks.report import (
+    ACCURACY_RULE,
+    BASELINE_RULE,
+    RunRecord,
+    Selection,
+    accuracy_verdict,
+    build_table,
+    find_baselines,
+    fmt,
+    is_baseline,
+    make_plots,
+    md_escape,
+    md_unescape,
+    over_seeds,
+    render_html,
+    render_markdown,
+    select_runs,
+    swept_keys,
+    table_csv,
+    target_checks,
+    teacher_quantization,
 )
-from firstsight.stats import FAIL, NOT_MEASURABLE, PASS, UNRESOLVED, Estimate, questions_needed
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("throughput_vs_memory.png", "accuracy_vs_memory.png", "loss_curves.png")
-SWEEP = ("-m", "precision=fp32,bf16", "train.max_steps=3", "train.throughput_warmup_steps=1", "hardware.batch_size=2",
-         "train.eval_at_end=true", "data.validation_size=16", "train.save_checkpoint=false",
-         "train.progress_bar=false")
+SWEEP = (
+    "-m",
+    "precision=fp32,bf16",
+    "train.max_steps=3",
+    "train.throughput_warmup_steps=1",
+    "hardware.batch_size=2",
+    "train.eval_at_end=true",
+    "data.validation_size=16",
+    "train.save_checkpoint=false",
+    "train.progress_bar=false",
+)
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -42,8 +67,9 @@ def sweep_dir(cache_dir, tmp_path_factory):
 
 def _cli(workdir, cache_dir, *args):
     env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=workdir, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def _client(workdir):
@@ -59,9 +85,14 @@ def _runs(workdir):
 
 
 def _jobs(workdir):
-    return [r for r in _runs(workdir) if r.data.tags.get("firstsight.task") == "distill"
-            and r.data.tags.get("firstsight.role") != "sweep" and r.info.status == "FINISHED"
-            and r.data.tags.get("firstsight.sweep_id", "none") != "none"]
+    return [
+        r
+        for r in _runs(workdir)
+        if r.data.tags.get("firstsight.task") == "distill"
+        and r.data.tags.get("firstsight.role") != "sweep"
+        and r.info.status == "FINISHED"
+        and r.data.tags.get("firstsight.sweep_id", "none") != "none"
+    ]
 
 
 def _latest_report_run(workdir):
@@ -85,8 +116,9 @@ def _add_fake_runs(workdir):
     """Beside the sweep: a FAILED distill job of no sweep, and a run FirstSight did not create."""
     client = _client(workdir)
     experiment_id = client.get_experiment_by_name("firstsight").experiment_id
-    failed = client.create_run(experiment_id, run_name="failed", tags={"firstsight.task": "distill",
-                                                                        "firstsight.sweep_id": "none"})
+    failed = client.create_run(
+        experiment_id, run_name="failed", tags={"firstsight.task": "distill", "firstsight.sweep_id": "none"}
+    )
     client.log_param(failed.info.run_id, "precision.name", "fp16")
     client.set_terminated(failed.info.run_id, "FAILED")
     other = client.create_run(experiment_id, run_name="someone else's")
@@ -115,9 +147,14 @@ def test_report_over_a_real_sweep(sweep_dir, cache_dir):
     by_id = {r.info.run_id[:8]: r for r in jobs}
     assert {row[0] for row in rows} == set(by_id)
     assert failed_id[:8] not in markdown  # FAILED runs only with task.include_failed=true
-    columns = {"train tokens/s": "perf/throughput_tokens_per_s", "peak RSS GB (CPU)": "perf/peak_rss_gb",
-               "KD loss (last)": "train/kd_loss", "student acc": "eval/student_accuracy",
-               "acc drop": "eval/accuracy_drop", "weights GB": "model/weights_gb"}
+    columns = {
+        "train tokens/s": "perf/throughput_tokens_per_s",
+        "peak RSS GB (CPU)": "perf/peak_rss_gb",
+        "KD loss (last)": "train/kd_loss",
+        "student acc": "eval/student_accuracy",
+        "acc drop": "eval/accuracy_drop",
+        "weights GB": "model/weights_gb",
+    }
     for row in rows:
         run = by_id[row[0]]
         cells = dict(zip(headers, row))
@@ -125,8 +162,11 @@ def test_report_over_a_real_sweep(sweep_dir, cache_dir):
         assert cells["precision.name"] == run.data.params["precision.name"]
         for header, metric in columns.items():
             m = run.data.metrics
-            shown = (f"{m[metric]:.3f} [{m[metric + '_ci_low']:.3f}, {m[metric + '_ci_high']:.3f}]"
-                     if metric + "_ci_low" in m else fmt(m[metric]))  # an accuracy with its interval
+            shown = (
+                f"{m[metric]:.3f} [{m[metric + '_ci_low']:.3f}, {m[metric + '_ci_high']:.3f}]"
+                if metric + "_ci_low" in m
+                else fmt(m[metric])
+            )  # an accuracy with its interval
             assert cells[header] == shown, (header, cells[header])
     with open(out / "runs.csv", newline="") as f:
         records = list(csv.DictReader(f))
@@ -137,8 +177,10 @@ def test_report_over_a_real_sweep(sweep_dir, cache_dir):
 
     # target checks: bf16 against the fp32 baseline, measured; VRAM not measurable on a CPU
     by_precision = {r.data.params["precision.name"]: r for r in jobs}
-    ratio = (by_precision["bf16"].data.metrics["perf/throughput_tokens_per_s"]
-             / by_precision["fp32"].data.metrics["perf/throughput_tokens_per_s"])
+    ratio = (
+        by_precision["bf16"].data.metrics["perf/throughput_tokens_per_s"]
+        / by_precision["fp32"].data.metrics["perf/throughput_tokens_per_s"]
+    )
     headers, rows = _md_section_table(markdown, "### Training throughput gain")
     assert len(rows) == 1
     cells = dict(zip(headers, rows[0]))
@@ -156,8 +198,12 @@ def test_report_over_a_real_sweep(sweep_dir, cache_dir):
     for row in rows:
         cells = dict(zip(headers, row))
         run = by_id[cells["run"]]
-        expected = accuracy_verdict(RunRecord(run.info.run_id, params=dict(run.data.params),
-                                              metrics=dict(run.data.metrics), tags=dict(run.data.tags)), 0.01).verdict
+        expected = accuracy_verdict(
+            RunRecord(
+                run.info.run_id, params=dict(run.data.params), metrics=dict(run.data.metrics), tags=dict(run.data.tags)
+            ),
+            0.01,
+        ).verdict
         assert (cells["result"], cells["why"]) == (expected.status, expected.reason)
         assert cells["result"] != PASS
         if "eval/accuracy_drop_ci_low" not in run.data.metrics:  # a distill that logs no interval yet
@@ -189,19 +235,31 @@ def test_report_on_the_latest_sweep_leaves_earlier_reports_out(sweep_dir, cache_
 
 def test_selecting_a_sweep_by_directory_or_parent_run(sweep_dir):
     """Read back in-process (another working directory): the sweep's dir, relative or absolute, or its parent id."""
-    from firstsight.report import read_runs
+    from firstsight.tasks.report import read_runs
 
     parent = next(r for r in _runs(sweep_dir) if r.data.tags.get("firstsight.role") == "sweep")
     relative = parent.data.tags["firstsight.sweep_id"]
     job_ids = {r.info.run_id for r in _jobs(sweep_dir)}
-    for sweep in (relative, str(sweep_dir / relative), str(sweep_dir / relative) + "/", parent.info.run_id,
-                  parent.info.run_id[:8]):
+    for sweep in (
+        relative,
+        str(sweep_dir / relative),
+        str(sweep_dir / relative) + "/",
+        parent.info.run_id,
+        parent.info.run_id[:8],
+    ):
         # quoted: a run id's prefix such as 17966e17 would otherwise be read as the float 1.7966e21
-        cfg = compose(["task=report", f"task.sweep='{sweep}'", f"tracking.tracking_uri=sqlite:///{sweep_dir / 'mlflow.db'}"])
+        cfg = compose(
+            ["task=report", f"task.sweep='{sweep}'", f"tracking.tracking_uri=sqlite:///{sweep_dir / 'mlflow.db'}"]
+        )
         _, selection = read_runs(cfg)
         assert {r.run_id for r in selection.runs} == job_ids, sweep
-    cfg = compose(["task=report", "task.sweep=multirun/1999-01-01/00-00-00",
-                   f"tracking.tracking_uri=sqlite:///{sweep_dir / 'mlflow.db'}"])
+    cfg = compose(
+        [
+            "task=report",
+            "task.sweep=multirun/1999-01-01/00-00-00",
+            f"tracking.tracking_uri=sqlite:///{sweep_dir / 'mlflow.db'}",
+        ]
+    )
     with pytest.raises(FirstSightError, match=re.escape(relative)):  # names the sweeps there
         read_runs(cfg)
 
@@ -220,15 +278,18 @@ def test_report_over_an_empty_experiment_exits_2(run_cli, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.parametrize("override, named", [
-    ("task.max_runs=0", "task.max_runs=0"),
-    ("task.accuracy_drop_target=5", "task.accuracy_drop_target=5.0"),
-    ("task.vram_saving_target=0", "task.vram_saving_target=0.0"),
-    ("task.throughput_gain_target=-1", "task.throughput_gain_target=-1.0"),
-])
+@pytest.mark.parametrize(
+    "override, named",
+    [
+        ("task.max_runs=0", "task.max_runs=0"),
+        ("task.accuracy_drop_target=5", "task.accuracy_drop_target=5.0"),
+        ("task.vram_saving_target=0", "task.vram_saving_target=0.0"),
+        ("task.throughput_gain_target=-1", "task.throughput_gain_target=-1.0"),
+    ],
+)
 def test_bad_report_settings_are_refused(override, named):
-    from firstsight.errors import ConfigError
-    from firstsight.validate import validate
+    from firstsight.core.errors import ConfigError
+    from firstsight.suite.validate import validate
 
     with pytest.raises(ConfigError, match=re.escape(named)):
         validate(compose(["task=report", override]))
@@ -238,14 +299,24 @@ def test_bad_report_settings_are_refused(override, named):
 
 
 def _run(run_id, task="distill", precision="fp32", status="FINISHED", start=0, metrics=None, params=None, tags=None):
-    dtype, quantization = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"),
-                           "nf4": ("bfloat16", "nf4")}[precision]
+    dtype, quantization = {"fp32": ("float32", "none"), "bf16": ("bfloat16", "none"), "nf4": ("bfloat16", "nf4")}[
+        precision
+    ]
     return RunRecord(
-        run_id=run_id, status=status, start_time=start,
-        params={"task.name": task, "precision.name": precision, "precision.dtype": dtype,
-                "precision.quantization": quantization, "precision.teacher_quantization": "None",
-                "lora.enabled": str(precision == "nf4"), "seed": "0", "tracking.run_name": run_id,
-                **(params or {})},
+        run_id=run_id,
+        status=status,
+        start_time=start,
+        params={
+            "task.name": task,
+            "precision.name": precision,
+            "precision.dtype": dtype,
+            "precision.quantization": quantization,
+            "precision.teacher_quantization": "None",
+            "lora.enabled": str(precision == "nf4"),
+            "seed": "0",
+            "tracking.run_name": run_id,
+            **(params or {}),
+        },
         metrics=dict(metrics or {}),
         tags={"firstsight.task": task, "firstsight.sweep_id": "none", **(tags or {})},
     )
@@ -266,8 +337,16 @@ def test_table_columns_rows_and_empty_cells():
     b = _run("b" * 32, precision="bf16", metrics={"perf/peak_vram_gb": 3.0}, status="FAILED", start=2)
     table = build_table([a, b])
     keys = [c.key for c in table.columns]
-    assert keys == ["run", "status", "task", "precision.dtype", "precision.name",
-                    "perf/peak_vram_gb", "perf/peak_rss_gb", "train/kd_loss"]
+    assert keys == [
+        "run",
+        "status",
+        "task",
+        "precision.dtype",
+        "precision.name",
+        "perf/peak_vram_gb",
+        "perf/peak_rss_gb",
+        "train/kd_loss",
+    ]
     headers = {c.key: c.header for c in table.columns}
     assert "VRAM" in headers["perf/peak_vram_gb"] and "RSS" in headers["perf/peak_rss_gb"]
     assert table.column("perf/peak_rss_gb") == [1.5, None]
@@ -278,14 +357,26 @@ def test_table_columns_rows_and_empty_cells():
 
 def _tree(*pairs):
     """Records of a sweep: (run id, precision, temperature, throughput, vram)."""
-    return [_run(rid, precision=p, start=i, params={"distill_loss.temperature": t},
-                 metrics={"perf/throughput_tokens_per_s": tput, "perf/peak_vram_gb": vram})
-            for i, (rid, p, t, tput, vram) in enumerate(pairs)]
+    return [
+        _run(
+            rid,
+            precision=p,
+            start=i,
+            params={"distill_loss.temperature": t},
+            metrics={"perf/throughput_tokens_per_s": tput, "perf/peak_vram_gb": vram},
+        )
+        for i, (rid, p, t, tput, vram) in enumerate(pairs)
+    ]
 
 
 def test_the_baseline_is_the_fp32_run_with_the_same_other_swept_values():
-    runs = _tree(("f1", "fp32", "1", 100.0, 10.0), ("f4", "fp32", "4", 120.0, 10.0),
-                 ("b1", "bf16", "1", 250.0, 6.0), ("b4", "bf16", "4", 200.0, 4.0), ("n4", "nf4", "4", 90.0, 3.0))
+    runs = _tree(
+        ("f1", "fp32", "1", 100.0, 10.0),
+        ("f4", "fp32", "4", 120.0, 10.0),
+        ("b1", "bf16", "1", 250.0, 6.0),
+        ("b4", "bf16", "4", 200.0, 4.0),
+        ("n4", "nf4", "4", 90.0, 3.0),
+    )
     swept = swept_keys(runs)
     by_id = {r.run_id: r for r in runs}
     assert [b.run_id for b in find_baselines(by_id["b1"], runs, swept)] == ["f1"]
@@ -294,12 +385,19 @@ def test_the_baseline_is_the_fp32_run_with_the_same_other_swept_values():
     assert find_baselines(by_id["f4"], runs, swept) == []  # a baseline is not checked
     accuracy, throughput, vram = target_checks(runs, 0.01, 2.0, 0.5)
     assert [(r.run.run_id, [b.run_id for b in r.baselines], r.ratio, r.verdict.status) for r in throughput.rows] == [
-        ("b1", ["f1"], 2.5, PASS), ("b4", ["f4"], 200 / 120, FAIL), ("n4", ["f4"], 90 / 120, FAIL)]
+        ("b1", ["f1"], 2.5, PASS),
+        ("b4", ["f4"], 200 / 120, FAIL),
+        ("n4", ["f4"], 90 / 120, FAIL),
+    ]
     assert throughput.rows[0].notes == [  # runs from before the code version was tagged
         "1 baseline run: repeat it for a spread",
-        "code version not recorded (a run from before firstsight.code_version): like for like on device and packages only"]
+        "code version not recorded (a run from before firstsight.code_version): like for like on device and packages only",
+    ]
     assert [(r.run.run_id, r.ratio, r.passed) for r in vram.rows] == [
-        ("b1", 0.6, False), ("b4", 0.4, True), ("n4", 0.3, True)]
+        ("b1", 0.6, False),
+        ("b4", 0.4, True),
+        ("n4", 0.3, True),
+    ]
     assert accuracy.not_measurable and not accuracy.rows
 
 
@@ -310,43 +408,64 @@ def test_targets_without_a_baseline_or_vram_are_not_measurable():
     unmatched = _tree(("f1", "fp32", "1", 100.0, 10.0), ("b4", "bf16", "4", 250.0, 6.0))
     _, throughput, _ = target_checks(unmatched, 0.01, 2.0, 0.5)
     assert [(r.run.run_id, str(r.verdict), r.ratio) for r in throughput.rows] == [
-        ("b4", "not measurable (no full-precision run with the same other swept values)", None)]
+        ("b4", "not measurable (no full-precision run with the same other swept values)", None)
+    ]
     cpu = [_run("f", metrics={"perf/peak_rss_gb": 2.0}), _run("b", precision="bf16", metrics={"perf/peak_rss_gb": 1.0})]
     _, _, vram = target_checks(cpu, 0.01, 2.0, 0.5)
     assert not vram.rows and "RSS is not VRAM" in vram.not_measurable[0]
 
 
 def test_an_old_run_with_a_drop_but_no_interval_is_unresolved_never_pass():
-    runs = [_run("a", metrics={"eval/accuracy_drop": 0.005}), _run("b", task="evaluate", metrics={"eval/accuracy_drop": 0.02}),
-            _run("s", metrics={"eval/accuracy_drop": -0.5, "eval/teacher_accuracy": 0.3, "eval/student_accuracy": 0.8}),
-            _run("c", task="profile", metrics={"eval/accuracy_drop": 0.5})]
+    runs = [
+        _run("a", metrics={"eval/accuracy_drop": 0.005}),
+        _run("b", task="evaluate", metrics={"eval/accuracy_drop": 0.02}),
+        _run("s", metrics={"eval/accuracy_drop": -0.5, "eval/teacher_accuracy": 0.3, "eval/student_accuracy": 0.8}),
+        _run("c", task="profile", metrics={"eval/accuracy_drop": 0.5}),
+    ]
     accuracy = target_checks(runs, 0.01, 2.0, 0.5)[0]
     assert [(r.run.run_id, str(r.verdict)) for r in accuracy.rows] == [
         ("a", "unresolved (no interval: rerun with this version)"),
         ("b", "unresolved (no interval: rerun with this version)"),
-        ("s", "unresolved (no interval: rerun with this version)")]
+        ("s", "unresolved (no interval: rerun with this version)"),
+    ]
     assert accuracy.rows[2].notes == ["student above its teacher (drop -0.5)"]
 
 
 def _parent(run_id, sweep_dir, start):
-    return RunRecord(run_id=run_id, start_time=start, tags={"firstsight.role": "sweep", "firstsight.task": "distill",
-                                                            "firstsight.sweep_id": sweep_dir})
+    return RunRecord(
+        run_id=run_id,
+        start_time=start,
+        tags={"firstsight.role": "sweep", "firstsight.task": "distill", "firstsight.sweep_id": sweep_dir},
+    )
 
 
 def _child(run_id, parent, sweep_dir, start, status="FINISHED", job_num=0):
-    return _run(run_id, start=start, status=status, tags={
-        "mlflow.parentRunId": parent, "firstsight.sweep_id": sweep_dir, "firstsight.job_num": str(job_num),
-        "firstsight.output_dir": f"/launch/{sweep_dir}/{job_num}"})
+    return _run(
+        run_id,
+        start=start,
+        status=status,
+        tags={
+            "mlflow.parentRunId": parent,
+            "firstsight.sweep_id": sweep_dir,
+            "firstsight.job_num": str(job_num),
+            "firstsight.output_dir": f"/launch/{sweep_dir}/{job_num}",
+        },
+    )
 
 
 def test_selection_rules():
     old, new = "multirun/d/old", "multirun/d/new"
     records = [
-        _parent("p-old", old, 1), _child("c-old", "p-old", old, 2),
-        _parent("p-new", new, 10), _child("c-new-1", "p-new", new, 12, job_num=1),
-        _child("c-new-0", "p-new", new, 11, job_num=0), _child("c-new-x", "p-new", new, 13, status="FAILED", job_num=2),
-        _run("single", start=20), _run("running", start=21, status="RUNNING"),
-        _run("report", task="report", start=30), RunRecord("untagged", start_time=40),
+        _parent("p-old", old, 1),
+        _child("c-old", "p-old", old, 2),
+        _parent("p-new", new, 10),
+        _child("c-new-1", "p-new", new, 12, job_num=1),
+        _child("c-new-0", "p-new", new, 11, job_num=0),
+        _child("c-new-x", "p-new", new, 13, status="FAILED", job_num=2),
+        _run("single", start=20),
+        _run("running", start=21, status="RUNNING"),
+        _run("report", task="report", start=30),
+        RunRecord("untagged", start_time=40),
     ]
     kw = dict(experiment="exp", store="sqlite:///x.db", cwd="/elsewhere")
     everything = select_runs(records, **kw)
@@ -369,9 +488,14 @@ def test_selection_rules():
 def test_a_run_id_prefix_hydra_read_as_a_number_still_selects_its_sweep():
     """Unquoted, task.sweep=17966e17 reaches the task as '1.7966e+21' (and 012345 as '12345'):
     the parent whose id begins with a literal of that value is meant; none: the error says to quote."""
-    records = [_parent("17966e17aa", "multirun/d/a", 1), _child("c-a", "17966e17aa", "multirun/d/a", 2),
-               _parent("012345bbbb", "multirun/d/b", 3), _child("c-b", "012345bbbb", "multirun/d/b", 4),
-               _parent("99999fcccc", "multirun/d/c", 5), _child("c-c", "99999fcccc", "multirun/d/c", 6)]
+    records = [
+        _parent("17966e17aa", "multirun/d/a", 1),
+        _child("c-a", "17966e17aa", "multirun/d/a", 2),
+        _parent("012345bbbb", "multirun/d/b", 3),
+        _child("c-b", "012345bbbb", "multirun/d/b", 4),
+        _parent("99999fcccc", "multirun/d/c", 5),
+        _child("c-c", "99999fcccc", "multirun/d/c", 6),
+    ]
     kw = dict(experiment="exp", store="sqlite:///x.db", cwd="/elsewhere")
     assert [r.run_id for r in select_runs(records, sweep=str(17966e17), **kw).runs] == ["c-a"]
     assert [r.run_id for r in select_runs(records, sweep=str(12345), **kw).runs] == ["c-b"]
@@ -384,7 +508,10 @@ def test_a_run_id_prefix_hydra_read_as_a_number_still_selects_its_sweep():
 
 def test_values_are_escaped_in_markdown_and_html(tmp_path):
     evil = "<script>alert(1)</script>|x"
-    runs = [_run("a" * 32, params={"model.name": evil}), _run("b" * 32, precision="bf16", params={"model.name": "tiny"})]
+    runs = [
+        _run("a" * 32, params={"model.name": evil}),
+        _run("b" * 32, precision="bf16", params={"model.name": "tiny"}),
+    ]
     table = build_table(runs)
     assert md_unescape(md_escape(evil)) == evil
     selection = Selection(experiment="e<b>", store="s", runs=runs, scope="all")
@@ -399,9 +526,18 @@ def test_values_are_escaped_in_markdown_and_html(tmp_path):
 
 
 def test_plots_are_drawn_from_the_data(tmp_path):
-    runs = [_run("a" * 32, metrics={"perf/peak_rss_gb": 1.0, "perf/throughput_tokens_per_s": 10.0,
-                                    "eval/student_accuracy": 0.5, "train/loss": 1.0}),
-            _run("b" * 32, precision="bf16", metrics={"perf/peak_rss_gb": 0.8, "perf/throughput_tokens_per_s": 12.0})]
+    runs = [
+        _run(
+            "a" * 32,
+            metrics={
+                "perf/peak_rss_gb": 1.0,
+                "perf/throughput_tokens_per_s": 10.0,
+                "eval/student_accuracy": 0.5,
+                "train/loss": 1.0,
+            },
+        ),
+        _run("b" * 32, precision="bf16", metrics={"perf/peak_rss_gb": 0.8, "perf/throughput_tokens_per_s": 12.0}),
+    ]
     plots = make_plots(runs, tmp_path, {"a" * 32: [(1, 2.0), (2, 1.0)]})
     assert not any(p.skipped for p in plots)
     for name in PLOTS:
@@ -409,11 +545,22 @@ def test_plots_are_drawn_from_the_data(tmp_path):
 
 
 def test_runs_that_differ_by_seed_are_summarised_as_mean_and_std():
-    accuracies = {("none", "0"): 0.10, ("none", "1"): 0.20, ("none", "2"): 0.30,
-                  ("forward_kl", "0"): 0.40, ("forward_kl", "1"): 0.40}
-    runs = [_run(f"{loss}{seed}" * 8, start=i, params={"distill_loss.name": loss, "seed": seed},
-                 metrics={"eval/student_accuracy": acc})
-            for i, ((loss, seed), acc) in enumerate(accuracies.items())]
+    accuracies = {
+        ("none", "0"): 0.10,
+        ("none", "1"): 0.20,
+        ("none", "2"): 0.30,
+        ("forward_kl", "0"): 0.40,
+        ("forward_kl", "1"): 0.40,
+    }
+    runs = [
+        _run(
+            f"{loss}{seed}" * 8,
+            start=i,
+            params={"distill_loss.name": loss, "seed": seed},
+            metrics={"eval/student_accuracy": acc},
+        )
+        for i, ((loss, seed), acc) in enumerate(accuracies.items())
+    ]
     headers, rows = over_seeds(build_table(runs))
     assert headers[:3] == ["task", "distill_loss.name", "seeds"]
     by_loss = {row[1]: row for row in rows}
@@ -429,54 +576,102 @@ def _est(name, value, low, high):
     return {name: value, f"{name}_ci_low": low, f"{name}_ci_high": high}
 
 
-def _judged(run_id, questions, drop, teacher=(0.6, 0.55, 0.65), chance=0.25, task="distill", precision="bf16",
-            params=None, tags=None, **more):
+def _judged(
+    run_id,
+    questions,
+    drop,
+    teacher=(0.6, 0.55, 0.65),
+    chance=0.25,
+    task="distill",
+    precision="bf16",
+    params=None,
+    tags=None,
+    **more,
+):
     """A run whose accuracy drop (value, low, high) was measured on `questions` questions."""
-    metrics = {"eval/questions": questions, "eval/chance_accuracy": chance,
-               **_est("eval/teacher_accuracy", *teacher), **_est("eval/accuracy_drop", *drop), **more}
+    metrics = {
+        "eval/questions": questions,
+        "eval/chance_accuracy": chance,
+        **_est("eval/teacher_accuracy", *teacher),
+        **_est("eval/accuracy_drop", *drop),
+        **more,
+    }
     return _run(run_id, task=task, precision=precision, params=params, tags=tags, metrics=metrics)
 
 
 def test_a_quantized_teacher_is_not_the_reference_the_full_precision_one_is():
     """INT8 teacher 0.30, student 0.295: 0.5 points below its own teacher, 16.5 below the full-precision one."""
     q = {"precision.name": "int8", "precision.dtype": "float16", "precision.quantization": "int8"}
-    run = _judged("q" * 32, 5000, (0.005, -0.003, 0.013), teacher=(0.30, 0.287, 0.313), params=q,
-                  **_est("eval/student_accuracy", 0.295, 0.283, 0.308),
-                  **_est("eval/full_precision_teacher_accuracy", 0.46, 0.446, 0.474),
-                  **_est("eval/full_precision_accuracy_drop", 0.165, 0.152, 0.178))
+    run = _judged(
+        "q" * 32,
+        5000,
+        (0.005, -0.003, 0.013),
+        teacher=(0.30, 0.287, 0.313),
+        params=q,
+        **_est("eval/student_accuracy", 0.295, 0.283, 0.308),
+        **_est("eval/full_precision_teacher_accuracy", 0.46, 0.446, 0.474),
+        **_est("eval/full_precision_accuracy_drop", 0.165, 0.152, 0.178),
+    )
     row = accuracy_verdict(run, 0.01)
     assert str(row.verdict) == ("FAIL (+16.5 [+15.2, +17.8] points, 5000 questions: lower bound > 1)")
     plain = _judged("p" * 32, 5000, (0.002, -0.004, 0.008), precision="fp32")
     accuracy = target_checks([run, plain], 0.01, 2.0, 0.5)[0]
-    markdown = render_markdown(Selection("e", "s", [run, plain], "all"), build_table([run, plain]),
-                               [accuracy], [], "now")
+    markdown = render_markdown(
+        Selection("e", "s", [run, plain], "all"), build_table([run, plain]), [accuracy], [], "now"
+    )
     headers, rows = _md_section_table(markdown, "### Accuracy drop")
     cells = dict(zip(headers, rows[0]))
     assert (cells["teacher"], cells["teacher acc"], cells["full-precision teacher acc"]) == (
-        "int8", "0.300 [0.287, 0.313]", "0.460 [0.446, 0.474]")
+        "int8",
+        "0.300 [0.287, 0.313]",
+        "0.460 [0.446, 0.474]",
+    )
     assert (cells["drop vs its teacher"], cells["drop vs full-precision teacher"], cells["result"]) == (
-        "0.005 [-0.003, 0.013]", "0.165 [0.152, 0.178]", FAIL)
+        "0.005 [-0.003, 0.013]",
+        "0.165 [0.152, 0.178]",
+        FAIL,
+    )
     cells = dict(zip(headers, rows[1]))  # unquantized: its own teacher is the full-precision one
     assert (cells["teacher"], cells["drop vs full-precision teacher"], cells["result"]) == (
-        "unquantized", "0.002 [-0.004, 0.008]", PASS)
+        "unquantized",
+        "0.002 [-0.004, 0.008]",
+        PASS,
+    )
     # the same run from before the full-precision drop was logged: its own drop would pass, so it is not judged
     old = _judged("o" * 32, 5000, (0.002, -0.004, 0.008), params=q)
     assert str(accuracy_verdict(old, 0.01).verdict) == (
         "unresolved (the teacher is quantized (int8) and the run logged no drop against the full-precision "
-        "teacher (eval/full_precision_accuracy_drop): rerun with this version)")
+        "teacher (eval/full_precision_accuracy_drop): rerun with this version)"
+    )
 
 
-@pytest.mark.parametrize("params, tags, expected", [
-    ({"precision.quantization": "int8"}, {}, "int8"),
-    ({"precision.teacher_quantization": "nf4"}, {}, "nf4"),  # the teacher's own
-    ({"precision.quantization": "int8", "precision.teacher_quantization": "none"}, {}, None),  # student's base only
-    ({"precision.parts.language.quantization": "int8"}, {}, "int8"),  # one part
-    ({"precision.quantization": "nf4", "precision.parts.vision.quantization": "none",
-      "precision.parts.merger.quantization": "none"}, {}, "nf4"),  # nf4_lm
-    ({}, {"firstsight.teacher_precision.language.quantization": "nf4",
-          "firstsight.teacher_precision.vision.quantization": "none"}, "nf4"),  # as the run resolved it
-    ({}, {}, None),
-])
+@pytest.mark.parametrize(
+    "params, tags, expected",
+    [
+        ({"precision.quantization": "int8"}, {}, "int8"),
+        ({"precision.teacher_quantization": "nf4"}, {}, "nf4"),  # the teacher's own
+        ({"precision.quantization": "int8", "precision.teacher_quantization": "none"}, {}, None),  # student's base only
+        ({"precision.parts.language.quantization": "int8"}, {}, "int8"),  # one part
+        (
+            {
+                "precision.quantization": "nf4",
+                "precision.parts.vision.quantization": "none",
+                "precision.parts.merger.quantization": "none",
+            },
+            {},
+            "nf4",
+        ),  # nf4_lm
+        (
+            {},
+            {
+                "firstsight.teacher_precision.language.quantization": "nf4",
+                "firstsight.teacher_precision.vision.quantization": "none",
+            },
+            "nf4",
+        ),  # as the run resolved it
+        ({}, {}, None),
+    ],
+)
 def test_the_teachers_quantization_is_read_from_params_or_tags(params, tags, expected):
     assert teacher_quantization(_run("t", precision="bf16", params=params, tags=tags)) == expected
 
@@ -485,8 +680,12 @@ def test_the_teachers_quantization_is_read_from_params_or_tags(params, tags, exp
 def test_a_teacher_at_chance_makes_the_drop_not_measurable(intervals):
     """Random weights: teacher 0, student 0, drop 0 is no evidence of a small drop."""
     if intervals:
-        metrics = {**_est("eval/teacher_accuracy", 0.0, 0.0, 0.029), **_est("eval/student_accuracy", 0.0, 0.0, 0.029),
-                   **_est("eval/accuracy_drop", 0.0, 0.0, 0.0), "eval/questions": 128}
+        metrics = {
+            **_est("eval/teacher_accuracy", 0.0, 0.0, 0.029),
+            **_est("eval/student_accuracy", 0.0, 0.0, 0.029),
+            **_est("eval/accuracy_drop", 0.0, 0.0, 0.0),
+            "eval/questions": 128,
+        }
         teacher = "0.000 [0.000, 0.029]"
     else:
         metrics = {"eval/teacher_accuracy": 0.0, "eval/student_accuracy": 0.0, "eval/accuracy_drop": 0.0}
@@ -494,7 +693,8 @@ def test_a_teacher_at_chance_makes_the_drop_not_measurable(intervals):
     run = _run("r", precision="bf16", metrics={**metrics, "eval/chance_accuracy": 0.27})
     assert str(accuracy_verdict(run, 0.01).verdict) == (
         f"not measurable (the teacher ({teacher}) is not above chance (0.270): its accuracy says nothing "
-        "(random or untrained weights?))")
+        "(random or untrained weights?))"
+    )
 
 
 def test_too_few_questions_is_unresolved_with_how_many_would_do():
@@ -506,13 +706,16 @@ def test_too_few_questions_is_unresolved_with_how_many_would_do():
     assert verdict.reason == f"too few questions: need ~{needed}; +0.5 [-5.0, +6.0] points, 128 questions"
 
 
-@pytest.mark.parametrize("drop, status", [
-    ((0.002, -0.004, 0.008), PASS),
-    ((0.03, 0.02, 0.04), FAIL),
-    ((0.005, 0.0, 0.01), PASS),  # upper bound exactly the target
-    ((0.02, 0.01, 0.03), UNRESOLVED),  # lower bound exactly the target: not above it
-    ((-0.01, -0.02, 0.0), PASS),
-])
+@pytest.mark.parametrize(
+    "drop, status",
+    [
+        ((0.002, -0.004, 0.008), PASS),
+        ((0.03, 0.02, 0.04), FAIL),
+        ((0.005, 0.0, 0.01), PASS),  # upper bound exactly the target
+        ((0.02, 0.01, 0.03), UNRESOLVED),  # lower bound exactly the target: not above it
+        ((-0.01, -0.02, 0.0), PASS),
+    ],
+)
 def test_the_verdict_reads_the_interval_against_the_target(drop, status):
     assert accuracy_verdict(_judged("v", 5000, drop), 0.01).verdict.status == status
 
@@ -537,19 +740,36 @@ def test_a_student_above_its_teacher_is_said_and_judged_by_the_rule():
 
 
 def test_a_model_whose_blind_accuracy_is_inside_its_interval_is_flagged():
-    run = _judged("f" * 32, 128, (0.005, -0.05, 0.06), **_est("eval/student_accuracy", 0.461, 0.378, 0.546),
-                  **{"eval/student_blind_accuracy": 0.45, "eval/teacher_blind_accuracy": 0.2})
-    looking = _judged("g" * 32, 128, (0.005, -0.05, 0.06), **_est("eval/student_accuracy", 0.461, 0.378, 0.546),
-                      **{"eval/student_blind_accuracy": 0.25})
+    run = _judged(
+        "f" * 32,
+        128,
+        (0.005, -0.05, 0.06),
+        **_est("eval/student_accuracy", 0.461, 0.378, 0.546),
+        **{"eval/student_blind_accuracy": 0.45, "eval/teacher_blind_accuracy": 0.2},
+    )
+    looking = _judged(
+        "g" * 32,
+        128,
+        (0.005, -0.05, 0.06),
+        **_est("eval/student_accuracy", 0.461, 0.378, 0.546),
+        **{"eval/student_blind_accuracy": 0.25},
+    )
     flag = "student not looking at the frames: blind 0.450 within its interval [0.378, 0.546]"
     assert accuracy_verdict(run, 0.01).flags == [flag]  # the teacher (0.6 [0.55, 0.65], blind 0.2) is looking
     assert accuracy_verdict(looking, 0.01).flags == []
-    at_chance = _judged("h" * 32, 128, (0.005, -0.05, 0.06), chance=0.4, **_est("eval/student_accuracy", 0.461, 0.378, 0.546),
-                        **{"eval/student_blind_accuracy": 0.45})
+    at_chance = _judged(
+        "h" * 32,
+        128,
+        (0.005, -0.05, 0.06),
+        chance=0.4,
+        **_est("eval/student_accuracy", 0.461, 0.378, 0.546),
+        **{"eval/student_blind_accuracy": 0.45},
+    )
     assert accuracy_verdict(at_chance, 0.01).flags == []  # not above chance by its interval: it uses nothing
     runs = [run, looking]
-    markdown = render_markdown(Selection("e", "s", runs, "all"), build_table(runs),
-                               target_checks(runs, 0.01, 2.0, 0.5), [], "now")
+    markdown = render_markdown(
+        Selection("e", "s", runs, "all"), build_table(runs), target_checks(runs, 0.01, 2.0, 0.5), [], "now"
+    )
     headers, rows = _md_section_table(markdown, "### Accuracy drop")
     assert [dict(zip(headers, r))["note"] for r in rows] == [flag, ""]
     assert f"\n- Run {'f' * 8}: {flag}\n" in md_unescape(markdown)  # a line of its own, below the table
@@ -561,24 +781,38 @@ def test_a_model_whose_blind_accuracy_is_inside_its_interval_is_flagged():
     assert (table[0]["eval/student_accuracy"], table[0]["eval/student_accuracy_ci_low"]) == ("0.461", "0.378")
 
 
-def _speed(run_id, precision, throughput, start=0, device="NVIDIA H100 80GB HBM3", torch="2.6.0", code="abc",
-           params=None):
-    return _run(run_id, precision=precision, start=start, params=params,
-                metrics={"perf/throughput_tokens_per_s": throughput},
-                tags={"firstsight.device_name": device, "version.torch": torch, "version.firstsight": "0.1.0",
-                      "firstsight.code_version": code})
+def _speed(
+    run_id, precision, throughput, start=0, device="NVIDIA H100 80GB HBM3", torch="2.6.0", code="abc", params=None
+):
+    return _run(
+        run_id,
+        precision=precision,
+        start=start,
+        params=params,
+        metrics={"perf/throughput_tokens_per_s": throughput},
+        tags={
+            "firstsight.device_name": device,
+            "version.torch": torch,
+            "version.firstsight": "0.1.0",
+            "firstsight.code_version": code,
+        },
+    )
 
 
-@pytest.mark.parametrize("baseline, reason", [
-    (dict(device="NVIDIA H200"), "baseline f1 on NVIDIA H200, this run on NVIDIA H100 80GB HBM3"),
-    (dict(torch="2.5.1"), "baseline f1 ran other package versions (torch 2.5.1 vs 2.6.0: baseline vs this run)"),
-    (dict(code="def+dirty"), "baseline f1 ran code version def+dirty, this run abc"),
-])
+@pytest.mark.parametrize(
+    "baseline, reason",
+    [
+        (dict(device="NVIDIA H200"), "baseline f1 on NVIDIA H200, this run on NVIDIA H100 80GB HBM3"),
+        (dict(torch="2.5.1"), "baseline f1 ran other package versions (torch 2.5.1 vs 2.6.0: baseline vs this run)"),
+        (dict(code="def+dirty"), "baseline f1 ran code version def+dirty, this run abc"),
+    ],
+)
 def test_speed_is_compared_like_for_like_only(baseline, reason):
     runs = [_speed("f1", "fp32", 100.0, **baseline), _speed("b1", "bf16", 210.0, start=1)]
     throughput = target_checks(runs, 0.01, 2.0, 0.5)[1]
     assert [(r.run.run_id, str(r.verdict), r.ratio) for r in throughput.rows] == [
-        ("b1", f"not measurable (no like-for-like baseline: {reason})", None)]
+        ("b1", f"not measurable (no like-for-like baseline: {reason})", None)
+    ]
     # a like-for-like baseline beside it is used, and only it
     runs.append(_speed("f2", "fp32", 150.0, start=2))
     row = target_checks(runs, 0.01, 2.0, 0.5)[1].rows[0]
@@ -589,8 +823,12 @@ def test_speed_is_compared_like_for_like_only(baseline, reason):
 def test_several_baselines_are_judged_by_their_median_with_the_spread_shown():
     """Three fp32 repeats give 1.61×, 1.85× or 2.06× for the same bf16 run; the most recent (2.06×) decides nothing."""
     value = 1000.0
-    runs = [_speed("f161", "fp32", value / 1.61, start=0), _speed("f185", "fp32", value / 1.85, start=1),
-            _speed("f206", "fp32", value / 2.06, start=2), _speed("b16", "bf16", value, start=3)]
+    runs = [
+        _speed("f161", "fp32", value / 1.61, start=0),
+        _speed("f185", "fp32", value / 1.85, start=1),
+        _speed("f206", "fp32", value / 2.06, start=2),
+        _speed("b16", "bf16", value, start=3),
+    ]
     throughput = target_checks(runs, 0.01, 2.0, 0.5)[1]
     (row,) = throughput.rows
     assert row.ratio == pytest.approx(1.85) and row.verdict.status == FAIL
@@ -599,7 +837,11 @@ def test_several_baselines_are_judged_by_their_median_with_the_spread_shown():
     headers, rows = _md_section_table(markdown, "### Training throughput gain")
     cells = dict(zip(headers, rows[0]))
     assert (cells["baseline runs"], cells["baselines"], cells["baseline median"], cells["baseline min–max"]) == (
-        "f161, f185, f206", "3", fmt(value / 1.85), f"{fmt(value / 2.06)}–{fmt(value / 1.61)}")
+        "f161, f185, f206",
+        "3",
+        fmt(value / 1.85),
+        f"{fmt(value / 2.06)}–{fmt(value / 1.61)}",
+    )
     assert (cells["ratio"], cells["ratio min–max"], cells["result"]) == ("1.850×", "1.610–2.060×", FAIL)
     assert cells["note"] == "the ratios to single baselines (1.610–2.060×) straddle the target"
 
@@ -615,25 +857,32 @@ def test_an_fp32_lora_run_is_no_baseline_of_full_fine_tuning():
     assert [b.run_id for b in find_baselines(bf16, runs, swept)] == ["ff"]
     assert [b.run_id for b in find_baselines(lora, runs, swept)] == ["ff"]  # LoRA is compared, as compressed
     throughput = target_checks([lora, bf16], 0.01, 2.0, 0.5)[1]
-    assert throughput.not_measurable == ["no full-precision baseline run with perf/throughput_tokens_per_s "
-                                         "here (add precision=fp32 to the sweep)"]
+    assert throughput.not_measurable == [
+        "no full-precision baseline run with perf/throughput_tokens_per_s here (add precision=fp32 to the sweep)"
+    ]
 
 
 def test_the_report_states_its_rules_and_counts_every_verdict():
-    runs = [_judged("p" * 32, 5000, (0.002, -0.004, 0.008)), _judged("f" * 32, 5000, (0.03, 0.02, 0.04)),
-            _judged("u" * 32, 128, (0.005, -0.05, 0.06)), _judged("n" * 32, 128, (0.0, 0.0, 0.0), teacher=(0.1, 0.05, 0.2)),
-            _run("o" * 32, metrics={"eval/accuracy_drop": 0.0})]
+    runs = [
+        _judged("p" * 32, 5000, (0.002, -0.004, 0.008)),
+        _judged("f" * 32, 5000, (0.03, 0.02, 0.04)),
+        _judged("u" * 32, 128, (0.005, -0.05, 0.06)),
+        _judged("n" * 32, 128, (0.0, 0.0, 0.0), teacher=(0.1, 0.05, 0.2)),
+        _run("o" * 32, metrics={"eval/accuracy_drop": 0.0}),
+    ]
     checks = target_checks(runs, 0.01, 2.0, 0.5)
     markdown = render_markdown(Selection("e", "s", runs, "all"), build_table(runs), checks, [], "now")
     assert ACCURACY_RULE in markdown and BASELINE_RULE in markdown
-    assert ("In all: 1 PASS, 1 FAIL, 2 unresolved, 1 not measurable (one per run and check); "
-            "2 of 3 checks not measurable at all.") in markdown
+    assert (
+        "In all: 1 PASS, 1 FAIL, 2 unresolved, 1 not measurable (one per run and check); "
+        "2 of 3 checks not measurable at all."
+    ) in markdown
     headers, rows = _md_section_table(markdown, "### Accuracy drop")
     assert [dict(zip(headers, r))["result"] for r in rows] == [PASS, FAIL, UNRESOLVED, NOT_MEASURABLE, UNRESOLVED]
 
 
 def test_the_code_version_is_the_checkout_commit(tmp_path):
-    from firstsight.tracking import code_version
+    from firstsight.tracking.tracker import code_version
 
     assert code_version.__wrapped__(str(tmp_path)) == "none"  # not a git checkout
     git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]

@@ -1,4 +1,4 @@
-"""Preemption and resume (firstsight/resume.py): checkpoints, their manifest, stop signals."""
+"""Preemption and resume (firstsight/training/resume.py): checkpoints, their manifest, stop signals."""
 
 from __future__ import annotations
 
@@ -18,8 +18,11 @@ from tests.conftest import ROOT, compose, default_store_runs
 # ----------------------------------------------------------------------------- end to end (CLI)
 
 RUN_ARGS = [
-    "train.max_steps=20", "train.checkpoint_every_n_steps=5", "train.progress_bar=false",
-    "hardware.num_threads=1", "train.eval_at_end=false",
+    "train.max_steps=20",
+    "train.checkpoint_every_n_steps=5",
+    "train.progress_bar=false",
+    "hardware.num_threads=1",
+    "train.eval_at_end=false",
 ]
 
 
@@ -27,7 +30,11 @@ def _start(run_dir: Path, workdir: Path, cache_dir: Path) -> subprocess.Popen:
     env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
     return subprocess.Popen(
         [sys.executable, str(ROOT / "run.py"), *RUN_ARGS, f"hydra.run.dir={run_dir}"],
-        cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -89,7 +96,8 @@ def test_stopped_and_killed_run_resumes_to_the_same_final_loss(run_cli, cache_di
     import mlflow
 
     history = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_metric_history(
-        resumed.info.run_id, "train/loss")
+        resumed.info.run_id, "train/loss"
+    )
     assert {m.step for m in history} == set(range(1, 21))
 
 
@@ -109,6 +117,7 @@ def test_resume_with_other_settings_is_refused(run_cli, tmp_path):
 
 # ----------------------------------------------------------------------------- checkpoints
 
+
 def _config(overrides):
     from omegaconf import OmegaConf
 
@@ -118,7 +127,7 @@ def _config(overrides):
 def _write_checkpoint(root: Path, step: int, config=None, model=None):
     import torch
 
-    from firstsight.resume import Checkpointer, named_trained_tensors
+    from firstsight.training.resume import Checkpointer, named_trained_tensors
 
     cfg = compose(["train.keep_checkpoints=5"])
     model = model or torch.nn.Linear(3, 2)
@@ -129,14 +138,20 @@ def _write_checkpoint(root: Path, step: int, config=None, model=None):
     checkpointer = Checkpointer(cfg, root.parent.parent, named_trained_tensors(model), run_id="abc")
     if config is not None:
         checkpointer.config = config
-    return checkpointer.save(step, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
-                             {"epoch": 0, "batches_into_epoch": step}, {"loss": 1.0})
+    return checkpointer.save(
+        step,
+        optimizer,
+        scheduler,
+        torch.amp.GradScaler("cpu", enabled=False),
+        {"epoch": 0, "batches_into_epoch": step},
+        {"loss": 1.0},
+    )
 
 
 def test_restore_gives_back_weights_optimizer_and_rng(tmp_path):
     import torch
 
-    from firstsight.resume import Checkpointer, latest_valid, locate, named_trained_tensors
+    from firstsight.training.resume import Checkpointer, latest_valid, locate, named_trained_tensors
 
     cfg = compose([])
     torch.manual_seed(1)
@@ -151,7 +166,8 @@ def test_restore_gives_back_weights_optimizer_and_rng(tmp_path):
     assert point is not None and point.path == saved_dir == latest_valid(tmp_path / "checkpoints" / "resume")
     assert point.run_id == "abc" and point.data_position == {"epoch": 0, "batches_into_epoch": 7}
     step = Checkpointer(cfg, tmp_path, named_trained_tensors(fresh), run_id="abc", resume=point).restore(
-        optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False))
+        optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False)
+    )
     assert step == 7
     torch.testing.assert_close(fresh.weight, model.weight, rtol=0, atol=0)
     assert optimizer.state_dict()["state"][0]["step"] == 1
@@ -159,7 +175,7 @@ def test_restore_gives_back_weights_optimizer_and_rng(tmp_path):
 
 
 def test_broken_checkpoints_are_skipped(tmp_path, caplog):
-    from firstsight.resume import MANIFEST, TENSORS, latest_valid, verify
+    from firstsight.training.resume import MANIFEST, TENSORS, latest_valid, verify
 
     root = tmp_path / "checkpoints" / "resume"
     good = _write_checkpoint(root, 5)
@@ -179,7 +195,7 @@ def test_broken_checkpoints_are_skipped(tmp_path, caplog):
 def test_keeps_only_the_newest_checkpoints(tmp_path):
     import torch
 
-    from firstsight.resume import Checkpointer, named_trained_tensors, step_dirs
+    from firstsight.training.resume import Checkpointer, named_trained_tensors, step_dirs
 
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())
@@ -191,6 +207,7 @@ def test_keeps_only_the_newest_checkpoints(tmp_path):
 
 
 # ----------------------------------------------------------------------------- data position
+
 
 def test_batches_resume_at_the_saved_position():
     from firstsight.data.batching import ShuffledBatches
@@ -212,11 +229,12 @@ def test_batches_resume_at_the_saved_position():
 
 # ----------------------------------------------------------------------------- stop signals
 
+
 def test_stop_signal_waits_for_the_step_then_goes_to_the_previous_handler():
     """A handler installed before the job (submitit's) still gets the signal, after the step:
     its requeue-and-exit becomes Preempted carrying its exit code; if it returns (submitit's
     SIGTERM bypass) training goes on."""
-    from firstsight.resume import STOP, Preempted
+    from firstsight.core.signals import STOP, Preempted
 
     received = []
 
@@ -248,7 +266,7 @@ def test_stop_signal_waits_for_the_step_then_goes_to_the_previous_handler():
 
 
 def test_default_action_outside_training_ends_the_job_at_once():
-    from firstsight.resume import STOP, Preempted
+    from firstsight.core.signals import STOP, Preempted
 
     previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
@@ -264,7 +282,7 @@ def test_speed_settings_may_change_across_a_resume():
     """train.logits, train.fused_optimizer, hardware.compile and hardware.generation change how fast
     a step runs, not what it computes: a checkpoint written with other values (or before they
     existed) resumes; the learning rate still may not change."""
-    from firstsight.resume import config_differences
+    from firstsight.training.resume import config_differences
 
     old = _config(["train.logits=all_positions", "train.fused_optimizer=false", "hardware.compile=true"])
     for key in ("logits", "fused_optimizer"):

@@ -6,17 +6,23 @@ from __future__ import annotations
 import math
 
 import pytest
-
 from conftest import compose
-from firstsight.tasks import run_task
+
+from firstsight.suite.dispatch import run_task
 
 
 def _run(tmp_path, overrides):
-    cfg = compose([
-        "train.max_steps=3", "train.throughput_warmup_steps=1", "train.progress_bar=false",
-        "train.save_checkpoint=false", "data.validation_size=16",
-        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *overrides,
-    ])
+    cfg = compose(
+        [
+            "train.max_steps=3",
+            "train.throughput_warmup_steps=1",
+            "train.progress_bar=false",
+            "train.save_checkpoint=false",
+            "data.validation_size=16",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            *overrides,
+        ]
+    )
     return run_task(cfg)
 
 
@@ -33,8 +39,15 @@ def _run(tmp_path, overrides):
 )
 def test_representative_jobs_run(cache_dir, tmp_path, overrides):
     result = _run(tmp_path, overrides)
-    for name in ("train/loss", "train/kd_loss", "train/ce_loss", "perf/throughput_samples_per_s",
-                 "perf/throughput_tokens_per_s", "perf/peak_rss_gb", "eval/teacher_accuracy"):
+    for name in (
+        "train/loss",
+        "train/kd_loss",
+        "train/ce_loss",
+        "perf/throughput_samples_per_s",
+        "perf/throughput_tokens_per_s",
+        "perf/peak_rss_gb",
+        "eval/teacher_accuracy",
+    ):
         assert math.isfinite(result[name]), name
     assert result["train/kd_loss"] > 0
     assert result["perf/peak_rss_gb"] > 0.1  # a real process footprint, in GB
@@ -62,8 +75,12 @@ def test_a_cpu_run_is_repeatable(cache_dir, tmp_path):
 
 
 def test_a_teacher_for_other_settings_is_trained_on_first_use_and_cached(cache_dir, tmp_path):
-    overrides = ["model.teacher.tiny.pretrain_steps=2", "model.teacher.tiny.pretrain_batch_size=4",
-                 "data.train_size=16", "train.eval_at_end=false"]
+    overrides = [
+        "model.teacher.tiny.pretrain_steps=2",
+        "model.teacher.tiny.pretrain_batch_size=4",
+        "data.train_size=16",
+        "train.eval_at_end=false",
+    ]
     _run(tmp_path, overrides)
     built = sorted(cache_dir.glob("tiny-teacher-*/firstsight_complete.json"))
     assert len(built) == 1
@@ -79,14 +96,14 @@ def test_shipped_tiny_teacher_beats_chance_clearly(cache_dir):
 
     from firstsight.data.batching import QACollator, in_order
     from firstsight.data.synthetic import SyntheticEgoQA
-    from firstsight.models import load_model, load_processor
-    from firstsight.pretrain import teacher_info
+    from firstsight.models.loading import load_model, load_processor
+    from firstsight.models.pretrain import teacher_info
 
     cfg = compose()
     processor = load_processor(cfg)
     teacher = load_model(cfg, "teacher", processor, "cpu", frozen=True)
     assert "assets" in teacher.origin  # the shipped one, not a freshly trained one
-    from firstsight.train import answer_accuracy
+    from firstsight.training.loop import answer_accuracy
 
     validation = SyntheticEgoQA("validation", size=cfg.data.validation_size, seed=cfg.seed)
     accuracy = answer_accuracy(teacher.model, in_order(validation, QACollator(processor), 32), "cpu", torch.float32)
@@ -97,8 +114,18 @@ def test_shipped_tiny_teacher_beats_chance_clearly(cache_dir):
 
 @pytest.mark.parametrize("target", ["student", "teacher"])
 def test_profile_measures_the_model_under_test(cache_dir, tmp_path, target):
-    result = _run(tmp_path, ["task=profile", f"task.target={target}", "task.new_tokens=4", "task.warmup_queries=1",
-                             "task.latency_queries=3", "task.throughput_batch_size=2", "task.throughput_batches=2"])
+    result = _run(
+        tmp_path,
+        [
+            "task=profile",
+            f"task.target={target}",
+            "task.new_tokens=4",
+            "task.warmup_queries=1",
+            "task.latency_queries=3",
+            "task.throughput_batch_size=2",
+            "task.throughput_batches=2",
+        ],
+    )
     assert 0 < result["infer/latency_p50_s"] <= result["infer/latency_p90_s"]
     assert result["infer/throughput_tokens_per_s"] == pytest.approx(4 * result["infer/throughput_qps"])
     assert result["infer/load_time_s"] > 0 and result["perf/peak_rss_gb"] > 0.1
@@ -113,8 +140,17 @@ def test_a_distilled_checkpoint_loads_as_a_local_model(cache_dir, tmp_path, monk
     checkpoint = tmp_path / "checkpoints" / "student"
     assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "tokenizer.json").is_file()
     assert not list((tmp_path / "checkpoints").glob("*.tmp-*"))
-    result = _run(tmp_path, ["task=profile", f"model.student.source={checkpoint}", "model.student.weights=pretrained",
-                             "task.new_tokens=2", "task.latency_queries=2", "task.throughput_batches=1"])
+    result = _run(
+        tmp_path,
+        [
+            "task=profile",
+            f"model.student.source={checkpoint}",
+            "model.student.weights=pretrained",
+            "task.new_tokens=2",
+            "task.latency_queries=2",
+            "task.throughput_batches=1",
+        ],
+    )
     assert result["model/params_b"] == pytest.approx(0.0003228, rel=0.01)
 
 
@@ -125,8 +161,8 @@ def test_the_no_kd_control_trains_on_cross_entropy_alone(cache_dir, tmp_path):
 
 
 def test_no_kd_with_a_kd_weight_is_refused():
-    from firstsight.errors import ConfigError
-    from firstsight.validate import validate
+    from firstsight.core.errors import ConfigError
+    from firstsight.suite.validate import validate
 
     with pytest.raises(ConfigError, match="alpha must be 0"):
         validate(compose(["distill_loss=none", "distill_loss.alpha=0.5"]))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import ast
 
 import pytest
-
 from conftest import ROOT, compose, default_store_runs
 
 PACKAGE = ROOT / "firstsight"
@@ -30,8 +29,8 @@ def test_the_default_job_asks_no_hub():
 def test_trust_remote_code_is_off_unless_set_and_reaches_every_loader(tmp_path, monkeypatch):
     import transformers
 
-    import firstsight.models as models
-    from firstsight.errors import FirstSightError
+    import firstsight.models.loading as models
+    from firstsight.core.errors import FirstSightError
 
     assert compose().model.trust_remote_code is False
     seen = {}
@@ -40,6 +39,7 @@ def test_trust_remote_code_is_off_unless_set_and_reaches_every_loader(tmp_path, 
         def from_pretrained(*args, **kwargs):
             seen[name] = kwargs
             raise OSError("recorded; not loading anything")
+
         return from_pretrained
 
     monkeypatch.setattr(transformers.Qwen2VLForConditionalGeneration, "from_pretrained", recorder("model"))
@@ -47,8 +47,14 @@ def test_trust_remote_code_is_off_unless_set_and_reaches_every_loader(tmp_path, 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", recorder("tokenizer"))
     for asked in ([], ["model.trust_remote_code=true"]):
         expected = bool(asked)
-        cfg = compose([f"model.student.source={tmp_path}", "model.student.weights=pretrained",
-                       f"model.teacher.source={tmp_path / 'teacher'}", *asked])
+        cfg = compose(
+            [
+                f"model.student.source={tmp_path}",
+                "model.student.weights=pretrained",
+                f"model.teacher.source={tmp_path / 'teacher'}",
+                *asked,
+            ]
+        )
         seen.clear()
         with pytest.raises(FirstSightError):
             models.load_model(cfg, "student", None, "cpu", frozen=True)
@@ -57,7 +63,10 @@ def test_trust_remote_code_is_off_unless_set_and_reaches_every_loader(tmp_path, 
         with pytest.raises(FirstSightError, match="could not load the tokenizer of model.teacher.source"):
             models.check_same_tokenizer(cfg, None)
         assert {name: kwargs["trust_remote_code"] for name, kwargs in seen.items()} == {
-            "model": expected, "processor": expected, "tokenizer": expected}
+            "model": expected,
+            "processor": expected,
+            "tokenizer": expected,
+        }
         assert seen["model"]["use_safetensors"] is True  # never a pickled .bin
 
 
@@ -73,12 +82,18 @@ def test_torch_load_is_only_called_with_weights_only():
     for path in SOURCES:
         for call in _calls(ast.parse(path.read_text(), str(path))):
             func = call.func
-            if isinstance(func, ast.Attribute) and func.attr == "load" and isinstance(func.value, ast.Name) \
-                    and func.value.id == "torch":
+            if (
+                isinstance(func, ast.Attribute)
+                and func.attr == "load"
+                and isinstance(func.value, ast.Name)
+                and func.value.id == "torch"
+            ):
                 value = _keyword(call, "weights_only")
-                assert isinstance(value, ast.Constant) and value.value is True, f"{path}:{call.lineno}: {ast.unparse(call)}"
+                assert isinstance(value, ast.Constant) and value.value is True, (
+                    f"{path}:{call.lineno}: {ast.unparse(call)}"
+                )
                 found.append(f"{path.name}:{call.lineno}")
-    assert found  # the resumable checkpoint's optimizer state (firstsight/resume.py)
+    assert found  # the resumable checkpoint's optimizer state (firstsight/training/resume.py)
 
 
 def test_nothing_unpickles():
@@ -92,15 +107,16 @@ def test_nothing_unpickles():
             else:
                 names = []
             for name in names:
-                assert name.split(".")[0] not in ("pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib"), \
+                assert name.split(".")[0] not in ("pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib"), (
                     f"{path}:{node.lineno} imports {name}"
+                )
         for call in _calls(tree):
             value = _keyword(call, "allow_pickle")
             assert not (isinstance(value, ast.Constant) and value.value is True), f"{path}:{call.lineno}"
 
 
 def test_the_tracking_server_binds_loopback_by_default():
-    from firstsight.server import LOOPBACK, parse_args, server_command
+    from firstsight.tracking.server import LOOPBACK, parse_args, server_command
 
     args = parse_args([])
     assert args.host == "127.0.0.1" and args.host in LOOPBACK
@@ -109,16 +125,20 @@ def test_the_tracking_server_binds_loopback_by_default():
     assert "--allowed-hosts" not in command  # only widened when asked to bind other interfaces
 
 
-SECRETS = {"HF_TOKEN": "hf_SECRET_hub_token", "HUGGING_FACE_HUB_TOKEN": "hf_SECRET_old_name",
-           "MLFLOW_TRACKING_TOKEN": "SECRET-tracking-token", "MLFLOW_TRACKING_USERNAME": "SECRET-user",
-           "MLFLOW_TRACKING_PASSWORD": "SECRET-password"}
+SECRETS = {
+    "HF_TOKEN": "hf_SECRET_hub_token",
+    "HUGGING_FACE_HUB_TOKEN": "hf_SECRET_old_name",
+    "MLFLOW_TRACKING_TOKEN": "SECRET-tracking-token",
+    "MLFLOW_TRACKING_USERNAME": "SECRET-user",
+    "MLFLOW_TRACKING_PASSWORD": "SECRET-password",
+}
 
 
 def test_tokens_in_the_environment_are_never_logged(tmp_path, monkeypatch):
     import json
 
-    from firstsight.distill import run_record
-    from firstsight.tracking import flatten_config, job_tracker
+    from firstsight.tasks.distill import run_record
+    from firstsight.tracking.tracker import flatten_config, job_tracker
 
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)

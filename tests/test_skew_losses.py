@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from firstsight.losses import IGNORE_INDEX, ForwardKL, NoKD, ReverseKL, SkewForwardKL, SkewReverseKL
+from firstsight.losses.kd import IGNORE_INDEX, ForwardKL, NoKD, ReverseKL, SkewForwardKL, SkewReverseKL
 
 
 def _batch(seed=0, vocab=11):
@@ -38,7 +38,9 @@ def _reference(student, teacher, labels, temperature, skew, reverse):
 def test_skew_kl_matches_the_formula(cls, reverse, skew, temperature):
     student, teacher, labels = _batch()
     out = cls(temperature=temperature, alpha=1.0, skew=skew, chunk_size=3)(student, teacher, labels)
-    assert out.kd_loss.item() == pytest.approx(_reference(student, teacher, labels, temperature, skew, reverse).item(), rel=1e-9)
+    assert out.kd_loss.item() == pytest.approx(
+        _reference(student, teacher, labels, temperature, skew, reverse).item(), rel=1e-9
+    )
     assert out.loss.item() == pytest.approx(temperature**2 * out.kd_loss.item(), rel=1e-9)
 
 
@@ -46,7 +48,8 @@ def test_skew_kl_matches_the_formula(cls, reverse, skew, temperature):
 def test_zero_skew_is_the_plain_kl_and_full_skew_is_zero(skewed, plain):
     student, teacher, labels = _batch(1)
     assert skewed(skew=0.0)(student, teacher, labels).kd_loss.item() == pytest.approx(
-        plain()(student, teacher, labels).kd_loss.item(), rel=1e-12)
+        plain()(student, teacher, labels).kd_loss.item(), rel=1e-12
+    )
     assert skewed(skew=1.0)(student, teacher, labels).kd_loss.item() == pytest.approx(0.0, abs=1e-12)
 
 
@@ -62,7 +65,9 @@ def test_no_kd_is_plain_cross_entropy():
     student, teacher, labels = _batch(3)
     out = NoKD(alpha=0.0)(student, teacher, labels)
     shifted = labels[:, 1:]
-    ce = torch.nn.functional.cross_entropy(student[:, :-1].reshape(-1, 11), shifted.reshape(-1), ignore_index=IGNORE_INDEX)
+    ce = torch.nn.functional.cross_entropy(
+        student[:, :-1].reshape(-1, 11), shifted.reshape(-1), ignore_index=IGNORE_INDEX
+    )
     assert out.loss.item() == pytest.approx(ce.item(), rel=1e-12)
     assert out.kd_loss.item() == 0.0 and not NoKD.uses_teacher
 

@@ -16,13 +16,16 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
-
 from conftest import ROOT
 from test_cli import EXPECTED_METRICS
 
 PARTITION = "local"  # conf/hardware/slurm_local.yaml, scripts/local_slurm.sh
-SMALL = ["train.eval_at_end=false", "train.save_checkpoint=false", "train.throughput_warmup_steps=1",
-         "train.progress_bar=false"]
+SMALL = [
+    "train.eval_at_end=false",
+    "train.save_checkpoint=false",
+    "train.throughput_warmup_steps=1",
+    "train.progress_bar=false",
+]
 START_HINT = "start one with: scripts/local_slurm.sh start (as root)"
 
 
@@ -55,7 +58,9 @@ def _why_no_cluster() -> Optional[str]:
     except (OSError, subprocess.TimeoutExpired) as err:
         return f"SLURM does not answer ({err}); {START_HINT}"
     if state.returncode != 0 or not {"idle", "mix", "alloc", "comp"} & set(state.stdout.split()):
-        return f"no usable node in SLURM partition '{PARTITION}' ({(state.stdout + state.stderr).strip()!r}); {START_HINT}"
+        return (
+            f"no usable node in SLURM partition '{PARTITION}' ({(state.stdout + state.stderr).strip()!r}); {START_HINT}"
+        )
     if accounting.returncode != 0:
         return f"SLURM accounting is off (sacct: {accounting.stderr.strip()!r}); {START_HINT}"
     return None
@@ -88,8 +93,12 @@ def _sacct_states(sweep: Path, timeout: float = 30) -> Dict[str, str]:
     """SLURM's final state of each job (array task) of the sweep."""
     deadline = time.time() + timeout
     while True:  # a job's result can be read a moment before SLURM records its end
-        out = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", _array_job_id(sweep)],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            ["sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", _array_job_id(sweep)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         states = dict(line.split("|", 1) for line in out.splitlines() if line.strip())
         if all(s not in ("PENDING", "RUNNING", "COMPLETING") for s in states.values()) or time.time() > deadline:
             return states
@@ -99,8 +108,15 @@ def _sacct_states(sweep: Path, timeout: float = 30) -> Dict[str, str]:
 def test_sweep_runs_on_slurm(run_cli, tmp_path, mlflow_server, cache_dir):
     """The cluster example of docs/sweeps-and-slurm.md: each point is a SLURM job, COMPLETED in
     sacct, with its MLflow run (under the sweep's parent) holding the config and the metrics."""
-    result = run_cli("-m", "hardware=slurm_local", "precision=fp32,bf16", "train.max_steps=2", *SMALL,
-                     "tracking.experiment_name=slurm", env={"MLFLOW_TRACKING_URI": mlflow_server})
+    result = run_cli(
+        "-m",
+        "hardware=slurm_local",
+        "precision=fp32,bf16",
+        "train.max_steps=2",
+        *SMALL,
+        "tracking.experiment_name=slurm",
+        env={"MLFLOW_TRACKING_URI": mlflow_server},
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     sweep = _sweep_dir(tmp_path)
     states = _sacct_states(sweep)
@@ -126,13 +142,23 @@ def test_failed_and_cancelled_points_are_reported(cache_dir, tmp_path, mlflow_se
     """A point that fails in its job (a bad value: exit status 2) and one cancelled with scancel
     while it trains: the sweep ends with status 1 naming each point, why, and its log; the point
     that finished keeps its run; the cancelled job's run, which it could not close, is KILLED."""
-    env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1",
-               MLFLOW_TRACKING_URI=mlflow_server)
+    env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1", MLFLOW_TRACKING_URI=mlflow_server)
     # point 0 finishes, point 1 is invalid (max_steps=0), point 2 trains long enough to be cancelled
     sweep = subprocess.Popen(
-        [sys.executable, str(ROOT / "run.py"), "-m", "hardware=slurm_local", "train.max_steps=2,0,2000", *SMALL,
-         "tracking.experiment_name=slurm-fail"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            str(ROOT / "run.py"),
+            "-m",
+            "hardware=slurm_local",
+            "train.max_steps=2,0,2000",
+            *SMALL,
+            "tracking.experiment_name=slurm-fail",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.time() + 240
@@ -149,7 +175,7 @@ def test_failed_and_cancelled_points_are_reported(cache_dir, tmp_path, mlflow_se
                 subprocess.run(["scancel", _array_job_id(_sweep_dir(tmp_path))])
     assert sweep.returncode == 1, stderr[-4000:]
     assert "2 of 3 sweep point(s) failed" in stderr, stderr[-4000:]
-    report = stderr[stderr.index("2 of 3 sweep point(s) failed"):]
+    report = stderr[stderr.index("2 of 3 sweep point(s) failed") :]
     assert "#1 hardware=slurm_local train.max_steps=0" in report and "is invalid" in report
     assert "#2 hardware=slurm_local train.max_steps=2000" in report and "was cancelled" in report
     assert f"(SLURM job {job_id})" in report
@@ -178,8 +204,14 @@ def test_a_request_the_cluster_cannot_meet_fails_at_submission(run_cli, tmp_path
     """hardware=slurm (GPU jobs) passes the checks on this GPU-less machine (the jobs check GPUs
     where they run) and reaches sbatch, which refuses GPUs the local cluster lacks: the sweep
     says so at once instead of leaving jobs pending forever."""
-    result = run_cli("-m", "hardware=slurm", f"hydra.launcher.partition={PARTITION}", "precision=bf16,fp16",
-                     "tracking.experiment_name=slurm-refused", env={"MLFLOW_TRACKING_URI": mlflow_server})
+    result = run_cli(
+        "-m",
+        "hardware=slurm",
+        f"hydra.launcher.partition={PARTITION}",
+        "precision=bf16,fp16",
+        "tracking.experiment_name=slurm-refused",
+        env={"MLFLOW_TRACKING_URI": mlflow_server},
+    )
     assert result.returncode == 1
     assert "error: slurm refused the sweep's jobs: sbatch: error:" in result.stderr, result.stderr[-3000:]
     assert "gpus_per_node" in result.stderr  # what to check
@@ -189,12 +221,23 @@ def test_a_preempted_job_is_requeued_and_resumes_into_its_run(cache_dir, tmp_pat
     """SIGUSR2 (SLURM's warning before a time limit or preemption) while a job trains: the step
     ends with a checkpoint, submitit's handler requeues the job, and the requeued job resumes from
     that checkpoint in the same output directory, into the same MLflow run."""
-    env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1",
-               MLFLOW_TRACKING_URI=mlflow_server)
+    env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1", MLFLOW_TRACKING_URI=mlflow_server)
     sweep = subprocess.Popen(
-        [sys.executable, str(ROOT / "run.py"), "-m", "hardware=slurm_local", "train.max_steps=300",
-         "train.checkpoint_every_n_steps=20", *SMALL, "tracking.experiment_name=slurm-requeue"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            str(ROOT / "run.py"),
+            "-m",
+            "hardware=slurm_local",
+            "train.max_steps=300",
+            "train.checkpoint_every_n_steps=20",
+            *SMALL,
+            "tracking.experiment_name=slurm-requeue",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.time() + 240
@@ -203,8 +246,10 @@ def test_a_preempted_job_is_requeued_and_resumes_into_its_run(cache_dir, tmp_pat
             time.sleep(0.2)
         job_id = _array_job_id(_sweep_dir(tmp_path))  # one point: submitit submits a plain job, not an array
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
-        while "PENDING" not in subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True,
-                                              text=True).stdout:  # requeued (SLURM holds it ~2 min)
+        while (
+            "PENDING"
+            not in subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout
+        ):  # requeued (SLURM holds it ~2 min)
             assert sweep.poll() is None and time.time() < deadline, "the job was not requeued"
             time.sleep(0.2)
         subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)

@@ -4,7 +4,6 @@ retrained; weaker than the shipped teacher and above chance; the teacher keeps i
 from __future__ import annotations
 
 import pytest
-
 from conftest import compose
 
 # The shipped teacher's directory: its key must never move (a new key would retrain it on first use).
@@ -13,7 +12,7 @@ TEACHER = "tiny-teacher-38bb353db635db3b"
 
 @pytest.fixture(scope="module")
 def processor(cache_dir):
-    from firstsight.tiny import tiny_processor
+    from firstsight.models.tiny import tiny_processor
 
     return tiny_processor(cache_dir)
 
@@ -23,8 +22,8 @@ def _fresh_cache(tmp_path):
 
 
 def test_the_default_student_is_the_shipped_base_not_retrained(processor, tmp_path):
-    from firstsight.cache import SHIPPED
-    from firstsight.pretrain import tiny_model_dir
+    from firstsight.core.files import SHIPPED
+    from firstsight.models.pretrain import tiny_model_dir
 
     cfg = compose(_fresh_cache(tmp_path))
     assert cfg.model.student.source == "tiny" and cfg.model.student.weights.value == "pretrained"
@@ -35,8 +34,8 @@ def test_the_default_student_is_the_shipped_base_not_retrained(processor, tmp_pa
 
 
 def test_the_teacher_keeps_its_shipped_directory(processor, tmp_path):
-    from firstsight.cache import SHIPPED
-    from firstsight.pretrain import tiny_model_dir, tiny_teacher_dir
+    from firstsight.core.files import SHIPPED
+    from firstsight.models.pretrain import tiny_model_dir, tiny_teacher_dir
 
     cfg = compose(_fresh_cache(tmp_path))
     assert tiny_model_dir(cfg, "teacher", processor) == SHIPPED / TEACHER
@@ -45,7 +44,7 @@ def test_the_teacher_keeps_its_shipped_directory(processor, tmp_path):
 
 
 def test_the_shipped_base_is_weaker_than_the_teacher_and_above_chance(processor, tmp_path):
-    from firstsight.pretrain import RECIPES, model_info, tiny_model_dir
+    from firstsight.models.pretrain import RECIPES, model_info, tiny_model_dir
 
     cfg = compose(_fresh_cache(tmp_path))
     student = model_info(tiny_model_dir(cfg, "student", processor))
@@ -59,7 +58,7 @@ def test_the_shipped_base_is_weaker_than_the_teacher_and_above_chance(processor,
 
 
 def test_the_shipped_base_is_small(processor, tmp_path):
-    from firstsight.pretrain import tiny_model_dir
+    from firstsight.models.pretrain import tiny_model_dir
 
     path = tiny_model_dir(compose(_fresh_cache(tmp_path)), "student", processor)
     size = sum(f.stat().st_size for f in path.iterdir())
@@ -73,9 +72,9 @@ def test_the_recorded_accuracy_is_measured_again(processor, tmp_path):
 
     from firstsight.data import synthetic_split
     from firstsight.data.batching import QACollator, in_order
-    from firstsight.models import load_model
-    from firstsight.pretrain import model_info
-    from firstsight.train import answer_accuracy
+    from firstsight.models.loading import load_model
+    from firstsight.models.pretrain import model_info
+    from firstsight.training.loop import answer_accuracy
 
     cfg = compose(_fresh_cache(tmp_path))
     student = load_model(cfg, "student", processor, "cpu", frozen=True)
@@ -88,11 +87,19 @@ def test_the_recorded_accuracy_is_measured_again(processor, tmp_path):
 
 
 def test_a_student_base_for_other_settings_is_trained_on_first_use_and_cached(processor, tmp_path):
-    from firstsight.cache import SHIPPED
-    from firstsight.pretrain import model_info, tiny_model_dir
+    from firstsight.core.files import SHIPPED
+    from firstsight.models.pretrain import model_info, tiny_model_dir
 
-    cfg = compose([*_fresh_cache(tmp_path), "model.student.tiny.pretrain_steps=2", "model.student.tiny.pretrain_batch_size=4",
-                   "model.student.tiny.pretrain_train_size=16", "data.validation_size=8", "train.progress_bar=false"])
+    cfg = compose(
+        [
+            *_fresh_cache(tmp_path),
+            "model.student.tiny.pretrain_steps=2",
+            "model.student.tiny.pretrain_batch_size=4",
+            "model.student.tiny.pretrain_train_size=16",
+            "data.validation_size=8",
+            "train.progress_bar=false",
+        ]
+    )
     path = tiny_model_dir(cfg, "student", processor)
     assert path.parent == tmp_path / "cache" and path.name.startswith("tiny-student-"), path
     info = model_info(path)
@@ -107,8 +114,8 @@ def test_a_student_base_for_other_settings_is_trained_on_first_use_and_cached(pr
 def test_the_base_key_follows_its_pretraining_split_not_the_runs(processor, tmp_path):
     """With its own pre-training split size the student base does not depend on data.train_size
     (the distillation's transfer set): a run on fewer samples still starts from the shipped base."""
-    from firstsight.cache import SHIPPED
-    from firstsight.pretrain import tiny_model_dir
+    from firstsight.core.files import SHIPPED
+    from firstsight.models.pretrain import tiny_model_dir
 
     default = tiny_model_dir(compose(_fresh_cache(tmp_path)), "student", processor)
     assert tiny_model_dir(compose([*_fresh_cache(tmp_path), "data.train_size=16"]), "student", processor) == default
@@ -116,8 +123,8 @@ def test_the_base_key_follows_its_pretraining_split_not_the_runs(processor, tmp_
 
 
 def test_a_bad_pretraining_split_size_is_refused(processor, tmp_path):
-    from firstsight.errors import ConfigError
-    from firstsight.pretrain import tiny_model_dir
+    from firstsight.core.errors import ConfigError
+    from firstsight.models.pretrain import tiny_model_dir
 
     cfg = compose([*_fresh_cache(tmp_path), "model.student.tiny.pretrain_train_size=0"])
     with pytest.raises(ConfigError, match="pretrain_train_size=0"):

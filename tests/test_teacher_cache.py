@@ -10,12 +10,11 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import compose, default_store_runs
-from firstsight.errors import FirstSightError
-from firstsight.losses import JSD, ForwardKL, NoKD, ReverseKL, SkewForwardKL, SkewReverseKL
-from firstsight.sparse_kd import SparseTargets, topk_targets
 
+from firstsight.core.errors import FirstSightError
+from firstsight.losses.kd import JSD, ForwardKL, NoKD, ReverseKL, SkewForwardKL, SkewReverseKL
+from firstsight.losses.sparse import SparseTargets, topk_targets
 
 # tiny tensors: extra OpenMP threads only wait for each other on a busy 2-core machine
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -143,16 +142,24 @@ def test_tail_mass_is_accurate_when_tiny():
 # ----------------------------------------------------------------------------- the key
 
 
-BASE = ["model.teacher.weights=random", "data.train_size=16", "data.validation_size=8", "hardware.batch_size=4",
-        "train.max_steps=3", "train.throughput_warmup_steps=1", "train.progress_bar=false",
-        "train.save_checkpoint=false", "teacher_cache.enabled=true"]
+BASE = [
+    "model.teacher.weights=random",
+    "data.train_size=16",
+    "data.validation_size=8",
+    "hardware.batch_size=4",
+    "train.max_steps=3",
+    "train.throughput_warmup_steps=1",
+    "train.progress_bar=false",
+    "train.save_checkpoint=false",
+    "teacher_cache.enabled=true",
+]
 
 
 _PROCESSOR = {}  # the tiny processor and the base config, made once
 
 
 def _processor(cache_dir):
-    from firstsight.tiny import tiny_processor
+    from firstsight.models.tiny import tiny_processor
 
     if "processor" not in _PROCESSOR:  # loaded once: it is only read here
         _PROCESSOR["processor"] = tiny_processor(cache_dir)
@@ -160,11 +167,11 @@ def _processor(cache_dir):
 
 
 def _key(cache_dir, overrides, vocab=448, processor=None):
-    from firstsight.cache import content_key
-    from firstsight.data import load_split
     from omegaconf import OmegaConf
 
-    from firstsight.teacher_cache import key_inputs
+    from firstsight.core.files import content_key
+    from firstsight.data import load_split
+    from firstsight.kd.teacher_cache import key_inputs
 
     if "cfg" not in _PROCESSOR:  # composed once (Hydra's compose is slow); overrides are dotted keys
         _PROCESSOR["cfg"] = compose(BASE)
@@ -204,8 +211,15 @@ def test_the_key_changes_with_each_determining_input_only(cache_dir):
     default_data = ["data.train_size=512"]
     assert _key(cache_dir, default_data) != _key(cache_dir, [*default_data, "model.teacher.weights=pretrained"])
     # student-side settings share one cache
-    for same in (["distill_loss._target_=firstsight.losses.ReverseKL"], ["distill_loss.alpha=0.9"], ["train.lr=0.1"], ["lora.enabled=true"],
-                 ["teacher_cache.shard_size=3"], ["hardware.batch_size=2"], ["data.validation_size=9"]):
+    for same in (
+        ["distill_loss._target_=firstsight.losses.ReverseKL"],
+        ["distill_loss.alpha=0.9"],
+        ["train.lr=0.1"],
+        ["lora.enabled=true"],
+        ["teacher_cache.shard_size=3"],
+        ["hardware.batch_size=2"],
+        ["data.validation_size=9"],
+    ):
         assert _key(cache_dir, same) == base, same
 
 
@@ -233,8 +247,8 @@ class _Tracker:
 def built(cache_dir, tmp_path_factory):
     """Two in-process runs on one cache: the first builds it, the second hits. Teacher loads and
     teacher forward passes are counted."""
-    from firstsight import models
-    from firstsight.distill import distill
+    from firstsight.models import loading as models
+    from firstsight.tasks.distill import distill
 
     root = tmp_path_factory.mktemp("teacher-logits")
     cfg = compose([*BASE, f"teacher_cache.dir={root}", "teacher_cache.shard_size=5", "teacher_cache.top_k=16"])
@@ -281,7 +295,7 @@ def test_build_then_hit_without_the_teacher(built):
 
 
 def _copy(built, tmp_path):
-    from firstsight.teacher_cache import load_verified
+    from firstsight.kd.teacher_cache import load_verified
 
     cfg, root, runs = built
     key = runs[0][0].tags["firstsight.teacher_cache_key"]
@@ -297,8 +311,9 @@ def test_an_intact_copy_opens(built, tmp_path):
     assert arrays["offsets"].shape == (17,)
 
 
-@pytest.mark.parametrize("damage", ["flip a byte", "truncate", "delete", "edit manifest", "edit manifest and marker",
-                                    "wrong directory"])
+@pytest.mark.parametrize(
+    "damage", ["flip a byte", "truncate", "delete", "edit manifest", "edit manifest and marker", "wrong directory"]
+)
 def test_corrupt_or_stale_caches_are_refused(built, tmp_path, damage):
     path, key, open_it = _copy(built, tmp_path)
     shard = path / "shard-00001.safetensors"
@@ -325,7 +340,7 @@ def test_corrupt_or_stale_caches_are_refused(built, tmp_path, damage):
     else:  # a cache moved under another key's name
         other = tmp_path / "topk-0000000000000000"
         path.rename(other)
-        from firstsight.teacher_cache import load_verified
+        from firstsight.kd.teacher_cache import load_verified
 
         open_it = lambda: load_verified(other, "0000000000000000", 16, 448, 16)  # noqa: E731
     with pytest.raises(FirstSightError, match="stale or corrupt.*delete"):
@@ -335,8 +350,8 @@ def test_corrupt_or_stale_caches_are_refused(built, tmp_path, damage):
 def test_a_batch_that_disagrees_with_the_cache_is_refused(built, cache_dir):
     from firstsight.data import load_split
     from firstsight.data.batching import QACollator
-    from firstsight.teacher_cache import TeacherCache, _Context, load_verified
-    from firstsight.tiny import tiny_processor
+    from firstsight.kd.teacher_cache import TeacherCache, _Context, load_verified
+    from firstsight.models.tiny import tiny_processor
 
     cfg, root, runs = built
     processor = tiny_processor(cache_dir)
@@ -358,17 +373,23 @@ def test_a_batch_that_disagrees_with_the_cache_is_refused(built, cache_dir):
 
 def test_teacher_accuracy_without_a_record_loads_the_teacher_once(built, cache_dir):
     from firstsight.data import load_split
-    from firstsight.teacher_cache import TeacherCache, _Context
-    from firstsight.tiny import tiny_processor
+    from firstsight.kd.teacher_cache import TeacherCache, _Context
+    from firstsight.models.tiny import tiny_processor
 
     cfg, root, runs = built
     cfg = cfg.copy()
     cfg.data.validation_size = 5  # a validation split the build did not measure
     ctx = _Context(cfg, tiny_processor(cache_dir), "cpu", load_split(cfg.data, "train", cfg.seed), 448, 16)
     tracker = _Tracker()
-    cache = TeacherCache(ctx, tracker, {}, {name: torch.zeros(1) for name in
-                                           ("token_ids", "logprobs", "tail_logprob", "labels", "offsets")},
-                         "hit", None, {})
+    cache = TeacherCache(
+        ctx,
+        tracker,
+        {},
+        {name: torch.zeros(1) for name in ("token_ids", "logprobs", "tail_logprob", "labels", "offsets")},
+        "hit",
+        None,
+        {},
+    )
     validation = load_split(cfg.data, "validation", cfg.seed)
     measured, blind = cache.teacher_outcomes(validation)
     assert len(measured) == len(blind) == 5
@@ -392,18 +413,18 @@ def test_file_data_keys_on_the_file_and_its_media(cache_dir, tmp_path):
 
 
 def _key_composed(cache_dir, overrides):
-    from firstsight.cache import content_key
+    from firstsight.core.files import content_key
     from firstsight.data import load_split
-    from firstsight.teacher_cache import key_inputs
+    from firstsight.kd.teacher_cache import key_inputs
 
     cfg = compose([*BASE, *overrides])
     return content_key(key_inputs(cfg, _processor(cache_dir), 448, load_split(cfg.data, "train", cfg.seed), "cpu", 64))
 
 
 def test_validation(cache_dir):
-    from firstsight.errors import ConfigError
-    from firstsight.teacher_cache import cache_wanted
-    from firstsight.validate import validate
+    from firstsight.core.errors import ConfigError
+    from firstsight.kd.teacher_cache import cache_wanted
+    from firstsight.suite.validate import validate
 
     with pytest.raises(ConfigError, match="teacher_cache.top_k"):
         validate(compose([*BASE, "teacher_cache.top_k=0"]))
@@ -415,7 +436,7 @@ def test_validation(cache_dir):
 
 
 def test_top_k_larger_than_the_student_vocabulary_stops(cache_dir, tmp_path):
-    from firstsight.distill import distill
+    from firstsight.tasks.distill import distill
 
     cfg = compose([*BASE, f"teacher_cache.dir={tmp_path}", "teacher_cache.top_k=100000"])
     with pytest.raises(FirstSightError, match="exceeds the student's vocabulary"):
@@ -442,13 +463,15 @@ def test_top_k_null_keeps_every_id_and_trains_as_the_live_teacher(cache_dir, tmp
     """teacher_cache.top_k=null: k = the student's vocabulary, no tail bucket, so the losses of a
     run from the cache are the live teacher's (fp32 on the CPU: equal to rounding). Its ids are the
     vocabulary in order, so opening it drops them."""
-    from firstsight.distill import distill
-    from firstsight.teacher_cache import load_verified
+    from firstsight.kd.teacher_cache import load_verified
+    from firstsight.tasks.distill import distill
 
     live = distill(compose([*BASE, "teacher_cache.enabled=false"]), _Tracker())
     tracker = _Tracker()
     cached = distill(compose([*BASE, f"teacher_cache.dir={tmp_path}", "teacher_cache.top_k=null"]), tracker)
-    manifest = json.loads((tmp_path / f"topk-{tracker.tags['firstsight.teacher_cache_key']}" / "manifest.json").read_text())
+    manifest = json.loads(
+        (tmp_path / f"topk-{tracker.tags['firstsight.teacher_cache_key']}" / "manifest.json").read_text()
+    )
     assert manifest["top_k"] == manifest["student_vocab_rows"] == 448
     path = tmp_path / f"topk-{manifest['key']}"
     _, arrays = load_verified(path, manifest["key"], manifest["num_samples"], 448, 448)
@@ -462,14 +485,17 @@ def test_a_cache_too_large_for_host_memory_stops_the_teacher_pass_early(cache_di
     """Training holds the whole cache in host memory: a pass whose projected cache exceeds what is
     available stops at its first batch, naming the sizes and the setting to change, and leaves no
     cache behind."""
-    from firstsight import perf
-    from firstsight.distill import distill
+    from firstsight.core import perf
+    from firstsight.tasks.distill import distill
 
     # the tiny pair's 16 samples of a few answer tokens x (4 * 448 + 8) bytes: ~0.1 MB
     monkeypatch.setattr(perf, "available_host_memory_bytes", lambda: 10_000)
     root = tmp_path / "caches"
-    with pytest.raises(FirstSightError, match=r"teacher_cache.top_k=null \(every id\): the cache of the 16 train "
-                                              r"samples would take ~0.\d\d MB of host memory") as err:
+    with pytest.raises(
+        FirstSightError,
+        match=r"teacher_cache.top_k=null \(every id\): the cache of the 16 train "
+        r"samples would take ~0.\d\d MB of host memory",
+    ) as err:
         distill(compose([*BASE, f"teacher_cache.dir={root}", "teacher_cache.top_k=null"]), _Tracker())
     assert "the 0.01 MB available" in str(err.value) and "data.train_size" in str(err.value)
     assert not list(root.glob("topk-*/manifest.json")) and not list(root.glob("*.tmp-*"))

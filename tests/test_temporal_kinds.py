@@ -77,16 +77,37 @@ def fingerprint(ds, n=50):
 # The first 50 samples as they were before the temporal kinds existed: the shipped tiny teacher was
 # trained on the default kinds, so their questions, answers and pixels must never change.
 BEFORE = [
-    ({'seed': 0, 'split': 'train'}, "df21909624f60cd1feaadb316ad1a19fe296522bc87ae213c5e92eb1ee8d23cc"),
-    ({'seed': 0, 'split': 'validation'}, "e5e413cb77c682bc8256ce99f64681873529dfafaa0243fe04efe9b2b4691345"),
-    ({'seed': 1, 'split': 'train'}, "9180929d0fbb9365986b7eeb839f438aa25ed8efef311cab1a2d1093f9d7b67f"),
-    ({'num_frames': 4, 'seed': 0, 'split': 'validation'}, "349d93a56d2d5e49e5d69afd22e64bce09106ec3fee2caf5d0cc67025bd66956"),
-    ({'image_size': 224, 'seed': 0, 'split': 'train'}, "6049a2bebfac4d948c0e942fcfcb621472c45df57b9496c645b60e911cd2de90"),
-    ({'kinds': ['colour_at'], 'seed': 1, 'split': 'train'}, "8dc036b283936660ff628cc781e0eef1d999b06953c09191f70291cbbc6c8962"),
-    ({'kinds': ['shape_of'], 'seed': 1, 'split': 'train'}, "421fa3712ba403557f1acfbcbe055ed25dcdcf89cd425a46a6059600dc1b41d7"),
-    ({'kinds': ['count'], 'seed': 1, 'split': 'train'}, "18523d00acd7a3e233fc31295fb608b6a7dc17fc6fcbec01f95c565441027c69"),
-    ({'kinds': ['held'], 'seed': 1, 'split': 'train'}, "1b35f6090d293b81a0026b858a2ae209bf2eb4c0ab931ee7ae8fb1c3ce3b9948"),
-    ({'kinds': ['moved'], 'seed': 1, 'split': 'train'}, "015ec13a78922ab574bea91b427210d6b27a141cf11eca5e345b2e164cb39bcc"),
+    ({"seed": 0, "split": "train"}, "df21909624f60cd1feaadb316ad1a19fe296522bc87ae213c5e92eb1ee8d23cc"),
+    ({"seed": 0, "split": "validation"}, "e5e413cb77c682bc8256ce99f64681873529dfafaa0243fe04efe9b2b4691345"),
+    ({"seed": 1, "split": "train"}, "9180929d0fbb9365986b7eeb839f438aa25ed8efef311cab1a2d1093f9d7b67f"),
+    (
+        {"num_frames": 4, "seed": 0, "split": "validation"},
+        "349d93a56d2d5e49e5d69afd22e64bce09106ec3fee2caf5d0cc67025bd66956",
+    ),
+    (
+        {"image_size": 224, "seed": 0, "split": "train"},
+        "6049a2bebfac4d948c0e942fcfcb621472c45df57b9496c645b60e911cd2de90",
+    ),
+    (
+        {"kinds": ["colour_at"], "seed": 1, "split": "train"},
+        "8dc036b283936660ff628cc781e0eef1d999b06953c09191f70291cbbc6c8962",
+    ),
+    (
+        {"kinds": ["shape_of"], "seed": 1, "split": "train"},
+        "421fa3712ba403557f1acfbcbe055ed25dcdcf89cd425a46a6059600dc1b41d7",
+    ),
+    (
+        {"kinds": ["count"], "seed": 1, "split": "train"},
+        "18523d00acd7a3e233fc31295fb608b6a7dc17fc6fcbec01f95c565441027c69",
+    ),
+    (
+        {"kinds": ["held"], "seed": 1, "split": "train"},
+        "1b35f6090d293b81a0026b858a2ae209bf2eb4c0ab931ee7ae8fb1c3ce3b9948",
+    ),
+    (
+        {"kinds": ["moved"], "seed": 1, "split": "train"},
+        "015ec13a78922ab574bea91b427210d6b27a141cf11eca5e345b2e164cb39bcc",
+    ),
 ]
 
 
@@ -98,7 +119,7 @@ def test_default_kinds_samples_are_byte_identical_to_before(settings, expected):
 def test_default_kinds_are_the_config_default_and_the_temporal_ones_opt_in():
     from omegaconf import OmegaConf
 
-    from firstsight.config import DataConfig
+    from firstsight.config.schema import DataConfig
 
     assert tuple(OmegaConf.structured(DataConfig(name="synthetic")).kinds) == DEFAULT_KINDS
     assert SyntheticEgoQA(size=1).kinds == DEFAULT_KINDS
@@ -250,9 +271,10 @@ def test_a_frame_with_nothing_happening_leaves_the_table_as_it_was():
 
 def test_data_kinds_accept_the_temporal_kinds_and_refuse_unknown_ones():
     from conftest import compose
+
+    from firstsight.core.errors import ConfigError
     from firstsight.data import synthetic_split
-    from firstsight.errors import ConfigError
-    from firstsight.validate import validate
+    from firstsight.suite.validate import validate
 
     cfg = compose(["data.kinds=[count,moved_first,put_down]", "data.num_frames=4"])
     validate(cfg)

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import compose
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _teacher(cache_dir, precision: str):
-    from firstsight.models import load_model, load_processor
+    from firstsight.models.loading import load_model, load_processor
 
     cfg = compose(["task=profile", "task.target=teacher", f"precision={precision}"])
     processor = load_processor(cfg)
@@ -22,8 +21,11 @@ def test_int8_weight_only_holds_int8_weights_and_is_counted_as_stored(cache_dir)
     bf16, processor = _teacher(cache_dir, "bf16")
     int8, _ = _teacher(cache_dir, "int8_weight_only")
     model = int8.model
-    quantized = {name: m for name, m in model.named_modules()
-                 if isinstance(m, torch.nn.Linear) and type(m.weight).__name__ != "Parameter"}
+    quantized = {
+        name: m
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and type(m.weight).__name__ != "Parameter"
+    }
     plain = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - set(quantized)
     assert plain == {"lm_head"}  # every other Linear layer of every part is quantized
     assert {n.split(".")[1] for n in quantized} == {"visual", "language_model"}
@@ -32,7 +34,11 @@ def test_int8_weight_only_holds_int8_weights_and_is_counted_as_stored(cache_dir)
     for module in quantized.values():
         weight = module.weight
         assert weight.qdata.dtype == torch.int8 and weight.qdata.shape == weight.shape
-        inner = [getattr(weight, name) for name in ("qdata", "scale", "zero_point") if getattr(weight, name, None) is not None]
+        inner = [
+            getattr(weight, name)
+            for name in ("qdata", "scale", "zero_point")
+            if getattr(weight, name, None) is not None
+        ]
         saved += weight.numel() * 2 - sum(t.numel() * t.element_size() for t in inner)  # int8 data, scales, zero points
     # model/weights_gb is what is stored: bf16 minus what int8 data and scales save, not the logical bf16 size
     assert int8.weights_gb * 1e9 == pytest.approx(bf16.weights_gb * 1e9 - saved, abs=1)
@@ -44,7 +50,7 @@ def test_int8_weight_only_holds_int8_weights_and_is_counted_as_stored(cache_dir)
 def test_int8_weight_only_logits_follow_bf16(cache_dir):
     from firstsight.data import load_split
     from firstsight.data.batching import QACollator
-    from firstsight.train import model_inputs
+    from firstsight.training.loop import model_inputs
 
     bf16, processor = _teacher(cache_dir, "bf16")
     int8, _ = _teacher(cache_dir, "int8_weight_only")

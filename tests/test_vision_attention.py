@@ -1,14 +1,14 @@
 """hardware.batched_vision_attention: Qwen2-VL's vision encoder attends over all frames of one size
-in a single SDPA call (firstsight/vision_attention.py) and computes what one call per frame
+in a single SDPA call (firstsight/models/vision_attention.py) and computes what one call per frame
 computes, forward and backward; frames of different sizes fall back to one call per frame."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import compose
-from firstsight.vision_attention import NAME, batch_frames, plain_config, unbatch_frames
+
+from firstsight.models.vision_attention import NAME, batch_frames, plain_config, unbatch_frames
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -18,7 +18,7 @@ MIXED = [[1, 4, 4], [1, 6, 4]]  # 16 and 24 patches
 
 @pytest.fixture(scope="module")
 def student(cache_dir):
-    from firstsight.models import load_model, load_processor
+    from firstsight.models.loading import load_model, load_processor
 
     cfg = compose(["hardware.batched_vision_attention=false"])
     model = load_model(cfg, "student", load_processor(cfg), "cpu", frozen=False).model.float()
@@ -33,7 +33,7 @@ def _encode(model, grids, batched):
     config = model.config.vision_config
     assert config._attn_implementation == (NAME if batched else "sdpa")
     grid = torch.tensor(grids)
-    dim = config.in_channels * config.temporal_patch_size * config.patch_size ** 2
+    dim = config.in_channels * config.temporal_patch_size * config.patch_size**2
     patches = torch.randn(int(grid.prod(-1).sum()), dim, generator=torch.Generator().manual_seed(0), requires_grad=True)
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -66,7 +66,7 @@ def test_batched_vision_attention_computes_the_per_frame_attention(student, grid
 def test_on_by_default_for_the_vision_encoder_only_and_not_saved(cache_dir, tmp_path):
     from transformers import Qwen2VLForConditionalGeneration
 
-    from firstsight.models import load_model, load_processor
+    from firstsight.models.loading import load_model, load_processor
 
     cfg = compose()
     assert cfg.hardware.batched_vision_attention is True

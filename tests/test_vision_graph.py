@@ -1,4 +1,4 @@
-"""The prefill's vision encoder graph (firstsight/vision_graph.py) on what a CPU can check: the
+"""The prefill's vision encoder graph (firstsight/inference/vision_graph.py) on what a CPU can check: the
 encoder run with the grid's tensors precomputed (the form a CUDA graph captures) returns what it
 returns computing them itself, and the hook really takes them; off CUDA nothing is captured. The
 capture itself is measured on a GPU (benchmarks/generation.py: static's logits against generate's)."""
@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from firstsight.vision_graph import VisionGraphs, precomputed
+from firstsight.inference.vision_graph import VisionGraphs, precomputed
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -53,8 +53,8 @@ def test_the_profile_captures_every_prefill_graph_before_timing(tiny_parts):
     single query and every batch a prefill graph may serve (its frames fit a vision graph, or its
     tokens a language-model graph), as `take` will collate them, so no timed query pays a capture."""
     from firstsight.data.batching import PromptCollator
-    from firstsight.prefill import LanguageGraphs
-    from firstsight.profile import _prepare_decoder
+    from firstsight.inference.prefill import LanguageGraphs
+    from firstsight.tasks.profile import _prepare_decoder
 
     collate = PromptCollator(tiny_parts.processor)
     queries = tiny_parts.split("validation")
@@ -81,7 +81,7 @@ def test_the_profile_captures_every_prefill_graph_before_timing(tiny_parts):
     decoder = Recorder(max_patches=2 * patches_per_frame, max_tokens=0)  # batches of 2 single frames fit, of 3 do not
     _prepare_decoder(decoder, queries, collate, single=4, batched=2, batch_size=2, new_tokens=4)
     frames = [len(queries[i].images) for i in range(4, 8)]
-    fitting = sum(1 for b in range(2) if sum(frames[2 * b:2 * b + 2]) <= 2)
+    fitting = sum(1 for b in range(2) if sum(frames[2 * b : 2 * b + 2]) <= 2)
     assert decoder.calls == [("reserve", 1), ("reserve", 2)] + [("prefill", 1)] * 4 + [("prefill", 2)] * fitting
     assert 1 <= fitting < 2  # the check is not vacuous
     longest = max(collate([queries[i]])["input_ids"].shape[1] for i in range(4, 8))

@@ -4,13 +4,13 @@ checks the loss side), a teacher whose tokenizer really differs is refused befor
 from __future__ import annotations
 
 import pytest
-
 from conftest import compose
-from firstsight.errors import FirstSightError
+
+from firstsight.core.errors import FirstSightError
 
 
 def _teacher_dir(tmp_path, cache_dir, extra_tokens=()):
-    from firstsight.tiny import tiny_processor
+    from firstsight.models.tiny import tiny_processor
 
     processor = tiny_processor(str(cache_dir))
     if extra_tokens:
@@ -21,14 +21,14 @@ def _teacher_dir(tmp_path, cache_dir, extra_tokens=()):
 
 
 def test_a_teacher_with_the_same_tokenizer_is_accepted(tmp_path, cache_dir):
-    from firstsight.models import check_same_tokenizer
+    from firstsight.models.loading import check_same_tokenizer
 
     path, student_processor = _teacher_dir(tmp_path, cache_dir)
     check_same_tokenizer(compose([f"model.teacher.source={path}"]), student_processor)
 
 
 def test_a_teacher_whose_tokenizer_differs_is_refused(tmp_path, cache_dir):
-    from firstsight.models import check_same_tokenizer
+    from firstsight.models.loading import check_same_tokenizer
 
     path, student_processor = _teacher_dir(tmp_path, cache_dir, extra_tokens=["<|teacher_only|>"])
     with pytest.raises(FirstSightError, match="different tokenizers") as err:
@@ -41,7 +41,7 @@ def test_a_distill_job_with_another_tokenizer_stops_before_its_run(run_cli, tmp_
     run exists (the teacher directory is the shipped tiny teacher with one extra token)."""
     import shutil
 
-    from firstsight.cache import SHIPPED
+    from firstsight.core.files import SHIPPED
 
     (shipped,) = SHIPPED.glob("tiny-teacher-*")
     teacher = tmp_path / "teacher"
@@ -57,7 +57,7 @@ def test_a_distill_job_with_another_tokenizer_stops_before_its_run(run_cli, tmp_
 
 
 def test_the_real_pair_differs_only_in_padding_rows():
-    from firstsight.architectures import known_config
+    from firstsight.models.architectures import known_config
 
     teacher = known_config("Qwen/Qwen2-VL-7B-Instruct").get_text_config().vocab_size
     student = known_config("Qwen/Qwen2-VL-2B-Instruct").get_text_config().vocab_size

@@ -24,8 +24,12 @@ def synthetic_split(data_cfg: Any, split: str, seed: int) -> Any:
 
     size = data_cfg.train_size if split == "train" else data_cfg.validation_size
     return SyntheticEgoQA(
-        split, size=size, seed=seed, image_size=data_cfg.image_size,
-        num_frames=data_cfg.num_frames, kinds=list(data_cfg.kinds),
+        split,
+        size=size,
+        seed=seed,
+        image_size=data_cfg.image_size,
+        num_frames=data_cfg.num_frames,
+        kinds=list(data_cfg.kinds),
     )
 
 

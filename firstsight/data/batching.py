@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-IGNORE_INDEX = -100  # = firstsight.losses.IGNORE_INDEX (not imported: that module imports torch)
+IGNORE_INDEX = -100  # = firstsight.losses.kd.IGNORE_INDEX (not imported: that module imports torch)
 
 
 def messages_for(sample: Any, with_answer: bool = True) -> List[Dict[str, Any]]:
@@ -17,7 +17,9 @@ def messages_for(sample: Any, with_answer: bool = True) -> List[Dict[str, Any]]:
     return messages
 
 
-def sample_length(processor: Any, question: str, answer: str, frame_sizes: Sequence[Tuple[int, int]]) -> Tuple[int, int]:
+def sample_length(
+    processor: Any, question: str, answer: str, frame_sizes: Sequence[Tuple[int, int]]
+) -> Tuple[int, int]:
     """(tokens, of which visual) of one sample as QACollator batches it alone (no padding): the
     chat-formatted question and answer, each frame's <|image_pad|> expanded to the visual tokens
     the image processor cuts a (width, height) frame into. Cheap: the tokenizer and the image
@@ -55,8 +57,9 @@ class QACollator:
     def __call__(self, samples: Sequence[Any]) -> Dict[str, Any]:
         texts = [self.processor.apply_chat_template(messages_for(s), tokenize=False) for s in samples]
         images = [image for s in samples for image in s.images]
-        batch = self.processor(text=texts, images=images, padding=True, padding_side="right", return_tensors="pt",
-                               **self.padding)
+        batch = self.processor(
+            text=texts, images=images, padding=True, padding_side="right", return_tensors="pt", **self.padding
+        )
         batch["labels"] = self._answer_labels(batch["input_ids"], samples)
         if self.with_index:
             batch["sample_index"] = batch["input_ids"].new_tensor([s.index for s in samples])
@@ -69,7 +72,7 @@ class QACollator:
             start = max(i for i, t in enumerate(ids) if t == self.im_start_id) + 1 + len(self.assistant_header)
             end = ids.index(self.im_end_id, start) + 1  # include <|im_end|>: the model must stop
             labels[row, start:end] = input_ids[row, start:end]
-            decoded = self.processor.tokenizer.decode(ids[start:end - 1])
+            decoded = self.processor.tokenizer.decode(ids[start : end - 1])
             if decoded != sample.answer:  # the chat template and the label span disagree: a bug, not bad data
                 raise RuntimeError(f"answer span decodes to {decoded!r}, expected {sample.answer!r}")
         return labels
@@ -83,7 +86,9 @@ class PromptCollator:
 
     def __call__(self, samples: Sequence[Any]) -> Dict[str, Any]:
         texts = [
-            self.processor.apply_chat_template(messages_for(s, with_answer=False), tokenize=False, add_generation_prompt=True)
+            self.processor.apply_chat_template(
+                messages_for(s, with_answer=False), tokenize=False, add_generation_prompt=True
+            )
             for s in samples
         ]
         images = [image for s in samples for image in s.images]
@@ -98,16 +103,29 @@ class ShuffledBatches:
     consecutive samples of that order and process `rank` takes its rank-th slice, so N processes
     see what one process with N times the batch size sees."""
 
-    def __init__(self, dataset: Any, collator: Any, batch_size: int, seed: int, workers: int = 0,
-                 position: Optional[Dict[str, int]] = None, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        dataset: Any,
+        collator: Any,
+        batch_size: int,
+        seed: int,
+        workers: int = 0,
+        position: Optional[Dict[str, int]] = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         from torch.utils.data import DataLoader
 
         self.epoch = int(position["epoch"]) if position else 0
         self.batches_into_epoch = int(position["batches_into_epoch"]) if position else 0
-        self._sampler = _EpochBatchSampler(len(dataset), batch_size, seed, self.epoch, self.batches_into_epoch,
-                                           rank, world_size)
+        self._sampler = _EpochBatchSampler(
+            len(dataset), batch_size, seed, self.epoch, self.batches_into_epoch, rank, world_size
+        )
         self._loader = DataLoader(
-            dataset, batch_sampler=self._sampler, collate_fn=collator, num_workers=workers,
+            dataset,
+            batch_sampler=self._sampler,
+            collate_fn=collator,
+            num_workers=workers,
             persistent_workers=workers > 0,
         )
         self._iterator = self._batches()
@@ -117,7 +135,7 @@ class ShuffledBatches:
         merely prefetched by workers)."""
         return {"epoch": self.epoch, "batches_into_epoch": self.batches_into_epoch}
 
-    def __iter__(self) -> "ShuffledBatches":
+    def __iter__(self) -> ShuffledBatches:
         return self
 
     def __next__(self) -> Dict[str, Any]:
@@ -137,7 +155,9 @@ class _EpochBatchSampler:
     by (seed, e), cut into global batches of world_size × batch_size, of which this process takes
     slice `rank`; the first epoch iterated skips `skip` batches (a resumed position)."""
 
-    def __init__(self, size: int, batch_size: int, seed: int, epoch: int, skip: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self, size: int, batch_size: int, seed: int, epoch: int, skip: int, rank: int = 0, world_size: int = 1
+    ):
         self.size, self.batch_size, self.seed = size, batch_size, seed
         self.rank, self.global_batch = rank, batch_size * world_size
         self.drop_last = size >= self.global_batch  # a dataset smaller than a batch still yields one
@@ -155,7 +175,7 @@ class _EpochBatchSampler:
         self.epoch += 1
         for index in range(skip, len(self)):
             start = index * self.global_batch + self.rank * self.batch_size
-            yield order[start:start + self.batch_size]
+            yield order[start : start + self.batch_size]
 
 
 def batches(dataset: Any, collator: Any, batch_size: int, seed: int, workers: int = 0) -> ShuffledBatches:

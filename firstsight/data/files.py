@@ -58,8 +58,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 from PIL import Image, ImageOps
 
+from firstsight.core.errors import FirstSightError
 from firstsight.data.synthetic import QASample, _option_line
-from firstsight.errors import FirstSightError
 
 __all__ = ["BAD_SAMPLE_POLICIES", "FORMATS", "FileQA", "MediaSettings", "file_split", "is_file_data", "resolve_path"]
 
@@ -107,12 +107,11 @@ def resolve_path(path: Union[str, Path]) -> Path:
     return Path(to_absolute_path(str(Path(str(path)).expanduser())))
 
 
-def file_split(data_cfg: Any, split: str, processor: Any = None) -> "FileQA":
+def file_split(data_cfg: Any, split: str, processor: Any = None) -> FileQA:
     """The `split` ("train" | "validation") that a file-based `data` config names. A file read
     before in this process, unchanged since, is not read again (validation reads the splits before
     the job creates its run; the task then gets the same datasets). With `data.max_length` set,
-    samples are measured with `processor` (default: the student's, from the config `data_cfg`
-    belongs to)."""
+    samples are measured with `processor` (the student's, which the caller holds)."""
     key = "train_file" if split == "train" else "validation_file"
     raw = data_cfg[key]
     if not raw:
@@ -127,16 +126,37 @@ def file_split(data_cfg: Any, split: str, processor: Any = None) -> "FileQA":
     measured_by = _student_of(data_cfg) if max_length is not None else None  # lengths depend on its processor
     try:
         stat = path.stat()
-        cache_key: Any = (str(path), stat.st_mtime_ns, stat.st_size, data_cfg.format, split, str(image_root), media,
-                          data_cfg.on_bad_sample, max_length, measured_by)
+        cache_key: Any = (
+            str(path),
+            stat.st_mtime_ns,
+            stat.st_size,
+            data_cfg.format,
+            split,
+            str(image_root),
+            media,
+            data_cfg.on_bad_sample,
+            max_length,
+            measured_by,
+        )
     except OSError:  # FileQA says what is wrong with it
         cache_key = None
     if cache_key is not None and cache_key in _READ:
         return _READ[cache_key]
-    if max_length is not None and processor is None:
-        processor = _student_processor(data_cfg)
-    dataset = FileQA(path, data_cfg.format, split=split, image_root=image_root, media=media,
-                     on_bad_sample=data_cfg.on_bad_sample, max_length=max_length, processor=processor)
+    if max_length is not None and processor is None:  # the caller holds the student's processor
+        raise FirstSightError(
+            f"data.max_length={max_length} needs the student's processor to count a sample's "
+            "tokens: pass it to load_split"
+        )
+    dataset = FileQA(
+        path,
+        data_cfg.format,
+        split=split,
+        image_root=image_root,
+        media=media,
+        on_bad_sample=data_cfg.on_bad_sample,
+        max_length=max_length,
+        processor=processor,
+    )
     if cache_key is not None:
         while len(_READ) >= 4:
             _READ.pop(next(iter(_READ)))
@@ -153,19 +173,7 @@ def _student_of(data_cfg: Any) -> Any:
         return None
 
 
-def _student_processor(data_cfg: Any) -> Any:
-    """The processor that measures samples against data.max_length: the student's, from the
-    composed config this `data` node is part of."""
-    root = data_cfg._get_root() if hasattr(data_cfg, "_get_root") else None
-    if root is None or root.get("model") is None:
-        raise FirstSightError(f"data.max_length={data_cfg.max_length} needs the student's processor to count "
-                              "a sample's tokens: read the split through the whole composed config")
-    from firstsight.models import load_processor
-
-    return load_processor(root)
-
-
-_READ: Dict[Any, "FileQA"] = {}  # datasets read in this process (file_split), by file, its state and settings
+_READ: Dict[Any, FileQA] = {}  # datasets read in this process (file_split), by file, its state and settings
 
 
 _FIXTURES = {"conversations": "conversations.jsonl", "egoschema": "egoschema.jsonl"}
@@ -212,8 +220,9 @@ def _fitted_size(size: Tuple[int, int], media: MediaSettings) -> Tuple[int, int]
     from qwen_vl_utils import smart_resize
 
     width, height = size
-    height, width = smart_resize(height, width, factor=PATCH_SIZE * 2, min_pixels=media.min_pixels,
-                                 max_pixels=media.max_pixels)
+    height, width = smart_resize(
+        height, width, factor=PATCH_SIZE * 2, min_pixels=media.min_pixels, max_pixels=media.max_pixels
+    )
     return width, height
 
 
@@ -233,7 +242,9 @@ def _check_image(path: Path) -> Tuple[int, int]:
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError... for broken files
         raise _Bad(f"cannot read image {path}: {err}") from None
     if min(size) < 1 or max(size) / min(size) > MAX_ASPECT_RATIO:
-        raise _Bad(f"image {path} is {size[0]}x{size[1]}: the longer side may be at most {MAX_ASPECT_RATIO}x the shorter")
+        raise _Bad(
+            f"image {path} is {size[0]}x{size[1]}: the longer side may be at most {MAX_ASPECT_RATIO}x the shorter"
+        )
     return size
 
 
@@ -257,8 +268,8 @@ def _video_backend() -> Optional[str]:
 def _no_video_backend(path: Path) -> str:
     return (
         f"cannot read video file {path}: no video reader is installed (PyAV, or torchcodec / decord for "
-        "qwen-vl-utils). Give the clip as a list of frame images instead (\"video\": [\"f0.jpg\", ...] or "
-        "\"frames\": [...]), or install one of them (pip install av)"
+        'qwen-vl-utils). Give the clip as a list of frame images instead ("video": ["f0.jpg", ...] or '
+        '"frames": [...]), or install one of them (pip install av)'
     )
 
 
@@ -319,8 +330,14 @@ def _read_video_qwen(path: Path, media: MediaSettings) -> List[Image.Image]:
     from qwen_vl_utils import fetch_video
 
     video = fetch_video(
-        {"video": str(path), "fps": media.fps, "min_frames": 1, "max_frames": max(2, media.max_frames),
-         "min_pixels": media.min_pixels, "max_pixels": media.max_pixels},
+        {
+            "video": str(path),
+            "fps": media.fps,
+            "min_frames": 1,
+            "max_frames": max(2, media.max_frames),
+            "min_pixels": media.min_pixels,
+            "max_pixels": media.max_pixels,
+        },
         image_patch_size=PATCH_SIZE,
     )  # (T, C, H, W) float in [0, 255]
     frames = video.clamp(0, 255).round().byte().permute(0, 2, 3, 1).numpy()
@@ -365,7 +382,7 @@ class _Parser:
         if value.startswith(("http://", "https://", "data:")):
             raise _Bad(f"{what} {value[:60]!r} is not a local file: download it and give its path (runs are offline)")
         if value.startswith("file://"):
-            value = value[len("file://"):]
+            value = value[len("file://") :]
         path = Path(value).expanduser()
         return path if path.is_absolute() else self.root / path
 
@@ -389,7 +406,9 @@ class _Parser:
         for key in ("image", "images"):
             if key in record:
                 values = record[key] if isinstance(record[key], list) else [record[key]]
-                found += [self.image(v, f"'{key}'" if len(values) == 1 else f"'{key}'[{i}]") for i, v in enumerate(values)]
+                found += [
+                    self.image(v, f"'{key}'" if len(values) == 1 else f"'{key}'[{i}]") for i, v in enumerate(values)
+                ]
         if "video" in record:
             found.append(self.video(record["video"], "'video'"))
         if "videos" in record:
@@ -487,7 +506,7 @@ class _Parser:
         if not media:
             raise _Bad("no image or video: give 'image', 'video', or an image/video part in the user turn")
         letters = _OPTION_LINE.findall(question)
-        if len(answer) == 1 and answer in letters and "".join(letters) == OPTION_LETTERS[:len(letters)]:
+        if len(answer) == 1 and answer in letters and "".join(letters) == OPTION_LETTERS[: len(letters)]:
             return _Record(where, tuple(media), question, answer, "multiple_choice", len(letters))
         return _Record(where, tuple(media), question, answer, "open_ended", 0)
 
@@ -533,8 +552,10 @@ class _Parser:
             raw = [record[f"option {i}"] for i in numbered]
             names = [f"'option {i}'" for i in numbered]
         if not MIN_OPTIONS <= len(raw) <= len(OPTION_LETTERS):
-            raise _Bad(f"{len(raw)} options: give {MIN_OPTIONS} to {len(OPTION_LETTERS)} "
-                       "('options': [...] or 'option 0', 'option 1', ...)")
+            raise _Bad(
+                f"{len(raw)} options: give {MIN_OPTIONS} to {len(OPTION_LETTERS)} "
+                "('options': [...] or 'option 0', 'option 1', ...)"
+            )
         return [" ".join(self.text(value, name).split()) for value, name in zip(raw, names)]
 
 
@@ -547,9 +568,11 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
-        line = path.read_bytes()[:err.start].count(b"\n") + 1
-        raise FirstSightError(f"{path}:{line}: not UTF-8 text ({err}); data files must be UTF-8: convert it "
-                              f"(e.g. iconv -f latin1 -t utf-8)") from None
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise FirstSightError(
+            f"{path}:{line}: not UTF-8 text ({err}); data files must be UTF-8: convert it "
+            f"(e.g. iconv -f latin1 -t utf-8)"
+        ) from None
     except OSError as err:
         raise FirstSightError(f"cannot read data file {path}: {err}") from None
 
@@ -586,15 +609,15 @@ def _json_list(path: Path, text: str) -> Iterator[Tuple[int, Any]]:
     pos = skip(0) + 1  # past "["
     try:
         pos = skip(pos)
-        if text[pos:pos + 1] == "]":
+        if text[pos : pos + 1] == "]":
             return
         while True:
             value, end = decoder.raw_decode(text, pos)
             yield line_at(pos), value
             pos = skip(end)
-            if text[pos:pos + 1] == ",":
+            if text[pos : pos + 1] == ",":
                 pos = skip(pos + 1)
-            elif text[pos:pos + 1] == "]":
+            elif text[pos : pos + 1] == "]":
                 pos = skip(pos + 1)
                 break
             else:
@@ -632,7 +655,9 @@ class FileQA:
         if format not in FORMATS:
             raise FirstSightError(f"unknown data format {format!r}; valid choices: {', '.join(FORMATS)}")
         if on_bad_sample not in BAD_SAMPLE_POLICIES:
-            raise FirstSightError(f"unknown on_bad_sample {on_bad_sample!r}; valid choices: {', '.join(BAD_SAMPLE_POLICIES)}")
+            raise FirstSightError(
+                f"unknown on_bad_sample {on_bad_sample!r}; valid choices: {', '.join(BAD_SAMPLE_POLICIES)}"
+            )
         self.path = Path(path)
         self.format = format
         self.split = split
@@ -640,15 +665,21 @@ class FileQA:
         self.media = media
         self.on_bad_sample = on_bad_sample
         if max_length is not None and processor is None:
-            raise FirstSightError(f"data.max_length={max_length} needs the student's processor to count a sample's tokens")
+            raise FirstSightError(
+                f"data.max_length={max_length} needs the student's processor to count a sample's tokens"
+            )
         self.max_length = max_length
         self.processor = processor
         self.problems: List[str] = []
         self._records = self._load()
         self.skipped = len(self.problems)
         if self.skipped:
-            log.warning("%s: skipped %d bad record(s), kept %d (data.on_bad_sample=skip)",
-                        self.path, self.skipped, len(self._records))
+            log.warning(
+                "%s: skipped %d bad record(s), kept %d (data.on_bad_sample=skip)",
+                self.path,
+                self.skipped,
+                len(self._records),
+            )
 
     def _load(self) -> List[_Record]:
         parser = _Parser(self.image_root, self.media)
@@ -717,8 +748,10 @@ class FileQA:
         return f"{len(self.problems)} bad record(s) skipped: {shown}{more}"
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({str(self.path)!r}, format={self.format!r}, split={self.split!r}, "
-                f"size={len(self)}, skipped={self.skipped})")
+        return (
+            f"{type(self).__name__}({str(self.path)!r}, format={self.format!r}, split={self.split!r}, "
+            f"size={len(self)}, skipped={self.skipped})"
+        )
 
     def __len__(self) -> int:
         return len(self._records)
@@ -736,7 +769,7 @@ class FileQA:
         return QASample(images, record.question, record.answer, record.kind, record.num_choices, index)
 
     def where(self, index: int) -> str:
-        """"<file>:<line>" of sample `index`."""
+        """ "<file>:<line>" of sample `index`."""
         return self._records[index].where
 
     def chance_accuracy(self) -> float:

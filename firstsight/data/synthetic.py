@@ -574,8 +574,9 @@ class _Story:
 def _apply(state: Scene, event: Event) -> Scene:
     """`state` after `event`."""
     if event.side is None:
-        objects = tuple(TableObject(obj.item, event.end) if obj.item.colour == event.colour else obj
-                        for obj in state.objects)
+        objects = tuple(
+            TableObject(obj.item, event.end) if obj.item.colour == event.colour else obj for obj in state.objects
+        )
         return Scene(objects, state.hands)
     put = state.hand(event.side).holding
     hands = tuple(Hand(hand.side) if hand.side == event.side else hand for hand in state.hands)
@@ -593,8 +594,9 @@ def _free_steps(state: Scene, colour: str) -> list[tuple[str, Cell]]:
     return [(direction, end) for direction, end in steps if end is not None and not state.occupied(end)]
 
 
-def _step(state: Scene, colour: str, after: int, rng: np.random.Generator,
-          allowed: Sequence[str] = DIRECTIONS) -> Optional[Event]:
+def _step(
+    state: Scene, colour: str, after: int, rng: np.random.Generator, allowed: Sequence[str] = DIRECTIONS
+) -> Optional[Event]:
     """A random step of the object of `colour` in one of the `allowed` directions, or None if it has none."""
     steps = [(direction, end) for direction, end in _free_steps(state, colour) if direction in allowed]
     if not steps:
@@ -642,8 +644,14 @@ def _tell_moved_first(scene: Scene, rng: np.random.Generator, num_frames: int, _
         return None
     first, second = (scene.objects[int(i)] for i in rng.choice(len(scene.objects), size=2, replace=False))
     early, late = sorted(int(t) for t in rng.choice(num_frames - 1, size=2, replace=False))
-    played = _play(scene, [(early, lambda state: _step(state, first.item.colour, early, rng), True),
-                           (late, lambda state: _step(state, second.item.colour, late, rng), True)], num_frames)
+    played = _play(
+        scene,
+        [
+            (early, lambda state: _step(state, first.item.colour, early, rng), True),
+            (late, lambda state: _step(state, second.item.colour, late, rng), True),
+        ],
+        num_frames,
+    )
     if played is None:
         return None
     options = _item_options(first.item, [second.item], scene, rng)
@@ -665,8 +673,9 @@ def _tell_which_way(scene: Scene, rng: np.random.Generator, num_frames: int, dir
         other = others[int(rng.integers(len(others)))]
         other_when = int(rng.integers(num_frames - 1))
         elsewhere = tuple(d for d in DIRECTIONS if d != direction)
-        plan.append((other_when, lambda state: _step(state, other.item.colour, other_when, rng, allowed=elsewhere),
-                     False))
+        plan.append(
+            (other_when, lambda state: _step(state, other.item.colour, other_when, rng, allowed=elsewhere), False)
+        )
     played = _play(scene, plan, num_frames)
     if played is None:
         return None
@@ -719,8 +728,12 @@ def _tell_put_down(scene: Scene, rng: np.random.Generator, num_frames: int, _: o
 
 # Each temporal kind: what is drawn once per sample before any scene (so that retried scenes leave
 # the answers uniform), and the teller that makes a story of a scene with it, or None.
-_TELLERS: Mapping[str, tuple[Callable[[np.random.Generator], object],
-                             Callable[[Scene, np.random.Generator, int, object], Optional[_Story]]]] = MappingProxyType(
+_TELLERS: Mapping[
+    str,
+    tuple[
+        Callable[[np.random.Generator], object], Callable[[Scene, np.random.Generator, int, object], Optional[_Story]]
+    ],
+] = MappingProxyType(
     {
         "moved_first": (lambda rng: None, _tell_moved_first),
         "which_way": (lambda rng: DIRECTIONS[int(rng.integers(len(DIRECTIONS)))], _tell_which_way),
@@ -751,7 +764,7 @@ def _fill_every_way(template: str) -> Iterator[str]:
 
 @functools.lru_cache(maxsize=1)
 def _corpus() -> tuple[str, ...]:
-    # The default kinds' text only: the shipped offline tokenizer (firstsight/tiny.py) was trained on
+    # The default kinds' text only: the shipped offline tokenizer (firstsight/models/tiny.py) was trained on
     # exactly this corpus. The temporal kinds' words are byte-level encodable all the same.
     stems = (text for kind in DEFAULT_KINDS for t in _TEMPLATES[kind] for text in _fill_every_way(t))
     option_texts = [NOTHING, *(item.description for item in ALL_ITEMS), *DIRECTIONS]

@@ -1,0 +1,121 @@
+"""Measured performance figures: peak memory and steady-state throughput.
+
+Peak memory is `torch.cuda.max_memory_allocated` on CUDA (logged as perf/peak_vram_gb) and the
+process's peak resident set (VmHWM, reset per job through /proc/self/clear_refs) on the CPU
+(logged as perf/peak_rss_gb): never a VRAM figure where there is no VRAM.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+GB = 1e9
+
+
+class PeakMemory:
+    """Peak memory since `reset()`, under the metric name of what it measures."""
+
+    def __init__(self, device_type: str):
+        self.device_type = device_type
+        self.scope = "job"
+
+    def reset(self) -> None:
+        if self.device_type == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+            return
+        try:  # writing 5 resets the peak RSS (VmHWM) of this process (Linux >= 4.0)
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            self.scope = "process"  # peak since the process started (earlier jobs of a sweep included)
+
+    @property
+    def metric_name(self) -> str:
+        return "perf/peak_vram_gb" if self.device_type == "cuda" else "perf/peak_rss_gb"
+
+    def peak_gb(self) -> float:
+        if self.device_type == "cuda":
+            import torch
+
+            return torch.cuda.max_memory_allocated() / GB
+        return vm_hwm_bytes() / GB
+
+
+def available_host_memory_bytes() -> Optional[int]:
+    """MemAvailable of /proc/meminfo: what the host can still give processes without swapping
+    (None where there is no /proc/meminfo)."""
+    return _proc_bytes("/proc/meminfo", "MemAvailable")
+
+
+def vm_hwm_bytes() -> int:
+    peak = _proc_bytes("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _proc_bytes(path: str, key: str) -> Optional[int]:
+    """The `key:` line of a /proc file (its value in kB) in bytes; None if it is not there."""
+    try:
+        for line in Path(path).read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@dataclass
+class ThroughputMeter:
+    """Samples and tokens per second over the steps after `warmup_steps` (first steps excluded:
+    allocator growth, lazy initialisation and caches make them unrepresentative)."""
+
+    warmup_steps: int
+    step_times: List[float] = field(default_factory=list)
+    samples: int = 0
+    tokens: int = 0
+    measured_time: float = 0.0
+
+    def add_step(self, seconds: float, samples: int, tokens: int) -> None:
+        self.step_times.append(seconds)
+        if len(self.step_times) > self.warmup_steps:
+            self.samples += samples
+            self.tokens += tokens
+            self.measured_time += seconds
+
+    def summary(self) -> Dict[str, float]:
+        if self.measured_time <= 0:
+            return {}
+        return {
+            "perf/throughput_samples_per_s": self.samples / self.measured_time,
+            "perf/throughput_tokens_per_s": self.tokens / self.measured_time,
+            "perf/measured_steps": float(len(self.step_times) - self.warmup_steps),
+        }
+
+
+class StepTimer:
+    """Wall time of one step; synchronises CUDA so queued kernels are counted."""
+
+    def __init__(self, device_type: str):
+        self.device_type = device_type
+
+    def _sync(self) -> None:
+        if self.device_type == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
+    def __enter__(self) -> StepTimer:
+        self._sync()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sync()
+        self.seconds = time.perf_counter() - self.start

@@ -1,0 +1,418 @@
+"""Build or load the teacher and the student, with precision applied.
+
+Every side resolves to one of three origins: the embedded tiny builder, a hub id, or a local
+directory; `weights: random` builds the same architecture at full size with random weights.
+The frozen teacher takes `precision.dtype` and `precision.quantization` (bitsandbytes INT8/NF4),
+part by part where `precision.parts` says so (firstsight.models.parts: vision tower, merger, language model);
+the trainable student keeps float32 master weights and trains under autocast to
+`precision.dtype` (mixed precision), so fp16/bf16 never update weights in low precision.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+from omegaconf import DictConfig
+
+from firstsight.core.errors import FirstSightError
+from firstsight.core.files import staged_dir
+from firstsight.core.runtime import is_offline, torch_dtype
+from firstsight.models.parts import (
+    TORCHAO_KINDS,
+    PartPrecision,
+    apply_part_dtypes,
+    part_bytes,
+    part_weights_gb,
+    quantization_kind,
+    resolve_parts,
+    skip_modules,
+)
+
+log = logging.getLogger(__name__)
+
+# Qwen2-VL's own processor: 4 to 1280 visual tokens of 28x28 pixels per image.
+REAL_PIXEL_RANGE = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    role: str  # teacher | student
+    origin: str  # what it was built from (tiny, a hub id, a directory, a cache path)
+    params_b: float  # parameters, billions
+    weights_gb: float  # parameters + buffers as loaded (transformers' memory footprint)
+    load_time_s: float
+    vocab_rows: int  # output rows of the LM head
+    parts: Dict[str, PartPrecision] = field(default_factory=dict)  # resolved precision per part
+    part_weights_gb: Dict[str, float] = field(default_factory=dict)  # weights_gb split by part, measured
+
+
+def _value(x: Any) -> str:
+    return x.value if hasattr(x, "value") else str(x)
+
+
+def load_processor(cfg: DictConfig) -> Any:
+    """The student's processor (teacher and student share the tokenizer); the embedded offline
+    one for tiny models and for random-weight architectures whose processor is not at hand."""
+    from firstsight.models.tiny import tiny_processor
+
+    student = cfg.model.student
+    if student.source == "tiny":
+        return tiny_processor(cfg.cache_dir)
+    if _value(student.weights) == "random" and not os.path.isdir(student.source):
+        from firstsight.core.runtime import in_hub_cache
+
+        if is_offline() and not in_hub_cache(student.source, student.revision):
+            log.info(
+                "no processor of %s at hand offline: using the embedded tokenizer with Qwen2-VL's pixel range",
+                student.source,
+            )
+            processor = tiny_processor(cfg.cache_dir)
+            # the stand-in must cut frames into as many visual tokens as the real processor would
+            processor.image_processor.size = dict(REAL_PIXEL_RANGE)
+            return processor
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(
+            student.source,
+            revision=student.revision,
+            local_files_only=is_offline(),
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    except (OSError, ValueError) as err:
+        raise FirstSightError(
+            f"could not load the processor of model.student.source={student.source!r}: {err}"
+        ) from err
+
+
+def shares_the_processor(cfg: DictConfig) -> bool:
+    """Teacher and student use one processor by construction (tiny, the same source, or a
+    random-weight teacher built over the student's processor): nothing to compare."""
+    teacher = cfg.model.teacher
+    return teacher.source in ("tiny", cfg.model.student.source) or _value(teacher.weights) == "random"
+
+
+def check_same_tokenizer(cfg: DictConfig, processor: Any) -> None:
+    """Teacher and student must share one tokenizer (padding rows aside) for KD to be defined.
+    Checked by firstsight.suite.validate before a distill job creates its run."""
+    teacher = cfg.model.teacher
+    if shares_the_processor(cfg):
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        teacher_tok = AutoTokenizer.from_pretrained(
+            teacher.source,
+            revision=teacher.revision,
+            local_files_only=is_offline(),
+            trust_remote_code=cfg.model.trust_remote_code,
+        )
+    except (OSError, ValueError) as err:
+        raise FirstSightError(
+            f"could not load the tokenizer of model.teacher.source={teacher.source!r} to compare it "
+            f"with the student's: {err}"
+        ) from err
+    if teacher_tok.get_vocab() != processor.tokenizer.get_vocab():
+        raise FirstSightError(
+            f"teacher {teacher.source!r} and student {cfg.model.student.source!r} use different tokenizers "
+            f"({len(teacher_tok)} vs {len(processor.tokenizer)} tokens): token-level KD needs one shared vocabulary."
+        )
+
+
+def quantization_config(parts: Dict[str, PartPrecision]) -> Optional[Any]:
+    """One BitsAndBytesConfig for the model's quantized parts (None when no part is quantized, or
+    when torchao quantizes them after loading: quantize_after_loading); the unquantized parts and
+    the output head are its `llm_int8_skip_modules`."""
+    kind = quantization_kind(parts)
+    if kind is None or kind in TORCHAO_KINDS:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    skip = skip_modules(parts)
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    if kind == "nf4":
+        quantized = [p for p in ("language", "merger", "vision") if parts[p].quantized]
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch_dtype(parts[quantized[0]].dtype),  # per part after loading
+            bnb_4bit_use_double_quant=True,
+            llm_int8_skip_modules=skip,
+        )
+    raise FirstSightError(f"quantization {kind!r} is not supported; choose none, int8 or nf4")
+
+
+def quantize_after_loading(model: Any, parts: Dict[str, PartPrecision]) -> None:
+    """torchao kinds (parts.TORCHAO_KINDS): the quantized parts' Linear layers get torchao weights in
+    place (the output head never): int8_weight_only = int8 weights with per-row scales; fp8 = float8
+    e4m3 weights and dynamically quantized activations with per-row scales (torch._scaled_mm)."""
+    kind = quantization_kind(parts)
+    if kind not in TORCHAO_KINDS:
+        return
+    import torch
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int8WeightOnlyConfig, PerRow, quantize_
+
+    from firstsight.models.parts import part_of
+
+    # set_inductor_config=False: by default torchao switches inductor's coordinate descent tuning (in
+    # all directions) on for the whole process when it quantizes, so every later torch.compile in it
+    # tuned each kernel, one configuration at a time, in every direction: the int8 student's
+    # static_compile decode step was still in the tuner after 200 s (faulthandler, H200, 2026-12-02
+    # 07:08). Loading a model must not change how the rest of the process compiles; the decode step
+    # asks for its own tuning (generation.COMPILE_OPTIONS).
+    if kind == "int8_weight_only":
+        config = Int8WeightOnlyConfig(set_inductor_config=False)
+    else:
+        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+
+    def quantized_linear(module: Any, name: str) -> bool:
+        part = part_of(name)
+        return isinstance(module, torch.nn.Linear) and part is not None and parts[part].quantized and name != "lm_head"
+
+    quantize_(model, config, filter_fn=quantized_linear)
+
+
+def repeated_blocks(model: Any) -> Iterator[Any]:
+    """The blocks transformers would not split across devices (`_no_split_modules`): the decoder
+    layers and the vision blocks, each repeated tens of times with one structure."""
+    from firstsight.models.parts import base_model
+
+    names = set(getattr(base_model(model), "_no_split_modules", None) or [])
+    return (module for module in model.modules() if type(module).__name__ in names)
+
+
+def compile_blocks(model: Any, memory_budget: float = 1.0, cpp_wrapper: Optional[bool] = None) -> int:
+    """hardware.compile: torch.compile each repeated block in place (regional compilation). The
+    blocks of one kind share their compiled code, so it compiles in seconds, on the first step,
+    with dynamic shapes (batches differ in length); between the blocks it runs eagerly. Inductor
+    fuses each block's elementwise work (RMSNorm, rotary embeddings, SwiGLU, casts), cutting the
+    kernel launches that leave the GPU idle in eager mode. Returns how many blocks were compiled.
+
+    `memory_budget` (hardware.compile_memory_budget) < 1: the partitioner that splits each block's
+    graph into forward and backward keeps only about that share of the activations it would save,
+    and the backward recomputes the rest, cheapest first (elementwise work before matrix products),
+    inside its own fused kernels: recomputation without the extra launches of gradient
+    checkpointing. It is torch's process-wide setting (torch._functorch.config.
+    activation_memory_budget), read whenever a block is compiled, which is on first use.
+
+    `cpp_wrapper` (hardware.compile_cpp_wrapper): inductor writes each compiled graph's launcher
+    (the code that sizes buffers and launches its kernels) in C++ rather than Python. A compiled
+    block's forward or backward launches dozens of kernels; from Python each launch costs host time
+    the GPU waits out when the step is bound by the host, as the KD step on an H200 is. None: where
+    the model's weights are on a CUDA device (on a CPU the wrapper's own compile costs more than it
+    saves)."""
+    import torch._functorch.config as functorch_config
+
+    functorch_config.activation_memory_budget = memory_budget
+    blocks = list(repeated_blocks(model))
+    if cpp_wrapper is None:
+        cpp_wrapper = any(p.device.type == "cuda" for p in model.parameters())
+    options = {"cpp_wrapper": True} if cpp_wrapper else None
+    for block in blocks:
+        block.compile(dynamic=True, options=options)
+    return len(blocks)
+
+
+def _random_config(cfg: DictConfig, role: str, processor: Any) -> Any:
+    """The architecture of a side, for random weights; special-token ids follow `processor`."""
+    side = cfg.model[role]
+    if side.source == "tiny":
+        from firstsight.models.tiny import tiny_model_config
+
+        return tiny_model_config(side.tiny, processor.tokenizer)
+    from firstsight.models.architectures import KNOWN_ARCHITECTURES, known_config
+
+    if side.source in KNOWN_ARCHITECTURES:
+        config = known_config(side.source)
+    else:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(side.source, revision=side.revision, local_files_only=is_offline())
+    tokenizer = processor.tokenizer
+    for attr, token in [
+        ("image_token_id", "<|image_pad|>"),
+        ("video_token_id", "<|video_pad|>"),
+        ("vision_start_token_id", "<|vision_start|>"),
+        ("vision_end_token_id", "<|vision_end|>"),
+    ]:
+        setattr(config, attr, tokenizer.convert_tokens_to_ids(token))
+    return config
+
+
+def _from_pretrained(
+    path: str,
+    revision: Optional[str],
+    dtype: Any,
+    quant: Optional[Any],
+    device: str,
+    attn: str,
+    trust_remote_code: bool,
+) -> Any:
+    from transformers import Qwen2VLForConditionalGeneration
+
+    model, info = Qwen2VLForConditionalGeneration.from_pretrained(
+        path,
+        revision=revision,
+        dtype=dtype,
+        quantization_config=quant,
+        device_map={"": device},
+        attn_implementation=attn,
+        local_files_only=is_offline() or os.path.isdir(path),
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,  # weights only as safetensors: never unpickle a .bin
+        ignore_mismatched_sizes=True,
+        output_loading_info=True,  # checked right below, with a clear message
+    )
+    problem = weights_mismatch(model, info)
+    if problem:
+        raise FirstSightError(
+            f"the weights in {path} do not match its config.json: {problem}. The checkpoint is damaged or "
+            "incomplete, or config.json was edited or belongs to another model; save the model again."
+        )
+    return model
+
+
+def weights_mismatch(model: Any, info: Dict[str, Any]) -> Optional[str]:
+    """What transformers would otherwise initialise at random: tensors of another shape than the
+    config's, or tensors missing from the checkpoint (a tied output head aside); None if none."""
+    mismatched = list(info.get("mismatched_keys") or [])
+    tied = {"lm_head.weight"} if getattr(model.config.get_text_config(), "tie_word_embeddings", False) else set()
+    missing = sorted(set(info.get("missing_keys") or []) - tied)
+    parts = []
+    if mismatched:
+        shown = ", ".join(
+            f"{k} is {tuple(saved)} in the file, {tuple(wanted)} by the config" for k, saved, wanted in mismatched[:3]
+        )
+        parts.append(f"{len(mismatched)} tensor(s) of another shape ({shown}{', ...' if len(mismatched) > 3 else ''})")
+    if missing:
+        parts.append(
+            f"{len(missing)} tensor(s) missing ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''})"
+        )
+    return "; ".join(parts) or None
+
+
+def _timed(load: Any) -> Tuple[Any, float]:
+    start = time.perf_counter()
+    model = load()
+    return model, time.perf_counter() - start
+
+
+def _load_random(config: Any, dtype: Any, quant: Optional[Any], device: str, attn: str) -> Tuple[Any, float]:
+    """A random-weight model and the seconds its loading took (initialisation, or for quantized
+    models the quantizing load of a temporary checkpoint, whose writing is not counted)."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    if quant is None:
+        with torch.device(device):  # initialise on the target device: minutes faster for 8B on a GPU
+            return _timed(
+                lambda: Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn)
+            )
+    # Quantizers act while loading a checkpoint: write the random weights once, load them quantized.
+    # They are made on the target device (minutes faster than CPU init at 8B), written, and freed;
+    # the GPU's peak counter is then reset so that this scaffolding never counts as the model's cost,
+    # nor against a memory budget (hardware.memory_budget_gb: the cap is lifted meanwhile).
+    from firstsight.core.memory import uncapped
+
+    with tempfile.TemporaryDirectory(prefix="firstsight-random-") as tmp:
+        with uncapped(device):
+            with torch.device(device):
+                unquantized = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
+            unquantized.save_pretrained(tmp)
+            del unquantized
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        return _timed(lambda: _from_pretrained(tmp, None, dtype, quant, device, attn, False))
+
+
+def load_model(cfg: DictConfig, role: str, processor: Any, device: str, frozen: bool) -> LoadedModel:
+    """Teacher (frozen: precision dtype + quantization) or student (trainable: precision.trainable_dtype,
+    fp32 master weights by default;
+    with `lora.enabled` a frozen base in the precision's dtype/quantization plus fp32 adapters).
+    `load_time_s` counts loading only, not a tiny model's first-use training."""
+    import torch
+
+    side = cfg.model[role]
+    lora = not frozen and cfg.lora.enabled
+    frozen_weights = frozen or lora
+    parts = resolve_parts(cfg, role, frozen_weights)  # all float32, unquantized when the weights train
+    loaded_dtype = _value(cfg.precision.dtype if frozen_weights else cfg.precision.trainable_dtype)
+    dtype = torch_dtype(loaded_dtype)
+    quant = quantization_config(parts)
+    attn = cfg.hardware.attn_implementation
+    if _value(side.weights) == "random":
+        torch.manual_seed(cfg.seed + (1 if role == "student" else 2))  # each side's init repeatable
+        model, load_time = _load_random(_random_config(cfg, role, processor), dtype, quant, device, attn)
+        origin = f"{side.source} (random weights)"
+    elif side.source == "tiny":
+        from firstsight.models.pretrain import tiny_model_dir
+
+        path = tiny_model_dir(cfg, role, processor)  # shipped for the defaults, else trained on first use and cached
+        model, load_time = _timed(lambda: _from_pretrained(str(path), None, dtype, quant, device, attn, False))
+        origin = str(path)
+    else:
+        try:
+            model, load_time = _timed(
+                lambda: _from_pretrained(
+                    side.source, side.revision, dtype, quant, device, attn, cfg.model.trust_remote_code
+                )
+            )
+        except (OSError, ValueError) as err:
+            raise FirstSightError(f"could not load model.{role}.source={side.source!r}: {err}") from err
+        origin = side.source
+    start = time.perf_counter()
+    apply_part_dtypes(model, parts, loaded_dtype)  # parts whose dtype differs from the loaded one
+    quantize_after_loading(model, parts)  # torchao kinds; bitsandbytes ones were quantized while loading
+    load_time += time.perf_counter() - start
+    if cfg.hardware.batched_vision_attention:
+        from firstsight.models.vision_attention import batch_frames
+
+        batch_frames(model)  # the same attention, one SDPA call for all frames of one size
+    if cfg.hardware.grouped_decode_attention:
+        from firstsight.models.decode_attention import group_decode
+
+        group_decode(model)  # the same attention, decode steps without a per-head copy of the cache
+    if frozen:
+        model.eval()
+        model.requires_grad_(False)
+    else:
+        if cfg.hardware.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        if lora:
+            from firstsight.models.lora import apply_lora
+
+            model = apply_lora(model, cfg, quantized=quant is not None)
+        model.train()
+    return LoadedModel(
+        model=model,
+        role=role,
+        origin=origin,
+        params_b=model.num_parameters() / 1e9,  # with LoRA: base + adapters
+        weights_gb=sum(part_bytes(model).values()) / 1e9,  # get_memory_footprint's count, torchao weights as stored
+        load_time_s=load_time,
+        vocab_rows=model.get_output_embeddings().weight.shape[0],
+        parts=parts,
+        part_weights_gb=part_weights_gb(model),
+    )
+
+
+def save_model_atomically(
+    model: Any, processor: Any, out_dir: str, extra_files: Optional[Dict[str, str]] = None
+) -> None:
+    """save_pretrained (safetensors) of model and processor, plus `extra_files` (name → text: run
+    record, model card), into a staged directory that replaces `out_dir` whole."""
+    with staged_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        processor.save_pretrained(tmp)
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(text)

@@ -1,0 +1,94 @@
+"""Qwen2-VL's vision attention with every frame of one size in a single SDPA call.
+
+transformers splits the encoder's packed frames at their boundaries (a `.tolist()` read-back in
+every block, a graph break when compiled) and calls SDPA once per frame. Frames of one size are the
+same attention as one SDPA call over a batch of frames: [1, heads, n * L, d] viewed as
+[n, heads, L, d]. Frames of different sizes fall back to one call per frame.
+
+transformers hands the frames' boundaries (`cu_seq_lens_q`, `max_length_q`) only to attention
+implementations whose name contains "flash" (`is_flash_attention_requested`), hence this one's
+name; it runs torch's SDPA, nothing from flash-attn. Only the vision encoder's config is switched
+(`hardware.batched_vision_attention`); the language model keeps SDPA.
+Design notes: docs/design/vision_attention.md; measured:
+docs/decisions/0004-batched-vision-attention.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Optional, Tuple
+
+from firstsight.models.attention import switch_implementation
+
+NAME = "firstsight_flash_frames"  # "flash" in the name: see the module docstring
+_SWITCHED_FROM = "sdpa"  # the only implementation this one replaces (the same kernels, fewer calls)
+
+
+def frames_attention(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Optional[Any] = None,
+    scaling: Optional[float] = None,
+    dropout: float = 0.0,
+    cu_seq_lens_q: Optional[Any] = None,
+    max_length_q: Optional[int] = None,
+    **_: Any,
+) -> Tuple[Any, None]:
+    """Attention within each frame of `query`/`key`/`value` [1, heads, total, dim] (frames packed
+    along `total`, boundaries `cu_seq_lens_q`); returns [1, total, heads, dim] as flash
+    implementations do, and no weights."""
+    import torch
+    import torch.nn.functional as F
+
+    if attention_mask is not None or cu_seq_lens_q is None:
+        raise ValueError(f"{NAME} is Qwen2-VL's vision attention: frame boundaries, no mask")
+    _, heads, total, dim = query.shape
+    frames = cu_seq_lens_q.shape[0] - 1
+    if max_length_q is not None and frames * max_length_q == total:  # every frame has the longest length
+        q, k, v = (t[0].unflatten(1, (frames, max_length_q)).transpose(0, 1) for t in (query, key, value))
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling)  # [n, heads, L, dim]
+        return out.transpose(1, 2).reshape(1, total, heads, dim), None
+    lengths = (cu_seq_lens_q[1:] - cu_seq_lens_q[:-1]).tolist()
+    outs = [
+        F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, scale=scaling)
+        for q, k, v in zip(*(t.split(lengths, dim=2) for t in (query, key, value)))
+    ]
+    return torch.cat(outs, dim=2).transpose(1, 2), None
+
+
+def _vision_config(model: Any) -> Any:
+    return getattr(getattr(model, "config", None), "vision_config", None)
+
+
+def batch_frames(model: Any) -> bool:
+    """Switch a Qwen2-VL model's vision encoder (SDPA) to frames_attention, in place; True if it
+    was switched. Other models and other attention implementations are left as they are."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, frames_attention)  # idempotent: the same function under the same name
+    return switch_implementation(_vision_config(model), _SWITCHED_FROM, NAME)
+
+
+@contextlib.contextmanager
+def plain_config(model: Any) -> Iterator[Any]:
+    """Within the block, the model's config names SDPA for the vision encoder and the language
+    model again, for building another model from it: transformers takes any implementation whose
+    name contains "flash" for a flash-attn kernel to import, and would refuse this one; and the
+    copy should not depend on this process's registrations (saved configs never carry either)."""
+    from firstsight.models.decode_attention import group_decode, ungroup_decode
+
+    frames, grouped = unbatch_frames(model), ungroup_decode(model)
+    try:
+        yield model.config
+    finally:
+        if frames:
+            batch_frames(model)
+        if grouped:
+            group_decode(model)
+
+
+def unbatch_frames(model: Any) -> bool:
+    """Undo batch_frames: one SDPA call per frame again (benchmarks' naive paths); True if undone."""
+    return switch_implementation(_vision_config(model), NAME, _SWITCHED_FROM)
