@@ -52,7 +52,7 @@ anything is built. The groups and their choices are at the end; [config-groups.m
 describes them in prose.
 """
 
-# Tracker references in schema comments ("(issue 6)", "issue 6; ") are left out of the page.
+# Tracker references in schema comments (a parenthesised or leading "issue <number>") are left out of the page.
 _TRACKER = re.compile(r"\s*\((?:issue|Issue) \d+\)|(?:issue|Issue) \d+[;,:]\s*")
 
 

@@ -254,7 +254,7 @@ class TrainConfig:
     resume: str = (
         "auto"  # auto: continue from this job's own latest checkpoint if any | never | a run dir or checkpoint path
     )
-    # Speed (issue 6; benchmarks/kd_step.py measures each against the naive way):
+    # Speed (benchmarks/kd_step.py measures each against the naive way):
     logits: str = (
         "answer_positions"  # answer_positions: lm_head only where a loss is taken | all_positions: every token (naive)
     )
