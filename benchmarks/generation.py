@@ -434,7 +434,7 @@ def markdown(data: Dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "Captures (one per batch size, and per logits-recording run) happen in the first call of each shape, "
+        "Captures (one per batch size, and per logits-recording run) happen in the first use of each shape, "
         "outside the timed queries.",
         "",
         f"Equivalence with the naive path (raw float32 logits; tolerance |diff| <= {RTOL:g} x max|logit| + {ATOL:g}; "

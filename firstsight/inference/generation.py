@@ -255,7 +255,7 @@ class GreedyDecoder:
     def reserve_prefill(self, batch: Dict[str, Any], max_new_tokens: int) -> None:
         """Run this batch's prefill once (a host batch is moved to the model's device first),
         capturing the graphs it replays (the vision encoder's for its frame grid, the language
-        model's for its shape), so that no later call of the same shape pays them. Call `reserve`
+        model's for its shape), so that no later use of the same shape pays them. Call `reserve`
         for the batch size first: the language model's graph belongs to that static cache. Nothing
         to do where graphs are not used (CPU, method hf)."""
         import torch
