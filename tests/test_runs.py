@@ -97,7 +97,7 @@ def test_shipped_tiny_teacher_beats_chance_clearly(cache_dir):
     from firstsight.data.batching import QACollator, in_order
     from firstsight.data.synthetic import SyntheticEgoQA
     from firstsight.models.loading import load_model, load_processor
-    from firstsight.models.pretrain import teacher_info
+    from firstsight.models.pretrain import model_info
 
     cfg = compose()
     processor = load_processor(cfg)
@@ -109,7 +109,7 @@ def test_shipped_tiny_teacher_beats_chance_clearly(cache_dir):
     accuracy = answer_accuracy(teacher.model, in_order(validation, QACollator(processor), 32), "cpu", torch.float32)
     chance = validation.chance_accuracy()
     assert accuracy > chance + 0.15, (accuracy, chance)
-    assert accuracy == pytest.approx(teacher_info(teacher.origin)["validation_accuracy"], abs=0.02)
+    assert accuracy == pytest.approx(model_info(teacher.origin)["validation_accuracy"], abs=0.02)
 
 
 @pytest.mark.parametrize("target", ["student", "teacher"])

@@ -35,11 +35,10 @@ def test_the_default_student_is_the_shipped_base_not_retrained(processor, tmp_pa
 
 def test_the_teacher_keeps_its_shipped_directory(processor, tmp_path):
     from firstsight.core.files import SHIPPED
-    from firstsight.models.pretrain import tiny_model_dir, tiny_teacher_dir
+    from firstsight.models.pretrain import tiny_model_dir
 
     cfg = compose(_fresh_cache(tmp_path))
     assert tiny_model_dir(cfg, "teacher", processor) == SHIPPED / TEACHER
-    assert tiny_teacher_dir(cfg, "teacher", processor) == SHIPPED / TEACHER  # the former name
     assert not (tmp_path / "cache").exists()
 
 

@@ -157,9 +157,9 @@ def teacher_identity(cfg: DictConfig, processor: Any, device: str) -> Dict[str, 
             "init_device": device,
         }
     if side.source == "tiny":
-        from firstsight.models.pretrain import tiny_teacher_dir
+        from firstsight.models.pretrain import tiny_model_dir
 
-        path = tiny_teacher_dir(cfg, "teacher", processor)  # trained on first use (a miss needs it anyway)
+        path = tiny_model_dir(cfg, "teacher", processor)  # trained on first use (a miss needs it anyway)
         files = {f.name: sha256_file(f) for f in [path / "config.json", *_weight_files(path)] if f.is_file()}
         return {"source": "tiny", "weights": "pretrained", "dir": path.name, "sha256": files}
     path = Path(os.path.expanduser(side.source))

@@ -69,17 +69,9 @@ def tiny_model_dir(cfg: DictConfig, role: str, processor: Any) -> Path:
     return cached_dir(path, lambda out: _pretrain(cfg, role, processor, data, out))
 
 
-def tiny_teacher_dir(cfg: DictConfig, role: str, processor: Any) -> Path:
-    """The former name of tiny_model_dir (its callers pass the role)."""
-    return tiny_model_dir(cfg, role, processor)
-
-
 def model_info(path: Path) -> Dict[str, Any]:
     """What the pre-training of a trained tiny model recorded (validation accuracy, steps, ...)."""
     return read_info(path)
-
-
-teacher_info = model_info  # the former name
 
 
 def _pretrain(cfg: DictConfig, role: str, processor: Any, data: DictConfig, out_dir: Path) -> Dict[str, Any]:

@@ -198,9 +198,9 @@ def distill(
     }
     tags = {"firstsight.teacher": teacher.origin, "firstsight.student": student.origin}
     if cfg.model.teacher.source == "tiny" and cfg.model.teacher.weights.value == "pretrained":
-        from firstsight.models.pretrain import teacher_info
+        from firstsight.models.pretrain import model_info
 
-        info = teacher_info(Path(teacher.origin))
+        info = model_info(Path(teacher.origin))
         tags["firstsight.teacher_pretrain_accuracy"] = f"{info['validation_accuracy']:.4f}"
     tracker.set_tags(tags)
     tracker.log_metrics(model_metrics)
