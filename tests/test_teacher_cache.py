@@ -223,6 +223,70 @@ def test_the_key_changes_with_each_determining_input_only(cache_dir):
         assert _key(cache_dir, same) == base, same
 
 
+def _touch_later(path, seconds=10):
+    """Move `path`'s mtime `seconds` later, as a rewrite a little later would."""
+    import os
+
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + seconds * 1_000_000_000))
+
+
+def test_a_local_teacher_s_key_follows_its_weight_files(cache_dir, tmp_path):
+    """A teacher in a local directory, retrained in place: the key changes with its weight files
+    (a rewrite of the same size, a shard added) and its config, not with other files there."""
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text('{"hidden_size": 32}')
+    weights = teacher / "model.safetensors"
+    weights.write_bytes(b"a" * 64)
+    local = [f"model.teacher.source={teacher}", "model.teacher.weights=pretrained"]
+    first = _key(cache_dir, local)
+    assert _key(cache_dir, local) == first  # stable
+    (teacher / "README.md").write_text("notes")  # not a weight file
+    assert _key(cache_dir, local) == first
+
+    weights.write_bytes(b"b" * 64)  # retrained: the same file name and size, new contents
+    _touch_later(weights)
+    retrained = _key(cache_dir, local)
+    assert retrained != first
+    (teacher / "model-00002-of-00002.safetensors").write_bytes(b"c" * 8)  # a shard added
+    sharded = _key(cache_dir, local)
+    assert sharded not in (first, retrained)
+    (teacher / "config.json").write_text('{"hidden_size": 64}')
+    assert _key(cache_dir, local) not in (first, retrained, sharded)
+
+
+def test_a_hub_teacher_s_key_follows_its_revision_and_cached_commit(cache_dir, tmp_path, monkeypatch):
+    """A hub id: keyed by the revision asked for and the commit of the local snapshot it resolves to
+    (huggingface_hub's cache layout: refs/<revision> holds the commit, snapshots/<commit>/ the files)."""
+    from huggingface_hub import constants
+
+    from firstsight.kd.teacher_cache import teacher_identity
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--org--teacher"
+    old, new = "1" * 40, "2" * 40
+    for commit in (old, new):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(old)
+    hub = ["model.teacher.source=org/teacher", "model.teacher.weights=pretrained"]
+
+    assert teacher_identity(compose([*BASE, *hub]), None, "cpu")["commit"] == old  # main, through refs/main
+
+    on_main = _key(cache_dir, hub)
+    assert _key(cache_dir, hub) == on_main
+    (repo / "refs" / "main").write_text(new)  # main moved on: another snapshot downloaded
+    moved = _key(cache_dir, hub)
+    assert moved != on_main
+    by_commit = {c: _key(cache_dir, [*hub, f"model.teacher.revision={c}"]) for c in (old, new)}
+    assert by_commit[old] != by_commit[new]  # revisions that are commits
+    # revisions not in the local cache (no commit known) are still told apart by name
+    uncached = {r: _key(cache_dir, [*hub, f"model.teacher.revision={r}"]) for r in ("v1.0", "v2.0")}
+    assert uncached["v1.0"] != uncached["v2.0"]
+
+
 # ----------------------------------------------------------------------------- build, hit, refuse
 
 
