@@ -186,7 +186,13 @@ def test_report_over_a_real_sweep(sweep_dir, cache_dir):
     cells = dict(zip(headers, rows[0]))
     assert cells["run"] == by_precision["bf16"].info.run_id[:8]
     assert cells["baseline runs"] == by_precision["fp32"].info.run_id[:8] and cells["baselines"] == "1"
-    assert cells["ratio"] == f"{ratio:.3f}×" and cells["result"] == ("PASS" if ratio >= 2 else "FAIL")
+    # the ratio is measured (2 steps on a shared CPU: either side of 2 happens); verdict and reason follow it
+    assert cells["ratio"] == f"{ratio:.3f}×"
+    expected = (PASS, "") if ratio >= 2 else (FAIL, ", not")
+    assert (cells["result"], cells["why"]) == (
+        expected[0],
+        f"{ratio:.3f}× the median of 1 baseline value{expected[1]} ≥ 2×",
+    )
     assert cells["note"] == "1 baseline run: repeat it for a spread"  # same machine, packages and code
     for job in jobs:
         assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", job.data.tags["firstsight.code_version"])
@@ -714,6 +720,10 @@ def test_too_few_questions_is_unresolved_with_how_many_would_do():
         ((0.005, 0.0, 0.01), PASS),  # upper bound exactly the target
         ((0.02, 0.01, 0.03), UNRESOLVED),  # lower bound exactly the target: not above it
         ((-0.01, -0.02, 0.0), PASS),
+        # bounds that are the target up to float rounding (0.46 - 0.45 = 0.010000000000000009), as a
+        # drop taken between two accuracies is: on the same side as the target itself
+        ((0.005, 0.0, 0.46 - 0.45), PASS),
+        ((0.02, 0.46 - 0.45, 0.03), UNRESOLVED),
     ],
 )
 def test_the_verdict_reads_the_interval_against_the_target(drop, status):
@@ -860,6 +870,50 @@ def test_an_fp32_lora_run_is_no_baseline_of_full_fine_tuning():
     assert throughput.not_measurable == [
         "no full-precision baseline run with perf/throughput_tokens_per_s here (add precision=fp32 to the sweep)"
     ]
+
+
+def test_a_ratio_exactly_at_its_target_passes():
+    """Throughput ≥ 2× the baseline's and VRAM ≤ 0.5× of it: a ratio of exactly 2 or 0.5 meets the
+    target; the smallest step past it does not."""
+    runs = _tree(
+        ("f1", "fp32", "1", 100.0, 10.0),
+        ("b1", "bf16", "1", 200.0, 5.0),  # exactly at both targets
+        ("n1", "nf4", "1", 199.99, 5.001),  # just short of both
+    )
+    _, throughput, vram = target_checks(runs, 0.01, 2.0, 0.5)
+    assert [(r.run.run_id, r.ratio, r.verdict.status) for r in throughput.rows] == [
+        ("b1", 2.0, PASS),
+        ("n1", 1.9999, FAIL),
+    ]
+    assert throughput.rows[0].verdict.reason == "2.000× the median of 1 baseline value ≥ 2×"
+    assert [(r.run.run_id, r.ratio, r.verdict.status) for r in vram.rows] == [("b1", 0.5, PASS), ("n1", 0.5001, FAIL)]
+    assert vram.rows[0].verdict.reason == "0.500× the median of 1 baseline value ≤ 0.5×"
+
+
+@pytest.mark.parametrize(
+    "task, params, baseline",
+    [
+        ("distill", {}, True),
+        ("distill", {"lora.enabled": "True"}, False),  # an fp32 LoRA run
+        ("distill", {"precision.teacher_quantization": "nf4"}, False),
+        ("distill", {"precision.quantization": "int8"}, False),
+        ("distill", {"precision.parts.vision.dtype": "bfloat16"}, False),
+        ("distill", {"precision.parts.language.quantization": "nf4"}, False),
+        ("distill", {"precision.parts.vision.dtype": "float32", "precision.parts.merger.quantization": "none"}, True),
+        ("distill", {"precision.trainable_dtype": "bfloat16"}, False),  # pure bf16 training
+        ("profile", {"precision.trainable_dtype": "bfloat16"}, True),  # nothing is trained
+        ("profile", {"lora.enabled": "True"}, False),
+    ],
+)
+def test_which_fp32_run_is_a_baseline(task, params, baseline):
+    run = _run("r", task=task, params=params)
+    assert run.params["precision.dtype"] == "float32"
+    assert is_baseline(run) is baseline
+    # as the only fp32 run beside a bf16 one: the bf16 run is compared with it, or has no baseline
+    other = _run("b", task=task, precision="bf16", params={"lora.enabled": "False"})
+    assert [b.run_id for b in find_baselines(other, [run, other], swept_keys([run, other]))] == (
+        ["r"] if baseline else []
+    )
 
 
 def test_the_report_states_its_rules_and_counts_every_verdict():
