@@ -179,3 +179,77 @@ def test_server_arguments(tmp_path, monkeypatch):
     assert cmd[-2:] == ["--static-prefix", "/ml"] and "--allowed-hosts" in cmd
     assert server.tracking_uri(args.host, args.port).endswith(":5099")
     assert "0.0.0.0" not in server.tracking_uri(args.host, args.port)
+
+
+def test_the_sweep_callback_closes_a_cancelled_job_s_run_as_killed(tmp_path, monkeypatch):
+    """The sweep parent's callback (firstsight.suite.callbacks.MLflowSweepCallback) on a file store,
+    after collect() reported the failed points of five SLURM jobs as the launcher does: #0 finished,
+    #1 was invalid (no run), #2 was cancelled while training (its run left RUNNING), #3 raised in its
+    task with its run left RUNNING, #4 closed its run and then hit its time limit. At exit (Hydra
+    skips on_multirun_end when the launcher raises), #2's run is closed KILLED and #3's FAILED, each
+    with the reason; the runs #0 and #4 closed themselves are left FINISHED."""
+    import atexit
+    import os
+
+    from mlflow.tracking import MlflowClient
+
+    from firstsight.suite.callbacks import MLflowSweepCallback
+    from firstsight.tracking.tracker import PARENT_RUN_ENV
+
+    monkeypatch.delenv(PARENT_RUN_ENV, raising=False)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # a new SQLite store takes seconds to create
+    monkeypatch.chdir(tmp_path)
+    uri = (tmp_path / "mlruns").as_uri()
+    sweep_dir = tmp_path / "multirun" / "sweep"
+    config = compose([f"tracking.tracking_uri={uri}", f"hydra.sweep.dir={sweep_dir}"], return_hydra_config=True)
+    callback = MLflowSweepCallback()
+    callback.on_multirun_start(config)
+    atexit.unregister(callback._finish)  # called below, as the exit would
+    parent = callback.parent_run_id
+    client = MlflowClient(uri)
+    experiment_id = client.get_run(parent).info.experiment_id
+    runs = {}
+    for num, status in (("0", "FINISHED"), ("2", "RUNNING"), ("3", "RUNNING"), ("4", "FINISHED")):  # as left
+        run = client.create_run(experiment_id, tags={"mlflow.parentRunId": parent, "firstsight.job_num": num})
+        if status != "RUNNING":
+            client.set_terminated(run.info.run_id, status)
+        runs[num] = run.info.run_id
+
+    sub = sweep_dir / ".submitit"
+    jobs = [
+        FakeJob(sub / "9_0", "9_0", result=_job_return(JobStatus.COMPLETED, {"train/loss": 1.0})),
+        FakeJob(
+            sub / "9_1",
+            "9_1",
+            error=UncompletedJobError("no output"),
+            state="FAILED",
+            stderr="error: train.max_steps=0 is invalid: at least one step.\n",
+        ),
+        FakeJob(sub / "9_2", "9_2", error=UncompletedJobError("no output"), state="CANCELLED by 1000"),
+        FakeJob(sub / "9_3", "9_3", result=_job_return(JobStatus.FAILED, RuntimeError("the loss is nan"))),
+        FakeJob(sub / "9_4", "9_4", error=UncompletedJobError("no output"), state="TIMEOUT"),
+    ]
+    overrides = [["train.max_steps=2"], ["train.max_steps=0"], ["train.max_steps=2000"], ["train.lr=10"], ["seed=4"]]
+    with pytest.raises(SweepJobsFailed):
+        collect(jobs, overrides, 0, sweep_dir)
+    callback._finish(True)
+
+    def closed(num):
+        run = client.get_run(runs[num])
+        return run.info.status, run.data.tags.get("firstsight.error")
+
+    assert closed("0") == ("FINISHED", None)
+    assert closed("2") == ("KILLED", "the job was cancelled (SLURM state CANCELLED by 1000)")
+    assert closed("3") == ("FAILED", "RuntimeError: the loss is nan")
+    assert closed("4") == ("FINISHED", None)
+    run = client.get_run(parent)
+    assert run.info.status == "FAILED"
+    assert (run.data.tags["firstsight.jobs"], run.data.tags["firstsight.failed_jobs"]) == ("5", "4")
+    assert run.data.tags["firstsight.failed_points"].splitlines() == [
+        "#1 train.max_steps=0: the job exited with an error (SLURM state FAILED): "
+        "error: train.max_steps=0 is invalid: at least one step.",
+        "#2 train.max_steps=2000: the job was cancelled (SLURM state CANCELLED by 1000)",
+        "#3 train.lr=10: RuntimeError: the loss is nan",
+        "#4 seed=4: the job hit its time limit: raise hydra.launcher.timeout_min (SLURM state TIMEOUT)",
+    ]
+    assert callback.parent_run_id is None and PARENT_RUN_ENV not in os.environ
