@@ -341,7 +341,13 @@ def test_distill_and_evaluate_on_egoschema_files_end_to_end(run_cli, tmp_path):
     [run] = default_store_runs(tmp_path)
     metrics = run.data.metrics
     assert metrics["data/skipped_samples"] == 1
-    assert 0 <= metrics["eval/student_accuracy"] <= 1 and "eval/teacher_accuracy/egoschema" in metrics
+    # the accuracies are the shares right of the 3 questions kept, as the job's per-question record has them
+    outcomes = json.loads((Path(run.data.tags["firstsight.output_dir"]) / "eval_outcomes.json").read_text())
+    assert metrics["eval/questions"] == len(outcomes) == 3
+    assert metrics["eval/student_accuracy"] == pytest.approx(sum(o["student"] for o in outcomes) / 3, abs=1e-12)
+    assert metrics["eval/teacher_accuracy/egoschema"] == pytest.approx(
+        sum(o["teacher"] for o in outcomes) / 3, abs=1e-12
+    )
     assert metrics["eval/chance_accuracy"] == pytest.approx((1 / 5 + 1 / 5 + 1 / 4) / 3)
 
 
