@@ -111,9 +111,13 @@ def test_zero_when_the_projection_maps_the_student_onto_the_teacher(kind):
 
 def test_the_two_kinds_differ_and_are_bounded_as_expected():
     student, teacher, labels = make_batch(seed=5)
-    mse = make_loss("mse", seed=5)(student, teacher, labels).item()
-    cosine = make_loss("cosine", seed=5)(student, teacher, labels).item()
-    assert mse > 0 and 0 < cosine < 2 and mse != cosine
+    values = {}
+    for kind in KINDS:
+        loss_fn = make_loss(kind, seed=5)
+        values[kind] = loss_fn(student, teacher, labels).item()
+        expected = reference(kind, student, teacher, loss_fn.projection.weight.detach(), labels).item()
+        assert values[kind] == pytest.approx(expected, rel=1e-12), kind
+    assert values["mse"] != values["cosine"]
     # pointing the projection away from the teacher everywhere gives the cosine's maximum, 2
     loss_fn = make_loss("cosine", seed=5)
     opposite = -(student @ loss_fn.projection.weight.T).detach()
@@ -306,8 +310,27 @@ def test_build_loss_ignores_the_hidden_keys():
     cfg = compose(["distill_loss=jsd", "distill_loss.hidden_weight=0.5", "distill_loss.hidden_loss=cosine"])
     assert isinstance(build_loss(cfg.distill_loss), JSD)
     assert isinstance(build_loss(compose(["distill_loss=none"]).distill_loss), NoKD)
-    defaults = compose([]).distill_loss
-    assert defaults.hidden_weight == 0.0 and defaults.hidden_loss == "mse" and list(defaults.hidden_layers) == [-1]
+
+
+def _fake_model(width, layers):
+    from types import SimpleNamespace
+
+    text = SimpleNamespace(hidden_size=width, num_hidden_layers=layers)
+    return SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: text))
+
+
+def test_by_default_there_is_no_hidden_term_and_a_weight_alone_compares_the_last_states_by_mse():
+    """The defaults train without the term (build_hidden_loss gives none); setting only its weight
+    adds one MSE term between the two models' last hidden states, through a student-to-teacher
+    projection."""
+    from firstsight.tasks.distill import build_hidden_loss
+
+    student, teacher = _fake_model(8, 2), _fake_model(12, 4)
+    assert build_hidden_loss(compose([]), student, teacher, "cpu") is None
+    hidden = build_hidden_loss(compose(["distill_loss.hidden_weight=0.5"]), student, teacher, "cpu")
+    assert hidden.pairs == [(2, 4)]  # outputs.hidden_states[-1] of each: the final-norm states
+    (term,) = hidden.losses
+    assert term.kind == "mse" and tuple(term.projection.weight.shape) == (12, 8)
 
 
 @pytest.mark.parametrize(
@@ -360,6 +383,18 @@ def test_run_with_the_hidden_term_logs_it(run_cli, tmp_path):
     history = client.get_metric_history(run.info.run_id, "train/hidden_loss")
     assert [m.step for m in history] == [1, 2, 3]
     assert all(math.isfinite(m.value) and 0 <= m.value <= 2 for m in history)  # a cosine term: in [0, 2]
+    # each step's loss is the KD loss plus hidden_weight x the term, as logged
+    alpha, temperature = (
+        float(run.data.params["distill_loss.alpha"]),
+        float(run.data.params["distill_loss.temperature"]),
+    )
+    logged = {
+        key: [m.value for m in sorted(client.get_metric_history(run.info.run_id, f"train/{key}"), key=lambda m: m.step)]
+        for key in ("loss", "kd_loss", "ce_loss", "hidden_loss")
+    }
+    for loss, kd, ce, hidden in zip(*logged.values()):
+        expected = alpha * temperature**2 * kd + (1 - alpha) * ce + 0.5 * hidden
+        assert loss == pytest.approx(expected, rel=1e-5), (loss, kd, ce, hidden)
     assert run.data.params["distill_loss.hidden_weight"] == "0.5"
     # the saved student is a stock model: the projections are not in it
     from safetensors import safe_open
