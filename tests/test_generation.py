@@ -478,14 +478,21 @@ def test_static_compile_keeps_torchaos_products_out_of_the_compiled_prefill(tiny
     assert caplog.text.count("torchao-quantized weights: the compiled prefill runs their products") == 1
 
 
-def test_the_compiled_step_is_kept_per_model_and_inductor_options(tiny):
+def test_the_compiled_step_is_kept_per_model_and_inductor_options(tiny, monkeypatch):
     """static_compile compiles with generation.COMPILE_OPTIONS unless a decoder names others; one
     compiled forward per model and options (torch.compile is lazy: nothing compiles here)."""
+    import torch
+    import torch._inductor.config as inductor
+
     from firstsight.inference.generation import COMPILE_OPTIONS, _compiled_forward
 
+    calls, compile_ = [], torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: calls.append(kwargs) or compile_(model, **kwargs))
     model = tiny.model("student")
     tuned = _compiled_forward(model)
-    assert COMPILE_OPTIONS == {"coordinate_descent_tuning": True}
+    assert calls == [{"dynamic": False, "fullgraph": False, "options": COMPILE_OPTIONS}]
+    # inductor's own settings, each of its type: a misspelt one would fail only when a GPU compiles
+    assert COMPILE_OPTIONS and all(type(getattr(inductor, k)) is type(v) for k, v in COMPILE_OPTIONS.items())
     assert _compiled_forward(model, dict(COMPILE_OPTIONS)) is tuned
     plain = _compiled_forward(model, {})
     assert plain is not tuned and _compiled_forward(model, {}) is plain
