@@ -113,7 +113,6 @@ def test_wrong_types_and_keys_fail_at_composition(override, fragment):
         (["distill_loss.alpha=1.5"], "distill_loss.alpha=1.5"),
         (["distill_loss=jsd", "distill_loss.beta=-0.1"], "distill_loss.beta=-0.1"),
         (["train.lr=0"], "train.lr=0.0"),
-        (["train.max_steps=3", "train.throughput_warmup_steps=3"], "train.throughput_warmup_steps=3"),
         (["data.kinds=[colour_at,weather]"], "data.kinds='weather'"),
         (["hardware=gpu"], "no CUDA GPU is visible"),
         (["hardware.num_gpus=2"], "hardware.num_gpus=2"),

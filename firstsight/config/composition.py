@@ -34,7 +34,8 @@ _NOT_SET = object()
 
 
 def install() -> None:
-    """Route Hydra's composition errors through `unknown_key_message` (idempotent)."""
+    """Route Hydra's composition errors through `unknown_key_message`, and make `--help` list the
+    config groups from one copy of the config repository (`_fast_help`). Idempotent."""
     import hydra._internal.utils as hydra_utils
 
     original = hydra_utils.run_and_report
@@ -46,6 +47,42 @@ def install() -> None:
 
     run_and_report.firstsight_installed = True  # type: ignore[attr-defined]
     hydra_utils.run_and_report = run_and_report
+    _fast_help()
+
+
+def _fast_help() -> None:
+    """`python run.py --help` in ~0.6 s instead of ~2 s on 2 cores. To list the choices of each
+    config group, Hydra 1.3.8's help (Hydra.app_help -> list_all_config_groups) asks the config
+    loader once per group, and each ask deep-copies the whole config repository (every structured
+    config in the ConfigStore: ~40 ms); about 90 asks made 3/4 of the command's time. During the
+    help only, asks without overrides share one copy: listing groups reads the repository and never
+    changes it. Composition (a run, `--cfg job`) is untouched."""
+    from hydra._internal.hydra import Hydra
+
+    original = Hydra.app_help
+    if getattr(original, "firstsight_installed", False):
+        return
+
+    def app_help(self: Any, *args: Any, **kwargs: Any) -> Any:
+        loader = self.config_loader
+        create = loader._parse_overrides_and_create_caching_repo  # a bound method of the instance
+        shared: dict = {}
+
+        def parse_and_create(config_name: Optional[str], overrides: List[str]) -> Any:
+            if overrides:
+                return create(config_name, overrides)
+            if config_name not in shared:
+                shared[config_name] = create(config_name, overrides)[1]
+            return [], shared[config_name]
+
+        loader._parse_overrides_and_create_caching_repo = parse_and_create
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            del loader._parse_overrides_and_create_caching_repo  # the class's method again
+
+    app_help.firstsight_installed = True  # type: ignore[attr-defined]
+    Hydra.app_help = app_help
 
 
 def _reported(func: Callable[[], Any]) -> Any:

@@ -242,7 +242,9 @@ class TrainConfig:
     warmup_steps: int = 4  # linear learning-rate warm-up steps
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables
     log_every_n_steps: int = 10  # metrics are buffered and flushed to MLflow in one batch this often
-    throughput_warmup_steps: int = 3  # first steps excluded from throughput (allocation, caches)
+    # first steps excluded from throughput (allocation, caches); a shorter run still runs: it measures
+    # the steps after its first (none for one step: perf/measured_steps 0), with a warning
+    throughput_warmup_steps: int = 3
     eval_at_end: bool = True  # teacher-forced exact-match accuracy of teacher and student on validation
     eval_before: bool = True  # with eval_at_end: the student's accuracy before training too (eval/distill_gain)
     eval_blind: bool = True  # with eval_at_end: teacher and student also with grey frames ("is it looking?")
@@ -323,6 +325,17 @@ class TrackingConfig:
     experiment_name: str = "firstsight"  # MLflow experiment
     tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else MLflow's default (sqlite:///mlflow.db)
     run_name: Optional[str] = None  # None: derived from the overrides of the job
+    # MLflow's own system metrics in the job's run, sampled by a background thread: system/cpu_utilization_percentage,
+    # system/system_memory_usage_megabytes, disk and network everywhere; system/gpu_<i>_utilization_percentage,
+    # _memory_usage_megabytes and _power_usage_watts where an NVIDIA GPU is visible (nvidia-ml-py)
+    system_metrics: bool = True
+    # seconds between samples; each sample costs the job a little time, and this interval keeps that
+    # under 1 % of its step time (docs/decisions/0012-system-metrics-interval.md).
+    # The environment variable MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it
+    system_metrics_interval_s: float = 10.0
+    # the trained student (distill's checkpoints/student, export's directory) also as an MLflow model
+    # (transformers flavour) in the run, for MLflow's Models view and registry; off: a 2B student is ~4 GB more
+    log_model: bool = False
 
 
 @dataclass

@@ -7,10 +7,13 @@ process's peak resident set (VmHWM, reset per job through /proc/self/clear_refs)
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
+
+log = logging.getLogger(__name__)
 
 GB = 1e9
 
@@ -74,29 +77,49 @@ def _proc_bytes(path: str, key: str) -> Optional[int]:
 @dataclass
 class ThroughputMeter:
     """Samples and tokens per second over the steps after `warmup_steps` (first steps excluded:
-    allocator growth, lazy initialisation and caches make them unrepresentative)."""
+    allocator growth, lazy initialisation and caches make them unrepresentative).
+
+    A run too short for its warm-up (train.max_steps <= train.throughput_warmup_steps, a smoke run)
+    is not refused: it measures what it can, the steps after its first (where allocation and lazy
+    initialisation fall), and a one-step run logs no throughput, only perf/measured_steps = 0.
+    Either way `summary` warns once, naming the steps measured."""
 
     warmup_steps: int
-    step_times: List[float] = field(default_factory=list)
-    samples: int = 0
-    tokens: int = 0
-    measured_time: float = 0.0
+    steps: List[Tuple[float, int, int]] = field(default_factory=list)  # (seconds, samples, tokens) per step
 
     def add_step(self, seconds: float, samples: int, tokens: int) -> None:
-        self.step_times.append(seconds)
-        if len(self.step_times) > self.warmup_steps:
-            self.samples += samples
-            self.tokens += tokens
-            self.measured_time += seconds
+        self.steps.append((seconds, samples, tokens))
 
     def summary(self) -> Dict[str, float]:
-        if self.measured_time <= 0:
-            return {}
+        warmup = self.warmup_steps
+        if self.steps and len(self.steps) <= warmup:  # every step fell in the warm-up: leave the first one out
+            warmup = 1
+            self._warn_short(warmup)
+        measured = self.steps[warmup:]
+        seconds = sum(s for s, _, _ in measured)
+        if not measured or seconds <= 0:
+            return {"perf/measured_steps": 0.0} if self.steps else {}
         return {
-            "perf/throughput_samples_per_s": self.samples / self.measured_time,
-            "perf/throughput_tokens_per_s": self.tokens / self.measured_time,
-            "perf/measured_steps": float(len(self.step_times) - self.warmup_steps),
+            "perf/throughput_samples_per_s": sum(n for _, n, _ in measured) / seconds,
+            "perf/throughput_tokens_per_s": sum(t for _, _, t in measured) / seconds,
+            "perf/measured_steps": float(len(measured)),
         }
+
+    def _warn_short(self, warmup: int) -> None:
+        ran = len(self.steps)
+        what = (
+            "throughput is not measured (no perf/throughput_* metrics; perf/measured_steps = 0)"
+            if ran - warmup <= 0
+            else f"throughput is measured on the last {ran - warmup} of them only (the first one left out), "
+            "so it is not a steady-state figure"
+        )
+        log.warning(
+            "this run had %d optimizer step(s), no more than train.throughput_warmup_steps=%d: %s. "
+            "For a throughput to compare, run more steps than the warm-up (train.max_steps).",
+            ran,
+            self.warmup_steps,
+            what,
+        )
 
 
 class StepTimer:

@@ -2,7 +2,11 @@
 
 `on_multirun_start` creates the parent and leaves its id where jobs find it (an environment
 variable for jobs in this process or its children, a file in the sweep directory for jobs on
-other machines); `on_multirun_end` closes it as FAILED if any child failed. When the SLURM
+other machines); `on_multirun_end` closes it as FAILED if any child failed. Before it closes the
+parent, the sweep's comparison goes on it (firstsight.tasks.report.sweep: the swept params with
+their values, and the report of the finished job runs, tables and plots, as artifacts under
+report/), and the sweep prints where to look: the `mlflow ui` command for its store and the
+addresses of the compare page of its runs, of its runs in the list and of the comparison. When the SLURM
 launcher (firstsight.suite.launcher) reports failed points, the sweep ends before `on_multirun_end`:
 the parent is then closed at exit, tagged with the failed points, and the runs of jobs that were
 killed (they could not close their own) are marked KILLED with the reason. mlflow is imported
@@ -21,7 +25,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -34,11 +38,36 @@ def launches_on_slurm(config: DictConfig) -> bool:
     return "Slurm" in str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
 
 
+# The comparison's file the printed address opens (the first one the report drew), in the parent's artifacts
+FIRST_SHOWN = ("throughput_vs_memory.png", "accuracy_vs_memory.png", "kd_loss_curves.png", "report.md")
+
+
+def where_to_look(
+    uri: str, experiment_id: str, parent: str, run_ids: Sequence[str], view: Optional[str], shown: Optional[str]
+) -> str:
+    """What a sweep prints at its end: how to open its store in MLflow's UI, and the addresses of
+    the compare page of its runs, of its runs in the list (the saved `view`, if any) and of its
+    comparison (the parent's artifacts, opened on the file `shown`; None: no comparison)."""
+    from firstsight.tracking.ui import artifacts_url, children_url, compare_runs_url, ui_base, ui_command, view_url
+
+    base = ui_base(uri)
+    command = ui_command(uri)
+    listed = view_url(base, experiment_id, view) if view else children_url(base, experiment_id, parent)
+    lines = [f"MLflow: the sweep's {len(run_ids)} finished runs, under parent run {parent}"]
+    lines.append(f"  open the UI:       {command}" if command else f"  the UI:            {base}")
+    lines.append(f"  compare the runs:  {compare_runs_url(base, experiment_id, run_ids)}")
+    lines.append(f"  the runs, listed:  {listed}")
+    if shown:
+        lines.append(f"  the comparison:    {artifacts_url(base, experiment_id, parent, shown)}")
+    return "\n".join(lines)
+
+
 class MLflowSweepCallback(Callback):
     def __init__(self) -> None:
         self.client: Optional[Any] = None
         self.parent_run_id: Optional[str] = None
         self.sweep_dir: Optional[Path] = None
+        self.tracking: Dict[str, Any] = {}  # the sweep's tracking section, for its comparison report
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if launches_on_slurm(config):
@@ -99,6 +128,7 @@ class MLflowSweepCallback(Callback):
             )
         self.client = client
         self.parent_run_id = run.info.run_id
+        self.tracking = dict(OmegaConf.to_container(config.tracking, resolve=True))
         sweep_dir.mkdir(parents=True, exist_ok=True)
         (sweep_dir / PARENT_RUN_FILE).write_text(self.parent_run_id)
         os.environ[PARENT_RUN_ENV] = self.parent_run_id
@@ -170,9 +200,41 @@ class MLflowSweepCallback(Callback):
             if points:
                 text = "\n".join(f"#{n} {p['overrides']}: {p['reason']}" for n, p in sorted(points.items()))
                 client.set_tag(parent, "firstsight.failed_points", text[:5000])
+            finished = [c for c in children if c.info.status == "FINISHED"]
+            if finished:
+                self._compare(run.info.experiment_id, finished)
             self._close_if_open("FAILED" if ended_early or failed or not children else "FINISHED")
         finally:
             self._close_if_open("FAILED")
+
+    def _compare(self, experiment_id: str, finished: List[Any]) -> None:
+        """The sweep's comparison on its parent run, then where to look. A comparison that fails is
+        logged and left out: the sweep's outcome is its jobs'."""
+        from firstsight.tasks.report.sweep import save_sweep_view, sweep_comparison
+        from firstsight.tracking.tracker import TrackingStoreError
+
+        parent = self.parent_run_id
+
+        def attempt(what: str, make: Callable[[], Any]) -> Any:
+            try:
+                return make()
+            except TrackingStoreError:  # the store is down: _finish reports it
+                raise
+            except Exception as err:  # noqa: BLE001 - what cannot be made does not fail the sweep
+                log.warning("the sweep's %s could not be saved (parent run %s): %s", what, parent, err)
+                return None
+
+        view = attempt("view of its runs", lambda: save_sweep_view(self.client, experiment_id, parent, finished))
+        compared = attempt(
+            "comparison report",
+            lambda: sweep_comparison(self.tracking, self.client, parent, finished, self.sweep_dir / "report"),
+        )
+        run_ids = [c.info.run_id for c in finished]
+        shown = next((f"report/{f}" for f in FIRST_SHOWN if (self.sweep_dir / "report" / f).is_file()), None)
+        print(
+            where_to_look(self.client.uri, experiment_id, parent, run_ids, view, shown if compared else None),
+            flush=True,
+        )
 
     def _close_if_open(self, status: str) -> None:
         from firstsight.tracking.tracker import PARENT_RUN_ENV

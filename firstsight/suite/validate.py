@@ -93,6 +93,7 @@ def validate(cfg: DictConfig, tasks: Optional[Mapping[str, Callable]] = None, lo
         _validate_export(cfg)
     if cfg.task.name == "report":
         _validate_report(cfg)
+    _validate_tracking(cfg)
     _validate_lora(cfg)
     _validate_teacher_cache(cfg)
     _validate_data(cfg)
@@ -193,12 +194,8 @@ def _validate_numbers(cfg: DictConfig) -> None:
     ]:
         _at_least(cfg, key, minimum)
     _check(cfg.train.lr > 0, "train.lr", cfg.train.lr, "the learning rate must be > 0")
-    _check(
-        cfg.train.throughput_warmup_steps < cfg.train.max_steps,
-        "train.throughput_warmup_steps",
-        cfg.train.throughput_warmup_steps,
-        f"it must be < train.max_steps={cfg.train.max_steps}, or no step is left to measure throughput on",
-    )
+    # train.max_steps <= train.throughput_warmup_steps runs (a smoke run): firstsight.core.perf.ThroughputMeter
+    # measures what it can and warns.
     _check(
         cfg.train.optimizer in OPTIMIZERS,
         "train.optimizer",
@@ -697,6 +694,40 @@ def _installed(package: str) -> bool:
 
 def _enum_value(value: Any) -> str:
     return value.value if hasattr(value, "value") else str(value)
+
+
+def _validate_tracking(cfg: DictConfig) -> None:
+    tracking = cfg.tracking
+    _check(
+        tracking.system_metrics_interval_s > 0,
+        "tracking.system_metrics_interval_s",
+        tracking.system_metrics_interval_s,
+        "it is the seconds between samples and must be > 0 (tracking.system_metrics=false turns them off)",
+    )
+    if not tracking.log_model:
+        return
+    _check(
+        bool(tracking.enabled),
+        "tracking.log_model",
+        tracking.log_model,
+        "it logs the student to the job's MLflow run, and tracking.enabled=false means no run: enable tracking",
+    )
+    if cfg.task.name == "distill":
+        _check(
+            bool(cfg.train.save_checkpoint),
+            "tracking.log_model",
+            tracking.log_model,
+            "it logs the saved student, and train.save_checkpoint=false saves none: set train.save_checkpoint=true",
+        )
+    if cfg.task.name == "export":
+        _check(
+            bool(cfg.task.merge_lora)
+            or not (Path(os.path.expanduser(str(cfg.task.checkpoint))) / "adapter_config.json").is_file(),
+            "tracking.log_model",
+            tracking.log_model,
+            "an adapter exported without merging (task.merge_lora=false) is not a model MLflow's transformers "
+            "flavour loads: set task.merge_lora=true",
+        )
 
 
 def _validate_export(cfg: DictConfig) -> None:

@@ -533,3 +533,5 @@ def save_student(cfg: DictConfig, tracker: Any, student_model: Any, processor: A
     save_model_atomically(student_model, processor, str(checkpoints / "student"), extra)
     tags["firstsight.checkpoint"] = str(checkpoints / "student")
     tracker.set_tags(tags)
+    if cfg.tracking.log_model:  # also as an MLflow model of the run (transformers flavour)
+        tracker.log_model(str(checkpoints / "student"))

@@ -183,6 +183,8 @@ def export(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     if task.push_to_hub:
         url = push_to_hub(str(out_dir), task.push_to_hub, task.private)
         tracker.set_tags({"firstsight.hub_repo": task.push_to_hub, "firstsight.hub_commit_url": url})
+    if cfg.tracking.log_model:  # the exported student as an MLflow model of this run (validate: not an adapter)
+        tracker.log_model(str(out_dir))
     tracker.log_metrics(metrics)
     tracker.flush()
     return metrics

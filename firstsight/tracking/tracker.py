@@ -129,12 +129,23 @@ def absolute_tracking_uri(uri: Optional[str]) -> str:
     return uri
 
 
+# The MLflow UI opens an experiment on the view its kind names (the tag below): without it, MLflow 3
+# guesses and opens on the GenAI view (traces, sessions). `custom_model_development` is the kind its
+# experiment-type selector calls "Machine learning": the runs list, charts and compare pages.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def get_or_create_experiment(client: Any, name: str) -> str:
+    """The id of experiment `name`, created with the training kind (EXPERIMENT_KIND) if missing; an
+    existing experiment without a kind gets it (one a user set in the UI is left as it is)."""
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
+        if not experiment.tags.get(EXPERIMENT_KIND_TAG):
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
     except Exception:  # a concurrent job created it first
         experiment = client.get_experiment_by_name(name)
         if experiment is None:
@@ -267,6 +278,34 @@ class JobTracker:
         """Every file under `local_dir`, as artifacts of this run (under `artifact_path`)."""
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
+    def log_model(self, model_dir: str, name: str = "student") -> str:
+        """The transformers model saved in `model_dir` (weights and processor: a distilled or exported
+        student) as an MLflow model of this run: transformers flavour, an image-text-to-text pipeline,
+        shown in the experiment's Models tab and registrable from there. Returns its models:/ URI."""
+        import mlflow
+        from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+
+        model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype="auto", local_files_only=True)
+        processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+        versions = package_versions()
+        requirements = [f"{p}=={versions[p]}" for p in ("transformers", "torch") if versions[p] != "not installed"]
+        was_set = mlflow.is_tracking_uri_set()
+        previous = mlflow.get_tracking_uri()
+        mlflow.set_tracking_uri(self.client.uri)  # MLflow logs a model to the globally set store
+        try:
+            log_model = functools.partial(
+                mlflow.transformers.log_model,
+                pipeline("image-text-to-text", model=model, processor=processor),
+                name=name,
+                run_id=self.run_id,
+                pip_requirements=requirements,  # not inferred: MLflow would load the model again to find them
+            )
+            info = self.client.call("log_model", log_model)
+        finally:
+            mlflow.set_tracking_uri(previous if was_set else None)
+        self.set_tags({"firstsight.logged_model": info.model_uri})
+        return info.model_uri
+
     def flush(self) -> None:
         """Log the buffered metrics. If the store does not take them, they are written to
         unflushed_metrics.jsonl (never dropped) and the error says where."""
@@ -317,6 +356,7 @@ class NullTracker:
     def set_tags(self, tags: Dict[str, Any]) -> None: ...
     def log_text(self, text: str, artifact_file: str) -> None: ...
     def log_artifacts(self, local_dir: str, artifact_path: Optional[str] = None) -> None: ...
+    def log_model(self, model_dir: str, name: str = "student") -> Optional[str]: ...
     def flush(self) -> None: ...
 
 
@@ -390,7 +430,7 @@ def job_tracker(cfg: DictConfig, run_id: Optional[str] = None, enabled: bool = T
     reopened = _reopened_run(client, run_id)
     if reopened is not None:
         tracker = JobTracker(client, reopened.info.run_id)
-        yield from _tracked(client, tracker, cfg, Preempted, existing_params=reopened.data.params)
+        yield from _tracked(client, tracker, cfg, Preempted, existing_params=reopened.data.params, resumed=True)
         return
     experiment_id = get_or_create_experiment(client, cfg.tracking.experiment_name)
     job = _hydra_job_info()
@@ -412,9 +452,15 @@ def job_tracker(cfg: DictConfig, run_id: Optional[str] = None, enabled: bool = T
 
 
 def _tracked(
-    client: Any, tracker: JobTracker, cfg: DictConfig, preempted: type, existing_params: Optional[Dict[str, str]] = None
+    client: Any,
+    tracker: JobTracker,
+    cfg: DictConfig,
+    preempted: type,
+    existing_params: Optional[Dict[str, str]] = None,
+    resumed: bool = False,
 ) -> Iterator[JobTracker]:
     status = "FAILED"
+    monitor = start_system_metrics(cfg, tracker.run_id, client.uri, resumed) if cfg.tracking.system_metrics else None
     try:
         _log_config(client, tracker, cfg, existing_params)
         yield tracker
@@ -427,7 +473,38 @@ def _tracked(
             tracker.set_tags({"firstsight.error": f"{type(err).__name__}: {err}"[:4000]})
         raise
     finally:
+        if monitor is not None:  # its last samples go in before the run is closed
+            stop_system_metrics(monitor)
         _close(client, tracker, status)
+
+
+def start_system_metrics(cfg: DictConfig, run_id: str, uri: str, resumed: bool = False) -> Optional[Any]:
+    """MLflow's system-metrics monitor on `run_id` (a thread sampling CPU, memory, disk, network and,
+    with nvidia-ml-py and an NVIDIA GPU, each GPU every tracking.system_metrics_interval_s seconds,
+    logged as system/*); a resumed run continues its steps. None, with a warning, if it cannot start:
+    the job runs without it."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(
+            run_id,
+            sampling_interval=float(cfg.tracking.system_metrics_interval_s),
+            resume_logging=resumed,
+            tracking_uri=uri,
+        )
+        monitor.start()
+    except Exception as err:  # noqa: BLE001 - psutil missing, a store that refuses: no system metrics
+        log.warning("system metrics are not logged (tracking.system_metrics): %s", _first_line(err))
+        return None
+    return monitor
+
+
+def stop_system_metrics(monitor: Any) -> None:
+    """Stop the monitor's thread and log what it has sampled; an error is logged, never raised."""
+    try:
+        monitor.finish()
+    except Exception as err:  # noqa: BLE001 - the job's own outcome matters more
+        log.warning("stopping MLflow's system metrics failed: %s", _first_line(err))
 
 
 def _close(client: Any, tracker: JobTracker, status: str) -> None:

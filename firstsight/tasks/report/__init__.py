@@ -12,10 +12,12 @@ dir>/report), each file atomically:
   hardware.memory_budget_gb) the edge view (which configurations fit each budget, their accuracy
   and latency, the Pareto front), and the plots;
 - runs.csv: the same table with values at full precision (a metric's logged interval beside it);
-- throughput_vs_memory.png, accuracy_vs_memory.png, loss_curves.png (a plot is left out, and
-  the report says why, when no run has its data), and edge_memory_vs_latency.png with the edge view;
+- throughput_vs_memory.png, accuracy_vs_memory.png, loss_curves.png, kd_loss_curves.png (a plot
+  is left out, and the report says why, when no run has its data), and edge_memory_vs_latency.png
+  with the edge view;
 
-and logs them as artifacts (under `report/`) of the report job's own MLflow run.
+and logs them as artifacts (under `report/`) of the report job's own MLflow run. At the end of a
+sweep the same report of that sweep is logged to the sweep's parent run (firstsight.suite.callbacks).
 
 One module per job, each reading top to bottom:
 

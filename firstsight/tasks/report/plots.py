@@ -1,5 +1,5 @@
 """The report's PNGs: throughput and accuracy against peak memory by precision, the training loss
-curves, and the edge view's peak memory against latency per budget. A plot without data is left out
+and KD loss curves, and the edge view's peak memory against latency per budget. A plot without data is left out
 (and its stale file removed), with the reason. matplotlib is imported only when a plot is drawn."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from firstsight.tasks.report.edge import EDGE_FITS, EDGE_PEAK, LATENCY_P50, Edge
 from firstsight.tasks.report.records import METRIC_COLUMNS, PEAK_RSS, PEAK_VRAM, TRAIN_THROUGHPUT, RunRecord, swept_keys
 
 LOSS_CURVES = "loss_curves.png"
+KD_LOSS_CURVES = "kd_loss_curves.png"
 EDGE_PLOT = "edge_memory_vs_latency.png"
 
 
@@ -34,8 +35,14 @@ def memory_metric(runs: Sequence[RunRecord]) -> Optional[str]:
     return None
 
 
-def make_plots(runs: Sequence[RunRecord], out_dir: Path, histories: Dict[str, List[Tuple[int, float]]]) -> List[Plot]:
-    """Write the PNGs that have data; `histories`: run id -> train/loss (step, value) history."""
+def make_plots(
+    runs: Sequence[RunRecord],
+    out_dir: Path,
+    histories: Dict[str, List[Tuple[int, float]]],
+    kd_histories: Optional[Dict[str, List[Tuple[int, float]]]] = None,
+) -> List[Plot]:
+    """Write the PNGs that have data; `histories`: run id -> train/loss (step, value) history;
+    `kd_histories`: the same for train/kd_loss (None: no KD-loss plot)."""
     swept = swept_keys(runs)
     memory = memory_metric(runs)
     plots = []
@@ -57,6 +64,14 @@ def make_plots(runs: Sequence[RunRecord], out_dir: Path, histories: Dict[str, Li
     else:
         _loss_curves(out_dir / LOSS_CURVES, [r for r in runs if r.run_id in curves], curves, swept)
         plots.append(Plot(LOSS_CURVES, "Training loss curves (train/loss per optimizer step)"))
+    if kd_histories is not None:
+        kd_curves = {r.run_id: kd_histories[r.run_id] for r in runs if kd_histories.get(r.run_id)}
+        if not kd_curves:
+            plots.append(Plot(KD_LOSS_CURVES, "KD loss curves", skipped="no run here has a train/kd_loss history"))
+        else:
+            kd_runs = [r for r in runs if r.run_id in kd_curves]
+            _loss_curves(out_dir / KD_LOSS_CURVES, kd_runs, kd_curves, swept, "train/kd_loss", KD_TITLE)
+            plots.append(Plot(KD_LOSS_CURVES, "KD loss curves (train/kd_loss per optimizer step, before alpha and T²)"))
     for plot in plots:
         if plot.skipped:  # no stale picture from an earlier report in the same directory
             (out_dir / plot.file).unlink(missing_ok=True)
@@ -161,8 +176,16 @@ def _scatter(
     _save(figure, path)
 
 
+KD_TITLE = "KD loss (the divergence term, before alpha and T²)"
+
+
 def _loss_curves(
-    path: Path, runs: Sequence[RunRecord], curves: Dict[str, List[Tuple[int, float]]], swept: Sequence[str]
+    path: Path,
+    runs: Sequence[RunRecord],
+    curves: Dict[str, List[Tuple[int, float]]],
+    swept: Sequence[str],
+    metric: str = "train/loss",
+    title: str = "Training loss",
 ) -> None:
     figure, ax = _figure()
     for run in runs:
@@ -172,8 +195,8 @@ def _loss_curves(
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("train/loss")
-    ax.set_title("Training loss", fontsize=10)
+    ax.set_ylabel(metric)
+    ax.set_title(title, fontsize=10)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     _save(figure, path)

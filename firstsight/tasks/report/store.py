@@ -37,7 +37,7 @@ def read_runs(cfg: DictConfig, own_run_id: Optional[str] = None) -> Tuple[Any, S
         )
     )
     selection = select_runs(
-        [_record(r) for r in runs],
+        [run_record(r) for r in runs],
         experiment=name,
         store=store,
         sweep=cfg.task.sweep,
@@ -48,7 +48,7 @@ def read_runs(cfg: DictConfig, own_run_id: Optional[str] = None) -> Tuple[Any, S
     return client, selection
 
 
-def _record(run: Any) -> RunRecord:
+def run_record(run: Any) -> RunRecord:
     """An MLflow run as the report reads it."""
     return RunRecord(
         run_id=run.info.run_id,
@@ -72,10 +72,12 @@ def _all_pages(fetch: Callable[[Optional[str]], Any]) -> List[Any]:
             return items
 
 
-def loss_histories(client: Any, runs: Sequence[RunRecord]) -> Dict[str, List[Tuple[int, float]]]:
-    """train/loss per optimizer step of the first MAX_LOSS_CURVES runs that logged it."""
+def loss_histories(
+    client: Any, runs: Sequence[RunRecord], metric: str = "train/loss"
+) -> Dict[str, List[Tuple[int, float]]]:
+    """`metric` (train/loss, train/kd_loss) per optimizer step of the first MAX_LOSS_CURVES runs that logged it."""
     histories = {}
-    for run in [r for r in runs if "train/loss" in r.metrics][:MAX_LOSS_CURVES]:
-        history = client.get_metric_history(run.run_id, "train/loss")
+    for run in [r for r in runs if metric in r.metrics][:MAX_LOSS_CURVES]:
+        history = client.get_metric_history(run.run_id, metric)
         histories[run.run_id] = sorted((m.step, m.value) for m in history)
     return histories

@@ -17,7 +17,7 @@ from firstsight.tasks.report.accuracy import accuracy_check
 from firstsight.tasks.report.checks import Check, verdict_counts
 from firstsight.tasks.report.edge import EdgeView, edge_view
 from firstsight.tasks.report.markdown import render_html, render_markdown
-from firstsight.tasks.report.plots import LOSS_CURVES, Plot, edge_plot, make_plots
+from firstsight.tasks.report.plots import KD_LOSS_CURVES, LOSS_CURVES, Plot, edge_plot, make_plots
 from firstsight.tasks.report.records import RunRecord, swept_keys
 from firstsight.tasks.report.speed import memory_check, throughput_check
 from firstsight.tasks.report.store import MAX_LOSS_CURVES, loss_histories, read_runs
@@ -26,16 +26,19 @@ from firstsight.tasks.report.table import build_table, table_csv
 log = logging.getLogger(__package__)  # firstsight.tasks.report: one logger for the whole task
 
 
-def report(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
+def report(cfg: DictConfig, tracker: Any, own_run: bool = True) -> Dict[str, float]:
+    """The report of `cfg.task`'s runs, logged to `tracker`'s run: the report job's own (`own_run`:
+    left out of the runs read), or a sweep's parent run (firstsight.suite.callbacks: `own_run=False`,
+    task.sweep naming that parent)."""
     task = cfg.task
-    client, selection = read_runs(cfg, own_run_id=getattr(tracker, "run_id", None))
+    client, selection = read_runs(cfg, own_run_id=getattr(tracker, "run_id", None) if own_run else None)
     out_dir = Path(task.output_dir) if task.output_dir else job_output_dir() / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
     runs = selection.runs
     table = build_table(runs)
     checks = target_checks(runs, task.accuracy_drop_target, task.throughput_gain_target, task.vram_saving_target)
     edge = edge_view(runs)
-    plots = _plots(runs, out_dir, loss_histories(client, runs), edge)
+    plots = _plots(runs, out_dir, loss_histories(client, runs), loss_histories(client, runs, "train/kd_loss"), edge)
     generated = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
     markdown_text = render_markdown(selection, table, checks, plots, generated, edge)
     write_atomically(out_dir / "report.md", markdown_text)
@@ -80,14 +83,16 @@ def _plots(
     runs: Sequence[RunRecord],
     out_dir: Path,
     histories: Dict[str, List[Tuple[int, float]]],
+    kd_histories: Dict[str, List[Tuple[int, float]]],
     edge: Optional[EdgeView],
 ) -> List[Plot]:
-    """The plots, the edge view's with them; the loss curves' title says when runs were left out."""
-    plots = make_plots(runs, out_dir, histories)
+    """The plots, the edge view's with them; the loss curves' titles say when runs were left out."""
+    plots = make_plots(runs, out_dir, histories, kd_histories)
     if edge is not None:
         plots.append(edge_plot(edge, out_dir))
-    if sum(1 for r in runs if "train/loss" in r.metrics) > MAX_LOSS_CURVES:
-        for plot in plots:
-            if plot.file == LOSS_CURVES and not plot.skipped:
-                plot.title += f" — the first {MAX_LOSS_CURVES} runs only"
+    for file, metric in ((LOSS_CURVES, "train/loss"), (KD_LOSS_CURVES, "train/kd_loss")):
+        if sum(1 for r in runs if metric in r.metrics) > MAX_LOSS_CURVES:
+            for plot in plots:
+                if plot.file == file and not plot.skipped:
+                    plot.title += f" — the first {MAX_LOSS_CURVES} runs only"
     return plots
