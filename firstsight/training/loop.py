@@ -11,7 +11,7 @@ import contextlib
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from firstsight.core.perf import StepTimer
 from firstsight.losses.kd import IGNORE_INDEX, answer_logit_slice, count_answer_tokens
@@ -139,14 +139,7 @@ def optimize(
                         to_device(next(batches), device) for _ in range(settings.grad_accum_steps)
                     ]
                     answer_tokens = int(world.all_reduce([sum(count_answer_tokens(b["labels"]) for b in micro)])[0])
-                    sums: Dict[str, Any] = {}
-                    for index, batch in enumerate(micro):
-                        with no_sync() if index < len(micro) - 1 else contextlib.nullcontext():
-                            with autocast(device, dtype):
-                                out = micro_step(batch, answer_tokens)
-                            scaler.scale(out["loss"] * world.world_size).backward()
-                        for key, value in out.items():
-                            sums[key] = sums.get(key, 0.0) + value.detach()
+                    sums = _backward(micro, micro_step, answer_tokens, no_sync, scaler, world, device, dtype)
                     world.average_gradients(extra)
                     scaler.unscale_(optimizer)
                     grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -162,15 +155,8 @@ def optimize(
                 metrics["lr"] = lr
                 samples = sum(int(b["labels"].shape[0]) for b in micro)
                 tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-                if world.active:  # the global batch's figures, and one stop decision for all processes
-                    keys = sorted(k for k in metrics if k not in ("grad_norm", "lr"))
-                    *values, samples, tokens, stops = world.all_reduce(
-                        [metrics[k] for k in keys] + [samples, tokens, float(STOP.requested is not None)]
-                    )
-                    metrics.update(zip(keys, values))
-                    samples, tokens = int(samples), int(tokens)
-                    if stops and STOP.requested is None:
-                        STOP.requested = signal.SIGTERM  # another process was told to stop
+                if world.active:
+                    samples, tokens = _global_figures(world, metrics, samples, tokens)
                 harness_start = time.perf_counter()
                 on_step(step, metrics, timer.seconds, samples, tokens)
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
@@ -183,6 +169,44 @@ def optimize(
     finally:
         bar.close()
     return {"step_seconds": step_seconds, "harness_seconds": harness_seconds}
+
+
+def _backward(
+    micro: List[Dict[str, Any]],
+    micro_step: Callable[[Dict[str, Any], int], Dict[str, Any]],
+    answer_tokens: int,
+    no_sync: Callable[[], Any],
+    scaler: Any,
+    world: Any,
+    device: str,
+    dtype: Any,
+) -> Dict[str, Any]:
+    """Forward and backward of one step's micro-batches (gradients accumulate); their metrics summed."""
+    sums: Dict[str, Any] = {}
+    for index, batch in enumerate(micro):
+        # DDP: all-reduce on the last micro-batch only
+        with no_sync() if index < len(micro) - 1 else contextlib.nullcontext():
+            with autocast(device, dtype):
+                out = micro_step(batch, answer_tokens)
+            scaler.scale(out["loss"] * world.world_size).backward()
+        for key, value in out.items():
+            sums[key] = sums.get(key, 0.0) + value.detach()
+    return sums
+
+
+def _global_figures(world: Any, metrics: Dict[str, float], samples: int, tokens: int) -> Tuple[int, int]:
+    """The global batch's metrics (summed over the processes, in place), samples and tokens, and one
+    stop decision for all processes (one all-reduce)."""
+    from firstsight.core.signals import STOP
+
+    keys = sorted(k for k in metrics if k not in ("grad_norm", "lr"))
+    *values, samples_sum, tokens_sum, stops = world.all_reduce(
+        [metrics[k] for k in keys] + [samples, tokens, float(STOP.requested is not None)]
+    )
+    metrics.update(zip(keys, values))
+    if stops and STOP.requested is None:
+        STOP.requested = signal.SIGTERM  # another process was told to stop
+    return int(samples_sum), int(tokens_sum)
 
 
 def answer_accuracy(model: Any, batches: Iterator[Dict[str, Any]], device: str, dtype: Any) -> float:
