@@ -4,6 +4,7 @@ benchmarks/results/."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict
 
+import pytest
 from conftest import ROOT
 
 
@@ -52,3 +54,44 @@ def test_kd_step_profile_profiles_the_steps_after_the_skipped_ones(cache_dir, tm
     assert result["profiled_step_median_s"] > 0 and result["unprofiled_step_median_s"] > 0
     assert "aten::" in result["top_host"]  # the profiler recorded the steps' operators
     assert result["gpu_kernel_s_per_step"] is None and result["gpu_busy_fraction"] is None  # no GPU: not made up
+
+
+@pytest.mark.slow  # two curve processes side by side: ~10 s on 2 cores
+def test_learning_curves_evaluates_every_curve_on_the_same_questions_as_it_trains(cache_dir, tmp_path):
+    data = _smoke("learning_curves.py", cache_dir=cache_dir, tmp_path=tmp_path)
+    assert data["device"] == "cpu" and data["commit"] and [c["name"] for c in data["points"]] == ["ce", "kd"]
+    ce, kd = data["points"]
+    for curve in (ce, kd):
+        assert "error" not in curve and "stopped" not in curve
+        # the large train split, with the pre-trainings pinned: the shipped teacher and base, not new ones
+        assert "data.train_size=1000000" in curve["overrides"] and curve["settings"]["train_size"] == 1_000_000
+        assert "model.teacher.tiny.pretrain_train_size=512" in curve["overrides"]
+        assert curve["student"]["pretraining"]["steps"] == 400  # the shipped base
+        assert [p["step"] for p in curve["checkpoints"]] == [0, 2, 4]
+        assert [p["samples"] for p in curve["checkpoints"]] == [0, 8, 16]
+        for point in curve["checkpoints"]:
+            assert point["accuracy"] == point["correct"] / 16 and point["low"] <= point["accuracy"] <= point["high"]
+            assert set(point["by_kind"]) <= {"colour_at", "shape_of", "count", "held", "moved"}
+        assert all(p["mean_loss"] > 0 for p in curve["checkpoints"][1:])
+    # the same model answers the same questions before either curve trains
+    assert ce["checkpoints"][0]["correct"] == kd["checkpoints"][0]["correct"]
+    assert "teacher" not in ce and ce["settings"]["loss"] == "ce"
+    assert kd["teacher"]["pretraining"]["steps"] == 2500 and kd["settings"]["loss"] == "forward_kl"
+
+
+def test_learning_curves_recorded_results_are_their_json_rendered():
+    """The H100 curves were recorded from the exploration script's logs: the Markdown holds the JSON's
+    figures exactly as the benchmark renders them; the --curve syntax."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import learning_curves  # benchmarks/ is no package: found through sys.path
+
+    recorded = ROOT / "benchmarks" / "results" / "learning_curves_NVIDIA_H100_80GB_HBM3.json"
+    meta, points = learning_curves.read_results(str(recorded))
+    assert learning_curves.markdown({**meta, "points": points}) == recorded.with_suffix(".md").read_text()
+    assert learning_curves.parse_curve('A64=ce model.student.weights=random "data.kinds=[count, held]"') == {
+        "name": "A64",
+        "mode": "ce",
+        "overrides": ["model.student.weights=random", "data.kinds=[count, held]"],
+    }
+    with pytest.raises(argparse.ArgumentTypeError):
+        learning_curves.parse_curve("A64=model.student.weights=random")  # no mode
