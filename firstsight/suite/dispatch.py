@@ -20,10 +20,11 @@ from firstsight.core.job import write_job_metrics
 
 
 def _distill(cfg: DictConfig, tracker: Any, resume_point: Any = None, world: Any = None) -> Dict[str, float]:
-    from firstsight.tasks.distill import distill, out_of_memory_reported
+    from firstsight.tasks.distill import Stage, distill, out_of_memory_reported
 
-    with out_of_memory_reported(cfg):  # an OOM: one line with the step, batch and memory figures
-        return distill(cfg, tracker, resume_point, world)
+    stage = Stage()  # where the job is, for the message of an out-of-memory error
+    with out_of_memory_reported(cfg, stage):  # an OOM: one line with the step, batch and memory figures
+        return distill(cfg, tracker, resume_point, world, stage)
 
 
 def _profile(cfg: DictConfig, tracker: Any) -> Dict[str, float]:

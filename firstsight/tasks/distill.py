@@ -16,8 +16,13 @@ from firstsight.losses.build import build_loss
 
 log = logging.getLogger(__name__)
 
-# What the distill job is doing now, for the message of an out-of-memory error (out_of_memory_reported)
-STAGE = {"now": "while loading the models"}
+
+class Stage:
+    """What the distill job is doing now, for the message of an out-of-memory error: the run owns
+    one, gives it to out_of_memory_reported and to distill, which keeps `now` up to date."""
+
+    def __init__(self, now: str = "while loading the models"):
+        self.now = now
 
 
 def is_out_of_memory(err: BaseException) -> bool:
@@ -30,17 +35,17 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def out_of_memory_reported(cfg: DictConfig) -> Iterator[None]:
+def out_of_memory_reported(cfg: DictConfig, stage: Stage) -> Iterator[Stage]:
     """An out-of-memory error inside becomes OutOfMemory (a one-line `error:`, exit status 2, the
-    run FAILED with it in firstsight.error): where (STAGE), the batch settings, the memory figures
-    and what to change."""
-    STAGE["now"] = "while loading the models"
+    run FAILED with it in firstsight.error): where (`stage`, which the job inside keeps up to date),
+    the batch settings, the memory figures and what to change."""
+    stage.now = "while loading the models"
     try:
-        yield
+        yield stage
     except Exception as err:  # noqa: BLE001 - only out-of-memory errors are turned into OutOfMemory
         if not is_out_of_memory(err):
             raise
-        raise OutOfMemory(out_of_memory_message(cfg, STAGE["now"], err)) from err
+        raise OutOfMemory(out_of_memory_message(cfg, stage.now, err)) from err
 
 
 def out_of_memory_message(cfg: DictConfig, stage: str, err: BaseException) -> str:
@@ -149,145 +154,387 @@ def step_inputs(
 
 
 def distill(
-    cfg: DictConfig, tracker: Any, resume_point: Optional[Any] = None, world: Optional[Any] = None
+    cfg: DictConfig,
+    tracker: Any,
+    resume_point: Optional[Any] = None,
+    world: Optional[Any] = None,
+    stage: Optional[Stage] = None,
 ) -> Dict[str, float]:
     """`resume_point` (firstsight.training.resume.ResumePoint): continue that checkpoint's training.
     `world` (firstsight.models.distributed.Distributed): this process's place in a data-parallel job;
-    only its rank 0 gets a real tracker, writes checkpoints and saves the student."""
-    import torch
+    only its rank 0 gets a real tracker, writes checkpoints and saves the student. `stage`: where the
+    job is, kept up to date for out_of_memory_reported (the caller's, else one of its own)."""
+    recipe = DistillRecipe(cfg, tracker, resume_point, world, stage if stage is not None else Stage())
+    recipe.load_models()  # the processor, the teacher (or its cache), the student
+    recipe.log_models()
+    recipe.build()  # the loss, the collator, the training data, data parallelism, the hidden-state term
+    before = recipe.evaluate_before()  # before compiling, so the compiled blocks see only training shapes
+    recipe.compile()
+    loop = recipe.train()
+    summary = recipe.training_figures(loop)
+    summary.update(recipe.evaluate(before))
+    return recipe.save(summary)
 
-    from firstsight.core.perf import PeakMemory, ThroughputMeter
-    from firstsight.core.runtime import torch_dtype
-    from firstsight.data import load_split
-    from firstsight.data.batching import QACollator, ShuffledBatches, in_order
-    from firstsight.models.loading import load_model, load_processor
-    from firstsight.training.loop import LoopSettings, optimize
 
-    device = prepare_job(cfg, tracker)
-    peak = PeakMemory(device)
-    peak.reset()
+class DistillRecipe:
+    """The steps of `distill`, in the order it calls them; each leaves on the recipe what the later ones use."""
 
-    processor = load_processor(cfg)
-    from firstsight.kd.teacher_cache import cache_wanted, open_cache
+    def __init__(self, cfg: DictConfig, tracker: Any, resume_point: Optional[Any], world: Optional[Any], stage: Stage):
+        from firstsight.core.perf import PeakMemory
+        from firstsight.core.world import SINGLE
 
-    use_cache = cache_wanted(cfg)  # teacher_cache.enabled: the teacher's top-k targets, computed once
-    if not use_cache:
-        teacher = load_model(cfg, "teacher", processor, device, frozen=True)
-    student = load_model(cfg, "student", processor, device, frozen=False)
-    teacher_cache = None
-    if use_cache:  # a hit never loads the teacher; a miss loads it to build the cache, then frees it
-        teacher_cache = open_cache(cfg, tracker, processor, student, device)
-        teacher = teacher_cache.teacher  # as the manifest describes it (model=None)
-        if teacher_cache.status == "built":
-            peak.reset()  # perf/peak_* measure the training, not the teacher pass that built the cache
-    if teacher.vocab_rows < student.vocab_rows:
-        raise FirstSightError(
-            f"the teacher has {teacher.vocab_rows} output rows, fewer than the student's {student.vocab_rows}: "
-            "the teacher's distribution cannot cover the student's vocabulary"
+        self.cfg, self.tracker, self.resume_point, self.stage = cfg, tracker, resume_point, stage
+        self.world = world or SINGLE
+        self.fsdp = self.world.active and cfg.hardware.data_parallel == "fsdp"
+        self.device = prepare_job(cfg, tracker)
+        self.peak = PeakMemory(self.device)
+        self.peak.reset()
+
+    # ------------------------------------------------------------------ load
+
+    def load_models(self) -> None:
+        """The processor, the frozen teacher (or the cache of its top-k targets) and the student."""
+        from firstsight.models.loading import load_model, load_processor
+
+        cfg, device = self.cfg, self.device
+        self.processor = load_processor(cfg)
+        from firstsight.kd.teacher_cache import cache_wanted, open_cache
+
+        use_cache = cache_wanted(cfg)  # teacher_cache.enabled: the teacher's top-k targets, computed once
+        if not use_cache:
+            self.teacher = load_model(cfg, "teacher", self.processor, device, frozen=True)
+        self.student = load_model(cfg, "student", self.processor, device, frozen=False)
+        self.teacher_cache = None
+        if use_cache:  # a hit never loads the teacher; a miss loads it to build the cache, then frees it
+            self.teacher_cache = open_cache(cfg, self.tracker, self.processor, self.student, device)
+            self.teacher = self.teacher_cache.teacher  # as the manifest describes it (model=None)
+            if self.teacher_cache.status == "built":
+                self.peak.reset()  # perf/peak_* measure the training, not the teacher pass that built the cache
+        teacher, student = self.teacher, self.student
+        if teacher.vocab_rows < student.vocab_rows:
+            raise FirstSightError(
+                f"the teacher has {teacher.vocab_rows} output rows, fewer than the student's {student.vocab_rows}: "
+                "the teacher's distribution cannot cover the student's vocabulary"
+            )
+
+    def log_models(self) -> None:
+        """The models' sizes and load times as model/* metrics, where they came from as tags."""
+        from firstsight.models.lora import trainable_parameters
+
+        cfg, teacher, student = self.cfg, self.teacher, self.student
+        self.model_metrics = {
+            "model/params_b": student.params_b,
+            "model/trainable_params_b": trainable_parameters(student.model) / 1e9,
+            "model/weights_gb": student.weights_gb,
+            "model/teacher_params_b": teacher.params_b,
+            "model/teacher_weights_gb": teacher.weights_gb,
+            "model/load_time_s": student.load_time_s,
+            "model/teacher_load_time_s": teacher.load_time_s,
+        }
+        tags = {"firstsight.teacher": teacher.origin, "firstsight.student": student.origin}
+        if cfg.model.teacher.source == "tiny" and cfg.model.teacher.weights.value == "pretrained":
+            from firstsight.models.pretrain import model_info
+
+            info = model_info(Path(teacher.origin))
+            tags["firstsight.teacher_pretrain_accuracy"] = f"{info['validation_accuracy']:.4f}"
+        self.tracker.set_tags(tags)
+        self.tracker.log_metrics(self.model_metrics)
+
+    # ------------------------------------------------------------------ build
+
+    def build(self) -> None:
+        """The loss, the collator, the training split, the student wrapped for data parallelism and
+        the hidden-state term (None unless distill_loss.hidden_weight > 0)."""
+        from firstsight.core.runtime import torch_dtype
+        from firstsight.data import load_split
+        from firstsight.data.batching import QACollator
+
+        cfg = self.cfg
+        self.loss_fn = build_loss(cfg.distill_loss)
+        self.dtype = torch_dtype(cfg.precision.dtype)
+        self.collator = QACollator(
+            self.processor,
+            with_index=self.teacher_cache is not None,
+            pad_to_multiple_of=cfg.hardware.pad_to_multiple_of,
         )
-    from firstsight.models.lora import trainable_parameters
+        self.train_set = load_split(cfg.data, "train", cfg.seed, self.processor)
+        if getattr(self.train_set, "skipped", 0):  # bad records left out under data.on_bad_sample=skip
+            self.tracker.log_metrics({"data/skipped_samples": self.train_set.skipped})
+        # several processes: DDP (or FSDP2, sharding in place) over them; else the student itself
+        from firstsight.models.distributed import wrap
 
-    model_metrics = {
-        "model/params_b": student.params_b,
-        "model/trainable_params_b": trainable_parameters(student.model) / 1e9,
-        "model/weights_gb": student.weights_gb,
-        "model/teacher_params_b": teacher.params_b,
-        "model/teacher_weights_gb": teacher.weights_gb,
-        "model/load_time_s": student.load_time_s,
-        "model/teacher_load_time_s": teacher.load_time_s,
-    }
-    tags = {"firstsight.teacher": teacher.origin, "firstsight.student": student.origin}
-    if cfg.model.teacher.source == "tiny" and cfg.model.teacher.weights.value == "pretrained":
-        from firstsight.models.pretrain import model_info
+        self.student_forward = wrap(self.world, self.student.model, self.device, cfg.hardware.data_parallel)
+        # distill_loss.hidden_weight > 0: + hidden_weight * hidden-state term, through trained projections
+        self.teacher_runs = self.teacher_cache is None and self.loss_fn.uses_teacher
+        teacher_model = self.teacher.model if self.teacher_runs else None
+        self.hidden_loss = build_hidden_loss(cfg, self.student.model, teacher_model, self.device)
 
-        info = model_info(Path(teacher.origin))
-        tags["firstsight.teacher_pretrain_accuracy"] = f"{info['validation_accuracy']:.4f}"
-    tracker.set_tags(tags)
-    tracker.log_metrics(model_metrics)
-
-    loss_fn = build_loss(cfg.distill_loss)
-    dtype = torch_dtype(cfg.precision.dtype)
-    collator = QACollator(
-        processor, with_index=teacher_cache is not None, pad_to_multiple_of=cfg.hardware.pad_to_multiple_of
-    )
-    train_set = load_split(cfg.data, "train", cfg.seed, processor)
-    if getattr(train_set, "skipped", 0):  # bad records left out under data.on_bad_sample=skip
-        tracker.log_metrics({"data/skipped_samples": train_set.skipped})
-    teacher_model, student_model = teacher.model, student.model
-    from firstsight.core.world import SINGLE
-
-    world = world or SINGLE
-    fsdp = world.active and cfg.hardware.data_parallel == "fsdp"
-    # several processes: DDP (or FSDP2, sharding in place) over them; else the student itself
-    from firstsight.models.distributed import wrap
-
-    student_forward = wrap(world, student_model, device, cfg.hardware.data_parallel)
-    # distill_loss.hidden_weight > 0: + hidden_weight * hidden-state term, through trained projections
-    teacher_runs = teacher_cache is None and loss_fn.uses_teacher
-    hidden_loss = build_hidden_loss(cfg, student_model, teacher_model if teacher_runs else None, device)
-    hidden_kwargs = {"output_hidden_states": True} if hidden_loss is not None else {}
-    # the student's accuracy before training, on the validation questions the end of the run answers
-    # (before any block is compiled, so the compiled blocks see only training shapes)
-    before = None
-    if cfg.train.eval_at_end and cfg.train.eval_before and resume_point is None:
-        from firstsight.training.loop import answer_outcomes
-
-        STAGE["now"] = "evaluating the student before training"
-        eval_batch = cfg.hardware.eval_batch_size or cfg.hardware.batch_size
-        validation = load_split(cfg.data, "validation", cfg.seed, processor)
-        before = answer_outcomes(student_model, in_order(validation, collator, eval_batch), device, dtype)
-        peak.reset()  # perf/peak_* measure the training
-    if cfg.hardware.compile:
+    def compile(self) -> None:
+        """hardware.compile: the student's blocks (and a live teacher's) compiled with torch.compile."""
+        cfg = self.cfg
+        if not cfg.hardware.compile:
+            return
         from firstsight.models.loading import compile_blocks
 
         settings = {
             "memory_budget": cfg.hardware.compile_memory_budget,
             "cpp_wrapper": cfg.hardware.compile_cpp_wrapper,
         }
-        blocks = compile_blocks(student_model, **settings) + (
-            compile_blocks(teacher_model, **settings) if teacher_runs else 0
+        blocks = compile_blocks(self.student.model, **settings) + (
+            compile_blocks(self.teacher.model, **settings) if self.teacher_runs else 0
         )
         log.info("hardware.compile: %d blocks compiled with torch.compile on first use", blocks)
 
-    answer_positions_only = cfg.train.logits == "answer_positions"
-    from firstsight.models.positions import same_rope
+    def kd_step(self) -> KDStep:
+        """The loss of a micro-batch, for optimize."""
+        from firstsight.models.positions import same_rope
 
-    # the M-RoPE positions, computed once per batch on the host (firstsight/models/positions.py) and given
-    # to both models, instead of each model computing them on the device with dozens of syncs
-    share_positions = cfg.train.host_positions and (not teacher_runs or same_rope(student_model, teacher_model))
+        cfg, student_model, teacher_model = self.cfg, self.student.model, self.teacher.model
+        # the M-RoPE positions, computed once per batch on the host (firstsight/models/positions.py) and given
+        # to both models, instead of each model computing them on the device with dozens of syncs
+        share_positions = cfg.train.host_positions and (
+            not self.teacher_runs or same_rope(student_model, teacher_model)
+        )
+        return KDStep(
+            student_model=student_model,
+            student_forward=self.student_forward,
+            teacher_model=teacher_model,
+            loss_fn=self.loss_fn,
+            teacher_cache=self.teacher_cache,
+            hidden_loss=self.hidden_loss,
+            hidden_weight=cfg.distill_loss.hidden_weight,
+            share_positions=share_positions,
+            answer_positions_only=cfg.train.logits == "answer_positions",
+            device=self.device,
+        )
 
-    def kd_step(batch: Dict[str, Any], answer_tokens: int) -> Dict[str, Any]:
+    # ------------------------------------------------------------------ evaluate before, train
+
+    def evaluate_before(self) -> Optional[List[bool]]:
+        """The student's answers before training, on the validation questions the end of the run
+        answers (train.eval_before, not when resuming); else None."""
+        cfg = self.cfg
+        if not (cfg.train.eval_at_end and cfg.train.eval_before and self.resume_point is None):
+            return None
+        from firstsight.data import load_split
+        from firstsight.data.batching import in_order
+        from firstsight.training.loop import answer_outcomes
+
+        self.stage.now = "evaluating the student before training"
+        eval_batch = cfg.hardware.eval_batch_size or cfg.hardware.batch_size
+        validation = load_split(cfg.data, "validation", cfg.seed, self.processor)
+        before = answer_outcomes(
+            self.student.model, in_order(validation, self.collator, eval_batch), self.device, self.dtype
+        )
+        self.peak.reset()  # perf/peak_* measure the training
+        return before
+
+    def train(self) -> Dict[str, Any]:
+        """optimize over the training split from the start or the resume point, checkpointing as it
+        goes; train_history.json on rank 0. Returns optimize's figures."""
+        from firstsight.data.batching import ShuffledBatches
+        from firstsight.training.loop import optimize
+
+        cfg, resume_point, world = self.cfg, self.resume_point, self.world
+        kd_step = self.kd_step()
+        self.steps = StepLog(cfg, self.tracker, self.stage)
+        self.checkpointer = self.make_checkpointer()
+        if resume_point is not None:  # the metrics of the checkpoint's step, in case no step is left to run
+            self.steps.last.update({f"train/{k}": v for k, v in resume_point.state["metrics"].items()})
+            self.tracker.set_tags(
+                {
+                    "firstsight.resumed_from": str(resume_point.path),
+                    "firstsight.resumed_at_step": str(resume_point.step),
+                }
+            )
+        self.stage.now = f"at training step {(resume_point.step if resume_point else 0) + 1} of {cfg.train.max_steps}"
+        batches = ShuffledBatches(
+            self.train_set,
+            self.collator,
+            cfg.hardware.batch_size,
+            seed=cfg.seed,
+            workers=cfg.hardware.dataloader_workers,
+            position=resume_point.data_position if resume_point else None,
+            rank=world.rank,
+            world_size=world.world_size,
+        )
+        loop = optimize(
+            self.student_forward,
+            batches,
+            kd_step,
+            loop_settings(cfg),
+            device=self.device,
+            dtype=self.dtype,
+            on_step=self.steps,
+            # the hidden-state projections train too, but are not saved with the student (see build_hidden_loss)
+            extra_parameters=self.hidden_loss.parameters() if self.hidden_loss is not None else (),
+            checkpointer=self.checkpointer,
+            world=world,
+        )
+        if world.is_main:  # the steps this process ran (a resumed job: those after its checkpoint)
+            from firstsight.core.job import write_job_file
+
+            write_job_file("train_history.json", self.steps.history)
+        return loop
+
+    def make_checkpointer(self) -> Any:
+        """The resumable checkpoints of the student's trained tensors and the hidden-state projections."""
+        from firstsight.training.resume import Checkpointer, named_trained_tensors
+
+        hidden = {"hidden_projection": self.hidden_loss} if self.hidden_loss else None
+        return Checkpointer(
+            self.cfg,
+            job_output_dir(),
+            named_trained_tensors(self.student.model, hidden),
+            run_id=self.tracker.run_id,
+            resume=self.resume_point,
+            before_save=self.tracker.flush,
+            writer=self.world.is_main,
+            sharded_model=self.student_forward if self.fsdp else None,
+        )
+
+    def training_figures(self, loop: Dict[str, Any]) -> Dict[str, float]:
+        """Throughput, peak memory and the harness's share of the step time (per process figures too
+        in a data-parallel job)."""
+        peak = self.peak
+        summary = {**self.steps.throughput.summary(), peak.metric_name: peak.peak_gb()}
+        if loop["step_seconds"] > 0:  # metric logging, MLflow flushes and the progress bar, against the steps
+            summary["perf/harness_time_fraction"] = loop["harness_seconds"] / loop["step_seconds"]
+        if self.world.active:  # throughput is the job's (all GPUs); memory is per process: the largest, and the sum
+            summary.update(per_process_figures(self.world, summary, peak.metric_name))
+        if peak.scope != "job":
+            self.tracker.set_tags({"firstsight.peak_memory_scope": peak.scope})
+        return summary
+
+    # ------------------------------------------------------------------ evaluate, save
+
+    def evaluate(self, before: Optional[List[bool]]) -> Dict[str, float]:
+        """train.eval_at_end: the accuracies of teacher and student (end_of_run_accuracy); else none."""
+        self.stage.now = "at the end of training (evaluating, saving)"
+        if not self.cfg.train.eval_at_end:
+            return {}
+        return end_of_run_accuracy(
+            self.cfg,
+            self.tracker,
+            self.processor,
+            self.collator,
+            self.device,
+            self.dtype,
+            self.student.model,
+            self.teacher if self.teacher_cache is None else None,
+            self.teacher_cache,
+            before,
+            self.stage,
+        )
+
+    def save(self, summary: Dict[str, float]) -> Dict[str, float]:
+        """The summary logged at the last step, the student saved (train.save_checkpoint), the
+        resumable checkpoints discarded; returns the run's metrics."""
+        cfg, tracker, world = self.cfg, self.tracker, self.world
+        tracker.log_metrics(summary, step=cfg.train.max_steps)
+        tracker.flush()
+
+        # the cache's hit/miss and build time go into metrics.json too
+        cache_metrics = self.teacher_cache.metrics if self.teacher_cache is not None else {}
+        result = {**self.model_metrics, **cache_metrics, **self.steps.last, **summary}
+        if cfg.train.save_checkpoint:
+            from firstsight.models.distributed import gathered_copy
+
+            student_model = self.student.model
+            whole = gathered_copy(student_model, world.is_main) if self.fsdp else student_model  # fsdp: all take part
+            if world.is_main:
+                save_student(cfg, tracker, whole, self.processor, result)
+        self.checkpointer.discard()  # done: a rerun in this directory starts afresh instead of resuming
+        log.info("done: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.items())))
+        return result
+
+
+def loop_settings(cfg: DictConfig) -> Any:
+    """optimize's settings from the config."""
+    from firstsight.training.loop import LoopSettings
+
+    return LoopSettings(
+        max_steps=cfg.train.max_steps,
+        lr=cfg.train.lr,
+        weight_decay=cfg.train.weight_decay,
+        warmup_steps=cfg.train.warmup_steps,
+        max_grad_norm=cfg.train.max_grad_norm,
+        grad_accum_steps=cfg.hardware.grad_accum_steps,
+        progress_bar=cfg.train.progress_bar,
+        fused_optimizer=cfg.train.fused_optimizer,
+        optimizer=cfg.train.optimizer,
+        description=f"distilling ({cfg.distill_loss.name}, {cfg.precision.name})",
+    )
+
+
+class KDStep:
+    """The loss of one micro-batch for optimize: the student's forward, the teacher's targets (its
+    live forward, the cache's top-k, or none for the control), the KD loss and the hidden-state term."""
+
+    def __init__(
+        self,
+        student_model: Any,
+        student_forward: Any,
+        teacher_model: Any,
+        loss_fn: Any,
+        teacher_cache: Optional[Any],
+        hidden_loss: Optional[Any],
+        hidden_weight: float,
+        share_positions: bool,
+        answer_positions_only: bool,
+        device: str,
+    ):
+        self.student_model, self.student_forward, self.teacher_model = student_model, student_forward, teacher_model
+        self.loss_fn, self.teacher_cache, self.hidden_loss = loss_fn, teacher_cache, hidden_loss
+        self.hidden_weight = hidden_weight
+        self.share_positions, self.answer_positions_only = share_positions, answer_positions_only
+        self.device = device
+        self.hidden_kwargs = {"output_hidden_states": True} if hidden_loss is not None else {}
+
+    def __call__(self, batch: Dict[str, Any], answer_tokens: int) -> Dict[str, Any]:
+        import torch
+
         # the cache's targets before the student's forward: their lookup reads the answer tokens
         # back to the host, which waits only for this batch's copy to the device, not for a forward
-        cached_targets = teacher_cache.targets(batch) if teacher_cache is not None else None
-        inputs, labels = step_inputs(batch, student_model, share_positions, answer_positions_only)
+        cached_targets = self.teacher_cache.targets(batch) if self.teacher_cache is not None else None
+        inputs, labels = step_inputs(batch, self.student_model, self.share_positions, self.answer_positions_only)
         # The frozen teacher already holds its weights in the precision's dtype (or quantized):
         # autocast is for the trainable student, and bitsandbytes' CPU kernels give NaN under it.
-        student_out = student_forward(**inputs, **hidden_kwargs)
+        student_out = self.student_forward(**inputs, **self.hidden_kwargs)
         student_logits = student_out.logits
         if cached_targets is not None:  # the cached top-k targets stand in for the teacher's logits
             teacher_logits = cached_targets
-        elif loss_fn.uses_teacher:
-            with torch.no_grad(), torch.autocast(device, enabled=False):
-                teacher_out = teacher_model(**inputs, **hidden_kwargs)
+        elif self.loss_fn.uses_teacher:
+            with torch.no_grad(), torch.autocast(self.device, enabled=False):
+                teacher_out = self.teacher_model(**inputs, **self.hidden_kwargs)
                 teacher_logits = teacher_out.logits
         else:  # the control (distill_loss=none): plain fine-tuning needs no teacher pass
             teacher_logits = student_logits.detach()
-        out = loss_fn(student_logits, teacher_logits, labels, num_answer_tokens=answer_tokens)
+        out = self.loss_fn(student_logits, teacher_logits, labels, num_answer_tokens=answer_tokens)
         metrics = {"loss": out.loss, "kd_loss": out.kd_loss, "ce_loss": out.ce_loss}
-        if hidden_loss is not None:
-            hidden = hidden_loss(
+        if self.hidden_loss is not None:
+            hidden = self.hidden_loss(
                 student_out.hidden_states, teacher_out.hidden_states, batch["labels"], num_answer_tokens=answer_tokens
             )
-            metrics["loss"] = out.loss + cfg.distill_loss.hidden_weight * hidden
+            metrics["loss"] = out.loss + self.hidden_weight * hidden
             metrics["hidden_loss"] = hidden.detach()
         return metrics
 
-    throughput = ThroughputMeter(cfg.train.throughput_warmup_steps)
-    last: Dict[str, float] = {}
-    history: List[Dict[str, float]] = []  # train_history.json: per-step figures without MLflow
 
-    def on_step(step: int, metrics: Dict[str, float], seconds: float, samples: int, tokens: int) -> None:
+class StepLog:
+    """optimize's on_step: each step's figures to the tracker, to `history` (train_history.json) and
+    to the throughput meter; `last` keeps the latest; a non-finite loss fails the run."""
+
+    def __init__(self, cfg: DictConfig, tracker: Any, stage: Stage):
+        from firstsight.core.perf import ThroughputMeter
+
+        self.cfg, self.tracker, self.stage = cfg, tracker, stage
+        self.throughput = ThroughputMeter(cfg.train.throughput_warmup_steps)
+        self.last: Dict[str, float] = {}
+        self.history: List[Dict[str, float]] = []  # train_history.json: per-step figures without MLflow
+
+    def __call__(self, step: int, metrics: Dict[str, float], seconds: float, samples: int, tokens: int) -> None:
+        cfg, tracker = self.cfg, self.tracker
         if not math.isfinite(metrics["loss"]):
             tracker.log_metrics({f"train/{k}": v for k, v in metrics.items() if math.isfinite(v)}, step=step)
             raise RunFailed(  # a sweep's other points still run (firstsight.suite.dispatch.exit_on_user_error)
@@ -295,110 +542,15 @@ def distill(
                 f"stopping before anything is saved. Try precision=fp32 or bf16, a lower train.lr={cfg.train.lr}, "
                 f"or a smaller distill_loss.temperature={cfg.distill_loss.temperature}."
             )
-        throughput.add_step(seconds, samples, tokens)
+        self.throughput.add_step(seconds, samples, tokens)
         named = {f"train/{k}": v for k, v in metrics.items()}
         named["perf/step_time_s"] = seconds
         tracker.log_metrics(named, step=step)
-        last.update(named)
-        history.append({"step": step, **named})
+        self.last.update(named)
+        self.history.append({"step": step, **named})
         if step % cfg.train.log_every_n_steps == 0:
             tracker.flush()
-        STAGE["now"] = f"at training step {step + 1} of {cfg.train.max_steps}"
-
-    from firstsight.training.resume import Checkpointer, named_trained_tensors
-
-    checkpointer = Checkpointer(
-        cfg,
-        job_output_dir(),
-        named_trained_tensors(student_model, {"hidden_projection": hidden_loss} if hidden_loss else None),
-        run_id=tracker.run_id,
-        resume=resume_point,
-        before_save=tracker.flush,
-        writer=world.is_main,
-        sharded_model=student_forward if fsdp else None,
-    )
-    if resume_point is not None:  # the metrics of the checkpoint's step, in case no step is left to run
-        last.update({f"train/{k}": v for k, v in resume_point.state["metrics"].items()})
-        tracker.set_tags(
-            {"firstsight.resumed_from": str(resume_point.path), "firstsight.resumed_at_step": str(resume_point.step)}
-        )
-    STAGE["now"] = f"at training step {(resume_point.step if resume_point else 0) + 1} of {cfg.train.max_steps}"
-    loop = optimize(
-        student_forward,
-        ShuffledBatches(
-            train_set,
-            collator,
-            cfg.hardware.batch_size,
-            seed=cfg.seed,
-            workers=cfg.hardware.dataloader_workers,
-            position=resume_point.data_position if resume_point else None,
-            rank=world.rank,
-            world_size=world.world_size,
-        ),
-        kd_step,
-        LoopSettings(
-            max_steps=cfg.train.max_steps,
-            lr=cfg.train.lr,
-            weight_decay=cfg.train.weight_decay,
-            warmup_steps=cfg.train.warmup_steps,
-            max_grad_norm=cfg.train.max_grad_norm,
-            grad_accum_steps=cfg.hardware.grad_accum_steps,
-            progress_bar=cfg.train.progress_bar,
-            fused_optimizer=cfg.train.fused_optimizer,
-            optimizer=cfg.train.optimizer,
-            description=f"distilling ({cfg.distill_loss.name}, {cfg.precision.name})",
-        ),
-        device=device,
-        dtype=dtype,
-        on_step=on_step,
-        # the hidden-state projections train too, but are not saved with the student (see build_hidden_loss)
-        extra_parameters=hidden_loss.parameters() if hidden_loss is not None else (),
-        checkpointer=checkpointer,
-        world=world,
-    )
-    if world.is_main:  # the steps this process ran (a resumed job: those after its checkpoint)
-        from firstsight.core.job import write_job_file
-
-        write_job_file("train_history.json", history)
-    summary = {**throughput.summary(), peak.metric_name: peak.peak_gb()}
-    if loop["step_seconds"] > 0:  # metric logging, MLflow flushes and the progress bar, against the steps
-        summary["perf/harness_time_fraction"] = loop["harness_seconds"] / loop["step_seconds"]
-    if world.active:  # throughput is the job's (all GPUs); memory is per process: the largest, and the sum
-        summary.update(per_process_figures(world, summary, peak.metric_name))
-    if peak.scope != "job":
-        tracker.set_tags({"firstsight.peak_memory_scope": peak.scope})
-
-    STAGE["now"] = "at the end of training (evaluating, saving)"
-    if cfg.train.eval_at_end:
-        summary.update(
-            end_of_run_accuracy(
-                cfg,
-                tracker,
-                processor,
-                collator,
-                device,
-                dtype,
-                student_model,
-                teacher if teacher_cache is None else None,
-                teacher_cache,
-                before,
-            )
-        )
-    tracker.log_metrics(summary, step=cfg.train.max_steps)
-    tracker.flush()
-
-    # the cache's hit/miss and build time go into metrics.json too
-    cache_metrics = teacher_cache.metrics if teacher_cache is not None else {}
-    result = {**model_metrics, **cache_metrics, **last, **summary}
-    if cfg.train.save_checkpoint:
-        from firstsight.models.distributed import gathered_copy
-
-        whole = gathered_copy(student_model, world.is_main) if fsdp else student_model  # fsdp: all take part
-        if world.is_main:
-            save_student(cfg, tracker, whole, processor, result)
-    checkpointer.discard()  # done: a rerun in this directory starts afresh instead of resuming
-    log.info("done: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(result.items())))
-    return result
+        self.stage.now = f"at training step {step + 1} of {cfg.train.max_steps}"
 
 
 def end_of_run_accuracy(
@@ -412,6 +564,7 @@ def end_of_run_accuracy(
     teacher: Optional[Any],
     teacher_cache: Optional[Any],
     before: Optional[List[bool]],
+    stage: Optional[Stage] = None,
 ) -> Dict[str, float]:
     """Teacher-forced exact match of teacher and student on the validation split, per question:
     the accuracies with their intervals, the paired drops (against the run's teacher and, when
@@ -454,7 +607,8 @@ def end_of_run_accuracy(
     if quantized:  # the study's drop is against the teacher unquantized: load it for the evaluation
         from firstsight.models.loading import load_model
 
-        STAGE["now"] = "evaluating the full-precision teacher"
+        if stage is not None:
+            stage.now = "evaluating the full-precision teacher"
         reference = load_model(full_precision_config(cfg), "teacher", processor, device, frozen=True)
         full_precision = outcomes(reference.model, validation, torch.float32)
         del reference
