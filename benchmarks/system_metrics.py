@@ -10,12 +10,14 @@ Two measurements, on the machine it runs on (CPU or GPU):
 - in jobs: the default distill job (`python run.py`, --steps steps, no evaluation, no checkpoint)
   with system metrics on (every --interval s) and off, interleaved over --rounds rounds. A job's
   step times drift with the machine's load far more than 1 %, so jobs are not compared whole:
-  within each job, the steps that overlap a sample are compared with their nearest steps that
-  overlap none, and their excess time is the sample's cost. The same estimate on the jobs without
-  system metrics, at made-up sample times, is its noise. Cost at interval I = net cost per sample / I.
+  within each job, the steps at a sample are compared with their nearest other steps, less the
+  same comparison halfway to the next sample, where the monitor sleeps (a time falls more often
+  in a long step, and how long steps are varies with the load); trimmed means, so that load
+  spikes fall out. Cost at interval I = cost per sample / I.
 
-    python benchmarks/system_metrics.py                # CPU: ~10 min on 2 busy cores
+    python benchmarks/system_metrics.py                # CPU: ~10-30 min on 2 shared cores
     python benchmarks/system_metrics.py --rounds 0     # the per-sample figure alone (~20 s)
+    python benchmarks/system_metrics.py --render results/system_metrics_cpu_2_cores.json  # analyse again
 
 Writes benchmarks/results/system_metrics_<device>.json and .md.
 """
@@ -23,14 +25,18 @@ Writes benchmarks/results/system_metrics_<device>.json and .md.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from _common import RESULTS, results_path, run_job, run_meta, write_pair
+
+SAMPLE_WINDOW_S = 0.05  # a step within this of a sample's time counts as overlapping it
+TRIM = 0.1  # share of the excesses left out at each end of the trimmed mean
 
 
 def sample_cost(samples: int) -> Dict[str, Any]:
@@ -103,37 +109,102 @@ def sample_times(client: Any, run_id: str) -> List[float]:
     return sorted(m.timestamp / 1000 for m in client.get_metric_history(run_id, "system/cpu_utilization_percentage"))
 
 
-def excess_per_sample(steps: List[Tuple[float, float]], samples: List[float], window: float) -> List[float]:
-    """For each sample: the time the steps it overlapped (within `window` s of it) took beyond the
-    median of their 10 nearest steps that overlapped no sample. The overlap's cost, per sample."""
+def excess(steps: List[Tuple[float, float]], points: List[float], avoid: List[float]) -> List[Optional[float]]:
+    """For each time in `points`: the time the steps within SAMPLE_WINDOW_S of it took beyond the
+    median of their 10 nearest steps near neither `points` nor `avoid`; None where no step was
+    there (loading, evaluation)."""
 
     def hit(step: Tuple[float, float], t: float) -> bool:
-        return step[0] - window <= t <= step[1] + window
+        return step[0] - SAMPLE_WINDOW_S <= t <= step[1] + SAMPLE_WINDOW_S
 
-    clean = [i for i, st in enumerate(steps) if not any(hit(st, t) for t in samples)]
-    excess = []
-    for t in samples:
+    marks = points + avoid
+    clean = [i for i, st in enumerate(steps) if not any(hit(st, t) for t in marks)]
+    found: List[Optional[float]] = []
+    for t in points:
         touched = [i for i, st in enumerate(steps) if hit(st, t)]
         if not touched or len(clean) < 10:
+            found.append(None)
             continue
         near = sorted(clean, key=lambda i: abs(i - touched[0]))[:10]
         baseline = statistics.median(steps[i][1] - steps[i][0] for i in near)
-        excess.append(sum(steps[i][1] - steps[i][0] - baseline for i in touched))
-    return excess
+        found.append(sum(steps[i][1] - steps[i][0] - baseline for i in touched))
+    return found
 
 
-def end_to_end(interval: float, rounds: int, steps: int, warmup: int, workdir: Path) -> Dict[str, Any]:
-    """Distill jobs with system metrics on (every `interval` s) and off, interleaved; the cost of a
-    sample as the excess time of the steps it overlapped. Off: the same estimate at made-up sample
-    times every `interval` s (what the estimate reads where nothing was sampled: its noise)."""
+def trimmed_mean(values: List[float], cut: float = TRIM) -> float:
+    """The mean of `values` without their lowest and highest `cut` share."""
+    ordered = sorted(values)
+    k = int(len(ordered) * cut)
+    return statistics.fmean(ordered[k : len(ordered) - k] or ordered)
+
+
+def analyse(raw: List[Dict[str, Any]], interval: float) -> Dict[str, Any]:
+    """A sample's cost in each job with system metrics: its steps' excess at each sample, paired
+    with the excess at the point halfway to the next sample (where the monitor sleeps). The pairing
+    takes out what a step's excess is without any sample: a time that falls in a step falls more
+    often in a long one, and how long steps are varies with the machine's load. The jobs without
+    system metrics give the same unpaired estimate at made-up times (about 0 on a steady machine)."""
+    jobs = []
+    for job in raw:
+        steps, times = [tuple(w) for w in job["steps"]], job["samples"]
+        durations = [e - s for s, e in steps]
+        entry = {
+            "round": job["round"],
+            "setting": job["setting"],
+            "steps": len(steps),
+            "median_step_s": statistics.median(durations),
+            "span_s": steps[-1][1] - steps[0][0],
+            "slow_steps": sum(1 for d in durations if d > 5 * statistics.median(durations)),
+        }
+        if job["setting"] == "on":
+            halfway = [t + interval / 2 for t in times]
+            pairs = [
+                (a, b)
+                for a, b in zip(excess(steps, times, halfway), excess(steps, halfway, times))
+                if None not in (a, b)
+            ]
+            diffs = [a - b for a, b in pairs]
+            entry.update(
+                samples=len(pairs),
+                at_samples_ms=1000 * trimmed_mean([a for a, _ in pairs]),
+                halfway_ms=1000 * trimmed_mean([b for _, b in pairs]),
+                cost_ms=1000 * trimmed_mean(diffs),
+                cost_ms_median=1000 * statistics.median(diffs),
+                diffs_ms=[1000 * d for d in diffs],
+            )
+        else:
+            made_up = [steps[0][0] + interval * (k + 1) for k in range(int(entry["span_s"] / interval))]
+            values = [v for v in excess(steps, made_up, []) if v is not None]
+            entry.update(samples=len(values), at_samples_ms=1000 * trimmed_mean(values))
+        jobs.append(entry)
+    # the jobs' costs pooled by the inverse of their variance: a job on a loaded machine counts little
+    total = weighted = 0.0
+    for j in jobs:
+        if j["setting"] == "on" and j["samples"] > 2:
+            k = int(len(j["diffs_ms"]) * TRIM)
+            kept = sorted(j["diffs_ms"])[k : len(j["diffs_ms"]) - k]
+            j["cost_ms_stderr"] = statistics.stdev(kept) / len(kept) ** 0.5
+            weight = 1 / max(j["cost_ms_stderr"], 1e-6) ** 2
+            total += weight
+            weighted += weight * j["cost_ms"]
+    return {
+        "jobs": jobs,
+        "cost_ms": weighted / total if total else None,
+        "cost_ms_stderr": total**-0.5 if total else None,
+    }
+
+
+def run_jobs(interval: float, rounds: int, steps: int, warmup: int, workdir: Path) -> List[Dict[str, Any]]:
+    """Distill jobs with system metrics on (every `interval` s) and off, interleaved: each job's
+    step windows (and, on, its sample times)."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"
     client = MlflowClient(uri)
-    found: Dict[str, Dict[str, List[float]]] = {"on": {"excess": [], "step": []}, "off": {"excess": [], "step": []}}
+    raw: List[Dict[str, Any]] = []
     for r in range(rounds):
         for setting in ("on", "off"):
-            out = workdir / f"r{r}-{setting}"
+            name = f"r{r}-{setting}"
             overrides = [
                 f"train.max_steps={steps}",
                 f"train.throughput_warmup_steps={warmup}",
@@ -142,71 +213,32 @@ def end_to_end(interval: float, rounds: int, steps: int, warmup: int, workdir: P
                 "train.progress_bar=false",
                 f"train.log_every_n_steps={steps}",  # the job's own metric flushes stay out of the steps
                 f"tracking.tracking_uri={uri}",
-                f"tracking.run_name=r{r}-{setting}",
+                f"tracking.run_name={name}",
                 f"tracking.system_metrics={'true' if setting == 'on' else 'false'}",
                 f"tracking.system_metrics_interval_s={interval}",
             ]
-            point = run_job(overrides, out, timeout=1800)
+            point = run_job(overrides, workdir / name, timeout=3600)
             if "error" in point:
-                raise SystemExit(f"{setting}: {point['error']}")
+                raise SystemExit(f"{name}: {point['error']}")
             [run] = client.search_runs(
                 [client.get_experiment_by_name("firstsight").experiment_id],
-                filter_string=f"attributes.run_name = 'r{r}-{setting}'",
+                filter_string=f"attributes.run_name = '{name}'",
             )
             windows = step_windows(client, run.info.run_id, warmup)
-            if setting == "on":
-                times = sample_times(client, run.info.run_id)
-            else:
-                times = [
-                    windows[0][0] + interval * (k + 1) for k in range(int((windows[-1][1] - windows[0][0]) / interval))
-                ]
-            excess = excess_per_sample(windows, times, SAMPLE_WINDOW_S)
-            found[setting]["excess"] += excess
-            found[setting]["step"].append(statistics.median(e - s for s, e in windows))
+            times = sample_times(client, run.info.run_id) if setting == "on" else []
+            raw.append({"round": r, "setting": setting, "steps": windows, "samples": times})
             print(
-                f"round {r + 1}/{rounds} {setting}: {len(windows)} steps, median {found[setting]['step'][-1]:.4f} s; "
-                f"{len(excess)} samples, mean excess {1000 * statistics.fmean(excess):.1f} ms",
+                f"{name}: {len(windows)} steps in {windows[-1][1] - windows[0][0]:.0f} s, {len(times)} samples",
                 flush=True,
             )
-    summary: Dict[str, Any] = {"interval_s": interval, "steps": steps, "rounds": rounds, "window_s": SAMPLE_WINDOW_S}
-    for setting, f in found.items():
-        n = len(f["excess"])
-        mean = statistics.fmean(f["excess"])
-        stderr = statistics.stdev(f["excess"]) / n**0.5 if n > 1 else float("nan")
-        summary[setting] = {
-            "samples": n,
-            "excess_ms_mean": 1000 * mean,
-            "excess_ms_stderr": 1000 * stderr,
-            "excess_ms_median": 1000 * statistics.median(f["excess"]),
-            "median_step_s_per_job": f["step"],
-            "excess_ms_each": [1000 * e for e in f["excess"]],
-        }
-    return summary
+    return raw
 
 
-SAMPLE_WINDOW_S = 0.1  # a step within this of a sample's time counts as overlapping it
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=200, help="samples timed for the per-sample cost")
-    parser.add_argument("--interval", type=float, default=2.0, help="the jobs' sampling interval (s)")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of (on, off) jobs; 0: no jobs")
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--warmup-steps", type=int, default=3)
-    parser.add_argument("--results-dir", default=str(RESULTS))
-    args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import torch
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu_{os.cpu_count()}_cores"
-    per_sample = sample_cost(args.samples)
-    with tempfile.TemporaryDirectory() as tmp:
-        jobs = end_to_end(args.interval, args.rounds, args.steps, args.warmup_steps, Path(tmp)) if args.rounds else {}
-    meta = run_meta(device, samples=args.samples, rounds=args.rounds, steps=args.steps, interval_s=args.interval)
+def render(data: Dict[str, Any]) -> str:
+    meta, per_sample = data["meta"], data["per_sample"]
     work = per_sample["wall_ms_median"] / 1000
     lines = [
-        f"# MLflow system metrics: cost — {device}",
+        f"# MLflow system metrics: cost — {meta['device']}",
         "",
         f"{meta['date']}; {meta['command']}; mlflow {meta['versions']['mlflow']}",
         "",
@@ -215,41 +247,71 @@ def main() -> None:
         f"({per_sample['wall_ms_mean']:.1f} mean), thread CPU {per_sample['cpu_ms_median']:.1f} ms median; "
         f"{len(per_sample['metrics_logged'])} metrics per sample.",
     ]
-    net = None
-    if jobs:
-        on, off = jobs["on"], jobs["off"]
-        net = (on["excess_ms_mean"] - off["excess_ms_mean"]) / 1000
-        steps = ", ".join(f"{t:.3f}" for t in on["median_step_s_per_job"] + off["median_step_s_per_job"])
+    found = analyse(data["raw"], meta["interval_s"]) if data.get("raw") else None
+    if found:
         lines += [
             "",
-            f"In jobs: `python run.py` (the default tiny pair on the CPU), {args.steps} steps, {args.rounds} rounds of "
-            f"(on every {args.interval:g} s, off) interleaved; median step of each job (on, then off): {steps} s. "
-            f"Time the steps overlapping a sample (within {jobs['window_s']:g} s) took beyond their 10 nearest "
-            "clean steps' median; off: the same at made-up times every interval (the estimate's noise):",
+            f"In jobs: `python run.py` (the default tiny pair on the CPU), {meta['steps']} steps, {meta['rounds']} "
+            f"round(s) of (system metrics on every {meta['interval_s']:g} s, off), interleaved. At each sample, the "
+            f"time the steps within {SAMPLE_WINDOW_S:g} s of it took beyond their 10 nearest other steps' median, "
+            "less the same halfway to the next sample (paired; "
+            f"{int(100 * TRIM)} % trimmed means). Off: the unpaired estimate at made-up times (its noise):",
             "",
-            "| system metrics | samples | excess per sample, mean ± s.e. (ms) | median (ms) |",
-            "| --- | --- | --- | --- |",
-            f"| on | {on['samples']} | {on['excess_ms_mean']:.1f} ± {on['excess_ms_stderr']:.1f} | "
-            f"{on['excess_ms_median']:.1f} |",
-            f"| off (no sample) | {off['samples']} | {off['excess_ms_mean']:.1f} ± {off['excess_ms_stderr']:.1f} | "
-            f"{off['excess_ms_median']:.1f} |",
-            "",
-            f"Net cost per sample (on − off): {1000 * net:.1f} ms.",
+            "| job | steps | median step (s) | steps > 5x median | samples | at samples (ms) | halfway (ms) "
+            "| cost per sample ± s.e. (ms) |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
+        for j in found["jobs"]:
+            cost = f"{j['cost_ms']:.1f} ± {j['cost_ms_stderr']:.1f}" if "cost_ms_stderr" in j else "—"
+            halfway = f"{j['halfway_ms']:.1f}" if j["setting"] == "on" else "—"
+            lines.append(
+                f"| round {j['round'] + 1}, {j['setting']} | {j['steps']} | {j['median_step_s']:.4f} | {j['slow_steps']} "
+                f"| {j['samples']} | {j['at_samples_ms']:.1f} | {halfway} | {cost} |"
+            )
+        lines += [
+            "",
+            "The jobs' costs pooled, weighted by the inverse of their variance (a job on a loaded machine counts "
+            f"little): {found['cost_ms']:.1f} ± {found['cost_ms_stderr']:.1f} ms per sample.",
+        ]
+    net = found["cost_ms"] / 1000 if found and found["cost_ms"] is not None else None
     lines += [
         "",
-        "| interval (s) | the monitor's work / interval | net cost in jobs / interval |",
+        "| interval (s) | the monitor's work / interval | cost in jobs / interval |",
         "| --- | --- | --- |",
     ]
     for interval in (1, 2, 5, 10, 30):
         measured = f"{100 * net / interval:.3f} %" if net is not None else "—"
         lines.append(f"| {interval} | {100 * work / interval:.3f} % | {measured} |")
-    table = "\n".join(lines) + "\n"
-    write_pair(
-        results_path(args.results_dir, "system_metrics", device),
-        {"meta": meta, "per_sample": per_sample, "jobs": jobs},
-        table,
-    )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=200, help="samples timed for the per-sample cost")
+    parser.add_argument("--interval", type=float, default=2.0, help="the jobs' sampling interval (s)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds of (on, off) jobs; 0: no jobs")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--warmup-steps", type=int, default=3)
+    parser.add_argument("--results-dir", default=str(RESULTS))
+    parser.add_argument("--render", help="an earlier results JSON: analyse its jobs again and rewrite its table")
+    args = parser.parse_args()
+    if args.render:
+        path = Path(args.render)
+        data = json.loads(path.read_text())
+        write_pair(path, data, render(data))
+        print(render(data))
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu_{os.cpu_count()}_cores"
+    per_sample = sample_cost(args.samples)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = run_jobs(args.interval, args.rounds, args.steps, args.warmup_steps, Path(tmp)) if args.rounds else []
+    meta = run_meta(device, samples=args.samples, rounds=args.rounds, steps=args.steps, interval_s=args.interval)
+    data = {"meta": meta, "per_sample": per_sample, "raw": raw}
+    table = render(data)
+    write_pair(results_path(args.results_dir, "system_metrics", device), data, table)
     print(table)
 
 
