@@ -37,6 +37,7 @@ and checkpoints) + Markdown to benchmarks/results/learning_curves_<device>.{json
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -153,8 +154,8 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     from firstsight.losses.build import build_loss
     from firstsight.models.loading import load_model, load_processor
     from firstsight.models.positions import same_rope
-    from firstsight.tasks.distill import step_inputs
-    from firstsight.training.loop import LoopSettings, answer_outcomes, optimize
+    from firstsight.tasks.distill import loop_settings, step_inputs
+    from firstsight.training.loop import answer_outcomes, optimize
 
     cfg = compose(spec["overrides"])
     if cfg.hardware.num_threads:
@@ -267,17 +268,7 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
         model,
         batches(train, collator, cfg.hardware.batch_size, seed=cfg.seed, workers=cfg.hardware.dataloader_workers),
         step,
-        LoopSettings(
-            max_steps=cfg.train.max_steps,
-            lr=cfg.train.lr,
-            weight_decay=cfg.train.weight_decay,
-            warmup_steps=cfg.train.warmup_steps,
-            max_grad_norm=cfg.train.max_grad_norm,
-            grad_accum_steps=cfg.hardware.grad_accum_steps,
-            progress_bar=False,
-            fused_optimizer=cfg.train.fused_optimizer,
-            optimizer=cfg.train.optimizer,
-        ),
+        dataclasses.replace(loop_settings(cfg), progress_bar=False),  # the distill task's settings
         device,
         dtype,
         on_step,
