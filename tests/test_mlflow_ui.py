@@ -16,13 +16,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from typing import Dict, Iterator
 
 import pytest
 from conftest import ROOT, free_port
+
+from firstsight.tracking.server import wait_healthy
 
 SWEEP = [
     "-m",
@@ -123,19 +123,10 @@ def ui(sweep) -> Iterator[str]:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 180
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as answer:
-                    if answer.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.time() > deadline:
-                raise RuntimeError(
-                    f"mlflow server did not start: {(sweep['workdir'] / 'mlflow-server.log').read_text()[-3000:]}"
-                )
-            time.sleep(0.5)
+        try:
+            wait_healthy(server, base, timeout=180)  # the suite's own wait (firstsight/tracking/server.py)
+        except RuntimeError as err:
+            raise RuntimeError(f"{err}: {(sweep['workdir'] / 'mlflow-server.log').read_text()[-3000:]}") from err
         yield base
     finally:
         server.send_signal(signal.SIGTERM)
