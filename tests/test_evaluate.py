@@ -144,6 +144,19 @@ def test_short_answers_need_an_exact_match_and_choices_a_parsed_letter():
     assert not is_correct(choice, "a red box") and not is_correct(choice, "C")  # no letter, or the wrong one
 
 
+def test_a_one_character_short_answer_is_matched_as_text_not_read_as_a_letter():
+    # a question without options whose answer is one character (a count) is a short answer
+    count = _sample("How many cups are on the table?", "3")
+    assert not is_multiple_choice(count)
+    assert is_correct(count, " 3") and not is_correct(count, "4")
+
+
+def test_the_trailing_full_stop_is_ignored_with_the_whitespace_before_it():
+    # "B. a red box ." is option B's text: one trailing full stop, then surrounding whitespace, ignored
+    assert parse_choice("B. a red box .", "ABCD", option_texts(HOLDING)) == "B"
+    assert is_correct(_sample(HOLDING, "B"), "B) a red box .")
+
+
 def test_evaluate_measures_teacher_and_student(cache_dir, tmp_path):
     cfg = compose(["task=evaluate", "train.progress_bar=false", f"tracking.tracking_uri=sqlite:///{tmp_path / 'm.db'}"])
     result = run_task(cfg)
