@@ -67,6 +67,36 @@ def test_int8_weight_only_logits_follow_bf16(cache_dir):
     assert agree > 0.95
 
 
+def test_fp8_logits_of_a_padded_batch_are_finite(cache_dir, monkeypatch):
+    """precision=fp8 scales each activation row by its largest magnitude; a padding position's row
+    is all zeros (the padding token's embedding is zero), and without a floor its scale was 0 and
+    its float8 values 0/0 = NaN, which attention carried to every position of the row: every padded
+    batch's logits were NaN (seen on an H100, tests/gpu/test_gpu_fp8.py). torchao's float8 path is
+    torch's own kernels (torch._scaled_mm) on the CPU too; only its GPU capability check is lifted."""
+    import torchao.quantization.quant_api as quant_api
+
+    from firstsight.data import load_split
+    from firstsight.data.batching import QACollator
+    from firstsight.training.loop import model_inputs
+
+    monkeypatch.setattr(quant_api, "_check_hardware_support", lambda granularity: None)
+    bf16, processor = _teacher(cache_dir, "bf16")
+    fp8, _ = _teacher(cache_dir, "fp8")
+    weight = fp8.model.model.language_model.layers[0].self_attn.q_proj.weight
+    assert weight.qdata.dtype == torch.float8_e4m3fn
+    cfg = compose(["task=profile"])
+    samples = load_split(cfg.data, "validation", cfg.seed)
+    batch = QACollator(processor)([samples[i] for i in range(4)])
+    assert not batch["attention_mask"].bool().all()  # padded
+    with torch.no_grad():
+        reference = bf16.model(**model_inputs(batch)).logits.float()
+        quantized = fp8.model(**model_inputs(batch)).logits.float()
+    assert torch.isfinite(quantized).all(), "fp8 logits hold NaN or inf"
+    real = batch["attention_mask"].bool()
+    error = (quantized[real] - reference[real]).norm() / reference[real].norm()
+    assert 0 < error < 0.15, f"relative logit error {error:.3f}"  # the GPU test's tolerance
+
+
 def test_fp8_is_refused_on_the_cpu(run_cli, tmp_path):
     result = run_cli("task=profile", "precision=fp8", "hardware=cpu")
     assert result.returncode == 2

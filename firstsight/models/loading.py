@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # Qwen2-VL's own processor: 4 to 1280 visual tokens of 28x28 pixels per image.
 REAL_PIXEL_RANGE = {"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 1280}
+# precision=fp8: the smallest largest-magnitude an activation row is scaled by (quantize_after_loading)
+FP8_ACTIVATION_AMAX_FLOOR = 1e-12
 
 
 @dataclass
@@ -167,10 +169,18 @@ def quantize_after_loading(model: Any, parts: Dict[str, PartPrecision]) -> None:
     # static_compile decode step was still in the tuner after 200 s (faulthandler, H200, 2026-12-02
     # 07:08). Loading a model must not change how the rest of the process compiles; the decode step
     # asks for its own tuning (generation.COMPILE_OPTIONS).
+    #
+    # activation_value_lb: torchao scales each activation row by its largest magnitude / 448 with no
+    # floor, so a row of zeros gets the scale 0 and quantizes to 0/0 = NaN. Padding positions are
+    # such rows (the padding token's embedding is zero, and so is its first RMSNorm), and attention
+    # carries a NaN value to every position of the row (0 weight x NaN = NaN): every padded batch's
+    # logits were NaN. The floor (torchao's float8 training's own EPS) leaves every other row's scale.
     if kind == "int8_weight_only":
         config = Int8WeightOnlyConfig(set_inductor_config=False)
     else:
-        config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False)
+        config = Float8DynamicActivationFloat8WeightConfig(
+            granularity=PerRow(), activation_value_lb=FP8_ACTIVATION_AMAX_FLOOR, set_inductor_config=False
+        )
 
     def quantized_linear(module: Any, name: str) -> bool:
         part = part_of(name)
