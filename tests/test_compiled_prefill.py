@@ -33,6 +33,7 @@ def test_compile_prefill_blocks_compiles_each_block_and_region_once(tiny_parts):
         language_regions_compiled,
         uncompile_prefill_blocks,
     )
+    from firstsight.models.vision_attention import EAGER_UNDER_COMPILE
 
     model = _student(tiny_parts)
     blocks = list(model.model.visual.blocks)
@@ -42,6 +43,7 @@ def test_compile_prefill_blocks_compiles_each_block_and_region_once(tiny_parts):
     assert regions[2] is language.layers[0].mlp
     assert compile_prefill_blocks(model) == len(blocks) + len(regions) > 0  # lazy: nothing compiles until used
     assert all(block._compiled_call_impl is not None for block in blocks)
+    assert all(vars(block.attn)[EAGER_UNDER_COMPILE] for block in blocks)  # their attention call runs eagerly
     # the language model's regions keep their own forward outside the prefill (the decode step is compiled whole)
     assert all("forward" not in vars(region) and region._compiled_call_impl is None for region in regions)
     assert all(getattr(layer, "_compiled_call_impl", None) is None for layer in language.layers)
@@ -55,6 +57,7 @@ def test_compile_prefill_blocks_compiles_each_block_and_region_once(tiny_parts):
     assert "forward" in vars(model.model.visual.patch_embed)  # the patch embedding as a matrix product
     uncompile_prefill_blocks(model)
     assert all(block._compiled_call_impl is None for block in blocks)
+    assert not any(EAGER_UNDER_COMPILE in vars(block.attn) for block in blocks)
     assert "forward" not in vars(model.model.visual.patch_embed)
     with language_regions_compiled(model) as switched:
         assert switched == 0

@@ -478,6 +478,48 @@ def test_static_compile_keeps_torchaos_products_out_of_the_compiled_prefill(tiny
     assert caplog.text.count("torchao-quantized weights: the compiled prefill runs their products") == 1
 
 
+def test_static_compile_runs_the_vision_attention_outside_the_compiled_blocks(tiny, monkeypatch):
+    """static_compile compiles the prefill's vision blocks, but their attention over the frames runs
+    eagerly, each block's graph broken around it: compiled (an H100, torch 2.11) it attended over
+    all frames of the batch at once, and the teacher's answer to the first question of PAD_ROWS
+    became exactly what attention across frames gives (tests/gpu/test_gpu_decoding.py). Really
+    compiled (inductor on the CPU): the blocks ran compiled, every SDPA call over the frames outside
+    the compiler, and the tokens are generate's."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    import firstsight.inference.generation as generation
+    from firstsight.inference.generation import GreedyDecoder
+    from firstsight.models.vision_attention import EAGER_UNDER_COMPILE
+
+    _fake_capture(monkeypatch)
+    monkeypatch.setattr(generation, "_compiled_forward", lambda model, options=None: model)  # the decode step: plain
+    model = tiny.model("teacher")
+    batch = tiny.batch(PAD_ROWS)
+    expected = _generate(model, batch, 4, 4, pad_token_id=tiny.pad).tolist()
+    frames = int(batch["image_grid_thw"][:, 0].sum())
+    patches = int(batch["image_grid_thw"][0].prod())
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    over_frames = []  # per SDPA call over the frames: whether the compiler was tracing it
+
+    def recording(query, *args, **kwargs):
+        if query.dim() == 4 and tuple(query.shape[::2]) == (frames, patches):
+            over_frames.append(torch.compiler.is_compiling())
+        return sdpa(query, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", recording)
+    captured = counters["stats"]["calls_captured"]
+    decoder = GreedyDecoder(model, "static_compile", cuda_graphs=True)
+    got = decoder.generate(batch, 4, 4, pad_token_id=tiny.pad)
+    assert got.method == "static_compiled_cuda_graph" and decoder.prefill_compile_off is None
+    assert got.tokens.tolist() == expected
+    blocks = list(model.model.visual.blocks)
+    assert all(block._compiled_call_impl is not None for block in blocks)
+    assert counters["stats"]["calls_captured"] > captured  # the blocks (and norms) did compile
+    assert len(over_frames) == len(blocks) and not any(over_frames), over_frames  # one call per block, none traced
+    assert all(vars(block.attn)[EAGER_UNDER_COMPILE] for block in blocks)
+
+
 def test_the_compiled_step_is_kept_per_model_and_inductor_options(tiny, monkeypatch):
     """static_compile compiles with generation.COMPILE_OPTIONS unless a decoder names others; one
     compiled forward per model and options (torch.compile is lazy: nothing compiles here)."""

@@ -3,7 +3,10 @@ torch.compile fuses well, compiled regionally (one compiled graph per kind of bl
 blocks of that kind), once per model, while the rest stays transformers' own code.
 
 - vision blocks: compiled in place (dynamic shapes), fusing their fp32 rotary and elementwise work;
-  the patch embedding as one matrix product (patch_embed_as_matmul).
+  the patch embedding as one matrix product (patch_embed_as_matmul). Their attention call (SDPA
+  over the frames) runs eagerly, the block's graph broken around it
+  (firstsight.models.vision_attention.EAGER_UNDER_COMPILE): compiled, on an H100 it attended over
+  all frames of the batch at once.
 - the language model's RMSNorms and MLPs: compiled forwards switched on only while a prefill runs
   (language_regions_compiled), so the decode step and any other use run their own code; attention
   stays transformers'.
@@ -22,6 +25,8 @@ import contextlib
 import types
 from typing import Any, Iterator, List
 
+from firstsight.models.vision_attention import EAGER_UNDER_COMPILE, attend_eagerly_under_compile
+
 _COMPILED = "_firstsight_prefill_forward"  # a language-model region's compiled forward, kept on the module
 _DONE = "_firstsight_prefill_compiled"  # set on a model once compile_prefill_blocks has seen it
 _EAGER = "_firstsight_eager_product"  # a subclass-weight Linear's compiler-disabled forward, kept on the module
@@ -30,6 +35,13 @@ _EAGER = "_firstsight_eager_product"  # a subclass-weight Linear's compiler-disa
 def _vision_blocks(model: Any) -> Any:
     """A Qwen2-VL model's vision blocks (model.model.visual.blocks); () for any other model."""
     return getattr(getattr(getattr(model, "model", None), "visual", None), "blocks", None) or ()
+
+
+def _frame_attentions(block: Any) -> List[Any]:
+    """A vision block's attention modules (Qwen2-VL: block.attn), which call the vision encoder's
+    attention implementation (firstsight.models.vision_attention.frames_attention) with themselves."""
+    attention = getattr(block, "attn", None)
+    return [attention] if attention is not None else []
 
 
 def language_regions(model: Any) -> List[Any]:
@@ -69,6 +81,8 @@ def compile_prefill_blocks(model: Any) -> int:
         for linear in subclass_linears(block):
             # the class's forward bound to the layer, run as it is (the module docstring says why)
             vars(linear)[_EAGER] = linear.forward = torch.compiler.disable(type(linear).forward.__get__(linear))
+        for attention in _frame_attentions(block):
+            attend_eagerly_under_compile(attention)  # its SDPA call outside the graph (module docstring)
         block.compile(dynamic=True)
     patch_embed_as_matmul(model, True)
     regions = [
@@ -88,6 +102,7 @@ def uncompile_prefill_blocks(model: Any) -> None:
         for linear in block.modules():
             if _EAGER in vars(linear):
                 del vars(linear)[_EAGER], vars(linear)["forward"]
+            vars(linear).pop(EAGER_UNDER_COMPILE, None)
     patch_embed_as_matmul(model, False)
     for region in language_regions(model):
         region.__dict__.pop(_COMPILED, None)

@@ -9,6 +9,13 @@ transformers hands the frames' boundaries (`cu_seq_lens_q`, `max_length_q`) only
 implementations whose name contains "flash" (`is_flash_attention_requested`), hence this one's
 name; it runs torch's SDPA, nothing from flash-attn. Only the vision encoder's config is switched
 (`hardware.batched_vision_attention`); the language model keeps SDPA.
+
+An attention module marked with EAGER_UNDER_COMPILE (static_compile's prefill marks the vision
+blocks it compiles: firstsight/inference/compiled_prefill.py) runs this call outside torch.compile's
+graph, the block's graph broken around it: compiled on an H100 (torch 2.11, the blocks compiled
+with dynamic shapes), the call attended over all frames of the batch at once, and the tiny
+teacher's answers changed (tests/gpu/test_gpu_decoding.py).
+
 Design notes: docs/design/vision_attention.md; measured:
 docs/decisions/0004-batched-vision-attention.md.
 """
@@ -22,6 +29,10 @@ from firstsight.models.attention import switch_implementation
 
 NAME = "firstsight_flash_frames"  # "flash" in the name: see the module docstring
 _SWITCHED_FROM = "sdpa"  # the only implementation this one replaces (the same kernels, fewer calls)
+# set (True) on a vision attention module whose attention call runs outside torch.compile's graph
+# when its block is compiled (attend_eagerly_under_compile; the module docstring says why)
+EAGER_UNDER_COMPILE = "_firstsight_attention_eager"
+_outside_compiler: Optional[Any] = None  # calls its first argument with the rest, compiler-disabled (made once)
 
 
 def frames_attention(
@@ -38,7 +49,43 @@ def frames_attention(
 ) -> Tuple[Any, None]:
     """Attention within each frame of `query`/`key`/`value` [1, heads, total, dim] (frames packed
     along `total`, boundaries `cu_seq_lens_q`); returns [1, total, heads, dim] as flash
-    implementations do, and no weights."""
+    implementations do, and no weights. Traced by torch.compile where `module` carries
+    EAGER_UNDER_COMPILE, it runs eagerly instead (a graph break)."""
+    import torch
+
+    args = (query, key, value, attention_mask, scaling, dropout, cu_seq_lens_q, max_length_q)
+    if _outside_compiler is not None and torch.compiler.is_compiling() and getattr(module, EAGER_UNDER_COMPILE, False):
+        return _outside_compiler(_attend_within_frames, *args)
+    return _attend_within_frames(*args)
+
+
+def attend_eagerly_under_compile(module: Any) -> None:
+    """Mark a vision attention module (Qwen2-VL's block.attn, which hands itself to frames_attention):
+    traced by torch.compile, its frames_attention call runs eagerly (the module docstring says why).
+    Undone by deleting the attribute EAGER_UNDER_COMPILE."""
+    global _outside_compiler
+    if _outside_compiler is None:  # made here, outside any compiled region (dynamo would break on making it)
+        import torch
+
+        _outside_compiler = torch.compiler.disable(_call)
+    vars(module)[EAGER_UNDER_COMPILE] = True
+
+
+def _call(fn: Any, *args: Any) -> Any:
+    return fn(*args)
+
+
+def _attend_within_frames(
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Optional[Any],
+    scaling: Optional[float],
+    dropout: float,
+    cu_seq_lens_q: Optional[Any],
+    max_length_q: Optional[int],
+) -> Tuple[Any, None]:
+    """frames_attention's computation (its arguments in its order, the module left out)."""
     import torch
     import torch.nn.functional as F
 
