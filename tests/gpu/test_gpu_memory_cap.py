@@ -3,14 +3,25 @@ the process is really capped (torch.cuda.set_per_process_memory_fraction), a rea
 out-of-memory under the cap becomes the suite's "does not fit" outcome instead of an error, and
 the profile task at real size (Qwen2-VL-2B, random weights, bf16: 4.4 GB of weights) does not fit
 4 GB (out of memory while loading) and fits 8 GB. The CPU tests (tests/test_edge.py) inject the
-exception instead."""
+exception instead.
+
+The cap counts everything this process's allocator holds, so each test runs alone in a process of
+its own (gpu_support.in_a_process_of_its_own): after the decoding tests, empty_cache() still left
+1.21 GB held in the tier's process (an H100), which a 1 GB cap would have counted."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import compose
-from gpu_support import GPU_MARKS, RecordingTracker, assert_finite, release_cuda
+from gpu_support import (
+    GPU_MARKS,
+    RecordingTracker,
+    assert_finite,
+    in_a_process_of_its_own,
+    in_own_process,
+    release_cuda,
+)
 
 pytestmark = GPU_MARKS
 
@@ -19,13 +30,17 @@ GB = 1e9
 
 @pytest.fixture(autouse=True)
 def _uncapped():
-    release_cuda()  # nothing cached from earlier tests counts against the cap
+    if not in_own_process():  # here the test only starts its own process
+        yield
+        return
+    release_cuda()
     held = torch.cuda.memory_reserved() / GB
-    assert held < 0.5, f"{held:.2f} GB of GPU memory is still held by earlier tests: the cap would count it"
+    assert held < 0.5, f"{held:.2f} GB of GPU memory is held before the test, in a process of its own"
     yield
-    release_cuda()  # the cap is the process's: lift it for the tests after this one
+    release_cuda()
 
 
+@in_a_process_of_its_own
 def test_an_allocation_past_the_cap_is_does_not_fit_and_one_within_it_fits():
     from firstsight.core.memory import CUDA_BASIS, DOES_NOT_FIT, FITS, apply_memory_budget, run_within_budget
 
@@ -91,6 +106,7 @@ def _profile(hardware, tmp_path, monkeypatch):
     return metrics, tracker
 
 
+@in_a_process_of_its_own
 def test_the_profile_at_real_size_does_not_fit_4_gb(cache_dir, tmp_path, monkeypatch):
     """bf16 Qwen2-VL-2B (4.4 GB of weights) under hardware=edge_4gb: the cap refuses it while
     loading; the run ends normally with the verdict (benchmarks/results/edge_sweep_*.md: peak 3.71 GB)."""
@@ -105,6 +121,7 @@ def test_the_profile_at_real_size_does_not_fit_4_gb(cache_dir, tmp_path, monkeyp
     assert tracker.metrics["edge/fits"] == 0.0  # logged, not only returned
 
 
+@in_a_process_of_its_own
 def test_the_profile_at_real_size_fits_8_gb(cache_dir, tmp_path, monkeypatch):
     """The same under hardware=edge_8gb: it loads, decodes and fits (peak about 4.9 GB)."""
     metrics, tracker = _profile("edge_8gb", tmp_path, monkeypatch)
