@@ -47,7 +47,7 @@ Every key of the composed config, one table per section: its type, the schema's 
 it means (the comment written with the field in `firstsight/config/schema.py`). A group's choice file
 (`conf/<group>/<choice>.yaml`) sets its own values on top of these defaults, and an override on the
 command line on top of that: `python run.py --cfg job` prints the composed config of a command.
-Ranges and combinations the types cannot express are checked by `firstsight/suite/validate.py` before
+Ranges and combinations the types cannot express are checked by `firstsight/suite/validate/` before
 anything is built. The groups and their choices are at the end; [config-groups.md](config-groups.md)
 describes them in prose.
 """

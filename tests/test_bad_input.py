@@ -697,7 +697,7 @@ def test_checkpoints_whose_tensors_transformers_renames_are_not_refused(tmp_path
     either layout (and loads)."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    from firstsight.suite.validate import _model_dir_problem
+    from firstsight.suite.validate.environment import _model_dir_problem
 
     assert _model_dir_problem(saved_student, "student", weights_needed=True) is None
     path = _copy(saved_student, tmp_path)
@@ -711,10 +711,10 @@ def test_safetensors_that_do_not_match_the_config_are_refused_when_loaded(tmp_pa
     """Loading checks again (a hub checkpoint, or a directory changed after validation): the job's
     run is created and marked FAILED with the reason; transformers alone would initialise those
     tensors at random."""
-    import firstsight.suite.validate as validate
     from firstsight.suite.dispatch import run_task
+    from firstsight.suite.validate import environment
 
-    monkeypatch.setattr(validate, "_weights_problem", lambda *args: None)  # as if validation had not seen it
+    monkeypatch.setattr(environment, "_weights_problem", lambda *args: None)  # as if validation had not seen it
     wider = _copy(saved_student, tmp_path / "wider")
     _wider_config(wider)
     missing = _copy(saved_student, tmp_path / "missing")
