@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import pytest
 
@@ -24,6 +24,17 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def quick(args: Sequence[str]) -> List[str]:
+    """`args` on the quick preset (experiment=debug: 40 steps, 128 questions) unless they choose an
+    experiment themselves; only the tests of the default job itself run it at full length."""
+    args = list(args)
+    if any(a.lstrip("+~").startswith("experiment=") for a in args):
+        return args
+    # beside the other overrides: run.py's parser takes them as one run of positional arguments
+    first = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), len(args))
+    return [*args[:first], "experiment=debug", *args[first:]]
+
+
 def compose(overrides: List[str] = (), return_hydra_config: bool = False):
     """The composed config as `python run.py <overrides>` would see it (no Hydra job context);
     with `return_hydra_config` the `hydra` node too."""
@@ -36,7 +47,7 @@ def compose(overrides: List[str] = (), return_hydra_config: bool = False):
     register_configs()
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=return_hydra_config)
+        return hydra_compose(config_name="config", overrides=quick(overrides), return_hydra_config=return_hydra_config)
 
 
 @pytest.fixture
@@ -44,10 +55,12 @@ def run_cli(cache_dir: Path, tmp_path: Path):
     """Run `python run.py <args>` with `tmp_path` as the working directory (so MLflow's default
     store, sqlite:///mlflow.db, and Hydra's outputs/ and multirun/ land there)."""
 
-    def run(*args: str, timeout: int = 600, env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    def run(
+        *args: str, timeout: int = 600, env: Optional[Dict[str, str]] = None, full: bool = False
+    ) -> subprocess.CompletedProcess:
         env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1", **(env or {}))
         return subprocess.run(
-            [sys.executable, str(ROOT / "run.py"), *args],
+            [sys.executable, str(ROOT / "run.py"), *(args if full else quick(args))],
             cwd=tmp_path,
             env=env,
             capture_output=True,

@@ -65,8 +65,8 @@ def test_learning_curves_evaluates_every_curve_on_the_same_questions_as_it_train
         assert "error" not in curve and "stopped" not in curve
         # the large train split, with the pre-trainings pinned: the shipped teacher and base, not new ones
         assert "data.train_size=1000000" in curve["overrides"] and curve["settings"]["train_size"] == 1_000_000
-        assert "model.teacher.tiny.pretrain_train_size=512" in curve["overrides"]
-        assert curve["student"]["pretraining"]["steps"] == 400  # the shipped base
+        assert curve["student"]["pretraining"]["steps"] == 700  # the shipped base
+        assert curve["student"]["pretraining"]["train_size"] == 1_000_000  # its own split, not the curve's
         assert [p["step"] for p in curve["checkpoints"]] == [0, 2, 4]
         assert [p["samples"] for p in curve["checkpoints"]] == [0, 8, 16]
         for point in curve["checkpoints"]:

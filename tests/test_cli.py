@@ -89,6 +89,24 @@ def test_default_run_end_to_end(run_cli, tmp_path):
     assert _mlflow_ui_lists(tmp_path) == [run.info.run_id]
 
 
+@pytest.mark.slow
+def test_the_main_job_lifts_the_student_clearly(run_cli, tmp_path):
+    """`python run.py` as the README runs it (no preset): the student's accuracy before and after
+    distillation on the same 1024 questions, the after above the before by a paired interval that
+    excludes 0, and above chance. One torch thread (the same figures as two, about 95 s alone): two
+    OpenMP pools on two busy cores wait for each other many times over."""
+    result = run_cli("hardware.num_threads=1", full=True, timeout=1500)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stdout + result.stderr
+    assert "before → " in log and "after distillation" in log
+    (run,) = default_store_runs(tmp_path)
+    m = run.data.metrics
+    assert m["eval/questions"] == 1024 and int(run.data.params["train.max_steps"]) == 400
+    assert m["eval/distill_gain_ci_low"] > 0, m  # clearly above its own start
+    assert m["eval/student_accuracy_ci_low"] > m["eval/chance_accuracy"] + 0.05, m  # and clearly above chance
+    assert m["eval/student_accuracy"] < m["eval/teacher_accuracy"], m  # with room left below its teacher
+
+
 def _mlflow_ui_lists(workdir):
     """Start `mlflow ui` with no flags in `workdir` (as docs/mlflow.md says) and ask it for the
     runs."""

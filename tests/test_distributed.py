@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import quick
 
 from tests.conftest import ROOT, compose, default_store_runs
 
@@ -27,7 +28,13 @@ def one_process(cache_dir, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("one-process")
     env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
     result = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), *ARGS, "hardware.batch_size=8", f"hydra.run.dir={workdir / 'single'}"],
+        [
+            sys.executable,
+            str(ROOT / "run.py"),
+            *quick(ARGS),
+            "hardware.batch_size=8",
+            f"hydra.run.dir={workdir / 'single'}",
+        ],
         cwd=workdir,
         env=env,
         capture_output=True,
@@ -51,7 +58,7 @@ def test_two_processes_follow_the_one_process_loss_curve(one_process, cache_dir,
             "--standalone",
             "--nproc_per_node=2",
             str(ROOT / "run.py"),
-            *ARGS,
+            *quick(ARGS),
             "hardware.batch_size=4",
             f"hardware.data_parallel={strategy}",
             "train.checkpoint_every_n_steps=3",
@@ -90,7 +97,9 @@ def test_two_processes_follow_the_one_process_loss_curve(one_process, cache_dir,
     reference = load_file(str(one_process / "checkpoints" / "student" / "model.safetensors"))
     assert saved.keys() == reference.keys()
     for name, tensor in reference.items():  # whole tensors (not one process's shard), the same weights
-        torch.testing.assert_close(saved[name], tensor, rtol=1e-4, atol=1e-5)
+        # atol: where a gradient is near 0 Adam's normalised step (lr 1e-3) turns the all-reduce's summation
+        # order into a few 1e-5 on that weight
+        torch.testing.assert_close(saved[name], tensor, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize(

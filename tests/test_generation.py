@@ -196,7 +196,9 @@ def test_the_generation_configs_repetition_penalty_is_applied_as_generate_applie
     model = tiny.model("teacher")
     batch = tiny.batch(range(6))
     plain = _static(model, batch, 12, 12, pad_token_id=tiny.pad).tokens
-    model.generation_config.repetition_penalty = 1.3  # as Qwen2-VL-Instruct's own config sets 1.05
+    model.generation_config.repetition_penalty = (
+        30.0  # Qwen2-VL-Instruct's config sets 1.05; this confident teacher needs far more to change its answer
+    )
     expected = _generate(model, batch, 12, 12, pad_token_id=tiny.pad)
     got = _static(model, batch, 12, 12, pad_token_id=tiny.pad)
     assert got.method == "static_eager" and got.tokens.tolist() == expected.tolist()
@@ -425,6 +427,21 @@ def test_static_compile_runs_the_language_models_compiled_regions_in_the_prefill
     assert len(calls) == len(regions)
 
 
+def _assert_follows_up_to_near_ties(got, reference, tolerance):
+    """`got`'s logits within `tolerance` of `reference`'s at every step of every row until their
+    tokens part, and they part only at a near-tie: the two picks' reference logits within 2 x tolerance."""
+    import torch
+
+    for row in range(reference.tokens.shape[0]):
+        for step in range(reference.tokens.shape[1]):
+            ref = reference.logits[step, row].float()
+            torch.testing.assert_close(got.logits[step, row].float(), ref, rtol=0, atol=tolerance)
+            mine, theirs = int(got.tokens[row, step]), int(reference.tokens[row, step])
+            if mine != theirs:  # raw logits: a suppressed end token may top both, so compare the two picks
+                assert abs(ref[theirs] - ref[mine]) < 2 * tolerance, (row, step, mine, theirs, ref[mine], ref[theirs])
+                break
+
+
 def test_static_compile_keeps_torchaos_products_out_of_the_compiled_prefill(tiny, monkeypatch, caplog):
     """With torchao's weights (precision=int8_weight_only) static_compile compiles the prefill's vision
     blocks and norms, but each quantized product stays torchao's eager one (compiled, inductor made
@@ -459,15 +476,15 @@ def test_static_compile_keeps_torchaos_products_out_of_the_compiled_prefill(tiny
 
     monkeypatch.setattr(weight_class, "__torch_function__", classmethod(recording))
     batch = tiny.batch(PAD_ROWS)
-    expected = _generate(int8, batch, 4, 4, pad_token_id=tiny.pad).tolist()
+    expected = GreedyDecoder(int8, "hf").generate(batch, 4, 4, pad_token_id=tiny.pad, record_logits=True)
     decoder = GreedyDecoder(int8, "static_compile", cuda_graphs=True)
     captured = counters["stats"]["calls_captured"]
     eager_calls.clear()
     with caplog.at_level(logging.INFO, logger="firstsight.inference.generation"):
         for _ in range(2):
-            got = decoder.generate(batch, 4, 4, pad_token_id=tiny.pad)
+            got = decoder.generate(batch, 4, 4, pad_token_id=tiny.pad, record_logits=True)
     assert got.method == "static_compiled_cuda_graph" and decoder.prefill_compile_off is None
-    assert got.tokens.tolist() == expected
+    _assert_follows_up_to_near_ties(got, expected, tolerance=0.05)  # bf16 products: compiled norms and MLPs round apart
     assert counters["stats"]["calls_captured"] > captured  # the vision blocks and norms did compile
     assert all(block._compiled_call_impl is not None for block in blocks)
     assert all(_EAGER in vars(linear) for linear in products)

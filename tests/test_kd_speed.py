@@ -93,6 +93,7 @@ def _run(cache_dir, workdir, *overrides: str) -> subprocess.CompletedProcess:
             "train.throughput_warmup_steps=1",
             *overrides,
             f"hydra.run.dir={workdir}",
+            "experiment=debug",
         ],
         cwd=workdir.parent,
         env=env,

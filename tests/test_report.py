@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, compose
+from conftest import ROOT, compose, quick
 
 from firstsight.core.errors import FirstSightError
 from firstsight.evaluation.stats import FAIL, NOT_MEASURABLE, PASS, UNRESOLVED, Estimate, questions_needed
@@ -68,7 +68,12 @@ def sweep_dir(cache_dir, tmp_path_factory):
 def _cli(workdir, cache_dir, *args):
     env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
     return subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, str(ROOT / "run.py"), *quick(args)],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 

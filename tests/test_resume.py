@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import quick
 
 from tests.conftest import ROOT, compose, default_store_runs
 
@@ -29,7 +30,7 @@ RUN_ARGS = [
 def _start(run_dir: Path, workdir: Path, cache_dir: Path) -> subprocess.Popen:
     env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "run.py"), *RUN_ARGS, f"hydra.run.dir={run_dir}"],
+        [sys.executable, str(ROOT / "run.py"), *quick(RUN_ARGS), f"hydra.run.dir={run_dir}"],
         cwd=workdir,
         env=env,
         stdout=subprocess.PIPE,

@@ -105,7 +105,8 @@ def test_shipped_tiny_teacher_beats_chance_clearly(cache_dir):
     assert "assets" in teacher.origin  # the shipped one, not a freshly trained one
     from firstsight.training.loop import answer_accuracy
 
-    validation = SyntheticEgoQA("validation", size=cfg.data.validation_size, seed=cfg.seed)
+    size = model_info(teacher.origin)["validation_size"]  # the split its pre-training was checked on
+    validation = SyntheticEgoQA("validation", size=size, seed=cfg.seed)
     accuracy = answer_accuracy(teacher.model, in_order(validation, QACollator(processor), 32), "cpu", torch.float32)
     chance = validation.chance_accuracy()
     assert accuracy > chance + 0.15, (accuracy, chance)

@@ -64,7 +64,7 @@ def test_a_two_step_smoke_run_runs_and_warns_once(run_cli, tmp_path):
 def test_help_lists_what_hydras_own_help_lists(run_cli):
     """firstsight.config.composition._fast_help shares one copy of Hydra's config repository while
     --help lists the groups: the page is Hydra's, character for character."""
-    fast = run_cli("--help")
+    fast = run_cli("--help", full=True)
     assert fast.returncode == 0, fast.stderr
     hydras = subprocess.run(
         [

@@ -7,7 +7,7 @@ import pytest
 from conftest import compose
 
 # The shipped teacher's directory: its key must never move (a new key would retrain it on first use).
-TEACHER = "tiny-teacher-38bb353db635db3b"
+TEACHER = "tiny-teacher-95aeb902855ef9c6"
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,8 @@ def test_the_recorded_accuracy_is_measured_again(processor, tmp_path):
     student = load_model(cfg, "student", processor, "cpu", frozen=True)
     assert "assets" in student.origin
     info = model_info(student.origin)
-    validation = synthetic_split(cfg.data, "validation", cfg.model.student.tiny.pretrain_seed)
+    checked = compose([*_fresh_cache(tmp_path), f"data.validation_size={info['validation_size']}"])
+    validation = synthetic_split(checked.data, "validation", cfg.model.student.tiny.pretrain_seed)
     assert len(validation) == info["validation_size"]
     accuracy = answer_accuracy(student.model, in_order(validation, QACollator(processor), 32), "cpu", torch.float32)
     assert accuracy == pytest.approx(info["validation_accuracy"], abs=0.02)
@@ -111,14 +112,16 @@ def test_a_student_base_for_other_settings_is_trained_on_first_use_and_cached(pr
 
 
 def test_the_base_key_follows_its_pretraining_split_not_the_runs(processor, tmp_path):
-    """With its own pre-training split size the student base does not depend on data.train_size
-    (the distillation's transfer set): a run on fewer samples still starts from the shipped base."""
+    """With their own pre-training split size the student base and the teacher do not depend on
+    data.train_size (the distillation's transfer set): a run on fewer samples still uses both
+    shipped models."""
     from firstsight.core.files import SHIPPED
     from firstsight.models.pretrain import tiny_model_dir
 
-    default = tiny_model_dir(compose(_fresh_cache(tmp_path)), "student", processor)
-    assert tiny_model_dir(compose([*_fresh_cache(tmp_path), "data.train_size=16"]), "student", processor) == default
-    assert default.parent == SHIPPED
+    for role in ("student", "teacher"):
+        default = tiny_model_dir(compose(_fresh_cache(tmp_path)), role, processor)
+        assert tiny_model_dir(compose([*_fresh_cache(tmp_path), "data.train_size=16"]), role, processor) == default
+        assert default.parent == SHIPPED
 
 
 def test_a_bad_pretraining_split_size_is_refused(processor, tmp_path):

@@ -236,10 +236,10 @@ OPTIMIZERS = ("adamw", "adamw_8bit")  # train.optimizer
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 40  # optimizer steps
+    max_steps: int = 400  # optimizer steps
     lr: float = 1e-3  # AdamW learning rate (peak)
     weight_decay: float = 0.0  # AdamW weight decay
-    warmup_steps: int = 4  # linear learning-rate warm-up steps
+    warmup_steps: int = 20  # linear learning-rate warm-up steps
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables
     log_every_n_steps: int = 10  # metrics are buffered and flushed to MLflow in one batch this often
     # first steps excluded from throughput (allocation, caches); a shorter run still runs: it measures

@@ -10,10 +10,10 @@ The train split's size in the hash is the side's `pretrain_train_size` where it 
 data.train_size, the distillation's transfer set, leaves the model alone), else data.train_size.
 Later runs load it like any local checkpoint (so INT8/NF4 loading takes the real code path).
 Both of the default settings ship in firstsight/assets, so the default run pays no pre-training:
-the teacher (2500 steps, trained by this module on an H200 in 4 minutes) and the student base
-(the student's smaller architecture, the same recipe for 400 steps on a 2-core CPU in about a
-minute: clearly weaker than the teacher, above chance). Any other settings train their own on
-first use (a minute or so for the student, minutes for the teacher on a CPU, with a progress bar).
+the teacher (2500 steps of 64 fresh samples, trained by this module on an H100 in 7 minutes) and
+the student base (the student's smaller architecture, the same recipe and samples for 700 steps of
+32: clearly weaker than the teacher, above chance; docs/decisions/0013-main-job.md). Any other
+settings train their own on first use (minutes on a CPU, with a progress bar).
 """
 
 from __future__ import annotations
