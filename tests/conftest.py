@@ -50,6 +50,27 @@ def compose(overrides: List[str] = (), return_hydra_config: bool = False):
         return hydra_compose(config_name="config", overrides=quick(overrides), return_hydra_config=return_hydra_config)
 
 
+def run_py(
+    args: Sequence[str],
+    cwd: Path,
+    cache_dir: Path,
+    timeout: int = 600,
+    env: Optional[Dict[str, str]] = None,
+    full: bool = False,
+) -> subprocess.CompletedProcess:
+    """`python run.py <args>` in `cwd` (MLflow's default store and Hydra's outputs land there), on
+    the quick preset unless `full`, its output captured."""
+    env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *(args if full else quick(args))],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 @pytest.fixture
 def run_cli(cache_dir: Path, tmp_path: Path):
     """Run `python run.py <args>` with `tmp_path` as the working directory (so MLflow's default
@@ -58,15 +79,7 @@ def run_cli(cache_dir: Path, tmp_path: Path):
     def run(
         *args: str, timeout: int = 600, env: Optional[Dict[str, str]] = None, full: bool = False
     ) -> subprocess.CompletedProcess:
-        env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1", **(env or {}))
-        return subprocess.run(
-            [sys.executable, str(ROOT / "run.py"), *(args if full else quick(args))],
-            cwd=tmp_path,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        return run_py(args, tmp_path, cache_dir, timeout=timeout, env=env, full=full)
 
     return run
 

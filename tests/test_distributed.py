@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import quick
+from conftest import quick, run_py
 
 from tests.conftest import ROOT, compose, default_store_runs
 
@@ -26,21 +26,7 @@ ARGS = [
 def one_process(cache_dir, tmp_path_factory):
     """The reference: one process with the global batch (8)."""
     workdir = tmp_path_factory.mktemp("one-process")
-    env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "run.py"),
-            *quick(ARGS),
-            "hardware.batch_size=8",
-            f"hydra.run.dir={workdir / 'single'}",
-        ],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    result = run_py([*ARGS, "hardware.batch_size=8", f"hydra.run.dir={workdir / 'single'}"], workdir, cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir / "single"
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Dict, Iterator
 
 import pytest
-from conftest import ROOT, free_port, quick
+from conftest import free_port, run_py
 
 from firstsight.tracking.server import wait_healthy
 
@@ -44,15 +44,7 @@ SHOWN_METRICS = ("perf/throughput_tokens_per_s", "perf/peak_rss_gb", "train/kd_l
 def sweep(cache_dir, tmp_path_factory) -> Dict:
     """`python run.py -m precision=fp32,bf16 ...` (short) in a fresh directory: its output and store."""
     workdir = tmp_path_factory.mktemp("ui-sweep")
-    env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), *quick(SWEEP)],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    result = run_py(SWEEP, workdir, cache_dir, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     from mlflow.tracking import MlflowClient
 

@@ -4,14 +4,12 @@ pure selection / table / baseline / target logic on synthetic run records."""
 from __future__ import annotations
 
 import csv
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, compose, quick
+from conftest import compose, run_py
 
 from firstsight.core.errors import FirstSightError
 from firstsight.evaluation.stats import FAIL, NOT_MEASURABLE, PASS, UNRESOLVED, Estimate, questions_needed
@@ -66,15 +64,7 @@ def sweep_dir(cache_dir, tmp_path_factory):
 
 
 def _cli(workdir, cache_dir, *args):
-    env = dict(os.environ, FIRSTSIGHT_CACHE_DIR=str(cache_dir), PYTHONUNBUFFERED="1")
-    return subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), *quick(args)],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return run_py(args, workdir, cache_dir)
 
 
 def _client(workdir):
