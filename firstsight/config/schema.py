@@ -141,6 +141,10 @@ class SkewLossConfig(DistillLossConfig):
     skew: float = 0.1  # λ: how much of the first distribution is mixed into the second (DistiLLM)
 
 
+# hardware.ddp_comm_dtype, fsdp_param_dtype and fsdp_reduce_dtype (torch dtype names)
+PARALLEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass
 class HardwareConfig:
     name: str = MISSING
@@ -172,6 +176,28 @@ class HardwareConfig:
     attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2
     num_gpus: int = 0  # GPUs this job uses (0 on CPU)
     data_parallel: str = "ddp"  # several processes: ddp (a full student per GPU) | fsdp (student weights, gradients and AdamW state sharded)
+    # ddp: the dtype gradients travel in (one of PARALLEL_DTYPES): float32 | bfloat16 / float16 = torch's
+    # bf16_compress_hook / fp16_compress_hook (half the bytes all-reduced, gradients rounded to it)
+    ddp_comm_dtype: str = "float32"
+    ddp_bucket_cap_mb: Optional[int] = None  # ddp: MB of gradients per all-reduce bucket; None: torch's default (25)
+    ddp_gradient_as_bucket_view: bool = False  # ddp: gradients are views into the buckets (no copy, less memory)
+    # ddp: DDP records on the first steps which trained weights get gradients and in what order, and
+    # reuses that (torch's static_graph): valid only if every step uses the same weights the same way
+    ddp_static_graph: bool = False
+    # fsdp: the dtype blocks gather their weights in and compute with (torch's MixedPrecisionPolicy
+    # param_dtype; the sharded master weights stay as trained); None: the weights' own (no policy)
+    fsdp_param_dtype: Optional[str] = None
+    # fsdp: the dtype gradients are reduce-scattered in; None: float32 with fsdp_param_dtype, else the
+    # gradients' own
+    fsdp_reduce_dtype: Optional[str] = None
+    # fsdp: free each block's gathered weights after its forward (the backward gathers them again);
+    # false keeps them to the backward (one all-gather less per block, more memory); None: torch's
+    # default (true for the blocks, false for the root)
+    fsdp_reshard_after_forward: Optional[bool] = None
+    # fsdp: each block issues the all-gathers of the next this many blocks (forward order; torch's
+    # set_modules_to_forward_prefetch) once its own is done, earlier from the CPU than torch's
+    # default: each block's all-gather issued by its own forward, overlapping only if the CPU runs ahead
+    fsdp_prefetch: int = 0
     num_threads: Optional[int] = None  # torch intra-op threads on CPU; None = torch's default
     dataloader_workers: int = 0  # background processes rendering/processing samples
     eval_batch_size: Optional[int] = None  # distill's teacher-forced evaluations (no gradients); None = batch_size

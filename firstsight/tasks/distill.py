@@ -263,7 +263,7 @@ class DistillRecipe:
         # several processes: DDP (or FSDP2, sharding in place) over them; else the student itself
         from firstsight.models.distributed import wrap
 
-        self.student_forward = wrap(self.world, self.student.model, self.device, cfg.hardware.data_parallel)
+        self.student_forward = wrap(self.world, self.student.model, self.device, cfg.hardware)
         # distill_loss.hidden_weight > 0: + hidden_weight * hidden-state term, through trained projections
         self.teacher_runs = self.teacher_cache is None and self.loss_fn.uses_teacher
         teacher_model = self.teacher.model if self.teacher_runs else None

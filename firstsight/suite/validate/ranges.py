@@ -12,7 +12,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig
 
-from firstsight.config.schema import OPTIMIZERS
+from firstsight.config.schema import OPTIMIZERS, PARALLEL_DTYPES, HardwareConfig
 from firstsight.core.errors import ConfigError
 from firstsight.suite.validate.common import at_least, check, enum_value, origin, roles_used, value_at
 
@@ -441,6 +441,37 @@ def validate_data_parallel(cfg: DictConfig) -> None:
             "hardware.data_parallel",
             hw.data_parallel,
             "fsdp's sharded weights need torch's AdamW (train.optimizer=adamw), or use ddp with adamw_8bit",
+        )
+    validate_parallel_levers(cfg)
+
+
+def validate_parallel_levers(cfg: DictConfig) -> None:
+    """hardware.ddp_* and fsdp_*: valid values, each set only under the strategy it acts on."""
+    hw = cfg.hardware
+    for key in ("ddp_comm_dtype", "fsdp_param_dtype", "fsdp_reduce_dtype"):
+        value = hw[key]
+        none = "" if key == "ddp_comm_dtype" else "null or "  # the fsdp dtypes are optional
+        check(
+            value in PARALLEL_DTYPES or (value is None and bool(none)),
+            f"hardware.{key}",
+            value,
+            f"choose {none}one of {', '.join(PARALLEL_DTYPES)}",
+        )
+    cap = hw.ddp_bucket_cap_mb
+    check(
+        cap is None or cap >= 1, "hardware.ddp_bucket_cap_mb", cap, "null (torch's default, 25) or a number of MB >= 1"
+    )
+    at_least(cfg, "hardware.fsdp_prefetch", 0)
+    # a lever of the other strategy would be ignored silently: refuse it, as compile_memory_budget does without compile
+    unused = "fsdp" if hw.data_parallel == "ddp" else "ddp"
+    for key in (str(k) for k in hw.keys() if str(k).startswith(f"{unused}_")):
+        default = getattr(HardwareConfig, key)
+        shown = "null" if default is None else str(default).lower()  # as YAML writes it
+        check(
+            hw[key] == default,
+            f"hardware.{key}",
+            hw[key],
+            f"it acts under hardware.data_parallel={unused} only: set that, or leave it at {shown}",
         )
 
 
