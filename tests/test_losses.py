@@ -543,3 +543,24 @@ def test_chunked_peak_memory_at_thousands_of_tokens():
     # ...which is about one fp32 [N, V] tensor, not the unchunked path's four or more.
     assert peak <= 1.5 * rows_fp32, (peak, rows_fp32)
     assert peak * 2.5 <= 4 * rows_fp32, (peak, rows_fp32)
+
+
+def test_a_loss_setting_that_points_elsewhere_in_the_config_is_resolved():
+    """`distill_loss.temperature: ${...}` names another key of the whole config: the loss gets its value."""
+    from omegaconf import OmegaConf
+
+    from firstsight.losses.build import build_loss
+
+    cfg = OmegaConf.create(
+        {
+            "sweep": {"temperature": 4.0},
+            "distill_loss": {
+                "_target_": "firstsight.losses.ForwardKL",
+                "name": "forward_kl",
+                "temperature": "${sweep.temperature}",
+                "alpha": 0.5,
+            },
+        }
+    )
+    loss = build_loss(cfg.distill_loss)
+    assert isinstance(loss, ForwardKL) and loss.temperature == 4.0

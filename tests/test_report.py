@@ -615,6 +615,7 @@ def test_a_quantized_teacher_is_not_the_reference_the_full_precision_one_is():
     )
     row = accuracy_verdict(run, 0.01)
     assert str(row.verdict) == ("FAIL (+16.5 [+15.2, +17.8] points, 5000 questions: lower bound > 1)")
+    assert row.value == 0.165 and row.notes == []  # the judged drop; the student is below both teachers
     plain = _judged("p" * 32, 5000, (0.002, -0.004, 0.008), precision="fp32")
     accuracy = target_checks([run, plain], 0.01, 2.0, 0.5)[0]
     markdown = render_markdown(
@@ -670,11 +671,35 @@ def test_a_quantized_teacher_is_not_the_reference_the_full_precision_one_is():
             },
             "nf4",
         ),  # as the run resolved it
+        (
+            {},
+            {
+                "firstsight.teacher_precision.language.quantization": "nf4",
+                "firstsight.teacher_precision.vision.quantization": "int8",
+            },
+            "int8, nf4",
+        ),  # parts quantized differently: each kind once
+        (
+            {},
+            {
+                "firstsight.teacher_precision.language.dtype": "bfloat16",
+                "firstsight.teacher_precision.language.quantization": "none",
+                "firstsight.precision.language.quantization": "int8",
+            },
+            None,
+        ),  # the teacher's dtype and the student's quantization are not the teacher's quantization
+        # a run from before precision.teacher_quantization existed: the teacher follows the model-wide setting
+        ({"precision.teacher_quantization": None, "precision.quantization": "int8"}, {}, "int8"),
+        ({"precision.teacher_quantization": None, "precision.quantization": None}, {}, None),  # neither logged
+        ({"precision.teacher_quantization": "null", "precision.quantization": "int8"}, {}, "int8"),
+        ({"precision.teacher_quantization": "", "precision.quantization": "int8"}, {}, "int8"),
         ({}, {}, None),
     ],
 )
 def test_the_teachers_quantization_is_read_from_params_or_tags(params, tags, expected):
-    assert teacher_quantization(_run("t", precision="bf16", params=params, tags=tags)) == expected
+    run = _run("t", precision="bf16", params=params, tags=tags)
+    run.params = {k: v for k, v in run.params.items() if v is not None}  # None: a param the run did not log
+    assert teacher_quantization(run) == expected
 
 
 @pytest.mark.parametrize("intervals", [False, True])
@@ -786,6 +811,119 @@ def test_a_model_whose_blind_accuracy_is_inside_its_interval_is_flagged():
     assert (table[0]["eval/student_accuracy"], table[0]["eval/student_accuracy_ci_low"]) == ("0.461", "0.378")
 
 
+def test_a_blind_accuracy_on_its_interval_s_bound_is_flagged_for_either_model():
+    """Inside the interval includes its bounds; a model whose interval's lower bound is at chance
+    is not above chance, so its blind accuracy says nothing."""
+    run = _judged(
+        "f" * 32,
+        128,
+        (0.005, -0.05, 0.06),
+        **_est("eval/student_accuracy", 0.461, 0.378, 0.546),
+        **{"eval/teacher_blind_accuracy": 0.55, "eval/student_blind_accuracy": 0.546},
+    )
+    assert accuracy_verdict(run, 0.01).flags == [
+        "teacher not looking at the frames: blind 0.550 within its interval [0.550, 0.650]",
+        "student not looking at the frames: blind 0.546 within its interval [0.378, 0.546]",
+    ]
+    at_chance = _judged(
+        "h" * 32,
+        128,
+        (0.005, -0.05, 0.06),
+        chance=0.378,
+        **_est("eval/student_accuracy", 0.461, 0.378, 0.546),
+        **{"eval/student_blind_accuracy": 0.45},
+    )
+    assert accuracy_verdict(at_chance, 0.01).flags == []
+
+
+def test_a_student_above_a_quantized_teacher_is_said_against_each_teacher():
+    q = {"precision.name": "int8", "precision.dtype": "float16", "precision.quantization": "int8"}
+    fp_teacher = _est("eval/full_precision_teacher_accuracy", 0.46, 0.446, 0.474)
+    above_both = _judged(
+        "q" * 32,
+        5000,
+        (-0.01, -0.02, 0.0),
+        teacher=(0.30, 0.287, 0.313),
+        params=q,
+        **fp_teacher,
+        **_est("eval/full_precision_accuracy_drop", -0.005, -0.012, 0.002),
+    )
+    assert accuracy_verdict(above_both, 0.01).notes == [
+        "student above its quantized teacher (drop -0.010 [-0.020, 0.000])",
+        "student above the full-precision teacher (drop -0.005 [-0.012, 0.002])",
+    ]
+    level = _judged(
+        "l" * 32,
+        5000,
+        (0.0, -0.006, 0.006),
+        teacher=(0.30, 0.287, 0.313),
+        params=q,
+        **fp_teacher,
+        **_est("eval/full_precision_accuracy_drop", 0.0, -0.006, 0.006),
+    )
+    assert accuracy_verdict(level, 0.01).notes == []  # a drop of exactly 0 is not above
+    # an unquantized teacher is the full-precision one (the run logs the same drop twice): said once
+    plain = _judged(
+        "p" * 32,
+        5000,
+        (-0.03, -0.045, -0.015),
+        precision="fp32",
+        **_est("eval/full_precision_accuracy_drop", -0.03, -0.045, -0.015),
+    )
+    assert accuracy_verdict(plain, 0.01).notes == ["student above its teacher (drop -0.030 [-0.045, -0.015])"]
+
+
+def test_a_quantized_teacher_at_chance_does_not_stop_the_verdict_against_the_full_precision_one():
+    """The drop judged is against the full-precision teacher: that teacher must be above chance, not
+    the quantized one the run distilled from."""
+    run = _judged(
+        "q" * 32,
+        5000,
+        (0.3, 0.28, 0.32),
+        teacher=(0.25, 0.238, 0.262),
+        chance=0.25,
+        params={"precision.name": "int8", "precision.dtype": "float16", "precision.quantization": "int8"},
+        **_est("eval/full_precision_teacher_accuracy", 0.46, 0.446, 0.474),
+        **_est("eval/full_precision_accuracy_drop", 0.002, -0.004, 0.008),
+    )
+    assert accuracy_verdict(run, 0.01).verdict.status == PASS
+
+
+@pytest.mark.parametrize(
+    "metrics, teacher",
+    [
+        # the teacher's interval reaches down to chance: not measurable before the drop's interval is read
+        ({**_est("eval/teacher_accuracy", 0.3, 0.2, 0.4), "eval/accuracy_drop": 0.01}, "0.300 [0.200, 0.400]"),
+        ({"eval/teacher_accuracy": 0.25, **_est("eval/accuracy_drop", 0.0, -0.004, 0.004)}, "0.250"),  # at chance
+    ],
+)
+def test_a_teacher_not_above_chance_makes_the_drop_not_measurable_whatever_the_drop(metrics, teacher):
+    run = _run("r", precision="bf16", metrics={**metrics, "eval/questions": 5000, "eval/chance_accuracy": 0.25})
+    assert str(accuracy_verdict(run, 0.01).verdict) == (
+        f"not measurable (the teacher ({teacher}) is not above chance (0.250): its accuracy says nothing "
+        "(random or untrained weights?))"
+    )
+
+
+def test_a_drop_with_an_interval_but_no_question_count_is_unresolved():
+    run = _judged("n", 5000, (0.002, -0.004, 0.008))
+    del run.metrics["eval/questions"]
+    assert str(accuracy_verdict(run, 0.01).verdict) == (
+        "unresolved (no question count (eval/questions): rerun with this version)"
+    )
+
+
+@pytest.mark.parametrize(
+    "questions, verdict",
+    [
+        (300, "PASS (+0.0 [-1.0, +1.0] points, 300 questions: upper bound ≤ 1)"),  # ± 3/300: exactly the target
+        (1, "unresolved (too few questions: need ~"),  # one question: ± 3, not [0, 0]
+    ],
+)
+def test_the_rule_of_three_widens_to_exactly_3_over_the_question_count(questions, verdict):
+    assert str(accuracy_verdict(_judged("d", questions, (0.0, 0.0, 0.0)), 0.01).verdict).startswith(verdict)
+
+
 def _speed(
     run_id, precision, throughput, start=0, device="NVIDIA H100 80GB HBM3", torch="2.6.0", code="abc", params=None
 ):
@@ -883,6 +1021,91 @@ def test_a_ratio_exactly_at_its_target_passes():
     assert throughput.rows[0].verdict.reason == "2.000× the median of 1 baseline value ≥ 2×"
     assert [(r.run.run_id, r.ratio, r.verdict.status) for r in vram.rows] == [("b1", 0.5, PASS), ("n1", 0.5001, FAIL)]
     assert vram.rows[0].verdict.reason == "0.500× the median of 1 baseline value ≤ 0.5×"
+
+
+def _vram(run_id, precision, vram, task="distill", start=0):
+    return _run(run_id, task=task, precision=precision, start=start, metrics={"perf/peak_vram_gb": vram})
+
+
+@pytest.mark.parametrize(
+    "runs, throughput_why, vram_why",
+    [
+        (
+            [],
+            "no distill run here has perf/throughput_tokens_per_s",
+            "no run here has perf/peak_vram_gb: they ran on the CPU, where peak resident memory "
+            "(perf/peak_rss_gb) is measured instead; RSS is not VRAM, so the VRAM target is not judged "
+            "(RSS is in the table)",
+        ),
+        (  # VRAM measured by an evaluate run only: no run of the checked tasks
+            [_vram("e", "bf16", 3.0, task="evaluate")],
+            "no distill run here has perf/throughput_tokens_per_s",
+            "no distill or profile run here has perf/peak_vram_gb",
+        ),
+        (
+            _tree(("f1", "fp32", "1", 100.0, 10.0), ("f4", "fp32", "4", 120.0, 10.0)),
+            "every run with this metric is a baseline (full-precision) run: nothing compressed to compare",
+            "every run with this metric is a baseline (full-precision) run: nothing compressed to compare",
+        ),
+    ],
+)
+def test_each_check_states_its_target_and_why_it_was_not_measurable(runs, throughput_why, vram_why):
+    checks = target_checks(runs, 0.01, 2.0, 0.5)
+    assert [c.metric for c in checks] == ["eval/accuracy_drop", "perf/throughput_tokens_per_s", "perf/peak_vram_gb"]
+    markdown = md_unescape(render_markdown(Selection("e", "s", runs, "all"), build_table(runs), checks, [], "now"))
+    for heading, why in [
+        (
+            "### Accuracy drop: teacher − student accuracy ≤ 0.01 (= 1 percentage point), the full-precision "
+            "teacher's, by the 95 % interval",
+            "no distill or evaluate run here has eval/accuracy_drop "
+            "(distill with train.eval_at_end=true, or task=evaluate, logs it)",
+        ),
+        ("### Training throughput gain: ≥ 2× the baseline's perf/throughput_tokens_per_s", throughput_why),
+        ("### VRAM saving: ≤ 0.5× the baseline's perf/peak_vram_gb", vram_why),
+    ]:
+        assert f"{heading}\n\n- Not measurable: {why}\n" in markdown
+
+
+def test_an_accuracy_target_of_several_points_is_stated_in_points():
+    assert target_checks([], 0.025, 2.0, 0.5)[0].target_text == (
+        "teacher − student accuracy ≤ 0.025 (= 2.5 percentage points), the full-precision teacher's, "
+        "by the 95 % interval"
+    )
+
+
+def test_the_vram_of_profile_runs_is_judged_their_throughput_is_not():
+    """profile measures memory like distill does, but trains nothing: no training throughput."""
+    runs = [_vram("f", "fp32", 0.8, task="profile"), _vram("b", "bf16", 0.4, task="profile", start=1)]
+    for run in runs:
+        run.metrics["perf/throughput_tokens_per_s"] = 100.0
+    _, throughput, vram = target_checks(runs, 0.01, 2.0, 0.5)
+    assert throughput.not_measurable == ["no distill run here has perf/throughput_tokens_per_s"]
+    assert [(r.run.run_id, r.ratio, str(r.verdict)) for r in vram.rows] == [
+        ("b", 0.5, "PASS (0.500× the median of 1 baseline value ≤ 0.5×)")  # a baseline below 1 GB is a baseline
+    ]
+
+
+def test_a_baseline_without_a_positive_value_makes_the_ratio_not_measurable():
+    """A baseline that logged 0 or nan (a failed measurement) gives no ratio; it is named."""
+    runs = [_vram("f1" * 8, "fp32", 0.0), _vram("f2" * 8, "fp32", float("nan"), start=1)]
+    runs.append(_vram("b", "bf16", 4.0, start=2))
+    (row,) = target_checks(runs, 0.01, 2.0, 0.5)[2].rows
+    assert (row.ratio, str(row.verdict)) == (
+        None,
+        "not measurable (baseline f1f1f1f1 has perf/peak_vram_gb=0.0; baseline f2f2f2f2 has perf/peak_vram_gb=nan)",
+    )
+
+
+def test_every_baseline_left_out_is_named():
+    on_h200 = [_speed(f"f{i}", "fp32", 100.0, start=i, device="NVIDIA H200") for i in (1, 2)]
+    bf16 = _speed("b1", "bf16", 210.0, start=3)
+    reasons = [f"baseline f{i} on NVIDIA H200, this run on NVIDIA H100 80GB HBM3" for i in (1, 2)]
+    (row,) = target_checks([*on_h200, bf16], 0.01, 2.0, 0.5)[1].rows
+    assert str(row.verdict) == f"not measurable (no like-for-like baseline: {reasons[0]}; {reasons[1]})"
+    like = [_speed(f"f{i}", "fp32", 100.0, start=i) for i in (3, 4)]
+    (row,) = target_checks([*on_h200, *like, bf16], 0.01, 2.0, 0.5)[1].rows
+    assert str(row.verdict) == "PASS (2.100× the median of 2 baseline values ≥ 2×)"
+    assert row.notes == [f"not like for like, left out: {reasons[0]}; {reasons[1]}"]
 
 
 @pytest.mark.parametrize(
