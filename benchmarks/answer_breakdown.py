@@ -32,6 +32,8 @@ from typing import Any, Callable, Dict, List
 from _common import RESULTS, ROOT, cuda_device, ratio, results_path, run_meta, write_pair
 from generation import Timer, compose, prompt_batch, single_frame_questions  # benchmarks/generation.py
 
+from firstsight.config.specs import model_spec
+
 
 def _median_seconds(
     timer: Timer, run: Callable[[], Any], rounds: int, before: Callable[[], Any] = lambda: None
@@ -186,8 +188,8 @@ def main() -> int:
     for precision in args.precisions:
         cfg = compose([*base, f"precision={precision}", f"data.image_size={args.image_size}"])
         torch.manual_seed(cfg.seed)
-        processor = load_processor(cfg)
-        model = load_model(cfg, "student", processor, on, frozen=True).model
+        processor = load_processor(cfg.model, cfg.cache_dir)
+        model = load_model(model_spec(cfg), "student", processor, on, frozen=True).model
         batch = prompt_batch(processor, single_frame_questions(cfg)[:1], on)
         data["prompt_tokens"] = int(batch["input_ids"].shape[1])
         print(f"--- {precision}", flush=True)

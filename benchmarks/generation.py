@@ -44,6 +44,8 @@ from typing import Any, Callable, Dict, List, Optional
 
 from _common import RESULTS, ROOT, cuda_device, ratio, read_results, results_path, run_meta, write_pair
 
+from firstsight.config.specs import model_spec
+
 RTOL, ATOL = 2**-6, 1e-2  # bf16 keeps 8 significant bits; 28 layers of rounding in different orders
 DEFAULTS = dict(
     model="qwen2vl_7b_2b",
@@ -211,8 +213,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     validate(cfg)
     device = "cuda" if args.hardware != "cpu" else "cpu"
     torch.manual_seed(cfg.seed)
-    processor = load_processor(cfg)
-    loaded = load_model(cfg, "student", processor, device, frozen=True)
+    processor = load_processor(cfg.model, cfg.cache_dir)
+    loaded = load_model(model_spec(cfg), "student", processor, device, frozen=True)
     model = loaded.model
     print(
         f"student: {loaded.origin}, {loaded.params_b:.4g} B parameters, {loaded.weights_gb:.4g} GB, "

@@ -48,6 +48,8 @@ from typing import Any, Callable, Dict, List, Tuple
 from _common import RESULTS, cuda_device, ratio, results_path, run_meta, write_pair
 from generation import ATOL, RTOL, Timer, compose, prompt_batch, single_frame_questions  # benchmarks/generation.py
 
+from firstsight.config.specs import model_spec
+
 DEVICE = {"name": "cuda"}  # --smoke: cpu
 
 
@@ -69,7 +71,7 @@ def _one_question(cfg: Any, processor: Any) -> Tuple[Any, Dict[str, Any]]:
     """The student, frozen, and a batch of one single-frame validation question."""
     from firstsight.models.loading import load_model
 
-    model = load_model(cfg, "student", processor, DEVICE["name"], frozen=True).model
+    model = load_model(model_spec(cfg), "student", processor, DEVICE["name"], frozen=True).model
     return model, _questions(cfg, processor, 1)
 
 
@@ -345,8 +347,8 @@ def positions_part(cfg: Any, processor: Any, args: argparse.Namespace) -> Dict[s
     from firstsight.tasks.distill import step_inputs
     from firstsight.training.loop import to_device
 
-    teacher = load_model(cfg, "teacher", processor, DEVICE["name"], frozen=True).model
-    student = load_model(cfg, "student", processor, DEVICE["name"], frozen=False).model.to(teacher.dtype)
+    teacher = load_model(model_spec(cfg), "teacher", processor, DEVICE["name"], frozen=True).model
+    student = load_model(model_spec(cfg), "student", processor, DEVICE["name"], frozen=False).model.to(teacher.dtype)
     samples = load_split(cfg.data, "train", cfg.seed)
     size = args.batch_size
     collate = QACollator(processor)
@@ -396,7 +398,7 @@ def vision_attention_part(cfg: Any, processor: Any, args: argparse.Namespace) ->
     from firstsight.models.vision_attention import batch_frames, unbatch_frames
     from firstsight.training.loop import to_device
 
-    student = load_model(cfg, "student", processor, DEVICE["name"], frozen=False).model
+    student = load_model(model_spec(cfg), "student", processor, DEVICE["name"], frozen=False).model
     student.to(torch_dtype(cfg.precision.dtype))
     visual = student.model.visual
     samples = load_split(cfg.data, "train", cfg.seed)
@@ -668,7 +670,7 @@ def main() -> int:
     from firstsight.models.loading import load_processor
 
     torch.manual_seed(cfg.seed)
-    processor = load_processor(cfg)
+    processor = load_processor(cfg.model, cfg.cache_dir)
     setup = (
         "the tiny pair on the CPU, fp32 (the plumbing only)"
         if args.smoke

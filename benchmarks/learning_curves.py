@@ -54,6 +54,8 @@ from typing import Any, Dict, List, Optional, Sequence
 from _common import RESULTS, cuda_device, read_results, results_path, run_meta, write_pair
 from generation import compose  # benchmarks/generation.py
 
+from firstsight.config.specs import model_spec
+
 MODES = ("ce", "kd")
 DEFAULT_CURVES = ("ce=ce", "kd=kd")  # without --curve: CE and KD from the configured student
 SMOKE = dict(steps=4, batch_size=4, every=2, validation_size=16, eval_batch_size=16, workers=0)
@@ -160,12 +162,12 @@ def worker(spec: Dict[str, Any]) -> Dict[str, Any]:
     cfg = compose(spec["overrides"])
     if cfg.hardware.num_threads:
         torch.set_num_threads(cfg.hardware.num_threads)
-    device, dtype = device_type(cfg), torch_dtype(cfg.precision.dtype)
+    device, dtype = device_type(cfg.hardware), torch_dtype(cfg.precision.dtype)
     kd = spec["mode"] == "kd"
     loss_fn = build_loss(cfg.distill_loss) if kd else NoKD(temperature=1.0, alpha=0.0)  # ce: plain CE
-    processor = load_processor(cfg)
-    teacher = load_model(cfg, "teacher", processor, device, frozen=True) if kd else None
-    student = load_model(cfg, "student", processor, device, frozen=False)
+    processor = load_processor(cfg.model, cfg.cache_dir)
+    teacher = load_model(model_spec(cfg), "teacher", processor, device, frozen=True) if kd else None
+    student = load_model(model_spec(cfg), "student", processor, device, frozen=False)
     model = student.model
     collator = QACollator(processor, pad_to_multiple_of=cfg.hardware.pad_to_multiple_of)
     validation = load_split(cfg.data, "validation", cfg.seed, processor)
@@ -513,7 +515,7 @@ def main() -> int:
                 "train_seed": args.train_seed,
             }
         )
-    on_gpu = device_type(compose(specs[0]["overrides"])) == "cuda"
+    on_gpu = device_type(compose(specs[0]["overrides"]).hardware) == "cuda"
     device = cuda_device() if on_gpu else "cpu"
     if on_gpu and device == "cpu":
         print("no CUDA GPU visible (--smoke, or --hardware cpu: the curves on this CPU)", file=sys.stderr)

@@ -50,6 +50,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from _common import RESULTS, ROOT, cuda_device, read_results, results_path, run_meta, write_pair
 
+from firstsight.config.specs import model_spec
+
 LOSSES = ("none", "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
 PRECISIONS = ("bf16", "int8", "nf4", "int8_weight_only")
 BASELINE_PRECISION = "bf16"  # the quantized students' drops are taken against it
@@ -135,10 +137,10 @@ def worker_pretrain(spec: Dict[str, Any]) -> Dict[str, Any]:
     cfg = compose(spec["overrides"])
     if cfg.hardware.num_threads:
         torch.set_num_threads(cfg.hardware.num_threads)
-    device = device_type(cfg)
-    processor = load_processor(cfg)
+    device = device_type(cfg.hardware)
+    processor = load_processor(cfg.model, cfg.cache_dir)
     start = time.perf_counter()
-    loaded = load_model(cfg, spec["role"], processor, device, frozen=True)
+    loaded = load_model(model_spec(cfg), spec["role"], processor, device, frozen=True)
     return {
         "role": spec["role"],
         "dir": loaded.origin,
@@ -218,9 +220,11 @@ class Validation:
 
         self.spec, self.seed = spec, seed
         base = compose([*spec["overrides"], f"seed={seed}"])
-        self.device = device_type(base)
+        self.device = device_type(base.hardware)
         self.dataset = load_split(base.data, "validation", seed)
-        self.processor = load_processor(base)  # the tiny processor the pre-trained models were saved with
+        self.processor = load_processor(
+            base.model, base.cache_dir
+        )  # the tiny processor the pre-trained models were saved with
         start = time.perf_counter()
         loader = torch.utils.data.DataLoader(
             self.dataset,
@@ -263,7 +267,7 @@ class Validation:
         )
         began = time.perf_counter()
         try:
-            loaded = load_model(cfg, "student", self.processor, self.device, frozen=True)
+            loaded = load_model(model_spec(cfg), "student", self.processor, self.device, frozen=True)
             if not self.positions_ready:
                 self._add_positions(loaded.model)
             right = answer_outcomes(loaded.model, iter(self.batches), self.device, torch_dtype(cfg.precision.dtype))

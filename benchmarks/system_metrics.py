@@ -35,6 +35,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from _common import RESULTS, results_path, run_job, run_meta, write_pair
 
+from firstsight.config.record import config_record
+
 SAMPLE_WINDOW_S = 0.05  # a step within this of a sample's time counts as overlapping it
 TRIM = 0.1  # share of the excesses left out at each end of the trimmed mean
 
@@ -54,7 +56,7 @@ def sample_cost(samples: int) -> Dict[str, Any]:
         client = MlflowClient(uri)
         run = client.create_run(get_or_create_experiment(client, "system-metrics-cost"))
         run_id = run.info.run_id
-        params = [Param(k, v[:6000]) for k, v in sorted(flatten_config(cfg).items())]
+        params = [Param(k, v[:6000]) for k, v in sorted(flatten_config(config_record(cfg)).items())]
         for start in range(0, len(params), 100):
             client.log_batch(run_id, params=params[start : start + 100])
         now = int(time.time() * 1000)

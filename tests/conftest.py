@@ -10,6 +10,8 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import pytest
 
+from firstsight.config.specs import model_spec
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = ROOT / "conf"
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may reach a hub, in this process or its children
@@ -170,7 +172,7 @@ class TinyParts:
         from firstsight.models.loading import load_processor
 
         self.cfg = compose()
-        self.processor = load_processor(self.cfg)
+        self.processor = load_processor(self.cfg.model, self.cfg.cache_dir)
 
     def split(self, name: str):
         from firstsight.data import load_split
@@ -180,7 +182,7 @@ class TinyParts:
     def model(self, role: str, frozen: bool = True):
         from firstsight.models.loading import load_model
 
-        return load_model(self.cfg, role, self.processor, "cpu", frozen=frozen).model
+        return load_model(model_spec(self.cfg), role, self.processor, "cpu", frozen=frozen).model
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,9 @@
 
 import pytest
 
+from firstsight.config.specs import full_precision
 from firstsight.evaluation import stats
-from firstsight.evaluation.accuracy import Outcomes, full_precision_config, looks_at_frames, outcome_record, summarize
+from firstsight.evaluation.accuracy import Outcomes, looks_at_frames, outcome_record, summarize
 
 
 def test_wilson_intervals_match_the_published_values():
@@ -150,7 +151,7 @@ def test_the_full_precision_teacher_is_the_run_teacher_unquantized():
     from firstsight.models.parts import resolve_parts
 
     cfg = compose(["precision=int8", "precision.parts.vision.quantization=nf4"])
-    reference = resolve_parts(full_precision_config(cfg), "teacher")
-    assert {p.quantization for p in resolve_parts(cfg, "teacher").values()} == {"int8", "nf4"}
+    reference = resolve_parts(full_precision(cfg.precision), "teacher")
+    assert {p.quantization for p in resolve_parts(cfg.precision, "teacher").values()} == {"int8", "nf4"}
     assert {(p.dtype, p.quantization) for p in reference.values()} == {("float16", "none")}
     assert str(cfg.precision.quantization.value) == "int8"  # the run's own config is untouched

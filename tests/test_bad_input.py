@@ -57,7 +57,9 @@ from pathlib import Path
 import pytest
 from conftest import compose, default_store_runs
 
+from firstsight.config.record import config_record
 from firstsight.config.schema import Config, DistillLossConfig, HardwareConfig
+from firstsight.config.specs import model_spec
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 GOOD_RECORD = json.loads((FIXTURES / "egoschema.jsonl").read_text().splitlines()[0])
@@ -456,7 +458,8 @@ def _long_and_short_records(tmp_path):
     path.parent.mkdir()
     path.write_text(_record() + "\n" + _record(question=GOOD_RECORD["question"] + " Look closely." * 12) + "\n")
     dataset = FileQA(path, "egoschema")
-    collate = QACollator(load_processor(compose()))
+    cfg = compose()
+    collate = QACollator(load_processor(cfg.model, cfg.cache_dir))
     return path, [len(collate([dataset[i]])["input_ids"][0]) for i in range(len(dataset))]
 
 
@@ -540,7 +543,8 @@ def test_a_max_length_below_the_synthetic_samples_is_refused(tmp_path, monkeypat
         ).groups(),
     )
     assert "generated samples cannot be skipped" in message and "lower data.image_size or data.num_frames" in message
-    train, collate = synthetic_split(compose().data, "train", 0), QACollator(load_processor(compose()))
+    cfg = compose()
+    train, collate = synthetic_split(cfg.data, "train", 0), QACollator(load_processor(cfg.model, cfg.cache_dir))
     lengths = [len(collate([train[i]])["input_ids"][0]) for i in range(40)]
     assert (lengths[index], max(lengths)) == (length, longest)
     assert all(n <= 60 for n in lengths[:index]) and length > 60
@@ -555,9 +559,9 @@ def saved_student(tmp_path_factory, cache_dir):
     from firstsight.models.loading import load_model, load_processor
 
     cfg = compose(["hardware.num_threads=1"])
-    processor = load_processor(cfg)
+    processor = load_processor(cfg.model, cfg.cache_dir)
     path = tmp_path_factory.mktemp("student") / "student"
-    load_model(cfg, "student", processor, "cpu", frozen=False).model.save_pretrained(path)
+    load_model(model_spec(cfg), "student", processor, "cpu", frozen=False).model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
 
@@ -760,9 +764,9 @@ def test_a_resumable_checkpoint_of_another_model_is_refused(tmp_path):
         )
 
     cfg = compose([])
-    saved = Checkpointer(cfg, tmp_path, named_trained_tensors(torch.nn.Linear(3, 2)), run_id="r").save(
-        4, *parts(torch.nn.Linear(3, 2)), {"epoch": 0, "batches_into_epoch": 4}, {"loss": 1.0}
-    )
+    saved = Checkpointer(
+        cfg.train, config_record(cfg), tmp_path, named_trained_tensors(torch.nn.Linear(3, 2)), run_id="r"
+    ).save(4, *parts(torch.nn.Linear(3, 2)), {"epoch": 0, "batches_into_epoch": 4}, {"loss": 1.0})
     for other, fragment in [
         (torch.nn.Linear(4, 2), "weight has shape (2, 3), this run's has (2, 4)"),
         (
@@ -770,7 +774,9 @@ def test_a_resumable_checkpoint_of_another_model_is_refused(tmp_path):
             "does not hold this run's trained tensors (missing: [], unexpected: ['bias'])",
         ),
     ]:
-        checkpointer = Checkpointer(cfg, tmp_path, named_trained_tensors(other), run_id="r", resume=read_point(saved))
+        checkpointer = Checkpointer(
+            cfg.train, config_record(cfg), tmp_path, named_trained_tensors(other), run_id="r", resume=read_point(saved)
+        )
         with pytest.raises(FirstSightError) as err:
             checkpointer.restore(*parts(other))
         assert str(saved) in str(err.value) and fragment in str(err.value)

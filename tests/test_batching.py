@@ -13,7 +13,8 @@ def test_labels_cover_exactly_the_answer_and_end_token(cache_dir):
     from firstsight.models.loading import load_processor
 
     assert IGNORE_INDEX == LOSS_IGNORE_INDEX
-    processor = load_processor(compose())
+    cfg = compose()
+    processor = load_processor(cfg.model, cfg.cache_dir)
     dataset = SyntheticEgoQA("train", size=12, seed=1)
     samples = [dataset[i] for i in range(len(dataset))]
     batch = QACollator(processor)(samples)
@@ -38,7 +39,8 @@ def test_sample_length_is_what_the_collator_makes_of_the_sample_alone(cache_dir)
     from firstsight.data.files import FileQA, MediaSettings, _fitted_size, _load_media
     from firstsight.models.loading import load_processor
 
-    processor = load_processor(compose())
+    cfg = compose()
+    processor = load_processor(cfg.model, cfg.cache_dir)
     collate = QACollator(processor)
     fixtures = Path(__file__).resolve().parent / "fixtures"
     checked = 0

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import compose
 
+from firstsight.config.specs import model_spec
 from firstsight.models.decode_attention import NAME, group_decode, grouped_decode_attention, ungroup_decode
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -69,8 +70,8 @@ def tiny_student(cache_dir):
     from firstsight.models.loading import load_model, load_processor
 
     cfg = compose(["hardware.grouped_decode_attention=false"])
-    processor = load_processor(cfg)
-    model = load_model(cfg, "student", processor, "cpu", frozen=True).model.float()
+    processor = load_processor(cfg.model, cfg.cache_dir)
+    model = load_model(model_spec(cfg), "student", processor, "cpu", frozen=True).model.float()
     assert model.config.text_config.num_attention_heads > model.config.text_config.num_key_value_heads  # grouped
     return cfg, processor, model
 
@@ -116,7 +117,7 @@ def test_on_by_default_for_the_language_model_only_and_not_saved(cache_dir, tmp_
 
     cfg = compose()
     assert cfg.hardware.grouped_decode_attention is True
-    model = load_model(cfg, "student", load_processor(cfg), "cpu", frozen=True).model
+    model = load_model(model_spec(cfg), "student", load_processor(cfg.model, cfg.cache_dir), "cpu", frozen=True).model
     assert model.config.text_config._attn_implementation == NAME
     assert model.config.vision_config._attn_implementation != NAME
     model.save_pretrained(tmp_path)
@@ -129,7 +130,7 @@ def test_on_by_default_for_the_language_model_only_and_not_saved(cache_dir, tmp_
     eager = compose(["hardware.attn_implementation=eager"])
     assert (
         load_model(
-            eager, "student", load_processor(eager), "cpu", frozen=True
+            model_spec(eager), "student", load_processor(eager.model, eager.cache_dir), "cpu", frozen=True
         ).model.config.text_config._attn_implementation
         == "eager"
     )  # only SDPA is extended

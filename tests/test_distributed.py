@@ -111,7 +111,8 @@ def test_process_layouts_that_do_not_fit_the_config_are_explained(monkeypatch, e
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    problem = check_layout(compose(overrides), launched_world())
+    cfg = compose(overrides)
+    problem = check_layout(cfg.hardware, cfg.task.name, launched_world())
     assert problem is not None and message in problem
 
 
@@ -121,7 +122,8 @@ def test_a_single_process_is_not_distributed(monkeypatch):
     for key in ("RANK", "WORLD_SIZE", "SLURM_NTASKS"):
         monkeypatch.delenv(key, raising=False)
     assert launched_world() is None
-    assert check_layout(compose([]), None) is None
+    cfg = compose([])
+    assert check_layout(cfg.hardware, cfg.task.name, None) is None
 
 
 # --- the data-parallel levers (hardware.ddp_* / fsdp_*) on a toy model, two gloo processes

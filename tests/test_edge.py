@@ -12,6 +12,7 @@ import pytest
 from conftest import compose
 from omegaconf import open_dict
 
+from firstsight.config.specs import model_spec
 from firstsight.core.errors import ConfigError
 from firstsight.suite.validate import validate
 
@@ -104,8 +105,8 @@ def test_per_part_precision_on_the_tiny_teacher(cache_dir, overrides, expect):
 
     cfg = compose(["task=profile", "task.target=teacher", *overrides])
     validate(cfg)
-    processor = load_processor(cfg)
-    loaded = load_model(cfg, "teacher", processor, "cpu", frozen=True)
+    processor = load_processor(cfg.model, cfg.cache_dir)
+    loaded = load_model(model_spec(cfg), "teacher", processor, "cpu", frozen=True)
     model = loaded.model
     assert {p: (r.dtype, r.quantization) for p, r in loaded.parts.items()} == expect
     kinds, dtypes = _kinds_and_dtypes(model)
@@ -132,7 +133,7 @@ def test_unquantized_parts_weigh_more_than_quantized_ones(cache_dir):
     sizes = {}
     for precision in ("nf4", "nf4_lm"):
         cfg = compose(["task=profile", "task.target=teacher", f"precision={precision}"])
-        loaded = load_model(cfg, "teacher", load_processor(cfg), "cpu", frozen=True)
+        loaded = load_model(model_spec(cfg), "teacher", load_processor(cfg.model, cfg.cache_dir), "cpu", frozen=True)
         sizes[precision] = loaded.part_weights_gb
     assert sizes["nf4"]["language"] == pytest.approx(sizes["nf4_lm"]["language"])
     assert sizes["nf4"]["vision"] < 0.6 * sizes["nf4_lm"]["vision"]  # the patch embedding (a Conv3d) stays bf16

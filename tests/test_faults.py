@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import compose, default_store_runs
 
+from firstsight.config.record import config_record
+from firstsight.config.specs import tracking_spec
 from firstsight.core.errors import FirstSightError
 
 # A short in-process distillation (no Hydra context: its output directory is the working directory)
@@ -34,8 +36,8 @@ def _distill_in_process(tmp_path, monkeypatch, overrides, student_forward):
 
     real_load = models.load_model
 
-    def load_model(cfg, role, processor, device, frozen):
-        loaded = real_load(cfg, role, processor, device, frozen)
+    def load_model(spec, role, processor, device, frozen):
+        loaded = real_load(spec, role, processor, device, frozen)
         if role == "student":
             original, calls = loaded.model.forward, []
 
@@ -342,7 +344,7 @@ def test_a_job_whose_metrics_cannot_be_logged_fails_and_leaves_them_in_a_file(tm
     _failing_metric_batches(monkeypatch)
     cfg = compose([f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
     with pytest.raises(TrackingStoreError, match="unflushed_metrics.jsonl"):
-        with job_tracker(cfg) as tracker:
+        with job_tracker(tracking_spec(cfg)) as tracker:
             tracker.log_metrics({"eval/student_accuracy": 0.5}, step=40)
     run = _only_run(tmp_path)
     assert run.info.status == "FAILED"  # closed, not left RUNNING
@@ -352,7 +354,7 @@ def test_a_job_whose_metrics_cannot_be_logged_fails_and_leaves_them_in_a_file(tm
     # a job that fails for its own reason reports that reason, not the store's
     (tmp_path / "unflushed_metrics.jsonl").unlink()
     with pytest.raises(ValueError, match="its own error"):
-        with job_tracker(cfg) as tracker:
+        with job_tracker(tracking_spec(cfg)) as tracker:
             tracker.log_metrics({"train/loss": 1.0}, step=1)
             raise ValueError("its own error")
     assert (tmp_path / "unflushed_metrics.jsonl").is_file()
@@ -483,9 +485,8 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
     from firstsight.training.resume import Checkpointer, latest_valid, named_trained_tensors, read_point
 
     model, optimizer, scheduler, scaler = _model_and_optimizer()
-    checkpointer = Checkpointer(
-        compose(["train.keep_checkpoints=1"]), tmp_path, named_trained_tensors(model), run_id="r"
-    )
+    cfg = compose(["train.keep_checkpoints=1"])
+    checkpointer = Checkpointer(cfg.train, config_record(cfg), tmp_path, named_trained_tensors(model), run_id="r")
     good = checkpointer.save(5, optimizer, scheduler, scaler, {"epoch": 0, "batches_into_epoch": 5}, {"loss": 1.0})
     if writer == "safetensors":
         monkeypatch.setattr(safetensors.torch, "save_file", lambda tensors, path, *a, **k: _full_disk(path))
@@ -504,7 +505,8 @@ def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path, monkey
     monkeypatch.undo()
     fresh, optimizer2, scheduler2, scaler2 = _model_and_optimizer()
     restored = Checkpointer(
-        compose(["train.keep_checkpoints=1"]),
+        cfg.train,
+        config_record(cfg),
         tmp_path,
         named_trained_tensors(fresh),
         run_id="r",

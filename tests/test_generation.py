@@ -12,6 +12,7 @@ import logging
 import pytest
 from conftest import compose
 
+from firstsight.config.specs import model_spec
 from firstsight.inference import cuda_graphs
 
 MOVED = 5  # validation index of a two-frame question: the longest prompt of the first few
@@ -26,7 +27,7 @@ def tiny(cache_dir):
     from firstsight.models.loading import load_model, load_processor
 
     cfg = compose()
-    processor = load_processor(cfg)
+    processor = load_processor(cfg.model, cfg.cache_dir)
     samples = load_split(cfg.data, "validation", cfg.seed)
     collate = PromptCollator(processor)
 
@@ -34,7 +35,7 @@ def tiny(cache_dir):
         import torch
 
         side = compose([f"model.{role}.weights=random"]) if random else cfg
-        loaded = load_model(side, role, processor, "cpu", frozen=True).model
+        loaded = load_model(model_spec(side), role, processor, "cpu", frozen=True).model
         return loaded.to(getattr(torch, dtype))
 
     class Tiny:
@@ -459,7 +460,11 @@ def test_static_compile_keeps_torchaos_products_out_of_the_compiled_prefill(tiny
     _fake_capture(monkeypatch)
     monkeypatch.setattr(generation, "_compiled_forward", lambda model, options=None: model)
     int8 = load_model(
-        compose(["task=profile", "precision=int8_weight_only"]), "student", tiny.processor, "cpu", frozen=True
+        model_spec(compose(["task=profile", "precision=int8_weight_only"])),
+        "student",
+        tiny.processor,
+        "cpu",
+        frozen=True,
     ).model
     assert subclass_weights(int8) and not subclass_weights(tiny.model("student"))
     blocks = list(int8.model.visual.blocks)

@@ -346,7 +346,7 @@ def test_batches_padded_to_a_multiple_are_masked_and_unlabelled_beyond_the_longe
     from firstsight.models.loading import load_processor
 
     cfg = compose()
-    processor = load_processor(cfg)
+    processor = load_processor(cfg.model, cfg.cache_dir)
     samples = [load_split(cfg.data, "train", cfg.seed)[i] for i in range(3)]
     plain = QACollator(processor)(samples)
     padded = QACollator(processor, pad_to_multiple_of=64)(samples)

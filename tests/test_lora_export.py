@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import compose, default_store_runs
 
+from firstsight.config.specs import model_spec
+
 SHORT = [
     "train.max_steps=3",
     "train.warmup_steps=1",
@@ -26,8 +28,8 @@ def _student(overrides, cache_dir):
     from firstsight.models.loading import load_model, load_processor
 
     cfg = compose(["lora.enabled=true", *overrides])
-    processor = load_processor(cfg)
-    return cfg, processor, load_model(cfg, "student", processor, "cpu", frozen=False)
+    processor = load_processor(cfg.model, cfg.cache_dir)
+    return cfg, processor, load_model(model_spec(cfg), "student", processor, "cpu", frozen=False)
 
 
 def test_only_the_adapters_train(cache_dir):

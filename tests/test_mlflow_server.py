@@ -9,6 +9,8 @@ import json
 
 from conftest import compose
 
+from firstsight.config.record import config_record
+
 LRS = ["0.001", "0.0012", "0.0014", "0.0016", "0.0018", "0.002", "0.0022", "0.0024"]
 STEPS = 3
 COMMON = [
@@ -74,7 +76,7 @@ def test_eight_concurrent_jobs_lose_nothing(run_cli, tmp_path, mlflow_server):
                 "tracking.experiment_name=concurrent",
             ]
         )
-        assert run.data.params == {k: v[:6000] for k, v in flatten_config(cfg).items()}
+        assert run.data.params == {k: v[:6000] for k, v in flatten_config(config_record(cfg)).items()}
         # metrics: every final value the job wrote locally reached MLflow, with the same value
         written = json.loads((sweep_dirs[0] / job_num / "metrics.json").read_text())
         assert set(written) <= set(run.data.metrics), set(written) - set(run.data.metrics)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import quick
 
+from firstsight.config.record import config_record
 from tests.conftest import ROOT, compose, default_store_runs
 
 # ----------------------------------------------------------------------------- end to end (CLI)
@@ -136,7 +137,9 @@ def _write_checkpoint(root: Path, step: int, config=None, model=None):
     model(torch.ones(1, 3)).sum().backward()
     optimizer.step()
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    checkpointer = Checkpointer(cfg, root.parent.parent, named_trained_tensors(model), run_id="abc")
+    checkpointer = Checkpointer(
+        cfg.train, config_record(cfg), root.parent.parent, named_trained_tensors(model), run_id="abc"
+    )
     if config is not None:
         checkpointer.config = config
     return checkpointer.save(
@@ -163,12 +166,13 @@ def test_restore_gives_back_weights_optimizer_and_rng(tmp_path):
     fresh = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(fresh.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    point = locate(compose(["train.keep_checkpoints=5"]), tmp_path)
+    saved_with = compose(["train.keep_checkpoints=5"])
+    point = locate(saved_with.train, config_record(saved_with), tmp_path)
     assert point is not None and point.path == saved_dir == latest_valid(tmp_path / "checkpoints" / "resume")
     assert point.run_id == "abc" and point.data_position == {"epoch": 0, "batches_into_epoch": 7}
-    step = Checkpointer(cfg, tmp_path, named_trained_tensors(fresh), run_id="abc", resume=point).restore(
-        optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False)
-    )
+    step = Checkpointer(
+        cfg.train, config_record(cfg), tmp_path, named_trained_tensors(fresh), run_id="abc", resume=point
+    ).restore(optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False))
     assert step == 7
     torch.testing.assert_close(fresh.weight, model.weight, rtol=0, atol=0)
     assert optimizer.state_dict()["state"][0]["step"] == 1
@@ -201,7 +205,8 @@ def test_keeps_only_the_newest_checkpoints(tmp_path):
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-    checkpointer = Checkpointer(compose(["train.keep_checkpoints=2"]), tmp_path, named_trained_tensors(model), None)
+    cfg = compose(["train.keep_checkpoints=2"])
+    checkpointer = Checkpointer(cfg.train, config_record(cfg), tmp_path, named_trained_tensors(model), None)
     for step in (2, 4, 6):
         checkpointer.save(step, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False), {}, {})
     assert [p.name for p in step_dirs(checkpointer.root)] == ["step-0000006", "step-0000004"]

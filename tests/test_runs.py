@@ -8,6 +8,7 @@ import math
 import pytest
 from conftest import compose
 
+from firstsight.config.specs import model_spec
 from firstsight.suite.dispatch import run_task
 
 
@@ -100,8 +101,8 @@ def test_shipped_tiny_teacher_beats_chance_clearly(cache_dir):
     from firstsight.models.pretrain import model_info
 
     cfg = compose()
-    processor = load_processor(cfg)
-    teacher = load_model(cfg, "teacher", processor, "cpu", frozen=True)
+    processor = load_processor(cfg.model, cfg.cache_dir)
+    teacher = load_model(model_spec(cfg), "teacher", processor, "cpu", frozen=True)
     assert "assets" in teacher.origin  # the shipped one, not a freshly trained one
     from firstsight.training.loop import answer_accuracy
 

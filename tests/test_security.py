@@ -9,6 +9,9 @@ import ast
 import pytest
 from conftest import ROOT, compose, default_store_runs
 
+from firstsight.config.record import config_record
+from firstsight.config.specs import model_spec, tracking_spec
+
 PACKAGE = ROOT / "firstsight"
 SOURCES = sorted(PACKAGE.rglob("*.py"))
 
@@ -57,11 +60,11 @@ def test_trust_remote_code_is_off_unless_set_and_reaches_every_loader(tmp_path, 
         )
         seen.clear()
         with pytest.raises(FirstSightError):
-            models.load_model(cfg, "student", None, "cpu", frozen=True)
+            models.load_model(model_spec(cfg), "student", None, "cpu", frozen=True)
         with pytest.raises(FirstSightError):
-            models.load_processor(cfg)
+            models.load_processor(cfg.model, cfg.cache_dir)
         with pytest.raises(FirstSightError, match="could not load the tokenizer of model.teacher.source"):
-            models.check_same_tokenizer(cfg, None)
+            models.check_same_tokenizer(cfg.model, None)
         assert {name: kwargs["trust_remote_code"] for name, kwargs in seen.items()} == {
             "model": expected,
             "processor": expected,
@@ -144,10 +147,15 @@ def test_tokens_in_the_environment_are_never_logged(tmp_path, monkeypatch):
         monkeypatch.setenv(name, value)
     monkeypatch.chdir(tmp_path)
     cfg = compose([f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"])
-    with job_tracker(cfg) as tracker:
+    with job_tracker(tracking_spec(cfg)) as tracker:
         record = run_record(cfg, tracker, {"train/loss": 1.0})
     [run] = default_store_runs(tmp_path)
-    logged = [json.dumps(run.data.params), json.dumps(run.data.tags), record, json.dumps(flatten_config(cfg))]
+    logged = [
+        json.dumps(run.data.params),
+        json.dumps(run.data.tags),
+        record,
+        json.dumps(flatten_config(config_record(cfg))),
+    ]
     [config_yaml] = list((tmp_path / "mlruns").rglob("config.yaml"))
     logged.append(config_yaml.read_text())
     assert "precision:" in logged[-1] and len(run.data.params) > 50  # what was logged is the config

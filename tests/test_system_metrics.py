@@ -8,6 +8,7 @@ import time
 import pytest
 from conftest import compose
 
+from firstsight.config.specs import tracking_spec
 from firstsight.core.errors import ConfigError
 
 
@@ -51,7 +52,7 @@ def test_a_job_run_gets_mlflows_system_metrics(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri, client = _client(tmp_path)
     cfg = compose([f"tracking.tracking_uri={uri}", "tracking.system_metrics_interval_s=0.2"])
-    with job_tracker(cfg) as tracker:
+    with job_tracker(tracking_spec(cfg)) as tracker:
         time.sleep(1.0)
     run = client.get_run(tracker.run_id)
     assert run.info.status == "FINISHED"
@@ -68,7 +69,7 @@ def test_system_metrics_can_be_turned_off(tmp_path, monkeypatch):
     cfg = compose(
         [f"tracking.tracking_uri={uri}", "tracking.system_metrics=false", "tracking.system_metrics_interval_s=0.1"]
     )
-    with job_tracker(cfg) as tracker:
+    with job_tracker(tracking_spec(cfg)) as tracker:
         time.sleep(0.5)
     assert not [k for k in client.get_run(tracker.run_id).data.metrics if k.startswith("system/")]
 
@@ -99,7 +100,7 @@ def test_log_model_logs_the_student_as_a_transformers_model(tiny_parts, tmp_path
     uri, client = _client(tmp_path)
     cfg = compose([f"tracking.tracking_uri={uri}", "tracking.system_metrics=false"])
     save_model_atomically(tiny_parts.model("student"), tiny_parts.processor, str(tmp_path / "student"), {})
-    with job_tracker(cfg) as tracker:
+    with job_tracker(tracking_spec(cfg)) as tracker:
         model_uri = tracker.log_model(str(tmp_path / "student"))
     assert not mlflow.is_tracking_uri_set()  # MLflow's global store is left as it was
     run = client.get_run(tracker.run_id)

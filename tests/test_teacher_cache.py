@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import compose, default_store_runs
 
+from firstsight.config.specs import model_spec, teacher_cache_spec
 from firstsight.core.errors import FirstSightError
 from firstsight.losses.kd import JSD, ForwardKL, NoKD, ReverseKL, SkewForwardKL, SkewReverseKL
 from firstsight.losses.sparse import SparseTargets, topk_targets
@@ -182,7 +183,9 @@ def _key(cache_dir, overrides, vocab=448, processor=None):
         OmegaConf.update(cfg, key, value)
     processor = processor or _processor(cache_dir)
     top_k = vocab if cfg.teacher_cache.top_k is None else cfg.teacher_cache.top_k
-    return content_key(key_inputs(cfg, processor, vocab, load_split(cfg.data, "train", cfg.seed), "cpu", top_k))
+    return content_key(
+        key_inputs(teacher_cache_spec(cfg), processor, vocab, load_split(cfg.data, "train", cfg.seed), "cpu", top_k)
+    )
 
 
 def test_the_key_changes_with_each_determining_input_only(cache_dir):
@@ -273,7 +276,7 @@ def test_a_hub_teacher_s_key_follows_its_revision_and_cached_commit(cache_dir, t
     (repo / "refs" / "main").write_text(old)
     hub = ["model.teacher.source=org/teacher", "model.teacher.weights=pretrained"]
 
-    assert teacher_identity(compose([*BASE, *hub]), None, "cpu")["commit"] == old  # main, through refs/main
+    assert teacher_identity(model_spec(compose([*BASE, *hub])), None, "cpu")["commit"] == old  # main, through refs/main
 
     on_main = _key(cache_dir, hub)
     assert _key(cache_dir, hub) == on_main
@@ -420,7 +423,7 @@ def test_a_batch_that_disagrees_with_the_cache_is_refused(built, cache_dir):
     cfg, root, runs = built
     processor = tiny_processor(cache_dir)
     train = load_split(cfg.data, "train", cfg.seed)
-    ctx = _Context(cfg, processor, "cpu", train, 448, 16)
+    ctx = _Context(teacher_cache_spec(cfg), processor, "cpu", train, 448, 16)
     manifest, arrays = load_verified(ctx.path, ctx.key, 16, 448, 16)
     cache = TeacherCache(ctx, _Tracker(), manifest, arrays, "hit", None, {})
     batch = QACollator(processor, with_index=True)([train[i] for i in (3, 7)])
@@ -443,7 +446,9 @@ def test_teacher_accuracy_without_a_record_loads_the_teacher_once(built, cache_d
     cfg, root, runs = built
     cfg = cfg.copy()
     cfg.data.validation_size = 5  # a validation split the build did not measure
-    ctx = _Context(cfg, tiny_processor(cache_dir), "cpu", load_split(cfg.data, "train", cfg.seed), 448, 16)
+    ctx = _Context(
+        teacher_cache_spec(cfg), tiny_processor(cache_dir), "cpu", load_split(cfg.data, "train", cfg.seed), 448, 16
+    )
     tracker = _Tracker()
     cache = TeacherCache(
         ctx,
@@ -476,13 +481,24 @@ def test_file_data_keys_on_the_file_and_its_media(cache_dir, tmp_path):
     assert _key_composed(cache_dir, files) != first
 
 
+def test_a_key_part_json_cannot_write_is_keyed_by_its_text():
+    """A path or a dtype in the key: keyed as its text, never refused."""
+    from pathlib import Path
+
+    from firstsight.core.files import content_key
+
+    assert content_key({"file": Path("data/train.jsonl")}) == content_key({"file": "data/train.jsonl"})
+    assert content_key(torch.bfloat16) != content_key(torch.float16)
+
+
 def _key_composed(cache_dir, overrides):
     from firstsight.core.files import content_key
     from firstsight.data import load_split
     from firstsight.kd.teacher_cache import key_inputs
 
     cfg = compose([*BASE, *overrides])
-    return content_key(key_inputs(cfg, _processor(cache_dir), 448, load_split(cfg.data, "train", cfg.seed), "cpu", 64))
+    train = load_split(cfg.data, "train", cfg.seed)
+    return content_key(key_inputs(teacher_cache_spec(cfg), _processor(cache_dir), 448, train, "cpu", 64))
 
 
 def test_validation(cache_dir):
@@ -494,9 +510,14 @@ def test_validation(cache_dir):
         validate(compose([*BASE, "teacher_cache.top_k=0"]))
     with pytest.raises(ConfigError, match="teacher_cache.shard_size"):
         validate(compose([*BASE, "teacher_cache.shard_size=0"]))
-    assert cache_wanted(compose(BASE))
-    assert not cache_wanted(compose([*BASE, "distill_loss=none"]))  # no teacher: ignored, with a message
-    assert not cache_wanted(compose(BASE[:-1]))
+
+    def wanted(overrides):
+        cfg = compose(overrides)
+        return cache_wanted(cfg.teacher_cache, cfg.distill_loss)
+
+    assert wanted(BASE)
+    assert not wanted([*BASE, "distill_loss=none"])  # no teacher: ignored, with a message
+    assert not wanted(BASE[:-1])
 
 
 def test_top_k_larger_than_the_student_vocabulary_stops(cache_dir, tmp_path):

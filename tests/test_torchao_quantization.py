@@ -6,6 +6,8 @@ import pytest
 import torch
 from conftest import compose
 
+from firstsight.config.specs import model_spec
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -13,8 +15,8 @@ def _teacher(cache_dir, precision: str):
     from firstsight.models.loading import load_model, load_processor
 
     cfg = compose(["task=profile", "task.target=teacher", f"precision={precision}"])
-    processor = load_processor(cfg)
-    return load_model(cfg, "teacher", processor, "cpu", frozen=True), processor
+    processor = load_processor(cfg.model, cfg.cache_dir)
+    return load_model(model_spec(cfg), "teacher", processor, "cpu", frozen=True), processor
 
 
 def test_int8_weight_only_holds_int8_weights_and_is_counted_as_stored(cache_dir):

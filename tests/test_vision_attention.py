@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import compose
 
+from firstsight.config.specs import model_spec
 from firstsight.models.vision_attention import NAME, batch_frames, plain_config, unbatch_frames
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -21,7 +22,9 @@ def student(cache_dir):
     from firstsight.models.loading import load_model, load_processor
 
     cfg = compose(["hardware.batched_vision_attention=false"])
-    model = load_model(cfg, "student", load_processor(cfg), "cpu", frozen=False).model.float()
+    model = load_model(
+        model_spec(cfg), "student", load_processor(cfg.model, cfg.cache_dir), "cpu", frozen=False
+    ).model.float()
     assert model.config.vision_config._attn_implementation == "sdpa"
     return model
 
@@ -70,7 +73,7 @@ def test_on_by_default_for_the_vision_encoder_only_and_not_saved(cache_dir, tmp_
 
     cfg = compose()
     assert cfg.hardware.batched_vision_attention is True
-    model = load_model(cfg, "student", load_processor(cfg), "cpu", frozen=True).model
+    model = load_model(model_spec(cfg), "student", load_processor(cfg.model, cfg.cache_dir), "cpu", frozen=True).model
     assert model.config.vision_config._attn_implementation == NAME
     assert model.config.text_config._attn_implementation != NAME  # the language model has its own
     model.save_pretrained(tmp_path)

@@ -24,7 +24,7 @@ def test_a_teacher_with_the_same_tokenizer_is_accepted(tmp_path, cache_dir):
     from firstsight.models.loading import check_same_tokenizer
 
     path, student_processor = _teacher_dir(tmp_path, cache_dir)
-    check_same_tokenizer(compose([f"model.teacher.source={path}"]), student_processor)
+    check_same_tokenizer(compose([f"model.teacher.source={path}"]).model, student_processor)
 
 
 def test_a_teacher_whose_tokenizer_differs_is_refused(tmp_path, cache_dir):
@@ -32,7 +32,7 @@ def test_a_teacher_whose_tokenizer_differs_is_refused(tmp_path, cache_dir):
 
     path, student_processor = _teacher_dir(tmp_path, cache_dir, extra_tokens=["<|teacher_only|>"])
     with pytest.raises(FirstSightError, match="different tokenizers") as err:
-        check_same_tokenizer(compose([f"model.teacher.source={path}"]), student_processor)
+        check_same_tokenizer(compose([f"model.teacher.source={path}"]).model, student_processor)
     assert str(path) in str(err.value) and "shared vocabulary" in str(err.value)
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Any, Dict
+from typing import TYPE_CHECKING, Any, Dict
 
-from omegaconf import DictConfig
+if TYPE_CHECKING:  # the section's type only: config sits above core
+    from firstsight.config.schema import HardwareConfig
 
 
 def seed_everything(seed: int) -> None:
@@ -18,16 +19,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def prepare_job(cfg: DictConfig, tracker: Any) -> str:
+def prepare_job(hardware: HardwareConfig, seed: int, tracker: Any) -> str:
     """Resolve the device, apply `hardware.num_threads` and `seed`, tag the run; return the device."""
     import torch
 
     from firstsight.core.runtime import device_name, device_type
 
-    device = device_type(cfg)
-    if cfg.hardware.num_threads:
-        torch.set_num_threads(cfg.hardware.num_threads)
-    seed_everything(cfg.seed)
+    device = device_type(hardware)
+    if hardware.num_threads:
+        torch.set_num_threads(hardware.num_threads)
+    seed_everything(seed)
     tracker.set_tags({"firstsight.device": device, "firstsight.device_name": device_name(device)})
     return device
 

@@ -29,9 +29,12 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, Optional, Tuple, TypeVar
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, Optional, Tuple, TypeVar
 
 from firstsight.core.errors import FirstSightError
+
+if TYPE_CHECKING:  # the section's type only: config sits above core
+    from firstsight.config.schema import HardwareConfig
 
 GB = 1e9
 CUDA_BASIS = "cuda_allocator"
@@ -173,7 +176,7 @@ def describe(result: EdgeResult) -> str:
     return f"edge: {result.tags['firstsight.edge.verdict']} ({result.tags['firstsight.edge.reason']})"
 
 
-def budget_of(cfg: Any) -> Optional[float]:
+def budget_of(hardware: HardwareConfig) -> Optional[float]:
     """hardware.memory_budget_gb, or None (no budget)."""
-    value = cfg.hardware.get("memory_budget_gb")
+    value = hardware.get("memory_budget_gb")
     return None if value is None else float(value)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import os
 import platform
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from omegaconf import DictConfig
+if TYPE_CHECKING:  # the section's type only: config sits above core
+    from firstsight.config.schema import HardwareConfig
 
 
 def torch_dtype(name: Any) -> Any:
@@ -20,9 +21,9 @@ def is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def device_type(cfg: DictConfig) -> str:
+def device_type(hardware: HardwareConfig) -> str:
     """The device the job will run on; 'auto' resolves to cuda only when a GPU is visible."""
-    device = cfg.hardware.device.value if hasattr(cfg.hardware.device, "value") else str(cfg.hardware.device)
+    device = hardware.device.value if hasattr(hardware.device, "value") else str(hardware.device)
     if device != "auto":
         return device
     import torch

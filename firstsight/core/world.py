@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
-from omegaconf import DictConfig
+if TYPE_CHECKING:  # the section's type only: config sits above core
+    from firstsight.config.schema import HardwareConfig
 
 
 @dataclass
@@ -80,13 +81,11 @@ def launched_world() -> Optional[Distributed]:
     return world if world.world_size > 1 else None
 
 
-def check_layout(cfg: DictConfig, world: Optional[Distributed]) -> Optional[str]:
+def check_layout(hardware: HardwareConfig, task: str, world: Optional[Distributed]) -> Optional[str]:
     """Why this job's process layout does not fit its config, or None (validate reports it)."""
-    gpus, size = int(cfg.hardware.num_gpus), world.world_size if world else 1
-    if size > 1 and cfg.task.name != "distill":
-        return (
-            f"task={cfg.task.name} runs in one process; only task=distill trains data-parallel ({size} processes here)"
-        )
+    gpus, size = int(hardware.num_gpus), world.world_size if world else 1
+    if size > 1 and task != "distill":
+        return f"task={task} runs in one process; only task=distill trains data-parallel ({size} processes here)"
     if gpus > 1 and size != gpus:
         return (
             f"a job on {gpus} GPUs needs one process per GPU, this one has {size}: launch it with "
@@ -97,7 +96,7 @@ def check_layout(cfg: DictConfig, world: Optional[Distributed]) -> Optional[str]
     return None
 
 
-def setup(cfg: DictConfig) -> Distributed:
+def setup(hardware: HardwareConfig) -> Distributed:
     """Join the job's process group when it was launched as several processes; else SINGLE."""
     world = launched_world()
     if world is None:
@@ -111,7 +110,7 @@ def setup(cfg: DictConfig) -> Distributed:
         from submitit.helpers import TorchDistributedEnvironment
 
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    cuda = device_type(cfg) == "cuda"
+    cuda = device_type(hardware) == "cuda"
     if cuda:
         torch.cuda.set_device(world.local_rank)  # "cuda" means this process's GPU from here on
     if not dist.is_initialized():

@@ -123,7 +123,7 @@ def file_split(data_cfg: Any, split: str, processor: Any = None) -> FileQA:
     image_root = resolve_path(data_cfg.image_root) if data_cfg.image_root else None
     media = MediaSettings(data_cfg.max_pixels, data_cfg.min_pixels, data_cfg.fps, data_cfg.max_frames)
     max_length = data_cfg.get("max_length")
-    measured_by = _student_of(data_cfg) if max_length is not None else None  # lengths depend on its processor
+    measured_by = _measured_by(processor) if max_length is not None else None  # lengths depend on the processor
     try:
         stat = path.stat()
         cache_key: Any = (
@@ -164,13 +164,12 @@ def file_split(data_cfg: Any, split: str, processor: Any = None) -> FileQA:
     return dataset
 
 
-def _student_of(data_cfg: Any) -> Any:
-    """(source, revision) of the student in the composed config this `data` node is part of."""
-    try:
-        student = data_cfg._get_root().model.student
-        return (str(student.source), student.revision)
-    except Exception:  # noqa: BLE001 - a data config on its own
+def _measured_by(processor: Any) -> Any:
+    """Which processor counts a sample's tokens: its tokenizer's name or path and size."""
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is None:
         return None
+    return (str(getattr(tokenizer, "name_or_path", "")), len(tokenizer))
 
 
 _READ: Dict[Any, FileQA] = {}  # datasets read in this process (file_split), by file, its state and settings

@@ -126,18 +126,3 @@ def outcome_record(kinds: Sequence[str], outcomes: Outcomes) -> List[Dict[str, o
 def teacher_is_quantized(parts: Dict[str, object]) -> bool:
     """Whether any part of a loaded model (LoadedModel.parts) holds quantized weights."""
     return any(getattr(p, "quantized", False) for p in parts.values())
-
-
-def full_precision_config(cfg: object) -> object:
-    """`cfg` with the teacher unquantized, in the run's precision.dtype: the study's reference teacher."""
-    from omegaconf import OmegaConf, open_dict
-
-    fp = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))  # a copy; the run's cfg stays as it is
-    fp = OmegaConf.merge(cfg, fp)  # keeps the typed schema (enums) of the original
-    with open_dict(fp):
-        fp.precision.quantization = "none"
-        fp.precision.teacher_quantization = None
-        for part in fp.precision.parts:
-            if fp.precision.parts[part] is not None:
-                fp.precision.parts[part].quantization = None
-    return fp

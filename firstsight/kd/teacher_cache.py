@@ -83,8 +83,10 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
+from firstsight.config.schema import DataConfig, DistillLossConfig, TeacherCacheConfig
+from firstsight.config.specs import ModelSpec, TeacherCacheSpec
 from firstsight.core.errors import FirstSightError
 from firstsight.core.files import cached_dir, content_key, sha256_file
 
@@ -107,28 +109,25 @@ def _value(x: Any) -> str:
     return x.value if hasattr(x, "value") else str(x)
 
 
-def cache_wanted(cfg: DictConfig) -> bool:
+def cache_wanted(cache: Optional[TeacherCacheConfig], loss: DistillLossConfig) -> bool:
     """Whether this distill job trains from the teacher-logit cache. The control
     (distill_loss=none) never runs the teacher, so a cache would be pointless: ignored, said so."""
-    settings = cfg.get("teacher_cache")
-    if settings is None or not settings.enabled:
+    if cache is None or not cache.enabled:
         return False
     from firstsight.losses.build import build_loss
 
-    if not build_loss(cfg.distill_loss).uses_teacher:
-        log.warning(
-            "teacher_cache.enabled=true is ignored: distill_loss=%s does not use the teacher", cfg.distill_loss.name
-        )
+    if not build_loss(loss).uses_teacher:
+        log.warning("teacher_cache.enabled=true is ignored: distill_loss=%s does not use the teacher", loss.name)
         return False
     return True
 
 
-def cache_root(cfg: DictConfig) -> Path:
-    if cfg.teacher_cache.dir:
+def cache_root(cache: TeacherCacheConfig, cache_dir: str) -> Path:
+    if cache.dir:
         from hydra.utils import to_absolute_path
 
-        return Path(to_absolute_path(os.path.expanduser(str(cfg.teacher_cache.dir))))
-    return Path(cfg.cache_dir) / "teacher-logits"
+        return Path(to_absolute_path(os.path.expanduser(str(cache.dir))))
+    return Path(cache_dir) / "teacher-logits"
 
 
 # ----------------------------------------------------------------------------- the key
@@ -142,9 +141,9 @@ def _weight_files(path: Path) -> List[Path]:
     ]
 
 
-def teacher_identity(cfg: DictConfig, processor: Any, device: str) -> Dict[str, Any]:
+def teacher_identity(models: ModelSpec, processor: Any, device: str) -> Dict[str, Any]:
     """What determines the teacher's weights (see the module docstring)."""
-    side = cfg.model.teacher
+    side = models.model.teacher
     if _value(side.weights) == "random":
         tiny = OmegaConf.to_container(side.tiny, resolve=True) if side.source == "tiny" and side.tiny else None
         # random init: seeded from the run's seed, drawn on the device the model is built on
@@ -153,13 +152,13 @@ def teacher_identity(cfg: DictConfig, processor: Any, device: str) -> Dict[str, 
             "revision": side.revision,
             "weights": "random",
             "tiny": tiny,
-            "seed": cfg.seed,
+            "seed": models.seed,
             "init_device": device,
         }
     if side.source == "tiny":
         from firstsight.models.pretrain import tiny_model_dir
 
-        path = tiny_model_dir(cfg, "teacher", processor)  # trained on first use (a miss needs it anyway)
+        path = tiny_model_dir(models, "teacher", processor)  # trained on first use (a miss needs it anyway)
         files = {f.name: sha256_file(f) for f in [path / "config.json", *_weight_files(path)] if f.is_file()}
         return {"source": "tiny", "weights": "pretrained", "dir": path.name, "sha256": files}
     path = Path(os.path.expanduser(side.source))
@@ -193,11 +192,10 @@ def _hub_commit(repo_id: str, revision: Optional[str]) -> Optional[str]:
     return parts[parts.index("snapshots") + 1] if "snapshots" in parts else None
 
 
-def data_identity(cfg: DictConfig, dataset: Any, split: str) -> Dict[str, Any]:
+def data_identity(data: DataConfig, seed: int, dataset: Any, split: str) -> Dict[str, Any]:
     """What determines the samples of `split` (see the module docstring)."""
     from firstsight.data.files import is_file_data
 
-    data = cfg.data
     if is_file_data(data):
         media = sorted(
             {str(p) for record in getattr(dataset, "_records", ()) for item in record.media for p in item.paths}
@@ -229,7 +227,7 @@ def data_identity(cfg: DictConfig, dataset: Any, split: str) -> Dict[str, Any]:
     return {
         "kind": "synthetic",
         "split": split,
-        "seed": cfg.seed,
+        "seed": seed,
         "size": len(dataset),
         "image_size": data.image_size,
         "num_frames": data.num_frames,
@@ -256,24 +254,25 @@ def processor_identity(processor: Any) -> str:
 
 
 def key_inputs(
-    cfg: DictConfig, processor: Any, student_vocab_rows: int, train_set: Any, device: str, top_k: int
+    spec: TeacherCacheSpec, processor: Any, student_vocab_rows: int, train_set: Any, device: str, top_k: int
 ) -> Dict[str, Any]:
     from firstsight.models.parts import quantization_of, resolve_parts
 
-    parts = {part: [p.dtype, p.quantization] for part, p in resolve_parts(cfg, "teacher").items()}
+    models, precision = spec.models, spec.models.precision
+    parts = {part: [p.dtype, p.quantization] for part, p in resolve_parts(precision, "teacher").items()}
     return {
         "format": FORMAT,
         "version": VERSION,
-        "teacher": teacher_identity(cfg, processor, device),
+        "teacher": teacher_identity(models, processor, device),
         "precision": {
-            "dtype": _value(cfg.precision.dtype),
-            "teacher_quantization": quantization_of(cfg, "teacher"),
+            "dtype": _value(precision.dtype),
+            "teacher_quantization": quantization_of(precision, "teacher"),
             "parts": parts,
         },
-        "data": data_identity(cfg, train_set, "train"),
+        "data": data_identity(models.data, models.seed, train_set, "train"),
         "processor": processor_identity(processor),
         "student_vocab_rows": int(student_vocab_rows),
-        "temperature": float(cfg.distill_loss.temperature),
+        "temperature": float(spec.loss.temperature),
         "top_k": int(top_k),
     }
 
@@ -342,18 +341,18 @@ class _ShardWriter:
 class _Context:
     """What opening, building and evaluating a cache share."""
 
-    def __init__(self, cfg: DictConfig, processor: Any, device: str, train_set: Any, vocab: int, top_k: int):
-        self.cfg, self.processor, self.device, self.train_set, self.vocab = cfg, processor, device, train_set, vocab
+    def __init__(self, spec: TeacherCacheSpec, processor: Any, device: str, train_set: Any, vocab: int, top_k: int):
+        self.spec, self.processor, self.device, self.train_set, self.vocab = spec, processor, device, train_set, vocab
         self.top_k = top_k  # teacher_cache.top_k resolved: null is the whole vocabulary
-        self.inputs = key_inputs(cfg, processor, vocab, train_set, device, top_k)
+        self.inputs = key_inputs(spec, processor, vocab, train_set, device, top_k)
         self.key = content_key(self.inputs)
-        self.root = cache_root(cfg)
+        self.root = cache_root(spec.cache, spec.models.cache_dir)
         self.path = self.root / f"topk-{self.key}"
 
     def load_teacher(self) -> Any:
         from firstsight.models.loading import load_model
 
-        teacher = load_model(self.cfg, "teacher", self.processor, self.device, frozen=True)
+        teacher = load_model(self.spec.models, "teacher", self.processor, self.device, frozen=True)
         if teacher.vocab_rows < self.vocab:
             raise FirstSightError(
                 f"the teacher has {teacher.vocab_rows} output rows, fewer than the student's {self.vocab}: "
@@ -367,7 +366,7 @@ class _Context:
             self.inputs["teacher"],
             self.inputs["precision"],
             self.inputs["processor"],
-            data_identity(self.cfg, validation, "validation"),
+            data_identity(self.spec.models.data, self.spec.models.seed, validation, "validation"),
         )
         return self.root / f"teacher-accuracy-{key}.json"
 
@@ -381,7 +380,8 @@ class _Context:
         from firstsight.training.loop import answer_outcomes
 
         collator = QACollator(self.processor)
-        batch = self.cfg.hardware.eval_batch_size or self.cfg.hardware.batch_size
+        hardware = self.spec.models.hardware
+        batch = hardware.eval_batch_size or hardware.batch_size
         outcomes = answer_outcomes(teacher_model, in_order(validation, collator, batch), self.device, torch.float32)
         blind = answer_outcomes(
             teacher_model, in_order(Blinded(validation), collator, batch), self.device, torch.float32
@@ -453,7 +453,7 @@ def _build(ctx: _Context, out_dir: Path, report: Dict[str, Any]) -> Dict[str, An
     from firstsight.losses.sparse import topk_targets
     from firstsight.training.loop import model_inputs, to_device
 
-    cfg, settings = ctx.cfg, ctx.cfg.teacher_cache
+    spec, settings, hardware = ctx.spec, ctx.spec.cache, ctx.spec.models.hardware
     start = time.perf_counter()
     log.info(
         "teacher-logit cache miss: running the teacher once over the %d train samples into %s",
@@ -461,14 +461,14 @@ def _build(ctx: _Context, out_dir: Path, report: Dict[str, Any]) -> Dict[str, An
         ctx.path,
     )
     teacher = ctx.load_teacher()
-    temperature, top_k = float(cfg.distill_loss.temperature), ctx.top_k
-    chunk = int(cfg.distill_loss.chunk_size)
+    temperature, top_k = float(spec.loss.temperature), ctx.top_k
+    chunk = int(spec.loss.chunk_size)
     loader = DataLoader(
         ctx.train_set,
-        batch_size=cfg.hardware.batch_size,
+        batch_size=hardware.batch_size,
         shuffle=False,
         collate_fn=QACollator(ctx.processor, with_index=True),
-        num_workers=cfg.hardware.dataloader_workers,
+        num_workers=hardware.dataloader_workers,
     )
     writer = _ShardWriter(out_dir, ctx.key, settings.shard_size, top_k)
     available = available_host_memory_bytes()  # training holds the whole cache in host memory
@@ -476,7 +476,7 @@ def _build(ctx: _Context, out_dir: Path, report: Dict[str, Any]) -> Dict[str, An
     bar = tqdm(
         total=len(ctx.train_set),
         desc=f"teacher cache: top-{top_k} of the teacher (first use, cached)",
-        disable=not cfg.train.progress_bar,
+        disable=not spec.models.progress_bar,
         dynamic_ncols=True,
     )
     expected = 0
@@ -516,10 +516,12 @@ def _build(ctx: _Context, out_dir: Path, report: Dict[str, Any]) -> Dict[str, An
         raise FirstSightError(f"the teacher pass saw {expected} samples, the train split has {len(ctx.train_set)}")
 
     accuracy = None
-    if cfg.train.eval_at_end:  # the teacher is loaded now: measure what the end of each run reports
+    if spec.eval_at_end:  # the teacher is loaded now: measure what the end of each run reports
         from firstsight.data import load_split
 
-        outcomes, _ = ctx.measure_accuracy(teacher.model, load_split(cfg.data, "validation", cfg.seed, ctx.processor))
+        outcomes, _ = ctx.measure_accuracy(
+            teacher.model, load_split(spec.models.data, "validation", spec.models.seed, ctx.processor)
+        )
         accuracy = sum(outcomes) / max(len(outcomes), 1)
     seconds = time.perf_counter() - start
     manifest = {
@@ -546,8 +548,8 @@ def _build(ctx: _Context, out_dir: Path, report: Dict[str, Any]) -> Dict[str, An
             "seconds": seconds,
             "device": device_name(ctx.device),
             "device_type": ctx.device,
-            "attn_implementation": cfg.hardware.attn_implementation,
-            "batch_size": cfg.hardware.batch_size,
+            "attn_implementation": hardware.attn_implementation,
+            "batch_size": hardware.batch_size,
             "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     }
@@ -832,12 +834,12 @@ def _rng_untouched(device: str) -> Iterator[None]:
         yield
 
 
-def open_cache(cfg: DictConfig, tracker: Any, processor: Any, student: Any, device: str) -> TeacherCache:
+def open_cache(spec: TeacherCacheSpec, tracker: Any, processor: Any, student: Any, device: str) -> TeacherCache:
     """Find (or build, on a miss) and verify the cache of this run; log hit or miss."""
     from firstsight.data import load_split
     from firstsight.models.loading import LoadedModel
 
-    settings = cfg.teacher_cache
+    settings = spec.cache
     vocab = int(student.vocab_rows)
     top_k = vocab if settings.top_k is None else int(settings.top_k)  # null: every id, the exact loss
     if top_k > vocab:
@@ -848,8 +850,8 @@ def open_cache(cfg: DictConfig, tracker: Any, processor: Any, student: Any, devi
     start = time.perf_counter()
     report: Dict[str, Any] = {}
     with _rng_untouched(device):
-        train_set = load_split(cfg.data, "train", cfg.seed, processor)
-        ctx = _Context(cfg, processor, device, train_set, vocab, top_k)
+        train_set = load_split(spec.models.data, "train", spec.models.seed, processor)
+        ctx = _Context(spec, processor, device, train_set, vocab, top_k)
         cached_dir(ctx.path, lambda out: _build(ctx, out, report))
         manifest, arrays = load_verified(ctx.path, ctx.key, len(train_set), vocab, top_k)
     seconds = time.perf_counter() - start

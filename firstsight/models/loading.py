@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, Optional, Tuple
 
-from omegaconf import DictConfig
-
+from firstsight.config.schema import ModelConfig, ModelSideConfig
+from firstsight.config.specs import ModelSpec
 from firstsight.core.errors import FirstSightError
 from firstsight.core.files import staged_dir
 from firstsight.core.runtime import is_offline, torch_dtype
@@ -58,14 +58,14 @@ def _value(x: Any) -> str:
     return x.value if hasattr(x, "value") else str(x)
 
 
-def load_processor(cfg: DictConfig) -> Any:
+def load_processor(model: ModelConfig, cache_dir: str) -> Any:
     """The student's processor (teacher and student share the tokenizer); the embedded offline
     one for tiny models and for random-weight architectures whose processor is not at hand."""
     from firstsight.models.tiny import tiny_processor
 
-    student = cfg.model.student
+    student = model.student
     if student.source == "tiny":
-        return tiny_processor(cfg.cache_dir)
+        return tiny_processor(cache_dir)
     if _value(student.weights) == "random" and not os.path.isdir(student.source):
         from firstsight.core.runtime import in_hub_cache
 
@@ -74,7 +74,7 @@ def load_processor(cfg: DictConfig) -> Any:
                 "no processor of %s at hand offline: using the embedded tokenizer with Qwen2-VL's pixel range",
                 student.source,
             )
-            processor = tiny_processor(cfg.cache_dir)
+            processor = tiny_processor(cache_dir)
             # the stand-in must cut frames into as many visual tokens as the real processor would
             processor.image_processor.size = dict(REAL_PIXEL_RANGE)
             return processor
@@ -85,7 +85,7 @@ def load_processor(cfg: DictConfig) -> Any:
             student.source,
             revision=student.revision,
             local_files_only=is_offline(),
-            trust_remote_code=cfg.model.trust_remote_code,
+            trust_remote_code=model.trust_remote_code,
         )
     except (OSError, ValueError) as err:
         raise FirstSightError(
@@ -93,18 +93,18 @@ def load_processor(cfg: DictConfig) -> Any:
         ) from err
 
 
-def shares_the_processor(cfg: DictConfig) -> bool:
+def shares_the_processor(model: ModelConfig) -> bool:
     """Teacher and student use one processor by construction (tiny, the same source, or a
     random-weight teacher built over the student's processor): nothing to compare."""
-    teacher = cfg.model.teacher
-    return teacher.source in ("tiny", cfg.model.student.source) or _value(teacher.weights) == "random"
+    teacher = model.teacher
+    return teacher.source in ("tiny", model.student.source) or _value(teacher.weights) == "random"
 
 
-def check_same_tokenizer(cfg: DictConfig, processor: Any) -> None:
+def check_same_tokenizer(model: ModelConfig, processor: Any) -> None:
     """Teacher and student must share one tokenizer (padding rows aside) for KD to be defined.
     Checked by firstsight.suite.validate before a distill job creates its run."""
-    teacher = cfg.model.teacher
-    if shares_the_processor(cfg):
+    teacher = model.teacher
+    if shares_the_processor(model):
         return
     from transformers import AutoTokenizer
 
@@ -113,7 +113,7 @@ def check_same_tokenizer(cfg: DictConfig, processor: Any) -> None:
             teacher.source,
             revision=teacher.revision,
             local_files_only=is_offline(),
-            trust_remote_code=cfg.model.trust_remote_code,
+            trust_remote_code=model.trust_remote_code,
         )
     except (OSError, ValueError) as err:
         raise FirstSightError(
@@ -122,7 +122,7 @@ def check_same_tokenizer(cfg: DictConfig, processor: Any) -> None:
         ) from err
     if teacher_tok.get_vocab() != processor.tokenizer.get_vocab():
         raise FirstSightError(
-            f"teacher {teacher.source!r} and student {cfg.model.student.source!r} use different tokenizers "
+            f"teacher {teacher.source!r} and student {model.student.source!r} use different tokenizers "
             f"({len(teacher_tok)} vs {len(processor.tokenizer)} tokens): token-level KD needs one shared vocabulary."
         )
 
@@ -230,9 +230,8 @@ def compile_blocks(model: Any, memory_budget: float = 1.0, cpp_wrapper: Optional
     return len(blocks)
 
 
-def _random_config(cfg: DictConfig, role: str, processor: Any) -> Any:
+def _random_config(side: ModelSideConfig, processor: Any) -> Any:
     """The architecture of a side, for random weights; special-token ids follow `processor`."""
-    side = cfg.model[role]
     if side.source == "tiny":
         from firstsight.models.tiny import tiny_model_config
 
@@ -344,36 +343,36 @@ def _load_random(config: Any, dtype: Any, quant: Optional[Any], device: str, att
         return _timed(lambda: _from_pretrained(tmp, None, dtype, quant, device, attn, False))
 
 
-def load_model(cfg: DictConfig, role: str, processor: Any, device: str, frozen: bool) -> LoadedModel:
+def load_model(spec: ModelSpec, role: str, processor: Any, device: str, frozen: bool) -> LoadedModel:
     """Teacher (frozen: precision dtype + quantization) or student (trainable: precision.trainable_dtype,
     fp32 master weights by default;
     with `lora.enabled` a frozen base in the precision's dtype/quantization plus fp32 adapters).
     `load_time_s` counts loading only, not a tiny model's first-use training."""
     import torch
 
-    side = cfg.model[role]
-    lora = not frozen and cfg.lora.enabled
+    side, precision, hardware = spec.model[role], spec.precision, spec.hardware
+    lora = not frozen and spec.lora.enabled
     frozen_weights = frozen or lora
-    parts = resolve_parts(cfg, role, frozen_weights)  # all float32, unquantized when the weights train
-    loaded_dtype = _value(cfg.precision.dtype if frozen_weights else cfg.precision.trainable_dtype)
+    parts = resolve_parts(precision, role, frozen_weights)  # all float32, unquantized when the weights train
+    loaded_dtype = _value(precision.dtype if frozen_weights else precision.trainable_dtype)
     dtype = torch_dtype(loaded_dtype)
     quant = quantization_config(parts)
-    attn = cfg.hardware.attn_implementation
+    attn = hardware.attn_implementation
     if _value(side.weights) == "random":
-        torch.manual_seed(cfg.seed + (1 if role == "student" else 2))  # each side's init repeatable
-        model, load_time = _load_random(_random_config(cfg, role, processor), dtype, quant, device, attn)
+        torch.manual_seed(spec.seed + (1 if role == "student" else 2))  # each side's init repeatable
+        model, load_time = _load_random(_random_config(side, processor), dtype, quant, device, attn)
         origin = f"{side.source} (random weights)"
     elif side.source == "tiny":
         from firstsight.models.pretrain import tiny_model_dir
 
-        path = tiny_model_dir(cfg, role, processor)  # shipped for the defaults, else trained on first use and cached
+        path = tiny_model_dir(spec, role, processor)  # shipped for the defaults, else trained on first use and cached
         model, load_time = _timed(lambda: _from_pretrained(str(path), None, dtype, quant, device, attn, False))
         origin = str(path)
     else:
         try:
             model, load_time = _timed(
                 lambda: _from_pretrained(
-                    side.source, side.revision, dtype, quant, device, attn, cfg.model.trust_remote_code
+                    side.source, side.revision, dtype, quant, device, attn, spec.model.trust_remote_code
                 )
             )
         except (OSError, ValueError) as err:
@@ -383,11 +382,11 @@ def load_model(cfg: DictConfig, role: str, processor: Any, device: str, frozen: 
     apply_part_dtypes(model, parts, loaded_dtype)  # parts whose dtype differs from the loaded one
     quantize_after_loading(model, parts)  # torchao kinds; bitsandbytes ones were quantized while loading
     load_time += time.perf_counter() - start
-    if cfg.hardware.batched_vision_attention:
+    if hardware.batched_vision_attention:
         from firstsight.models.vision_attention import batch_frames
 
         batch_frames(model)  # the same attention, one SDPA call for all frames of one size
-    if cfg.hardware.grouped_decode_attention:
+    if hardware.grouped_decode_attention:
         from firstsight.models.decode_attention import group_decode
 
         group_decode(model)  # the same attention, decode steps without a per-head copy of the cache
@@ -395,12 +394,18 @@ def load_model(cfg: DictConfig, role: str, processor: Any, device: str, frozen: 
         model.eval()
         model.requires_grad_(False)
     else:
-        if cfg.hardware.gradient_checkpointing:
+        if hardware.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if lora:
             from firstsight.models.lora import apply_lora
 
-            model = apply_lora(model, cfg, quantized=quant is not None)
+            model = apply_lora(
+                model,
+                spec.lora,
+                quantized=quant is not None,
+                source=side.source,
+                gradient_checkpointing=bool(hardware.gradient_checkpointing),
+            )
         model.train()
     return LoadedModel(
         model=model,

@@ -11,8 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, List
 
-from omegaconf import DictConfig
-
+from firstsight.config.schema import LoraConfig as LoraSettings  # peft has a LoraConfig too
 from firstsight.core.errors import FirstSightError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -29,24 +28,22 @@ def linear_module_suffixes(model: Any) -> List[str]:
     return sorted(names)
 
 
-def apply_lora(model: Any, cfg: DictConfig, quantized: bool) -> Any:
-    """Wrap `model` with trainable LoRA adapters per `cfg.lora`; everything else is frozen."""
+def apply_lora(model: Any, lora: LoraSettings, quantized: bool, source: str, gradient_checkpointing: bool) -> Any:
+    """Wrap `model` (the student, from `source`) with trainable LoRA adapters per the `lora`
+    section; everything else is frozen."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    lora = cfg.lora
     targets = list(lora.target_modules)
     available = linear_module_suffixes(model)
     missing = [t for t in targets if t not in available]
     if missing or not targets:
         raise FirstSightError(
             f"lora.target_modules={targets} names {missing or 'nothing'} that matches no linear layer of "
-            f"model.student.source={cfg.model.student.source!r}; valid names: {available}"
+            f"model.student.source={source!r}; valid names: {available}"
         )
     if quantized:
         # casts the frozen non-quantized parts (norms, vision tower) to fp32 for stable training
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=bool(cfg.hardware.gradient_checkpointing)
-        )
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     model = get_peft_model(
         model,
         LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets, bias="none"),

@@ -30,9 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from omegaconf import DictConfig
-
-from firstsight.config.schema import PARTS
+from firstsight.config.schema import PARTS, PrecisionConfig
 from firstsight.core.errors import FirstSightError
 
 # part -> (module name prefixes it covers, prefixes it leaves to another part)
@@ -80,29 +78,29 @@ def _value(x: Any) -> Optional[str]:
     return x.value if hasattr(x, "value") else str(x)
 
 
-def quantization_of(cfg: DictConfig, role: str) -> str:
+def quantization_of(precision: PrecisionConfig, role: str) -> str:
     """The model-wide quantization of a side's frozen weights: the teacher may have its own."""
-    teacher_own = cfg.precision.get("teacher_quantization")
+    teacher_own = precision.get("teacher_quantization")
     if role == "teacher" and teacher_own is not None:
         return _value(teacher_own)
-    return _value(cfg.precision.quantization)
+    return _value(precision.quantization)
 
 
-def part_settings(cfg: DictConfig) -> Dict[str, Any]:
+def part_settings(precision: PrecisionConfig) -> Dict[str, Any]:
     """`precision.parts` as given (names → node with dtype/quantization, None = follow)."""
-    parts = cfg.precision.get("parts")
+    parts = precision.get("parts")
     return dict(parts.items()) if parts else {}
 
 
-def resolve_parts(cfg: DictConfig, role: str, frozen_weights: bool = True) -> Dict[str, PartPrecision]:
+def resolve_parts(precision: PrecisionConfig, role: str, frozen_weights: bool = True) -> Dict[str, PartPrecision]:
     """Each part's dtype and quantization for `role`. A side whose weights train (the student of
     distill without LoRA) is held in precision.trainable_dtype (float32 master weights by default),
     unquantized, whatever the rest of the precision says."""
     if not frozen_weights:
-        return {part: PartPrecision(_value(cfg.precision.trainable_dtype), "none") for part in PARTS}
-    dtype = _value(cfg.precision.dtype)
-    quantization = quantization_of(cfg, role)
-    settings = part_settings(cfg)
+        return {part: PartPrecision(_value(precision.trainable_dtype), "none") for part in PARTS}
+    dtype = _value(precision.dtype)
+    quantization = quantization_of(precision, role)
+    settings = part_settings(precision)
     resolved = {}
     for part in PARTS:
         own = settings.get(part)
@@ -112,10 +110,10 @@ def resolve_parts(cfg: DictConfig, role: str, frozen_weights: bool = True) -> Di
     return resolved
 
 
-def explicit_quantizations(cfg: DictConfig) -> List[Tuple[str, str]]:
+def explicit_quantizations(precision: PrecisionConfig) -> List[Tuple[str, str]]:
     """(config key, quantization) of every part whose quantization is set explicitly."""
     found = []
-    for part, own in part_settings(cfg).items():
+    for part, own in part_settings(precision).items():
         quant = _value(own.get("quantization")) if own is not None else None
         if quant is not None:
             found.append((f"precision.parts.{part}.quantization", quant))

@@ -23,8 +23,10 @@ import logging
 from pathlib import Path
 from typing import Any, Dict
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
+from firstsight.config.schema import DataConfig, ModelSideConfig
+from firstsight.config.specs import ModelSpec
 from firstsight.core.errors import ConfigError
 from firstsight.core.files import cached_dir, content_key, read_info
 
@@ -33,26 +35,26 @@ RECIPE = "tiny-teacher-v1"  # the teacher's: part of its key, so the shipped tea
 RECIPES = {"teacher": RECIPE, "student": "tiny-student-v1"}
 
 
-def _data_settings(data: DictConfig) -> Dict[str, Any]:
+def _data_settings(data: DataConfig) -> Dict[str, Any]:
     """The data settings that shape a tiny model's weights (not the validation split's size)."""
     return {
         k: OmegaConf.to_container(data, resolve=True)[k] for k in ("train_size", "image_size", "num_frames", "kinds")
     }
 
 
-def _key_arch(cfg: DictConfig, role: str) -> Dict[str, Any]:
+def _key_arch(side: ModelSideConfig) -> Dict[str, Any]:
     """The side's tiny settings as its key sees them. A field added after a shipped model was
     made leaves the key alone while it is unset, so that model keeps its name (the train size is
     in the data settings)."""
-    arch = OmegaConf.to_container(cfg.model[role].tiny, resolve=True)
+    arch = OmegaConf.to_container(side.tiny, resolve=True)
     arch.pop("pretrain_train_size", None)
     return arch
 
 
-def _pretrain_data(cfg: DictConfig, role: str) -> DictConfig:
-    """cfg.data with the train split's size of the `role`'s pre-training."""
-    data = copy.deepcopy(cfg.data)
-    size = cfg.model[role].tiny.get("pretrain_train_size")
+def _pretrain_data(data: DataConfig, side: ModelSideConfig, role: str) -> DataConfig:
+    """`data` with the train split's size of the `role`'s pre-training."""
+    data = copy.deepcopy(data)
+    size = side.tiny.get("pretrain_train_size")
     if size is not None:
         if size < 1:
             raise ConfigError(f"model.{role}.tiny.pretrain_train_size={size}: must be >= 1 (or null: data.train_size)")
@@ -60,13 +62,14 @@ def _pretrain_data(cfg: DictConfig, role: str) -> DictConfig:
     return data
 
 
-def tiny_model_dir(cfg: DictConfig, role: str, processor: Any) -> Path:
-    """The trained tiny `role` ("teacher" or "student") of `cfg`: the shipped directory of its
+def tiny_model_dir(spec: ModelSpec, role: str, processor: Any) -> Path:
+    """The trained tiny `role` ("teacher" or "student") of `spec`: the shipped directory of its
     name, else the cached one, trained first if it is not there yet."""
-    data = _pretrain_data(cfg, role)  # refuses a bad size before anything is trained
-    key = content_key(RECIPES[role], _key_arch(cfg, role), _data_settings(data), len(processor.tokenizer))
-    path = Path(cfg.cache_dir) / f"tiny-{role}-{key}"
-    return cached_dir(path, lambda out: _pretrain(cfg, role, processor, data, out))
+    side = spec.model[role]
+    data = _pretrain_data(spec.data, side, role)  # refuses a bad size before anything is trained
+    key = content_key(RECIPES[role], _key_arch(side), _data_settings(data), len(processor.tokenizer))
+    path = Path(spec.cache_dir) / f"tiny-{role}-{key}"
+    return cached_dir(path, lambda out: _pretrain(spec, role, processor, data, out))
 
 
 def model_info(path: Path) -> Dict[str, Any]:
@@ -74,7 +77,7 @@ def model_info(path: Path) -> Dict[str, Any]:
     return read_info(path)
 
 
-def _pretrain(cfg: DictConfig, role: str, processor: Any, data: DictConfig, out_dir: Path) -> Dict[str, Any]:
+def _pretrain(spec: ModelSpec, role: str, processor: Any, data: DataConfig, out_dir: Path) -> Dict[str, Any]:
     import torch
     from transformers import Qwen2VLForConditionalGeneration
 
@@ -85,11 +88,11 @@ def _pretrain(cfg: DictConfig, role: str, processor: Any, data: DictConfig, out_
     from firstsight.models.tiny import tiny_model_config
     from firstsight.training.loop import LoopSettings, answer_accuracy, model_inputs, optimize
 
-    tiny = cfg.model[role].tiny
+    tiny = spec.model[role].tiny
     log.info(
         "training the tiny %s on first use (%d steps); it is cached in %s", role, tiny.pretrain_steps, out_dir.parent
     )
-    device = device_type(cfg)
+    device = device_type(spec.hardware)
     seed = tiny.pretrain_seed
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration._from_config(
@@ -98,7 +101,7 @@ def _pretrain(cfg: DictConfig, role: str, processor: Any, data: DictConfig, out_
     model.to(device)
     collator = QACollator(processor)
     train = synthetic_split(data, "train", seed)
-    validation = synthetic_split(cfg.data, "validation", seed)
+    validation = synthetic_split(spec.data, "validation", seed)
 
     def cross_entropy(batch: Dict[str, Any], answer_tokens: int) -> Dict[str, Any]:
         keep, labels = answer_logit_slice(batch["labels"])  # the output head only where an answer is predicted
@@ -114,13 +117,13 @@ def _pretrain(cfg: DictConfig, role: str, processor: Any, data: DictConfig, out_
     losses = []
     optimize(
         model,
-        batches(train, collator, tiny.pretrain_batch_size, seed=seed, workers=cfg.hardware.dataloader_workers),
+        batches(train, collator, tiny.pretrain_batch_size, seed=seed, workers=spec.hardware.dataloader_workers),
         cross_entropy,
         LoopSettings(
             max_steps=tiny.pretrain_steps,
             lr=tiny.pretrain_lr,
             warmup_steps=tiny.pretrain_steps // 10,
-            progress_bar=cfg.train.progress_bar,
+            progress_bar=spec.progress_bar,
             description=f"pre-training tiny {role} (first use, cached)",
         ),
         device=device,

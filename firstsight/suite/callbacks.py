@@ -104,7 +104,7 @@ class MLflowSweepCallback(Callback):
 
         sweep_dir = Path(str(config.hydra.sweep.dir))
         self.sweep_dir = sweep_dir
-        uri = resolve_tracking_uri(config)
+        uri = resolve_tracking_uri(config.tracking)
         if on_slurm and absolute_tracking_uri(uri).startswith("sqlite:"):
             log.warning(
                 "SLURM jobs will all write the SQLite file %s: many at once collide ('database is "

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Iterator
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
+from firstsight.config.specs import tracking_spec
 from firstsight.core.errors import FirstSightError, RunFailed
 from firstsight.core.job import write_job_metrics
 
@@ -68,7 +69,7 @@ def run_task(cfg: DictConfig) -> Dict[str, float]:
         validate(cfg, tasks=TASKS)
     from firstsight.core.world import setup
 
-    world = setup(cfg)  # several processes (torchrun / SLURM tasks): join their group; else SINGLE
+    world = setup(cfg.hardware)  # several processes (torchrun / SLURM tasks): join their group; else SINGLE
     try:
         metrics = _run_in_process(cfg, world)
     finally:
@@ -83,11 +84,12 @@ def _run_in_process(cfg: DictConfig, world: Any) -> Dict[str, float]:
     task: Callable[..., Dict[str, float]] = TASKS[cfg.task.name]
     resume_point = None
     if cfg.task.name == "distill":  # a requeued/restarted job continues its checkpoint and MLflow run
+        from firstsight.config.record import config_record
         from firstsight.core.job import job_output_dir
         from firstsight.training.resume import locate, read_point
 
         with exit_on_user_error():
-            resume_point = locate(cfg, job_output_dir()) if world.is_main else None
+            resume_point = locate(cfg.train, config_record(cfg), job_output_dir()) if world.is_main else None
         if world.active:  # rank 0 found (and verified) it; the others read the same one
             path = world.broadcast(str(resume_point.path) if resume_point else None)
             resume_point = read_point(Path(path)) if path and not world.is_main else resume_point
@@ -97,7 +99,11 @@ def _run_in_process(cfg: DictConfig, world: Any) -> Dict[str, float]:
 
     run_id = resume_point.run_id if resume_point else None
     try:
-        with STOP.installed(), exit_on_user_error(), job_tracker(cfg, run_id=run_id, enabled=world.is_main) as tracker:
+        with (
+            STOP.installed(),
+            exit_on_user_error(),
+            job_tracker(tracking_spec(cfg), run_id=run_id, enabled=world.is_main) as tracker,
+        ):
             return task(cfg, tracker)
     except Preempted as stop:  # the run is marked KILLED; a checkpoint was written if training had begun
         print(f"{stop}; run the same command again (or let SLURM requeue it) to resume", file=sys.stderr)

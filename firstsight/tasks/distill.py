@@ -10,6 +10,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
+from firstsight.config.record import config_record
+from firstsight.config.specs import model_spec, teacher_cache_spec
 from firstsight.core.errors import FirstSightError, OutOfMemory, RunFailed
 from firstsight.core.job import job_output_dir, prepare_job
 from firstsight.losses.build import build_loss
@@ -55,7 +57,7 @@ def out_of_memory_message(cfg: DictConfig, stage: str, err: BaseException) -> st
     from firstsight.core.runtime import device_type
 
     hw = cfg.hardware
-    device = device_type(cfg)
+    device = device_type(cfg.hardware)
     if device == "cuda":
         import torch
 
@@ -184,9 +186,11 @@ class DistillRecipe:
         from firstsight.core.world import SINGLE
 
         self.cfg, self.tracker, self.resume_point, self.stage = cfg, tracker, resume_point, stage
+        self.record = config_record(cfg)  # resolved once: the checkpoints and the run record carry it
+        self.models = model_spec(cfg)  # what loading the teacher and the student reads of the config
         self.world = world or SINGLE
         self.fsdp = self.world.active and cfg.hardware.data_parallel == "fsdp"
-        self.device = prepare_job(cfg, tracker)
+        self.device = prepare_job(cfg.hardware, cfg.seed, tracker)
         self.peak = PeakMemory(self.device)
         self.peak.reset()
 
@@ -197,16 +201,18 @@ class DistillRecipe:
         from firstsight.models.loading import load_model, load_processor
 
         cfg, device = self.cfg, self.device
-        self.processor = load_processor(cfg)
+        self.processor = load_processor(cfg.model, cfg.cache_dir)
         from firstsight.kd.teacher_cache import cache_wanted, open_cache
 
-        use_cache = cache_wanted(cfg)  # teacher_cache.enabled: the teacher's top-k targets, computed once
+        use_cache = cache_wanted(
+            cfg.teacher_cache, cfg.distill_loss
+        )  # teacher_cache.enabled: the teacher's top-k targets, computed once
         if not use_cache:
-            self.teacher = load_model(cfg, "teacher", self.processor, device, frozen=True)
-        self.student = load_model(cfg, "student", self.processor, device, frozen=False)
+            self.teacher = load_model(self.models, "teacher", self.processor, device, frozen=True)
+        self.student = load_model(self.models, "student", self.processor, device, frozen=False)
         self.teacher_cache = None
         if use_cache:  # a hit never loads the teacher; a miss loads it to build the cache, then frees it
-            self.teacher_cache = open_cache(cfg, self.tracker, self.processor, self.student, device)
+            self.teacher_cache = open_cache(teacher_cache_spec(cfg), self.tracker, self.processor, self.student, device)
             self.teacher = self.teacher_cache.teacher  # as the manifest describes it (model=None)
             if self.teacher_cache.status == "built":
                 self.peak.reset()  # perf/peak_* measure the training, not the teacher pass that built the cache
@@ -383,7 +389,8 @@ class DistillRecipe:
 
         hidden = {"hidden_projection": self.hidden_loss} if self.hidden_loss else None
         return Checkpointer(
-            self.cfg,
+            self.cfg.train,
+            self.record,
             job_output_dir(),
             named_trained_tensors(self.student.model, hidden),
             run_id=self.tracker.run_id,
@@ -576,7 +583,6 @@ def end_of_run_accuracy(
     from firstsight.data.batching import in_order
     from firstsight.evaluation.accuracy import (
         Outcomes,
-        full_precision_config,
         outcome_record,
         summarize,
         teacher_is_quantized,
@@ -601,7 +607,7 @@ def end_of_run_accuracy(
     else:
         teacher_outcomes = outcomes(teacher.model, validation, torch.float32)
         teacher_blind = outcomes(teacher.model, Blinded(validation), torch.float32) if blind else None
-    quantized = teacher_is_quantized(resolve_parts(cfg, "teacher"))
+    quantized = teacher_is_quantized(resolve_parts(cfg.precision, "teacher"))
     student = outcomes(student_model, validation, dtype)
     full_precision = None
     if quantized:  # the study's drop is against the teacher unquantized: load it for the evaluation
@@ -609,7 +615,7 @@ def end_of_run_accuracy(
 
         if stage is not None:
             stage.now = "evaluating the full-precision teacher"
-        reference = load_model(full_precision_config(cfg), "teacher", processor, device, frozen=True)
+        reference = load_model(model_spec(cfg).full_precision(), "teacher", processor, device, frozen=True)
         full_precision = outcomes(reference.model, validation, torch.float32)
         del reference
     result = Outcomes(
@@ -658,7 +664,9 @@ def run_record(cfg: DictConfig, tracker: Any, metrics: Dict[str, float]) -> str:
     return json.dumps(
         {
             "mlflow_run_id": tracker.run_id,
-            "mlflow_tracking_uri": absolute_tracking_uri(resolve_tracking_uri(cfg)) if cfg.tracking.enabled else None,
+            "mlflow_tracking_uri": absolute_tracking_uri(resolve_tracking_uri(cfg.tracking))
+            if cfg.tracking.enabled
+            else None,
             "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": package_versions(),
             "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),

@@ -23,6 +23,7 @@ from typing import Any, Dict, List
 
 from omegaconf import DictConfig
 
+from firstsight.config.specs import model_spec
 from firstsight.evaluation.answers import is_correct, is_multiple_choice, option_letters, parse_choice  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -71,7 +72,6 @@ def evaluate(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     from firstsight.data import Blinded, load_split
     from firstsight.evaluation.accuracy import (
         Outcomes,
-        full_precision_config,
         outcome_record,
         summarize,
         teacher_is_quantized,
@@ -80,8 +80,8 @@ def evaluate(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     from firstsight.models.loading import load_model, load_processor
     from firstsight.models.parts import precision_tags
 
-    device = prepare_job(cfg, tracker)
-    processor = load_processor(cfg)
+    device = prepare_job(cfg.hardware, cfg.seed, tracker)
+    processor = load_processor(cfg.model, cfg.cache_dir)
     dataset = load_split(cfg.data, cfg.task.split, cfg.seed, processor)
     if getattr(dataset, "skipped", 0):  # bad records left out under data.on_bad_sample=skip
         tracker.log_metrics({"data/skipped_samples": dataset.skipped})
@@ -105,7 +105,7 @@ def evaluate(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
         return [is_correct(sample, text) for sample, text in zip(questions, answers)]
 
     for role in ("teacher", "student"):
-        loaded = load_model(cfg, role, processor, device, frozen=True)
+        loaded = load_model(model_spec(cfg), role, processor, device, frozen=True)
         # the student under the plain names (model/weights_gb, firstsight.precision.*), as profile logs them
         weights = "model/weights_gb" if role == "student" else "model/teacher_weights_gb"
         tracker.set_tags(
@@ -134,7 +134,7 @@ def evaluate(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
                 metrics[f"eval/{role}_accuracy/{kind}"] = value
         if role == "teacher" and teacher_is_quantized(loaded.parts):
             del loaded  # the study's drop is against the teacher unquantized: answer with it too
-            reference = load_model(full_precision_config(cfg), "teacher", processor, device, frozen=True)
+            reference = load_model(model_spec(cfg).full_precision(), "teacher", processor, device, frozen=True)
             outcomes["full_precision_teacher"] = answer(reference, samples, "evaluating the full-precision teacher")
             del reference
         else:

@@ -23,6 +23,8 @@ from typing import Any, Dict, List
 
 from omegaconf import DictConfig
 
+from firstsight.config.specs import model_spec
+
 log = logging.getLogger(__name__)
 
 
@@ -34,16 +36,16 @@ def profile(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
 
     task = cfg.task
     target = task.target.value if hasattr(task.target, "value") else str(task.target)
-    device = prepare_job(cfg, tracker)
+    device = prepare_job(cfg.hardware, cfg.seed, tracker)
     tracker.set_tags({"firstsight.profile_target": target})
-    budget = budget_of(cfg)
+    budget = budget_of(cfg.hardware)
     if budget is not None:  # capped before anything is loaded
         basis, cap_tags = apply_memory_budget(budget, device)
         tracker.set_tags(cap_tags)
     peak = PeakMemory(device)
     peak.reset()
 
-    processor = load_processor(cfg)
+    processor = load_processor(cfg.model, cfg.cache_dir)
     metrics: Dict[str, float] = {}
     stage = ["loading"]
     if budget is None:
@@ -91,7 +93,7 @@ def _measure(
     from firstsight.training.loop import to_device
 
     task = cfg.task
-    loaded = load_model(cfg, target, processor, device, frozen=True)
+    loaded = load_model(model_spec(cfg), target, processor, device, frozen=True)
     stage[0] = "profiling"
     tracker.set_tags({f"firstsight.{target}": loaded.origin, **precision_tags(loaded.parts)})
     metrics.update(

@@ -25,8 +25,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
+from firstsight.config.schema import TrackingConfig
+from firstsight.config.specs import TrackingSpec
 from firstsight.core.errors import FirstSightError
 from firstsight.core.records import flatten_container
 
@@ -62,10 +64,9 @@ _TRANSIENT_TEXT = (
 )
 
 
-def flatten_config(cfg: DictConfig) -> Dict[str, str]:
-    """`{"precision.dtype": "bfloat16", ...}` for the composed config (hydra's own node excluded)."""
-    container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    return flatten_container({k: v for k, v in container.items() if k != "hydra"})
+def flatten_config(record: Dict[str, Any]) -> Dict[str, str]:
+    """`{"precision.dtype": "bfloat16", ...}` for the config record (hydra's own node excluded)."""
+    return flatten_container({k: v for k, v in record.items() if k != "hydra"})
 
 
 def package_versions() -> Dict[str, str]:
@@ -113,8 +114,8 @@ def code_version(checkout: Optional[str] = None) -> str:
     return commit + ("+dirty" if changes else "" if changes is not None else "+unknown")
 
 
-def resolve_tracking_uri(cfg: DictConfig) -> Optional[str]:
-    return cfg.tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+def resolve_tracking_uri(tracking: TrackingConfig) -> Optional[str]:
+    return tracking.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
 def absolute_tracking_uri(uri: Optional[str]) -> str:
@@ -387,10 +388,10 @@ def parent_run_id(sweep_dir: Optional[str]) -> Optional[str]:
     return None
 
 
-def _run_name(cfg: DictConfig, overrides: List[str]) -> str:
-    if cfg.tracking.run_name:
-        return cfg.tracking.run_name
-    return ",".join(overrides) if overrides else f"{cfg.task.name}-default"
+def _run_name(job: TrackingSpec, overrides: List[str]) -> str:
+    if job.tracking.run_name:
+        return job.tracking.run_name
+    return ",".join(overrides) if overrides else f"{job.task}-default"
 
 
 def _reopened_run(client: Any, run_id: Optional[str]) -> Optional[Any]:
@@ -413,56 +414,57 @@ def _reopened_run(client: Any, run_id: Optional[str]) -> Optional[Any]:
 
 
 @contextlib.contextmanager
-def job_tracker(cfg: DictConfig, run_id: Optional[str] = None, enabled: bool = True) -> Iterator[Any]:
+def job_tracker(job: TrackingSpec, run_id: Optional[str] = None, enabled: bool = True) -> Iterator[Any]:
     """Open the job's run (or reopen `run_id`, the run a resumed checkpoint belongs to); FINISHED
     on success, FAILED (with the reason as a tag) on an exception, KILLED on Ctrl-C or a stop
     signal (firstsight.training.resume.Preempted). Buffered metrics are flushed either way.
     `enabled=False`: a NullTracker (the processes of a data-parallel job other than rank 0)."""
-    if not (cfg.tracking.enabled and enabled):
+    if not (job.tracking.enabled and enabled):
         yield NullTracker()
         return
     from mlflow.tracking import MlflowClient
 
     from firstsight.core.signals import Preempted
 
-    uri = resolve_tracking_uri(cfg)
+    uri = resolve_tracking_uri(job.tracking)
     client = StoreClient(MlflowClient(tracking_uri=uri), absolute_tracking_uri(uri))  # retried; names the store
     reopened = _reopened_run(client, run_id)
     if reopened is not None:
         tracker = JobTracker(client, reopened.info.run_id)
-        yield from _tracked(client, tracker, cfg, Preempted, existing_params=reopened.data.params, resumed=True)
+        yield from _tracked(client, tracker, job, Preempted, existing_params=reopened.data.params, resumed=True)
         return
-    experiment_id = get_or_create_experiment(client, cfg.tracking.experiment_name)
-    job = _hydra_job_info()
+    experiment_id = get_or_create_experiment(client, job.tracking.experiment_name)
+    hydra_job = _hydra_job_info()
     tags = {
-        "firstsight.task": cfg.task.name,
-        "firstsight.output_dir": job.get("output_dir", ""),
-        "firstsight.overrides": " ".join(job.get("overrides", [])),
-        "firstsight.sweep_id": job.get("sweep_dir", "none"),
+        "firstsight.task": job.task,
+        "firstsight.output_dir": hydra_job.get("output_dir", ""),
+        "firstsight.overrides": " ".join(hydra_job.get("overrides", [])),
+        "firstsight.sweep_id": hydra_job.get("sweep_dir", "none"),
         **{f"version.{k}": v for k, v in package_versions().items()},
         CODE_VERSION_TAG: code_version(),
     }
-    if job.get("job_num") is not None and "sweep_dir" in job:
-        tags["firstsight.job_num"] = str(job["job_num"])
-    parent = parent_run_id(job.get("sweep_dir"))
+    if hydra_job.get("job_num") is not None and "sweep_dir" in hydra_job:
+        tags["firstsight.job_num"] = str(hydra_job["job_num"])
+    parent = parent_run_id(hydra_job.get("sweep_dir"))
     if parent:
         tags["mlflow.parentRunId"] = parent
-    run = client.create_run(experiment_id, run_name=_run_name(cfg, job.get("overrides", [])), tags=tags)
-    yield from _tracked(client, JobTracker(client, run.info.run_id), cfg, Preempted)
+    run = client.create_run(experiment_id, run_name=_run_name(job, hydra_job.get("overrides", [])), tags=tags)
+    yield from _tracked(client, JobTracker(client, run.info.run_id), job, Preempted)
 
 
 def _tracked(
     client: Any,
     tracker: JobTracker,
-    cfg: DictConfig,
+    job: TrackingSpec,
     preempted: type,
     existing_params: Optional[Dict[str, str]] = None,
     resumed: bool = False,
 ) -> Iterator[JobTracker]:
     status = "FAILED"
-    monitor = start_system_metrics(cfg, tracker.run_id, client.uri, resumed) if cfg.tracking.system_metrics else None
+    tracking = job.tracking
+    monitor = start_system_metrics(tracking, tracker.run_id, client.uri, resumed) if tracking.system_metrics else None
     try:
-        _log_config(client, tracker, cfg, existing_params)
+        _log_config(client, tracker, job.record, existing_params)
         yield tracker
         status = "FINISHED"
     except (KeyboardInterrupt, preempted):
@@ -478,7 +480,7 @@ def _tracked(
         _close(client, tracker, status)
 
 
-def start_system_metrics(cfg: DictConfig, run_id: str, uri: str, resumed: bool = False) -> Optional[Any]:
+def start_system_metrics(tracking: TrackingConfig, run_id: str, uri: str, resumed: bool = False) -> Optional[Any]:
     """MLflow's system-metrics monitor on `run_id` (a thread sampling CPU, memory, disk, network and,
     with nvidia-ml-py and an NVIDIA GPU, each GPU every tracking.system_metrics_interval_s seconds,
     logged as system/*); a resumed run continues its steps. None, with a warning, if it cannot start:
@@ -488,7 +490,7 @@ def start_system_metrics(cfg: DictConfig, run_id: str, uri: str, resumed: bool =
 
         monitor = SystemMetricsMonitor(
             run_id,
-            sampling_interval=float(cfg.tracking.system_metrics_interval_s),
+            sampling_interval=float(tracking.system_metrics_interval_s),
             resume_logging=resumed,
             tracking_uri=uri,
         )
@@ -527,13 +529,15 @@ def _close(client: Any, tracker: JobTracker, status: str) -> None:
     log.error("MLflow run %s could not be closed: %s", tracker.run_id, failure)
 
 
-def _log_config(client: Any, tracker: JobTracker, cfg: DictConfig, existing: Optional[Dict[str, str]] = None) -> None:
+def _log_config(
+    client: Any, tracker: JobTracker, record: Dict[str, Any], existing: Optional[Dict[str, str]] = None
+) -> None:
     """Params = the flattened config, and config.yaml. A reopened run (`existing`: its params)
     gets only the params it lacks: MLflow refuses to change a logged value, and the settings a
     resumed run may change (train.resume, hardware.dataloader_workers, ...) keep their first value."""
     from mlflow.entities import Param
 
-    params = [Param(k, v[:6000]) for k, v in sorted(flatten_config(cfg).items()) if k not in (existing or {})]
+    params = [Param(k, v[:6000]) for k, v in sorted(flatten_config(record).items()) if k not in (existing or {})]
     for start in range(0, len(params), _MAX_PARAMS_PER_BATCH):
         client.log_batch(tracker.run_id, params=params[start : start + _MAX_PARAMS_PER_BATCH])
-    tracker.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    tracker.log_text(OmegaConf.to_yaml(record), "config.yaml")

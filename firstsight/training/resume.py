@@ -33,8 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
-
+from firstsight.config.schema import TrainConfig
 from firstsight.core.errors import FirstSightError
 from firstsight.core.files import sha256_file
 from firstsight.core.signals import STOP
@@ -145,11 +144,10 @@ def latest_valid(root: Path) -> Optional[Path]:
     return None
 
 
-def _resume_source(cfg: DictConfig, output_dir: Path) -> Optional[Path]:
+def _resume_source(asked: str, output_dir: Path) -> Optional[Path]:
     """The checkpoint `train.resume` asks for: auto = this job's own latest (a requeued or
     restarted job in the same output directory), never = none, else a path (a run's output
     directory, its checkpoints/resume directory, or one step directory)."""
-    asked = str(cfg.train.resume)
     if asked == "never":
         return None
     if asked == "auto":
@@ -177,13 +175,13 @@ def _resume_source(cfg: DictConfig, output_dir: Path) -> Optional[Path]:
     )
 
 
-def locate(cfg: DictConfig, output_dir: Path) -> Optional[ResumePoint]:
-    """The checkpoint this job continues from, checked against the job's config, or None."""
-    path = _resume_source(cfg, output_dir)
+def locate(train: TrainConfig, record: Dict[str, Any], output_dir: Path) -> Optional[ResumePoint]:
+    """The checkpoint `train.resume` names, checked against the job's config `record`, or None."""
+    path = _resume_source(str(train.resume), output_dir)
     if path is None:
         return None
     point = read_point(path)
-    differences = config_differences(point.state["config"], OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    differences = config_differences(point.state["config"], record)
     if differences:
         shown = "; ".join(differences[:8]) + ("; ..." if len(differences) > 8 else "")
         raise FirstSightError(
@@ -253,14 +251,15 @@ def set_rng_states(states: Dict[str, Any]) -> None:
 class Checkpointer:
     """Writes resumable checkpoints of a training loop and restores one into it.
 
-    `tensors`: name → the trained tensors (trainable parameters, by their names in the unwrapped
+    `record`: the job's config record, saved with each checkpoint; `tensors`: name → the trained tensors (trainable parameters, by their names in the unwrapped
     model, and extra ones); `writer`: this process writes (rank 0 of a multi-GPU job);
     `before_save`: called first (the tracker's flush, so the metrics of every step up to the
     checkpoint are in MLflow before a resume would skip those steps)."""
 
     def __init__(
         self,
-        cfg: DictConfig,
+        train: TrainConfig,
+        record: Dict[str, Any],
         output_dir: Path,
         tensors: Dict[str, Any],
         run_id: Optional[str],
@@ -269,10 +268,10 @@ class Checkpointer:
         before_save: Optional[Callable[[], None]] = None,
         sharded_model: Optional[Any] = None,
     ):
-        self.every = int(cfg.train.checkpoint_every_n_steps)
-        self.keep = int(cfg.train.keep_checkpoints)
+        self.every = int(train.checkpoint_every_n_steps)
+        self.keep = int(train.keep_checkpoints)
         self.root = checkpoint_root(output_dir)
-        self.config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        self.config = record  # the job's config record: a resume is checked against it
         self.tensors = tensors
         self.run_id = run_id
         self.resume = resume

@@ -16,6 +16,8 @@ import torch
 from conftest import compose
 from gpu_support import GPU_MARKS, assert_greedy_tokens_follow, release_cuda
 
+from firstsight.config.specs import model_spec
+
 pytestmark = GPU_MARKS
 
 MOVED = 5  # validation index of a two-frame question: the longest prompt of the first few
@@ -37,7 +39,7 @@ def tiny(cache_dir):
     from firstsight.training.loop import to_device
 
     cfg = compose(["hardware=gpu"])
-    processor = load_processor(cfg)
+    processor = load_processor(cfg.model, cfg.cache_dir)
     samples = load_split(cfg.data, "validation", cfg.seed)
     collate = PromptCollator(processor)
 
@@ -47,7 +49,7 @@ def tiny(cache_dir):
 
         @staticmethod
         def model(role, dtype):
-            return load_model(cfg, role, processor, "cuda", frozen=True).model.to(dtype)
+            return load_model(model_spec(cfg), role, processor, "cuda", frozen=True).model.to(dtype)
 
         @staticmethod
         def batch(rows):

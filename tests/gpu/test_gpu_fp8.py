@@ -19,6 +19,8 @@ import torch
 from conftest import compose
 from gpu_support import GPU_MARKS, release_cuda
 
+from firstsight.config.specs import model_spec
+
 FP8_LOGIT_RTOL = 0.15
 FP8_ARGMAX_AGREEMENT = 0.85
 
@@ -63,8 +65,8 @@ def _teacher(precision):
 
     cfg = compose(["task=profile", "task.target=teacher", "hardware=gpu", f"precision={precision}"])
     validate(cfg)  # fp8 on this GPU passes the suite's own capability check
-    processor = load_processor(cfg)
-    return load_model(cfg, "teacher", processor, "cuda", frozen=True), processor, cfg
+    processor = load_processor(cfg.model, cfg.cache_dir)
+    return load_model(model_spec(cfg), "teacher", processor, "cuda", frozen=True), processor, cfg
 
 
 def test_fp8_logits_track_bf16(cache_dir):

@@ -52,7 +52,7 @@ def validate(cfg: DictConfig, tasks: Optional[Mapping[str, Callable]] = None, lo
 
 def _validate_hardware(cfg: DictConfig, local_device: bool = True) -> None:
     ranges.validate_attention_and_budget(cfg)
-    device = device_type(cfg)
+    device = device_type(cfg.hardware)
     if local_device:
         environment.validate_process_layout(cfg)
     ranges.validate_data_parallel(cfg)

@@ -91,7 +91,7 @@ def validate_process_layout(cfg: DictConfig) -> None:
     """The processes that run this job (torchrun / SLURM tasks) against hardware.num_gpus."""
     from firstsight.core.world import check_layout, launched_world
 
-    problem = check_layout(cfg, launched_world())
+    problem = check_layout(cfg.hardware, cfg.task.name, launched_world())
     check(problem is None, "hardware.num_gpus", cfg.hardware.num_gpus, str(problem))
 
 
@@ -131,7 +131,7 @@ def validate_quantization_backend(cfg: DictConfig, key: str, quantization: str, 
             f"{key}={quantization}{origin(key)} needs the {package} "
             f"package, which cannot be imported on this machine; install it or {valid}."
         )
-    device = device_type(cfg)
+    device = device_type(cfg.hardware)
     check(
         device in devices,
         key,
@@ -153,7 +153,7 @@ def validate_quantization_backend(cfg: DictConfig, key: str, quantization: str, 
 
 def _cuda_here(cfg: DictConfig) -> bool:
     """The job runs on this machine's GPU (not a SLURM node), and torch sees one."""
-    if device_type(cfg) != "cuda":
+    if device_type(cfg.hardware) != "cuda":
         return False
     import torch
 
@@ -333,10 +333,10 @@ def check_tokenizers(cfg: DictConfig) -> Any:
     before any run exists). Returns the student's processor so loaded, or None."""
     from firstsight.models.loading import check_same_tokenizer, load_processor, shares_the_processor
 
-    if shares_the_processor(cfg):
+    if shares_the_processor(cfg.model):
         return None
-    processor = load_processor(cfg)
-    check_same_tokenizer(cfg, processor)
+    processor = load_processor(cfg.model, cfg.cache_dir)
+    check_same_tokenizer(cfg.model, processor)
     return processor
 
 
@@ -367,7 +367,7 @@ def read_data(cfg: DictConfig, processor: Any = None) -> None:
     if max_length is not None and processor is None:
         from firstsight.models.loading import load_processor
 
-        processor = load_processor(cfg)
+        processor = load_processor(cfg.model, cfg.cache_dir)
     for split in _data_splits_read(cfg):
         dataset = load_split(data, split, cfg.seed, processor=processor)
         if "format" not in data:

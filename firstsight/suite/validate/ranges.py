@@ -509,7 +509,7 @@ def validate_part_names(cfg: DictConfig) -> None:
     from firstsight.models.parts import PART_DESCRIPTIONS, PARTS, part_settings
 
     parts_text = ", ".join(f"{p} ({PART_DESCRIPTIONS[p]})" for p in PARTS)
-    for name, own in part_settings(cfg).items():
+    for name, own in part_settings(cfg.precision).items():
         if name not in PARTS:
             set_keys = [
                 f"precision.parts.{name}.{k}"
@@ -530,7 +530,7 @@ def explicit_part_quantizations(cfg: DictConfig) -> List[Tuple[str, str]]:
     """(key, quantization) of each part quantization set to a kind (not none, not null)."""
     from firstsight.models.parts import explicit_quantizations
 
-    return [(key, q) for key, q in explicit_quantizations(cfg) if q != "none"]
+    return [(key, q) for key, q in explicit_quantizations(cfg.precision) if q != "none"]
 
 
 def validate_part_quantization(cfg: DictConfig, explicit: Sequence[Tuple[str, str]]) -> None:
@@ -550,7 +550,7 @@ def validate_part_quantization(cfg: DictConfig, explicit: Sequence[Tuple[str, st
     explicit_parts = [key.split(".")[2] for key, _ in explicit]
     for role in roles_used(cfg):
         trained_in_full = role == "student" and cfg.task.name == "distill" and not cfg.lora.enabled
-        resolved = resolve_parts(cfg, role, frozen_weights=not trained_in_full)
+        resolved = resolve_parts(cfg.precision, role, frozen_weights=not trained_in_full)
         kinds = {p: r.quantization for p, r in resolved.items() if r.quantized}
         if len(set(kinds.values())) > 1:  # name a part set explicitly, against the kind of the others
             part = next((p for p in reversed(explicit_parts) if p in kinds), list(kinds)[-1])
@@ -647,7 +647,7 @@ def _validate_tiny(cfg: DictConfig, role: str) -> None:
     from firstsight.models.parts import resolve_parts
 
     trained_in_full = role == "student" and cfg.task.name == "distill" and not cfg.lora.enabled
-    if any(p.quantized for p in resolve_parts(cfg, role, frozen_weights=not trained_in_full).values()):
+    if any(p.quantized for p in resolve_parts(cfg.precision, role, frozen_weights=not trained_in_full).values()):
         for name in ("hidden_size", "intermediate_size", "vision_embed_dim"):
             value = tiny[name]
             check(

@@ -20,7 +20,7 @@ def read_runs(cfg: DictConfig, own_run_id: Optional[str] = None) -> Tuple[Any, S
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    uri = resolve_tracking_uri(cfg)
+    uri = resolve_tracking_uri(cfg.tracking)
     client = MlflowClient(tracking_uri=uri)
     store = uri or mlflow.get_tracking_uri()
     name = cfg.task.experiment or cfg.tracking.experiment_name
