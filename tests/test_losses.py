@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -564,3 +565,113 @@ def test_a_loss_setting_that_points_elsewhere_in_the_config_is_resolved():
     )
     loss = build_loss(cfg.distill_loss)
     assert isinstance(loss, ForwardKL) and loss.temperature == 4.0
+
+
+# ----------------------------------------------------------------------------- the loss on top-k targets
+
+
+def _bucket_reference(student_row, teacher_row, ids, label, temperature, alpha):
+    """The sparse loss of one answer token in float64, bucket by bucket: the top-k ids and the tail."""
+    p = torch.softmax(teacher_row.double() / temperature, -1)
+    q = torch.softmax(student_row.double() / temperature, -1)
+    rest = [v for v in range(p.numel()) if v not in ids]
+    p_buckets = torch.cat([p[ids], p[rest].sum().reshape(1)])
+    q_buckets = torch.cat([q[ids], q[rest].sum().reshape(1)])
+    kd = (p_buckets * (p_buckets.log() - q_buckets.log())).sum()
+    ce = -torch.log_softmax(student_row.double(), -1)[label]
+    return alpha * temperature**2 * kd + (1 - alpha) * ce, kd, ce
+
+
+def test_sparse_loss_of_a_single_answer_token_in_a_bfloat16_student():
+    """One answer token, k = 2 of 5 ids (teacher rows with padding beyond the vocabulary, in
+    float16): the float64 bucket-by-bucket value; the bfloat16 student's logits are computed on in
+    float32, as are the float16 teacher's."""
+    from firstsight.losses.sparse import SparseTargets, sparse_kd_loss, topk_targets
+
+    student = torch.tensor([[[0.5, -1.0, 2.0, 0.25, -0.5], [1.0, 0.0, 0.0, 0.0, 0.0]]], dtype=torch.bfloat16)
+    teacher_row = torch.tensor([[1.5, 0.25, -2.0, 0.5, 1.0, 9.0, 9.0]], dtype=torch.float16)  # 2 padding ids
+    labels = torch.tensor([[-100, 3]])
+    ids, logprobs, tail = topk_targets(teacher_row, 5, 2, 2.0)
+    assert logprobs.dtype == tail.dtype == torch.float32
+    assert ids.tolist() == [[0, 4]]
+    exact = torch.log_softmax(teacher_row[0, :5].double() / 2.0, -1)
+    torch.testing.assert_close(logprobs[0].double(), exact[[0, 4]], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(tail[0].double(), exact[[1, 2, 3]].logsumexp(-1), rtol=1e-6, atol=1e-7)
+
+    loss_fn = ForwardKL(temperature=2.0, alpha=0.3)
+    targets = SparseTargets(ids, logprobs, tail, labels=torch.tensor([3]))
+    out = sparse_kd_loss(loss_fn, student.requires_grad_(), targets, labels)
+    loss, kd, ce = _bucket_reference(student[0, 0], teacher_row[0, :5], [0, 4], 3, 2.0, 0.3)
+    assert out.num_tokens == 1 and out.loss.dtype == torch.float32
+    torch.testing.assert_close(out.kd_loss.double(), kd, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.ce_loss.double(), ce, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out.loss.double(), loss, rtol=1e-5, atol=1e-7)
+    out.loss.backward()
+    assert student.grad[0, 0].abs().sum() > 0 and student.grad[0, 1].abs().sum() == 0
+
+
+def test_sparse_loss_of_a_batch_without_answer_tokens_is_a_zero_that_backpropagates():
+    from firstsight.losses.sparse import SparseTargets, sparse_kd_loss
+
+    student = torch.randn(2, 3, 5, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.full((2, 3), -100)
+    empty = SparseTargets(torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2), torch.zeros(0))
+    out = sparse_kd_loss(ForwardKL(temperature=2.0, alpha=0.5), student, empty, labels)
+    assert out.num_tokens == 0
+    assert out.loss.dtype == torch.float32 and out.loss.item() == 0.0
+    assert out.kd_loss.item() == 0.0 and out.ce_loss.item() == 0.0
+    out.loss.backward()
+    assert torch.equal(student.grad, torch.zeros_like(student))
+
+
+def test_sparse_targets_are_checked_against_the_batch():
+    """Targets of other answer tokens, ids outside the student's vocabulary, and id-less targets
+    that do not cover it are refused, each with what is wrong."""
+    from firstsight.losses.sparse import SparseTargets, sparse_kd_loss, topk_targets
+
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(1, 4, 5, generator=g, dtype=torch.float64)
+    labels = torch.tensor([[-100, 2, -100, 4]])
+    ids, logprobs, tail = topk_targets(torch.randn(2, 5, generator=g, dtype=torch.float64), 5, 2, 1.0)
+    loss_fn = ForwardKL(temperature=1.0, alpha=0.5)
+
+    same = sparse_kd_loss(loss_fn, student, SparseTargets(ids, logprobs, tail, labels=torch.tensor([2, 4])), labels)
+    unchecked = sparse_kd_loss(loss_fn, student, SparseTargets(ids, logprobs, tail), labels)
+    assert same.loss.item() == unchecked.loss.item() and same.num_tokens == 2
+    with pytest.raises(ValueError, match="the sparse teacher targets were computed for other answer tokens than"):
+        sparse_kd_loss(loss_fn, student, SparseTargets(ids, logprobs, tail, labels=torch.tensor([2, 3])), labels)
+
+    for bad in ([[0, -1], [1, 2]], [[0, 5], [1, 2]], [[0, 1, 2, 3, 4, 0], [1, 2, 3, 4, 0, 1]]):
+        bad_ids = torch.tensor(bad)
+        with pytest.raises(ValueError, match=r"sparse target ids must be at most 5 ids in \[0, 5\) \(the student"):
+            sparse_kd_loss(loss_fn, student, SparseTargets(bad_ids, logprobs[:, :1].expand_as(bad_ids), tail), labels)
+
+    with pytest.raises(
+        ValueError, match=r"without ids must cover the student's whole vocabulary \(5\), they have 2 col"
+    ):
+        sparse_kd_loss(loss_fn, student, SparseTargets(None, logprobs, tail), labels)
+
+
+def test_topk_targets_refuses_rows_and_k_that_do_not_fit_the_vocabulary():
+    from firstsight.losses.sparse import topk_targets
+
+    for rows in (torch.zeros(7), torch.zeros(2, 4), torch.zeros(1, 2, 7)):
+        with pytest.raises(
+            ValueError, match=rf"teacher rows must be \[N, >= 5\], got {re.escape(str(tuple(rows.shape)))}"
+        ):
+            topk_targets(rows, 5, 2, 1.0)
+    for k in (0, 6):
+        with pytest.raises(ValueError, match=rf"top_k must lie in \[1, 5\] \(the student's vocabulary\), got {k}"):
+            topk_targets(torch.zeros(2, 5), 5, k, 1.0)
+
+
+def test_sparse_targets_move_to_a_device_with_every_field():
+    from firstsight.losses.sparse import SparseTargets
+
+    targets = SparseTargets(
+        torch.tensor([[1, 0]]), torch.tensor([[-0.1, -2.5]]), torch.tensor([-3.0]), torch.tensor([1])
+    )
+    moved = targets.to("meta")
+    assert [t.device.type for t in (moved.token_ids, moved.logprobs, moved.tail_logprob, moved.labels)] == ["meta"] * 4
+    dense = SparseTargets(None, targets.logprobs, targets.tail_logprob).to("meta")
+    assert dense.token_ids is None and dense.labels is None and dense.logprobs.is_meta
