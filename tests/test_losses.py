@@ -675,3 +675,147 @@ def test_sparse_targets_move_to_a_device_with_every_field():
     assert [t.device.type for t in (moved.token_ids, moved.logprobs, moved.tail_logprob, moved.labels)] == ["meta"] * 4
     dense = SparseTargets(None, targets.logprobs, targets.tail_logprob).to("meta")
     assert dense.token_ids is None and dense.labels is None and dense.logprobs.is_meta
+
+
+# ----------------------------------------------------------------------------- the KD losses' inputs and settings
+
+
+def test_labels_that_are_not_batch_by_sequence_are_refused():
+    from firstsight.losses.kd import answer_logit_slice
+
+    for count in (count_answer_tokens, answer_logit_slice):
+        with pytest.raises(ValueError, match=r"labels must be \[batch, seq_len\], got shape \(4,\)"):
+            count(torch.zeros(4, dtype=torch.long))
+
+
+def test_kd_loss_refuses_logits_and_labels_of_other_shapes():
+    """Each input of the wrong rank, and each of the wrong batch or length, alone."""
+    loss_fn = ForwardKL()
+    s, t, y = torch.zeros(2, 3, 5), torch.zeros(2, 3, 6), torch.zeros(2, 3, dtype=torch.long)
+    expected = r"expected student_logits \[B, L, Vs\], teacher_logits \[B, L, Vt\] and labels \[B, L\], got "
+    for args, shapes in (
+        ((s[0], t, y), "(3, 5), (2, 3, 6) and (2, 3)"),
+        ((s, t[0], y), "(2, 3, 5), (3, 6) and (2, 3)"),
+        ((s, t, y[0]), "(2, 3, 5), (2, 3, 6) and (3,)"),
+    ):
+        with pytest.raises(ValueError, match=expected + re.escape(shapes)):
+            loss_fn(*args)
+    differ = "batch and sequence sizes differ: student_logits "
+    for args, shapes in (
+        ((s[:, :2], t, y), "(2, 2, 5), teacher_logits (2, 3, 6), labels (2, 3)"),
+        ((s, t[:1], y), "(2, 3, 5), teacher_logits (1, 3, 6), labels (2, 3)"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(differ + shapes)):
+            loss_fn(*args)
+
+
+def test_a_batch_without_answer_tokens_gives_a_float32_zero_for_a_bfloat16_student():
+    student = torch.randn(2, 3, 5, dtype=torch.bfloat16, requires_grad=True)
+    out = ForwardKL(temperature=2.0)(student, torch.randn(2, 3, 5), torch.full((2, 3), -100))
+    assert out.loss.dtype == torch.float32 and out.loss.item() == 0.0 and out.num_tokens == 0
+    out.loss.backward()
+    assert torch.equal(student.grad, torch.zeros_like(student))
+
+
+def test_defaults_and_settings_of_the_losses():
+    """The documented defaults (T = 1, alpha = 0.5, chunks of 1024, beta = 0.5, skew = 0.1); every
+    setting given is kept; an out-of-range one is refused by its name."""
+    from firstsight.losses.kd import SkewForwardKL, SkewReverseKL
+
+    plain, jsd, skew = ForwardKL(), JSD(), SkewForwardKL()
+    for loss_fn in (plain, jsd, skew):
+        assert (loss_fn.temperature, loss_fn.alpha, loss_fn.chunk_size) == (1.0, 0.5, 1024)
+    assert jsd.beta == 0.5 and skew.skew == 0.1
+    given = SkewReverseKL(temperature=2.0, alpha=0.25, skew=0.3, chunk_size=3)
+    assert (given.temperature, given.alpha, given.skew, given.chunk_size) == (2.0, 0.25, 0.3, 3)
+    for make, name in (
+        (lambda: ForwardKL(alpha=1.5), "alpha"),
+        (lambda: JSD(beta=-0.1), "beta"),
+        (lambda: SkewForwardKL(skew=2.0), "skew"),
+    ):
+        with pytest.raises(ValueError, match=rf"^{name} must be in \[0, 1\], got "):
+            make()
+
+
+def test_a_loss_without_a_divergence_says_so():
+    with pytest.raises(NotImplementedError, match=r"^KDLoss must implement divergence\(\)$"):
+        KDLoss().divergence(torch.zeros(2, 3), torch.zeros(2, 3))
+
+
+def test_divergence_is_per_answer_token():
+    g = torch.Generator().manual_seed(0)
+    p = torch.log_softmax(torch.randn(4, 6, generator=g, dtype=torch.float64), -1)
+    q = torch.log_softmax(torch.randn(4, 6, generator=g, dtype=torch.float64), -1)
+    per_token = ForwardKL().divergence(p, q)
+    assert per_token.shape == (4,)
+    torch.testing.assert_close(per_token, (p.exp() * (p - q)).sum(-1), rtol=1e-12, atol=0)
+
+
+# ----------------------------------------------------------------------------- the hidden-state term
+
+
+def test_hidden_state_loss_settings_are_checked_and_the_projection_has_no_bias():
+    from firstsight.losses.kd import HiddenStateLoss, hidden_layer_pairs
+
+    assert HiddenStateLoss(1, 1).projection.weight.shape == (1, 1)  # width 1 is a width
+    assert HiddenStateLoss(3, 4).projection.bias is None  # ||W h_s - h_t||: W alone is trained
+    for widths, name, given in (((True, 2), "student_width", "True"), ((2, 0), "teacher_width", "0")):
+        with pytest.raises(ValueError, match=rf"^{name} must be an integer >= 1, got {given}$"):
+            HiddenStateLoss(*widths)
+    with pytest.raises(ValueError, match="hidden layer True is out of range"):
+        hidden_layer_pairs([True], 4, 8)
+    with pytest.raises(ValueError, match=r"^name at least one hidden layer, e\.g\. \[-1\] \(the last\)$"):
+        hidden_layer_pairs([], 4, 8)
+
+
+def test_hidden_state_loss_refuses_states_of_other_shapes():
+    from firstsight.losses.kd import HiddenStateLoss
+
+    loss_fn = HiddenStateLoss(3, 4)
+    s, t, y = torch.zeros(2, 5, 3), torch.zeros(2, 5, 4), torch.zeros(2, 5, dtype=torch.long)
+    expected = r"expected student_hidden \[B, L, d_s\], teacher_hidden \[B, L, d_t\] and labels \[B, L\], got "
+    for args, shapes in (
+        ((s[0], t, y), "(5, 3), (2, 5, 4) and (2, 5)"),
+        ((s, t[0], y), "(2, 5, 3), (5, 4) and (2, 5)"),
+        ((s, t, y[0]), "(2, 5, 3), (2, 5, 4) and (5,)"),
+    ):
+        with pytest.raises(ValueError, match=expected + re.escape(shapes)):
+            loss_fn(*args)
+    for args in ((s[:, :4], t, y), (s, t[:1], y), (torch.zeros(2, 5, 2), t, y), (s, torch.zeros(2, 5, 3), y)):
+        with pytest.raises(ValueError, match="shapes do not fit a projection from width 3 to 4"):
+            loss_fn(*args)
+
+
+def test_hidden_state_loss_is_computed_in_full_precision_under_autocast():
+    """Under a bfloat16 autocast the projection still runs in float32 (float64 inputs: float64)."""
+    from firstsight.losses.kd import HiddenStateLoss
+
+    g = torch.Generator().manual_seed(0)
+    loss_fn = HiddenStateLoss(8, 6)
+    student, teacher = torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 6, generator=g)
+    labels = torch.tensor([[-100, 1, 2, -100, 3], [-100, -100, 4, 5, -100]])
+    rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)
+    w = loss_fn.projection.weight.detach().double()
+    exact = ((student[rows, cols].double() @ w.T - teacher[rows, cols].double()) ** 2).sum() / 6 / 5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        in_autocast = loss_fn(student, teacher, labels)
+    assert in_autocast.dtype == torch.float32
+    torch.testing.assert_close(in_autocast.double(), exact, rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss_fn(student.double(), teacher.double(), labels), exact, rtol=1e-12, atol=0)
+
+
+def test_hidden_distillation_passes_its_kind_and_the_batch_s_answer_count_to_each_pair():
+    from firstsight.losses.kd import HiddenDistillation
+
+    g = torch.Generator().manual_seed(0)
+    states_s = [torch.randn(1, 4, 3, generator=g, dtype=torch.float64) for _ in range(3)]
+    states_t = [torch.randn(1, 4, 5, generator=g, dtype=torch.float64) for _ in range(3)]
+    labels = torch.tensor([[-100, 1, 2, -100]])
+    for kind in ("mse", "cosine"):
+        term = HiddenDistillation(3, 5, 2, 2, layers=[-1], kind=kind)
+        assert [loss.kind for loss in term.losses] == [kind]
+        own = term(states_s, states_t, labels)
+        accumulated = term(states_s, states_t, labels, num_answer_tokens=8)  # 2 of the batch's 8
+        torch.testing.assert_close(accumulated, own / 4, rtol=1e-12, atol=0)
+        single = term.losses[0](states_s[-1], states_t[-1], labels)
+        torch.testing.assert_close(own, single, rtol=0, atol=0)
