@@ -441,28 +441,20 @@ def _check_fits(
         )
 
 
-def _build(ctx: _Context, out_dir: Path, report: Dict[str, Any]) -> Dict[str, Any]:
-    """The teacher's pass over the train split, in order, into shards under `out_dir`."""
+def _teacher_pass(ctx: _Context, teacher: Any, writer: _ShardWriter) -> int:
+    """Run the teacher over the train split in order; each sample's top-k rows go to `writer`.
+    Returns the number of samples seen."""
     import torch
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     from firstsight.core.perf import available_host_memory_bytes
-    from firstsight.core.runtime import device_name
     from firstsight.data.batching import IGNORE_INDEX, QACollator
     from firstsight.losses.sparse import topk_targets
     from firstsight.training.loop import model_inputs, to_device
 
-    spec, settings, hardware = ctx.spec, ctx.spec.cache, ctx.spec.models.hardware
-    start = time.perf_counter()
-    log.info(
-        "teacher-logit cache miss: running the teacher once over the %d train samples into %s",
-        len(ctx.train_set),
-        ctx.path,
-    )
-    teacher = ctx.load_teacher()
-    temperature, top_k = float(spec.loss.temperature), ctx.top_k
-    chunk = int(spec.loss.chunk_size)
+    spec, hardware, top_k = ctx.spec, ctx.spec.models.hardware, ctx.top_k
+    temperature, chunk = float(spec.loss.temperature), int(spec.loss.chunk_size)
     loader = DataLoader(
         ctx.train_set,
         batch_size=hardware.batch_size,
@@ -470,16 +462,14 @@ def _build(ctx: _Context, out_dir: Path, report: Dict[str, Any]) -> Dict[str, An
         collate_fn=QACollator(ctx.processor, with_index=True),
         num_workers=hardware.dataloader_workers,
     )
-    writer = _ShardWriter(out_dir, ctx.key, settings.shard_size, top_k)
     available = available_host_memory_bytes()  # training holds the whole cache in host memory
-    answer_tokens = 0
+    answer_tokens, expected = 0, 0
     bar = tqdm(
         total=len(ctx.train_set),
         desc=f"teacher cache: top-{top_k} of the teacher (first use, cached)",
         disable=not spec.models.progress_bar,
         dynamic_ncols=True,
     )
-    expected = 0
     try:
         with torch.no_grad():
             for batch in loader:
@@ -502,7 +492,7 @@ def _build(ctx: _Context, out_dir: Path, report: Dict[str, Any]) -> Dict[str, An
                     logprobs, tail = torch.zeros(0, top_k), torch.zeros(0)
                 answers = shifted[mask].cpu()
                 answer_tokens += answers.numel()
-                _check_fits(answer_tokens, expected, len(ctx.train_set), top_k, ctx.vocab, settings.top_k, available)
+                _check_fits(answer_tokens, expected, len(ctx.train_set), top_k, ctx.vocab, spec.cache.top_k, available)
                 begin = 0
                 for count in mask.sum(1).tolist():
                     end = begin + count
@@ -512,30 +502,28 @@ def _build(ctx: _Context, out_dir: Path, report: Dict[str, Any]) -> Dict[str, An
         writer.flush()
     finally:
         bar.close()
-    if expected != len(ctx.train_set):
-        raise FirstSightError(f"the teacher pass saw {expected} samples, the train split has {len(ctx.train_set)}")
+    return expected
 
-    accuracy = None
-    if spec.eval_at_end:  # the teacher is loaded now: measure what the end of each run reports
-        from firstsight.data import load_split
 
-        outcomes, _ = ctx.measure_accuracy(
-            teacher.model, load_split(spec.models.data, "validation", spec.models.seed, ctx.processor)
-        )
-        accuracy = sum(outcomes) / max(len(outcomes), 1)
-    seconds = time.perf_counter() - start
-    manifest = {
+def _manifest(
+    ctx: _Context, teacher: Any, writer: _ShardWriter, samples: int, accuracy: Optional[float], seconds: float
+) -> Dict[str, Any]:
+    """What the cache holds and how it was built (the module docstring lists what is checked of it)."""
+    from firstsight.core.runtime import device_name
+
+    hardware = ctx.spec.models.hardware
+    return {
         "format": FORMAT,
         "version": VERSION,
         "key": ctx.key,
         "key_inputs": ctx.inputs,
-        "top_k": top_k,
-        "temperature": temperature,
+        "top_k": ctx.top_k,
+        "temperature": float(ctx.spec.loss.temperature),
         "student_vocab_rows": ctx.vocab,
         "dtypes": {name: dtype for name, (dtype, _) in TENSORS.items()},
-        "num_samples": expected,
+        "num_samples": samples,
         "num_rows": writer.rows,
-        "shard_size": int(settings.shard_size),
+        "shard_size": int(ctx.spec.cache.shard_size),
         "shards": writer.shards,
         "teacher": {
             "origin": teacher.origin,
@@ -553,18 +541,48 @@ def _build(ctx: _Context, out_dir: Path, report: Dict[str, Any]) -> Dict[str, An
             "at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
     }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+
+
+def _shared_like_a_checkpoint(out_dir: Path) -> None:
+    """mkdtemp made the directory and its files private; a cache is shared like a checkpoint (umask)."""
     umask = os.umask(0)
     os.umask(umask)
-    for item in [out_dir, *out_dir.iterdir()]:  # mkdtemp made them private; a cache is shared like a checkpoint
+    for item in [out_dir, *out_dir.iterdir()]:
         item.chmod((0o777 if item.is_dir() else 0o666) & ~umask)
+
+
+def _build(ctx: _Context, out_dir: Path, report: Dict[str, Any]) -> Dict[str, Any]:
+    """The teacher's pass over the train split, in order, into shards under `out_dir`."""
+    spec = ctx.spec
+    start = time.perf_counter()
+    log.info(
+        "teacher-logit cache miss: running the teacher once over the %d train samples into %s",
+        len(ctx.train_set),
+        ctx.path,
+    )
+    teacher = ctx.load_teacher()
+    writer = _ShardWriter(out_dir, ctx.key, spec.cache.shard_size, ctx.top_k)
+    samples = _teacher_pass(ctx, teacher, writer)
+    if samples != len(ctx.train_set):
+        raise FirstSightError(f"the teacher pass saw {samples} samples, the train split has {len(ctx.train_set)}")
+    accuracy = None
+    if spec.eval_at_end:  # the teacher is loaded now: measure what the end of each run reports
+        from firstsight.data import load_split
+
+        validation = load_split(spec.models.data, "validation", spec.models.seed, ctx.processor)
+        outcomes, _ = ctx.measure_accuracy(teacher.model, validation)
+        accuracy = sum(outcomes) / max(len(outcomes), 1)
+    seconds = time.perf_counter() - start
+    manifest = _manifest(ctx, teacher, writer, samples, accuracy, seconds)
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    _shared_like_a_checkpoint(out_dir)
     report.update(build_time_s=seconds, teacher_load_time_s=teacher.load_time_s)
     del teacher
     _free(ctx.device)
     log.info(
         "teacher-logit cache built in %.1f s: %d samples, %d answer tokens, %d shard(s)",
         seconds,
-        expected,
+        samples,
         writer.rows,
         len(writer.shards),
     )
@@ -588,14 +606,14 @@ def _safetensors_metadata(blob: bytes) -> Dict[str, Any]:
     return json.loads(blob[8 : 8 + length].decode("utf-8"))
 
 
-def load_verified(
-    path: Path, key: str, num_samples: int, vocab: int, top_k: int
-) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """The manifest and the concatenated tensors of the cache in `path`, after checking everything
-    (see the module docstring); raises FirstSightError at the first disagreement."""
-    import torch
-    from safetensors.torch import load as load_tensors
+def _expect(ok: bool, problem: str, where: Path, cache: Path) -> None:
+    """Raise the cache-is-stale error for `where` (a file of the cache in `cache`) unless `ok`."""
+    if not ok:
+        raise _stale(where, problem, cache)
 
+
+def _read_manifest(path: Path) -> Dict[str, Any]:
+    """The manifest of the cache in `path`, if its bytes are the ones the build sealed."""
     from firstsight.core.files import COMPLETE_MARKER
 
     manifest_path = path / MANIFEST
@@ -614,112 +632,142 @@ def load_verified(
         )
     if not isinstance(manifest, dict):
         raise _stale(manifest_path, "the manifest is not a JSON object", path)
+    return manifest
 
-    def expect(ok: bool, problem: str, where: Path = manifest_path) -> None:
-        if not ok:
-            raise _stale(where, problem, path)
 
-    expect(
+def _check_manifest(manifest: Dict[str, Any], path: Path, key: str, num_samples: int, vocab: int, top_k: int) -> None:
+    """The manifest is of this format, this key (and its inputs hash to it), this split and this top-k."""
+    where = path / MANIFEST
+    _expect(
         manifest.get("format") == FORMAT and manifest.get("version") == VERSION,
         f"format {manifest.get('format')!r} version {manifest.get('version')!r}, expected {FORMAT!r} version {VERSION}",
+        where,
+        path,
     )
-    expect(manifest.get("key") == key, f"its key {manifest.get('key')!r} is not the directory's {key!r}")
-    expect(
+    _expect(manifest.get("key") == key, f"its key {manifest.get('key')!r} is not the directory's {key!r}", where, path)
+    _expect(
         content_key(manifest.get("key_inputs")) == key,
         "its recorded key inputs do not hash to its key (the manifest was edited)",
+        where,
+        path,
     )
-    expect(
+    _expect(
         manifest.get("num_samples") == num_samples,
         f"it holds {manifest.get('num_samples')} samples, the train split has {num_samples}",
+        where,
+        path,
     )
-    expect(
+    _expect(
         manifest.get("top_k") == top_k and manifest.get("student_vocab_rows") == vocab,
         f"top_k={manifest.get('top_k')} and vocabulary rows {manifest.get('student_vocab_rows')}, "
         f"expected {top_k} and {vocab}",
+        where,
+        path,
     )
-    parts: Dict[str, List[Any]] = {name: [] for name in TENSORS}
-    next_sample, row_base = 0, 0
     shards = manifest.get("shards")
     if not isinstance(shards, list) or not all(isinstance(shard, dict) for shard in shards):
-        raise _stale(manifest_path, "its shard list is malformed", path)
-    for shard in shards:
-        file = path / str(shard.get("file"))
+        raise _stale(where, "its shard list is malformed", path)
+
+
+def _verified_shard(
+    path: Path, shard: Dict[str, Any], key: str, first_sample: int, vocab: int, top_k: int
+) -> Dict[str, Any]:
+    """The tensors of one shard, after checking its bytes, metadata, dtypes, shapes, offsets, ids
+    and log-probabilities; `token_ids` is None in a cache of every id (they are the vocabulary)."""
+    import torch
+    from safetensors.torch import load as load_tensors
+
+    file = path / str(shard.get("file"))
+
+    def expect(ok: bool, problem: str, where: Path = file) -> None:
+        _expect(ok, problem, where, path)
+
+    expect(
+        shard.get("first_sample") == first_sample,
+        f"shard {shard.get('file')} starts at sample {shard.get('first_sample')}, expected {first_sample}",
+        path / MANIFEST,
+    )
+    try:
+        blob = file.read_bytes()
+    except OSError as err:
+        raise _stale(file, f"missing or unreadable shard ({err})", path) from None
+    expect(len(blob) == shard.get("bytes"), f"{len(blob)} bytes, the manifest says {shard.get('bytes')} (truncated?)")
+    expect(hashlib.sha256(blob).hexdigest() == shard.get("sha256"), "its sha256 differs from the manifest's")
+    try:
+        header = _safetensors_metadata(blob)
+        tensors = load_tensors(blob)
+    except Exception as err:
+        raise _stale(file, f"not a readable safetensors file ({err})", path) from None
+    meta = header.get("__metadata__") or {}
+    expect(
+        meta.get("key") == key and meta.get("first_sample") == str(first_sample),
+        f"its metadata (key {meta.get('key')!r}, first sample {meta.get('first_sample')!r}) belongs elsewhere",
+    )
+    samples, rows = shard.get("num_samples"), shard.get("num_rows")
+    for name, (dtype, rank) in TENSORS.items():
         expect(
-            shard.get("first_sample") == next_sample,
-            f"shard {shard.get('file')} starts at sample {shard.get('first_sample')}, expected {next_sample}",
+            name in header and header[name].get("dtype") == dtype and len(header[name].get("shape", ())) == rank,
+            f"tensor {name!r} missing or not {dtype} of rank {rank}",
         )
-        try:
-            blob = file.read_bytes()
-        except OSError as err:
-            raise _stale(file, f"missing or unreadable shard ({err})", path) from None
+    shapes = {name: tuple(tensors[name].shape) for name in TENSORS}
+    expected_shapes = {
+        "token_ids": (rows, top_k),
+        "logprobs": (rows, top_k),
+        "tail_logprob": (rows,),
+        "labels": (rows,),
+        "offsets": (samples + 1,) if isinstance(samples, int) else None,
+    }
+    expect(shapes == expected_shapes, f"tensor shapes {shapes}, expected {expected_shapes}")
+    offsets = tensors["offsets"]
+    expect(
+        int(offsets[0]) == 0 and int(offsets[-1]) == rows and bool((offsets[1:] >= offsets[:-1]).all()),
+        "its offsets are not a non-decreasing 0..rows sequence",
+    )
+    ids = tensors["token_ids"]
+    if top_k == vocab:  # every id, in vocabulary order: the ids say nothing more, and are dropped
         expect(
-            len(blob) == shard.get("bytes"),
-            f"{len(blob)} bytes, the manifest says {shard.get('bytes')} (truncated?)",
-            file,
+            bool((ids == torch.arange(vocab, dtype=ids.dtype)).all()),
+            "its ids are not the vocabulary in order, as a cache of every id has them",
         )
-        expect(hashlib.sha256(blob).hexdigest() == shard.get("sha256"), "its sha256 differs from the manifest's", file)
-        try:
-            header = _safetensors_metadata(blob)
-            tensors = load_tensors(blob)
-        except Exception as err:
-            raise _stale(file, f"not a readable safetensors file ({err})", path) from None
-        meta = header.get("__metadata__") or {}
+        tensors["token_ids"] = None
+    else:
         expect(
-            meta.get("key") == key and meta.get("first_sample") == str(next_sample),
-            f"its metadata (key {meta.get('key')!r}, first sample {meta.get('first_sample')!r}) belongs elsewhere",
-            file,
+            ids.numel() == 0 or (int(ids.min()) >= 0 and int(ids.max()) < vocab),
+            f"token ids outside the student's vocabulary [0, {vocab})",
         )
-        samples, rows = shard.get("num_samples"), shard.get("num_rows")
-        for name, (dtype, rank) in TENSORS.items():
-            expect(
-                name in header and header[name].get("dtype") == dtype and len(header[name].get("shape", ())) == rank,
-                f"tensor {name!r} missing or not {dtype} of rank {rank}",
-                file,
-            )
-        shapes = {name: tuple(tensors[name].shape) for name in TENSORS}
-        expected_shapes = {
-            "token_ids": (rows, top_k),
-            "logprobs": (rows, top_k),
-            "tail_logprob": (rows,),
-            "labels": (rows,),
-            "offsets": (samples + 1,) if isinstance(samples, int) else None,
-        }
-        expect(shapes == expected_shapes, f"tensor shapes {shapes}, expected {expected_shapes}", file)
-        offsets = tensors["offsets"]
-        expect(
-            int(offsets[0]) == 0 and int(offsets[-1]) == rows and bool((offsets[1:] >= offsets[:-1]).all()),
-            "its offsets are not a non-decreasing 0..rows sequence",
-            file,
-        )
-        ids = tensors["token_ids"]
-        if top_k == vocab:  # every id, in vocabulary order: the ids say nothing more, and are dropped
-            expect(
-                bool((ids == torch.arange(vocab, dtype=ids.dtype)).all()),
-                "its ids are not the vocabulary in order, as a cache of every id has them",
-                file,
-            )
-            tensors["token_ids"] = None
-        else:
-            expect(
-                ids.numel() == 0 or (int(ids.min()) >= 0 and int(ids.max()) < vocab),
-                f"token ids outside the student's vocabulary [0, {vocab})",
-                file,
-            )
-        expect(
-            not bool(tensors["logprobs"].isnan().any() or tensors["tail_logprob"].isnan().any()),
-            "NaN log-probabilities",
-            file,
-        )
-        tensors["offsets"] = offsets[:-1] + row_base
+    expect(
+        not bool(tensors["logprobs"].isnan().any() or tensors["tail_logprob"].isnan().any()),
+        "NaN log-probabilities",
+    )
+    return tensors
+
+
+def load_verified(
+    path: Path, key: str, num_samples: int, vocab: int, top_k: int
+) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """The manifest and the concatenated tensors of the cache in `path`, after checking everything
+    (see the module docstring); raises FirstSightError at the first disagreement."""
+    import torch
+
+    manifest = _read_manifest(path)
+    _check_manifest(manifest, path, key, num_samples, vocab, top_k)
+    parts: Dict[str, List[Any]] = {name: [] for name in TENSORS}
+    next_sample, row_base = 0, 0
+    for shard in manifest["shards"]:
+        tensors = _verified_shard(path, shard, key, next_sample, vocab, top_k)
+        tensors["offsets"] = tensors["offsets"][:-1] + row_base  # each sample's first row in the whole cache
         for name in TENSORS:
             if tensors[name] is not None:
                 parts[name].append(tensors[name])
-        next_sample += samples
-        row_base += rows
-    expect(next_sample == num_samples, f"its shards cover {next_sample} samples, expected {num_samples}")
-    expect(
+        next_sample += shard["num_samples"]
+        row_base += shard["num_rows"]
+    where = path / MANIFEST
+    _expect(next_sample == num_samples, f"its shards cover {next_sample} samples, expected {num_samples}", where, path)
+    _expect(
         row_base == manifest.get("num_rows"),
         f"its shards hold {row_base} rows, the manifest says {manifest.get('num_rows')}",
+        where,
+        path,
     )
     arrays = {name: torch.cat(values) if values else torch.zeros(0) for name, values in parts.items()}
     if top_k == vocab:

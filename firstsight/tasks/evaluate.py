@@ -67,88 +67,58 @@ def accuracy_by_kind(samples: List[Any], outcomes: List[bool]) -> Dict[str, floa
     return {kind: sum(values) / len(values) for kind, values in right.items()}
 
 
-def evaluate(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
-    from firstsight.core.job import prepare_job, write_job_file
-    from firstsight.data import Blinded, load_split
-    from firstsight.evaluation.accuracy import (
-        Outcomes,
-        outcome_record,
-        summarize,
-        teacher_is_quantized,
+def _answered_right(
+    loaded: Any, questions: List[Any], desc: str, processor: Any, device: str, cfg: DictConfig
+) -> List[bool]:
+    """Whether each greedy answer of `loaded` to `questions` is right."""
+    answers = generated_answers(
+        loaded.model,
+        processor,
+        questions,
+        device,
+        cfg.task.batch_size,
+        cfg.task.max_new_tokens,
+        cfg.train.progress_bar,
+        desc,
+        cfg.hardware.generation,
     )
-    from firstsight.inference.generation import decoder_for, generation_tags
-    from firstsight.models.loading import load_model, load_processor
+    return [is_correct(sample, text) for sample, text in zip(questions, answers)]
+
+
+def _weights_and_precision(tracker: Any, role: str, loaded: Any) -> Dict[str, float]:
+    """Tag the model and its per-part precision; its weights as loaded, whole and per part. The
+    student under the plain names (model/weights_gb, firstsight.precision.*), as profile logs them."""
     from firstsight.models.parts import precision_tags
 
-    device = prepare_job(cfg.hardware, cfg.seed, tracker)
-    processor = load_processor(cfg.model, cfg.cache_dir)
-    dataset = load_split(cfg.data, cfg.task.split, cfg.seed, processor)
-    if getattr(dataset, "skipped", 0):  # bad records left out under data.on_bad_sample=skip
-        tracker.log_metrics({"data/skipped_samples": dataset.skipped})
-    samples = [dataset[i] for i in range(len(dataset))]
-    blinded = [Blinded(samples)[i] for i in range(len(samples))] if cfg.task.blind else None
-    metrics: Dict[str, float] = {}
-    outcomes: Dict[str, List[bool]] = {}
-
-    def answer(loaded: Any, questions: List[Any], desc: str) -> List[bool]:
-        answers = generated_answers(
-            loaded.model,
-            processor,
-            questions,
-            device,
-            cfg.task.batch_size,
-            cfg.task.max_new_tokens,
-            cfg.train.progress_bar,
-            desc,
-            cfg.hardware.generation,
-        )
-        return [is_correct(sample, text) for sample, text in zip(questions, answers)]
-
-    for role in ("teacher", "student"):
-        loaded = load_model(model_spec(cfg), role, processor, device, frozen=True)
-        # the student under the plain names (model/weights_gb, firstsight.precision.*), as profile logs them
-        weights = "model/weights_gb" if role == "student" else "model/teacher_weights_gb"
-        tracker.set_tags(
-            {
-                f"firstsight.{role}": loaded.origin,
-                **precision_tags(
-                    loaded.parts, "firstsight.precision" if role == "student" else "firstsight.teacher_precision"
-                ),
-            }
-        )
-        metrics[weights] = loaded.weights_gb
-        metrics.update({f"{weights}/{part}": gb for part, gb in loaded.part_weights_gb.items()})
-        outcomes[role] = answer(loaded, samples, f"evaluating {role}")
-        if blinded is not None:
-            outcomes[f"{role}_blind"] = answer(loaded, blinded, f"evaluating {role}, grey frames")
-        # the method each model was decoded by: firstsight.generation(.*) for the student, as profile
-        # tags it, firstsight.teacher_generation(.*) for the teacher
-        tags = generation_tags(decoder_for(loaded.model, cfg.hardware.generation))
-        tracker.set_tags(
-            tags
-            if role == "student"
-            else {k.replace("firstsight.generation", "firstsight.teacher_generation", 1): v for k, v in tags.items()}
-        )
-        for kind, value in accuracy_by_kind(samples, outcomes[role]).items():
-            if kind != "all":
-                metrics[f"eval/{role}_accuracy/{kind}"] = value
-        if role == "teacher" and teacher_is_quantized(loaded.parts):
-            del loaded  # the study's drop is against the teacher unquantized: answer with it too
-            reference = load_model(model_spec(cfg).full_precision(), "teacher", processor, device, frozen=True)
-            outcomes["full_precision_teacher"] = answer(reference, samples, "evaluating the full-precision teacher")
-            del reference
-        else:
-            del loaded
-    result = Outcomes(
-        teacher=outcomes["teacher"],
-        student=outcomes["student"],
-        chance=dataset.chance_accuracy(),
-        full_precision_teacher=outcomes.get("full_precision_teacher"),
-        teacher_blind=outcomes.get("teacher_blind"),
-        student_blind=outcomes.get("student_blind"),
+    student = role == "student"
+    tracker.set_tags(
+        {
+            f"firstsight.{role}": loaded.origin,
+            **precision_tags(loaded.parts, "firstsight.precision" if student else "firstsight.teacher_precision"),
+        }
     )
+    weights = "model/weights_gb" if student else "model/teacher_weights_gb"
+    return {weights: loaded.weights_gb, **{f"{weights}/{part}": gb for part, gb in loaded.part_weights_gb.items()}}
+
+
+def _tag_decoding(tracker: Any, role: str, loaded: Any, method: Any) -> None:
+    """The method each model was decoded by: firstsight.generation(.*) for the student, as profile
+    tags it, firstsight.teacher_generation(.*) for the teacher."""
+    from firstsight.inference.generation import decoder_for, generation_tags
+
+    tags = generation_tags(decoder_for(loaded.model, method))
+    if role == "teacher":
+        tags = {k.replace("firstsight.generation", "firstsight.teacher_generation", 1): v for k, v in tags.items()}
+    tracker.set_tags(tags)
+
+
+def _accuracy_metrics(tracker: Any, result: Any) -> Dict[str, float]:
+    """The accuracies with their intervals, the drops and the verdict (logged as lines and a tag);
+    the student's also under the plain names eval/accuracy*."""
+    from firstsight.evaluation.accuracy import summarize
+
     summary, lines, verdict = summarize(result)
-    metrics.update(summary)
+    metrics = dict(summary)
     metrics.update(
         {
             name.replace("eval/student_accuracy", "eval/accuracy", 1): value
@@ -160,6 +130,57 @@ def evaluate(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
         (log.warning if line.startswith("WARNING") else log.info)(line.removeprefix("WARNING: "))
     if verdict is not None:
         tracker.set_tags({"firstsight.accuracy_verdict": str(verdict)})
+    return metrics
+
+
+def evaluate(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
+    from firstsight.core.job import prepare_job, write_job_file
+    from firstsight.data import Blinded, load_split
+    from firstsight.evaluation.accuracy import Outcomes, outcome_record, teacher_is_quantized
+    from firstsight.models.loading import load_model, load_processor
+
+    # load: the processor and the questions (with grey-frame copies for task.blind)
+    device = prepare_job(cfg.hardware, cfg.seed, tracker)
+    processor = load_processor(cfg.model, cfg.cache_dir)
+    dataset = load_split(cfg.data, cfg.task.split, cfg.seed, processor)
+    if getattr(dataset, "skipped", 0):  # bad records left out under data.on_bad_sample=skip
+        tracker.log_metrics({"data/skipped_samples": dataset.skipped})
+    samples = [dataset[i] for i in range(len(dataset))]
+    blinded = [Blinded(samples)[i] for i in range(len(samples))] if cfg.task.blind else None
+
+    def answer(loaded: Any, questions: List[Any], desc: str) -> List[bool]:
+        return _answered_right(loaded, questions, desc, processor, device, cfg)
+
+    # answer: each model in turn, loaded alone
+    metrics: Dict[str, float] = {}
+    outcomes: Dict[str, List[bool]] = {}
+    for role in ("teacher", "student"):
+        loaded = load_model(model_spec(cfg), role, processor, device, frozen=True)
+        metrics.update(_weights_and_precision(tracker, role, loaded))
+        outcomes[role] = answer(loaded, samples, f"evaluating {role}")
+        if blinded is not None:
+            outcomes[f"{role}_blind"] = answer(loaded, blinded, f"evaluating {role}, grey frames")
+        _tag_decoding(tracker, role, loaded, cfg.hardware.generation)
+        for kind, value in accuracy_by_kind(samples, outcomes[role]).items():
+            if kind != "all":
+                metrics[f"eval/{role}_accuracy/{kind}"] = value
+        quantized_teacher = role == "teacher" and teacher_is_quantized(loaded.parts)
+        del loaded
+        if quantized_teacher:  # the study's drop is against the teacher unquantized: answer with it too
+            reference = load_model(model_spec(cfg).full_precision(), "teacher", processor, device, frozen=True)
+            outcomes["full_precision_teacher"] = answer(reference, samples, "evaluating the full-precision teacher")
+            del reference
+
+    # measure and save: accuracies with intervals, the paired drops, per-question outcomes
+    result = Outcomes(
+        teacher=outcomes["teacher"],
+        student=outcomes["student"],
+        chance=dataset.chance_accuracy(),
+        full_precision_teacher=outcomes.get("full_precision_teacher"),
+        teacher_blind=outcomes.get("teacher_blind"),
+        student_blind=outcomes.get("student_blind"),
+    )
+    metrics.update(_accuracy_metrics(tracker, result))
     write_job_file("eval_outcomes.json", outcome_record([s.kind for s in samples], result))
     tracker.log_metrics(metrics)
     tracker.flush()

@@ -106,21 +106,15 @@ def optimize(
     Returns {"step_seconds": the steps' summed time, "harness_seconds": the time spent after the
     steps in on_step (metric logging, MLflow flushes) and the progress bar}: the harness overhead.
     """
-    import torch
     from tqdm.auto import tqdm
 
     from firstsight.core.signals import STOP
     from firstsight.core.world import SINGLE
 
     world = world or SINGLE
-    extra = [p for p in extra_parameters if p.requires_grad]
-    params = [p for p in model.parameters() if p.requires_grad] + extra
-    no_sync = getattr(model, "no_sync", contextlib.nullcontext)  # DDP: all-reduce on the last micro-batch only
-    optimizer = _optimizer(params, settings, device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(settings.warmup_steps, settings.max_steps))
-    scaler = torch.amp.GradScaler(device, enabled=dtype == torch.float16)  # fp16 gradients underflow unscaled
+    opt = _Optimization.of(model, extra_parameters, settings, device, dtype)
     timer = StepTimer(device)
-    first = checkpointer.restore(optimizer, scheduler, scaler) + 1 if checkpointer is not None else 1
+    first = checkpointer.restore(opt.optimizer, opt.scheduler, opt.scaler) + 1 if checkpointer is not None else 1
     bar = tqdm(
         total=settings.max_steps,
         initial=first - 1,
@@ -138,19 +132,7 @@ def optimize(
                     micro: List[Dict[str, Any]] = [
                         to_device(next(batches), device) for _ in range(settings.grad_accum_steps)
                     ]
-                    answer_tokens = int(world.all_reduce([sum(count_answer_tokens(b["labels"]) for b in micro)])[0])
-                    sums = _backward(micro, micro_step, answer_tokens, no_sync, scaler, world, device, dtype)
-                    world.average_gradients(extra)
-                    scaler.unscale_(optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(
-                        params, settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf")
-                    )
-                    scaler.step(optimizer)
-                    scaler.update()
-                    optimizer.zero_grad(set_to_none=True)
-                    lr = scheduler.get_last_lr()[0]
-                    scheduler.step()
-                    metrics = {key: float(value) for key, value in sums.items()}  # one host sync per step
+                    metrics, grad_norm, lr = opt.step(micro, micro_step, settings, world, device, dtype)
                 metrics["grad_norm"] = float(grad_norm)
                 metrics["lr"] = lr
                 samples = sum(int(b["labels"].shape[0]) for b in micro)
@@ -164,11 +146,72 @@ def optimize(
                 harness_seconds += time.perf_counter() - harness_start
                 step_seconds += timer.seconds
                 if checkpointer is not None and checkpointer.due(step, settings.max_steps):
-                    saved = checkpointer.save(step, optimizer, scheduler, scaler, batches.position(), metrics)
+                    saved = checkpointer.save(
+                        step, opt.optimizer, opt.scheduler, opt.scaler, batches.position(), metrics
+                    )
                     STOP.pass_on(step, saved, end_job=world.active)  # a stop signal: requeue or end the job
     finally:
         bar.close()
     return {"step_seconds": step_seconds, "harness_seconds": harness_seconds}
+
+
+@dataclass
+class _Optimization:
+    """What one optimizer step works with: the trained parameters, the optimizer, its schedule and
+    the fp16 gradient scaler."""
+
+    params: List[Any]
+    extra: List[Any]  # trained alongside the model, not part of it: averaged over the processes by hand
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+    no_sync: Callable[[], Any]  # DDP: all-reduce on the last micro-batch only
+
+    @classmethod
+    def of(cls, model: Any, extra_parameters: Iterable[Any], settings: LoopSettings, device: str, dtype: Any):
+        import torch
+
+        extra = [p for p in extra_parameters if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad] + extra
+        optimizer = _optimizer(params, settings, device)
+        return cls(
+            params=params,
+            extra=extra,
+            optimizer=optimizer,
+            scheduler=torch.optim.lr_scheduler.LambdaLR(
+                optimizer, _lr_lambda(settings.warmup_steps, settings.max_steps)
+            ),
+            scaler=torch.amp.GradScaler(device, enabled=dtype == torch.float16),  # fp16 gradients underflow unscaled
+            no_sync=getattr(model, "no_sync", contextlib.nullcontext),
+        )
+
+    def step(
+        self,
+        micro: List[Dict[str, Any]],
+        micro_step: Callable[[Dict[str, Any], int], Dict[str, Any]],
+        settings: LoopSettings,
+        world: Any,
+        device: str,
+        dtype: Any,
+    ) -> Tuple[Dict[str, float], Any, float]:
+        """One step over the micro-batches: backward (accumulated), clip, step, schedule. Returns the
+        step's summed metrics, the gradient norm (a tensor: read after the timed step) and its lr."""
+        import torch
+
+        answer_tokens = int(world.all_reduce([sum(count_answer_tokens(b["labels"]) for b in micro)])[0])
+        sums = _backward(micro, micro_step, answer_tokens, self.no_sync, self.scaler, world, device, dtype)
+        world.average_gradients(self.extra)
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            self.params, settings.max_grad_norm if settings.max_grad_norm > 0 else float("inf")
+        )
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        metrics = {key: float(value) for key, value in sums.items()}  # one host sync per step
+        return metrics, grad_norm, lr
 
 
 def _backward(
