@@ -200,7 +200,7 @@ def test_broken_checkpoints_are_skipped(tmp_path, caplog):
     (half / MANIFEST).unlink()  # as a write cut short leaves it
 
     assert "sha256" in verify(corrupt)
-    assert "no manifest" in verify(half)
+    assert verify(half) == "no manifest.json (the write did not finish)"
     assert latest_valid(root) == good
     assert "skipping checkpoint" in caplog.text and "step-0000015" in caplog.text
 
@@ -569,7 +569,7 @@ def test_config_differences_names_each_changed_setting():
 
 
 @pytest.mark.parametrize("changed", [1, 8, 9])
-def test_resume_with_other_settings_is_refused_naming_them(tmp_path, changed):
+def test_a_resume_with_other_settings_is_refused_naming_them(tmp_path, changed):
     """The error names the checkpoint and up to 8 differences, `...` for more, and what to do."""
     from firstsight.core.errors import FirstSightError
     from firstsight.training.resume import locate
@@ -617,6 +617,8 @@ def test_restore_refuses_tensors_that_are_not_this_runs(tmp_path):
     assert message == (
         f"checkpoint {point.path} does not hold this run's trained tensors (missing: ['lora_A'], unexpected: [])"
     )
+    message = restore({**mine, **{f"new{i}": torch.nn.Parameter(torch.zeros(1)) for i in range(6)}})
+    assert message.endswith("(missing: ['new0', 'new1', 'new2', 'new3', 'new4'], unexpected: [])")  # the first 5
     message = restore({"shared": mine["shared"]})  # only unexpected ones: the first 5 named
     assert message.endswith("(missing: [], unexpected: ['extra0', 'extra1', 'extra2', 'extra3', 'extra4'])")
     message = restore({**mine, "shared": torch.nn.Parameter(torch.zeros(4, 3))})
