@@ -752,3 +752,16 @@ def test_an_fsdp_run_writes_whole_tensors_and_restores_them_into_its_shards(tmp_
                 assert torch.equal(restored[index][key].full_tensor(), state[key].full_tensor()), (index, key)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_file_system_without_fsync_still_gets_its_checkpoint(tmp_path, monkeypatch):
+    """fsync is a best effort: where the file system refuses it (EINVAL), the checkpoint is written."""
+    import errno
+
+    from firstsight.training.resume import verify
+
+    def refused(fd):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "fsync", refused)
+    assert verify(_write_checkpoint(tmp_path / "checkpoints" / "resume", 1)) is None
