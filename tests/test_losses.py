@@ -819,3 +819,34 @@ def test_hidden_distillation_passes_its_kind_and_the_batch_s_answer_count_to_eac
         torch.testing.assert_close(accumulated, own / 4, rtol=1e-12, atol=0)
         single = term.losses[0](states_s[-1], states_t[-1], labels)
         torch.testing.assert_close(own, single, rtol=0, atol=0)
+
+
+def test_sparse_loss_on_targets_as_the_cache_stores_them_is_computed_in_the_student_s_float64():
+    """The cache hands over int32 ids and labels and float32 log-probabilities: they are checked
+    against the batch as they are, and a float64 student's loss is computed in float64 from them."""
+    from firstsight.losses.sparse import SparseTargets, sparse_kd_loss, topk_targets
+
+    g = torch.Generator().manual_seed(3)
+    student = torch.randn(2, 4, 7, generator=g, dtype=torch.float64)
+    labels = torch.tensor([[-100, 2, 6, -100], [-100, -100, 0, 5]])
+    ids, logprobs, tail = topk_targets(torch.randn(4, 9, generator=g), 7, 3, 1.0)  # a float32 teacher
+    cached = SparseTargets(ids.to(torch.int32), logprobs, tail, labels=torch.tensor([2, 6, 0, 5], dtype=torch.int32))
+    out = sparse_kd_loss(ForwardKL(temperature=1.0, alpha=1.0), student, cached, labels)
+
+    rows = student[:, :-1][labels[:, 1:] != -100]
+    q = torch.log_softmax(rows, -1)
+    outside = torch.ones_like(q, dtype=torch.bool).scatter(-1, ids, False)
+    q_buckets = torch.cat([q.gather(-1, ids), q.masked_fill(~outside, float("-inf")).logsumexp(-1, keepdim=True)], -1)
+    p_buckets = torch.cat([logprobs, tail.unsqueeze(-1)], -1).double()
+    kd = (p_buckets.exp() * (p_buckets - q_buckets)).sum() / 4
+    assert out.loss.dtype == torch.float64
+    torch.testing.assert_close(out.loss, kd, rtol=1e-12, atol=0)
+
+    _, whole, _ = topk_targets(torch.randn(4, 9, generator=g), 7, 7, 1.0)  # k = V: the cache drops the ids
+    dense = sparse_kd_loss(ForwardKL(temperature=1.0, alpha=1.0), student, SparseTargets(None, whole, tail), labels)
+    assert dense.loss.dtype == torch.float64
+    exact = (whole.double().exp() * (whole.double() - q)).sum() / 4
+    torch.testing.assert_close(dense.loss, exact, rtol=1e-12, atol=0)
+
+    with pytest.raises(ValueError, match="the sparse teacher targets have 3 rows but the batch has 4 answer tokens"):
+        sparse_kd_loss(ForwardKL(), student, SparseTargets(ids[:3], logprobs[:3], tail[:3]), labels)
