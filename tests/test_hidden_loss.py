@@ -402,3 +402,120 @@ def test_run_with_the_hidden_term_logs_it(run_cli, tmp_path):
     [weights] = tmp_path.glob("outputs/*/*/checkpoints/student/model.safetensors")
     with safe_open(str(weights), "pt") as f:
         assert not any("projection" in key or "hidden" in key for key in f.keys())
+
+
+def _kd_step_batch(tiny_parts, size=3):
+    from firstsight.data.batching import QACollator
+
+    train = tiny_parts.split("train")
+    batch = QACollator(tiny_parts.processor)([train[i] for i in range(size)])
+    return batch, count_answer_tokens(batch["labels"])
+
+
+def test_the_kd_step_adds_the_weighted_hidden_term_on_both_models_hidden_states(tiny_parts):
+    """KDStep's loss is the KD loss plus hidden_weight times the hidden-state term, taken between
+    the student's and the teacher's hidden states of the same inputs, over the answer tokens of the
+    whole step; the term is logged on its own, detached."""
+    from firstsight.losses.kd import ForwardKL
+    from firstsight.tasks.distill import KDStep, build_hidden_loss, step_inputs
+
+    student, teacher = tiny_parts.model("student", frozen=False), tiny_parts.model("teacher")
+    hidden = build_hidden_loss(compose(["distill_loss.hidden_weight=0.25"]), student, teacher, "cpu")
+    torch.nn.init.normal_(hidden.losses[0].projection.weight, std=0.1, generator=torch.Generator().manual_seed(0))
+    loss_fn = ForwardKL(temperature=2.0, alpha=0.5)
+    step = KDStep(student, student, teacher, loss_fn, None, hidden, 0.25, True, True, "cpu")
+    batch, answers = _kd_step_batch(tiny_parts)
+    metrics = step(batch, 2 * answers)  # as if the step had another micro-batch as large
+
+    inputs, labels = step_inputs(batch, student, True, True)
+    s_out = student(**inputs, output_hidden_states=True)
+    with torch.no_grad():
+        t_out = teacher(**inputs, output_hidden_states=True)
+    kd = loss_fn(s_out.logits, t_out.logits, labels, num_answer_tokens=2 * answers)
+    term = hidden(s_out.hidden_states, t_out.hidden_states, batch["labels"], num_answer_tokens=2 * answers)
+    assert float(term.detach()) > 1e-3  # a term that changes the loss
+    assert float(metrics["hidden_loss"]) == pytest.approx(float(term), rel=1e-5)
+    assert not metrics["hidden_loss"].requires_grad
+    assert float(metrics["loss"]) == pytest.approx(float(kd.loss + 0.25 * term), rel=1e-5)
+    assert float(metrics["kd_loss"]) == pytest.approx(float(kd.kd_loss), rel=1e-5)
+    assert float(metrics["ce_loss"]) == pytest.approx(float(kd.ce_loss), rel=1e-5)
+    metrics["loss"].backward()  # the term's projection trains with the student
+    assert hidden.losses[0].projection.weight.grad is not None
+
+
+def test_without_a_hidden_term_the_models_are_not_asked_for_hidden_states(tiny_parts):
+    """No hidden term: neither forward is asked for its hidden states (a copy of every layer's
+    activations), and the teacher runs outside the student's autocast, in its own dtype."""
+    from firstsight.losses.kd import ForwardKL
+    from firstsight.tasks.distill import KDStep
+
+    student, teacher = tiny_parts.model("student", frozen=False), tiny_parts.model("teacher")
+    seen = {}
+
+    def spy(name, model):
+        def forward(**kwargs):
+            seen[name] = (kwargs, torch.is_autocast_enabled("cpu"))
+            return model(**kwargs)
+
+        return forward
+
+    batch, answers = _kd_step_batch(tiny_parts)
+    plain = KDStep(
+        student, spy("student", student), spy("teacher", teacher), ForwardKL(), None, None, 0.0, True, True, "cpu"
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        metrics = plain(batch, answers)
+    assert set(metrics) == {"loss", "kd_loss", "ce_loss"}
+    for name in ("student", "teacher"):
+        kwargs, _ = seen[name]
+        assert "output_hidden_states" not in kwargs and kwargs["use_cache"] is False
+    assert seen["student"][1] and not seen["teacher"][1]  # autocast for the trained student only
+
+
+def test_step_inputs_share_the_host_positions_and_keep_only_the_answer_logits(tiny_parts):
+    """step_inputs: no KV cache; with host positions, the M-RoPE positions computed from the model
+    (the ones the model computes itself); with answer positions only, logits_to_keep and the labels
+    sliced to match. KDStep passes its settings through to it."""
+    from firstsight.losses.kd import ForwardKL, answer_logit_slice
+    from firstsight.models.positions import mrope_positions
+    from firstsight.tasks.distill import KDStep, step_inputs
+
+    student = tiny_parts.model("student")
+    batch, answers = _kd_step_batch(tiny_parts)
+    inputs, labels = step_inputs(batch, student, True, False)
+    assert inputs["use_cache"] is False and labels is batch["labels"] and "logits_to_keep" not in inputs
+    assert torch.equal(inputs["position_ids"], mrope_positions(student, batch))
+    own, sliced = step_inputs(batch, student, False, True)
+    keep, expected = answer_logit_slice(batch["labels"])
+    assert "position_ids" not in own and torch.equal(sliced, expected)
+    assert torch.equal(torch.as_tensor(own["logits_to_keep"]), torch.as_tensor(keep))
+    with torch.no_grad():
+        assert torch.equal(student(**inputs).logits, student(**step_inputs(batch, student, False, False)[0]).logits)
+
+    seen = []
+
+    def spy(**kwargs):
+        seen.append(kwargs)
+        return student(**kwargs)
+
+    with torch.no_grad():
+        for share, answer_only in [(True, False), (False, True)]:
+            KDStep(student, spy, student, ForwardKL(), None, None, 0.0, share, answer_only, "cpu")(batch, answers)
+    assert "position_ids" in seen[0] and "logits_to_keep" not in seen[0]
+    assert "position_ids" not in seen[1] and "logits_to_keep" in seen[1]
+
+
+def test_the_control_without_a_teacher_never_runs_it(tiny_parts):
+    """distill_loss=none: the step takes the student's own detached logits as the 'teacher', so the
+    KD part is zero and the teacher is never called."""
+    from firstsight.losses.kd import NoKD
+    from firstsight.tasks.distill import KDStep
+
+    student = tiny_parts.model("student", frozen=False)
+
+    def teacher(**kwargs):
+        raise AssertionError("the control ran the teacher")
+
+    batch, answers = _kd_step_batch(tiny_parts)
+    metrics = KDStep(student, student, teacher, NoKD(alpha=0.0), None, None, 0.0, True, True, "cpu")(batch, answers)
+    assert float(metrics["kd_loss"]) == 0.0 and float(metrics["loss"]) == pytest.approx(float(metrics["ce_loss"]))
