@@ -551,6 +551,20 @@ def test_verify_names_what_is_wrong_with_a_checkpoint(tmp_path, caplog):
         assert f"skipping checkpoint {path}: {problem}" in caplog.text
 
 
+def test_a_manifest_that_lists_no_files_is_a_broken_checkpoint(tmp_path):
+    """JSON, but not a manifest of files with their bytes and sha256: skipped like any broken
+    checkpoint, not a crash of the resume."""
+    from firstsight.training.resume import MANIFEST, latest_valid, verify
+
+    listless = "manifest.json does not list its files with their bytes and sha256"
+    for i, manifest in enumerate(['{"step": 6}', "[]", '{"files": {"state.json": 3}}', '{"files": {"a": {}}}']):
+        root = tmp_path / str(i) / "checkpoints" / "resume"
+        odd = _write_checkpoint(root, 1)
+        (odd / MANIFEST).write_text(manifest)
+        assert verify(odd) == listless
+        assert latest_valid(root) is None
+
+
 # ----------------------------------------------------------------------------- the settings check
 
 

@@ -123,7 +123,12 @@ def verify(path: Path) -> Optional[str]:
         manifest = json.loads(manifest_file.read_text())
     except (OSError, ValueError) as error:
         return f"unreadable manifest.json ({error})"
-    for name, expected in manifest["files"].items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+        isinstance(entry, dict) and {"bytes", "sha256"} <= entry.keys() for entry in files.values()
+    ):
+        return "manifest.json does not list its files with their bytes and sha256"
+    for name, expected in files.items():
         file = path / name
         if not file.is_file():
             return f"{name} is missing"
