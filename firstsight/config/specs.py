@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from omegaconf import DictConfig, open_dict
 
@@ -99,5 +99,7 @@ class TrackingSpec:
     record: Dict[str, Any]  # the config record: the run's params and config.yaml
 
 
-def tracking_spec(cfg: DictConfig) -> TrackingSpec:
-    return TrackingSpec(tracking=cfg.tracking, task=str(cfg.task.name), record=config_record(cfg))
+def tracking_spec(cfg: DictConfig, record: Optional[Dict[str, Any]] = None) -> TrackingSpec:
+    """`record`: the config record when the caller has resolved it already."""
+    record = config_record(cfg) if record is None else record
+    return TrackingSpec(tracking=cfg.tracking, task=str(cfg.task.name), record=record)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Dict, Iterator
 from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 
+from firstsight.config.record import config_record
 from firstsight.config.specs import tracking_spec
 from firstsight.core.errors import FirstSightError, RunFailed
 from firstsight.core.job import write_job_metrics
@@ -82,14 +83,14 @@ def run_task(cfg: DictConfig) -> Dict[str, float]:
 
 def _run_in_process(cfg: DictConfig, world: Any) -> Dict[str, float]:
     task: Callable[..., Dict[str, float]] = TASKS[cfg.task.name]
+    record = config_record(cfg)  # resolved once: the resume check and the run's params read it
     resume_point = None
     if cfg.task.name == "distill":  # a requeued/restarted job continues its checkpoint and MLflow run
-        from firstsight.config.record import config_record
         from firstsight.core.job import job_output_dir
         from firstsight.training.resume import locate, read_point
 
         with exit_on_user_error():
-            resume_point = locate(cfg.train, config_record(cfg), job_output_dir()) if world.is_main else None
+            resume_point = locate(cfg.train, record, job_output_dir()) if world.is_main else None
         if world.active:  # rank 0 found (and verified) it; the others read the same one
             path = world.broadcast(str(resume_point.path) if resume_point else None)
             resume_point = read_point(Path(path)) if path and not world.is_main else resume_point
@@ -102,7 +103,7 @@ def _run_in_process(cfg: DictConfig, world: Any) -> Dict[str, float]:
         with (
             STOP.installed(),
             exit_on_user_error(),
-            job_tracker(tracking_spec(cfg), run_id=run_id, enabled=world.is_main) as tracker,
+            job_tracker(tracking_spec(cfg, record), run_id=run_id, enabled=world.is_main) as tracker,
         ):
             return task(cfg, tracker)
     except Preempted as stop:  # the run is marked KILLED; a checkpoint was written if training had begun

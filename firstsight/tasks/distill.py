@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from firstsight.config.record import config_record
 from firstsight.config.specs import model_spec, teacher_cache_spec
@@ -669,7 +669,7 @@ def run_record(cfg: DictConfig, tracker: Any, metrics: Dict[str, float]) -> str:
             else None,
             "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": package_versions(),
-            "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+            "config": config_record(cfg),
             "metrics": {k: float(v) for k, v in sorted(metrics.items())},
         },
         indent=2,
