@@ -21,7 +21,7 @@ weights by default:
              reported, with after how many passes over the split the faster steps pay it back)
 
 Same loss: the optimized point's per-step loss must follow the naive one (bf16 noise only; on the
-CPU the two are bit-identical, tests/test_kd_speed.py). The table gives tokens/s, peak VRAM and
+CPU the two are bit-identical, tests/unit/test_kd_speed.py). The table gives tokens/s, peak VRAM and
 the ratios to naive, and the harness overhead (perf/harness_time_fraction: metric logging and the
 progress bar against the steps' time).
 

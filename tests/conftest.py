@@ -19,6 +19,20 @@ os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+TIERS = ("unit", "integration", "e2e", "gpu")
+
+
+def pytest_collection_modifyitems(items: List[pytest.Item]) -> None:
+    """Each test gets its directory's tier as a marker, so `-m unit` (or integration, e2e) selects it;
+    an end-to-end test is also `slow`, so the quick loop (`-m "not slow"`) leaves the processes out."""
+    for item in items:
+        tier = Path(item.fspath).parent.name
+        if tier in TIERS:
+            item.add_marker(tier)
+        if tier == "e2e":
+            item.add_marker("slow")
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("firstsight-cache")

@@ -117,7 +117,7 @@ class RecordingTracker:
 
 
 # Logit tolerance |ours - generate's| <= RTOL * max|generate's logit| + ATOL, per dtype. bf16: the
-# one benchmarks/generation.py and tests/test_generation.py use (8 significant bits, rounding in
+# one benchmarks/generation.py and tests/unit/test_generation.py use (8 significant bits, rounding in
 # another order). fp32: the static cache's attention (a longer, masked cache) and the compiled
 # step's fused kernels reorder float32 sums only.
 LOGIT_TOLERANCE = {torch.float32: (1e-3, 1e-3), torch.bfloat16: (2**-6, 1e-2)}

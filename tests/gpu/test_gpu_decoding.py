@@ -7,7 +7,7 @@ batch 1 and on left-padded batches, with the end token suppressed or a natural s
 Up to near-ties (gpu_support.assert_greedy_tokens_follow): where generate's own top-2 logits of a
 step are within twice the dtype's logit tolerance, the picks may differ there and the row is not
 compared after it; everywhere else a different token fails. The CPU tests
-(tests/test_generation.py, test_prefill.py) check the same paths with stand-ins for the graphs."""
+(tests/unit/test_generation.py, unit/test_prefill.py) check the same paths with stand-ins for the graphs."""
 
 from __future__ import annotations
 

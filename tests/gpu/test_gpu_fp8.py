@@ -2,7 +2,7 @@
 Linear of the vision tower, merger and language model holds float8 e4m3 weights and multiplies in
 float8 (torch._scaled_mm), lm_head stays bf16, and the trained tiny teacher's logits track bf16's.
 
-Tolerance (the fp8 counterpart of tests/test_torchao_quantization.py's int8 check, which allows a
+Tolerance (the fp8 counterpart of tests/unit/test_torchao_quantization.py's int8 check, which allows a
 relative logit error of 0.05): relative error of the logits over the prompt and answer tokens
 ||fp8 - bf16|| / ||bf16|| < FP8_LOGIT_RTOL, and the greedy pick at the answer positions the same
 as bf16's at >= FP8_ARGMAX_AGREEMENT of them. e4m3 keeps 3 mantissa bits (a relative rounding

@@ -2,7 +2,7 @@
 the process is really capped (torch.cuda.set_per_process_memory_fraction), a real CUDA
 out-of-memory under the cap becomes the suite's "does not fit" outcome instead of an error, and
 the profile task at real size (Qwen2-VL-2B, random weights, bf16: 4.4 GB of weights) does not fit
-4 GB (out of memory while loading) and fits 8 GB. The CPU tests (tests/test_edge.py) inject the
+4 GB (out of memory while loading) and fits 8 GB. The CPU tests (tests/unit/test_edge.py) inject the
 exception instead.
 
 The cap counts everything this process's allocator holds, so each test runs alone in a process of

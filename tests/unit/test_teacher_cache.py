@@ -1,0 +1,343 @@
+"""Teacher-logit cache: the sparse (top-k + tail) loss against float64 references, the cache key,
+build then hit without a teacher pass, stale/corrupt caches refused, and miss → hit from the CLI."""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+
+import pytest
+import torch
+from conftest import compose
+
+from firstsight.config.specs import model_spec, teacher_cache_spec
+from firstsight.losses.kd import JSD, ForwardKL, NoKD, ReverseKL, SkewForwardKL, SkewReverseKL
+from firstsight.losses.sparse import SparseTargets, topk_targets
+
+# tiny tensors: extra OpenMP threads only wait for each other on a busy 2-core machine
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# ----------------------------------------------------------------------------- the sparse loss
+
+
+def _batch(seed=0, vocab=13, teacher_vocab=16, batch=3, length=7):
+    g = torch.Generator().manual_seed(seed)
+    student = 3 * torch.randn(batch, length, vocab, generator=g, dtype=torch.float64)
+    teacher = 3 * torch.randn(batch, length, teacher_vocab, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, vocab, (batch, length), generator=g)
+    labels[torch.rand(batch, length, generator=g) > 0.6] = -100
+    labels[0, -1] = 1
+    return student, teacher, labels
+
+
+def _sparse(teacher, labels, vocab, k, temperature):
+    """What the cache stores for these answer tokens (teacher padding rows cut at `vocab`)."""
+    rows = teacher[:, :-1][labels[:, 1:] != -100]
+    return SparseTargets(*topk_targets(rows, vocab, k, temperature))
+
+
+LOSSES = [
+    ForwardKL(temperature=1.7, alpha=0.6, chunk_size=3),
+    ReverseKL(temperature=0.8, alpha=0.6, chunk_size=3),
+    JSD(temperature=1.7, alpha=0.6, beta=0.3, chunk_size=3),
+    SkewForwardKL(temperature=1.0, alpha=0.6, skew=0.2, chunk_size=3),
+    SkewReverseKL(temperature=2.0, alpha=0.6, skew=0.2, chunk_size=3),
+    NoKD(temperature=1.0, alpha=0.0, chunk_size=3),
+]
+
+
+def _value_and_grad(loss_fn, student, target, labels):
+    student = student.detach().clone().requires_grad_()
+    out = loss_fn(student, target, labels, num_answer_tokens=int((labels[:, 1:] != -100).sum()) + 2)
+    out.loss.backward()
+    return out, student.grad
+
+
+@pytest.mark.parametrize("loss_fn", LOSSES, ids=lambda f: type(f).__name__)
+def test_sparse_loss_with_k_equal_to_the_vocabulary_is_the_full_loss(loss_fn):
+    student, teacher, labels = _batch()
+    full, full_grad = _value_and_grad(loss_fn, student, teacher, labels)
+    targets = _sparse(teacher, labels, student.shape[-1], student.shape[-1], loss_fn.temperature)
+    assert torch.isneginf(targets.tail_logprob).all()  # k = V: the tail is empty
+    assert torch.equal(targets.token_ids, torch.arange(student.shape[-1]).expand_as(targets.token_ids))  # in order
+    dense = SparseTargets(None, targets.logprobs, targets.tail_logprob)  # what a cache of every id hands over
+    for given in (targets, dense):
+        sparse, sparse_grad = _value_and_grad(loss_fn, student, given, labels)
+        for name in ("loss", "kd_loss", "ce_loss"):
+            torch.testing.assert_close(getattr(sparse, name), getattr(full, name), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(sparse_grad, full_grad, rtol=1e-10, atol=1e-12)
+        assert sparse.num_tokens == full.num_tokens
+
+
+def _bucket_reference(kind, student, teacher, labels, vocab, k, temperature, beta=0.3):
+    """Mean over answer tokens of the divergence between the (k+1)-bucket distributions, float64,
+    token by token: buckets = the teacher's top-k ids, then 1 − their sum."""
+    values = []
+    for b in range(labels.shape[0]):
+        for i in range(labels.shape[1] - 1):
+            if labels[b, i + 1] == -100:
+                continue
+            p = torch.softmax(teacher[b, i, :vocab] / temperature, -1)
+            q = torch.softmax(student[b, i] / temperature, -1)
+            ids = p.topk(k).indices
+            pb = torch.cat([p[ids], (1 - p[ids].sum()).reshape(1)])
+            qb = torch.cat([q[ids], (1 - q[ids].sum()).reshape(1)])
+            kl = lambda a, c: (a * (a.log() - c.log())).sum()  # noqa: E731
+            if kind == "forward":
+                values.append(kl(pb, qb))
+            elif kind == "reverse":
+                values.append(kl(qb, pb))
+            else:
+                m = beta * pb + (1 - beta) * qb
+                values.append(beta * kl(pb, m) + (1 - beta) * kl(qb, m))
+    return torch.stack(values).mean()
+
+
+@pytest.mark.parametrize("kind, cls", [("forward", ForwardKL), ("reverse", ReverseKL), ("jsd", JSD)])
+@pytest.mark.parametrize("k", [1, 4])
+def test_small_k_uses_the_tail_bucket(kind, cls, k):
+    student, teacher, labels = _batch(seed=1)
+    vocab, temperature = student.shape[-1], 1.5
+    loss_fn = cls(temperature=temperature, alpha=1.0, chunk_size=2, **({"beta": 0.3} if kind == "jsd" else {}))
+    targets = _sparse(teacher, labels, vocab, k, temperature)
+    out = loss_fn(student, targets, labels)
+    reference = _bucket_reference(kind, student, teacher, labels, vocab, k, temperature)
+    torch.testing.assert_close(out.kd_loss, reference, rtol=1e-10, atol=1e-12)
+    # coarser buckets lose information: at most the full divergence (data-processing inequality)
+    assert out.kd_loss <= loss_fn(student, teacher, labels).kd_loss + 1e-12
+
+
+def test_sparse_gradcheck():
+    student, teacher, labels = _batch(seed=2, vocab=6, teacher_vocab=7, batch=2, length=5)
+    loss_fn = JSD(temperature=1.3, alpha=0.7, beta=0.4, chunk_size=2)
+    targets = _sparse(teacher, labels, 6, 2, 1.3)
+    student.requires_grad_()
+    assert torch.autograd.gradcheck(lambda s: loss_fn(s, targets, labels).loss, (student,))
+
+
+def test_tail_mass_is_accurate_when_tiny():
+    """The top-k hold all but ~e^-60 of the mass: 1 - sum(top-k) would round to 0 in float32; the
+    logsumexp over the rest keeps the tail's log exactly (teacher and student alike)."""
+    vocab, k = 50, 5
+    logits = torch.full((2, vocab), -60.0)
+    logits[:, :k] = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.0])
+    ids, logprobs, tail = topk_targets(logits, vocab, k, 1.0)
+    exact = torch.logsumexp(torch.log_softmax(logits.double(), -1)[:, k:], -1)
+    torch.testing.assert_close(tail.double(), exact, rtol=1e-6, atol=0)
+    assert (ids.sort(-1).values == torch.arange(k)).all()
+    # the student side: its bucket loss stays finite and matches a float64 evaluation
+    labels = torch.tensor([[-100, 3]])
+    student = logits[:1].unsqueeze(0).repeat(1, 2, 1) + 0.1
+    sparse = SparseTargets(ids[:1], logprobs[:1], tail[:1])
+    out32 = ReverseKL(alpha=1.0)(student, sparse, labels)
+    sparse64 = SparseTargets(ids[:1], logprobs[:1].double(), exact[:1])
+    out64 = ReverseKL(alpha=1.0)(student.double(), sparse64, labels)
+    assert math.isfinite(out32.kd_loss.item())
+    torch.testing.assert_close(out32.kd_loss.double(), out64.kd_loss, rtol=1e-4, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- the key
+
+
+BASE = [
+    "model.teacher.weights=random",
+    "data.train_size=16",
+    "data.validation_size=8",
+    "hardware.batch_size=4",
+    "train.max_steps=3",
+    "train.throughput_warmup_steps=1",
+    "train.progress_bar=false",
+    "train.save_checkpoint=false",
+    "teacher_cache.enabled=true",
+]
+
+
+_PROCESSOR = {}  # the tiny processor and the base config, made once
+
+
+def _processor(cache_dir):
+    from firstsight.models.tiny import tiny_processor
+
+    if "processor" not in _PROCESSOR:  # loaded once: it is only read here
+        _PROCESSOR["processor"] = tiny_processor(cache_dir)
+    return _PROCESSOR["processor"]
+
+
+def _key(cache_dir, overrides, vocab=448, processor=None):
+    from omegaconf import OmegaConf
+
+    from firstsight.core.files import content_key
+    from firstsight.data import load_split
+    from firstsight.kd.teacher_cache import key_inputs
+
+    if "cfg" not in _PROCESSOR:  # composed once (Hydra's compose is slow); overrides are dotted keys
+        _PROCESSOR["cfg"] = compose(BASE)
+    cfg = _PROCESSOR["cfg"].copy()
+    for override in overrides:
+        key, value = override.split("=", 1)
+        value = None if value == "null" else value[1:-1].split(",") if value.startswith("[") else value
+        OmegaConf.update(cfg, key, value)
+    processor = processor or _processor(cache_dir)
+    top_k = vocab if cfg.teacher_cache.top_k is None else cfg.teacher_cache.top_k
+    return content_key(
+        key_inputs(teacher_cache_spec(cfg), processor, vocab, load_split(cfg.data, "train", cfg.seed), "cpu", top_k)
+    )
+
+
+def test_the_key_changes_with_each_determining_input_only(cache_dir):
+    base = _key(cache_dir, [])
+    assert _key(cache_dir, []) == base  # stable
+    changed = {
+        "teacher size": _key(cache_dir, ["model.teacher.tiny.hidden_size=64"]),
+        "precision": _key(cache_dir, ["precision.dtype=bfloat16"]),
+        "quantization": _key(cache_dir, ["precision.quantization=int8"]),
+        "train size": _key(cache_dir, ["data.train_size=17"]),
+        "image size": _key(cache_dir, ["data.image_size=84"]),
+        "kinds": _key(cache_dir, ["data.kinds=[count,held]"]),
+        "seed": _key(cache_dir, ["seed=1"]),
+        "temperature": _key(cache_dir, ["distill_loss.temperature=3.0"]),
+        "top_k": _key(cache_dir, ["teacher_cache.top_k=8"]),
+        "top_k null (every id)": _key(cache_dir, ["teacher_cache.top_k=null"]),
+        "student vocabulary": _key(cache_dir, [], vocab=512),
+    }
+    processor = copy.deepcopy(_processor(cache_dir))
+    processor.tokenizer.chat_template = processor.tokenizer.chat_template + " "
+    changed["processor"] = _key(cache_dir, [], processor=processor)
+    assert len(set(changed.values()) | {base}) == len(changed) + 1, changed
+    # null is the whole vocabulary: the same cache as naming its size
+    assert changed["top_k null (every id)"] == _key(cache_dir, ["teacher_cache.top_k=448"])
+    # the shipped pretrained tiny teacher (for the default data settings) against a random one
+    default_data = ["data.train_size=512"]
+    assert _key(cache_dir, default_data) != _key(cache_dir, [*default_data, "model.teacher.weights=pretrained"])
+    # student-side settings share one cache
+    for same in (
+        ["distill_loss._target_=firstsight.losses.ReverseKL"],
+        ["distill_loss.alpha=0.9"],
+        ["train.lr=0.1"],
+        ["lora.enabled=true"],
+        ["teacher_cache.shard_size=3"],
+        ["hardware.batch_size=2"],
+        ["data.validation_size=9"],
+    ):
+        assert _key(cache_dir, same) == base, same
+
+
+def _touch_later(path, seconds=10):
+    """Move `path`'s mtime `seconds` later, as a rewrite a little later would."""
+    import os
+
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + seconds * 1_000_000_000))
+
+
+def test_a_local_teacher_s_key_follows_its_weight_files(cache_dir, tmp_path):
+    """A teacher in a local directory, retrained in place: the key changes with its weight files
+    (a rewrite of the same size, a shard added) and its config, not with other files there."""
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text('{"hidden_size": 32}')
+    weights = teacher / "model.safetensors"
+    weights.write_bytes(b"a" * 64)
+    local = [f"model.teacher.source={teacher}", "model.teacher.weights=pretrained"]
+    first = _key(cache_dir, local)
+    assert _key(cache_dir, local) == first  # stable
+    (teacher / "README.md").write_text("notes")  # not a weight file
+    assert _key(cache_dir, local) == first
+
+    weights.write_bytes(b"b" * 64)  # retrained: the same file name and size, new contents
+    _touch_later(weights)
+    retrained = _key(cache_dir, local)
+    assert retrained != first
+    (teacher / "model-00002-of-00002.safetensors").write_bytes(b"c" * 8)  # a shard added
+    sharded = _key(cache_dir, local)
+    assert sharded not in (first, retrained)
+    (teacher / "config.json").write_text('{"hidden_size": 64}')
+    assert _key(cache_dir, local) not in (first, retrained, sharded)
+
+
+def test_a_hub_teacher_s_key_follows_its_revision_and_cached_commit(cache_dir, tmp_path, monkeypatch):
+    """A hub id: keyed by the revision asked for and the commit of the local snapshot it resolves to
+    (huggingface_hub's cache layout: refs/<revision> holds the commit, snapshots/<commit>/ the files)."""
+    from huggingface_hub import constants
+
+    from firstsight.kd.teacher_cache import teacher_identity
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--org--teacher"
+    old, new = "1" * 40, "2" * 40
+    for commit in (old, new):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(old)
+    hub = ["model.teacher.source=org/teacher", "model.teacher.weights=pretrained"]
+
+    assert teacher_identity(model_spec(compose([*BASE, *hub])), None, "cpu")["commit"] == old  # main, through refs/main
+
+    on_main = _key(cache_dir, hub)
+    assert _key(cache_dir, hub) == on_main
+    (repo / "refs" / "main").write_text(new)  # main moved on: another snapshot downloaded
+    moved = _key(cache_dir, hub)
+    assert moved != on_main
+    by_commit = {c: _key(cache_dir, [*hub, f"model.teacher.revision={c}"]) for c in (old, new)}
+    assert by_commit[old] != by_commit[new]  # revisions that are commits
+    # revisions not in the local cache (no commit known) are still told apart by name
+    uncached = {r: _key(cache_dir, [*hub, f"model.teacher.revision={r}"]) for r in ("v1.0", "v2.0")}
+    assert uncached["v1.0"] != uncached["v2.0"]
+
+
+# ----------------------------------------------------------------------------- build, hit, refuse
+
+
+def test_file_data_keys_on_the_file_and_its_media(cache_dir, tmp_path):
+    from conftest import ROOT
+
+    fixture = ROOT / "tests" / "fixtures" / "conversations.jsonl"
+    copy_ = tmp_path / "conversations.jsonl"
+    shutil.copy(fixture, copy_)
+    files = ["data=conversations", f"data.train_file={copy_}", f"data.image_root={fixture.parent}"]
+    first = _key_composed(cache_dir, files)
+    assert _key_composed(cache_dir, files) == first
+    copy_.write_text(copy_.read_text() + "\n")  # same records, other bytes: conservatively another cache
+    assert _key_composed(cache_dir, files) != first
+
+
+def test_a_key_part_json_cannot_write_is_keyed_by_its_text():
+    """A path or a dtype in the key: keyed as its text, never refused."""
+    from pathlib import Path
+
+    from firstsight.core.files import content_key
+
+    assert content_key({"file": Path("data/train.jsonl")}) == content_key({"file": "data/train.jsonl"})
+    assert content_key(torch.bfloat16) != content_key(torch.float16)
+
+
+def _key_composed(cache_dir, overrides):
+    from firstsight.core.files import content_key
+    from firstsight.data import load_split
+    from firstsight.kd.teacher_cache import key_inputs
+
+    cfg = compose([*BASE, *overrides])
+    train = load_split(cfg.data, "train", cfg.seed)
+    return content_key(key_inputs(teacher_cache_spec(cfg), _processor(cache_dir), 448, train, "cpu", 64))
+
+
+def test_validation(cache_dir):
+    from firstsight.core.errors import ConfigError
+    from firstsight.kd.teacher_cache import cache_wanted
+    from firstsight.suite.validate import validate
+
+    with pytest.raises(ConfigError, match="teacher_cache.top_k"):
+        validate(compose([*BASE, "teacher_cache.top_k=0"]))
+    with pytest.raises(ConfigError, match="teacher_cache.shard_size"):
+        validate(compose([*BASE, "teacher_cache.shard_size=0"]))
+
+    def wanted(overrides):
+        cfg = compose(overrides)
+        return cache_wanted(cfg.teacher_cache, cfg.distill_loss)
+
+    assert wanted(BASE)
+    assert not wanted([*BASE, "distill_loss=none"])  # no teacher: ignored, with a message
+    assert not wanted(BASE[:-1])
