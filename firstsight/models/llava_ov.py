@@ -1,0 +1,144 @@
+"""A teacher of another architecture: LLaVA-OneVision (EgoGPT's base), with its own processor.
+
+LLaVA-OneVision pairs a Qwen2 language model with a SigLIP vision tower. Its tokenizer is Qwen2's
+with `<image>` and `<video>` added, so every answer token (plain text and the closing
+<|im_end|>) has the same id as under the student's Qwen2-VL tokenizer; only the visual tokens
+differ. Each model therefore gets the sample through its own processor (its own image tokens,
+resolution and chat template) and the distillation compares the two on the answer tokens
+(firstsight/kd/paired.py).
+
+The embedded tiny LLaVA-OneVision is built offline over the tiny Qwen2-VL's tokenizer, with the two
+tokens appended (ids after the student's, so the shared ids stay the same), the stock
+LLaVA-OneVision image processor and the chat format of the published checkpoints:
+`<|im_start|>user\\n<image>...question<|im_end|>\\n<|im_start|>assistant\\nanswer<|im_end|>\\n`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from firstsight.core.files import cached_dir, content_key
+from firstsight.models.tiny import tiny_processor
+
+QWEN2_VL = "qwen2_vl"
+LLAVA_ONEVISION = "llava_onevision"
+MODEL_TYPES = (QWEN2_VL, LLAVA_ONEVISION)  # the architectures a side can have (config.json's model_type)
+
+VISUAL_TOKENS = ["<image>", "<video>"]
+# The published checkpoints' chat format (llava-hf/llava-onevision-qwen2-7b-ov-hf): images first,
+# then the text, each turn closed by <|im_end|>; the assistant header is Qwen2-VL's "assistant\n",
+# so an answer is tokenized in the same context on both sides.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>"
+    "{% elif part['type'] == 'video' %}<video>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+TINY_IMAGE_SIZE = 112  # the synthetic frames' size: one tile, no any-resolution crops
+TINY_PATCH_SIZE = 28  # 4 x 4 patches a frame: short sequences for the CPU
+REAL_IMAGE_SIZE = 384  # SigLIP-so400m's input, the published checkpoints'
+REAL_PATCH_SIZE = 14
+
+
+def tiny_llava_processor(
+    cache_dir: str | Path, image_size: int = TINY_IMAGE_SIZE, patch_size: int = TINY_PATCH_SIZE
+) -> Any:
+    """The offline LlavaOnevisionProcessor over the tiny tokenizer, built on first use and cached.
+    With the real sizes it is the stand-in processor of a random-weight LLaVA-OneVision-7B: the
+    frames are cut into as many visual tokens per tile as the real one's."""
+    from transformers import AutoProcessor
+
+    key = content_key("llava-ov-processor-v1", VISUAL_TOKENS, CHAT_TEMPLATE, image_size, patch_size)
+    path = cached_dir(
+        Path(cache_dir) / f"tiny-llava-processor-{key}",
+        lambda out: _build_processor(out, tiny_processor(cache_dir).tokenizer, image_size, patch_size),
+    )
+    return AutoProcessor.from_pretrained(str(path), local_files_only=True)
+
+
+def _build_processor(out_dir: Path, tokenizer: Any, image_size: int, patch_size: int) -> Dict[str, Any]:
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    shared = len(tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": VISUAL_TOKENS})
+    side = {"height": image_size, "width": image_size}
+    processor = LlavaOnevisionProcessor(
+        image_processor=LlavaOnevisionImageProcessor(
+            size=side, crop_size=side, image_grid_pinpoints=[[image_size] * 2]
+        ),
+        video_processor=LlavaOnevisionVideoProcessor(size=side),
+        tokenizer=tokenizer,
+        num_image_tokens=(image_size // patch_size) ** 2,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_1",
+        chat_template=CHAT_TEMPLATE,
+    )
+    processor.save_pretrained(str(out_dir))
+    return {"shared_tokens": shared, "vocab_size": len(tokenizer)}
+
+
+def tiny_llava_config(
+    arch: Any, tokenizer: Any, image_size: int = TINY_IMAGE_SIZE, patch_size: int = TINY_PATCH_SIZE
+) -> Any:
+    """A LlavaOnevisionConfig of the given tiny sizes over `tokenizer` (rows padded like the real models)."""
+    from transformers import LlavaOnevisionConfig
+
+    rows = -(-len(tokenizer) // arch.vocab_padding) * arch.vocab_padding
+    token_id = tokenizer.convert_tokens_to_ids
+    return LlavaOnevisionConfig(
+        text_config=dict(
+            model_type="qwen2",
+            vocab_size=rows,
+            hidden_size=arch.hidden_size,
+            intermediate_size=arch.intermediate_size,
+            num_hidden_layers=arch.num_layers,
+            num_attention_heads=arch.num_heads,
+            num_key_value_heads=arch.num_kv_heads,
+            max_position_embeddings=4096,
+            tie_word_embeddings=False,
+            bos_token_id=token_id("<|endoftext|>"),
+            eos_token_id=token_id("<|im_end|>"),
+            pad_token_id=token_id("<|endoftext|>"),
+        ),
+        vision_config=dict(
+            model_type="siglip_vision_model",
+            hidden_size=arch.vision_embed_dim,
+            intermediate_size=2 * arch.vision_embed_dim,
+            num_hidden_layers=arch.vision_depth,
+            num_attention_heads=arch.vision_heads,
+            image_size=image_size,
+            patch_size=patch_size,
+        ),
+        image_token_index=token_id("<image>"),
+        video_token_index=token_id("<video>"),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        image_grid_pinpoints=[[image_size] * 2],
+        vision_aspect_ratio="anyres_max_1",
+        tie_word_embeddings=False,
+    )
+
+
+def answer_vocabulary_mismatch(student_tokenizer: Any, teacher_tokenizer: Any) -> Optional[str]:
+    """Why token-level KD between the two is undefined, or None: every token of the student's
+    vocabulary but its added special tokens (the visual ones differ by design), and the closing
+    <|im_end|>, must have the same id under the teacher's tokenizer."""
+    added = set(student_tokenizer.get_added_vocab())
+    teacher_vocab = teacher_tokenizer.get_vocab()
+    differ = [
+        tok
+        for tok, i in student_tokenizer.get_vocab().items()
+        if (tok not in added or tok == "<|im_end|>") and teacher_vocab.get(tok) != i
+    ]
+    if not differ:
+        return None
+    example = differ[0]
+    return (
+        f"{len(differ)} of the student's tokens have another id under the teacher's tokenizer (e.g. {example!r}: "
+        f"{student_tokenizer.get_vocab()[example]} vs {teacher_vocab.get(example)})"
+    )
