@@ -7,6 +7,7 @@ lock, so concurrent sweep jobs build it once and a killed build never leaves a h
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -14,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
+
+from filelock import FileLock
 
 from firstsight.core.errors import FirstSightError
 
@@ -32,8 +35,6 @@ def content_key(*parts: Any) -> str:
 def cached_dir(path: Path, build: Callable[[Path], Any]) -> Path:
     """Return the shipped directory of `path`'s name if there is one, else `path`, building it
     first with `build(tmp_dir)` if it is not complete yet."""
-    from filelock import FileLock
-
     path = Path(path)
     if (SHIPPED / path.name / COMPLETE_MARKER).is_file():
         return SHIPPED / path.name
@@ -171,8 +172,6 @@ def is_write_failure(err: BaseException, free: Optional[int]) -> bool:
 
 
 def write_failure(out_dir: str, err: BaseException, free: Optional[int], kept: str) -> str:
-    import errno
-
     full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "no space left" in str(err).lower()
     reason = "the disk is full" if full else f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
     space = f"{free / 1e9:.2f} GB free" if free is not None else "free space unknown"

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict
+
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+
+from firstsight.core.files import write_atomically
+from firstsight.core.runtime import device_name, device_type
 
 if TYPE_CHECKING:  # the section's type only: config sits above core
     from firstsight.config.schema import HardwareConfig
 
 
 def seed_everything(seed: int) -> None:
-    import numpy as np
-    import torch
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -21,10 +26,6 @@ def seed_everything(seed: int) -> None:
 
 def prepare_job(hardware: HardwareConfig, seed: int, tracker: Any) -> str:
     """Resolve the device, apply `hardware.num_threads` and `seed`, tag the run; return the device."""
-    import torch
-
-    from firstsight.core.runtime import device_name, device_type
-
     device = device_type(hardware)
     if hardware.num_threads:
         torch.set_num_threads(hardware.num_threads)
@@ -35,8 +36,6 @@ def prepare_job(hardware: HardwareConfig, seed: int, tracker: Any) -> str:
 
 def job_output_dir() -> Path:
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         return Path(HydraConfig.get().runtime.output_dir)
     except Exception:  # composed outside @hydra.main (tests using the compose API)
         return Path.cwd()
@@ -45,16 +44,10 @@ def job_output_dir() -> Path:
 def write_job_file(name: str, data: Any) -> None:
     """`data` as JSON in the Hydra job's output directory, atomically. Outside a Hydra job (the
     compose API in tests) nothing is written."""
-    import json
-
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         out_dir = HydraConfig.get().runtime.output_dir
     except Exception:
         return
-    from firstsight.core.files import write_atomically
-
     write_atomically(Path(out_dir) / name, json.dumps(data, indent=1))
 
 

@@ -27,9 +27,12 @@ functions only.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Dict, Iterator, Optional, Tuple, TypeVar
+
+import torch
 
 from firstsight.core.errors import FirstSightError
 
@@ -69,8 +72,6 @@ def apply_memory_budget(budget_gb: float, device: str) -> Tuple[str, Dict[str, s
     tags describing the cap."""
     if device != "cuda":
         return CPU_BASIS, {}
-    import torch
-
     index = torch.cuda.current_device()
     total = torch.cuda.get_device_properties(index).total_memory
     fraction = budget_fraction(budget_gb, total)
@@ -88,8 +89,6 @@ def uncapped(device: str) -> Iterator[None]:
     if device != "cuda":
         yield
         return
-    import torch
-
     fraction = torch.cuda.get_per_process_memory_fraction()
     if fraction >= 1.0:
         yield
@@ -160,12 +159,8 @@ def run_within_budget(
 
 
 def _release_memory() -> None:
-    import gc
-
     gc.collect()
     try:
-        import torch
-
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     except Exception:  # noqa: BLE001 - best effort after an out-of-memory

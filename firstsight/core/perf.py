@@ -8,10 +8,13 @@ process's peak resident set (VmHWM, reset per job through /proc/self/clear_refs)
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
+
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +30,6 @@ class PeakMemory:
 
     def reset(self) -> None:
         if self.device_type == "cuda":
-            import torch
-
             torch.cuda.reset_peak_memory_stats()
             return
         try:  # writing 5 resets the peak RSS (VmHWM) of this process (Linux >= 4.0)
@@ -42,8 +43,6 @@ class PeakMemory:
 
     def peak_gb(self) -> float:
         if self.device_type == "cuda":
-            import torch
-
             return torch.cuda.max_memory_allocated() / GB
         return vm_hwm_bytes() / GB
 
@@ -58,8 +57,6 @@ def vm_hwm_bytes() -> int:
     peak = _proc_bytes("/proc/self/status", "VmHWM")
     if peak is not None:
         return peak
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -130,8 +127,6 @@ class StepTimer:
 
     def _sync(self) -> None:
         if self.device_type == "cuda":
-            import torch
-
             torch.cuda.synchronize()
 
     def __enter__(self) -> StepTimer:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import threading
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional
 
@@ -43,8 +44,6 @@ class StopSignals:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopSignals]:
-        import threading
-
         if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
             yield self
             return

@@ -6,6 +6,11 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, List, Optional, Sequence
 
+import torch
+import torch.distributed as dist
+
+from firstsight.core.runtime import device_type
+
 if TYPE_CHECKING:  # the section's type only: config sits above core
     from firstsight.config.schema import HardwareConfig
 
@@ -28,9 +33,6 @@ class Distributed:
         """Element-wise sum (or max) of `values` over all processes (one collective)."""
         if not self.active:
             return list(values)
-        import torch
-        import torch.distributed as dist
-
         device = f"cuda:{self.local_rank}" if dist.get_backend() == "nccl" else "cpu"
         tensor = torch.tensor(list(values), dtype=torch.float64, device=device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
@@ -40,8 +42,6 @@ class Distributed:
         """Rank 0's `obj` on every process."""
         if not self.active:
             return obj
-        import torch.distributed as dist
-
         box = [obj]
         dist.broadcast_object_list(box, src=0)
         return box[0]
@@ -50,8 +50,6 @@ class Distributed:
         """For trained parameters outside the DDP module (the hidden-state projections)."""
         if not self.active:
             return
-        import torch.distributed as dist
-
         for p in parameters:
             if p.grad is not None:
                 dist.all_reduce(p.grad)
@@ -59,8 +57,6 @@ class Distributed:
 
     def close(self) -> None:
         if self.active:
-            import torch.distributed as dist
-
             if dist.is_initialized():
                 dist.destroy_process_group()
 
@@ -101,13 +97,8 @@ def setup(hardware: HardwareConfig) -> Distributed:
     world = launched_world()
     if world is None:
         return SINGLE
-    import torch
-    import torch.distributed as dist
-
-    from firstsight.core.runtime import device_type
-
     if "MASTER_ADDR" not in os.environ:  # SLURM tasks: rank 0's node and a port from the job id
-        from submitit.helpers import TorchDistributedEnvironment
+        from submitit.helpers import TorchDistributedEnvironment  # deferred: submitit is needed on SLURM only
 
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
     cuda = device_type(hardware) == "cuda"
