@@ -19,15 +19,26 @@ A sweep's swept values are composed by its sweeper after the sweep's MLflow pare
 `check_first_point` (called by the sweep callback before that) composes the first point at once,
 so an unknown swept key stops the sweep before anything is written.
 
-Only the standard library is imported at import time (`run.py --help` and `--cfg job` stay fast).
+Only the standard library, Hydra and OmegaConf are imported (`run.py --help` and `--cfg job` stay fast).
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
 from typing import Any, Callable, List, Optional
+
+import hydra._internal.utils as hydra_utils
+from hydra import compose
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra._internal.hydra import Hydra
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 CONFIG_NAME = "config"  # run.py's config_name
 _NOT_SET = object()
@@ -36,8 +47,6 @@ _NOT_SET = object()
 def install() -> None:
     """Route Hydra's composition errors through `unknown_key_message`, and make `--help` list the
     config groups from one copy of the config repository (`_fast_help`). Idempotent."""
-    import hydra._internal.utils as hydra_utils
-
     original = hydra_utils.run_and_report
     if getattr(original, "firstsight_installed", False):
         return
@@ -57,8 +66,6 @@ def _fast_help() -> None:
     config in the ConfigStore: ~40 ms); about 90 asks made 3/4 of the command's time. During the
     help only, asks without overrides share one copy: listing groups reads the repository and never
     changes it. Composition (a run, `--cfg job`) is untouched."""
-    from hydra._internal.hydra import Hydra
-
     original = Hydra.app_help
     if getattr(original, "firstsight_installed", False):
         return
@@ -86,8 +93,6 @@ def _fast_help() -> None:
 
 
 def _reported(func: Callable[[], Any]) -> Any:
-    from hydra.errors import ConfigCompositionException
-
     try:
         return func()
     except ConfigCompositionException as err:
@@ -103,9 +108,6 @@ def _reported(func: Callable[[], Any]) -> Any:
 def unknown_key_message(err: BaseException, argv: Optional[List[str]] = None) -> Optional[str]:
     """The one-line explanation of Hydra's "Could not override 'KEY'" (an unknown key), or None
     for any other composition error. `argv`: the command line (default sys.argv[1:])."""
-    from omegaconf import DictConfig
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
-
     cause = err.__cause__
     match = re.match(r"Could not override '([^']+)'\.\s*To append to your config use \+(.*)", str(err), re.S)
     if match is None or not isinstance(cause, (ConfigAttributeError, ConfigKeyError)):
@@ -152,10 +154,6 @@ def _choice(parent: Any, group: Optional[str]) -> Optional[str]:
 def closest(unknown: str, node: str, keys: List[str], parent: Any) -> Optional[str]:
     """The valid key closest to the unknown one (difflib); at the top level also the keys of
     each section (`batchsize` → hardware.batch_size)."""
-    import difflib
-
-    from omegaconf import DictConfig
-
     name = unknown.rpartition(".")[2]
     prefix = f"{node}." if node else ""
     found = difflib.get_close_matches(name, keys, n=1, cutoff=0.6)
@@ -172,10 +170,6 @@ def _other_choices_with(group: str, choice: str, key: str) -> List[str]:
     """`group=other` for each other choice of the group whose config has `key` (composed here,
     only on this error path)."""
     try:
-        from hydra import compose
-        from hydra.core.global_hydra import GlobalHydra
-        from omegaconf import OmegaConf
-
         if not GlobalHydra.instance().is_initialized():
             return []
         options = GlobalHydra.instance().config_loader().get_group_options(group)
@@ -199,11 +193,6 @@ def check_first_point(config: Any) -> None:
     sweeper expands them), so that an unknown key stops the sweep before it starts and before
     anything is written; Hydra composes every point before launching any, and an unknown key of a
     later point alone (a key of one swept choice only) is reported the same way then."""
-    from hydra import compose
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     try:
         params = config.hydra.sweeper.get("params") or {}
         arguments = [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Dict, List, Optional, Tuple
 
+from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 # The parts of a Qwen2-VL model whose precision can be set apart (firstsight/models/parts.py)
@@ -397,8 +398,6 @@ class Config:
 def register_configs() -> None:
     """Register the schemas under `schema/`; each group file names its schema in its defaults
     list (`- /schema/precision@_here_`), as Hydra's structured-config-schema pattern does."""
-    from hydra.core.config_store import ConfigStore
-
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     for name, node in {
