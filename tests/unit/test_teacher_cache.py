@@ -341,3 +341,136 @@ def test_validation(cache_dir):
     assert wanted(BASE)
     assert not wanted([*BASE, "distill_loss=none"])  # no teacher: ignored, with a message
     assert not wanted(BASE[:-1])
+
+
+# ----------------------------------------------------------------------------- helpers of the key and the build
+
+
+def test_the_weight_files_are_the_checkpoint_files_of_the_directory_in_name_order(tmp_path):
+    from firstsight.kd.teacher_cache import _weight_files
+
+    names = [
+        "pytorch_model.bin",
+        "model-00001-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "model.pt",
+        "model.pth",
+        "config.json",
+        "README.md",
+        "tokenizer.model",
+    ]
+    for name in names:
+        (tmp_path / name).write_text(name)
+    (tmp_path / "extra.bin").mkdir()  # a directory, whatever its name
+    assert [f.name for f in _weight_files(tmp_path)] == [
+        "model-00001-of-00002.safetensors",
+        "model.pt",
+        "model.pth",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+    ]
+
+
+def test_the_hub_commit_is_the_cached_snapshot_of_the_revision_asked_for(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from firstsight.kd.teacher_cache import _hub_commit
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--org--teacher"
+    on_main, tagged = "1" * 40, "2" * 40
+    for commit in (on_main, tagged):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(on_main)
+    (repo / "refs" / "v1").write_text(tagged)
+    assert _hub_commit("org/teacher", None) == on_main
+    assert _hub_commit("org/teacher", "v1") == tagged
+    assert _hub_commit("org/teacher", "v2") is None  # not cached
+    assert _hub_commit("org/other", None) is None
+
+
+def test_a_shard_holds_int32_ids_and_labels_float32_log_probabilities_and_int64_offsets(tmp_path):
+    """Whatever dtypes the teacher pass hands over (bfloat16 log-probabilities, int64 ids), a shard
+    is written in the format the verification expects; shard_size samples fill one shard."""
+    from safetensors import safe_open
+
+    from firstsight.core.files import sha256_file
+    from firstsight.kd.teacher_cache import FORMAT, TENSORS, _ShardWriter
+
+    writer = _ShardWriter(tmp_path, "the-key", shard_size=2, top_k=3)
+    rows = [2, 1, 3]  # answer tokens of three samples
+    g = torch.Generator().manual_seed(0)
+    samples = [
+        (
+            torch.randint(0, 50, (n, 3), generator=g),
+            torch.randn(n, 3, generator=g).to(torch.bfloat16),
+            torch.randn(n, generator=g, dtype=torch.float64),
+            torch.randint(0, 50, (n,), generator=g),
+        )
+        for n in rows
+    ]
+    for sample in samples:
+        writer.add(*sample)
+    assert len(writer.shards) == 1 and len(writer.samples) == 1  # the third waits for the next shard
+    writer.flush()
+    assert [(s["file"], s["first_sample"], s["num_samples"], s["num_rows"]) for s in writer.shards] == [
+        ("shard-00000.safetensors", 0, 2, 3),
+        ("shard-00001.safetensors", 2, 1, 3),
+    ]
+    assert writer.rows == 6 and writer.first == 3 and writer.samples == []
+    dtypes = {"I32": torch.int32, "F32": torch.float32, "I64": torch.int64}
+    for shard, group in zip(writer.shards, (samples[:2], samples[2:])):
+        path = tmp_path / shard["file"]
+        assert shard["bytes"] == path.stat().st_size and shard["sha256"] == sha256_file(path)
+        with safe_open(str(path), "pt") as f:
+            assert f.metadata() == {"format": FORMAT, "key": "the-key", "first_sample": str(shard["first_sample"])}
+            for name, (dtype, _) in TENSORS.items():
+                assert f.get_tensor(name).dtype == dtypes[dtype], name
+            for index, name in enumerate(("token_ids", "logprobs", "tail_logprob", "labels")):
+                expected = torch.cat([s[index] for s in group]).to(dtypes[TENSORS[name][0]])
+                assert torch.equal(f.get_tensor(name), expected), name
+            counts = [len(s[3]) for s in group]
+            assert f.get_tensor("offsets").tolist() == [0, *torch.tensor(counts).cumsum(0).tolist()]
+    writer.flush()  # nothing pending: no empty shard
+    assert len(writer.shards) == 2
+
+
+def test_sizes_in_messages():
+    from firstsight.kd.teacher_cache import _size
+
+    assert _size(2.34e9) == "2.3 GB"
+    assert _size(1e8) == "0.1 GB"
+    assert _size(99_990_000) == "99.99 MB"
+    assert _size(2.5e6) == "2.50 MB"
+
+
+def test_a_cache_row_held_in_memory_is_its_log_probabilities_tail_label_and_ids_below_the_vocabulary():
+    from firstsight.kd.teacher_cache import held_bytes_per_row
+
+    assert held_bytes_per_row(64, 1000) == 4 * 64 + 8 + 4 * 64
+    assert held_bytes_per_row(1, 2) == 16
+    assert held_bytes_per_row(1000, 1000) == 4 * 1000 + 8  # k = V: the ids are dropped
+
+
+def test_the_teacher_pass_stops_once_the_projected_cache_exceeds_the_memory_available():
+    """3 answer tokens a sample so far, 100 samples, 520 bytes a row (k = 64 of 1000): 156 000 bytes.
+    Exactly that much available fits; a byte less does not, and the error says the figures; no
+    samples yet or no memory figure: nothing to check."""
+    from firstsight.core.errors import FirstSightError
+    from firstsight.kd.teacher_cache import _check_fits
+
+    _check_fits(30, 10, 100, 64, 1000, 64, available=156_000)
+    _check_fits(0, 0, 100, 64, 1000, 64, available=1)
+    _check_fits(30, 10, 100, 64, 1000, 64, available=None)
+    expected = (
+        "teacher_cache.top_k=64: the cache of the 100 train samples would take ~0.16 MB of host memory "
+        "(~3.0 answer tokens per sample x 520 bytes), more than the 0.16 MB available; choose a smaller "
+        "teacher_cache.top_k (e.g. 64: 520 bytes per answer token) or fewer samples (data.train_size)"
+    )
+    with pytest.raises(FirstSightError) as error:
+        _check_fits(30, 10, 100, 64, 1000, 64, available=155_999)
+    assert str(error.value) == expected
+    with pytest.raises(FirstSightError, match=r"^teacher_cache.top_k=null \(every id\): .* \(~4.0 answer tokens"):
+        _check_fits(4, 1, 100, 1000, 1000, None, available=10_000)  # one sample is enough to project
