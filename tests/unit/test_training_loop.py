@@ -363,9 +363,10 @@ def test_a_resumed_loop_starts_after_the_restored_step_and_checkpoints_what_it_r
 
 
 def test_on_step_gets_the_samples_tokens_and_the_step_time_and_the_harness_time_is_counted():
-    """samples = rows, tokens = attention-mask ones, over the step's micro-batches; the returned
-    step_seconds is the sum of the step times on_step got, harness_seconds the time spent in
-    on_step (here a 50 ms sleep per step)."""
+    """Each batch is moved to the run's device; on_step gets samples = rows and tokens =
+    attention-mask ones over the step's micro-batches; the returned step_seconds is the sum of
+    the step times on_step got, harness_seconds the time spent in on_step (here a 50 ms sleep
+    per step)."""
     import time
 
     model = _linear_model()
@@ -373,6 +374,7 @@ def test_on_step_gets_the_samples_tokens_and_the_step_time_and_the_harness_time_
     for batch in batches:  # 3 rows of 5 positions, 7 of them attended
         batch["labels"] = torch.ones(3, 5, dtype=torch.long)
         batch["attention_mask"] = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 0, 0, 0]])
+        batch["probe"] = _Movable()  # records its move to the run's device
     calls = []
 
     def on_step(step, metrics, seconds, samples, tokens):
@@ -389,6 +391,7 @@ def test_on_step_gets_the_samples_tokens_and_the_step_time_and_the_harness_time_
         on_step=on_step,
     )
     assert [(samples, tokens) for _, samples, tokens in calls] == [(6, 14)] * 3
+    assert [batch["probe"].moves for batch in batches] == [[("cpu", {"non_blocking": True})]] * 6
     assert all(seconds > 0 for seconds, *_ in calls)
     assert result["step_seconds"] == pytest.approx(sum(seconds for seconds, *_ in calls), rel=1e-9, abs=0)
     assert 3 * 0.05 <= result["harness_seconds"] < 3 * 0.05 + 10
@@ -671,7 +674,7 @@ def test_the_forward_runs_under_autocast_at_the_run_dtype():
         assert [autocast_dtype for _, autocast_dtype in model.calls] == [expected] * 2, dtype
 
 
-@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
+@pytest.mark.filterwarnings(r"ignore:Detected call of `lr_scheduler.step\(\)` before `optimizer.step\(\)`")
 def test_float16_scales_the_loss_and_skips_a_step_whose_gradients_overflow():
     """fp16 (only): a GradScaler on the run's device; a step with an inf gradient leaves the
     weights as they were and lowers the scale, the next step trains."""
