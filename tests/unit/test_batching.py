@@ -208,7 +208,7 @@ def test_each_epoch_is_its_own_seeded_permutation_cut_into_batches():
     dropped), epoch e's order drawn from (seed, e); the position counts the batches handed out."""
     from firstsight.data.batching import ShuffledBatches
 
-    for seed in (7, 2**62):  # a seed whose generator seed wraps at 2^63
+    for seed in (7, 2**62):  # seed * 1_000_003 is above 2^64 (manual_seed's limit) unless taken mod 2^63
         batches = ShuffledBatches(list(range(10)), _rows, batch_size=3, seed=seed)
         assert batches.position() == {"epoch": 0, "batches_into_epoch": 0}
         taken = _take(batches, 8)
@@ -274,8 +274,8 @@ def _collated_where(samples):
 
 
 def test_batches_are_collated_here_or_by_persistent_workers():
-    """batches() is ShuffledBatches without workers: collated in this process. With workers, a
-    worker process collates, the same one in the next epoch (persistent workers)."""
+    """batches() and ShuffledBatches default to no workers: collated in this process. With
+    workers, a worker process collates, the same one in the next epoch (persistent workers)."""
     import os
 
     from firstsight.data.batching import ShuffledBatches, batches
@@ -283,6 +283,8 @@ def test_batches_are_collated_here_or_by_persistent_workers():
     plain = _take(batches(list(range(6)), _collated_where, batch_size=2, seed=9), 4)
     assert [pid for pid, _ in plain] == [os.getpid()] * 4
     assert [rows for _, rows in plain] == _take(ShuffledBatches(list(range(6)), _rows, batch_size=2, seed=9), 4)
+    default = _take(ShuffledBatches(list(range(6)), _collated_where, batch_size=2, seed=9), 2)
+    assert [pid for pid, _ in default] == [os.getpid()] * 2
     worked = _take(ShuffledBatches(list(range(6)), _collated_where, batch_size=2, seed=9, workers=1), 4)
     pids = {pid for pid, _ in worked}
     assert len(pids) == 1 and os.getpid() not in pids

@@ -714,7 +714,8 @@ class _Predictor(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.ones(()))
         self.calls = []
 
-    def forward(self, input_ids, attention_mask, predicted, logits_to_keep):
+    def forward(self, input_ids, attention_mask, predicted, logits_to_keep, probe):
+        assert probe == "on cpu"  # moved to the device
         autocast_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
         self.calls.append((self.training, torch.is_grad_enabled(), autocast_dtype))
         logits = torch.nn.functional.one_hot(predicted[:, logits_to_keep], VOCAB).float() * self.weight
@@ -736,6 +737,7 @@ def _answer_batch(answers, predicted):
         "labels": labels,
         "sample_index": torch.arange(rows),
         "predicted": torch.tensor(predicted),
+        "probe": _Movable(),
     }
 
 
@@ -762,7 +764,7 @@ def test_an_answer_counts_only_if_every_answer_token_is_predicted():
     assert answer_outcomes(model, iter([first, second]), "cpu", torch.float32) == [True, False, True, False, True]
     assert model.training and model.calls == [(False, False, None)] * 2
     model.eval()
-    assert answer_accuracy(model, iter([first, second]), "cpu", torch.bfloat16) == pytest.approx(3 / 5)
-    assert not model.training and model.calls[2:] == [(False, False, torch.bfloat16)] * 2
+    assert answer_accuracy(model, iter([first, second]), "cpu", torch.float16) == pytest.approx(3 / 5)
+    assert not model.training and model.calls[2:] == [(False, False, torch.float16)] * 2
     assert answer_accuracy(model, iter([second]), "cpu", torch.float32) == 1.0
     assert answer_accuracy(model, iter([]), "cpu", torch.float32) == 0.0
