@@ -3,7 +3,7 @@
 Hydra finds such a key while it composes the config, before any FirstSight code runs, and
 reports it in its own words with exit status 1 (hydra/_internal/utils.py: run_and_report).
 run.py calls `install()` before @hydra.main runs; it wraps that reporter (a private function of
-hydra-core, pinned at 1.3.8; tests/test_bad_input.py holds it to this behaviour), so that an
+hydra-core, pinned at 1.3.8; tests/unit/test_bad_input.py holds it to this behaviour), so that an
 unknown key (`hardware.batchsize=4`, `batchsize=4`; in a run, `--cfg job` or a sweep) ends the
 command with
 

@@ -26,6 +26,11 @@ class Weights(Enum):
     random = "random"  # the same architecture at full size, randomly initialised (no download)
 
 
+class Architecture(Enum):
+    qwen2_vl = "qwen2_vl"  # Qwen2-VL: the student's, and the study's Qwen2-VL-7B teacher
+    llava_onevision = "llava_onevision"  # LLaVA-OneVision (EgoGPT's base): its own processor, aligned on answers
+
+
 class DType(Enum):
     float32 = "float32"
     bfloat16 = "bfloat16"
@@ -65,6 +70,9 @@ class TinyArchConfig:
     vision_embed_dim: int = 64  # ViT width
     vision_heads: int = 4  # ViT attention heads
     vocab_padding: int = 64  # output rows are rounded up to a multiple of this (as the real models pad)
+    # the tiny model's class; null: Qwen2-VL. llava_onevision: a teacher with its own processor
+    # (firstsight/models/llava_ov.py); the student is always Qwen2-VL
+    architecture: Optional[Architecture] = None
     pretrain_steps: int = 0  # >0: with weights=pretrained, train on the synthetic train split on first use, cached
     pretrain_lr: float = 3e-3  # learning rate of that pre-training
     pretrain_batch_size: int = 16  # batch size of that pre-training

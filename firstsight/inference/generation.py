@@ -88,6 +88,12 @@ def decoder_for(
     """The model's decoder for `method`, kept (with its captured graphs and caches) as long as the
     model lives, so later calls reuse what earlier ones captured."""
     name = method_name(method)
+    model_type = getattr(getattr(model, "config", None), "model_type", "qwen2_vl")
+    if model_type != "qwen2_vl" and name != "hf":  # the static prefill (M-RoPE, vision graphs) is Qwen2-VL's
+        log.info(
+            "hardware.generation=%s decodes Qwen2-VL models: this %s model answers through generate", name, model_type
+        )
+        name = "hf"
     per_model = _DECODERS.setdefault(model, {})
     key = f"{name}/{check_every}/{cuda_graphs}"
     if key not in per_model:

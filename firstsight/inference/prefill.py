@@ -8,7 +8,7 @@ embeddings and the vision encoder (firstsight/inference/vision_graph.py), the ho
 language model and the head on the last position are replayed as a CUDA graph per prompt shape
 (LanguageGraphs, up to `max_tokens`).
 
-The logits are those of the model's own forward (tests/test_prefill.py: equal on the tiny pair).
+The logits are those of the model's own forward (tests/unit/test_prefill.py: equal on the tiny pair).
 Batches with videos, and models without these parts, go through the model's own forward.
 Design notes: docs/design/prefill.md; measured: docs/decisions/0002-static-decoding.md.
 """

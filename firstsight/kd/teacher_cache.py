@@ -146,6 +146,8 @@ def teacher_identity(models: ModelSpec, processor: Any, device: str) -> Dict[str
     side = models.model.teacher
     if _value(side.weights) == "random":
         tiny = OmegaConf.to_container(side.tiny, resolve=True) if side.source == "tiny" and side.tiny else None
+        if tiny is not None and tiny.get("architecture") is None:  # Qwen2-VL, keyed as before the field
+            tiny.pop("architecture", None)
         # random init: seeded from the run's seed, drawn on the device the model is built on
         return {
             "source": side.source,
@@ -254,16 +256,26 @@ def processor_identity(processor: Any) -> str:
 
 
 def key_inputs(
-    spec: TeacherCacheSpec, processor: Any, student_vocab_rows: int, train_set: Any, device: str, top_k: int
+    spec: TeacherCacheSpec,
+    processor: Any,
+    student_vocab_rows: int,
+    train_set: Any,
+    device: str,
+    top_k: int,
+    teacher_processor: Optional[Any] = None,
 ) -> Dict[str, Any]:
+    """What the cache's key hashes; a teacher of another architecture adds its own processor (the
+    ids and pixels it sees) and its architecture."""
     from firstsight.models.parts import quantization_of, resolve_parts
 
     models, precision = spec.models, spec.models.precision
     parts = {part: [p.dtype, p.quantization] for part, p in resolve_parts(precision, "teacher").items()}
+    own = {} if teacher_processor is None else {"teacher_processor": processor_identity(teacher_processor)}
     return {
+        **own,
         "format": FORMAT,
         "version": VERSION,
-        "teacher": teacher_identity(models, processor, device),
+        "teacher": teacher_identity(models, teacher_processor or processor, device),
         "precision": {
             "dtype": _value(precision.dtype),
             "teacher_quantization": quantization_of(precision, "teacher"),
@@ -341,10 +353,21 @@ class _ShardWriter:
 class _Context:
     """What opening, building and evaluating a cache share."""
 
-    def __init__(self, spec: TeacherCacheSpec, processor: Any, device: str, train_set: Any, vocab: int, top_k: int):
+    def __init__(
+        self,
+        spec: TeacherCacheSpec,
+        processor: Any,
+        device: str,
+        train_set: Any,
+        vocab: int,
+        top_k: int,
+        teacher_processor: Optional[Any] = None,
+    ):
         self.spec, self.processor, self.device, self.train_set, self.vocab = spec, processor, device, train_set, vocab
         self.top_k = top_k  # teacher_cache.top_k resolved: null is the whole vocabulary
-        self.inputs = key_inputs(spec, processor, vocab, train_set, device, top_k)
+        # a teacher of another architecture sees the samples through its own processor (kd/paired.py)
+        self.teacher_processor = teacher_processor
+        self.inputs = key_inputs(spec, processor, vocab, train_set, device, top_k, teacher_processor)
         self.key = content_key(self.inputs)
         self.root = cache_root(spec.cache, spec.models.cache_dir)
         self.path = self.root / f"topk-{self.key}"
@@ -352,7 +375,8 @@ class _Context:
     def load_teacher(self) -> Any:
         from firstsight.models.loading import load_model
 
-        teacher = load_model(self.spec.models, "teacher", self.processor, self.device, frozen=True)
+        own = self.teacher_processor or self.processor
+        teacher = load_model(self.spec.models, "teacher", own, self.device, frozen=True)
         if teacher.vocab_rows < self.vocab:
             raise FirstSightError(
                 f"the teacher has {teacher.vocab_rows} output rows, fewer than the student's {self.vocab}: "
@@ -379,7 +403,7 @@ class _Context:
         from firstsight.data.batching import QACollator, in_order
         from firstsight.training.loop import answer_outcomes
 
-        collator = QACollator(self.processor)
+        collator = QACollator(self.teacher_processor or self.processor)
         hardware = self.spec.models.hardware
         batch = hardware.eval_batch_size or hardware.batch_size
         outcomes = answer_outcomes(teacher_model, in_order(validation, collator, batch), self.device, torch.float32)
@@ -450,16 +474,20 @@ def _teacher_pass(ctx: _Context, teacher: Any, writer: _ShardWriter) -> int:
 
     from firstsight.core.perf import available_host_memory_bytes
     from firstsight.data.batching import IGNORE_INDEX, QACollator
+    from firstsight.kd.paired import TEACHER, PairedCollator
     from firstsight.losses.sparse import topk_targets
     from firstsight.training.loop import model_inputs, to_device
 
     spec, hardware, top_k = ctx.spec, ctx.spec.models.hardware, ctx.top_k
     temperature, chunk = float(spec.loss.temperature), int(spec.loss.chunk_size)
+    collate = QACollator(ctx.processor, with_index=True)
+    if ctx.teacher_processor is not None:  # the teacher's own inputs beside, the answers checked equal
+        collate = PairedCollator(collate, QACollator(ctx.teacher_processor))
     loader = DataLoader(
         ctx.train_set,
         batch_size=hardware.batch_size,
         shuffle=False,
-        collate_fn=QACollator(ctx.processor, with_index=True),
+        collate_fn=collate,
         num_workers=hardware.dataloader_workers,
     )
     available = available_host_memory_bytes()  # training holds the whole cache in host memory
@@ -478,6 +506,7 @@ def _teacher_pass(ctx: _Context, teacher: Any, writer: _ShardWriter) -> int:
                     raise FirstSightError(f"the train split yielded samples {indices[:4]}..., expected {expected}...")
                 expected += len(indices)
                 batch = to_device(batch, ctx.device)
+                batch = batch.get(TEACHER, batch)  # another architecture: its own ids, the same answer tokens
                 # the frozen teacher runs in its own dtype, without autocast, as in kd_step
                 logits = teacher.model(**model_inputs(batch)).logits
                 shifted = batch["labels"][:, 1:]
@@ -882,7 +911,14 @@ def _rng_untouched(device: str) -> Iterator[None]:
         yield
 
 
-def open_cache(spec: TeacherCacheSpec, tracker: Any, processor: Any, student: Any, device: str) -> TeacherCache:
+def open_cache(
+    spec: TeacherCacheSpec,
+    tracker: Any,
+    processor: Any,
+    student: Any,
+    device: str,
+    teacher_processor: Optional[Any] = None,
+) -> TeacherCache:
     """Find (or build, on a miss) and verify the cache of this run; log hit or miss."""
     from firstsight.data import load_split
     from firstsight.models.loading import LoadedModel
@@ -899,7 +935,7 @@ def open_cache(spec: TeacherCacheSpec, tracker: Any, processor: Any, student: An
     report: Dict[str, Any] = {}
     with _rng_untouched(device):
         train_set = load_split(spec.models.data, "train", spec.models.seed, processor)
-        ctx = _Context(spec, processor, device, train_set, vocab, top_k)
+        ctx = _Context(spec, processor, device, train_set, vocab, top_k, teacher_processor)
         cached_dir(ctx.path, lambda out: _build(ctx, out, report))
         manifest, arrays = load_verified(ctx.path, ctx.key, len(train_set), vocab, top_k)
     seconds = time.perf_counter() - start

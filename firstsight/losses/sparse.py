@@ -23,7 +23,7 @@ distributions, row by row:
 
 By the data-processing inequality this is a lower bound of the full-vocabulary divergence for
 each of these f-divergences; it equals it when k = V (every id is its own bucket and the tail
-bucket is empty, so it is dropped) and tests/test_teacher_cache.py checks that, value and
+bucket is empty, so it is dropped) and tests/unit/test_teacher_cache.py checks that, value and
 gradient. The CE term is exactly KDLoss's (the student's logits and the labels only), and the
 total is the same alpha * T**2 * kd + (1 - alpha) * ce. The student's rows are processed in
 chunks of ``chunk_size`` under activation checkpointing, as in KDLoss.

@@ -45,46 +45,49 @@ REAL_IMAGE_SIZE = 384  # SigLIP-so400m's input, the published checkpoints'
 REAL_PATCH_SIZE = 14
 
 
-def tiny_llava_processor(
-    cache_dir: str | Path, image_size: int = TINY_IMAGE_SIZE, patch_size: int = TINY_PATCH_SIZE
-) -> Any:
-    """The offline LlavaOnevisionProcessor over the tiny tokenizer, built on first use and cached.
-    With the real sizes it is the stand-in processor of a random-weight LLaVA-OneVision-7B: the
-    frames are cut into as many visual tokens per tile as the real one's."""
+def tiny_llava_processor(cache_dir: str | Path, real: bool = False) -> Any:
+    """The offline LlavaOnevisionProcessor over the tiny tokenizer, built on first use and cached:
+    one 112-pixel tile of 4 x 4 patches a frame; `real`: the published checkpoints' image
+    processor (384-pixel tiles of 27 x 27 patches, any resolution up to 3 x 3 tiles), the stand-in
+    processor of a random-weight LLaVA-OneVision-7B, cutting frames into as many visual tokens."""
     from transformers import AutoProcessor
 
-    key = content_key("llava-ov-processor-v1", VISUAL_TOKENS, CHAT_TEMPLATE, image_size, patch_size)
+    key = content_key("llava-ov-processor-v1", VISUAL_TOKENS, CHAT_TEMPLATE, real, TINY_IMAGE_SIZE, TINY_PATCH_SIZE)
     path = cached_dir(
         Path(cache_dir) / f"tiny-llava-processor-{key}",
-        lambda out: _build_processor(out, tiny_processor(cache_dir).tokenizer, image_size, patch_size),
+        lambda out: _build_processor(out, tiny_processor(cache_dir).tokenizer, real),
     )
     return AutoProcessor.from_pretrained(str(path), local_files_only=True)
 
 
-def _build_processor(out_dir: Path, tokenizer: Any, image_size: int, patch_size: int) -> Dict[str, Any]:
+def _build_processor(out_dir: Path, tokenizer: Any, real: bool) -> Dict[str, Any]:
     from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
 
     shared = len(tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": VISUAL_TOKENS})
-    side = {"height": image_size, "width": image_size}
+    if real:
+        image, video = LlavaOnevisionImageProcessor(), LlavaOnevisionVideoProcessor()
+        tokens, aspect = (REAL_IMAGE_SIZE // REAL_PATCH_SIZE) ** 2, LLAVA_ONEVISION_7B["vision_aspect_ratio"]
+    else:
+        side = {"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE}
+        pinpoints = [[TINY_IMAGE_SIZE] * 2]
+        image = LlavaOnevisionImageProcessor(size=side, crop_size=side, image_grid_pinpoints=pinpoints)
+        video = LlavaOnevisionVideoProcessor(size=side)
+        tokens, aspect = (TINY_IMAGE_SIZE // TINY_PATCH_SIZE) ** 2, "anyres_max_1"
     processor = LlavaOnevisionProcessor(
-        image_processor=LlavaOnevisionImageProcessor(
-            size=side, crop_size=side, image_grid_pinpoints=[[image_size] * 2]
-        ),
-        video_processor=LlavaOnevisionVideoProcessor(size=side),
+        image_processor=image,
+        video_processor=video,
         tokenizer=tokenizer,
-        num_image_tokens=(image_size // patch_size) ** 2,
+        num_image_tokens=tokens,
         vision_feature_select_strategy="full",
-        vision_aspect_ratio="anyres_max_1",
+        vision_aspect_ratio=aspect,
         chat_template=CHAT_TEMPLATE,
     )
     processor.save_pretrained(str(out_dir))
     return {"shared_tokens": shared, "vocab_size": len(tokenizer)}
 
 
-def tiny_llava_config(
-    arch: Any, tokenizer: Any, image_size: int = TINY_IMAGE_SIZE, patch_size: int = TINY_PATCH_SIZE
-) -> Any:
+def tiny_llava_config(arch: Any, tokenizer: Any) -> Any:
     """A LlavaOnevisionConfig of the given tiny sizes over `tokenizer` (rows padded like the real models)."""
     from transformers import LlavaOnevisionConfig
 
@@ -111,14 +114,15 @@ def tiny_llava_config(
             intermediate_size=2 * arch.vision_embed_dim,
             num_hidden_layers=arch.vision_depth,
             num_attention_heads=arch.vision_heads,
-            image_size=image_size,
-            patch_size=patch_size,
+            image_size=TINY_IMAGE_SIZE,
+            patch_size=TINY_PATCH_SIZE,
+            vision_use_head=False,  # the published checkpoints' tower has no pooling head
         ),
         image_token_index=token_id("<image>"),
         video_token_index=token_id("<video>"),
         vision_feature_layer=-1,
         vision_feature_select_strategy="full",
-        image_grid_pinpoints=[[image_size] * 2],
+        image_grid_pinpoints=[[TINY_IMAGE_SIZE] * 2],
         vision_aspect_ratio="anyres_max_1",
         tie_word_embeddings=False,
     )
@@ -142,3 +146,52 @@ def answer_vocabulary_mismatch(student_tokenizer: Any, teacher_tokenizer: Any) -
         f"{len(differ)} of the student's tokens have another id under the teacher's tokenizer (e.g. {example!r}: "
         f"{student_tokenizer.get_vocab()[example]} vs {teacher_vocab.get(example)})"
     )
+
+
+# llava-hf/llava-onevision-qwen2-7b-ov-hf's config.json, embedded so `weights=random` builds it
+# offline: Qwen2-7B (152,128 output rows) over SigLIP-so400m at 384 px, any-resolution up to 3 x 3 tiles.
+LLAVA_ONEVISION_7B: Dict[str, Any] = dict(
+    text_config=dict(
+        model_type="qwen2",
+        vocab_size=152128,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+        bos_token_id=151643,
+        eos_token_id=151645,
+    ),
+    vision_config=dict(
+        model_type="siglip_vision_model",
+        hidden_size=1152,
+        intermediate_size=4304,
+        num_hidden_layers=26,
+        num_attention_heads=16,
+        image_size=REAL_IMAGE_SIZE,
+        patch_size=REAL_PATCH_SIZE,
+        vision_use_head=False,
+    ),
+    image_token_index=151646,
+    video_token_index=151647,
+    projector_hidden_act="gelu",
+    vision_feature_layer=-1,
+    vision_feature_select_strategy="full",
+    vision_aspect_ratio="anyres_max_9",
+    tie_word_embeddings=False,
+)
+KNOWN_LLAVA_ONEVISION = {
+    "llava-hf/llava-onevision-qwen2-7b-ov-hf": LLAVA_ONEVISION_7B,
+    "llava-hf/llava-onevision-qwen2-7b-si-hf": LLAVA_ONEVISION_7B,
+}
+
+
+def known_llava_config(source: str) -> Any:
+    """A LlavaOnevisionConfig of a known hub id, built offline."""
+    from transformers import LlavaOnevisionConfig
+
+    return LlavaOnevisionConfig(**KNOWN_LLAVA_ONEVISION[source])

@@ -10,6 +10,7 @@ the trainable student keeps float32 master weights and trains under autocast to
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -22,6 +23,16 @@ from firstsight.config.specs import ModelSpec
 from firstsight.core.errors import FirstSightError
 from firstsight.core.files import staged_dir
 from firstsight.core.runtime import is_offline, torch_dtype
+from firstsight.models.llava_ov import (
+    KNOWN_LLAVA_ONEVISION,
+    LLAVA_ONEVISION,
+    MODEL_TYPES,
+    QWEN2_VL,
+    answer_vocabulary_mismatch,
+    known_llava_config,
+    tiny_llava_config,
+    tiny_llava_processor,
+)
 from firstsight.models.parts import (
     TORCHAO_KINDS,
     PartPrecision,
@@ -95,15 +106,100 @@ def load_processor(model: ModelConfig, cache_dir: str) -> Any:
 
 def shares_the_processor(model: ModelConfig) -> bool:
     """Teacher and student use one processor by construction (tiny, the same source, or a
-    random-weight teacher built over the student's processor): nothing to compare."""
+    random-weight teacher built over the student's processor): nothing to compare. A teacher of
+    another architecture has its own processor (load_teacher_processor)."""
     teacher = model.teacher
+    if side_architecture(teacher) != QWEN2_VL:
+        return False
     return teacher.source in ("tiny", model.student.source) or _value(teacher.weights) == "random"
 
 
-def check_same_tokenizer(model: ModelConfig, processor: Any) -> None:
-    """Teacher and student must share one tokenizer (padding rows aside) for KD to be defined.
-    Checked by firstsight.suite.validate before a distill job creates its run."""
+def side_architecture(side: ModelSideConfig) -> str:
+    """The model type of a side: a tiny one's `architecture` (null: Qwen2-VL), a known hub id's,
+    else its config.json's `model_type` (a local directory, or the hub cache)."""
+    if side.source == "tiny":
+        return _value(side.tiny.get("architecture") or QWEN2_VL) if side.tiny is not None else QWEN2_VL
+    if side.source in KNOWN_LLAVA_ONEVISION:
+        return LLAVA_ONEVISION
+    from firstsight.models.architectures import KNOWN_ARCHITECTURES
+
+    if side.source in KNOWN_ARCHITECTURES:
+        return QWEN2_VL
+    config_file = os.path.join(side.source, "config.json")
+    if os.path.isfile(config_file):
+        with open(config_file, encoding="utf-8") as f:
+            try:
+                return json.load(f).get("model_type", QWEN2_VL)
+            except ValueError:
+                return QWEN2_VL  # a damaged config.json is reported where the model is loaded
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(side.source, revision=side.revision, local_files_only=is_offline()).model_type
+    except (OSError, ValueError):
+        return QWEN2_VL  # not at hand: the loading names the source that cannot be read
+
+
+def check_pairable(model: ModelConfig) -> None:
+    """Both sides are of a class the suite can pair: the student a Qwen2-VL, the teacher a
+    Qwen2-VL or a LLaVA-OneVision (each with its own processor). One line otherwise."""
+    for role in ("student", "teacher"):
+        kind = side_architecture(model[role])
+        allowed = (QWEN2_VL,) if role == "student" else MODEL_TYPES
+        if kind not in allowed:
+            raise FirstSightError(
+                f"model.{role}.source={model[role].source!r} is a {kind!r} model: the {role} must be "
+                f"{' or '.join(allowed)}"
+            )
+
+
+def load_teacher_processor(model: ModelConfig, cache_dir: str) -> Optional[Any]:
+    """The teacher's own processor when its architecture is not the student's (None: the teacher
+    takes the student's): the embedded tiny LLaVA-OneVision's, an offline stand-in with the real
+    sizes for a random-weight checkpoint not at hand, else the checkpoint's."""
     teacher = model.teacher
+    if side_architecture(teacher) == QWEN2_VL:
+        return None
+    if teacher.source == "tiny":
+        return tiny_llava_processor(cache_dir)
+    if _value(teacher.weights) == "random" and not os.path.isdir(teacher.source):
+        from firstsight.core.runtime import in_hub_cache
+
+        if is_offline() and not in_hub_cache(teacher.source, teacher.revision):
+            log.info(
+                "no processor of %s at hand offline: the embedded tokenizer with its real image sizes", teacher.source
+            )
+            return tiny_llava_processor(cache_dir, real=True)
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(
+            teacher.source,
+            revision=teacher.revision,
+            local_files_only=is_offline(),
+            trust_remote_code=model.trust_remote_code,
+        )
+    except (OSError, ValueError) as err:
+        raise FirstSightError(
+            f"could not load the processor of model.teacher.source={teacher.source!r}: {err}"
+        ) from err
+
+
+def check_same_tokenizer(model: ModelConfig, processor: Any, teacher_processor: Optional[Any] = None) -> None:
+    """Teacher and student must share one tokenizer (padding rows aside) for KD to be defined; a
+    teacher of another architecture (its own `teacher_processor`) must give every answer token the
+    student's id. Checked by firstsight.suite.validate before a distill job creates its run."""
+    teacher = model.teacher
+    if teacher_processor is not None:
+        why = answer_vocabulary_mismatch(processor.tokenizer, teacher_processor.tokenizer)
+        if why:
+            raise FirstSightError(
+                f"teacher {teacher.source!r} ({type(teacher_processor.tokenizer).__name__}, "
+                f"{len(teacher_processor.tokenizer)} tokens) and student {model.student.source!r} "
+                f"({type(processor.tokenizer).__name__}, {len(processor.tokenizer)} tokens) tokenize answers "
+                f"differently: {why}. Token-level KD needs the same answer tokens on both sides."
+            )
+        return
     if shares_the_processor(model):
         return
     from transformers import AutoTokenizer
@@ -230,20 +326,33 @@ def compile_blocks(model: Any, memory_budget: float = 1.0, cpp_wrapper: Optional
     return len(blocks)
 
 
+def model_class(model_type: str) -> Any:
+    """transformers' class of a model type the suite pairs."""
+    from transformers import LlavaOnevisionForConditionalGeneration, Qwen2VLForConditionalGeneration
+
+    return LlavaOnevisionForConditionalGeneration if model_type == LLAVA_ONEVISION else Qwen2VLForConditionalGeneration
+
+
 def _random_config(side: ModelSideConfig, processor: Any) -> Any:
     """The architecture of a side, for random weights; special-token ids follow `processor`."""
+    architecture = side_architecture(side)
     if side.source == "tiny":
+        if architecture == LLAVA_ONEVISION:
+            return tiny_llava_config(side.tiny, processor.tokenizer)
         from firstsight.models.tiny import tiny_model_config
 
         return tiny_model_config(side.tiny, processor.tokenizer)
+    if architecture == LLAVA_ONEVISION:
+        config = known_llava_config(side.source) if side.source in KNOWN_LLAVA_ONEVISION else _hub_config(side)
+        token_id = processor.tokenizer.convert_tokens_to_ids
+        config.image_token_index, config.video_token_index = token_id("<image>"), token_id("<video>")
+        return config
     from firstsight.models.architectures import KNOWN_ARCHITECTURES, known_config
 
     if side.source in KNOWN_ARCHITECTURES:
         config = known_config(side.source)
     else:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(side.source, revision=side.revision, local_files_only=is_offline())
+        config = _hub_config(side)
     tokenizer = processor.tokenizer
     for attr, token in [
         ("image_token_id", "<|image_pad|>"),
@@ -255,6 +364,12 @@ def _random_config(side: ModelSideConfig, processor: Any) -> Any:
     return config
 
 
+def _hub_config(side: ModelSideConfig) -> Any:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(side.source, revision=side.revision, local_files_only=is_offline())
+
+
 def _from_pretrained(
     path: str,
     revision: Optional[str],
@@ -263,10 +378,9 @@ def _from_pretrained(
     device: str,
     attn: str,
     trust_remote_code: bool,
+    model_type: str = QWEN2_VL,
 ) -> Any:
-    from transformers import Qwen2VLForConditionalGeneration
-
-    model, info = Qwen2VLForConditionalGeneration.from_pretrained(
+    model, info = model_class(model_type).from_pretrained(
         path,
         revision=revision,
         dtype=dtype,
@@ -317,13 +431,11 @@ def _load_random(config: Any, dtype: Any, quant: Optional[Any], device: str, att
     """A random-weight model and the seconds its loading took (initialisation, or for quantized
     models the quantizing load of a temporary checkpoint, whose writing is not counted)."""
     import torch
-    from transformers import Qwen2VLForConditionalGeneration
 
+    cls = model_class(config.model_type)
     if quant is None:
         with torch.device(device):  # initialise on the target device: minutes faster for 8B on a GPU
-            return _timed(
-                lambda: Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation=attn)
-            )
+            return _timed(lambda: cls._from_config(config, dtype=dtype, attn_implementation=attn))
     # Quantizers act while loading a checkpoint: write the random weights once, load them quantized.
     # They are made on the target device (minutes faster than CPU init at 8B), written, and freed;
     # the GPU's peak counter is then reset so that this scaffolding never counts as the model's cost,
@@ -333,14 +445,14 @@ def _load_random(config: Any, dtype: Any, quant: Optional[Any], device: str, att
     with tempfile.TemporaryDirectory(prefix="firstsight-random-") as tmp:
         with uncapped(device):
             with torch.device(device):
-                unquantized = Qwen2VLForConditionalGeneration._from_config(config, dtype=dtype)
+                unquantized = cls._from_config(config, dtype=dtype)
             unquantized.save_pretrained(tmp)
             del unquantized
             if device == "cuda":
                 torch.cuda.empty_cache()
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        return _timed(lambda: _from_pretrained(tmp, None, dtype, quant, device, attn, False))
+        return _timed(lambda: _from_pretrained(tmp, None, dtype, quant, device, attn, False, config.model_type))
 
 
 def load_model(spec: ModelSpec, role: str, processor: Any, device: str, frozen: bool) -> LoadedModel:
@@ -366,13 +478,21 @@ def load_model(spec: ModelSpec, role: str, processor: Any, device: str, frozen: 
         from firstsight.models.pretrain import tiny_model_dir
 
         path = tiny_model_dir(spec, role, processor)  # shipped for the defaults, else trained on first use and cached
-        model, load_time = _timed(lambda: _from_pretrained(str(path), None, dtype, quant, device, attn, False))
+        kind = side_architecture(side)
+        model, load_time = _timed(lambda: _from_pretrained(str(path), None, dtype, quant, device, attn, False, kind))
         origin = str(path)
     else:
         try:
             model, load_time = _timed(
                 lambda: _from_pretrained(
-                    side.source, side.revision, dtype, quant, device, attn, spec.model.trust_remote_code
+                    side.source,
+                    side.revision,
+                    dtype,
+                    quant,
+                    device,
+                    attn,
+                    spec.model.trust_remote_code,
+                    side_architecture(side),
                 )
             )
         except (OSError, ValueError) as err:
@@ -382,11 +502,12 @@ def load_model(spec: ModelSpec, role: str, processor: Any, device: str, frozen: 
     apply_part_dtypes(model, parts, loaded_dtype)  # parts whose dtype differs from the loaded one
     quantize_after_loading(model, parts)  # torchao kinds; bitsandbytes ones were quantized while loading
     load_time += time.perf_counter() - start
-    if hardware.batched_vision_attention:
+    qwen2_vl = model.config.model_type == QWEN2_VL  # the attention switches below are written for its modules
+    if hardware.batched_vision_attention and qwen2_vl:
         from firstsight.models.vision_attention import batch_frames
 
         batch_frames(model)  # the same attention, one SDPA call for all frames of one size
-    if hardware.grouped_decode_attention:
+    if hardware.grouped_decode_attention and qwen2_vl:
         from firstsight.models.decode_attention import group_decode
 
         group_decode(model)  # the same attention, decode steps without a per-head copy of the cache

@@ -1,8 +1,9 @@
 """Per-part precision: the parts of a Qwen2-VL model, the modules they name, their resolved
 dtype and quantization, and what each part weighs as loaded.
 
-The parts and the modules of transformers' `Qwen2VLForConditionalGeneration` (the only class the
-suite loads, tiny models included) they stand for:
+The parts and the modules of transformers' `Qwen2VLForConditionalGeneration` (the student's class,
+tiny models included) they stand for (a LLaVA-OneVision teacher's: `model.vision_tower`,
+`model.multi_modal_projector`, `model.language_model` and `lm_head`):
 
 - `vision`: `model.visual` without its merger — the patch embedding and the ViT blocks;
 - `merger`: `model.visual.merger` — the vision-language projector (LayerNorm + 2-layer MLP into
@@ -33,24 +34,35 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from firstsight.config.schema import PARTS, PrecisionConfig
 from firstsight.core.errors import FirstSightError
 
-# part -> (module name prefixes it covers, prefixes it leaves to another part)
-PART_MODULES: Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]] = {
-    "vision": (("model.visual",), ("model.visual.merger",)),
-    "merger": (("model.visual.merger",), ()),
-    "language": (("model.language_model", "lm_head"), ()),
+# part -> (module name prefixes it covers, prefixes it leaves to another part), per architecture
+# (config.model_type); the teacher may be a LLaVA-OneVision (firstsight/models/llava_ov.py), whose
+# SigLIP tower, projector and Qwen2 language model are the same three parts under other names
+PART_MODULES_BY_TYPE: Dict[str, Dict[str, Tuple[Tuple[str, ...], Tuple[str, ...]]]] = {
+    "qwen2_vl": {
+        "vision": (("model.visual",), ("model.visual.merger",)),
+        "merger": (("model.visual.merger",), ()),
+        "language": (("model.language_model", "lm_head"), ()),
+    },
+    "llava_onevision": {
+        "vision": (("model.vision_tower",), ()),
+        "merger": (("model.multi_modal_projector", "model.image_newline"), ()),
+        "language": (("model.language_model", "lm_head"), ()),
+    },
 }
+PART_MODULES = PART_MODULES_BY_TYPE["qwen2_vl"]
 # What bitsandbytes must leave alone when a part is not quantized: transformers matches each
 # pattern from the start of a module name up to a module boundary ("model.visual.blocks" covers
 # "model.visual.blocks.0.attn.qkv"). The vision part is `model.visual`'s children but the merger.
+# Both architectures' names at once: they do not overlap, and a name a model lacks matches nothing.
 UNQUANTIZED_PATTERNS: Dict[str, Tuple[str, ...]] = {
-    "vision": ("model.visual.patch_embed", "model.visual.blocks"),
-    "merger": ("model.visual.merger",),
+    "vision": ("model.visual.patch_embed", "model.visual.blocks", "model.vision_tower"),
+    "merger": ("model.visual.merger", "model.multi_modal_projector"),
     "language": ("model.language_model",),
 }
 NEVER_QUANTIZED: Tuple[str, ...] = ("lm_head",)  # the output head (tied to the embeddings on 2B)
 PART_DESCRIPTIONS = {
-    "vision": "model.visual without model.visual.merger",
-    "merger": "model.visual.merger",
+    "vision": "model.visual without model.visual.merger; LLaVA-OneVision: model.vision_tower",
+    "merger": "model.visual.merger; LLaVA-OneVision: model.multi_modal_projector",
     "language": "model.language_model and lm_head",
 }
 QUANTIZED_KINDS = ("int8", "nf4", "int8_weight_only", "fp8")
@@ -154,10 +166,11 @@ def _under(name: str, prefixes: Iterable[str]) -> bool:
 
 
 def part_of(name: str) -> Optional[str]:
-    """The part a module, parameter or buffer name belongs to (None: no part)."""
-    for part, (covered, left) in PART_MODULES.items():
-        if _under(name, covered) and not _under(name, left):
-            return part
+    """The part a module, parameter or buffer name belongs to (None: no part), in either architecture."""
+    for modules in PART_MODULES_BY_TYPE.values():
+        for part, (covered, left) in modules.items():
+            if _under(name, covered) and not _under(name, left):
+                return part
     return None
 
 
@@ -168,16 +181,19 @@ def base_model(model: Any) -> Any:
 
 
 def check_part_modules(model: Any) -> None:
-    """Every part's module prefixes exist in `model` (names as in Qwen2VLForConditionalGeneration)."""
-    names = {name for name, _ in base_model(model).named_modules()}
-    for part, (covered, left) in PART_MODULES.items():
+    """Every part's module prefixes exist in `model` (names as in Qwen2VLForConditionalGeneration,
+    or LlavaOnevisionForConditionalGeneration's for a model of that type)."""
+    base = base_model(model)
+    names = {name for name, _ in base.named_modules()} | {name for name, _ in base.named_parameters()}
+    model_type = getattr(getattr(base, "config", None), "model_type", "qwen2_vl")
+    for part, (covered, left) in PART_MODULES_BY_TYPE.get(model_type, PART_MODULES).items():
         missing = [prefix for prefix in covered + left if prefix not in names]
         if missing:
             top = sorted(n for n in names if n and n.count(".") <= 1)
             raise FirstSightError(
                 f"precision part {part!r} ({PART_DESCRIPTIONS[part]}): {type(model).__name__} has no module "
-                f"{missing[0]!r}; its top-level modules: {top}. Per-part precision needs a Qwen2-VL model "
-                f"(Qwen2VLForConditionalGeneration)."
+                f"{missing[0]!r}; its top-level modules: {top}. Per-part precision needs a Qwen2-VL or a "
+                f"LLaVA-OneVision model ({', '.join(PART_MODULES_BY_TYPE)})."
             )
 
 

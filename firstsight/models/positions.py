@@ -4,7 +4,7 @@ Left to itself, every Qwen2-VL forward runs `get_rope_index` on the model's devi
 read-backs (each a host-device synchronisation). Run on host copies of the four small integer
 tensors it needs, it costs one copy back per tensor; the result goes to the device once, and a
 distill step hands it to both the teacher and the student. The values are the model's own (its
-own `get_rope_index`, only on the host; tests/test_positions.py).
+own `get_rope_index`, only on the host; tests/unit/test_positions.py).
 
 Design notes: docs/design/positions.md; measured (within noise so far):
 docs/decisions/0009-host-positions.md.

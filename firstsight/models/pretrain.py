@@ -48,6 +48,10 @@ def _key_arch(side: ModelSideConfig) -> Dict[str, Any]:
     in the data settings)."""
     arch = OmegaConf.to_container(side.tiny, resolve=True)
     arch.pop("pretrain_train_size", None)
+    if arch.get("architecture") is None:  # Qwen2-VL, as before the field: the shipped models keep their keys
+        arch.pop("architecture", None)
+    else:
+        arch["architecture"] = getattr(arch["architecture"], "value", arch["architecture"])
     return arch
 
 
@@ -79,12 +83,13 @@ def model_info(path: Path) -> Dict[str, Any]:
 
 def _pretrain(spec: ModelSpec, role: str, processor: Any, data: DataConfig, out_dir: Path) -> Dict[str, Any]:
     import torch
-    from transformers import Qwen2VLForConditionalGeneration
+    from transformers import LlavaOnevisionForConditionalGeneration, Qwen2VLForConditionalGeneration
 
     from firstsight.core.runtime import device_name, device_type
     from firstsight.data import synthetic_split
     from firstsight.data.batching import QACollator, batches, in_order
     from firstsight.losses.kd import answer_logit_slice
+    from firstsight.models.llava_ov import LLAVA_ONEVISION, tiny_llava_config
     from firstsight.models.tiny import tiny_model_config
     from firstsight.training.loop import LoopSettings, answer_accuracy, model_inputs, optimize
 
@@ -95,9 +100,18 @@ def _pretrain(spec: ModelSpec, role: str, processor: Any, data: DataConfig, out_
     device = device_type(spec.hardware)
     seed = tiny.pretrain_seed
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration._from_config(
-        tiny_model_config(tiny, processor.tokenizer), dtype=torch.float32
-    )
+    if (
+        tiny.get("architecture") is not None
+        and getattr(tiny.architecture, "value", tiny.architecture) == LLAVA_ONEVISION
+    ):
+        # a teacher of another architecture, over its own processor (the one passed in)
+        model = LlavaOnevisionForConditionalGeneration._from_config(
+            tiny_llava_config(tiny, processor.tokenizer), dtype=torch.float32
+        )
+    else:
+        model = Qwen2VLForConditionalGeneration._from_config(
+            tiny_model_config(tiny, processor.tokenizer), dtype=torch.float32
+        )
     model.to(device)
     collator = QACollator(processor)
     train = synthetic_split(data, "train", seed)

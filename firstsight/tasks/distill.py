@@ -198,21 +198,27 @@ class DistillRecipe:
 
     def load_models(self) -> None:
         """The processor, the frozen teacher (or the cache of its top-k targets) and the student."""
-        from firstsight.models.loading import load_model, load_processor
+        from firstsight.models.loading import load_model, load_processor, load_teacher_processor
 
         cfg, device = self.cfg, self.device
         self.processor = load_processor(cfg.model, cfg.cache_dir)
+        # a teacher of another architecture (LLaVA-OneVision) sees the samples through its own processor
+        self.teacher_processor = load_teacher_processor(cfg.model, cfg.cache_dir)
         from firstsight.kd.teacher_cache import cache_wanted, open_cache
 
         use_cache = cache_wanted(
             cfg.teacher_cache, cfg.distill_loss
         )  # teacher_cache.enabled: the teacher's top-k targets, computed once
         if not use_cache:
-            self.teacher = load_model(self.models, "teacher", self.processor, device, frozen=True)
+            self.teacher = load_model(
+                self.models, "teacher", self.teacher_processor or self.processor, device, frozen=True
+            )
         self.student = load_model(self.models, "student", self.processor, device, frozen=False)
         self.teacher_cache = None
         if use_cache:  # a hit never loads the teacher; a miss loads it to build the cache, then frees it
-            self.teacher_cache = open_cache(teacher_cache_spec(cfg), self.tracker, self.processor, self.student, device)
+            self.teacher_cache = open_cache(
+                teacher_cache_spec(cfg), self.tracker, self.processor, self.student, device, self.teacher_processor
+            )
             self.teacher = self.teacher_cache.teacher  # as the manifest describes it (model=None)
             if self.teacher_cache.status == "built":
                 self.peak.reset()  # perf/peak_* measure the training, not the teacher pass that built the cache
@@ -254,14 +260,23 @@ class DistillRecipe:
         from firstsight.core.runtime import torch_dtype
         from firstsight.data import load_split
         from firstsight.data.batching import QACollator
+        from firstsight.kd.paired import PairedCollator
 
         cfg = self.cfg
         self.loss_fn = build_loss(cfg.distill_loss)
         self.dtype = torch_dtype(cfg.precision.dtype)
-        self.collator = QACollator(
+        self.eval_collator = QACollator(
             self.processor,
             with_index=self.teacher_cache is not None,
             pad_to_multiple_of=cfg.hardware.pad_to_multiple_of,
+        )
+        self.teacher_runs = self.teacher_cache is None and self.loss_fn.uses_teacher
+        # the teacher's answers to the same samples through its own processor, when it runs live
+        self.teacher_collator = QACollator(self.teacher_processor) if self.teacher_processor is not None else None
+        self.collator = (
+            PairedCollator(self.eval_collator, self.teacher_collator)
+            if self.teacher_runs and self.teacher_collator is not None
+            else self.eval_collator
         )
         self.train_set = load_split(cfg.data, "train", cfg.seed, self.processor)
         if getattr(self.train_set, "skipped", 0):  # bad records left out under data.on_bad_sample=skip
@@ -271,7 +286,6 @@ class DistillRecipe:
 
         self.student_forward = wrap(self.world, self.student.model, self.device, cfg.hardware)
         # distill_loss.hidden_weight > 0: + hidden_weight * hidden-state term, through trained projections
-        self.teacher_runs = self.teacher_cache is None and self.loss_fn.uses_teacher
         teacher_model = self.teacher.model if self.teacher_runs else None
         self.hidden_loss = build_hidden_loss(cfg, self.student.model, teacher_model, self.device)
 
@@ -299,8 +313,8 @@ class DistillRecipe:
         # the M-RoPE positions, computed once per batch on the host (firstsight/models/positions.py) and given
         # to both models, instead of each model computing them on the device with dozens of syncs
         share_positions = cfg.train.host_positions and (
-            not self.teacher_runs or same_rope(student_model, teacher_model)
-        )
+            not self.teacher_runs or self.teacher_collator is not None or same_rope(student_model, teacher_model)
+        )  # a teacher of another architecture takes its own inputs: the positions are the student's alone
         return KDStep(
             student_model=student_model,
             student_forward=self.student_forward,
@@ -330,7 +344,7 @@ class DistillRecipe:
         eval_batch = cfg.hardware.eval_batch_size or cfg.hardware.batch_size
         validation = load_split(cfg.data, "validation", cfg.seed, self.processor)
         before = answer_outcomes(
-            self.student.model, in_order(validation, self.collator, eval_batch), self.device, self.dtype
+            self.student.model, in_order(validation, self.eval_collator, eval_batch), self.device, self.dtype
         )
         self.peak.reset()  # perf/peak_* measure the training
         return before
@@ -424,7 +438,7 @@ class DistillRecipe:
             self.cfg,
             self.tracker,
             self.processor,
-            self.collator,
+            self.eval_collator,
             self.device,
             self.dtype,
             self.student.model,
@@ -432,6 +446,8 @@ class DistillRecipe:
             self.teacher_cache,
             before,
             self.stage,
+            self.teacher_collator,
+            self.teacher_processor,
         )
 
     def save(self, summary: Dict[str, float]) -> Dict[str, float]:
@@ -501,6 +517,8 @@ class KDStep:
     def __call__(self, batch: Dict[str, Any], answer_tokens: int) -> Dict[str, Any]:
         import torch
 
+        from firstsight.kd.paired import TEACHER, teacher_answer_targets
+
         # the cache's targets before the student's forward: their lookup reads the answer tokens
         # back to the host, which waits only for this batch's copy to the device, not for a forward
         cached_targets = self.teacher_cache.targets(batch) if self.teacher_cache is not None else None
@@ -511,6 +529,14 @@ class KDStep:
         student_logits = student_out.logits
         if cached_targets is not None:  # the cached top-k targets stand in for the teacher's logits
             teacher_logits = cached_targets
+        elif (
+            self.loss_fn.uses_teacher and TEACHER in batch
+        ):  # another architecture: its own inputs, the answers aligned
+            with torch.autocast(self.device, enabled=False):
+                temperature = self.loss_fn.temperature
+                teacher_logits = teacher_answer_targets(
+                    self.teacher_model, batch[TEACHER], student_logits.shape[-1], temperature
+                )
         elif self.loss_fn.uses_teacher:
             with torch.no_grad(), torch.autocast(self.device, enabled=False):
                 teacher_out = self.teacher_model(**inputs, **self.hidden_kwargs)
@@ -572,6 +598,8 @@ def end_of_run_accuracy(
     teacher_cache: Optional[Any],
     before: Optional[List[bool]],
     stage: Optional[Stage] = None,
+    teacher_collator: Optional[Any] = None,
+    teacher_processor: Optional[Any] = None,
 ) -> Dict[str, float]:
     """Teacher-forced exact match of teacher and student on the validation split, per question:
     the accuracies with their intervals, the paired drops (against the run's teacher and, when
@@ -593,20 +621,23 @@ def end_of_run_accuracy(
     validation = load_split(cfg.data, "validation", cfg.seed, processor)
     blind = cfg.train.eval_blind
 
-    def outcomes(model: Any, dataset: Any, model_dtype: Any) -> List[bool]:
+    def outcomes(model: Any, dataset: Any, model_dtype: Any, collate: Any = collator) -> List[bool]:
         return answer_outcomes(
             model,
-            in_order(dataset, collator, cfg.hardware.eval_batch_size or cfg.hardware.batch_size),
+            in_order(dataset, collate, cfg.hardware.eval_batch_size or cfg.hardware.batch_size),
             device,
             model_dtype,
         )
+
+    # a teacher of another architecture answers through its own processor
+    teacher_collate = teacher_collator or collator
 
     # the teacher runs in its own dtype, without autocast, as in training
     if teacher_cache is not None:  # recorded when the cache was built (else the teacher is loaded now)
         teacher_outcomes, teacher_blind = teacher_cache.teacher_outcomes(validation, blind)
     else:
-        teacher_outcomes = outcomes(teacher.model, validation, torch.float32)
-        teacher_blind = outcomes(teacher.model, Blinded(validation), torch.float32) if blind else None
+        teacher_outcomes = outcomes(teacher.model, validation, torch.float32, teacher_collate)
+        teacher_blind = outcomes(teacher.model, Blinded(validation), torch.float32, teacher_collate) if blind else None
     quantized = teacher_is_quantized(resolve_parts(cfg.precision, "teacher"))
     student = outcomes(student_model, validation, dtype)
     full_precision = None
@@ -615,8 +646,10 @@ def end_of_run_accuracy(
 
         if stage is not None:
             stage.now = "evaluating the full-precision teacher"
-        reference = load_model(model_spec(cfg).full_precision(), "teacher", processor, device, frozen=True)
-        full_precision = outcomes(reference.model, validation, torch.float32)
+        reference = load_model(
+            model_spec(cfg).full_precision(), "teacher", teacher_processor or processor, device, frozen=True
+        )
+        full_precision = outcomes(reference.model, validation, torch.float32, teacher_collate)
         del reference
     result = Outcomes(
         teacher=teacher_outcomes,

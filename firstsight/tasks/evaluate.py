@@ -137,11 +137,13 @@ def evaluate(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     from firstsight.core.job import prepare_job, write_job_file
     from firstsight.data import Blinded, load_split
     from firstsight.evaluation.accuracy import Outcomes, outcome_record, teacher_is_quantized
-    from firstsight.models.loading import load_model, load_processor
+    from firstsight.models.loading import load_model, load_processor, load_teacher_processor
 
-    # load: the processor and the questions (with grey-frame copies for task.blind)
+    # load: the processors and the questions (with grey-frame copies for task.blind)
     device = prepare_job(cfg.hardware, cfg.seed, tracker)
     processor = load_processor(cfg.model, cfg.cache_dir)
+    # a teacher of another architecture reads the questions through its own processor
+    processors = {"student": processor, "teacher": load_teacher_processor(cfg.model, cfg.cache_dir) or processor}
     dataset = load_split(cfg.data, cfg.task.split, cfg.seed, processor)
     if getattr(dataset, "skipped", 0):  # bad records left out under data.on_bad_sample=skip
         tracker.log_metrics({"data/skipped_samples": dataset.skipped})
@@ -149,13 +151,13 @@ def evaluate(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     blinded = [Blinded(samples)[i] for i in range(len(samples))] if cfg.task.blind else None
 
     def answer(loaded: Any, questions: List[Any], desc: str) -> List[bool]:
-        return _answered_right(loaded, questions, desc, processor, device, cfg)
+        return _answered_right(loaded, questions, desc, processors[loaded.role], device, cfg)
 
     # answer: each model in turn, loaded alone
     metrics: Dict[str, float] = {}
     outcomes: Dict[str, List[bool]] = {}
     for role in ("teacher", "student"):
-        loaded = load_model(model_spec(cfg), role, processor, device, frozen=True)
+        loaded = load_model(model_spec(cfg), role, processors[role], device, frozen=True)
         metrics.update(_weights_and_precision(tracker, role, loaded))
         outcomes[role] = answer(loaded, samples, f"evaluating {role}")
         if blinded is not None:
@@ -167,7 +169,9 @@ def evaluate(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
         quantized_teacher = role == "teacher" and teacher_is_quantized(loaded.parts)
         del loaded
         if quantized_teacher:  # the study's drop is against the teacher unquantized: answer with it too
-            reference = load_model(model_spec(cfg).full_precision(), "teacher", processor, device, frozen=True)
+            reference = load_model(
+                model_spec(cfg).full_precision(), "teacher", processors["teacher"], device, frozen=True
+            )
             outcomes["full_precision_teacher"] = answer(reference, samples, "evaluating the full-precision teacher")
             del reference
 

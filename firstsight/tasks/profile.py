@@ -32,7 +32,7 @@ def profile(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     from firstsight.core.job import prepare_job
     from firstsight.core.memory import apply_memory_budget, budget_of, describe, run_within_budget
     from firstsight.core.perf import PeakMemory
-    from firstsight.models.loading import load_processor
+    from firstsight.models.loading import load_processor, load_teacher_processor
 
     task = cfg.task
     target = task.target.value if hasattr(task.target, "value") else str(task.target)
@@ -46,6 +46,8 @@ def profile(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     peak.reset()
 
     processor = load_processor(cfg.model, cfg.cache_dir)
+    if target == "teacher":  # a teacher of another architecture reads the questions through its own processor
+        processor = load_teacher_processor(cfg.model, cfg.cache_dir) or processor
     metrics: Dict[str, float] = {}
     stage = ["loading"]
     if budget is None:

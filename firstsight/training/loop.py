@@ -32,7 +32,11 @@ class LoopSettings:
 
 
 def to_device(batch: Dict[str, Any], device: str) -> Dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
+    """The batch's tensors on `device`; a nested batch (a teacher's own inputs) too."""
+    return {
+        k: v.to(device, non_blocking=True) if hasattr(v, "to") else to_device(v, device) if isinstance(v, dict) else v
+        for k, v in batch.items()
+    }
 
 
 def autocast(device_type: str, dtype: Any) -> Any:
@@ -44,8 +48,9 @@ def autocast(device_type: str, dtype: Any) -> Any:
 
 
 def model_inputs(batch: Dict[str, Any]) -> Dict[str, Any]:
-    # labels: for the loss; sample_index: the dataset index of each row (teacher-logit cache lookups)
-    return {k: v for k, v in batch.items() if k not in ("labels", "sample_index")}
+    # labels: for the loss; sample_index: the dataset index of each row (teacher-logit cache lookups);
+    # teacher: a teacher of another architecture's own inputs (firstsight/kd/paired.py)
+    return {k: v for k, v in batch.items() if k not in ("labels", "sample_index", "teacher")}
 
 
 def _lr_lambda(warmup_steps: int, max_steps: int) -> Callable[[int], float]:

@@ -158,8 +158,8 @@ def test_a_part_name_that_matches_no_module_is_refused():
     _refused(
         ["+precision.parts.vison.dtype=bfloat16"],
         "precision.parts.vison names no part",
-        "vision (model.visual without model.visual.merger)",
-        "merger (model.visual.merger)",
+        "vision (model.visual without model.visual.merger; LLaVA-OneVision: model.vision_tower)",
+        "merger (model.visual.merger; LLaVA-OneVision: model.multi_modal_projector)",
         "language (model.language_model and lm_head)",
     )
 

@@ -40,6 +40,8 @@ def validate(cfg: DictConfig, tasks: Optional[Mapping[str, Callable]] = None, lo
     environment.validate_data_files(cfg)
     _validate_hardware(cfg, local_device)
     _validate_precision(cfg)
+    if "teacher" in roles_used(cfg):
+        environment.validate_pairable(cfg)  # a teacher class the suite can pair with the student
     for role in roles_used(cfg):
         ranges.validate_model_side(cfg, role)
         environment.validate_model_source(cfg, role)

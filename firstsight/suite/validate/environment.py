@@ -328,15 +328,35 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
+def validate_pairable(cfg: DictConfig) -> None:
+    """The student is a Qwen2-VL, the teacher a Qwen2-VL or a LLaVA-OneVision (read from a tiny
+    side's settings, a known hub id or the checkpoint's config.json; no model is loaded)."""
+    from firstsight.models.loading import check_pairable
+
+    check_pairable(cfg.model)
+
+
 def check_tokenizers(cfg: DictConfig) -> Any:
     """Distill with two processors: the student's and the teacher's tokenizers agree (loaded, no model,
     before any run exists). Returns the student's processor so loaded, or None."""
-    from firstsight.models.loading import check_same_tokenizer, load_processor, shares_the_processor
+    from firstsight.models.loading import (
+        check_same_tokenizer,
+        load_processor,
+        load_teacher_processor,
+        shares_the_processor,
+    )
 
     if shares_the_processor(cfg.model):
         return None
+    teacher_processor = load_teacher_processor(cfg.model, cfg.cache_dir)
+    if teacher_processor is not None and cfg.distill_loss.hidden_weight > 0:
+        raise ConfigError(
+            f"distill_loss.hidden_weight={cfg.distill_loss.hidden_weight}: the hidden-state term compares the two "
+            f"models position by position, and a teacher of another architecture (model.teacher.source="
+            f"{cfg.model.teacher.source!r}) sees other positions (its own visual tokens); set distill_loss.hidden_weight=0"
+        )
     processor = load_processor(cfg.model, cfg.cache_dir)
-    check_same_tokenizer(cfg.model, processor)
+    check_same_tokenizer(cfg.model, processor, teacher_processor)
     return processor
 
 

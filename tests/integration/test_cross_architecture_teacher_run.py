@@ -1,0 +1,130 @@
+"""A teacher of another architecture (`model=tiny_llava`: a tiny LLaVA-OneVision) runs the real path
+in process: distill with the live teacher and with its cache (which hits on the second run and
+gives the live step's loss), evaluate answering through the teacher's own processor, and the bad
+inputs refused before any run exists."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import compose
+
+from firstsight.suite.dispatch import run_task
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# the tiny LLaVA-OneVision with random weights: the path under test, without its pre-training
+LLAVA = ["model=tiny_llava", "model.teacher.weights=random"]
+
+
+def _cfg(tmp_path, overrides):
+    return compose(
+        [
+            "train.max_steps=2",
+            "train.throughput_warmup_steps=0",
+            "train.progress_bar=false",
+            "train.save_checkpoint=false",
+            "data.validation_size=8",
+            "data.train_size=16",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            *LLAVA,
+            *overrides,
+        ]
+    )
+
+
+def test_distill_from_a_llava_onevision_teacher(cache_dir, tmp_path, monkeypatch):
+    """Every loss and figure finite; the teacher answers the validation questions through its own
+    processor (its labels, its <image> tokens), the student through the student's."""
+    import firstsight.kd.paired as paired
+
+    seen = []
+    targets = paired.teacher_answer_targets
+
+    def spy(model, batch, vocab, temperature):
+        seen.append((type(model).__name__, batch["input_ids"].shape, vocab))
+        return targets(model, batch, vocab, temperature)
+
+    monkeypatch.setattr(paired, "teacher_answer_targets", spy)
+    result = run_task(_cfg(tmp_path, ["distill_loss=jsd"]))
+    for name in ("train/loss", "train/kd_loss", "train/ce_loss", "eval/teacher_accuracy", "eval/student_accuracy"):
+        assert math.isfinite(result[name]), name
+    assert result["train/kd_loss"] > 0
+    assert seen and {name for name, _, _ in seen} == {"LlavaOnevisionForConditionalGeneration"}
+    assert {vocab for _, _, vocab in seen} == {result_vocab(cache_dir)}  # cut to the student's rows
+
+
+def result_vocab(cache_dir) -> int:
+    """The tiny student's output rows (its vocabulary padded to a multiple of 64)."""
+    from firstsight.models.tiny import tiny_processor
+
+    return -(-len(tiny_processor(cache_dir).tokenizer) // 64) * 64
+
+
+def test_the_cache_of_a_llava_teacher_gives_the_live_loss(cache_dir, tmp_path):
+    """teacher_cache with the whole distribution (top_k null): built from the teacher's own inputs,
+    hit on the second run, and the first step's KD loss is the live teacher's."""
+    live = run_task(_cfg(tmp_path / "live", ["train.max_steps=1"]))
+    cache = [
+        "train.max_steps=1",
+        "teacher_cache.enabled=true",
+        "teacher_cache.top_k=null",
+        f"teacher_cache.dir={tmp_path / 'cache'}",
+    ]
+    built = run_task(_cfg(tmp_path / "built", cache))
+    hit = run_task(_cfg(tmp_path / "hit", cache))
+    assert built["teacher_cache/misses"] == 1 and hit["teacher_cache/hits"] == 1
+    assert built["train/kd_loss"] == pytest.approx(live["train/kd_loss"], rel=1e-4)
+    assert hit["train/kd_loss"] == built["train/kd_loss"]
+    [manifest] = (tmp_path / "cache").glob("topk-*/manifest.json")
+    assert "teacher_processor" in json.loads(manifest.read_text())["key_inputs"]
+
+
+def test_evaluate_a_llava_teacher(cache_dir, tmp_path):
+    result = run_task(_cfg(tmp_path, ["task=evaluate", "task.max_new_tokens=4"]))
+    assert 0 <= result["eval/teacher_accuracy"] <= 1 and math.isfinite(result["eval/student_accuracy"])
+
+
+def _refused(tmp_path, monkeypatch, capsys, overrides):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        run_task(_cfg(tmp_path, overrides))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    [message] = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in err and not (tmp_path / "mlflow.db").exists()
+    return message
+
+
+def test_the_hidden_state_term_is_refused(cache_dir, tmp_path, monkeypatch, capsys):
+    message = _refused(tmp_path, monkeypatch, capsys, ["distill_loss.hidden_weight=0.5"])
+    assert "distill_loss.hidden_weight=0.5" in message and "set distill_loss.hidden_weight=0" in message
+
+
+def test_a_teacher_class_the_suite_cannot_pair_is_refused(cache_dir, tmp_path, monkeypatch, capsys):
+    teacher = tmp_path / "llama"
+    teacher.mkdir()
+    (teacher / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (teacher / "model.safetensors").write_bytes(b"x")
+    message = _refused(
+        tmp_path, monkeypatch, capsys, [f"model.teacher.source={teacher}", "model.teacher.weights=pretrained"]
+    )
+    assert "is a 'llama' model" in message and "qwen2_vl or llava_onevision" in message
+
+
+def test_tokenizers_that_differ_on_the_answers_are_refused(cache_dir, tmp_path, monkeypatch, capsys):
+    import firstsight.models.loading as loading
+
+    real = loading.tiny_llava_processor
+
+    def shifted(*args, **kwargs):  # the teacher's tokenizer with every id moved by one
+        processor = real(*args, **kwargs)
+        vocab = {t: i + 1 for t, i in processor.tokenizer.get_vocab().items()}
+        processor.tokenizer.get_vocab = lambda: vocab
+        return processor
+
+    monkeypatch.setattr(loading, "tiny_llava_processor", shifted)
+    message = _refused(tmp_path, monkeypatch, capsys, [])
+    assert "tokenize answers differently" in message and "'tiny'" in message
