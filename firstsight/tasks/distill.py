@@ -243,7 +243,13 @@ class DistillRecipe:
             "model/load_time_s": student.load_time_s,
             "model/teacher_load_time_s": teacher.load_time_s,
         }
-        tags = {"firstsight.teacher": teacher.origin, "firstsight.student": student.origin}
+        from firstsight.models.loading import side_architecture
+
+        tags = {
+            "firstsight.teacher": teacher.origin,
+            "firstsight.student": student.origin,
+            "firstsight.teacher_architecture": side_architecture(cfg.model.teacher),
+        }
         if cfg.model.teacher.source == "tiny" and cfg.model.teacher.weights.value == "pretrained":
             from firstsight.models.pretrain import model_info
 

@@ -158,6 +158,8 @@ def evaluate(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     outcomes: Dict[str, List[bool]] = {}
     for role in ("teacher", "student"):
         loaded = load_model(model_spec(cfg), role, processors[role], device, frozen=True)
+        if role == "teacher":
+            tracker.set_tags({"firstsight.teacher_architecture": loaded.model.config.model_type})
         metrics.update(_weights_and_precision(tracker, role, loaded))
         outcomes[role] = answer(loaded, samples, f"evaluating {role}")
         if blinded is not None:

@@ -102,6 +102,23 @@ def test_swept_keys_are_the_params_that_differ():
     assert "task.name" not in keys and "seed" not in keys
 
 
+def test_the_teachers_architecture_is_a_column_when_a_teacher_of_another_one_is_among_the_runs():
+    qwen = {"firstsight.teacher_architecture": "qwen2_vl"}
+    a = _run("a" * 32, params={"model.name": "tiny"}, tags=qwen)
+    b = _run("b" * 32, params={"model.name": "tiny_llava"}, tags={"firstsight.teacher_architecture": "llava_onevision"})
+    table = build_table([a, b])
+    assert [c.key for c in table.columns][:3] == ["run", "task", "firstsight.teacher_architecture"]
+    assert table.column("firstsight.teacher_architecture") == ["qwen2_vl", "llava_onevision"]
+    assert "teacher architecture" in [c.header for c in table.columns]
+    same = [c.key for c in build_table([a, _run("c" * 32, precision="bf16", tags=qwen)]).columns]
+    assert "firstsight.teacher_architecture" not in same  # every teacher a Qwen2-VL: nothing to tell apart
+    seeds = [_run(x * 32, params={"seed": s}, tags=t) for x, s, t in (("d", "0", qwen), ("e", "1", qwen))]
+    seeds += [_run("f" * 32, params={"seed": "0"}, tags={"firstsight.teacher_architecture": "llava_onevision"})]
+    headers, rows = over_seeds(build_table(seeds))
+    assert headers[:2] == ["task", "teacher architecture"]
+    assert sorted(r[1] for r in rows) == ["llava_onevision", "qwen2_vl"]  # two settings, not one
+
+
 def test_table_columns_rows_and_empty_cells():
     a = _run("a" * 32, metrics={"perf/peak_rss_gb": 1.5, "train/kd_loss": 0.25}, start=1)
     b = _run("b" * 32, precision="bf16", metrics={"perf/peak_vram_gb": 3.0}, status="FAILED", start=2)

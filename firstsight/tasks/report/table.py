@@ -13,13 +13,14 @@ from firstsight.tasks.report.cells import fmt, with_interval
 from firstsight.tasks.report.records import FINISHED, METRIC_COLUMNS, RunRecord, estimate, swept_keys
 
 SEED_KEY = "seed"
+TEACHER_ARCHITECTURE = "firstsight.teacher_architecture"  # the tag distill, evaluate and profile set
 
 
 @dataclass
 class Column:
     key: str  # a param name, a metric name, or "run" / "status" / "task"
     header: str
-    kind: str  # "run" | "status" | "param" | "metric"
+    kind: str  # "run" | "status" | "param" | "tag" | "metric"
 
 
 @dataclass
@@ -40,6 +41,9 @@ def build_table(runs: Sequence[RunRecord]) -> Table:
     if any(r.status != FINISHED for r in runs):
         columns.append(Column("status", "status", "status"))
     columns.append(Column("task", "task", "param"))
+    teachers = {r.tags.get(TEACHER_ARCHITECTURE) for r in runs} - {None}
+    if teachers - {"qwen2_vl"}:  # a teacher of another architecture among the runs: say which teaches which row
+        columns.append(Column(TEACHER_ARCHITECTURE, "teacher architecture", "tag"))
     columns += [Column(k, k, "param") for k in swept_keys(runs)]
     columns += [Column(m, header, "metric") for m, header, _ in METRIC_COLUMNS if any(m in r.metrics for r in runs)]
     rows = [[_cell(run, column) for column in columns] for run in runs]
@@ -53,6 +57,8 @@ def _cell(run: RunRecord, column: Column) -> Any:
         return run.status
     if column.key == "task":
         return run.task
+    if column.kind == "tag":
+        return run.tags.get(column.key)
     if column.kind == "param":
         return run.params.get(column.key)
     return run.metrics.get(column.key)
@@ -65,7 +71,7 @@ def over_seeds(table: Table) -> Optional[Tuple[List[str], List[List[str]]]]:
     keys = [c.key for c in table.columns]
     if SEED_KEY not in keys:
         return None
-    setting_columns = [c for c in table.columns if c.kind == "param" and c.key != SEED_KEY]
+    setting_columns = [c for c in table.columns if c.kind in ("param", "tag") and c.key != SEED_KEY]
     metric_columns = [c for c in table.columns if c.kind == "metric"]
     groups: Dict[Tuple[Any, ...], List[List[Any]]] = {}
     for row in table.rows:
