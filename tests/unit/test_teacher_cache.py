@@ -444,6 +444,9 @@ def test_sizes_in_messages():
     assert _size(1e8) == "0.1 GB"
     assert _size(99_990_000) == "99.99 MB"
     assert _size(2.5e6) == "2.50 MB"
+    # just above a rounding boundary: in units of exactly 10^9 and 10^6 bytes
+    assert _size(2_350_000_001) == "2.4 GB"
+    assert _size(10_005_001) == "10.01 MB"
 
 
 def test_a_cache_row_held_in_memory_is_its_log_probabilities_tail_label_and_ids_below_the_vocabulary():
