@@ -207,10 +207,10 @@ def test_clipping_bounds_the_applied_gradient_and_grad_norm_is_the_norm_before_i
 # ----------------------------------------------------------------------------- the helpers of a step
 
 
-def test_model_inputs_are_the_batch_without_labels_and_sample_index():
+def test_model_inputs_are_the_batch_without_labels_sample_index_and_the_teachers_own_inputs():
     from firstsight.training.loop import model_inputs
 
-    batch = {"input_ids": 1, "attention_mask": 2, "pixel_values": 3, "labels": 4, "sample_index": 5}
+    batch = {"input_ids": 1, "attention_mask": 2, "pixel_values": 3, "labels": 4, "sample_index": 5, "teacher": {}}
     assert model_inputs(batch) == {"input_ids": 1, "attention_mask": 2, "pixel_values": 3}
 
 
@@ -228,11 +228,14 @@ class _Movable:
 def test_to_device_moves_what_can_move_without_blocking_and_keeps_the_rest():
     from firstsight.training.loop import to_device
 
-    movable = _Movable()
-    moved = to_device({"a": movable, "t": torch.ones(2), "n": 3, "s": "text"}, "meta")
+    movable, nested = _Movable(), _Movable()
+    batch = {"a": movable, "t": torch.ones(2), "n": 3, "s": "text", "teacher": {"b": nested, "m": 4}}
+    moved = to_device(batch, "meta")
     assert moved["a"] == "on meta" and movable.moves == [("meta", {"non_blocking": True})]
     assert moved["t"].device.type == "meta"
     assert moved["n"] == 3 and moved["s"] == "text"
+    # a nested batch (a teacher's own inputs) is moved too
+    assert moved["teacher"] == {"b": "on meta", "m": 4} and nested.moves == [("meta", {"non_blocking": True})]
 
 
 def test_autocast_runs_at_the_run_dtype_and_not_at_all_for_float32():
