@@ -455,6 +455,20 @@ def _load_random(config: Any, dtype: Any, quant: Optional[Any], device: str, att
         return _timed(lambda: _from_pretrained(tmp, None, dtype, quant, device, attn, False, config.model_type))
 
 
+def _switch_attention(model: Any, hardware: Any) -> None:
+    """The attention patches a Qwen2-VL model takes (written for its modules; other models keep theirs)."""
+    if model.config.model_type != QWEN2_VL:
+        return
+    if hardware.batched_vision_attention:
+        from firstsight.models.vision_attention import batch_frames
+
+        batch_frames(model)  # the same attention, one SDPA call for all frames of one size
+    if hardware.grouped_decode_attention:
+        from firstsight.models.decode_attention import group_decode
+
+        group_decode(model)  # the same attention, decode steps without a per-head copy of the cache
+
+
 def load_model(spec: ModelSpec, role: str, processor: Any, device: str, frozen: bool) -> LoadedModel:
     """Teacher (frozen: precision dtype + quantization) or student (trainable: precision.trainable_dtype,
     fp32 master weights by default;
@@ -502,15 +516,7 @@ def load_model(spec: ModelSpec, role: str, processor: Any, device: str, frozen: 
     apply_part_dtypes(model, parts, loaded_dtype)  # parts whose dtype differs from the loaded one
     quantize_after_loading(model, parts)  # torchao kinds; bitsandbytes ones were quantized while loading
     load_time += time.perf_counter() - start
-    qwen2_vl = model.config.model_type == QWEN2_VL  # the attention switches below are written for its modules
-    if hardware.batched_vision_attention and qwen2_vl:
-        from firstsight.models.vision_attention import batch_frames
-
-        batch_frames(model)  # the same attention, one SDPA call for all frames of one size
-    if hardware.grouped_decode_attention and qwen2_vl:
-        from firstsight.models.decode_attention import group_decode
-
-        group_decode(model)  # the same attention, decode steps without a per-head copy of the cache
+    _switch_attention(model, hardware)
     if frozen:
         model.eval()
         model.requires_grad_(False)

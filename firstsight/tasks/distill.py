@@ -615,12 +615,7 @@ def end_of_run_accuracy(
 
     from firstsight.data import Blinded, load_split
     from firstsight.data.batching import in_order
-    from firstsight.evaluation.accuracy import (
-        Outcomes,
-        outcome_record,
-        summarize,
-        teacher_is_quantized,
-    )
+    from firstsight.evaluation.accuracy import Outcomes, outcome_record, summarize, teacher_is_quantized
     from firstsight.models.parts import resolve_parts
     from firstsight.training.loop import answer_outcomes
 
@@ -635,9 +630,7 @@ def end_of_run_accuracy(
             model_dtype,
         )
 
-    # a teacher of another architecture answers through its own processor
-    teacher_collate = teacher_collator or collator
-
+    teacher_collate = teacher_collator or collator  # another architecture: through its own processor
     # the teacher runs in its own dtype, without autocast, as in training
     if teacher_cache is not None:  # recorded when the cache was built (else the teacher is loaded now)
         teacher_outcomes, teacher_blind = teacher_cache.teacher_outcomes(validation, blind)

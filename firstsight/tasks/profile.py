@@ -97,13 +97,8 @@ def _measure(
     task = cfg.task
     loaded = load_model(model_spec(cfg), target, processor, device, frozen=True)
     stage[0] = "profiling"
-    tracker.set_tags(
-        {
-            f"firstsight.{target}": loaded.origin,
-            f"firstsight.{target}_architecture": loaded.model.config.model_type,
-            **precision_tags(loaded.parts),
-        }
-    )
+    architecture = {f"firstsight.{target}_architecture": loaded.model.config.model_type}
+    tracker.set_tags({f"firstsight.{target}": loaded.origin, **architecture, **precision_tags(loaded.parts)})
     metrics.update(
         {
             "infer/load_time_s": loaded.load_time_s,
