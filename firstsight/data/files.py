@@ -767,6 +767,12 @@ class FileQA:
             raise FirstSightError(f"{record.where}: cannot read its media: {err}") from None
         return QASample(images, record.question, record.answer, record.kind, record.num_choices, index)
 
+    def image_sizes(self, index: int) -> List[Tuple[int, int]]:
+        """(width, height) of each image of sample `index` as the processors get it (fitted to
+        data.max_pixels / min_pixels), from the files' headers; a video's frames are not counted."""
+        record = self._records[index]
+        return [_fitted_size(size, self.media) for item in record.media if item.kind != "video" for size in item.sizes]
+
     def where(self, index: int) -> str:
         """ "<file>:<line>" of sample `index`."""
         return self._records[index].where

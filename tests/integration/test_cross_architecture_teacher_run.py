@@ -128,3 +128,41 @@ def test_tokenizers_that_differ_on_the_answers_are_refused(cache_dir, tmp_path, 
     monkeypatch.setattr(loading, "tiny_llava_processor", shifted)
     message = _refused(tmp_path, monkeypatch, capsys, [])
     assert "tokenize answers differently" in message and "'tiny'" in message
+
+
+def test_a_frame_one_processor_refuses_is_named_before_the_run(cache_dir, tmp_path, monkeypatch, capsys):
+    """A teacher's image processor that refuses frames under 64 pixels a side (as a processor with a
+    minimum size does): the job stops with the sample, the frame's size and the processor, before
+    any model or run; the frames both take pass."""
+    from PIL import Image
+
+    import firstsight.models.loading as loading
+
+    real = loading.tiny_llava_processor
+
+    def with_a_minimum(*args, **kwargs):
+        processor = real(*args, **kwargs)
+        take = processor.image_processor.__call__
+
+        def image_processor(images, **options):
+            if min(min(image.size) for image in images) < 64:
+                raise ValueError("height and width must be at least 64 pixels")
+            return take(images, **options)
+
+        processor.image_processor = image_processor
+        return processor
+
+    monkeypatch.setattr(loading, "tiny_llava_processor", with_a_minimum)
+    (tmp_path / "media").mkdir()
+    Image.new("RGB", (200, 200)).save(tmp_path / "media" / "large.png")
+    Image.new("RGB", (32, 32)).save(tmp_path / "media" / "small.png")  # fitted to 56 x 56 (data.min_pixels)
+    record = lambda image: {  # noqa: E731
+        "image": f"media/{image}",
+        "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "red"}],
+    }
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(json.dumps(record(name)) for name in ("large.png", "small.png")) + "\n")
+    files = ["data=conversations", f"data.train_file={data}", f"data.validation_file={data}"]
+    message = _refused(tmp_path, monkeypatch, capsys, files)
+    assert f"{data}:2: a frame of 56x56 pixels" in message
+    assert "refused by the teacher's processor" in message and "at least 64 pixels" in message

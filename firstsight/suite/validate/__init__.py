@@ -45,11 +45,12 @@ def validate(cfg: DictConfig, tasks: Optional[Mapping[str, Callable]] = None, lo
     for role in roles_used(cfg):
         ranges.validate_model_side(cfg, role)
         environment.validate_model_source(cfg, role)
-    processor = None
+    processor = teacher_processor = None
     if local_device and cfg.task.name == "distill" and "teacher" in roles_used(cfg):
-        processor = environment.check_tokenizers(cfg)  # two tokenizers to compare, before any run exists
+        # two tokenizers to compare, before any run exists
+        processor, teacher_processor = environment.check_tokenizers(cfg)
     if local_device:  # on the machine the job runs on (a SLURM sweep's submitting machine only checks the paths)
-        environment.read_data(cfg, processor)
+        environment.read_data(cfg, processor, teacher_processor)
 
 
 def _validate_hardware(cfg: DictConfig, local_device: bool = True) -> None:

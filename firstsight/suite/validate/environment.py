@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig
 
@@ -336,9 +336,10 @@ def validate_pairable(cfg: DictConfig) -> None:
     check_pairable(cfg.model)
 
 
-def check_tokenizers(cfg: DictConfig) -> Any:
+def check_tokenizers(cfg: DictConfig) -> Tuple[Any, Any]:
     """Distill with two processors: the student's and the teacher's tokenizers agree (loaded, no model,
-    before any run exists). Returns the student's processor so loaded, or None."""
+    before any run exists). Returns the student's processor so loaded and a teacher of another
+    architecture's own one, each None where not loaded."""
     from firstsight.models.loading import (
         check_same_tokenizer,
         load_processor,
@@ -347,7 +348,7 @@ def check_tokenizers(cfg: DictConfig) -> Any:
     )
 
     if shares_the_processor(cfg.model):
-        return None
+        return None, None
     teacher_processor = load_teacher_processor(cfg.model, cfg.cache_dir)
     if teacher_processor is not None and cfg.distill_loss.hidden_weight > 0:
         raise ConfigError(
@@ -357,7 +358,7 @@ def check_tokenizers(cfg: DictConfig) -> Any:
         )
     processor = load_processor(cfg.model, cfg.cache_dir)
     check_same_tokenizer(cfg.model, processor, teacher_processor)
-    return processor
+    return processor, teacher_processor
 
 
 def _data_splits_read(cfg: DictConfig) -> List[str]:
@@ -373,7 +374,7 @@ def _data_splits_read(cfg: DictConfig) -> List[str]:
     return []
 
 
-def read_data(cfg: DictConfig, processor: Any = None) -> None:
+def read_data(cfg: DictConfig, processor: Any = None, teacher_processor: Any = None) -> None:
     """The records of each split the task reads (file data): a bad record stops the job here, before
     any model is loaded or run created (firstsight.data.files.file_split keeps what it read for the
     task). With data.max_length set, every sample is measured with the student's processor (loaded
@@ -384,7 +385,7 @@ def read_data(cfg: DictConfig, processor: Any = None) -> None:
     max_length = data.get("max_length")
     if "format" not in data and max_length is None:
         return  # synthetic samples without a limit: nothing to check
-    if max_length is not None and processor is None:
+    if (max_length is not None or teacher_processor is not None) and processor is None:
         from firstsight.models.loading import load_processor
 
         processor = load_processor(cfg.model, cfg.cache_dir)
@@ -392,6 +393,33 @@ def read_data(cfg: DictConfig, processor: Any = None) -> None:
         dataset = load_split(data, split, cfg.seed, processor=processor)
         if "format" not in data:
             _check_synthetic_lengths(cfg, dataset, split, processor)
+        elif teacher_processor is not None:  # two processors: each must take every frame
+            _check_frames(dataset, {"student": processor, "teacher": teacher_processor})
+
+
+def _check_frames(dataset: Any, processors: Dict[str, Any]) -> None:
+    """Every image of the split, at each distinct size, goes through each processor's image
+    processor once (a blank frame of that size: no file is decoded); the first sample with a size
+    one of them refuses stops the job, naming the sample, the size and the processor."""
+    from PIL import Image
+
+    refused: Dict[Tuple[str, Tuple[int, int]], Optional[str]] = {}
+    for index in range(len(dataset)):
+        for size in dataset.image_sizes(index):
+            for role, processor in processors.items():
+                if (role, size) not in refused:
+                    try:
+                        processor.image_processor(images=[Image.new("RGB", size)], return_tensors="pt")
+                        refused[role, size] = None
+                    except Exception as err:  # whatever the processor raises: its words, on one line
+                        refused[role, size] = " ".join(str(err).split()) or type(err).__name__
+                if refused[role, size] is not None:
+                    raise ConfigError(
+                        f"{dataset.where(index)}: a frame of {size[0]}x{size[1]} pixels (after data.max_pixels and "
+                        f"data.min_pixels) is refused by the {role}'s processor ({type(processor).__name__}): "
+                        f"{refused[role, size]}. Resize the image, change data.max_pixels / data.min_pixels, or "
+                        "leave the sample out of the file"
+                    )
 
 
 def _check_synthetic_lengths(cfg: DictConfig, dataset: Any, split: str, processor: Any) -> None:
