@@ -477,3 +477,162 @@ def test_the_teacher_pass_stops_once_the_projected_cache_exceeds_the_memory_avai
     assert str(error.value) == expected
     with pytest.raises(FirstSightError, match=r"^teacher_cache.top_k=null \(every id\): .* \(~4.0 answer tokens"):
         _check_fits(4, 1, 100, 1000, 1000, None, available=10_000)  # one sample is enough to project
+
+
+# ----------------------------------------------------------------------------- the teacher pass and the build
+
+
+class _TableTeacher:
+    """A stand-in for a loaded teacher: its logits at a position are a fixed random row chosen by
+    the input id there (so another input gives other targets); it records the batches it sees."""
+
+    origin, params_b, weights_gb, vocab_rows, load_time_s = "table", 0.5, 1.25, 450, 0.25
+
+    def __init__(self):
+        self.table = torch.randn(997, self.vocab_rows, generator=torch.Generator().manual_seed(0))
+        self.seen = []
+        self.model = self
+
+    def logits(self, input_ids):
+        return self.table[input_ids % 997]
+
+    def __call__(self, input_ids, **inputs):
+        self.seen.append(input_ids)
+        return type("Output", (), {"logits": self.logits(input_ids)})()
+
+
+def _context(cache_dir, tmp_path, overrides=(), top_k=16, teacher_processor=None):
+    from firstsight.data import load_split
+    from firstsight.kd.teacher_cache import _Context
+
+    cfg = compose([*BASE, f"teacher_cache.dir={tmp_path}", f"teacher_cache.top_k={top_k}", *overrides])
+    train = load_split(cfg.data, "train", cfg.seed)
+    return _Context(teacher_cache_spec(cfg), _processor(cache_dir), "cpu", train, 448, top_k, teacher_processor)
+
+
+def _expected_rows(teacher, collate, samples, top_k, temperature):
+    """The top-k targets of the teacher's logits at each answer token of `samples`, batched by 4."""
+    ids, logprobs, tails = [], [], []
+    for start in range(0, len(samples), 4):
+        batch = collate(samples[start : start + 4])
+        mask = batch["labels"][:, 1:] != -100
+        rows = teacher.logits(batch["input_ids"])[:, :-1][mask]
+        for part, value in zip((ids, logprobs, tails), topk_targets(rows, 448, top_k, temperature)):
+            part.append(value)
+    return [torch.cat(part) for part in (ids, logprobs, tails)]
+
+
+def _written(writer, tmp_path):
+    from safetensors.torch import load_file
+
+    shards = [load_file(str(tmp_path / shard["file"])) for shard in writer.shards]
+    return {name: torch.cat([s[name] for s in shards]) for name in ("token_ids", "logprobs", "tail_logprob", "labels")}
+
+
+class _Bar:
+    """Records what a tqdm progress bar is asked to show."""
+
+    made = []
+
+    def __init__(self, **kwargs):
+        self.kwargs, self.updates, self.closed = kwargs, [], False
+        _Bar.made.append(self)
+
+    def update(self, n):
+        self.updates.append(n)
+
+    def close(self):
+        self.closed = True
+
+
+def test_the_teacher_pass_writes_the_top_k_of_the_teacher_s_own_inputs(cache_dir, tmp_path, monkeypatch):
+    """A teacher of another architecture: it runs on its own processor's batches of the train split
+    (other ids, the same answer tokens), in order, hardware.batch_size samples at a time; each
+    answer token's row is the top-k of its logits at T. The memory check sees the answer tokens so
+    far, the samples so far and the top_k setting; the progress bar counts the samples."""
+    import tqdm.auto
+
+    from firstsight.core import perf
+    from firstsight.data.batching import QACollator
+    from firstsight.kd import teacher_cache
+    from firstsight.kd.teacher_cache import _ShardWriter, _teacher_pass
+    from firstsight.models.llava_ov import tiny_llava_processor
+
+    llava = tiny_llava_processor(cache_dir)
+    ctx = _context(cache_dir, tmp_path, ["distill_loss.temperature=2.0", "distill_loss.chunk_size=3"], 16, llava)
+    checks = []
+    monkeypatch.setattr(teacher_cache, "_check_fits", lambda *args: checks.append(args))
+    monkeypatch.setattr(perf, "available_host_memory_bytes", lambda: 123_456)
+    monkeypatch.setattr(tqdm.auto, "tqdm", _Bar)
+    _Bar.made = []
+    teacher, writer = _TableTeacher(), _ShardWriter(tmp_path, ctx.key, 5, 16)
+    assert _teacher_pass(ctx, teacher, writer) == 16
+
+    samples = [ctx.train_set[i] for i in range(16)]
+    ids, logprobs, tail = _expected_rows(teacher, QACollator(llava), samples, 16, 2.0)
+    written = _written(writer, tmp_path)
+    assert torch.equal(written["token_ids"], ids.to(torch.int32))
+    assert torch.equal(written["logprobs"], logprobs) and torch.equal(written["tail_logprob"], tail)
+    student = QACollator(_processor(cache_dir))(samples)
+    assert torch.equal(written["labels"], student["labels"][:, 1:][student["labels"][:, 1:] != -100].to(torch.int32))
+    assert [s["first_sample"] for s in writer.shards] == [0, 5, 10, 15]
+    image = llava.tokenizer.convert_tokens_to_ids("<image>")
+    assert [x.shape[0] for x in teacher.seen] == [4, 4, 4, 4] and all((x == image).any() for x in teacher.seen)
+
+    per_sample = (student["labels"][:, 1:] != -100).sum(1)
+    so_far = per_sample.cumsum(0)[3::4].tolist()
+    assert checks == [(tokens, 4 * (i + 1), 16, 16, 448, 16, 123_456) for i, tokens in enumerate(so_far)]
+    (bar,) = _Bar.made
+    assert bar.kwargs == {
+        "total": 16,
+        "desc": "teacher cache: top-16 of the teacher (first use, cached)",
+        "disable": True,  # train.progress_bar=false
+        "dynamic_ncols": True,
+    }
+    assert bar.updates == [4, 4, 4, 4] and bar.closed
+    _Bar.made = []
+    _teacher_pass(
+        _context(cache_dir, tmp_path, ["train.progress_bar=true"]), teacher, _ShardWriter(tmp_path, "k", 8, 16)
+    )
+    assert _Bar.made[0].kwargs["disable"] is False
+
+
+def test_samples_without_answer_tokens_make_empty_rows_of_the_shard_s_shapes(cache_dir, tmp_path, monkeypatch):
+    """A batch (here a whole shard) of samples without an answer token: no rows, but a shard of
+    the format the verification expects ([0, k] ids and log-probabilities), and the next samples'
+    rows where they belong."""
+    from firstsight.data import batching
+    from firstsight.kd.teacher_cache import _ShardWriter, _teacher_pass, _verified_shard
+
+    class FirstFourUnanswered(batching.QACollator):
+        def _answer_labels(self, input_ids, samples):
+            labels = super()._answer_labels(input_ids, samples)
+            for row, sample in enumerate(samples):
+                if sample.index < 4:
+                    labels[row] = -100
+            return labels
+
+    monkeypatch.setattr(batching, "QACollator", FirstFourUnanswered)
+    ctx = _context(cache_dir, tmp_path)
+    writer = _ShardWriter(tmp_path, ctx.key, 4, 16)
+    assert _teacher_pass(ctx, _TableTeacher(), writer) == 16
+    assert [s["num_rows"] for s in writer.shards][0] == 0 and all(s["num_rows"] > 0 for s in writer.shards[1:])
+    first = _verified_shard(tmp_path, writer.shards[0], ctx.key, 0, 448, 16)
+    assert first["token_ids"].shape == first["logprobs"].shape == (0, 16)
+    assert first["tail_logprob"].shape == first["labels"].shape == (0,)
+    assert first["offsets"].tolist() == [0, 0, 0, 0, 0]
+    _verified_shard(tmp_path, writer.shards[1], ctx.key, 4, 448, 16)
+
+
+def test_a_train_split_out_of_order_stops_the_teacher_pass(cache_dir, tmp_path):
+    from dataclasses import replace
+
+    from firstsight.core.errors import FirstSightError
+    from firstsight.kd.teacher_cache import _ShardWriter, _teacher_pass
+
+    ctx = _context(cache_dir, tmp_path, ["hardware.batch_size=6"])
+    order = [0, 1, 2, 3, 4, 5, 7, 6, 8, 9, 10, 11]
+    ctx.train_set = [replace(ctx.train_set[i], index=i) for i in order]
+    with pytest.raises(FirstSightError) as error:
+        _teacher_pass(ctx, _TableTeacher(), _ShardWriter(tmp_path, ctx.key, 4, 16))
+    assert str(error.value) == "the train split yielded samples [7, 6, 8, 9]..., expected 6..."
