@@ -200,14 +200,16 @@ def validate_model_source(cfg: DictConfig, role: str) -> None:
             raise ConfigError(f"{key}={source!r}{origin(key)}: {problem}.")
         return
     from firstsight.models.architectures import KNOWN_ARCHITECTURES
+    from firstsight.models.llava_ov import KNOWN_LLAVA_ONEVISION
 
-    if enum_value(side.weights) == "random" and source in KNOWN_ARCHITECTURES:
+    known = sorted({**KNOWN_ARCHITECTURES, **KNOWN_LLAVA_ONEVISION})  # built offline for weights=random
+    if enum_value(side.weights) == "random" and source in known:
         return  # built from the embedded architecture: no download
     if _offline() and not in_hub_cache(source, side.revision):
         raise ConfigError(
             f"{key}={source!r}{origin(key)} is a hub id, but the hub is offline (HF_HUB_OFFLINE=1) and it is "
             f"not in the local cache. Download it first, give a local directory, use model.{role}.weights=random "
-            f"(known architectures: {sorted(KNOWN_ARCHITECTURES)}), or model=tiny."
+            f"(known architectures: {known}), or model=tiny."
         )
 
 
