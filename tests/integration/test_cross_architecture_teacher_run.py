@@ -166,3 +166,20 @@ def test_a_frame_one_processor_refuses_is_named_before_the_run(cache_dir, tmp_pa
     message = _refused(tmp_path, monkeypatch, capsys, files)
     assert f"{data}:2: a frame of 56x56 pixels" in message
     assert "refused by the teacher's processor" in message and "at least 64 pixels" in message
+
+
+def test_the_shipped_tiny_llava_teacher_beats_chance_clearly(cache_dir, tmp_path):
+    """model=tiny_llava as shipped (pre-trained, not trained again here): on 64 validation questions
+    its accuracy's 95 % interval lies above chance, and the run says which teacher taught."""
+    import mlflow
+
+    cfg = _cfg(tmp_path, ["model.teacher.weights=pretrained", "train.max_steps=1", "data.validation_size=64"])
+    result = run_task(cfg)
+    assert result["eval/teacher_accuracy_ci_low"] > result["eval/chance_accuracy"] + 0.2
+    mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
+    try:
+        [run] = mlflow.search_runs(experiment_names=[cfg.tracking.experiment_name], output_format="list")
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert run.data.tags["firstsight.teacher_architecture"] == "llava_onevision"
+    assert "tiny-teacher-8398779c22b745ea" in run.data.tags["firstsight.teacher"]  # the shipped directory
