@@ -636,3 +636,130 @@ def test_a_train_split_out_of_order_stops_the_teacher_pass(cache_dir, tmp_path):
     with pytest.raises(FirstSightError) as error:
         _teacher_pass(ctx, _TableTeacher(), _ShardWriter(tmp_path, ctx.key, 4, 16))
     assert str(error.value) == "the train split yielded samples [7, 6, 8, 9]..., expected 6..."
+
+
+def _stale_text(where, problem, cache):
+    return (
+        f"teacher-logit cache {where}: {problem}. The cache is stale or corrupt and was not used; "
+        f"delete {cache} and rerun to rebuild it (it is rebuilt automatically once deleted)."
+    )
+
+
+def _refusal(call):
+    from firstsight.core.errors import FirstSightError
+
+    with pytest.raises(FirstSightError) as error:
+        call()
+    return str(error.value)
+
+
+def test_the_build_writes_the_manifest_of_what_it_holds_and_how_it_was_built(cache_dir, tmp_path, monkeypatch, caplog):
+    """A miss: the teacher's pass, its accuracy on the validation split (loaded as the student's
+    processor batches it) while it is loaded, the manifest (the module docstring's fields), shared
+    like a checkpoint; the report the open logs; the completion marker's record of the manifest."""
+    import datetime
+    import json
+    import logging
+    import os
+    import time
+
+    from firstsight import data
+    from firstsight.core.files import sha256_file
+    from firstsight.core.runtime import device_name
+    from firstsight.kd.teacher_cache import FORMAT, VERSION, _build
+
+    ctx = _context(cache_dir, tmp_path, ["train.eval_at_end=true", "teacher_cache.shard_size=6"])
+    teacher = _TableTeacher()
+    ctx.load_teacher = lambda: teacher
+    measured, loaded, outcomes = [], [], [1, 0, 1, 1]
+    ctx.measure_accuracy = lambda model, validation: (measured.append((model, validation)), (outcomes, [0] * 4))[1]
+    load_split = data.load_split
+    monkeypatch.setattr(data, "load_split", lambda *a: (loaded.append(a), load_split(*a))[1])
+    out, report = tmp_path / "out", {}
+    out.mkdir(mode=0o700)
+    umask = os.umask(0o022)
+    try:
+        with caplog.at_level(logging.INFO, logger="firstsight.kd.teacher_cache"):
+            before = time.time()
+            marker = _build(ctx, out, report)
+    finally:
+        os.umask(umask)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert marker == {
+        "key": ctx.key,
+        "manifest": "manifest.json",
+        "manifest_sha256": sha256_file(out / "manifest.json"),
+    }
+    assert loaded == [(ctx.spec.models.data, "validation", ctx.spec.models.seed, ctx.processor)]
+    assert len(measured) == 1 and measured[0][0] is teacher and len(measured[0][1]) == 8
+    built = manifest.pop("built")
+    assert 0 <= built.pop("seconds") == report["build_time_s"] < time.time() - before + 1
+    at = datetime.datetime.strptime(built.pop("at"), "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    assert before - 1 <= at <= time.time() + 1
+    assert built == {
+        "device": device_name("cpu"),
+        "device_type": "cpu",
+        "attn_implementation": ctx.spec.models.hardware.attn_implementation,
+        "batch_size": 4,
+    }
+    assert report == {"build_time_s": report["build_time_s"], "teacher_load_time_s": 0.25}
+    shards = manifest.pop("shards")
+    assert [(s["file"], s["first_sample"], s["num_samples"]) for s in shards] == [
+        ("shard-00000.safetensors", 0, 6),
+        ("shard-00001.safetensors", 6, 6),
+        ("shard-00002.safetensors", 12, 4),
+    ]
+    assert manifest == {
+        "format": FORMAT,
+        "version": VERSION,
+        "key": ctx.key,
+        "key_inputs": json.loads(json.dumps(ctx.inputs, default=str)),
+        "top_k": 16,
+        "temperature": float(ctx.spec.loss.temperature),
+        "student_vocab_rows": 448,
+        "dtypes": {"token_ids": "I32", "logprobs": "F32", "tail_logprob": "F32", "labels": "I32", "offsets": "I64"},
+        "num_samples": 16,
+        "num_rows": sum(s["num_rows"] for s in shards),
+        "shard_size": 6,
+        "teacher": {
+            "origin": "table",
+            "params_b": 0.5,
+            "weights_gb": 1.25,
+            "vocab_rows": 450,
+            "validation_accuracy": 0.75,
+        },
+    }
+    assert (out / "manifest.json").read_text().startswith('{\n  "format"')  # indented for a person to read
+    assert {(p.name, p.stat().st_mode & 0o777) for p in [out, *out.iterdir()]} == {
+        ("out", 0o755),
+        *((name, 0o644) for name in ["manifest.json", *(s["file"] for s in shards)]),
+    }
+    messages = [r.getMessage() for r in caplog.records]
+    assert f"teacher-logit cache miss: running the teacher once over the 16 train samples into {ctx.path}" in messages
+    rows = manifest["num_rows"]
+    built_in = (
+        f"teacher-logit cache built in {report['build_time_s']:.1f} s: 16 samples, {rows} answer tokens, 3 shard(s)"
+    )
+    assert built_in in messages
+
+    # without eval_at_end: no accuracy measured, none recorded
+    ctx.spec = teacher_cache_spec(compose([*BASE, "teacher_cache.top_k=16", "train.eval_at_end=false"]))
+    (tmp_path / "again").mkdir()
+    _build(ctx, tmp_path / "again", {})
+    assert len(measured) == 1
+    assert json.loads((tmp_path / "again" / "manifest.json").read_text())["teacher"]["validation_accuracy"] is None
+    # a validation split of one question: its one outcome is the accuracy
+    ctx.spec, outcomes[:] = teacher_cache_spec(compose([*BASE, "teacher_cache.top_k=16"])), [1]
+    (tmp_path / "one").mkdir()
+    _build(ctx, tmp_path / "one", {})
+    assert json.loads((tmp_path / "one" / "manifest.json").read_text())["teacher"]["validation_accuracy"] == 1.0
+
+
+def test_a_teacher_pass_short_of_the_train_split_stops_the_build(cache_dir, tmp_path, monkeypatch):
+    from firstsight.kd import teacher_cache
+
+    ctx = _context(cache_dir, tmp_path)
+    ctx.load_teacher = _TableTeacher
+    monkeypatch.setattr(teacher_cache, "_teacher_pass", lambda ctx, teacher, writer: 15)
+    message = _refusal(lambda: teacher_cache._build(ctx, tmp_path, {}))
+    assert message == "the teacher pass saw 15 samples, the train split has 16"
