@@ -763,3 +763,92 @@ def test_a_teacher_pass_short_of_the_train_split_stops_the_build(cache_dir, tmp_
     monkeypatch.setattr(teacher_cache, "_teacher_pass", lambda ctx, teacher, writer: 15)
     message = _refusal(lambda: teacher_cache._build(ctx, tmp_path, {}))
     assert message == "the teacher pass saw 15 samples, the train split has 16"
+
+
+def _small_cache():
+    """An opened cache of three samples: 2, 0 and 3 answer tokens (rows 0-1, none, rows 2-4)."""
+    from pathlib import Path
+
+    from firstsight.kd.teacher_cache import TeacherCache
+
+    arrays = {
+        "token_ids": torch.arange(10, dtype=torch.int32).reshape(5, 2),
+        "logprobs": -torch.arange(10, dtype=torch.float32).reshape(5, 2),
+        "tail_logprob": -torch.arange(5, dtype=torch.float32) - 10,
+        "labels": torch.tensor([10, 11, 20, 21, 22], dtype=torch.int32),
+        "offsets": torch.tensor([0, 2, 2, 5]),
+    }
+    ctx = type("Ctx", (), {"path": Path("/caches/topk-k")})()
+    return TeacherCache(ctx, None, {}, arrays, "hit", None, {})
+
+
+def _answer_batch(index, *rows):
+    """A batch whose row r has the answer tokens rows[r], starting at position 1 (a one-token prompt)."""
+    labels = torch.full((len(rows), 5), -100)
+    for r, answers in enumerate(rows):
+        labels[r, 1 : 1 + len(answers)] = torch.tensor(answers)
+    return {"labels": labels, "sample_index": torch.tensor(index)}
+
+
+def test_a_batch_s_targets_are_its_samples_rows_and_a_batch_that_disagrees_is_named():
+    from pathlib import Path
+
+    cache = _small_cache()
+    where, cache_dir = Path("/caches/topk-k/manifest.json"), Path("/caches/topk-k")
+    targets = cache.targets(_answer_batch([2, 1, 0], [20, 21, 22], [], [10, 11]))
+    assert torch.equal(targets.token_ids, cache.token_ids[[2, 3, 4, 0, 1]])
+    assert torch.equal(targets.logprobs, cache.logprobs[[2, 3, 4, 0, 1]])
+    assert torch.equal(targets.tail_logprob, cache.tail_logprob[[2, 3, 4, 0, 1]])
+
+    batch = _answer_batch([0], [10, 11])
+    del batch["sample_index"]
+    assert _refusal(lambda: cache.targets(batch)) == (
+        "a batch without sample_index reached the teacher-logit cache (its collator needs with_index=True)"
+    )
+    for index in ([0, 3], [-1, 0]):
+        problem = f"a batch asks for sample {index}, the cache holds 3"
+        assert _refusal(lambda: cache.targets(_answer_batch(index, [10, 11], [10, 11]))) == _stale_text(
+            where, problem, cache_dir
+        )
+    message = _refusal(lambda: cache.targets(_answer_batch([0, 2], [10, 11], [20, 21])))
+    assert message == _stale_text(where, "train sample 2 has 2 answer tokens now, the cache 3", cache_dir)
+    message = _refusal(lambda: cache.targets(_answer_batch([0, 2], [10, 11], [20, 99, 22])))
+    assert message == _stale_text(where, "the answer tokens of train sample 2 differ from the cached ones", cache_dir)
+
+
+def test_a_shard_that_disagrees_with_its_manifest_entry_is_named(tmp_path):
+    """Each check of a shard names the file, what is wrong and the cache directory to delete."""
+    import hashlib
+
+    from firstsight.kd.teacher_cache import _ShardWriter, _verified_shard
+
+    writer = _ShardWriter(tmp_path, "the-key", 2, 3)
+    for n in (2, 1):
+        writer.add(torch.zeros(n, 3, dtype=torch.int64), torch.zeros(n, 3), torch.zeros(n), torch.zeros(n))
+    writer.flush()
+    (shard,) = writer.shards
+    file = tmp_path / shard["file"]
+
+    def refused(entry, key="the-key", first=0):
+        return _refusal(lambda: _verified_shard(tmp_path, entry, key, first, 50, 3))
+
+    assert _verified_shard(tmp_path, shard, "the-key", 0, 50, 3)["offsets"].tolist() == [0, 2, 3]
+    problem = "shard shard-00000.safetensors starts at sample 0, expected 3"
+    assert refused(shard, first=3) == _stale_text(tmp_path / "manifest.json", problem, tmp_path)
+    gone = tmp_path / "shard-00009.safetensors"
+    problem = f"missing or unreadable shard ([Errno 2] No such file or directory: '{gone}')"
+    assert refused(dict(shard, file=gone.name)) == _stale_text(gone, problem, tmp_path)
+    problem = f"{shard['bytes']} bytes, the manifest says {shard['bytes'] + 1} (truncated?)"
+    assert refused(dict(shard, bytes=shard["bytes"] + 1)) == _stale_text(file, problem, tmp_path)
+    problem = "its sha256 differs from the manifest's"
+    assert refused(dict(shard, sha256="0" * 64)) == _stale_text(file, problem, tmp_path)
+    problem = "its metadata (key 'the-key', first sample '0') belongs elsewhere"
+    assert refused(shard, key="another-key") == _stale_text(file, problem, tmp_path)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x04\x00\x00\x00\x00\x00\x00\x00{]}!")
+    entry = dict(shard, file=junk.name, bytes=12, sha256=hashlib.sha256(junk.read_bytes()).hexdigest())
+    message = refused(entry)
+    assert message.startswith(f"teacher-logit cache {junk}: not a readable safetensors file (") and message.endswith(
+        f"). The cache is stale or corrupt and was not used; delete {tmp_path} and rerun to rebuild it "
+        "(it is rebuilt automatically once deleted)."
+    )
