@@ -120,3 +120,35 @@ def test_the_teacher_sees_the_frames(processors, teacher):
     unseen = teacher_answer_targets(teacher, collate(blank)[TEACHER], len(student.tokenizer), 1.0)
     assert torch.equal(seen.labels, unseen.labels)
     assert (seen.logprobs - unseen.logprobs).abs().max() > 1e-4
+
+
+def test_a_row_s_answer_tokens_are_its_labels_after_the_first_position():
+    """Position 0 predicts nothing; an answer token at position 1 (a one-token prompt) counts."""
+    labels = torch.tensor([[-100, 5, 6, -100], [-100, -100, 7, -100], [-100, -100, -100, -100]])
+    assert answer_tokens(labels) == [[5, 6], [7], []]
+
+
+def test_the_teacher_s_batch_holds_only_its_model_s_inputs(processors):
+    """Indices go with the student's batch (the cache looks rows up by them), not into the teacher."""
+    student, llava = processors
+    batch = PairedCollator(QACollator(student, with_index=True), QACollator(llava, with_index=True))(samples(2))
+    assert batch["sample_index"].tolist() == [0, 1]
+    assert "sample_index" not in batch[TEACHER] and "labels" in batch[TEACHER]
+
+
+def test_a_refused_answer_names_its_sample():
+    """By its dataset index, or by its row for a sample without one."""
+
+    def collator(answers):
+        return lambda batch: {"labels": torch.tensor([[-100, *a] for a in answers])}
+
+    paired = PairedCollator(collator([[1, 2], [3, 4]]), collator([[1, 2], [3, 5]]))
+    indexed = [type("Sample", (), {"index": i})() for i in (7, 9)]
+    with pytest.raises(ValueError) as error:
+        paired(indexed)
+    assert str(error.value) == (
+        "the answer of sample 9 is tokenized differently by the student's and the teacher's processors "
+        "([3, 4] vs [3, 5]): token-level KD needs the same tokens"
+    )
+    with pytest.raises(ValueError, match=r"^the answer of sample 1 is tokenized differently"):
+        paired([object(), object()])
