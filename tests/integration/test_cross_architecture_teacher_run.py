@@ -35,9 +35,11 @@ def _cfg(tmp_path, overrides):
     )
 
 
-def test_distill_from_a_llava_onevision_teacher(cache_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("overrides", [["distill_loss=jsd"], ["precision=nf4"]], ids=["jsd", "nf4-teacher"])
+def test_distill_from_a_llava_onevision_teacher(cache_dir, tmp_path, monkeypatch, overrides):
     """Every loss and figure finite; the teacher answers the validation questions through its own
-    processor (its labels, its <image> tokens), the student through the student's."""
+    processor (its labels, its <image> tokens), the student through the student's; a 4-bit teacher
+    is also measured at full precision, through its own processor."""
     import firstsight.kd.paired as paired
 
     seen = []
@@ -48,12 +50,14 @@ def test_distill_from_a_llava_onevision_teacher(cache_dir, tmp_path, monkeypatch
         return targets(model, batch, vocab, temperature)
 
     monkeypatch.setattr(paired, "teacher_answer_targets", spy)
-    result = run_task(_cfg(tmp_path, ["distill_loss=jsd"]))
+    result = run_task(_cfg(tmp_path, overrides))
     for name in ("train/loss", "train/kd_loss", "train/ce_loss", "eval/teacher_accuracy", "eval/student_accuracy"):
         assert math.isfinite(result[name]), name
     assert result["train/kd_loss"] > 0
     assert seen and {name for name, _, _ in seen} == {"LlavaOnevisionForConditionalGeneration"}
     assert {vocab for _, _, vocab in seen} == {result_vocab(cache_dir)}  # cut to the student's rows
+    if "precision=nf4" in overrides:
+        assert math.isfinite(result["eval/full_precision_teacher_accuracy"])
 
 
 def result_vocab(cache_dir) -> int:
