@@ -7,8 +7,6 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict
 
-import numpy as np
-import torch
 from hydra.core.hydra_config import HydraConfig
 
 from firstsight.core.files import write_atomically
@@ -19,6 +17,9 @@ if TYPE_CHECKING:  # the section's type only: config sits above core
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np  # deferred: the preflight (validate, dispatch) stays torch-free
+    import torch  # deferred: the preflight (validate, dispatch) stays torch-free
+
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -26,6 +27,8 @@ def seed_everything(seed: int) -> None:
 
 def prepare_job(hardware: HardwareConfig, seed: int, tracker: Any) -> str:
     """Resolve the device, apply `hardware.num_threads` and `seed`, tag the run; return the device."""
+    import torch  # deferred: the preflight (validate, dispatch) stays torch-free
+
     device = device_type(hardware)
     if hardware.num_threads:
         torch.set_num_threads(hardware.num_threads)

@@ -7,14 +7,13 @@ import platform
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-import torch
-from huggingface_hub import try_to_load_from_cache
-
 if TYPE_CHECKING:  # the section's type only: config sits above core
     from firstsight.config.schema import HardwareConfig
 
 
 def torch_dtype(name: Any) -> Any:
+    import torch  # deferred: the preflight (validate, dispatch) stays torch-free
+
     return getattr(torch, name.value if hasattr(name, "value") else str(name))
 
 
@@ -27,16 +26,22 @@ def device_type(hardware: HardwareConfig) -> str:
     device = hardware.device.value if hasattr(hardware.device, "value") else str(hardware.device)
     if device != "auto":
         return device
+    import torch  # deferred: the preflight (validate, dispatch) stays torch-free
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def in_hub_cache(repo_id: str, revision: Optional[str]) -> bool:
+    from huggingface_hub import try_to_load_from_cache  # deferred: the preflight (validate, dispatch) stays torch-free
+
     found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
     return isinstance(found, str)
 
 
 def device_name(device_type: str) -> str:
     if device_type == "cuda":
+        import torch  # deferred: the preflight (validate, dispatch) stays torch-free
+
         return torch.cuda.get_device_name()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
