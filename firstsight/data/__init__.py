@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
+
+from PIL import Image
+
+from firstsight.data.synthetic import SyntheticEgoQA
 
 
 def load_split(data_cfg: Any, split: str, seed: int, processor: Any = None) -> Any:
@@ -11,7 +16,10 @@ def load_split(data_cfg: Any, split: str, seed: int, processor: Any = None) -> A
     Either way a map-style dataset of QASamples with chance_accuracy(); file datasets also count
     the bad records they skipped in `skipped` (those longer than `data.max_length` too, measured
     with `processor`, by default the student's)."""
-    from firstsight.data.files import file_split, is_file_data
+    from firstsight.data.files import (  # deferred: `import firstsight.data.synthetic` stays torch-free
+        file_split,
+        is_file_data,
+    )
 
     if is_file_data(data_cfg):
         return file_split(data_cfg, split, processor)
@@ -20,8 +28,6 @@ def load_split(data_cfg: Any, split: str, seed: int, processor: Any = None) -> A
 
 def synthetic_split(data_cfg: Any, split: str, seed: int) -> Any:
     """The `split` ("train" | "validation") of the synthetic data the `data` group describes."""
-    from firstsight.data.synthetic import SyntheticEgoQA
-
     size = data_cfg.train_size if split == "train" else data_cfg.validation_size
     return SyntheticEgoQA(
         split,
@@ -48,10 +54,6 @@ class Blinded:
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
-        import dataclasses
-
-        from PIL import Image
-
         sample = self.dataset[index]
         frames = tuple(Image.new("RGB", image.size, BLIND_GREY) for image in sample.images)
         return dataclasses.replace(sample, images=frames)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
-IGNORE_INDEX = -100  # = firstsight.losses.kd.IGNORE_INDEX (not imported: that module imports torch)
+import torch
+from torch.utils.data import DataLoader
+
+IGNORE_INDEX = -100  # = firstsight.losses.kd.IGNORE_INDEX (not imported: data sits below losses)
 
 
 def messages_for(sample: Any, with_answer: bool = True) -> List[Dict[str, Any]]:
@@ -24,8 +28,6 @@ def sample_length(
     chat-formatted question and answer, each frame's <|image_pad|> expanded to the visual tokens
     the image processor cuts a (width, height) frame into. Cheap: the tokenizer and the image
     processor's grid arithmetic, no pixels."""
-    from types import SimpleNamespace
-
     sample = SimpleNamespace(images=tuple(frame_sizes), question=question, answer=answer)
     text = processor.apply_chat_template(messages_for(sample), tokenize=False)
     text_tokens = len(processor.tokenizer(text)["input_ids"])  # one <|image_pad|> per frame
@@ -114,8 +116,6 @@ class ShuffledBatches:
         rank: int = 0,
         world_size: int = 1,
     ):
-        from torch.utils.data import DataLoader
-
         self.epoch = int(position["epoch"]) if position else 0
         self.batches_into_epoch = int(position["batches_into_epoch"]) if position else 0
         self._sampler = _EpochBatchSampler(
@@ -167,8 +167,6 @@ class _EpochBatchSampler:
         return self.size // self.global_batch if self.drop_last else 1
 
     def __iter__(self) -> Iterator[List[int]]:
-        import torch
-
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % (2**63))
         order = torch.randperm(self.size, generator=generator).tolist()
         skip, self.skip = self.skip, 0

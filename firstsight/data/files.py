@@ -56,9 +56,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
+from hydra.utils import to_absolute_path
 from PIL import Image, ImageOps
 
 from firstsight.core.errors import FirstSightError
+from firstsight.data.batching import sample_length
 from firstsight.data.synthetic import QASample, _option_line
 
 __all__ = ["BAD_SAMPLE_POLICIES", "FORMATS", "FileQA", "MediaSettings", "file_split", "is_file_data", "resolve_path"]
@@ -102,8 +104,6 @@ def is_file_data(data_cfg: Any) -> bool:
 def resolve_path(path: Union[str, Path]) -> Path:
     """An absolute path; relative ones are from the directory run.py was started in
     (Hydra's original working directory; the current one outside Hydra)."""
-    from hydra.utils import to_absolute_path
-
     return Path(to_absolute_path(str(Path(str(path)).expanduser())))
 
 
@@ -207,7 +207,7 @@ def _evenly(items: Sequence[Any], count: int) -> List[Any]:
 
 def _fit(image: Image.Image, media: MediaSettings) -> Image.Image:
     """RGB, sides on the 28 px grid, pixel count within [min_pixels, max_pixels] (qwen-vl-utils)."""
-    from qwen_vl_utils import fetch_image
+    from qwen_vl_utils import fetch_image  # deferred: qwen-vl-utils imports torch; only file data needs it
 
     return fetch_image(
         {"image": image, "min_pixels": media.min_pixels, "max_pixels": media.max_pixels}, image_patch_size=PATCH_SIZE
@@ -216,7 +216,7 @@ def _fit(image: Image.Image, media: MediaSettings) -> Image.Image:
 
 def _fitted_size(size: Tuple[int, int], media: MediaSettings) -> Tuple[int, int]:
     """The (width, height) `_fit` gives a frame of `size`, computed without its pixels."""
-    from qwen_vl_utils import smart_resize
+    from qwen_vl_utils import smart_resize  # deferred: qwen-vl-utils imports torch; only file data needs it
 
     width, height = size
     height, width = smart_resize(
@@ -280,7 +280,7 @@ def _check_video(path: Path) -> None:
         raise FirstSightError(_no_video_backend(path))  # the machine lacks a reader: not a bad sample
     if backend != "pyav":
         return  # qwen-vl-utils opens the file only to decode it
-    import av
+    import av  # deferred: PyAV is an optional video reader (_video_backend)
 
     try:
         with av.open(str(path)) as container:
@@ -304,7 +304,7 @@ def _sample_indices(total: int, video_fps: Optional[float], media: MediaSettings
 
 
 def _read_video_pyav(path: Path, media: MediaSettings) -> List[Image.Image]:
-    import av
+    import av  # deferred: PyAV is an optional video reader (_video_backend)
 
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
@@ -326,7 +326,7 @@ def _read_video_pyav(path: Path, media: MediaSettings) -> List[Image.Image]:
 
 
 def _read_video_qwen(path: Path, media: MediaSettings) -> List[Image.Image]:
-    from qwen_vl_utils import fetch_video
+    from qwen_vl_utils import fetch_video  # deferred: qwen-vl-utils imports torch; only file data needs it
 
     video = fetch_video(
         {
@@ -708,8 +708,6 @@ class FileQA:
 
     def _check_length(self, record: _Record) -> None:
         """A record longer than max_length tokens (prompt with its visual tokens, and answer) is bad."""
-        from firstsight.data.batching import sample_length
-
         sizes: List[Tuple[int, int]] = []
         for item in record.media:
             if item.kind == "video":  # a file's frame count and size are known once decoded
