@@ -25,12 +25,21 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
+import mlflow
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
+import firstsight
 from firstsight.config.schema import TrackingConfig
 from firstsight.config.specs import TrackingSpec
 from firstsight.core.errors import FirstSightError
+from firstsight.core.job import job_output_dir
 from firstsight.core.records import flatten_container
+from firstsight.core.signals import Preempted
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +85,6 @@ def package_versions() -> Dict[str, str]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
-    import firstsight
-
     versions["firstsight"] = firstsight.__version__
     return versions
 
@@ -121,8 +128,6 @@ def resolve_tracking_uri(tracking: TrackingConfig) -> Optional[str]:
 def absolute_tracking_uri(uri: Optional[str]) -> str:
     """The store a run went to, valid from any working directory (MLflow's default and relative
     sqlite paths are resolved against the current one)."""
-    import mlflow
-
     uri = uri or mlflow.get_tracking_uri()
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
@@ -262,14 +267,10 @@ class JobTracker:
         self._metrics: List[Any] = []
 
     def log_metrics(self, metrics: Dict[str, float], step: int = 0) -> None:
-        from mlflow.entities import Metric
-
         timestamp = int(time.time() * 1000)
         self._metrics.extend(Metric(k, float(v), timestamp, step) for k, v in metrics.items())
 
     def set_tags(self, tags: Dict[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
         self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_text(self, text: str, artifact_file: str) -> None:
@@ -283,8 +284,7 @@ class JobTracker:
         """The transformers model saved in `model_dir` (weights and processor: a distilled or exported
         student) as an MLflow model of this run: transformers flavour, an image-text-to-text pipeline,
         shown in the experiment's Models tab and registrable from there. Returns its models:/ URI."""
-        import mlflow
-        from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline
+        from transformers import AutoModelForImageTextToText, AutoProcessor, pipeline  # deferred: log_model only
 
         model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype="auto", local_files_only=True)
         processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
@@ -324,8 +324,6 @@ class JobTracker:
 
     def _save_unflushed(self) -> str:
         """Append the buffered metrics to unflushed_metrics.jsonl, empty the buffer, say where they are."""
-        from firstsight.core.job import job_output_dir
-
         path = Path(self.output_dir if self.output_dir is not None else job_output_dir()) / UNFLUSHED_METRICS_FILE
         lines = [
             json.dumps(
@@ -364,9 +362,6 @@ class NullTracker:
 def _hydra_job_info() -> Dict[str, Any]:
     """Output dir, sweep dir and overrides of the running Hydra job ({} outside Hydra)."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
         hc = HydraConfig.get()
     except Exception:
         return {}
@@ -403,8 +398,6 @@ def _reopened_run(client: Any, run_id: Optional[str]) -> Optional[Any]:
     except TrackingStoreError:  # the store did not answer: not a missing run
         raise
     except Exception:  # another store, or the run was deleted: the job gets a new run
-        import logging
-
         logging.getLogger(__name__).warning(
             "MLflow run %s of the checkpoint is not in this store: starting a new run", run_id
         )
@@ -422,10 +415,6 @@ def job_tracker(job: TrackingSpec, run_id: Optional[str] = None, enabled: bool =
     if not (job.tracking.enabled and enabled):
         yield NullTracker()
         return
-    from mlflow.tracking import MlflowClient
-
-    from firstsight.core.signals import Preempted
-
     uri = resolve_tracking_uri(job.tracking)
     client = StoreClient(MlflowClient(tracking_uri=uri), absolute_tracking_uri(uri))  # retried; names the store
     reopened = _reopened_run(client, run_id)
@@ -486,8 +475,6 @@ def start_system_metrics(tracking: TrackingConfig, run_id: str, uri: str, resume
     logged as system/*); a resumed run continues its steps. None, with a warning, if it cannot start:
     the job runs without it."""
     try:
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
         monitor = SystemMetricsMonitor(
             run_id,
             sampling_interval=float(tracking.system_metrics_interval_s),
@@ -535,8 +522,6 @@ def _log_config(
     """Params = the flattened config, and config.yaml. A reopened run (`existing`: its params)
     gets only the params it lacks: MLflow refuses to change a logged value, and the settings a
     resumed run may change (train.resume, hardware.dataloader_workers, ...) keep their first value."""
-    from mlflow.entities import Param
-
     params = [Param(k, v[:6000]) for k, v in sorted(flatten_config(record).items()) if k not in (existing or {})]
     for start in range(0, len(params), _MAX_PARAMS_PER_BATCH):
         client.log_batch(tracker.run_id, params=params[start : start + _MAX_PARAMS_PER_BATCH])
