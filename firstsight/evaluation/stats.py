@@ -12,15 +12,17 @@
   beyond it, else *unresolved* with about how many questions would decide it; *not measurable*
   when the teacher is not above chance (random weights: 0 vs 0 is no evidence of anything).
 
-Imports of numpy/scipy are deferred: `firstsight.evaluation.stats` is read by the report, whose `--help`
-must stay fast.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
+
+import numpy as np
+from scipy.stats import binomtest, bootstrap
 
 CONFIDENCE = 0.95
 BOOTSTRAP_RESAMPLES = 9999
@@ -54,8 +56,6 @@ def proportion(correct: Sequence[bool], confidence: float = CONFIDENCE) -> Estim
     k = int(sum(bool(c) for c in correct))
     if n == 0:
         return Estimate(math.nan, math.nan, math.nan, 0)
-    from scipy.stats import binomtest
-
     ci = binomtest(k, n).proportion_ci(confidence_level=confidence, method="wilson")
     return Estimate(k / n, float(ci.low), float(ci.high), n)
 
@@ -74,17 +74,12 @@ def paired_difference(
     n = len(first)
     if n == 0:
         return Estimate(math.nan, math.nan, math.nan, 0)
-    import numpy as np
-
     diff = np.asarray(first, dtype=np.float64) - np.asarray(second, dtype=np.float64)
     value = float(diff.mean())
     if np.all(diff == diff[0]):  # no spread to resample (e.g. both right or wrong on every question):
         # the bootstrap would claim certainty; none of n questions differing still allows a share
         # of up to ~3/n that do (the "rule of three", 95 %), so the interval is ±3/n around the value
         return Estimate(value, max(-1.0, value - 3 / n), min(1.0, value + 3 / n), n)
-    import warnings
-
-    from scipy.stats import bootstrap
 
     def resampled(method: str):
         with warnings.catch_warnings():
@@ -113,8 +108,6 @@ def mcnemar_p(first: Sequence[bool], second: Sequence[bool]) -> float:
     only_second = sum(1 for a, b in zip(first, second) if b and not a)
     if only_first + only_second == 0:
         return 1.0
-    from scipy.stats import binomtest
-
     return float(binomtest(only_first, only_first + only_second, 0.5).pvalue)
 
 
