@@ -8,12 +8,18 @@ answer tokens of the step. Mixed precision: autocast to the run's dtype (GradSca
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
+import torch
+from tqdm.auto import tqdm
+
 from firstsight.core.perf import StepTimer
+from firstsight.core.signals import STOP
+from firstsight.core.world import SINGLE
 from firstsight.losses.kd import IGNORE_INDEX, answer_logit_slice, count_answer_tokens
 
 
@@ -40,8 +46,6 @@ def to_device(batch: Dict[str, Any], device: str) -> Dict[str, Any]:
 
 
 def autocast(device_type: str, dtype: Any) -> Any:
-    import torch
-
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, dtype=dtype)
@@ -55,7 +59,6 @@ def model_inputs(batch: Dict[str, Any]) -> Dict[str, Any]:
 
 def _lr_lambda(warmup_steps: int, max_steps: int) -> Callable[[int], float]:
     """Linear warm-up, then cosine decay to 10 % of the peak."""
-    import math
 
     def factor(step: int) -> float:
         if step < warmup_steps:
@@ -70,10 +73,8 @@ def _optimizer(params: List[Any], settings: LoopSettings, device: str) -> Any:
     """AdamW over `params`: torch's (fused on CUDA where asked and possible) or bitsandbytes'
     AdamW8bit, whose two moments are stored in 8 bits per weight (tensors of at least 4096
     elements; smaller ones keep 32-bit moments) with the same hyper-parameters."""
-    import torch
-
     if settings.optimizer == "adamw_8bit":
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # deferred: optional (adamw_8bit only; validation probes it)
 
         return bnb.optim.AdamW8bit(params, lr=settings.lr, weight_decay=settings.weight_decay)
     fused = settings.fused_optimizer and device == "cuda" and not any(type(p).__name__ == "DTensor" for p in params)
@@ -111,11 +112,6 @@ def optimize(
     Returns {"step_seconds": the steps' summed time, "harness_seconds": the time spent after the
     steps in on_step (metric logging, MLflow flushes) and the progress bar}: the harness overhead.
     """
-    from tqdm.auto import tqdm
-
-    from firstsight.core.signals import STOP
-    from firstsight.core.world import SINGLE
-
     world = world or SINGLE
     opt = _Optimization.of(model, extra_parameters, settings, device, dtype)
     timer = StepTimer(device)
@@ -174,8 +170,6 @@ class _Optimization:
 
     @classmethod
     def of(cls, model: Any, extra_parameters: Iterable[Any], settings: LoopSettings, device: str, dtype: Any):
-        import torch
-
         extra = [p for p in extra_parameters if p.requires_grad]
         params = [p for p in model.parameters() if p.requires_grad] + extra
         optimizer = _optimizer(params, settings, device)
@@ -201,8 +195,6 @@ class _Optimization:
     ) -> Tuple[Dict[str, float], Any, float]:
         """One step over the micro-batches: backward (accumulated), clip, step, schedule. Returns the
         step's summed metrics, the gradient norm (a tensor: read after the timed step) and its lr."""
-        import torch
-
         answer_tokens = int(world.all_reduce([sum(count_answer_tokens(b["labels"]) for b in micro)])[0])
         sums = _backward(micro, micro_step, answer_tokens, self.no_sync, self.scaler, world, device, dtype)
         world.average_gradients(self.extra)
@@ -245,8 +237,6 @@ def _backward(
 def _global_figures(world: Any, metrics: Dict[str, float], samples: int, tokens: int) -> Tuple[int, int]:
     """The global batch's metrics (summed over the processes, in place), samples and tokens, and one
     stop decision for all processes (one all-reduce)."""
-    from firstsight.core.signals import STOP
-
     keys = sorted(k for k in metrics if k not in ("grad_norm", "lr"))
     *values, samples_sum, tokens_sum, stops = world.all_reduce(
         [metrics[k] for k in keys] + [samples, tokens, float(STOP.requested is not None)]
@@ -267,8 +257,6 @@ def answer_outcomes(model: Any, batches: Iterator[Dict[str, Any]], device: str, 
     """Per question, in order: is it answered exactly under teacher forcing? A sample counts only
     if the argmax at every answer position (answer tokens and the closing <|im_end|>) is the
     reference token, which is exactly when greedy decoding would produce the reference answer and stop."""
-    import torch
-
     outcomes: List[bool] = []
     was_training = model.training
     model.eval()

@@ -33,9 +33,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+import numpy as np
+import safetensors.torch
+import torch
+from hydra.utils import get_original_cwd
+from safetensors.torch import load_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.tensor import distribute_tensor
+
 from firstsight.config.schema import TrainConfig
 from firstsight.core.errors import FirstSightError
-from firstsight.core.files import sha256_file
+from firstsight.core.files import sha256_file, staged_dir
+from firstsight.core.records import flatten_container
 from firstsight.core.signals import STOP
 
 log = logging.getLogger(__name__)
@@ -159,8 +168,6 @@ def _resume_source(asked: str, output_dir: Path) -> Optional[Path]:
         return latest_valid(checkpoint_root(output_dir))
     path = Path(asked).expanduser()
     if not path.is_absolute():
-        from hydra.utils import get_original_cwd
-
         with contextlib.suppress(ValueError):  # outside a Hydra job: relative to the cwd
             path = Path(get_original_cwd()) / path
     if _STEP_DIR.match(path.name) and path.is_dir():
@@ -204,8 +211,6 @@ def read_point(path: Path) -> ResumePoint:
 
 def config_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[str]:
     """`key: saved → current` for every setting that changes what training computes."""
-    from firstsight.core.records import flatten_container
-
     old, new = flatten_container(saved), flatten_container(current)
     keys = sorted(set(old) | set(new))
     return [
@@ -219,9 +224,6 @@ def config_differences(saved: Dict[str, Any], current: Dict[str, Any]) -> List[s
 
 
 def rng_states() -> Dict[str, Any]:
-    import numpy as np
-    import torch
-
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, internal, gauss_next = random.getstate()
     states = {
@@ -235,9 +237,6 @@ def rng_states() -> Dict[str, Any]:
 
 
 def set_rng_states(states: Dict[str, Any]) -> None:
-    import numpy as np
-    import torch
-
     version, internal, gauss_next = states["python"]
     random.setstate((version, tuple(internal), gauss_next))
     kind, keys, pos, has_gauss, gauss = states["numpy"]
@@ -292,9 +291,6 @@ class Checkpointer:
         the number of steps already done (0 without a resume point)."""
         if self.resume is None:
             return 0
-        import torch
-        from safetensors.torch import load_file
-
         saved = load_file(str(self.resume.path / TENSORS))
         missing = sorted(set(self.tensors) - set(saved))
         unexpected = sorted(set(saved) - set(self.tensors))
@@ -311,8 +307,6 @@ class Checkpointer:
                         f"this run's has {tuple(tensor.shape)}"
                     )
                 if self.sharded_model is not None:  # this process's shard of the whole tensor
-                    from torch.distributed.tensor import distribute_tensor
-
                     tensor.copy_(
                         distribute_tensor(saved[name].to(tensor.device), tensor.device_mesh, tensor.placements)
                     )
@@ -320,8 +314,6 @@ class Checkpointer:
                     tensor.copy_(saved[name])
         optimizer_state = torch.load(self.resume.path / OPTIMIZER, map_location="cpu", weights_only=True)
         if self.sharded_model is not None:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
             set_optimizer_state_dict(
                 self.sharded_model, optimizer, optimizer_state, options=StateDictOptions(full_state_dict=True)
             )
@@ -349,17 +341,12 @@ class Checkpointer:
         data_position: Dict[str, int],
         metrics: Dict[str, float],
     ) -> Optional[Path]:
-        import torch
-        from safetensors.torch import save_file
-
         tensors, optimizer_state = self._gathered(optimizer)
         if not self.writer:
             return None
 
         if self.before_save is not None:
             self.before_save()
-
-        from firstsight.core.files import staged_dir
 
         target = self.root / f"step-{step:07d}"
         state = {
@@ -380,7 +367,7 @@ class Checkpointer:
         )
         with staged_dir(str(target), kept=kept) as tmp:
             tmp_path = Path(tmp)
-            save_file(tensors, str(tmp_path / TENSORS))
+            safetensors.torch.save_file(tensors, str(tmp_path / TENSORS))  # module attribute: tests patch it
             torch.save(optimizer_state, tmp_path / OPTIMIZER)
             (tmp_path / STATE).write_text(json.dumps(state))
             files = {
@@ -401,8 +388,6 @@ class Checkpointer:
         every process's shards, a collective all processes take part in)."""
         if self.sharded_model is None:
             return {k: v.detach().contiguous().cpu() for k, v in self.tensors.items()}, optimizer.state_dict()
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
         tensors = {k: v.detach().full_tensor().contiguous().cpu() for k, v in self.tensors.items()}
         state = get_optimizer_state_dict(
             self.sharded_model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
