@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
+from transformers import Qwen2VLConfig
+
 # Token ids shared by both checkpoints (one tokenizer).
 _TOKEN_IDS = dict(
     bos_token_id=151643,
@@ -57,6 +59,4 @@ KNOWN_ARCHITECTURES["Qwen/Qwen2-VL-7B"] = KNOWN_ARCHITECTURES["Qwen/Qwen2-VL-7B-
 
 def known_config(source: str):
     """A Qwen2VLConfig of a known hub id, built offline."""
-    from transformers import Qwen2VLConfig
-
     return Qwen2VLConfig(**KNOWN_ARCHITECTURES[source])

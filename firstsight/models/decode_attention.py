@@ -17,6 +17,13 @@ from __future__ import annotations
 
 from typing import Any, Optional, Tuple
 
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations import sdpa_attention
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from firstsight.models.attention import switch_implementation
+
 NAME = "firstsight_sdpa_grouped_decode"
 _SWITCHED_FROM = "sdpa"  # the only implementation this one extends (the same kernels, no copy)
 
@@ -35,9 +42,6 @@ def grouped_decode_attention(
     key/value [B, H_kv, L, d]; returns [B, q, H, d] and no weights); for q == 1 with grouped KV
     heads, one SDPA call per KV head's group of query heads instead of a copy of the cache per
     query head."""
-    import torch.nn.functional as F
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     batch, heads, length, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
@@ -55,7 +59,7 @@ def grouped_decode_attention(
         or kwargs.get("position_bias") is not None
         or kwargs.get("output_attentions")
     ):
-        return sdpa_attention_forward(
+        return sdpa_attention.sdpa_attention_forward(  # a module attribute: tests patch it
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     # query head h uses KV head h // groups (repeat_kv's order), so heads split as [kv_heads, groups]
@@ -72,11 +76,6 @@ def _text_config(model: Any) -> Any:
 def group_decode(model: Any) -> bool:
     """Switch the language model of a Qwen2-VL model (SDPA) to grouped_decode_attention, in place;
     True if it was switched. Other models and other implementations are left as they are."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    from firstsight.models.attention import switch_implementation
-
     # idempotent: the same functions under the same name; SDPA's masks for SDPA's kernels
     AttentionInterface.register(NAME, grouped_decode_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)
@@ -85,6 +84,4 @@ def group_decode(model: Any) -> bool:
 
 def ungroup_decode(model: Any) -> bool:
     """Undo group_decode (benchmarks' naive paths); True if undone."""
-    from firstsight.models.attention import switch_implementation
-
     return switch_implementation(_text_config(model), NAME, _SWITCHED_FROM)

@@ -12,7 +12,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
 from firstsight.core.world import Distributed
+from firstsight.models.loading import repeated_blocks
+from firstsight.models.vision_attention import plain_config
 
 if TYPE_CHECKING:  # the section's type only
     from firstsight.config.schema import HardwareConfig
@@ -22,11 +31,6 @@ def shard(model: Any, device: str, world_size: int, hardware: Optional[HardwareC
     """FSDP2: every block transformers would not split across devices (`_no_split_modules`: the
     decoder layers and vision blocks) becomes one shard unit, then the rest (embeddings, head).
     `hardware` (the config's hardware section) may set the fsdp_* levers; None: torch's defaults."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    from firstsight.models.loading import repeated_blocks
-
     mesh = init_device_mesh(device, (world_size,))
     options = fsdp_options(hardware)
     blocks = list(repeated_blocks(model))
@@ -45,8 +49,6 @@ def lever(hardware: Optional[HardwareConfig], key: str, default: Any) -> Any:
 
 
 def torch_dtype_of(name: Optional[str]) -> Any:
-    import torch
-
     return None if name is None else getattr(torch, name)
 
 
@@ -56,8 +58,6 @@ def mixed_precision_policy(hardware: Optional[HardwareConfig]) -> Any:
     param, reduce = lever(hardware, "fsdp_param_dtype", None), lever(hardware, "fsdp_reduce_dtype", None)
     if param is None and reduce is None:
         return None
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
     # bf16 compute, fp32 gradient reduction unless asked otherwise: the sum over ranks keeps its precision
     reduce = reduce or ("float32" if param is not None else None)
     return MixedPrecisionPolicy(param_dtype=torch_dtype_of(param), reduce_dtype=torch_dtype_of(reduce))
@@ -88,16 +88,11 @@ def gathered_copy(model: Any, is_main: bool) -> Any:
     """An unsharded copy of an FSDP-sharded model on the CPU, built from the gathered state dict (a
     collective: every process calls it; only rank 0 gets the copy, the others None). Saved with
     save_pretrained it gives the same files as a model that was never sharded."""
-    import torch
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not is_main:
         return None
     # fully_shard swaps the class for a subclass (FSDP<Name>); the copy is of the model's own class
     cls = next(c for c in type(model).__mro__ if not c.__name__.startswith("FSDP"))
-    from firstsight.models.vision_attention import plain_config
-
     with torch.device("meta"), plain_config(model) as config:
         copy = cls._from_config(config)
     copy.load_state_dict(state, strict=True, assign=True)
@@ -126,8 +121,6 @@ def compress_gradients(ddp: Any, dtype: str) -> None:
     world size, all-reduce, cast back into the fp32 gradient), not a hand-written one."""
     if dtype == "float32":
         return
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
     ddp.register_comm_hook(None, getattr(default_hooks, COMM_HOOKS[dtype]))
 
 
@@ -141,8 +134,6 @@ def wrap(world: Distributed, model: Any, device: str, hardware: Optional[Hardwar
         return model
     if lever(hardware, "data_parallel", "ddp") == "fsdp":
         return shard(model, device, world.world_size, hardware)
-    from torch.nn.parallel import DistributedDataParallel
-
     ids = [world.local_rank] if device == "cuda" else None
     ddp = DistributedDataParallel(model, device_ids=ids, **ddp_options(hardware))
     compress_gradients(ddp, lever(hardware, "ddp_comm_dtype", "float32"))

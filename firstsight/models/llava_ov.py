@@ -18,6 +18,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from transformers import (
+    AutoProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionImageProcessor,
+    LlavaOnevisionProcessor,
+    LlavaOnevisionVideoProcessor,
+)
+
 from firstsight.core.files import cached_dir, content_key
 from firstsight.models.tiny import tiny_processor
 
@@ -50,8 +58,6 @@ def tiny_llava_processor(cache_dir: str | Path, real: bool = False) -> Any:
     one 112-pixel tile of 4 x 4 patches a frame; `real`: the published checkpoints' image
     processor (384-pixel tiles of 27 x 27 patches, any resolution up to 3 x 3 tiles), the stand-in
     processor of a random-weight LLaVA-OneVision-7B, cutting frames into as many visual tokens."""
-    from transformers import AutoProcessor
-
     key = content_key("llava-ov-processor-v1", VISUAL_TOKENS, CHAT_TEMPLATE, real, TINY_IMAGE_SIZE, TINY_PATCH_SIZE)
     path = cached_dir(
         Path(cache_dir) / f"tiny-llava-processor-{key}",
@@ -61,8 +67,6 @@ def tiny_llava_processor(cache_dir: str | Path, real: bool = False) -> Any:
 
 
 def _build_processor(out_dir: Path, tokenizer: Any, real: bool) -> Dict[str, Any]:
-    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
-
     shared = len(tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": VISUAL_TOKENS})
     if real:
@@ -89,8 +93,6 @@ def _build_processor(out_dir: Path, tokenizer: Any, real: bool) -> Dict[str, Any
 
 def tiny_llava_config(arch: Any, tokenizer: Any) -> Any:
     """A LlavaOnevisionConfig of the given tiny sizes over `tokenizer` (rows padded like the real models)."""
-    from transformers import LlavaOnevisionConfig
-
     rows = -(-len(tokenizer) // arch.vocab_padding) * arch.vocab_padding
     token_id = tokenizer.convert_tokens_to_ids
     return LlavaOnevisionConfig(
@@ -192,6 +194,4 @@ KNOWN_LLAVA_ONEVISION = {
 
 def known_llava_config(source: str) -> Any:
     """A LlavaOnevisionConfig of a known hub id, built offline."""
-    from transformers import LlavaOnevisionConfig
-
     return LlavaOnevisionConfig(**KNOWN_LLAVA_ONEVISION[source])

@@ -18,11 +18,25 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, Optional, Tuple
 
+import torch
+import torch._functorch.config as functorch_config
+from transformers import (
+    AutoConfig,
+    AutoProcessor,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    LlavaOnevisionForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+)
+
 from firstsight.config.schema import ModelConfig, ModelSideConfig
 from firstsight.config.specs import ModelSpec
 from firstsight.core.errors import FirstSightError
 from firstsight.core.files import staged_dir
-from firstsight.core.runtime import is_offline, torch_dtype
+from firstsight.core.memory import uncapped
+from firstsight.core.runtime import in_hub_cache, is_offline, torch_dtype
+from firstsight.models.architectures import KNOWN_ARCHITECTURES, known_config
+from firstsight.models.decode_attention import group_decode
 from firstsight.models.llava_ov import (
     KNOWN_LLAVA_ONEVISION,
     LLAVA_ONEVISION,
@@ -33,16 +47,22 @@ from firstsight.models.llava_ov import (
     tiny_llava_config,
     tiny_llava_processor,
 )
+from firstsight.models.lora import apply_lora
 from firstsight.models.parts import (
     TORCHAO_KINDS,
     PartPrecision,
     apply_part_dtypes,
+    base_model,
     part_bytes,
+    part_of,
     part_weights_gb,
     quantization_kind,
     resolve_parts,
     skip_modules,
 )
+from firstsight.models.pretrain import tiny_model_dir
+from firstsight.models.tiny import tiny_model_config, tiny_processor
+from firstsight.models.vision_attention import batch_frames
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +92,10 @@ def _value(x: Any) -> str:
 def load_processor(model: ModelConfig, cache_dir: str) -> Any:
     """The student's processor (teacher and student share the tokenizer); the embedded offline
     one for tiny models and for random-weight architectures whose processor is not at hand."""
-    from firstsight.models.tiny import tiny_processor
-
     student = model.student
     if student.source == "tiny":
         return tiny_processor(cache_dir)
     if _value(student.weights) == "random" and not os.path.isdir(student.source):
-        from firstsight.core.runtime import in_hub_cache
-
         if is_offline() and not in_hub_cache(student.source, student.revision):
             log.info(
                 "no processor of %s at hand offline: using the embedded tokenizer with Qwen2-VL's pixel range",
@@ -89,8 +105,6 @@ def load_processor(model: ModelConfig, cache_dir: str) -> Any:
             # the stand-in must cut frames into as many visual tokens as the real processor would
             processor.image_processor.size = dict(REAL_PIXEL_RANGE)
             return processor
-    from transformers import AutoProcessor
-
     try:
         return AutoProcessor.from_pretrained(
             student.source,
@@ -121,8 +135,6 @@ def side_architecture(side: ModelSideConfig) -> str:
         return _value(side.tiny.get("architecture") or QWEN2_VL) if side.tiny is not None else QWEN2_VL
     if side.source in KNOWN_LLAVA_ONEVISION:
         return LLAVA_ONEVISION
-    from firstsight.models.architectures import KNOWN_ARCHITECTURES
-
     if side.source in KNOWN_ARCHITECTURES:
         return QWEN2_VL
     config_file = os.path.join(side.source, "config.json")
@@ -132,8 +144,6 @@ def side_architecture(side: ModelSideConfig) -> str:
                 return json.load(f).get("model_type", QWEN2_VL)
             except ValueError:
                 return QWEN2_VL  # a damaged config.json is reported where the model is loaded
-    from transformers import AutoConfig
-
     try:
         return AutoConfig.from_pretrained(side.source, revision=side.revision, local_files_only=is_offline()).model_type
     except (OSError, ValueError):
@@ -163,15 +173,11 @@ def load_teacher_processor(model: ModelConfig, cache_dir: str) -> Optional[Any]:
     if teacher.source == "tiny":
         return tiny_llava_processor(cache_dir)
     if _value(teacher.weights) == "random" and not os.path.isdir(teacher.source):
-        from firstsight.core.runtime import in_hub_cache
-
         if is_offline() and not in_hub_cache(teacher.source, teacher.revision):
             log.info(
                 "no processor of %s at hand offline: the embedded tokenizer with its real image sizes", teacher.source
             )
             return tiny_llava_processor(cache_dir, real=True)
-    from transformers import AutoProcessor
-
     try:
         return AutoProcessor.from_pretrained(
             teacher.source,
@@ -202,8 +208,6 @@ def check_same_tokenizer(model: ModelConfig, processor: Any, teacher_processor: 
         return
     if shares_the_processor(model):
         return
-    from transformers import AutoTokenizer
-
     try:
         teacher_tok = AutoTokenizer.from_pretrained(
             teacher.source,
@@ -230,8 +234,6 @@ def quantization_config(parts: Dict[str, PartPrecision]) -> Optional[Any]:
     kind = quantization_kind(parts)
     if kind is None or kind in TORCHAO_KINDS:
         return None
-    from transformers import BitsAndBytesConfig
-
     skip = skip_modules(parts)
     if kind == "int8":
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
@@ -254,10 +256,8 @@ def quantize_after_loading(model: Any, parts: Dict[str, PartPrecision]) -> None:
     kind = quantization_kind(parts)
     if kind not in TORCHAO_KINDS:
         return
-    import torch
+    # deferred: torchao only for precision int8_weight_only / fp8
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Int8WeightOnlyConfig, PerRow, quantize_
-
-    from firstsight.models.parts import part_of
 
     # set_inductor_config=False: by default torchao switches inductor's coordinate descent tuning (in
     # all directions) on for the whole process when it quantizes, so every later torch.compile in it
@@ -288,8 +288,6 @@ def quantize_after_loading(model: Any, parts: Dict[str, PartPrecision]) -> None:
 def repeated_blocks(model: Any) -> Iterator[Any]:
     """The blocks transformers would not split across devices (`_no_split_modules`): the decoder
     layers and the vision blocks, each repeated tens of times with one structure."""
-    from firstsight.models.parts import base_model
-
     names = set(getattr(base_model(model), "_no_split_modules", None) or [])
     return (module for module in model.modules() if type(module).__name__ in names)
 
@@ -314,8 +312,6 @@ def compile_blocks(model: Any, memory_budget: float = 1.0, cpp_wrapper: Optional
     the GPU waits out when the step is bound by the host, as the KD step on an H200 is. None: where
     the model's weights are on a CUDA device (on a CPU the wrapper's own compile costs more than it
     saves)."""
-    import torch._functorch.config as functorch_config
-
     functorch_config.activation_memory_budget = memory_budget
     blocks = list(repeated_blocks(model))
     if cpp_wrapper is None:
@@ -328,8 +324,6 @@ def compile_blocks(model: Any, memory_budget: float = 1.0, cpp_wrapper: Optional
 
 def model_class(model_type: str) -> Any:
     """transformers' class of a model type the suite pairs."""
-    from transformers import LlavaOnevisionForConditionalGeneration, Qwen2VLForConditionalGeneration
-
     return LlavaOnevisionForConditionalGeneration if model_type == LLAVA_ONEVISION else Qwen2VLForConditionalGeneration
 
 
@@ -339,16 +333,12 @@ def _random_config(side: ModelSideConfig, processor: Any) -> Any:
     if side.source == "tiny":
         if architecture == LLAVA_ONEVISION:
             return tiny_llava_config(side.tiny, processor.tokenizer)
-        from firstsight.models.tiny import tiny_model_config
-
         return tiny_model_config(side.tiny, processor.tokenizer)
     if architecture == LLAVA_ONEVISION:
         config = known_llava_config(side.source) if side.source in KNOWN_LLAVA_ONEVISION else _hub_config(side)
         token_id = processor.tokenizer.convert_tokens_to_ids
         config.image_token_index, config.video_token_index = token_id("<image>"), token_id("<video>")
         return config
-    from firstsight.models.architectures import KNOWN_ARCHITECTURES, known_config
-
     if side.source in KNOWN_ARCHITECTURES:
         config = known_config(side.source)
     else:
@@ -365,8 +355,6 @@ def _random_config(side: ModelSideConfig, processor: Any) -> Any:
 
 
 def _hub_config(side: ModelSideConfig) -> Any:
-    from transformers import AutoConfig
-
     return AutoConfig.from_pretrained(side.source, revision=side.revision, local_files_only=is_offline())
 
 
@@ -430,8 +418,6 @@ def _timed(load: Any) -> Tuple[Any, float]:
 def _load_random(config: Any, dtype: Any, quant: Optional[Any], device: str, attn: str) -> Tuple[Any, float]:
     """A random-weight model and the seconds its loading took (initialisation, or for quantized
     models the quantizing load of a temporary checkpoint, whose writing is not counted)."""
-    import torch
-
     cls = model_class(config.model_type)
     if quant is None:
         with torch.device(device):  # initialise on the target device: minutes faster for 8B on a GPU
@@ -440,8 +426,6 @@ def _load_random(config: Any, dtype: Any, quant: Optional[Any], device: str, att
     # They are made on the target device (minutes faster than CPU init at 8B), written, and freed;
     # the GPU's peak counter is then reset so that this scaffolding never counts as the model's cost,
     # nor against a memory budget (hardware.memory_budget_gb: the cap is lifted meanwhile).
-    from firstsight.core.memory import uncapped
-
     with tempfile.TemporaryDirectory(prefix="firstsight-random-") as tmp:
         with uncapped(device):
             with torch.device(device):
@@ -460,12 +444,8 @@ def _switch_attention(model: Any, hardware: Any) -> None:
     if model.config.model_type != QWEN2_VL:
         return
     if hardware.batched_vision_attention:
-        from firstsight.models.vision_attention import batch_frames
-
         batch_frames(model)  # the same attention, one SDPA call for all frames of one size
     if hardware.grouped_decode_attention:
-        from firstsight.models.decode_attention import group_decode
-
         group_decode(model)  # the same attention, decode steps without a per-head copy of the cache
 
 
@@ -474,8 +454,6 @@ def load_model(spec: ModelSpec, role: str, processor: Any, device: str, frozen: 
     fp32 master weights by default;
     with `lora.enabled` a frozen base in the precision's dtype/quantization plus fp32 adapters).
     `load_time_s` counts loading only, not a tiny model's first-use training."""
-    import torch
-
     side, precision, hardware = spec.model[role], spec.precision, spec.hardware
     lora = not frozen and spec.lora.enabled
     frozen_weights = frozen or lora
@@ -489,8 +467,6 @@ def load_model(spec: ModelSpec, role: str, processor: Any, device: str, frozen: 
         model, load_time = _load_random(_random_config(side, processor), dtype, quant, device, attn)
         origin = f"{side.source} (random weights)"
     elif side.source == "tiny":
-        from firstsight.models.pretrain import tiny_model_dir
-
         path = tiny_model_dir(spec, role, processor)  # shipped for the defaults, else trained on first use and cached
         kind = side_architecture(side)
         model, load_time = _timed(lambda: _from_pretrained(str(path), None, dtype, quant, device, attn, False, kind))
@@ -524,8 +500,6 @@ def load_model(spec: ModelSpec, role: str, processor: Any, device: str, frozen: 
         if hardware.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if lora:
-            from firstsight.models.lora import apply_lora
-
             model = apply_lora(
                 model,
                 spec.lora,

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any, List
 
+import torch
+
 from firstsight.config.schema import LoraConfig as LoraSettings  # peft has a LoraConfig too
 from firstsight.core.errors import FirstSightError
 
@@ -19,8 +21,6 @@ ADAPTER_CONFIG = "adapter_config.json"
 
 def linear_module_suffixes(model: Any) -> List[str]:
     """The distinct last name parts of the model's linear layers (what `target_modules` may name)."""
-    import torch
-
     names = set()
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear) or type(module).__name__ in ("Linear8bitLt", "Linear4bit"):
@@ -31,6 +31,7 @@ def linear_module_suffixes(model: Any) -> List[str]:
 def apply_lora(model: Any, lora: LoraSettings, quantized: bool, source: str, gradient_checkpointing: bool) -> Any:
     """Wrap `model` (the student, from `source`) with trainable LoRA adapters per the `lora`
     section; everything else is frozen."""
+    # deferred: peft imports bitsandbytes and torchao (seconds); only LoRA runs need it
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     targets = list(lora.target_modules)

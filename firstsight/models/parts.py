@@ -31,8 +31,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import torch
+
 from firstsight.config.schema import PARTS, PrecisionConfig
 from firstsight.core.errors import FirstSightError
+from firstsight.core.runtime import torch_dtype
 
 # part -> (module name prefixes it covers, prefixes it leaves to another part), per architecture
 # (config.model_type); the teacher may be a LLaVA-OneVision (firstsight/models/llava_ov.py), whose
@@ -232,10 +235,6 @@ def apply_part_dtypes(model: Any, parts: Dict[str, PartPrecision], loaded_dtype:
     rotary frequencies keep the dtype the model's own code gives them), and the compute dtype of its
     4-bit layers. Where the vision blocks and the merger differ, the merger's input is cast on entry
     (transformers already casts pixels into the vision tower and image features into the text)."""
-    import torch
-
-    from firstsight.core.runtime import torch_dtype
-
     if all(p.dtype == loaded_dtype for p in parts.values()):
         return
     check_part_modules(model)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
+import torch
+
 
 def _rope_owner(model: Any) -> Any:
     """The module with `get_rope_index` (Qwen2VLModel), under a peft, DDP or FSDP wrapper or not;
@@ -88,8 +90,6 @@ def prompt_positions(model: Any, batch: Dict[str, Any], host: Optional[Dict[str,
     With `host` (the batch's host_inputs), all of it is computed on the host and sent to the
     device in one asynchronous copy: nothing here waits for work already queued on the device
     (the static prefill queues the vision encoder first and computes these meanwhile)."""
-    import torch
-
     input_ids = batch["input_ids"]
     source = batch if host is None else host
     mask = source.get("attention_mask")

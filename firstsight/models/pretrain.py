@@ -23,12 +23,21 @@ import logging
 from pathlib import Path
 from typing import Any, Dict
 
+import torch
 from omegaconf import OmegaConf
+from transformers import LlavaOnevisionForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 from firstsight.config.schema import DataConfig, ModelSideConfig
 from firstsight.config.specs import ModelSpec
 from firstsight.core.errors import ConfigError
 from firstsight.core.files import cached_dir, content_key, read_info
+from firstsight.core.runtime import device_name, device_type
+from firstsight.data import synthetic_split
+from firstsight.data.batching import QACollator, batches, in_order
+from firstsight.losses.kd import answer_logit_slice
+from firstsight.models.llava_ov import LLAVA_ONEVISION, tiny_llava_config
+from firstsight.models.tiny import tiny_model_config
+from firstsight.training.loop import LoopSettings, answer_accuracy, model_inputs, optimize
 
 log = logging.getLogger(__name__)
 RECIPE = "tiny-teacher-v1"  # the teacher's: part of its key, so the shipped teacher keeps its name
@@ -82,17 +91,6 @@ def model_info(path: Path) -> Dict[str, Any]:
 
 
 def _pretrain(spec: ModelSpec, role: str, processor: Any, data: DataConfig, out_dir: Path) -> Dict[str, Any]:
-    import torch
-    from transformers import LlavaOnevisionForConditionalGeneration, Qwen2VLForConditionalGeneration
-
-    from firstsight.core.runtime import device_name, device_type
-    from firstsight.data import synthetic_split
-    from firstsight.data.batching import QACollator, batches, in_order
-    from firstsight.losses.kd import answer_logit_slice
-    from firstsight.models.llava_ov import LLAVA_ONEVISION, tiny_llava_config
-    from firstsight.models.tiny import tiny_model_config
-    from firstsight.training.loop import LoopSettings, answer_accuracy, model_inputs, optimize
-
     tiny = spec.model[role].tiny
     log.info(
         "training the tiny %s on first use (%d steps); it is cached in %s", role, tiny.pretrain_steps, out_dir.parent

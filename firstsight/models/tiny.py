@@ -10,7 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
+)
+
 from firstsight.core.files import cached_dir, content_key
+from firstsight.data.synthetic import SyntheticEgoQA
 
 TOKENIZER_RECIPE = "bpe-v1"
 BPE_VOCAB_SIZE = 512
@@ -41,24 +52,12 @@ MIN_PIXELS = 56 * 56
 
 def tiny_processor(cache_dir: str | Path) -> Any:
     """The offline Qwen2VLProcessor, built on first use and cached."""
-    from transformers import AutoProcessor
-
     key = content_key(TOKENIZER_RECIPE, BPE_VOCAB_SIZE, SPECIAL_TOKENS, CHAT_TEMPLATE, MIN_PIXELS, MAX_PIXELS)
     path = cached_dir(Path(cache_dir) / f"tiny-processor-{key}", _build_processor)
     return AutoProcessor.from_pretrained(str(path), local_files_only=True)
 
 
 def _build_processor(out_dir: Path) -> dict:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (
-        PreTrainedTokenizerFast,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
-
-    from firstsight.data.synthetic import SyntheticEgoQA
-
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -98,8 +97,6 @@ def mrope_section(head_dim: int) -> list[int]:
 
 def tiny_model_config(arch: Any, tokenizer: Any) -> Any:
     """A Qwen2VLConfig of the given tiny sizes over `tokenizer` (output rows padded like the real models)."""
-    from transformers import Qwen2VLConfig
-
     rows = -(-len(tokenizer) // arch.vocab_padding) * arch.vocab_padding
     token_id = tokenizer.convert_tokens_to_ids
     return Qwen2VLConfig(

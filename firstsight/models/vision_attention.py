@@ -25,7 +25,12 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Iterator, Optional, Tuple
 
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
 from firstsight.models.attention import switch_implementation
+from firstsight.models.decode_attention import group_decode, ungroup_decode
 
 NAME = "firstsight_flash_frames"  # "flash" in the name: see the module docstring
 _SWITCHED_FROM = "sdpa"  # the only implementation this one replaces (the same kernels, fewer calls)
@@ -51,8 +56,6 @@ def frames_attention(
     along `total`, boundaries `cu_seq_lens_q`); returns [1, total, heads, dim] as flash
     implementations do, and no weights. Traced by torch.compile where `module` carries
     EAGER_UNDER_COMPILE, it runs eagerly instead (a graph break)."""
-    import torch
-
     args = (query, key, value, attention_mask, scaling, dropout, cu_seq_lens_q, max_length_q)
     if _outside_compiler is not None and torch.compiler.is_compiling() and getattr(module, EAGER_UNDER_COMPILE, False):
         return _outside_compiler(_attend_within_frames, *args)
@@ -65,8 +68,6 @@ def attend_eagerly_under_compile(module: Any) -> None:
     Undone by deleting the attribute EAGER_UNDER_COMPILE."""
     global _outside_compiler
     if _outside_compiler is None:  # made here, outside any compiled region (dynamo would break on making it)
-        import torch
-
         _outside_compiler = torch.compiler.disable(_call)
     vars(module)[EAGER_UNDER_COMPILE] = True
 
@@ -86,9 +87,6 @@ def _attend_within_frames(
     max_length_q: Optional[int],
 ) -> Tuple[Any, None]:
     """frames_attention's computation (its arguments in its order, the module left out)."""
-    import torch
-    import torch.nn.functional as F
-
     if attention_mask is not None or cu_seq_lens_q is None:
         raise ValueError(f"{NAME} is Qwen2-VL's vision attention: frame boundaries, no mask")
     _, heads, total, dim = query.shape
@@ -112,8 +110,6 @@ def _vision_config(model: Any) -> Any:
 def batch_frames(model: Any) -> bool:
     """Switch a Qwen2-VL model's vision encoder (SDPA) to frames_attention, in place; True if it
     was switched. Other models and other attention implementations are left as they are."""
-    from transformers import AttentionInterface
-
     AttentionInterface.register(NAME, frames_attention)  # idempotent: the same function under the same name
     return switch_implementation(_vision_config(model), _SWITCHED_FROM, NAME)
 
@@ -124,8 +120,6 @@ def plain_config(model: Any) -> Iterator[Any]:
     model again, for building another model from it: transformers takes any implementation whose
     name contains "flash" for a flash-attn kernel to import, and would refuse this one; and the
     copy should not depend on this process's registrations (saved configs never carry either)."""
-    from firstsight.models.decode_attention import group_decode, ungroup_decode
-
     frames, grouped = unbatch_frames(model), ungroup_decode(model)
     try:
         yield model.config
