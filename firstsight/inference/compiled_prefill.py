@@ -25,6 +25,10 @@ import contextlib
 import types
 from typing import Any, Iterator, List
 
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
 from firstsight.models.vision_attention import EAGER_UNDER_COMPILE, attend_eagerly_under_compile
 
 _COMPILED = "_firstsight_prefill_forward"  # a language-model region's compiled forward, kept on the module
@@ -59,9 +63,6 @@ def language_regions(model: Any) -> List[Any]:
 
 def subclass_linears(module: Any) -> List[Any]:
     """The Linear layers in `module` whose weight is a tensor subclass (torchao's quantized weights)."""
-    import torch
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
     return [m for m in module.modules() if isinstance(m, torch.nn.Linear) and is_traceable_wrapper_subclass(m.weight)]
 
 
@@ -71,8 +72,6 @@ def compile_prefill_blocks(model: Any) -> int:
     compiled forwards for language_regions_compiled; all compiled on their first call. Products with
     tensor-subclass weights stay torchao's, and regions holding them uncompiled (module docstring).
     What is compiled already is left as it is. Returns how many blocks and regions were compiled now."""
-    import torch
-
     if vars(model).get(_DONE):  # every prefill asks: once per model
         return 0
     vars(model)[_DONE] = True
@@ -129,8 +128,6 @@ def _patch_embedding_by_matmul(self: Any, hidden_states: Any) -> Any:
     column: the conv's order) times the kernel's flattened weights. The same sums of products; cuDNN
     ran the bf16 Conv3d as a slow generic kernel (H200, 32 frames: 4.05 ms, torch.profiler). The
     product's own time, and what it buys, were not measured on their own."""
-    import torch.nn.functional as F
-
     weight = self.proj.weight
     flat = hidden_states.reshape(-1, weight[0].numel()).to(weight.dtype)
     return F.linear(flat, weight.reshape(weight.shape[0], -1), self.proj.bias)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 WARMUP_STEPS = 3  # eager runs on a side stream before a capture (lazy inits, allocator pools)
 
 
@@ -11,8 +13,6 @@ def record_graph(step: Any, pool: Any = None) -> Any:
     """`step()` captured as a CUDA graph (whose replay() is the step), after WARMUP_STEPS eager runs
     on a side stream (lazy initialisations, the allocator's pools), as torch.cuda.graphs' docs do.
     `pool`: a memory pool shared with other graphs (torch.cuda.graph_pool_handle), else its own."""
-    import torch
-
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

@@ -28,7 +28,17 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+from transformers import StaticCache
+
+from firstsight.core.errors import FirstSightError
+from firstsight.inference import compiled_prefill  # compile_prefill_blocks: a module attribute, tests patch it
 from firstsight.inference import cuda_graphs as capture  # patched as a module attribute in tests
+from firstsight.inference.compiled_prefill import language_regions_compiled, uncompile_prefill_blocks
+from firstsight.inference.prefill import GraphStore, LanguageGraphs, cache_keyword, prefill
+from firstsight.inference.vision_graph import VisionGraphs
+from firstsight.training.loop import to_device
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +81,6 @@ def method_name(value: Any) -> str:
     """'static', 'static_compile' or 'hf' from a config value (the Generation enum or its string)."""
     name = value.value if hasattr(value, "value") else str(value)
     if name not in METHODS:
-        from firstsight.core.errors import FirstSightError
-
         raise FirstSightError(
             f"hardware.generation={name!r} is not a generation method; choose one of {', '.join(METHODS)}"
         )
@@ -168,9 +176,6 @@ class GreedyDecoder:
         self._entries: Dict[Tuple, _StaticEntry] = {}
         self.graphs_off: Optional[str] = None  # why CUDA graphs are not used (after a failed capture)
         self._said: set = set()  # reasons for model.generate already logged
-        from firstsight.inference.prefill import LanguageGraphs, cache_keyword
-        from firstsight.inference.vision_graph import VisionGraphs
-
         self.vision_graphs = VisionGraphs()  # the prefill's vision encoder as CUDA graphs (where graphs are used)
         self.language_graphs = LanguageGraphs()  # the prefill's language model as CUDA graphs (ditto)
         self._cache_kw = cache_keyword(model)  # transformers >= 5.2x renamed it
@@ -196,8 +201,6 @@ class GreedyDecoder:
         return model
 
     def model_device(self) -> Any:
-        import torch
-
         try:
             return next(self.model().parameters()).device
         except StopIteration:
@@ -220,8 +223,6 @@ class GreedyDecoder:
         the first end token);
         with `record_logits`, also the raw logits of every step [n, B, vocab] (float32) — for tests
         and benchmarks (a separate capture)."""
-        import torch
-
         model = self.model()
         eos, pad = self._resolve_ids(model, eos_token_id, pad_token_id)
         if not min_new_tokens:  # as generate: the generation config's, unless given
@@ -242,8 +243,6 @@ class GreedyDecoder:
         """Prepare (allocate, and on CUDA capture) the decode step for batches of `batch_size`
         prompts up to `prompt_length` tokens, so that no later call within it pays the capture
         (the profile task calls this before its timed queries). Nothing to do for method hf."""
-        import torch
-
         model = self.model()
         if self.method == "hf" or self._static_off(model):
             return
@@ -264,10 +263,6 @@ class GreedyDecoder:
         model's for its shape), so that no later use of the same shape pays them. Call `reserve`
         for the batch size first: the language model's graph belongs to that static cache. Nothing
         to do where graphs are not used (CPU, method hf)."""
-        import torch
-
-        from firstsight.training.loop import to_device
-
         if not self.prefill_graphs():
             return
         model = self.model()
@@ -282,15 +277,13 @@ class GreedyDecoder:
     def _compile_prefill(self, model: Any) -> None:
         """static_compile, where graphs are used: the prefill's blocks compiled (once per model;
         firstsight/inference/compiled_prefill.py)."""
-        from firstsight.inference.compiled_prefill import compile_prefill_blocks
-
         if (
             self.compile
             and self.compile_off is None
             and self.prefill_compile_off is None
             and self._graphs_wanted(self.model_device())
         ):
-            compiled = compile_prefill_blocks(model)  # > 0 once per model
+            compiled = compiled_prefill.compile_prefill_blocks(model)  # > 0 once per model
             if compiled and subclass_weights(model):
                 log.info(
                     "generation: torchao-quantized weights: the compiled prefill runs their products as "
@@ -304,8 +297,6 @@ class GreedyDecoder:
         for this shape now rather than on its second prefill). If the first one through freshly
         compiled blocks fails (a compiler error surfaces on first use), the blocks are uncompiled
         and it runs again; any later failure is the caller's."""
-        from firstsight.inference.compiled_prefill import uncompile_prefill_blocks
-
         store = entry.graph_store if self.prefill_graphs() else None
         try:
             with self._prefill_serving(model, batch):
@@ -352,8 +343,6 @@ class GreedyDecoder:
         pad: int,
         record_logits: bool,
     ) -> Generated:
-        import torch
-
         kwargs: Dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
         if min_new_tokens:
             kwargs["min_new_tokens"] = min_new_tokens
@@ -379,8 +368,6 @@ class GreedyDecoder:
         pad: int,
         record_logits: bool,
     ) -> Generated:
-        import torch
-
         input_ids = batch["input_ids"]
         size, prompt = input_ids.shape
         device = input_ids.device
@@ -420,8 +407,6 @@ class GreedyDecoder:
         """Where decode steps are captured, the prefill's vision encoder is replayed from a CUDA graph
         too (firstsight/inference/vision_graph.py), and under static_compile the language model's compiled
         norms and MLPs are switched on (firstsight/inference/compiled_prefill.py); elsewhere nothing changes."""
-        from firstsight.inference.compiled_prefill import language_regions_compiled
-
         with contextlib.ExitStack() as stack:
             if self.prefill_graphs():
                 stack.enter_context(self.vision_graphs.serving(model, batch))
@@ -497,8 +482,6 @@ class GreedyDecoder:
     def _capture_with(self, model: Any, entry: _StaticEntry, forward: Any) -> None:
         """Warm the step up on a side stream, capture it, check one replay against the step run
         eagerly; on any failure `entry.graph` stays None and the error propagates."""
-        import torch
-
         try:
             entry.rewind()
             entry.graph = capture.record_graph(lambda: entry.step(forward, self._cache_kw))
@@ -546,8 +529,6 @@ COMPILE_OPTIONS: Dict[str, Any] = {"coordinate_descent_tuning": True}
 def subclass_weights(model: Any) -> bool:
     """Whether any of the model's weights is a tensor subclass (torchao: precision=int8_weight_only,
     fp8), whose products inductor compiles as dequantizing kernels."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
     return any(is_traceable_wrapper_subclass(p) for p in model.parameters())
 
 
@@ -559,8 +540,6 @@ def _compiled_forward(model: Any, options: Optional[Dict[str, Any]] = None) -> A
     per_options = model.__dict__.setdefault("_firstsight_compiled_forward", {})
     key = tuple(sorted(options.items()))
     if key not in per_options:
-        import torch
-
         # kept on the model (a reference cycle the garbage collector frees with the model), not on
         # the decoder, which must not keep the model alive
         per_options[key] = torch.compile(model, dynamic=False, fullgraph=False, options=dict(options))
@@ -588,15 +567,10 @@ class _StaticEntry:
         device: Any,
         cache_kw: str,
     ):
-        import torch
-        from transformers import StaticCache
-
         self.size, self.cache_len, self.penalty, self.record = size, cache_len, penalty, record
         self.graph: Any = None
         self.compiled = False  # the captured step is the torch.compile'd forward's
         self.cache = StaticCache(config=model.config, max_cache_len=cache_len)
-        from firstsight.inference.prefill import GraphStore
-
         self.graph_store = GraphStore()  # the prefill's language-model graphs into this cache
         longs = dict(dtype=torch.long, device=device)
         self.tok = torch.zeros(size, 1, **longs)  # the last chosen token: the step's input
@@ -622,8 +596,6 @@ class _StaticEntry:
 
     # per call
     def prefill(self, model: Any, batch: Dict[str, Any], graphs: Any, store: Any, capture_now: bool = False) -> Any:
-        from firstsight.inference.prefill import prefill
-
         logits, positions = prefill(model, batch, self.cache, graphs, store, capture_now)
         self.pos.copy_(positions[..., -1:] + 1)
         return logits
@@ -647,8 +619,6 @@ class _StaticEntry:
 
     # the step: no synchronisation, no shape change, no data-dependent Python branch
     def select(self, logits: Any) -> None:
-        import torch
-
         raw = logits.float()
         if self.logits_rec is not None:
             self.logits_rec.index_copy_(0, self.count.clamp(max=self.record - 1), raw.unsqueeze(0))
@@ -687,8 +657,6 @@ class _StaticEntry:
 
     def rewind(self) -> None:
         """Back to the state right after the dummy first token (before warming up a capture)."""
-        import torch
-
         for layer in self.cache.layers:
             if hasattr(layer, "cumulative_length") and not isinstance(layer.cumulative_length, int):
                 layer.cumulative_length.fill_(1)
@@ -717,8 +685,6 @@ class _StaticEntry:
         computes (relative error of the last layer's new key and value under 1e-2: a kernel that
         captured stale pointers or host-side values is off by O(1)), else what differs. Leaves the
         buffers in some state: every call starts them afresh."""
-        import torch
-
         saved = [t.clone() for t in self._state()]
         self.graph.replay()
         if self.tok.is_cuda:

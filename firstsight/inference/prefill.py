@@ -16,12 +16,16 @@ Design notes: docs/design/prefill.md; measured: docs/decisions/0002-static-decod
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import time
 from collections import OrderedDict
 from typing import Any, Dict, Optional, Tuple
 
+import torch
+
 from firstsight.inference import cuda_graphs as capture  # patched as a module attribute in tests
+from firstsight.models.positions import host_inputs, prompt_positions
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +67,6 @@ def cache_keyword(module: Any) -> str:
 
 @functools.cache
 def _cache_keyword_of(cls: type) -> str:
-    import inspect
-
     return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
@@ -121,8 +123,6 @@ class LanguageGraphs:
         start = time.perf_counter()
         try:
             if store.pool is None and embeds.is_cuda:
-                import torch
-
                 store.pool = torch.cuda.graph_pool_handle()
             graph = _LanguageGraph(forward, embeds, mask, positions, store.pool)
         except Exception as err:  # noqa: BLE001 - any failure: the language model runs eagerly from now on
@@ -181,8 +181,6 @@ class _LanguageGraph:
     once against the same forward run eagerly."""
 
     def __init__(self, forward: _LanguageForward, embeds: Any, mask: Any, positions: Any, pool: Any):
-        import torch
-
         self.forward = forward
         self.embeds, self.positions = embeds.clone(), positions.clone()
         self.mask = mask.clone() if mask is not None else None
@@ -225,8 +223,6 @@ def prefill(
     """The prompt's forward into the static `cache`: (its last position's logits [B, V], the
     positions [4, B, L] it used); see the module's docstring. `store`: where this cache's graphs
     are kept, None where graphs are not used."""
-    from firstsight.models.positions import host_inputs, prompt_positions
-
     parts = _parts(model)
     if parts is None or batch.get("pixel_values_videos") is not None:
         cache.reset()

@@ -18,6 +18,9 @@ import logging
 import time
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+import torch
+from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
+
 from firstsight.inference import cuda_graphs as capture  # patched as a module attribute in tests
 
 log = logging.getLogger(__name__)
@@ -97,8 +100,6 @@ class VisionGraphs:
 def precomputed(visual: Any, grid: Any, device: Any) -> Dict[str, Any]:
     """What the encoder computes from the frame grid alone, in the form its precomputed-kwargs hook
     takes: the patches' rotary positions on the device, the frames' boundaries on the host."""
-    from transformers.vision_utils import get_vision_cu_seqlens, get_vision_position_ids
-
     host_grid = grid.cpu()
     return {
         "position_ids": get_vision_position_ids(host_grid, visual.spatial_merge_size).to(device),
@@ -110,8 +111,6 @@ class _VisionGraph:
     """The encoder for one grid: an input buffer, the precomputed grid tensors, a CUDA graph."""
 
     def __init__(self, visual: Any, key: Tuple, pixels: Any):
-        import torch
-
         self.visual = visual
         self.grid = torch.tensor(key[0], dtype=torch.long, device=pixels.device)
         self.kwargs = precomputed(visual, self.grid, pixels.device)
@@ -130,8 +129,6 @@ class _VisionGraph:
             )
 
     def _run(self) -> None:
-        import torch
-
         with torch.no_grad():  # the kwargs dict is consumed (popped) by the encoder: a fresh copy each time
             self.outputs = type(self.visual).forward(self.visual, self.pixels, grid_thw=self.grid, **dict(self.kwargs))
 
