@@ -83,12 +83,37 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+import safetensors.torch  # safetensors.torch.save_file: tests patch it
+import torch
+import tqdm.auto  # tqdm.auto.tqdm: a module attribute, tests patch it
+from huggingface_hub import try_to_load_from_cache
+from hydra.utils import to_absolute_path
 from omegaconf import OmegaConf
+from safetensors.torch import load as load_tensors
+from torch.utils.data import DataLoader
 
+import firstsight.data  # firstsight.data.load_split: a module attribute, tests patch it
 from firstsight.config.schema import DataConfig, DistillLossConfig, TeacherCacheConfig
 from firstsight.config.specs import ModelSpec, TeacherCacheSpec
+from firstsight.core import perf  # perf.available_host_memory_bytes: a module attribute, tests patch it
 from firstsight.core.errors import FirstSightError
-from firstsight.core.files import cached_dir, content_key, sha256_file
+from firstsight.core.files import COMPLETE_MARKER, cached_dir, content_key, sha256_file, write_atomically
+from firstsight.core.runtime import device_name
+from firstsight.data import (
+    Blinded,
+    batching,  # batching.QACollator: a module attribute, tests patch it
+    synthetic,
+)
+from firstsight.data.batching import IGNORE_INDEX, in_order
+from firstsight.data.files import is_file_data
+from firstsight.kd.paired import TEACHER, PairedCollator
+from firstsight.losses.build import build_loss
+from firstsight.losses.sparse import SparseTargets, topk_targets
+from firstsight.models import loading  # loading.load_model: a module attribute, tests patch it
+from firstsight.models.loading import LoadedModel
+from firstsight.models.parts import quantization_of, resolve_parts
+from firstsight.models.pretrain import tiny_model_dir
+from firstsight.training.loop import answer_outcomes, model_inputs, to_device
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +139,6 @@ def cache_wanted(cache: Optional[TeacherCacheConfig], loss: DistillLossConfig) -
     (distill_loss=none) never runs the teacher, so a cache would be pointless: ignored, said so."""
     if cache is None or not cache.enabled:
         return False
-    from firstsight.losses.build import build_loss
-
     if not build_loss(loss).uses_teacher:
         log.warning("teacher_cache.enabled=true is ignored: distill_loss=%s does not use the teacher", loss.name)
         return False
@@ -124,8 +147,6 @@ def cache_wanted(cache: Optional[TeacherCacheConfig], loss: DistillLossConfig) -
 
 def cache_root(cache: TeacherCacheConfig, cache_dir: str) -> Path:
     if cache.dir:
-        from hydra.utils import to_absolute_path
-
         return Path(to_absolute_path(os.path.expanduser(str(cache.dir))))
     return Path(cache_dir) / "teacher-logits"
 
@@ -158,8 +179,6 @@ def teacher_identity(models: ModelSpec, processor: Any, device: str) -> Dict[str
             "init_device": device,
         }
     if side.source == "tiny":
-        from firstsight.models.pretrain import tiny_model_dir
-
         path = tiny_model_dir(models, "teacher", processor)  # trained on first use (a miss needs it anyway)
         files = {f.name: sha256_file(f) for f in [path / "config.json", *_weight_files(path)] if f.is_file()}
         return {"source": "tiny", "weights": "pretrained", "dir": path.name, "sha256": files}
@@ -183,8 +202,6 @@ def teacher_identity(models: ModelSpec, processor: Any, device: str) -> Dict[str
 def _hub_commit(repo_id: str, revision: Optional[str]) -> Optional[str]:
     """The commit of the locally cached snapshot a hub id (and revision) resolves to, if cached."""
     try:
-        from huggingface_hub import try_to_load_from_cache
-
         found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
     except Exception:
         return None
@@ -196,8 +213,6 @@ def _hub_commit(repo_id: str, revision: Optional[str]) -> Optional[str]:
 
 def data_identity(data: DataConfig, seed: int, dataset: Any, split: str) -> Dict[str, Any]:
     """What determines the samples of `split` (see the module docstring)."""
-    from firstsight.data.files import is_file_data
-
     if is_file_data(data):
         media = sorted(
             {str(p) for record in getattr(dataset, "_records", ()) for item in record.media for p in item.paths}
@@ -224,8 +239,6 @@ def data_identity(data: DataConfig, seed: int, dataset: Any, split: str) -> Dict
             "on_bad_sample": data.on_bad_sample,
             "media": content_key(stats),
         }
-    from firstsight.data import synthetic
-
     return {
         "kind": "synthetic",
         "split": split,
@@ -266,8 +279,6 @@ def key_inputs(
 ) -> Dict[str, Any]:
     """What the cache's key hashes; a teacher of another architecture adds its own processor (the
     ids and pixels it sees) and its architecture."""
-    from firstsight.models.parts import quantization_of, resolve_parts
-
     models, precision = spec.models, spec.models.precision
     parts = {part: [p.dtype, p.quantization] for part, p in resolve_parts(precision, "teacher").items()}
     own = {} if teacher_processor is None else {"teacher_processor": processor_identity(teacher_processor)}
@@ -318,9 +329,6 @@ class _ShardWriter:
             self.flush()
 
     def flush(self) -> None:
-        import torch
-        from safetensors.torch import save_file
-
         if not self.samples:
             return
         counts = torch.tensor([0] + [len(s[3]) for s in self.samples], dtype=torch.int64)
@@ -333,7 +341,9 @@ class _ShardWriter:
         }
         name = f"shard-{len(self.shards):05d}.safetensors"
         path = self.out_dir / name
-        save_file(tensors, str(path), metadata={"format": FORMAT, "key": self.key, "first_sample": str(self.first)})
+        safetensors.torch.save_file(
+            tensors, str(path), metadata={"format": FORMAT, "key": self.key, "first_sample": str(self.first)}
+        )
         rows = int(tensors["labels"].shape[0])
         self.shards.append(
             {
@@ -373,10 +383,8 @@ class _Context:
         self.path = self.root / f"topk-{self.key}"
 
     def load_teacher(self) -> Any:
-        from firstsight.models.loading import load_model
-
         own = self.teacher_processor or self.processor
-        teacher = load_model(self.spec.models, "teacher", own, self.device, frozen=True)
+        teacher = loading.load_model(self.spec.models, "teacher", own, self.device, frozen=True)
         if teacher.vocab_rows < self.vocab:
             raise FirstSightError(
                 f"the teacher has {teacher.vocab_rows} output rows, fewer than the student's {self.vocab}: "
@@ -397,13 +405,7 @@ class _Context:
     def measure_accuracy(self, teacher_model: Any, validation: Any) -> Tuple[List[bool], List[bool]]:
         """The teacher's per-question outcomes as distill measures them (teacher-forced exact match),
         with the frames and with grey frames, recorded for later runs (atomically)."""
-        import torch
-
-        from firstsight.data import Blinded
-        from firstsight.data.batching import QACollator, in_order
-        from firstsight.training.loop import answer_outcomes
-
-        collator = QACollator(self.teacher_processor or self.processor)
+        collator = batching.QACollator(self.teacher_processor or self.processor)
         hardware = self.spec.models.hardware
         batch = hardware.eval_batch_size or hardware.batch_size
         outcomes = answer_outcomes(teacher_model, in_order(validation, collator, batch), self.device, torch.float32)
@@ -411,8 +413,6 @@ class _Context:
             teacher_model, in_order(Blinded(validation), collator, batch), self.device, torch.float32
         )
         record = self.accuracy_record(validation)
-        from firstsight.core.files import write_atomically
-
         write_atomically(
             record,
             json.dumps(
@@ -468,21 +468,11 @@ def _check_fits(
 def _teacher_pass(ctx: _Context, teacher: Any, writer: _ShardWriter) -> int:
     """Run the teacher over the train split in order; each sample's top-k rows go to `writer`.
     Returns the number of samples seen."""
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm.auto import tqdm
-
-    from firstsight.core.perf import available_host_memory_bytes
-    from firstsight.data.batching import IGNORE_INDEX, QACollator
-    from firstsight.kd.paired import TEACHER, PairedCollator
-    from firstsight.losses.sparse import topk_targets
-    from firstsight.training.loop import model_inputs, to_device
-
     spec, hardware, top_k = ctx.spec, ctx.spec.models.hardware, ctx.top_k
     temperature, chunk = float(spec.loss.temperature), int(spec.loss.chunk_size)
-    collate = QACollator(ctx.processor, with_index=True)
+    collate = batching.QACollator(ctx.processor, with_index=True)
     if ctx.teacher_processor is not None:  # the teacher's own inputs beside, the answers checked equal
-        collate = PairedCollator(collate, QACollator(ctx.teacher_processor))
+        collate = PairedCollator(collate, batching.QACollator(ctx.teacher_processor))
     loader = DataLoader(
         ctx.train_set,
         batch_size=hardware.batch_size,
@@ -490,9 +480,9 @@ def _teacher_pass(ctx: _Context, teacher: Any, writer: _ShardWriter) -> int:
         collate_fn=collate,
         num_workers=hardware.dataloader_workers,
     )
-    available = available_host_memory_bytes()  # training holds the whole cache in host memory
+    available = perf.available_host_memory_bytes()  # training holds the whole cache in host memory
     answer_tokens, expected = 0, 0
-    bar = tqdm(
+    bar = tqdm.auto.tqdm(
         total=len(ctx.train_set),
         desc=f"teacher cache: top-{top_k} of the teacher (first use, cached)",
         disable=not spec.models.progress_bar,
@@ -538,8 +528,6 @@ def _manifest(
     ctx: _Context, teacher: Any, writer: _ShardWriter, samples: int, accuracy: Optional[float], seconds: float
 ) -> Dict[str, Any]:
     """What the cache holds and how it was built (the module docstring lists what is checked of it)."""
-    from firstsight.core.runtime import device_name
-
     hardware = ctx.spec.models.hardware
     return {
         "format": FORMAT,
@@ -596,9 +584,7 @@ def _build(ctx: _Context, out_dir: Path, report: Dict[str, Any]) -> Dict[str, An
         raise FirstSightError(f"the teacher pass saw {samples} samples, the train split has {len(ctx.train_set)}")
     accuracy = None
     if spec.eval_at_end:  # the teacher is loaded now: measure what the end of each run reports
-        from firstsight.data import load_split
-
-        validation = load_split(spec.models.data, "validation", spec.models.seed, ctx.processor)
+        validation = firstsight.data.load_split(spec.models.data, "validation", spec.models.seed, ctx.processor)
         outcomes, _ = ctx.measure_accuracy(teacher.model, validation)
         accuracy = sum(outcomes) / max(len(outcomes), 1)
     seconds = time.perf_counter() - start
@@ -622,8 +608,6 @@ def _build(ctx: _Context, out_dir: Path, report: Dict[str, Any]) -> Dict[str, An
 def _free(device: str) -> None:
     gc.collect()
     if device == "cuda":
-        import torch
-
         torch.cuda.empty_cache()
 
 
@@ -643,8 +627,6 @@ def _expect(ok: bool, problem: str, where: Path, cache: Path) -> None:
 
 def _read_manifest(path: Path) -> Dict[str, Any]:
     """The manifest of the cache in `path`, if its bytes are the ones the build sealed."""
-    from firstsight.core.files import COMPLETE_MARKER
-
     manifest_path = path / MANIFEST
     try:
         text = manifest_path.read_bytes()
@@ -703,9 +685,6 @@ def _verified_shard(
 ) -> Dict[str, Any]:
     """The tensors of one shard, after checking its bytes, metadata, dtypes, shapes, offsets, ids
     and log-probabilities; `token_ids` is None in a cache of every id (they are the vocabulary)."""
-    import torch
-    from safetensors.torch import load as load_tensors
-
     file = path / str(shard.get("file"))
 
     def expect(ok: bool, problem: str, where: Path = file) -> None:
@@ -776,8 +755,6 @@ def load_verified(
 ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """The manifest and the concatenated tensors of the cache in `path`, after checking everything
     (see the module docstring); raises FirstSightError at the first disagreement."""
-    import torch
-
     manifest = _read_manifest(path)
     _check_manifest(manifest, path, key, num_samples, vocab, top_k)
     parts: Dict[str, List[Any]] = {name: [] for name in TENSORS}
@@ -831,11 +808,6 @@ class TeacherCache:
     def targets(self, batch: Dict[str, Any]) -> Any:
         """The SparseTargets of a batch (it must carry `sample_index`: QACollator(with_index=True)),
         after checking that its answer tokens are the ones the cache was computed for."""
-        import torch
-
-        from firstsight.data.batching import IGNORE_INDEX
-        from firstsight.losses.sparse import SparseTargets
-
         if "sample_index" not in batch:
             raise FirstSightError(
                 "a batch without sample_index reached the teacher-logit cache (its collator needs with_index=True)"
@@ -904,8 +876,6 @@ class TeacherCache:
 def _rng_untouched(device: str) -> Iterator[None]:
     """A hit and a miss leave the global RNG as they found it (LoRA init, dropout, data loaders
     draw from it later), so a run trains the same whether it built the cache or not."""
-    import torch
-
     devices = [torch.cuda.current_device()] if device == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         yield
@@ -920,9 +890,6 @@ def open_cache(
     teacher_processor: Optional[Any] = None,
 ) -> TeacherCache:
     """Find (or build, on a miss) and verify the cache of this run; log hit or miss."""
-    from firstsight.data import load_split
-    from firstsight.models.loading import LoadedModel
-
     settings = spec.cache
     vocab = int(student.vocab_rows)
     top_k = vocab if settings.top_k is None else int(settings.top_k)  # null: every id, the exact loss
@@ -934,7 +901,7 @@ def open_cache(
     start = time.perf_counter()
     report: Dict[str, Any] = {}
     with _rng_untouched(device):
-        train_set = load_split(spec.models.data, "train", spec.models.seed, processor)
+        train_set = firstsight.data.load_split(spec.models.data, "train", spec.models.seed, processor)
         ctx = _Context(spec, processor, device, train_set, vocab, top_k, teacher_processor)
         cached_dir(ctx.path, lambda out: _build(ctx, out, report))
         manifest, arrays = load_verified(ctx.path, ctx.key, len(train_set), vocab, top_k)
