@@ -3,18 +3,49 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
+import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
+import torch
 from omegaconf import DictConfig
 
 from firstsight.config.record import config_record
 from firstsight.config.specs import model_spec, teacher_cache_spec
 from firstsight.core.errors import FirstSightError, OutOfMemory, RunFailed
-from firstsight.core.job import job_output_dir, prepare_job
+from firstsight.core.job import job_output_dir, prepare_job, write_job_file
+from firstsight.core.memory import is_out_of_memory as torch_out_of_memory
+from firstsight.core.perf import GB, PeakMemory, ThroughputMeter, vm_hwm_bytes
+from firstsight.core.runtime import device_type, torch_dtype
+from firstsight.core.world import SINGLE
+from firstsight.data import Blinded, load_split
+from firstsight.data.batching import QACollator, ShuffledBatches, in_order
+from firstsight.evaluation.accuracy import Outcomes, outcome_record, summarize, teacher_is_quantized
+from firstsight.kd import paired  # paired.teacher_answer_targets: a module attribute, tests patch it
+from firstsight.kd.paired import TEACHER, PairedCollator
+from firstsight.kd.teacher_cache import cache_wanted, open_cache
 from firstsight.losses.build import build_loss
+from firstsight.losses.kd import HiddenDistillation, answer_logit_slice
+from firstsight.models import loading  # loading.load_model: a module attribute, tests patch it
+from firstsight.models.distributed import gathered_copy, wrap
+from firstsight.models.loading import (
+    compile_blocks,
+    load_processor,
+    load_teacher_processor,
+    save_model_atomically,
+    side_architecture,
+)
+from firstsight.models.lora import merged_model, trainable_parameters
+from firstsight.models.parts import resolve_parts
+from firstsight.models.positions import mrope_positions, same_rope
+from firstsight.models.pretrain import model_info
+from firstsight.tracking.tracker import absolute_tracking_uri, package_versions, resolve_tracking_uri
+from firstsight.training.loop import LoopSettings, answer_outcomes, model_inputs, optimize
+from firstsight.training.resume import Checkpointer, named_trained_tensors
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +60,6 @@ class Stage:
 
 def is_out_of_memory(err: BaseException) -> bool:
     """PyTorch's out-of-memory error (CUDA), a RuntimeError saying so, the CPU allocator's failure, or Python's."""
-    from firstsight.core.memory import is_out_of_memory as torch_out_of_memory
-
     if isinstance(err, MemoryError) or torch_out_of_memory(err):
         return True
     return isinstance(err, RuntimeError) and "can't allocate memory" in str(err).lower()  # DefaultCPUAllocator
@@ -51,16 +80,9 @@ def out_of_memory_reported(cfg: DictConfig, stage: Stage) -> Iterator[Stage]:
 
 
 def out_of_memory_message(cfg: DictConfig, stage: str, err: BaseException) -> str:
-    import os
-
-    from firstsight.core.perf import GB, vm_hwm_bytes
-    from firstsight.core.runtime import device_type
-
     hw = cfg.hardware
     device = device_type(cfg.hardware)
     if device == "cuda":
-        import torch
-
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
         memory = (
             f"peak allocated {torch.cuda.max_memory_allocated() / GB:.2f} GB of the GPU's {total / GB:.2f} GB "
@@ -107,8 +129,6 @@ def build_hidden_loss(cfg: DictConfig, student_model: Any, teacher_model: Any, d
             f"distill_loss.hidden_weight={loss.hidden_weight} needs the teacher's hidden states, but this run "
             "does not run the teacher (distill_loss=none or teacher_cache.enabled=true)"
         )
-    from firstsight.losses.kd import HiddenDistillation
-
     student_text, teacher_text = student_model.config.get_text_config(), teacher_model.config.get_text_config()
     try:
         hidden = HiddenDistillation(
@@ -137,10 +157,6 @@ def step_inputs(
     live) and the labels the loss then takes. `host_positions`: Qwen2-VL's M-RoPE positions computed
     once, on the host, from `model` (firstsight/models/positions.py); `answer_positions_only`: the output
     heads run only where a loss is taken (the labels sliced to match, losses.answer_logit_slice)."""
-    from firstsight.losses.kd import answer_logit_slice
-    from firstsight.models.positions import mrope_positions
-    from firstsight.training.loop import model_inputs
-
     # use_cache=False: a training forward reads no KV cache, and building one per layer (the
     # models' config default) is wasted work that torch.compile also guards on, layer by layer
     inputs = {**model_inputs(batch), "use_cache": False}
@@ -182,9 +198,6 @@ class DistillRecipe:
     """The steps of `distill`, in the order it calls them; each leaves on the recipe what the later ones use."""
 
     def __init__(self, cfg: DictConfig, tracker: Any, resume_point: Optional[Any], world: Optional[Any], stage: Stage):
-        from firstsight.core.perf import PeakMemory
-        from firstsight.core.world import SINGLE
-
         self.cfg, self.tracker, self.resume_point, self.stage = cfg, tracker, resume_point, stage
         self.record = config_record(cfg)  # resolved once: the checkpoints and the run record carry it
         self.models = model_spec(cfg)  # what loading the teacher and the student reads of the config
@@ -198,22 +211,18 @@ class DistillRecipe:
 
     def load_models(self) -> None:
         """The processor, the frozen teacher (or the cache of its top-k targets) and the student."""
-        from firstsight.models.loading import load_model, load_processor, load_teacher_processor
-
         cfg, device = self.cfg, self.device
         self.processor = load_processor(cfg.model, cfg.cache_dir)
         # a teacher of another architecture (LLaVA-OneVision) sees the samples through its own processor
         self.teacher_processor = load_teacher_processor(cfg.model, cfg.cache_dir)
-        from firstsight.kd.teacher_cache import cache_wanted, open_cache
-
         use_cache = cache_wanted(
             cfg.teacher_cache, cfg.distill_loss
         )  # teacher_cache.enabled: the teacher's top-k targets, computed once
         if not use_cache:
-            self.teacher = load_model(
+            self.teacher = loading.load_model(
                 self.models, "teacher", self.teacher_processor or self.processor, device, frozen=True
             )
-        self.student = load_model(self.models, "student", self.processor, device, frozen=False)
+        self.student = loading.load_model(self.models, "student", self.processor, device, frozen=False)
         self.teacher_cache = None
         if use_cache:  # a hit never loads the teacher; a miss loads it to build the cache, then frees it
             self.teacher_cache = open_cache(
@@ -231,8 +240,6 @@ class DistillRecipe:
 
     def log_models(self) -> None:
         """The models' sizes and load times as model/* metrics, where they came from as tags."""
-        from firstsight.models.lora import trainable_parameters
-
         cfg, teacher, student = self.cfg, self.teacher, self.student
         self.model_metrics = {
             "model/params_b": student.params_b,
@@ -243,16 +250,12 @@ class DistillRecipe:
             "model/load_time_s": student.load_time_s,
             "model/teacher_load_time_s": teacher.load_time_s,
         }
-        from firstsight.models.loading import side_architecture
-
         tags = {
             "firstsight.teacher": teacher.origin,
             "firstsight.student": student.origin,
             "firstsight.teacher_architecture": side_architecture(cfg.model.teacher),
         }
         if cfg.model.teacher.source == "tiny" and cfg.model.teacher.weights.value == "pretrained":
-            from firstsight.models.pretrain import model_info
-
             info = model_info(Path(teacher.origin))
             tags["firstsight.teacher_pretrain_accuracy"] = f"{info['validation_accuracy']:.4f}"
         self.tracker.set_tags(tags)
@@ -263,11 +266,6 @@ class DistillRecipe:
     def build(self) -> None:
         """The loss, the collator, the training split, the student wrapped for data parallelism and
         the hidden-state term (None unless distill_loss.hidden_weight > 0)."""
-        from firstsight.core.runtime import torch_dtype
-        from firstsight.data import load_split
-        from firstsight.data.batching import QACollator
-        from firstsight.kd.paired import PairedCollator
-
         cfg = self.cfg
         self.loss_fn = build_loss(cfg.distill_loss)
         self.dtype = torch_dtype(cfg.precision.dtype)
@@ -288,8 +286,6 @@ class DistillRecipe:
         if getattr(self.train_set, "skipped", 0):  # bad records left out under data.on_bad_sample=skip
             self.tracker.log_metrics({"data/skipped_samples": self.train_set.skipped})
         # several processes: DDP (or FSDP2, sharding in place) over them; else the student itself
-        from firstsight.models.distributed import wrap
-
         self.student_forward = wrap(self.world, self.student.model, self.device, cfg.hardware)
         # distill_loss.hidden_weight > 0: + hidden_weight * hidden-state term, through trained projections
         teacher_model = self.teacher.model if self.teacher_runs else None
@@ -300,8 +296,6 @@ class DistillRecipe:
         cfg = self.cfg
         if not cfg.hardware.compile:
             return
-        from firstsight.models.loading import compile_blocks
-
         settings = {
             "memory_budget": cfg.hardware.compile_memory_budget,
             "cpp_wrapper": cfg.hardware.compile_cpp_wrapper,
@@ -313,8 +307,6 @@ class DistillRecipe:
 
     def kd_step(self) -> KDStep:
         """The loss of a micro-batch, for optimize."""
-        from firstsight.models.positions import same_rope
-
         cfg, student_model, teacher_model = self.cfg, self.student.model, self.teacher.model
         # the M-RoPE positions, computed once per batch on the host (firstsight/models/positions.py) and given
         # to both models, instead of each model computing them on the device with dozens of syncs
@@ -342,10 +334,6 @@ class DistillRecipe:
         cfg = self.cfg
         if not (cfg.train.eval_at_end and cfg.train.eval_before and self.resume_point is None):
             return None
-        from firstsight.data import load_split
-        from firstsight.data.batching import in_order
-        from firstsight.training.loop import answer_outcomes
-
         self.stage.now = "evaluating the student before training"
         eval_batch = cfg.hardware.eval_batch_size or cfg.hardware.batch_size
         validation = load_split(cfg.data, "validation", cfg.seed, self.processor)
@@ -358,9 +346,6 @@ class DistillRecipe:
     def train(self) -> Dict[str, Any]:
         """optimize over the training split from the start or the resume point, checkpointing as it
         goes; train_history.json on rank 0. Returns optimize's figures."""
-        from firstsight.data.batching import ShuffledBatches
-        from firstsight.training.loop import optimize
-
         cfg, resume_point, world = self.cfg, self.resume_point, self.world
         kd_step = self.kd_step()
         self.steps = StepLog(cfg, self.tracker, self.stage)
@@ -398,15 +383,11 @@ class DistillRecipe:
             world=world,
         )
         if world.is_main:  # the steps this process ran (a resumed job: those after its checkpoint)
-            from firstsight.core.job import write_job_file
-
             write_job_file("train_history.json", self.steps.history)
         return loop
 
     def make_checkpointer(self) -> Any:
         """The resumable checkpoints of the student's trained tensors and the hidden-state projections."""
-        from firstsight.training.resume import Checkpointer, named_trained_tensors
-
         hidden = {"hidden_projection": self.hidden_loss} if self.hidden_loss else None
         return Checkpointer(
             self.cfg.train,
@@ -467,8 +448,6 @@ class DistillRecipe:
         cache_metrics = self.teacher_cache.metrics if self.teacher_cache is not None else {}
         result = {**self.model_metrics, **cache_metrics, **self.steps.last, **summary}
         if cfg.train.save_checkpoint:
-            from firstsight.models.distributed import gathered_copy
-
             student_model = self.student.model
             whole = gathered_copy(student_model, world.is_main) if self.fsdp else student_model  # fsdp: all take part
             if world.is_main:
@@ -480,8 +459,6 @@ class DistillRecipe:
 
 def loop_settings(cfg: DictConfig) -> Any:
     """optimize's settings from the config."""
-    from firstsight.training.loop import LoopSettings
-
     return LoopSettings(
         max_steps=cfg.train.max_steps,
         lr=cfg.train.lr,
@@ -521,10 +498,6 @@ class KDStep:
         self.hidden_kwargs = {"output_hidden_states": True} if hidden_loss is not None else {}
 
     def __call__(self, batch: Dict[str, Any], answer_tokens: int) -> Dict[str, Any]:
-        import torch
-
-        from firstsight.kd.paired import TEACHER, teacher_answer_targets
-
         # the cache's targets before the student's forward: their lookup reads the answer tokens
         # back to the host, which waits only for this batch's copy to the device, not for a forward
         cached_targets = self.teacher_cache.targets(batch) if self.teacher_cache is not None else None
@@ -540,7 +513,7 @@ class KDStep:
         ):  # another architecture: its own inputs, the answers aligned
             with torch.autocast(self.device, enabled=False):
                 temperature = self.loss_fn.temperature
-                teacher_logits = teacher_answer_targets(
+                teacher_logits = paired.teacher_answer_targets(
                     self.teacher_model, batch[TEACHER], student_logits.shape[-1], temperature
                 )
         elif self.loss_fn.uses_teacher:
@@ -565,8 +538,6 @@ class StepLog:
     to the throughput meter; `last` keeps the latest; a non-finite loss fails the run."""
 
     def __init__(self, cfg: DictConfig, tracker: Any, stage: Stage):
-        from firstsight.core.perf import ThroughputMeter
-
         self.cfg, self.tracker, self.stage = cfg, tracker, stage
         self.throughput = ThroughputMeter(cfg.train.throughput_warmup_steps)
         self.last: Dict[str, float] = {}
@@ -611,14 +582,6 @@ def end_of_run_accuracy(
     the accuracies with their intervals, the paired drops (against the run's teacher and, when
     that is quantized, against the teacher at full precision), the student's gain over `before`,
     and the same questions with grey frames ("is it looking?"). firstsight/evaluation/accuracy.py names them."""
-    import torch
-
-    from firstsight.data import Blinded, load_split
-    from firstsight.data.batching import in_order
-    from firstsight.evaluation.accuracy import Outcomes, outcome_record, summarize, teacher_is_quantized
-    from firstsight.models.parts import resolve_parts
-    from firstsight.training.loop import answer_outcomes
-
     validation = load_split(cfg.data, "validation", cfg.seed, processor)
     blind = cfg.train.eval_blind
 
@@ -641,11 +604,9 @@ def end_of_run_accuracy(
     student = outcomes(student_model, validation, dtype)
     full_precision = None
     if quantized:  # the study's drop is against the teacher unquantized: load it for the evaluation
-        from firstsight.models.loading import load_model
-
         if stage is not None:
             stage.now = "evaluating the full-precision teacher"
-        reference = load_model(
+        reference = loading.load_model(
             model_spec(cfg).full_precision(), "teacher", teacher_processor or processor, device, frozen=True
         )
         full_precision = outcomes(reference.model, validation, torch.float32, teacher_collate)
@@ -664,8 +625,6 @@ def end_of_run_accuracy(
         (log.warning if line.startswith("WARNING") else log.info)(line.removeprefix("WARNING: "))
     if verdict is not None:
         tracker.set_tags({"firstsight.accuracy_verdict": str(verdict)})
-    from firstsight.core.job import write_job_file
-
     kinds = [validation.kind_of(i) if hasattr(validation, "kind_of") else "" for i in range(len(validation))]
     write_job_file("eval_outcomes.json", outcome_record(kinds, result))
     return metrics
@@ -688,11 +647,6 @@ RUN_RECORD = "firstsight_run.json"  # beside a saved student: what made it (read
 
 def run_record(cfg: DictConfig, tracker: Any, metrics: Dict[str, float]) -> str:
     """JSON of the run that made a checkpoint: its MLflow run, resolved config and final metrics."""
-    import datetime
-    import json
-
-    from firstsight.tracking.tracker import absolute_tracking_uri, package_versions, resolve_tracking_uri
-
     return json.dumps(
         {
             "mlflow_run_id": tracker.run_id,
@@ -711,18 +665,12 @@ def run_record(cfg: DictConfig, tracker: Any, metrics: Dict[str, float]) -> str:
 def save_student(cfg: DictConfig, tracker: Any, student_model: Any, processor: Any, metrics: Dict[str, float]) -> None:
     """checkpoints/student: the trained student as a plain transformers model (LoRA merged);
     with LoRA also checkpoints/student_adapter: the adapters alone (peft format)."""
-    from firstsight.models.loading import save_model_atomically
-
     checkpoints = job_output_dir() / "checkpoints"
     extra = {RUN_RECORD: run_record(cfg, tracker, metrics)}
     tags = {}
     if cfg.lora.enabled:
-        from firstsight.models.lora import merged_model
-
         save_model_atomically(student_model, processor, str(checkpoints / "student_adapter"), extra)
         tags["firstsight.adapter_checkpoint"] = str(checkpoints / "student_adapter")
-        from firstsight.core.runtime import torch_dtype
-
         student_model = merged_model(student_model, torch_dtype(cfg.precision.dtype))  # the base's dtype
     save_model_atomically(student_model, processor, str(checkpoints / "student"), extra)
     tags["firstsight.checkpoint"] = str(checkpoints / "student")

@@ -22,9 +22,19 @@ import logging
 from typing import Any, Dict, List
 
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
 from firstsight.config.specs import model_spec
+from firstsight.core.job import prepare_job, write_job_file
+from firstsight.data import Blinded, load_split
+from firstsight.data.batching import PromptCollator
+from firstsight.evaluation.accuracy import Outcomes, outcome_record, summarize, teacher_is_quantized
 from firstsight.evaluation.answers import is_correct, is_multiple_choice, option_letters, parse_choice  # noqa: F401 (re-exported)
+from firstsight.inference.generation import decoder_for, generation_tags
+from firstsight.models import loading  # loading.load_model: a module attribute, tests patch it
+from firstsight.models.loading import load_processor, load_teacher_processor
+from firstsight.models.parts import precision_tags
+from firstsight.training.loop import to_device
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +52,6 @@ def generated_answers(
 ) -> List[str]:
     """Greedy answers (special tokens dropped) to each sample's question, decoded by `method`
     (hardware.generation: static | hf, firstsight/inference/generation.py; both give the same tokens)."""
-    from tqdm.auto import tqdm
-
-    from firstsight.data.batching import PromptCollator
-    from firstsight.inference.generation import decoder_for
-    from firstsight.training.loop import to_device
-
     collate = PromptCollator(processor)
     decoder = decoder_for(model, method)
     answers: List[str] = []
@@ -88,8 +92,6 @@ def _answered_right(
 def _weights_and_precision(tracker: Any, role: str, loaded: Any) -> Dict[str, float]:
     """Tag the model and its per-part precision; its weights as loaded, whole and per part. The
     student under the plain names (model/weights_gb, firstsight.precision.*), as profile logs them."""
-    from firstsight.models.parts import precision_tags
-
     student = role == "student"
     tracker.set_tags(
         {
@@ -104,8 +106,6 @@ def _weights_and_precision(tracker: Any, role: str, loaded: Any) -> Dict[str, fl
 def _tag_decoding(tracker: Any, role: str, loaded: Any, method: Any) -> None:
     """The method each model was decoded by: firstsight.generation(.*) for the student, as profile
     tags it, firstsight.teacher_generation(.*) for the teacher."""
-    from firstsight.inference.generation import decoder_for, generation_tags
-
     tags = generation_tags(decoder_for(loaded.model, method))
     if role == "teacher":
         tags = {k.replace("firstsight.generation", "firstsight.teacher_generation", 1): v for k, v in tags.items()}
@@ -115,8 +115,6 @@ def _tag_decoding(tracker: Any, role: str, loaded: Any, method: Any) -> None:
 def _accuracy_metrics(tracker: Any, result: Any) -> Dict[str, float]:
     """The accuracies with their intervals, the drops and the verdict (logged as lines and a tag);
     the student's also under the plain names eval/accuracy*."""
-    from firstsight.evaluation.accuracy import summarize
-
     summary, lines, verdict = summarize(result)
     metrics = dict(summary)
     metrics.update(
@@ -134,11 +132,6 @@ def _accuracy_metrics(tracker: Any, result: Any) -> Dict[str, float]:
 
 
 def evaluate(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
-    from firstsight.core.job import prepare_job, write_job_file
-    from firstsight.data import Blinded, load_split
-    from firstsight.evaluation.accuracy import Outcomes, outcome_record, teacher_is_quantized
-    from firstsight.models.loading import load_model, load_processor, load_teacher_processor
-
     # load: the processors and the questions (with grey-frame copies for task.blind)
     device = prepare_job(cfg.hardware, cfg.seed, tracker)
     processor = load_processor(cfg.model, cfg.cache_dir)
@@ -157,7 +150,7 @@ def evaluate(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
     metrics: Dict[str, float] = {}
     outcomes: Dict[str, List[bool]] = {}
     for role in ("teacher", "student"):
-        loaded = load_model(model_spec(cfg), role, processors[role], device, frozen=True)
+        loaded = loading.load_model(model_spec(cfg), role, processors[role], device, frozen=True)
         if role == "teacher":
             tracker.set_tags({"firstsight.teacher_architecture": loaded.model.config.model_type})
         metrics.update(_weights_and_precision(tracker, role, loaded))
@@ -171,7 +164,7 @@ def evaluate(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
         quantized_teacher = role == "teacher" and teacher_is_quantized(loaded.parts)
         del loaded
         if quantized_teacher:  # the study's drop is against the teacher unquantized: answer with it too
-            reference = load_model(
+            reference = loading.load_model(
                 model_spec(cfg).full_precision(), "teacher", processors["teacher"], device, frozen=True
             )
             outcomes["full_precision_teacher"] = answer(reference, samples, "evaluating the full-precision teacher")

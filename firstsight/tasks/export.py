@@ -18,10 +18,16 @@ import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token
 from omegaconf import DictConfig
+from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
 from firstsight.core.errors import FirstSightError
+from firstsight.core.files import staged_dir
 from firstsight.core.job import job_output_dir
+from firstsight.core.runtime import is_offline
+from firstsight.models.loading import save_model_atomically
+from firstsight.models.lora import is_adapter_dir
 from firstsight.tasks.distill import RUN_RECORD
 
 log = logging.getLogger(__name__)
@@ -44,8 +50,6 @@ def _fmt(value: Any) -> str:
 
 def model_card(record: Dict[str, Any], base_model: Optional[str], merged_from_adapter: bool, adapter: bool) -> str:
     """README.md with Hub metadata and what the run was: models, data, loss, precision, metrics."""
-    from huggingface_hub import ModelCard, ModelCardData
-
     config = record.get("config", {})
     model = config.get("model", {})
     loss = config.get("distill_loss", {})
@@ -106,8 +110,6 @@ def model_card(record: Dict[str, Any], base_model: Optional[str], merged_from_ad
 
 
 def _load_full(path: str, dtype: Optional[str]) -> Any:
-    from transformers import Qwen2VLForConditionalGeneration
-
     return Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=dtype or "auto", local_files_only=True)
 
 
@@ -117,9 +119,7 @@ def _adapter_base(checkpoint: Path) -> str:
 
 
 def _merge_adapter(checkpoint: Path, dtype: Optional[str]) -> Any:
-    from peft import PeftModel
-
-    from firstsight.core.runtime import is_offline
+    from peft import PeftModel  # deferred: peft imports bitsandbytes and torchao; only adapter exports need it
 
     base = _adapter_base(checkpoint)
     loadable = os.path.isfile(os.path.join(base, "config.json")) or (
@@ -131,15 +131,11 @@ def _merge_adapter(checkpoint: Path, dtype: Optional[str]) -> Any:
             f"loaded here (a random or tiny base is not a checkpoint). Export the merged student the same run "
             f"wrote beside it ({checkpoint.parent / 'student'}), or set task.merge_lora=false to write the adapter."
         )
-    from transformers import Qwen2VLForConditionalGeneration
-
     model = Qwen2VLForConditionalGeneration.from_pretrained(base, dtype=dtype or "auto", local_files_only=is_offline())
     return PeftModel.from_pretrained(model, str(checkpoint)).merge_and_unload()
 
 
 def _copy_atomically(src: Path, out_dir: Path, extra_files: Dict[str, str]) -> None:
-    from firstsight.core.files import staged_dir
-
     with staged_dir(str(out_dir)) as tmp:
         for item in src.iterdir():
             if item.is_file():
@@ -149,9 +145,6 @@ def _copy_atomically(src: Path, out_dir: Path, extra_files: Dict[str, str]) -> N
 
 
 def export(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
-    from firstsight.models.loading import save_model_atomically
-    from firstsight.models.lora import is_adapter_dir
-
     task = cfg.task
     checkpoint = Path(os.path.expanduser(task.checkpoint)).resolve()
     out_dir = Path(task.output_dir).resolve() if task.output_dir else job_output_dir().resolve() / "export"
@@ -163,8 +156,6 @@ def export(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
         card = model_card(record, _adapter_base(checkpoint), merged_from_adapter=False, adapter=True)
         _copy_atomically(checkpoint, out_dir, {"README.md": card})
     else:
-        from transformers import AutoProcessor
-
         model = _merge_adapter(checkpoint, dtype) if adapter else _load_full(str(checkpoint), dtype)
         processor = AutoProcessor.from_pretrained(str(checkpoint), local_files_only=True)
         base = (
@@ -192,10 +183,6 @@ def export(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
 
 def push_to_hub(folder: str, repo_id: str, private: bool) -> str:
     """Upload `folder` to the hub repo `repo_id` (created if missing); needs a configured token."""
-    from huggingface_hub import HfApi, get_token
-
-    from firstsight.core.runtime import is_offline
-
     if is_offline():
         raise FirstSightError(
             f"task.push_to_hub={repo_id!r}, but the hub is offline (HF_HUB_OFFLINE=1); unset it to upload"

@@ -21,26 +21,35 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List
 
+import numpy as np
+import torch
 from omegaconf import DictConfig
+from tqdm.auto import tqdm
 
 from firstsight.config.specs import model_spec
+from firstsight.core import memory  # memory.apply_memory_budget: a module attribute, tests patch it
+from firstsight.core.job import prepare_job
+from firstsight.core.memory import budget_of, describe, run_within_budget
+from firstsight.core.perf import PeakMemory, StepTimer
+from firstsight.data import load_split
+from firstsight.data.batching import PromptCollator
+from firstsight.inference.generation import HF_GENERATE, decoder_for, generation_tags
+from firstsight.models import loading  # loading.load_model: a module attribute, tests patch it
+from firstsight.models.loading import load_processor, load_teacher_processor
+from firstsight.models.parts import precision_tags
+from firstsight.training.loop import to_device
 
 log = logging.getLogger(__name__)
 
 
 def profile(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
-    from firstsight.core.job import prepare_job
-    from firstsight.core.memory import apply_memory_budget, budget_of, describe, run_within_budget
-    from firstsight.core.perf import PeakMemory
-    from firstsight.models.loading import load_processor, load_teacher_processor
-
     task = cfg.task
     target = task.target.value if hasattr(task.target, "value") else str(task.target)
     device = prepare_job(cfg.hardware, cfg.seed, tracker)
     tracker.set_tags({"firstsight.profile_target": target})
     budget = budget_of(cfg.hardware)
     if budget is not None:  # capped before anything is loaded
-        basis, cap_tags = apply_memory_budget(budget, device)
+        basis, cap_tags = memory.apply_memory_budget(budget, device)
         tracker.set_tags(cap_tags)
     peak = PeakMemory(device)
     peak.reset()
@@ -82,20 +91,8 @@ def _measure(
 ) -> bool:
     """Load the model under test and time it, adding to `metrics` as figures come (so that an
     out-of-memory part-way keeps what was measured); `stage[0]` says what is running."""
-    import numpy as np
-    import torch
-    from tqdm.auto import tqdm
-
-    from firstsight.core.perf import StepTimer
-    from firstsight.data import load_split
-    from firstsight.data.batching import PromptCollator
-    from firstsight.inference.generation import decoder_for, generation_tags
-    from firstsight.models.loading import load_model
-    from firstsight.models.parts import precision_tags
-    from firstsight.training.loop import to_device
-
     task = cfg.task
-    loaded = load_model(model_spec(cfg), target, processor, device, frozen=True)
+    loaded = loading.load_model(model_spec(cfg), target, processor, device, frozen=True)
     stage[0] = "profiling"
     architecture = {f"firstsight.{target}_architecture": loaded.model.config.model_type}
     tracker.set_tags({f"firstsight.{target}": loaded.origin, **architecture, **precision_tags(loaded.parts)})
@@ -164,8 +161,6 @@ def _prepare_decoder(
     vision encoder's per frame grid, the language model's per prompt shape), so that no timed
     query pays a capture. The prompts come from collating the same queries `take` will (a batch
     is collated whole only when a graph may serve it)."""
-    from firstsight.inference.generation import HF_GENERATE
-
     if decoder.tag == HF_GENERATE:
         return
     lengths, patches, singles = [], [], []

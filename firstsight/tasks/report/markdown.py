@@ -7,6 +7,10 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
+from jinja2 import Environment
+from markdown_it import MarkdownIt
+from markupsafe import Markup
+
 from firstsight.evaluation.stats import FAIL, NOT_MEASURABLE, PASS, UNRESOLVED
 from firstsight.tasks.report.accuracy import ACCURACY_RULE, teacher_quantization
 from firstsight.tasks.report.baselines import BASELINE_RULE
@@ -315,10 +319,6 @@ code { background: #f3f3f3; padding: 0 0.2em; }
 
 def render_html(markdown_text: str, title: str) -> str:
     """report.md as a standalone page: CommonMark + tables, raw HTML in the text escaped."""
-    from jinja2 import Environment
-    from markdown_it import MarkdownIt
-    from markupsafe import Markup
-
     body = MarkdownIt("commonmark", {"html": False}).enable("table").render(markdown_text)
     template = Environment(autoescape=True).from_string(_HTML_TEMPLATE)
     return template.render(title=title, body=Markup(body))

@@ -139,7 +139,7 @@ def _axis_label(metric: str) -> str:
 
 
 def _figure():
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+    from matplotlib.figure import Figure  # deferred: matplotlib only when a plot is drawn; no pyplot, no GUI backend
 
     figure = Figure(figsize=(7, 4.5), dpi=100)
     return figure, figure.add_subplot()
@@ -191,7 +191,7 @@ def _loss_curves(
     for run in runs:
         steps, values = zip(*curves[run.run_id])
         ax.plot(steps, values, label=f"{run_label(run, swept)} ({run.short_id})", linewidth=1.2)
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator  # deferred: matplotlib only when a plot is drawn
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")

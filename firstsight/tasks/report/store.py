@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+import mlflow
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
 from firstsight.core.errors import FirstSightError
@@ -17,9 +19,6 @@ MAX_LOSS_CURVES = 40
 
 def read_runs(cfg: DictConfig, own_run_id: Optional[str] = None) -> Tuple[Any, Selection]:
     """The client and the selected runs of `task.experiment` (default: tracking.experiment_name)."""
-    import mlflow
-    from mlflow.tracking import MlflowClient
-
     uri = resolve_tracking_uri(cfg.tracking)
     client = MlflowClient(tracking_uri=uri)
     store = uri or mlflow.get_tracking_uri()

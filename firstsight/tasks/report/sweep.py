@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Mapping, Sequence
 
+from mlflow.entities import Param
 from omegaconf import OmegaConf
 
 from firstsight.config.schema import ReportTaskConfig
@@ -54,8 +55,6 @@ def sweep_comparison(
     params (from `children`, the job runs to compare), and the report of its job runs, written
     under `out_dir` (the sweep's directory/report). `tracking`: the sweep's tracking section (its
     store and experiment); `client`: an MlflowClient on that store. Returns the report's metrics."""
-    from mlflow.entities import Param
-
     params = swept_params(children)
     existing = client.get_run(parent_run_id).data.params
     todo = [Param(k, v) for k, v in params.items() if k not in existing]
