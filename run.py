@@ -12,7 +12,7 @@ composition.install()  # an unknown key in an override: one line and exit status
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> dict:
-    from firstsight.suite.dispatch import run_task
+    from firstsight.suite.dispatch import run_task  # deferred: --help and --cfg job stay torch-free
 
     return run_task(cfg)
 

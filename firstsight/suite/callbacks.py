@@ -9,8 +9,7 @@ report/), and the sweep prints where to look: the `mlflow ui` command for its st
 addresses of the compare page of its runs, of its runs in the list and of the comparison. When the SLURM
 launcher (firstsight.suite.launcher) reports failed points, the sweep ends before `on_multirun_end`:
 the parent is then closed at exit, tagged with the failed points, and the runs of jobs that were
-killed (they could not close their own) are marked KILLED with the reason. mlflow is imported
-lazily: Hydra instantiates callbacks even for `--help`.
+killed (they could not close their own) are marked KILLED with the reason.
 
 The parent's store calls go through firstsight.tracking.tracker.StoreClient, as a job's do: a store that is
 busy or down is retried with back-off; if it stays down when the sweep starts, the sweep stops
@@ -30,6 +29,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from firstsight.config.composition import check_first_point
+from firstsight.suite.dispatch import TASKS, exit_on_user_error
+from firstsight.suite.launcher import FAILED_JOBS_FILE
+from firstsight.suite.validate import validate
+from firstsight.tracking.ui import artifacts_url, children_url, compare_runs_url, ui_base, ui_command, view_url
+
 log = logging.getLogger(__name__)
 
 
@@ -48,8 +53,6 @@ def where_to_look(
     """What a sweep prints at its end: how to open its store in MLflow's UI, and the addresses of
     the compare page of its runs, of its runs in the list (the saved `view`, if any) and of its
     comparison (the parent's artifacts, opened on the file `shown`; None: no comparison)."""
-    from firstsight.tracking.ui import artifacts_url, children_url, compare_runs_url, ui_base, ui_command, view_url
-
     base = ui_base(uri)
     command = ui_command(uri)
     listed = view_url(base, experiment_id, view) if view else children_url(base, experiment_id, parent)
@@ -81,18 +84,16 @@ class MLflowSweepCallback(Callback):
         # The values every point shares are checked before the sweep starts (swept values are
         # checked by each job): a typo costs seconds and leaves no parent run behind. Jobs that
         # run on SLURM nodes check the GPUs there, not on this machine.
-        from firstsight.config.composition import check_first_point
-        from firstsight.suite.dispatch import TASKS, exit_on_user_error
-        from firstsight.suite.validate import validate
-
         check_first_point(config)  # an unknown swept key: one line and exit 2 (firstsight.config.composition), no sweep
         on_slurm = launches_on_slurm(config)
         with exit_on_user_error():
             validate(config, tasks=TASKS, local_device=not on_slurm)
         if not config.tracking.enabled:
             return
+        # deferred: a bad config fails in one line before torch, transformers and mlflow load
         from mlflow.tracking import MlflowClient
 
+        # deferred: a bad config fails in one line before torch, transformers and mlflow load
         from firstsight.tracking.tracker import (
             PARENT_RUN_ENV,
             PARENT_RUN_FILE,
@@ -142,8 +143,6 @@ class MLflowSweepCallback(Callback):
 
     def _failed_points(self) -> Dict[str, Dict[str, Any]]:
         """The launcher's report of failed points (firstsight.suite.launcher), by job number."""
-        from firstsight.suite.launcher import FAILED_JOBS_FILE
-
         path = self.sweep_dir / FAILED_JOBS_FILE if self.sweep_dir else None
         if path is None or not path.is_file():
             return {}
@@ -156,6 +155,7 @@ class MLflowSweepCallback(Callback):
         """Close the parent run: FAILED when the sweep ended early, a child failed or a point
         failed without a run; tag it with the counts and the failed points. A store that stays
         down (after StoreClient's retries) leaves the parent RUNNING, with the error logged."""
+        # deferred: a bad config fails in one line before torch, transformers and mlflow load
         from firstsight.tracking.tracker import PARENT_RUN_ENV, TrackingStoreError
 
         if self.client is None or self.parent_run_id is None:
@@ -210,6 +210,7 @@ class MLflowSweepCallback(Callback):
     def _compare(self, experiment_id: str, finished: List[Any]) -> None:
         """The sweep's comparison on its parent run, then where to look. A comparison that fails is
         logged and left out: the sweep's outcome is its jobs'."""
+        # deferred: a bad config fails in one line before torch, transformers and mlflow load
         from firstsight.tasks.report.sweep import save_sweep_view, sweep_comparison
         from firstsight.tracking.tracker import TrackingStoreError
 
@@ -237,6 +238,7 @@ class MLflowSweepCallback(Callback):
         )
 
     def _close_if_open(self, status: str) -> None:
+        # deferred: a bad config fails in one line before torch, transformers and mlflow load
         from firstsight.tracking.tracker import PARENT_RUN_ENV
 
         if self.client is None or self.parent_run_id is None:

@@ -12,16 +12,21 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator
 
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import CompactHydraException
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from firstsight.config.record import config_record
 from firstsight.config.specs import tracking_spec
 from firstsight.core.errors import FirstSightError, RunFailed
-from firstsight.core.job import write_job_metrics
+from firstsight.core.job import job_output_dir, write_job_metrics
+from firstsight.core.signals import STOP, Preempted
+from firstsight.suite.validate import validate
 
 
 def _distill(cfg: DictConfig, tracker: Any, resume_point: Any = None, world: Any = None) -> Dict[str, float]:
+    # deferred: a bad config fails in one line before torch, transformers and mlflow load
     from firstsight.tasks.distill import Stage, distill, out_of_memory_reported
 
     stage = Stage()  # where the job is, for the message of an out-of-memory error
@@ -30,24 +35,28 @@ def _distill(cfg: DictConfig, tracker: Any, resume_point: Any = None, world: Any
 
 
 def _profile(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
+    # deferred: a bad config fails in one line before torch, transformers and mlflow load
     from firstsight.tasks.profile import profile
 
     return profile(cfg, tracker)
 
 
 def _evaluate(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
+    # deferred: a bad config fails in one line before torch, transformers and mlflow load
     from firstsight.tasks.evaluate import evaluate
 
     return evaluate(cfg, tracker)
 
 
 def _report(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
+    # deferred: a bad config fails in one line before torch, transformers and mlflow load
     from firstsight.tasks.report import report
 
     return report(cfg, tracker)
 
 
 def _export(cfg: DictConfig, tracker: Any) -> Dict[str, float]:
+    # deferred: a bad config fails in one line before torch, transformers and mlflow load
     from firstsight.tasks.export import export
 
     return export(cfg, tracker)
@@ -64,10 +73,9 @@ TASKS: Dict[str, Callable[[DictConfig, Any], Dict[str, float]]] = {
 
 def run_task(cfg: DictConfig) -> Dict[str, float]:
     """Run one job; user errors end it with a one-line message and exit status 2."""
-    from firstsight.suite.validate import validate
-
     with exit_on_user_error():
         validate(cfg, tasks=TASKS)
+    # deferred: a bad config fails in one line before torch, transformers and mlflow load
     from firstsight.core.world import setup
 
     world = setup(cfg.hardware)  # several processes (torchrun / SLURM tasks): join their group; else SINGLE
@@ -86,7 +94,7 @@ def _run_in_process(cfg: DictConfig, world: Any) -> Dict[str, float]:
     record = config_record(cfg)  # resolved once: the resume check and the run's params read it
     resume_point = None
     if cfg.task.name == "distill":  # a requeued/restarted job continues its checkpoint and MLflow run
-        from firstsight.core.job import job_output_dir
+        # deferred: a bad config fails in one line before torch, transformers and mlflow load
         from firstsight.training.resume import locate, read_point
 
         with exit_on_user_error():
@@ -95,7 +103,7 @@ def _run_in_process(cfg: DictConfig, world: Any) -> Dict[str, float]:
             path = world.broadcast(str(resume_point.path) if resume_point else None)
             resume_point = read_point(Path(path)) if path and not world.is_main else resume_point
         task = functools.partial(task, resume_point=resume_point, world=world)
-    from firstsight.core.signals import STOP, Preempted
+    # deferred: a bad config fails in one line before torch, transformers and mlflow load
     from firstsight.tracking.tracker import job_tracker
 
     run_id = resume_point.run_id if resume_point else None
@@ -140,9 +148,6 @@ class SweepPointFailed(CompactHydraException):
 def _in_process_sweep() -> bool:
     """This job is one point of a multirun whose launcher runs its jobs in this process (Hydra's basic one)."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
         hydra_cfg = HydraConfig.get()
     except Exception:  # composed with the compose API or by hand: no Hydra context
         return False

@@ -22,14 +22,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
+from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra.errors import CompactHydraException
+from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 
@@ -189,12 +193,7 @@ def collect(
 def launch(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> List[JobReturn]:
     """`launch` of hydra-submitit-launcher 1.2.0's BaseSubmititLauncher, except that the results
     are collected by `collect` and a refused submission is reported plainly."""
-    import os
-
-    import submitit
-    from hydra.core.singleton import Singleton
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-    from omegaconf import OmegaConf
+    import submitit  # deferred: SLURM launches only; the sweep callback imports this module
 
     config, params, kind = launcher.config, launcher.params, launcher._EXECUTOR
     assert config is not None and len(job_overrides) > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any, List
 
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from firstsight.core.errors import ConfigError
@@ -13,8 +14,6 @@ from firstsight.core.errors import ConfigError
 def origin(key: str) -> str:
     """Where a value came from: a command-line override, or the group's config file."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         hydra_cfg = HydraConfig.get()
     except Exception:  # composed with the compose API or by hand: no Hydra context
         return ""

@@ -10,6 +10,7 @@ torch and transformers are imported inside the probes that need them.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -64,6 +65,7 @@ def validate_logged_export(cfg: DictConfig) -> None:
 
 def validate_data_files(cfg: DictConfig) -> None:
     """File data: the image root and the file of each split the task reads (their records: read_data)."""
+    # deferred: a bad config fails in one line before torch, transformers and mlflow load
     from firstsight.data.files import resolve_path
 
     data = cfg.data
@@ -89,6 +91,7 @@ def validate_data_files(cfg: DictConfig) -> None:
 
 def validate_process_layout(cfg: DictConfig) -> None:
     """The processes that run this job (torchrun / SLURM tasks) against hardware.num_gpus."""
+    # deferred: a bad config fails in one line before torch, transformers and mlflow load
     from firstsight.core.world import check_layout, launched_world
 
     problem = check_layout(cfg.hardware, cfg.task.name, launched_world())
@@ -97,6 +100,7 @@ def validate_process_layout(cfg: DictConfig) -> None:
 
 def validate_local_gpus(cfg: DictConfig) -> None:
     """A CUDA job on this machine: a GPU is visible, enough of them, and the memory budget fits one."""
+    # deferred: a bad config fails in one line before torch, transformers and mlflow load
     import torch
 
     hw = cfg.hardware
@@ -139,6 +143,7 @@ def validate_quantization_backend(cfg: DictConfig, key: str, quantization: str, 
         f"{package} runs on {list(devices)}, not on {device}; {valid}",
     )
     if quantization == "fp8" and _cuda_here(cfg):
+        # deferred: a bad config fails in one line before torch, transformers and mlflow load
         import torch
 
         capability = torch.cuda.get_device_capability()
@@ -155,6 +160,7 @@ def _cuda_here(cfg: DictConfig) -> bool:
     """The job runs on this machine's GPU (not a SLURM node), and torch sees one."""
     if device_type(cfg.hardware) != "cuda":
         return False
+    # deferred: a bad config fails in one line before torch, transformers and mlflow load
     import torch
 
     return torch.cuda.is_available()
@@ -199,6 +205,7 @@ def validate_model_source(cfg: DictConfig, role: str) -> None:
         if problem:
             raise ConfigError(f"{key}={source!r}{origin(key)}: {problem}.")
         return
+    # deferred: a bad config fails in one line before torch, transformers and mlflow load
     from firstsight.models.architectures import KNOWN_ARCHITECTURES
     from firstsight.models.llava_ov import KNOWN_LLAVA_ONEVISION
 
@@ -216,8 +223,6 @@ def validate_model_source(cfg: DictConfig, role: str) -> None:
 def _model_dir_problem(path: Path, role: str, weights_needed: bool) -> Optional[str]:
     """Why a local model directory cannot be loaded (unreadable config.json, no or missing
     safetensors weights), or None. Only safetensors are loaded: .bin files are pickles."""
-    import json
-
     try:
         json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
@@ -262,8 +267,6 @@ def _weights_problem(path: Path, files: List[str], random: str) -> Optional[str]
     loading judges it (firstsight.models.loading.weights_mismatch: other shapes, missing tensors; extra
     ones are ignored). Only Qwen2-VL checkpoints that are not pre-quantized are judged here; loading
     checks the others."""
-    import json
-
     config_json = json.loads((path / "config.json").read_text(encoding="utf-8"))
     if (
         not isinstance(config_json, dict)
@@ -271,12 +274,14 @@ def _weights_problem(path: Path, files: List[str], random: str) -> Optional[str]
         or "quantization_config" in config_json
     ):
         return None
+    # deferred: a bad config fails in one line before torch, transformers and mlflow load
     import torch
     from safetensors import safe_open
     from transformers import AutoConfig, Qwen2VLForConditionalGeneration
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
+    # deferred: a bad config fails in one line before torch, transformers and mlflow load
     from firstsight.models.loading import weights_mismatch
 
     try:
@@ -333,6 +338,7 @@ def _offline() -> bool:
 def validate_pairable(cfg: DictConfig) -> None:
     """The student is a Qwen2-VL, the teacher a Qwen2-VL or a LLaVA-OneVision (read from a tiny
     side's settings, a known hub id or the checkpoint's config.json; no model is loaded)."""
+    # deferred: a bad config fails in one line before torch, transformers and mlflow load
     from firstsight.models.loading import check_pairable
 
     check_pairable(cfg.model)
@@ -342,6 +348,7 @@ def check_tokenizers(cfg: DictConfig) -> Tuple[Any, Any]:
     """Distill with two processors: the student's and the teacher's tokenizers agree (loaded, no model,
     before any run exists). Returns the student's processor so loaded and a teacher of another
     architecture's own one, each None where not loaded."""
+    # deferred: a bad config fails in one line before torch, transformers and mlflow load
     from firstsight.models.loading import (
         check_same_tokenizer,
         load_processor,
@@ -381,6 +388,7 @@ def read_data(cfg: DictConfig, processor: Any = None, teacher_processor: Any = N
     any model is loaded or run created (firstsight.data.files.file_split keeps what it read for the
     task). With data.max_length set, every sample is measured with the student's processor (loaded
     here, no model); a synthetic sample cannot be skipped, so a longer one is an error."""
+    # deferred: a bad config fails in one line before torch, transformers and mlflow load
     from firstsight.data import load_split
 
     data = cfg.data
@@ -388,6 +396,7 @@ def read_data(cfg: DictConfig, processor: Any = None, teacher_processor: Any = N
     if "format" not in data and max_length is None:
         return  # synthetic samples without a limit: nothing to check
     if (max_length is not None or teacher_processor is not None) and processor is None:
+        # deferred: a bad config fails in one line before torch, transformers and mlflow load
         from firstsight.models.loading import load_processor
 
         processor = load_processor(cfg.model, cfg.cache_dir)
@@ -403,6 +412,7 @@ def _check_frames(dataset: Any, processors: Dict[str, Any]) -> None:
     """Every image of the split, at each distinct size, goes through each processor's image
     processor once (a blank frame of that size: no file is decoded); the first sample with a size
     one of them refuses stops the job, naming the sample, the size and the processor."""
+    # deferred: a bad config fails in one line before torch, transformers and mlflow load
     from PIL import Image
 
     refused: Dict[Tuple[str, Tuple[int, int]], Optional[str]] = {}
@@ -425,6 +435,7 @@ def _check_frames(dataset: Any, processors: Dict[str, Any]) -> None:
 
 
 def _check_synthetic_lengths(cfg: DictConfig, dataset: Any, split: str, processor: Any) -> None:
+    # deferred: a bad config fails in one line before torch, transformers and mlflow load
     from firstsight.data.batching import sample_length
 
     max_length = cfg.data.max_length

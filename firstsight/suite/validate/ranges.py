@@ -7,11 +7,13 @@ message names the bad value, where it came from and what is valid.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from firstsight.config.composition import closest  # the closest valid key, as for Hydra's unknown keys
 from firstsight.config.schema import OPTIMIZERS, PARALLEL_DTYPES, HardwareConfig
 from firstsight.core.errors import ConfigError
 from firstsight.suite.validate.common import at_least, check, enum_value, origin, roles_used, value_at
@@ -29,12 +31,6 @@ def validate_known_keys(node: Any, path: str = "") -> None:
     `key=value`, but `+key=value` appends it; under a typed section (a dataclass of
     firstsight.config.schema) nothing would read it, so a typo there would be silently ignored. Dict-typed
     nodes (precision.parts) are checked where they are used."""
-    import dataclasses
-
-    from omegaconf import DictConfig, OmegaConf
-
-    from firstsight.config.composition import closest  # the closest valid key, as for Hydra's unknown keys
-
     schema = OmegaConf.get_type(node)
     fields = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
     for key in node.keys():
@@ -184,8 +180,7 @@ def _validate_loss_weights(cfg: DictConfig) -> None:
 
 def validate_hidden_loss(cfg: DictConfig) -> None:
     """distill_loss.hidden_*: the optional hidden-state term (firstsight.losses.kd.HiddenDistillation)."""
-    import math
-
+    # deferred: a bad config fails in one line before torch, transformers and mlflow load
     from firstsight.losses.kd import HIDDEN_LOSS_KINDS
 
     loss = cfg.distill_loss
@@ -252,6 +247,7 @@ def validate_task_settings(cfg: DictConfig) -> None:
         ]:
             at_least(cfg, key, minimum)
     if cfg.task.name == "evaluate":
+        # deferred: a bad config fails in one line before torch, transformers and mlflow load
         from firstsight.data.synthetic import SPLITS
 
         check(cfg.task.split in SPLITS, "task.split", cfg.task.split, f"choose one of {list(SPLITS)}")
@@ -344,6 +340,7 @@ def validate_teacher_cache(cfg: DictConfig) -> None:
 
 
 def validate_data(cfg: DictConfig) -> None:
+    # deferred: a bad config fails in one line before torch, transformers and mlflow load
     from firstsight.data.synthetic import QUESTION_KINDS
 
     data = cfg.data
@@ -368,6 +365,7 @@ def validate_data(cfg: DictConfig) -> None:
 
 def _validate_data_file_settings(cfg: DictConfig) -> None:
     """How files are read (the files themselves: environment.validate_data_files)."""
+    # deferred: a bad config fails in one line before torch, transformers and mlflow load
     from firstsight.data.files import BAD_SAMPLE_POLICIES, FORMATS
 
     data = cfg.data
@@ -506,6 +504,7 @@ def validate_remote_gpus(cfg: DictConfig) -> None:
 
 def validate_part_names(cfg: DictConfig) -> None:
     """precision.parts.*: known part names, and only dtype and quantization set on each."""
+    # deferred: a bad config fails in one line before torch, transformers and mlflow load
     from firstsight.models.parts import PART_DESCRIPTIONS, PARTS, part_settings
 
     parts_text = ", ".join(f"{p} ({PART_DESCRIPTIONS[p]})" for p in PARTS)
@@ -528,6 +527,7 @@ def validate_part_names(cfg: DictConfig) -> None:
 
 def explicit_part_quantizations(cfg: DictConfig) -> List[Tuple[str, str]]:
     """(key, quantization) of each part quantization set to a kind (not none, not null)."""
+    # deferred: a bad config fails in one line before torch, transformers and mlflow load
     from firstsight.models.parts import explicit_quantizations
 
     return [(key, q) for key, q in explicit_quantizations(cfg.precision) if q != "none"]
@@ -536,6 +536,7 @@ def explicit_part_quantizations(cfg: DictConfig) -> List[Tuple[str, str]]:
 def validate_part_quantization(cfg: DictConfig, explicit: Sequence[Tuple[str, str]]) -> None:
     """No quantized part on a student that distill trains in full, and one bitsandbytes kind per
     model; `explicit`: explicit_part_quantizations (their backends are checked before)."""
+    # deferred: a bad config fails in one line before torch, transformers and mlflow load
     from firstsight.models.parts import resolve_parts
 
     if explicit and cfg.task.name == "distill" and not cfg.lora.enabled:
@@ -644,6 +645,7 @@ def _validate_tiny(cfg: DictConfig, role: str) -> None:
         tiny.vision_heads,
         "the vision head size must be a multiple of 4 (2-D rotary)",
     )
+    # deferred: a bad config fails in one line before torch, transformers and mlflow load
     from firstsight.models.parts import resolve_parts
 
     trained_in_full = role == "student" and cfg.task.name == "distill" and not cfg.lora.enabled
