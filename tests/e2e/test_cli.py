@@ -194,7 +194,7 @@ def test_help_lists_groups_and_choices(run_cli):
     result = run_cli("--help")
     assert result.returncode == 0
     for line in (
-        "model: qwen2vl_7b_2b, tiny",
+        "model: llava_ov_7b_2b, qwen2vl_7b_2b, tiny, tiny_llava",
         "distill_loss: forward_kl, jsd, none, reverse_kl, skew_forward_kl, skew_reverse_kl",
         "hardware: cpu, edge_16gb, edge_4gb, edge_8gb, gpu",
         "precision: bf16, fp16, fp32, fp8, int8, int8_lm, int8_weight_only, nf4, nf4_lm",
