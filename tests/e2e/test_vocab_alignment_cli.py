@@ -18,11 +18,17 @@ def _teacher_dir(tmp_path, cache_dir, extra_tokens=()):
 def test_a_distill_job_with_another_tokenizer_stops_before_its_run(run_cli, tmp_path, cache_dir):
     """From the command line: exit 2 naming the teacher, before any model is loaded or any MLflow
     run exists (the teacher directory is the shipped tiny teacher with one extra token)."""
+    import json
     import shutil
 
     from firstsight.core.files import SHIPPED
 
-    (shipped,) = SHIPPED.glob("tiny-teacher-*")
+    # the shipped tiny Qwen2-VL teacher (the tiny LLaVA-OneVision one ships beside it)
+    (shipped,) = [
+        p
+        for p in SHIPPED.glob("tiny-teacher-*")
+        if json.loads((p / "config.json").read_text())["model_type"] == "qwen2_vl"
+    ]
     teacher = tmp_path / "teacher"
     shutil.copytree(shipped, teacher)
     processor_dir, _ = _teacher_dir(tmp_path / "tok", cache_dir, extra_tokens=["<|teacher_only|>"])
