@@ -1,9 +1,4 @@
-"""Tests of the synthetic egocentric QA generator.
-
-Answers are checked against the scene each sample was drawn from (``episode``),
-and the scene against the rendered pixels, so a wrong answer cannot hide behind
-a generator that is merely self-consistent.
-"""
+"""The synthetic data through `python run.py`; what the generator makes: unit/test_synthetic_data.py."""
 
 import os
 import subprocess

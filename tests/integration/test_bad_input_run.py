@@ -1,53 +1,6 @@
-"""The matrix of bad input: each case ends the job with exit status 2 and a message that names
-the bad value and what is valid, and writes nothing (no MLflow run, no checkpoint). The cases run
-the job in this process (firstsight.suite.dispatch.run_task on the composed config: validation, then the
-MLflow run), which is what run.py does after composing; one case goes through run.py.
-
-Rows of the matrix covered by other files (not repeated here):
-
-Config
-  unknown group choice ........ test_cli.py::test_bad_input_exits_nonzero_before_anything_is_built[unknown-choice]
-  unknown key ................. here: test_an_unknown_key_names_the_valid_keys_and_exits_2 (run.py, -m, --cfg),
-                                test_a_key_appended_with_plus_that_nothing_reads_is_refused (+key=value),
-                                test_config.py::test_wrong_types_and_keys_fail_at_composition[train.bogus=1] (compose API)
-  wrong type .................. test_cli.py::test_bad_input_exits_nonzero_before_anything_is_built[wrong-type],
-                                test_config.py::test_wrong_types_and_keys_fail_at_composition
-  batch size, temperature, alpha, learning rate, grad_accum_steps, beta
-                                test_config.py::test_invalid_values_are_refused_with_the_value_and_what_is_valid,
-                                test_cli.py::test_bad_input_exits_nonzero_before_anything_is_built[negative-batch]
-  LoRA rank, target modules ... test_lora_export.py::test_bad_export_and_lora_input_exits_2
-  top-k (teacher cache) ....... test_teacher_cache.py::test_validation
-  hidden-state term ........... test_hidden_loss.py (distill_loss.hidden_* settings)
-  a quantized trainable student without LoRA
-                                test_config.py::test_invalid_values_are_refused...[precision.parts.language.quantization=nf4],
-                                test_edge.py::test_quantizing_a_part_of_a_student_trained_in_full_is_refused
-  the no-KD control with a KD weight .. test_runs.py::test_no_kd_with_a_kd_weight_is_refused
-  multi-GPU on CPU ............ test_config.py::test_invalid_values_are_refused...[hardware.num_gpus=2], [hardware=gpu]
-  a memory budget ............. test_edge.py::test_bad_budgets_are_refused (bad values; a budget outside task=profile).
-                                A budget smaller than the model's weights is not refused: it is what
-                                task=profile measures, the verdict "does not fit"
-                                (test_edge.py::test_an_out_of_memory_under_a_cuda_cap_is_the_result_does_not_fit)
-  a missing model path ........ test_config.py::test_invalid_values_are_refused...[model.student.source=/does/not/exist]
-  a hub id while offline ...... test_config.py::test_invalid_values_are_refused...[model=qwen2vl_7b_2b]
-  a quantization backend missing  test_cli.py::test_bad_input_exits_nonzero_before_anything_is_built[backend-cannot-run-here]
-Data
-  missing / unreadable / corrupt image or video, malformed JSON line, missing fields, answer index
-  out of range, special tokens ... test_jsonl_data.py::test_bad_records_are_named_by_file_and_line_then_stop_or_are_skipped
-  nothing valid in a file ..... test_jsonl_data.py::test_a_file_with_nothing_valid_is_an_error_even_when_skipping
-  a missing data file (with where it was set) .. test_jsonl_data.py::test_run_py_names_a_missing_data_file_and_where_it_was_set
-  bad data settings ........... test_jsonl_data.py::test_invalid_file_data_settings_are_refused
-  a sample longer than the maximum length (data.max_length) .. here: test_a_sample_longer_than_max_length_*,
-                                test_a_max_length_below_the_synthetic_samples_is_refused
-Models
-  different tokenizers ........ test_vocab_alignment.py::test_a_distill_job_with_another_tokenizer_stops_before_its_run (before any run)
-  a half-written or corrupt resumable checkpoint .. test_resume.py::test_broken_checkpoints_are_skipped;
-                                a resume with other settings: test_resume.py::test_resume_with_other_settings_is_refused
-  safetensors that do not match config.json .. here: test_safetensors_that_do_not_match_the_config_are_refused_*
-                                (before the run, from the headers; and again when loaded)
-  a directory that is not a model or is an adapter .. test_lora_export.py::test_bad_export_and_lora_input_exits_2,
-                                test_lora_export.py::test_evaluating_an_adapter_directory_points_at_the_merged_student
-Faults (OOM, NaN, tracking store, full disk): test_faults.py. Security defaults: test_security.py.
-"""
+"""The bad-input matrix in process (run_task on the composed config): each case exits 2 with one line
+naming the bad value and what is valid, and writes nothing. The matrix and where each row is tested:
+unit/test_bad_input.py."""
 
 from __future__ import annotations
 

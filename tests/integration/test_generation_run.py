@@ -1,9 +1,5 @@
-"""Greedy decoding (firstsight/inference/generation.py): the static path gives model.generate's tokens exactly,
-on the tiny models the suite builds offline (the shipped pre-trained teacher and student base, and a
-random student), in fp32 and bf16, at batch 1 and on left-padded batches, with the end token
-suppressed or allowed; its captures are kept and reused; a failed capture or an unsupported
-generation setting falls back; profile and evaluate run under hardware.generation=static and =hf
-and agree."""
+"""Generation inside the tasks, in process; the decoding paths and their equality with generate:
+unit/test_generation.py."""
 
 from __future__ import annotations
 

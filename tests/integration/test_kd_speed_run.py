@@ -1,11 +1,5 @@
-"""The distillation step's speed options compute what the naive step computes.
-
-- train.logits=answer_positions: the output heads run only where a loss is taken
-  (losses.answer_logit_slice + the models' logits_to_keep); the loss, its gradient and a whole
-  job's loss curve equal those of the full [B, L, V] logits (train.logits=all_positions).
-- precision.trainable_dtype=bfloat16: pure bf16 training (student weights, gradients and AdamW
-  states in bf16); float16 is refused before anything loads.
-"""
+"""A distill job with the KD step's speed settings, in process; what they are and the equality tests of
+each against the naive path: unit/test_kd_speed.py."""
 
 from __future__ import annotations
 
