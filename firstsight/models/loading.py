@@ -105,17 +105,7 @@ def load_processor(model: ModelConfig, cache_dir: str) -> Any:
             # the stand-in must cut frames into as many visual tokens as the real processor would
             processor.image_processor.size = dict(REAL_PIXEL_RANGE)
             return processor
-    try:
-        return AutoProcessor.from_pretrained(
-            student.source,
-            revision=student.revision,
-            local_files_only=is_offline(),
-            trust_remote_code=model.trust_remote_code,
-        )
-    except (OSError, ValueError) as err:
-        raise FirstSightError(
-            f"could not load the processor of model.student.source={student.source!r}: {err}"
-        ) from err
+    return _checkpoint_processor(student, "student", model.trust_remote_code)
 
 
 def shares_the_processor(model: ModelConfig) -> bool:
@@ -178,17 +168,20 @@ def load_teacher_processor(model: ModelConfig, cache_dir: str) -> Optional[Any]:
                 "no processor of %s at hand offline: the embedded tokenizer with its real image sizes", teacher.source
             )
             return tiny_llava_processor(cache_dir, real=True)
+    return _checkpoint_processor(teacher, "teacher", model.trust_remote_code)
+
+
+def _checkpoint_processor(side: ModelSideConfig, role: str, trust_remote_code: bool) -> Any:
+    """The processor saved with a side's checkpoint (a local directory or a hub id)."""
     try:
         return AutoProcessor.from_pretrained(
-            teacher.source,
-            revision=teacher.revision,
+            side.source,
+            revision=side.revision,
             local_files_only=is_offline(),
-            trust_remote_code=model.trust_remote_code,
+            trust_remote_code=trust_remote_code,
         )
     except (OSError, ValueError) as err:
-        raise FirstSightError(
-            f"could not load the processor of model.teacher.source={teacher.source!r}: {err}"
-        ) from err
+        raise FirstSightError(f"could not load the processor of model.{role}.source={side.source!r}: {err}") from err
 
 
 def check_same_tokenizer(model: ModelConfig, processor: Any, teacher_processor: Optional[Any] = None) -> None:
